@@ -1,1 +1,196 @@
-//! test support
+//! Shared support for the workspace's integration tests.
+//!
+//! Every test gets its own schema and its own table name (so its own NOTIFY
+//! channel) inside the test database, which lets tests run in parallel
+//! against one PostgreSQL server. The schema is dropped when the [`TestDb`]
+//! is dropped.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use outbox_core::{DlqTable, OutboxBroker, OutboxTable};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
+
+/// The test database URL (`OUTBOX_TEST_DATABASE_URL`, default
+/// `postgres://postgres@127.0.0.1:5432/outbox_test`).
+pub fn database_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/outbox_test".to_owned())
+}
+
+/// Creates the test database if it does not exist yet.
+pub async fn ensure_database() -> anyhow::Result<()> {
+    let opts: PgConnectOptions = database_url().parse()?;
+    let db = opts.get_database().unwrap_or("outbox_test").to_owned();
+    let admin = opts.clone().database("postgres");
+    let mut conn = admin.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach PostgreSQL at {}: {e}. Start it (scripts/test.sh does) or set OUTBOX_TEST_DATABASE_URL",
+            database_url()
+        )
+    })?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&db)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let res = conn
+            .execute(sqlx::AssertSqlSafe(format!(
+                "CREATE DATABASE \"{}\"",
+                db.replace('"', "\"\"")
+            )))
+            .await;
+        if let Err(e) = res {
+            // Another test process may have created it meanwhile.
+            let dup = e
+                .as_database_error()
+                .and_then(|d| d.code())
+                .is_some_and(|c| c == "42P04" || c == "23505");
+            if !dup {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A private schema and table for one test.
+#[derive(Debug)]
+pub struct TestDb {
+    pub pool: PgPool,
+    pub schema: String,
+    pub table: OutboxTable,
+    pub dlq: DlqTable,
+    pub broker: OutboxBroker,
+}
+
+/// A short random lowercase suffix.
+pub fn suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
+
+impl TestDb {
+    /// A fresh schema with a migrated outbox table and dead-letter table; the
+    /// broker has the dead-letter table configured.
+    pub async fn new() -> anyhow::Result<Self> {
+        init_tracing();
+        ensure_database().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&database_url())
+            .await?;
+        let s = suffix();
+        let schema = format!("t_{s}");
+        let table = OutboxTable::new(&format!("ob_{s}"))?.schema(&schema)?;
+        let dlq = DlqTable::new(&format!("ob_{s}_dlq"))?.schema(&schema)?;
+        let broker = OutboxBroker::new(pool.clone(), table.clone()).dead_letter_table(dlq.clone());
+        broker.migrate().await?;
+        Ok(Self {
+            pool,
+            schema,
+            table,
+            dlq,
+            broker,
+        })
+    }
+
+    /// The qualified table name, for ad-hoc SQL in tests.
+    pub fn t(&self) -> String {
+        self.table.qualified_name()
+    }
+
+    /// The qualified dead-letter table name.
+    pub fn d(&self) -> String {
+        self.dlq.qualified_name()
+    }
+
+    /// Runs ad-hoc SQL (tests only).
+    pub async fn exec(&self, sql: String) -> anyhow::Result<u64> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// `SELECT count(*)` of the outbox table.
+    pub async fn count(&self) -> anyhow::Result<i64> {
+        self.scalar(format!("SELECT count(*) FROM {}", self.t()))
+            .await
+    }
+
+    /// `SELECT count(*)` of the dead-letter table.
+    pub async fn dlq_count(&self) -> anyhow::Result<i64> {
+        self.scalar(format!("SELECT count(*) FROM {}", self.d()))
+            .await
+    }
+
+    /// One `i64` from ad-hoc SQL.
+    pub async fn scalar(&self, sql: String) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// A dedicated connection (not from the pool).
+    pub async fn connect(&self) -> anyhow::Result<PgConnection> {
+        Ok(PgConnection::connect(&database_url()).await?)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        // Best effort, on a thread of its own: the test's runtime may be gone.
+        let handle = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut c) = PgConnection::connect(&database_url()).await {
+                    let _ = c
+                        .execute(sqlx::AssertSqlSafe(format!(
+                            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                        )))
+                        .await;
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+/// Installs a test tracing subscriber once (respecting `RUST_LOG`).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,246 @@
+//! [`OutboxBroker`]: the handle producers publish through and subscribers run on.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use crate::error::Result;
+use crate::publish::{self, PublishOptions};
+use crate::row::OutboxRow;
+use crate::sql::Statements;
+use crate::table::{DlqTable, OutboxTable};
+
+/// Turns a handler error into the text stored in the dead-letter table's
+/// `last_exception` column (`None` stores NULL). Replace it to redact PII.
+pub type ErrorRenderer =
+    Arc<dyn Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> Option<String> + Send + Sync>;
+
+/// The outbox over one PostgreSQL pool and one table.
+///
+/// Cheap to clone (everything is behind an `Arc`). Producers call
+/// [`publish`](Self::publish) on their own transaction; the subscriber engine
+/// ([`crate::Engine`]) and the application runtime use the same handle.
+///
+/// ```no_run
+/// use outbox_core::{OutboxBroker, OutboxTable};
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+/// let outbox = OutboxBroker::new(pool.clone(), OutboxTable::new("outbox")?);
+/// outbox.table().migrate(&pool).await?;
+///
+/// let mut tx = pool.begin().await?;
+/// // ... your domain writes on `tx` ...
+/// let id = outbox.publish(&serde_json::json!({"order_id": 1}), "orders", &mut *tx).await?;
+/// tx.commit().await?; // the row (and its NOTIFY) exist only from here on
+/// # let _ = id; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct OutboxBroker {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct Inner {
+    pool: PgPool,
+    table: OutboxTable,
+    dlq: Option<DlqTable>,
+    stmts: Arc<Statements>,
+    channel: String,
+    renderer: Option<ErrorRenderer>,
+    graceful_timeout: Duration,
+}
+
+impl fmt::Debug for OutboxBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxBroker")
+            .field("table", &self.inner.table)
+            .field("dlq", &self.inner.dlq)
+            .field("graceful_timeout", &self.inner.graceful_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default drain budget of a graceful stop.
+pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl OutboxBroker {
+    /// An outbox over `pool` and `table`, without a dead-letter table.
+    pub fn new(pool: PgPool, table: OutboxTable) -> Self {
+        let stmts = Arc::new(Statements::new(&table, None));
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                channel: table.channel(),
+                table,
+                dlq: None,
+                stmts,
+                renderer: None,
+                graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        f(Arc::make_mut(&mut self.inner));
+        self
+    }
+
+    /// Archives terminal failures into `dlq`, atomically with their deletion
+    /// (default: terminal failures are deleted).
+    pub fn dead_letter_table(self, dlq: DlqTable) -> Self {
+        self.edit(|i| {
+            i.stmts = Arc::new(Statements::new(&i.table, Some(&dlq)));
+            i.dlq = Some(dlq);
+        })
+    }
+
+    /// How long a graceful stop waits for in-flight handlers (default 15 s).
+    pub fn graceful_timeout(self, timeout: Duration) -> Self {
+        self.edit(|i| i.graceful_timeout = timeout)
+    }
+
+    /// Replaces how handler errors are rendered into `last_exception`
+    /// (default: the error and its sources, `": "`-separated). The result is
+    /// capped at 8 KiB either way.
+    pub fn last_exception_renderer<F>(self, f: F) -> Self
+    where
+        F: Fn(&(dyn std::error::Error + Send + Sync + 'static)) -> Option<String>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let f: ErrorRenderer = Arc::new(f);
+        self.edit(|i| i.renderer = Some(f))
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The outbox table definition.
+    pub fn table(&self) -> &OutboxTable {
+        &self.inner.table
+    }
+
+    /// The dead-letter table definition, if configured.
+    pub fn dlq(&self) -> Option<&DlqTable> {
+        self.inner.dlq.as_ref()
+    }
+
+    /// The configured drain budget.
+    pub fn get_graceful_timeout(&self) -> Duration {
+        self.inner.graceful_timeout
+    }
+
+    pub(crate) fn stmts(&self) -> &Statements {
+        &self.inner.stmts
+    }
+
+    pub(crate) fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
+    pub(crate) fn renderer(&self) -> Option<&ErrorRenderer> {
+        self.inner.renderer.as_ref()
+    }
+
+    /// Creates the outbox table (and the dead-letter table, if configured) where
+    /// missing. Idempotent.
+    pub async fn migrate(&self) -> Result<()> {
+        self.inner.table.migrate(&self.inner.pool).await?;
+        if let Some(dlq) = &self.inner.dlq {
+            dlq.migrate(&self.inner.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Inserts one row on the caller's connection or transaction (`&mut *tx`)
+    /// and returns its id. Never begins, flushes or commits anything: the row
+    /// and its NOTIFY commit or roll back with the caller's transaction.
+    ///
+    /// Returns `None` only for timer no-ops (see [`publish_with`](Self::publish_with)).
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        body: &T,
+        queue: &str,
+        conn: &mut PgConnection,
+    ) -> Result<Option<i64>> {
+        self.publish_with(body, queue, &PublishOptions::default(), conn)
+            .await
+    }
+
+    /// [`publish`](Self::publish) with headers, a correlation id, a delay or a
+    /// timer. With a `timer_id`, returns `None` when the publish was a no-op:
+    /// [`TimerConflict::Ignore`](crate::TimerConflict::Ignore) found a live row,
+    /// or [`TimerConflict::Extend`](crate::TimerConflict::Extend) found it leased.
+    ///
+    /// One round trip: the NOTIFY rides on the INSERT's `RETURNING`, and is
+    /// skipped for future-dated rows and no-ops.
+    pub async fn publish_with<T: Serialize + ?Sized>(
+        &self,
+        body: &T,
+        queue: &str,
+        opts: &PublishOptions,
+        conn: &mut PgConnection,
+    ) -> Result<Option<i64>> {
+        publish::publish(self.stmts(), self.channel(), body, queue, opts, conn).await
+    }
+
+    /// Inserts many rows in one statement (one round trip, one NOTIFY) and
+    /// returns how many were inserted. Each row gets its own correlation id.
+    pub async fn publish_batch<T, I>(
+        &self,
+        bodies: I,
+        queue: &str,
+        conn: &mut PgConnection,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize,
+    {
+        self.publish_batch_with(bodies, queue, &PublishOptions::default(), conn)
+            .await
+    }
+
+    /// [`publish_batch`](Self::publish_batch) with shared headers and schedule.
+    /// A `timer_id` or `correlation_id` in `opts` is an error.
+    pub async fn publish_batch_with<T, I>(
+        &self,
+        bodies: I,
+        queue: &str,
+        opts: &PublishOptions,
+        conn: &mut PgConnection,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize,
+    {
+        publish::publish_batch(self.stmts(), self.channel(), bodies, queue, opts, conn).await
+    }
+
+    /// Deletes the live, unleased row of `(queue, timer_id)` on the caller's
+    /// transaction. `true` if a row was deleted (durable once you commit); a
+    /// row being handled right now is not touched.
+    pub async fn cancel_timer(
+        &self,
+        queue: &str,
+        timer_id: &str,
+        conn: &mut PgConnection,
+    ) -> Result<bool> {
+        publish::cancel_timer(self.stmts(), queue, timer_id, conn).await
+    }
+
+    /// Reads up to `limit` rows (all queues, or one), ordered by id, without
+    /// leasing them: for inspection and tests.
+    pub async fn fetch_unprocessed(
+        &self,
+        queue: Option<&str>,
+        limit: i64,
+        conn: &mut PgConnection,
+    ) -> Result<Vec<OutboxRow>> {
+        publish::fetch_unprocessed(self.stmts(), queue, limit, conn).await
+    }
+}

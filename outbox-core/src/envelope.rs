@@ -1,0 +1,520 @@
+//! The payload/headers envelope, byte-compatible with faststream-outbox.
+//!
+//! Encoding picks the representation from the body's type, as FastStream does:
+//!
+//! | body | payload | `content-type` |
+//! |---|---|---|
+//! | `()`, `None` | empty | none |
+//! | `String`, `&str`, `char` | UTF-8 text | `text/plain` |
+//! | [`Raw`] (or any type serializing as bytes, e.g. `serde_bytes::ByteBuf`) | as is | none |
+//! | anything else (`serde::Serialize`) | JSON | `application/json` |
+//!
+//! The headers are a JSON object of strings. `correlation_id` is always present
+//! (given, or taken from the headers, or a new UUID); `content-type` is present
+//! unless the body is raw bytes or empty. Decoding is the mirror image.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, IntoDeserializer, Visitor};
+use serde::ser::{self, Impossible, Serialize};
+use serde::{Deserialize, Deserializer, Serializer};
+
+use crate::error::{Error, Result};
+
+/// Message headers: string keys, string values, stored as a JSONB object.
+pub type Headers = BTreeMap<String, String>;
+
+/// The header carrying the payload's content type.
+pub const CONTENT_TYPE: &str = "content-type";
+/// The header carrying the correlation id.
+pub const CORRELATION_ID: &str = "correlation_id";
+
+/// Content type of JSON payloads.
+pub const JSON: &str = "application/json";
+/// Content type of text payloads.
+pub const TEXT: &str = "text/plain";
+
+/// Raw bytes, stored as they are, with no content type.
+///
+/// `Vec<u8>` itself serializes as a JSON array (that is what serde does with
+/// it); wrap bytes in `Raw` to publish them verbatim.
+///
+/// ```
+/// use outbox_core::envelope::{encode, Raw};
+///
+/// let (payload, headers) = encode(&Raw(vec![0, 1, 2]), Default::default(), None)?;
+/// assert_eq!(payload, [0, 1, 2]);
+/// assert!(!headers.contains_key("content-type"));
+/// # Ok::<(), outbox_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Raw(pub Vec<u8>);
+
+impl Serialize for Raw {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Raw {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct RawVisitor;
+        impl<'de> Visitor<'de> for RawVisitor {
+            type Value = Raw;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> std::result::Result<Raw, E> {
+                Ok(Raw(v.to_vec()))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> std::result::Result<Raw, E> {
+                Ok(Raw(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Raw, E> {
+                Ok(Raw(v.as_bytes().to_vec()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Raw, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Raw(out))
+            }
+        }
+        d.deserialize_byte_buf(RawVisitor)
+    }
+}
+
+/// How a body is represented on the wire.
+#[derive(Debug)]
+enum Kind {
+    Empty,
+    Text(String),
+    Bytes(Vec<u8>),
+    Json,
+}
+
+/// A serializer that looks only at the top level of a value to pick its
+/// representation; compound values stop it at once (they are JSON).
+struct Detect;
+
+#[derive(Debug)]
+struct NotScalar;
+
+impl fmt::Display for NotScalar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a scalar")
+    }
+}
+impl std::error::Error for NotScalar {}
+impl ser::Error for NotScalar {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        NotScalar
+    }
+}
+
+macro_rules! json_scalars {
+    ($($method:ident: $ty:ty),* $(,)?) => {
+        $(fn $method(self, _: $ty) -> std::result::Result<Kind, NotScalar> { Ok(Kind::Json) })*
+    };
+}
+
+impl Serializer for Detect {
+    type Ok = Kind;
+    type Error = NotScalar;
+    type SerializeSeq = Impossible<Kind, NotScalar>;
+    type SerializeTuple = Impossible<Kind, NotScalar>;
+    type SerializeTupleStruct = Impossible<Kind, NotScalar>;
+    type SerializeTupleVariant = Impossible<Kind, NotScalar>;
+    type SerializeMap = Impossible<Kind, NotScalar>;
+    type SerializeStruct = Impossible<Kind, NotScalar>;
+    type SerializeStructVariant = Impossible<Kind, NotScalar>;
+
+    json_scalars!(
+        serialize_bool: bool, serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
+        serialize_i64: i64, serialize_i128: i128, serialize_u8: u8, serialize_u16: u16,
+        serialize_u32: u32, serialize_u64: u64, serialize_u128: u128, serialize_f32: f32,
+        serialize_f64: f64,
+    );
+
+    fn serialize_char(self, v: char) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Text(v.to_string()))
+    }
+    fn serialize_str(self, v: &str) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Text(v.to_owned()))
+    }
+    fn serialize_bytes(self, v: &[u8]) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Bytes(v.to_vec()))
+    }
+    fn serialize_none(self) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Empty)
+    }
+    fn serialize_some<T: ?Sized + Serialize>(
+        self,
+        value: &T,
+    ) -> std::result::Result<Kind, NotScalar> {
+        value.serialize(self)
+    }
+    fn serialize_unit(self) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Empty)
+    }
+    fn serialize_unit_struct(self, _: &'static str) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Json)
+    }
+    fn serialize_unit_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+    ) -> std::result::Result<Kind, NotScalar> {
+        Ok(Kind::Json)
+    }
+    fn serialize_newtype_struct<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        value: &T,
+    ) -> std::result::Result<Kind, NotScalar> {
+        value.serialize(self)
+    }
+    fn serialize_newtype_variant<T: ?Sized + Serialize>(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: &T,
+    ) -> std::result::Result<Kind, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_seq(self, _: Option<usize>) -> std::result::Result<Self::SerializeSeq, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_tuple(self, _: usize) -> std::result::Result<Self::SerializeTuple, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_tuple_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> std::result::Result<Self::SerializeTupleStruct, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_tuple_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> std::result::Result<Self::SerializeTupleVariant, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_map(self, _: Option<usize>) -> std::result::Result<Self::SerializeMap, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_struct(
+        self,
+        _: &'static str,
+        _: usize,
+    ) -> std::result::Result<Self::SerializeStruct, NotScalar> {
+        Err(NotScalar)
+    }
+    fn serialize_struct_variant(
+        self,
+        _: &'static str,
+        _: u32,
+        _: &'static str,
+        _: usize,
+    ) -> std::result::Result<Self::SerializeStructVariant, NotScalar> {
+        Err(NotScalar)
+    }
+}
+
+/// Encodes a body into `(payload, content type)`.
+pub fn encode_body<T: Serialize + ?Sized>(body: &T) -> Result<(Vec<u8>, Option<&'static str>)> {
+    match body.serialize(Detect).unwrap_or(Kind::Json) {
+        Kind::Empty => Ok((Vec::new(), None)),
+        Kind::Text(s) => Ok((s.into_bytes(), Some(TEXT))),
+        Kind::Bytes(b) => Ok((b, None)),
+        Kind::Json => serde_json::to_vec(body)
+            .map(|v| (v, Some(JSON)))
+            .map_err(Error::Encode),
+    }
+}
+
+/// Merges the encoder's content type and the correlation id into the user's
+/// headers, with the conflict rules of faststream-outbox.
+pub(crate) fn finish_headers(
+    mut headers: Headers,
+    content_type: Option<&'static str>,
+    correlation_id: Option<&str>,
+) -> Result<Headers> {
+    if let (Some(ct), Some(user)) = (content_type, headers.get(CONTENT_TYPE)) {
+        if user != ct {
+            return Err(Error::arg(format!(
+                "the `content-type` header {user:?} conflicts with the body's encoding ({ct}); \
+                 drop the header, or publish the body as `Raw` bytes to label it yourself"
+            )));
+        }
+    }
+    if let Some(ct) = content_type {
+        headers.insert(CONTENT_TYPE.to_owned(), ct.to_owned());
+    }
+    let correlation = match (correlation_id, headers.get(CORRELATION_ID)) {
+        (Some(given), Some(header)) if given != header => {
+            return Err(Error::arg(format!(
+                "correlation_id {given:?} conflicts with the `correlation_id` header {header:?}; \
+                 pass one of them, or the same value in both"
+            )));
+        }
+        (Some(given), _) => given.to_owned(),
+        (None, Some(header)) => header.clone(),
+        (None, None) => uuid::Uuid::new_v4().to_string(),
+    };
+    headers.insert(CORRELATION_ID.to_owned(), correlation);
+    Ok(headers)
+}
+
+/// Encodes a body and completes its headers exactly as faststream-outbox does.
+///
+/// ```
+/// use outbox_core::envelope::encode;
+///
+/// let (payload, headers) = encode(&serde_json::json!({"order_id": 1}), Default::default(), Some("c-1"))?;
+/// assert_eq!(payload, br#"{"order_id":1}"#);
+/// assert_eq!(headers["content-type"], "application/json");
+/// assert_eq!(headers["correlation_id"], "c-1");
+///
+/// let (payload, headers) = encode("hello", Default::default(), None)?;
+/// assert_eq!(payload, b"hello");
+/// assert_eq!(headers["content-type"], "text/plain");
+/// assert_eq!(headers["correlation_id"].len(), 36); // a fresh UUID
+/// # Ok::<(), outbox_core::Error>(())
+/// ```
+pub fn encode<T: Serialize + ?Sized>(
+    body: &T,
+    headers: Headers,
+    correlation_id: Option<&str>,
+) -> Result<(Vec<u8>, Headers)> {
+    let (payload, ct) = encode_body(body)?;
+    let headers = finish_headers(headers, ct, correlation_id)?;
+    Ok((payload, headers))
+}
+
+/// Decodes a payload into `T`, following the content type:
+///
+/// - `text/*`: the text itself if `T` takes a string, else the text parsed as JSON
+///   (so `"42"` sent as text decodes into an `i64`, as FastStream casts it);
+/// - `application/json` (and `+json` types): JSON;
+/// - no content type: empty payload as `None`/`()`, else JSON if it parses,
+///   else the raw bytes (into [`Raw`], `Vec<u8>` or, if UTF-8, a `String`).
+pub fn decode<T: DeserializeOwned>(
+    payload: &[u8],
+    content_type: Option<&str>,
+) -> std::result::Result<T, String> {
+    let ct = content_type.map(|c| c.trim().to_ascii_lowercase());
+    match ct.as_deref() {
+        Some(c) if c.starts_with("text/") => {
+            let text = std::str::from_utf8(payload)
+                .map_err(|e| format!("the payload is labelled {c} but is not UTF-8: {e}"))?;
+            let as_str: std::result::Result<T, de::value::Error> =
+                T::deserialize(text.into_deserializer());
+            match as_str {
+                Ok(v) => Ok(v),
+                Err(first) => serde_json::from_str(text).map_err(|_| first.to_string()),
+            }
+        }
+        Some(c) if c.starts_with(JSON) || c.contains("+json") => {
+            serde_json::from_slice(payload).map_err(|e| e.to_string())
+        }
+        _ => {
+            if payload.is_empty() {
+                return T::deserialize(RawDeserializer(payload)).map_err(|e| e.to_string());
+            }
+            match serde_json::from_slice(payload) {
+                Ok(v) => Ok(v),
+                Err(json_err) => T::deserialize(RawDeserializer(payload))
+                    .map_err(|e| format!("{e} (and not JSON: {json_err})")),
+            }
+        }
+    }
+}
+
+/// Presents raw bytes to a `Deserialize` impl: as bytes, as a sequence of
+/// `u8`, as a string when UTF-8, as `None`/`()` when empty.
+struct RawDeserializer<'a>(&'a [u8]);
+
+impl<'de> Deserializer<'de> for RawDeserializer<'_> {
+    type Error = de::value::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, v: V) -> std::result::Result<V::Value, Self::Error> {
+        if self.0.is_empty() {
+            return v.visit_unit();
+        }
+        v.visit_bytes(self.0)
+    }
+    fn deserialize_bytes<V: Visitor<'de>>(
+        self,
+        v: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        v.visit_bytes(self.0)
+    }
+    fn deserialize_byte_buf<V: Visitor<'de>>(
+        self,
+        v: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        v.visit_byte_buf(self.0.to_vec())
+    }
+    fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> std::result::Result<V::Value, Self::Error> {
+        v.visit_seq(de::value::SeqDeserializer::new(self.0.iter().copied()))
+    }
+    fn deserialize_str<V: Visitor<'de>>(self, v: V) -> std::result::Result<V::Value, Self::Error> {
+        match std::str::from_utf8(self.0) {
+            Ok(s) => v.visit_str(s),
+            Err(_) => v.visit_bytes(self.0),
+        }
+    }
+    fn deserialize_string<V: Visitor<'de>>(
+        self,
+        v: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        self.deserialize_str(v)
+    }
+    fn deserialize_option<V: Visitor<'de>>(
+        self,
+        v: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        if self.0.is_empty() {
+            v.visit_none()
+        } else {
+            v.visit_some(self)
+        }
+    }
+    fn deserialize_unit<V: Visitor<'de>>(self, v: V) -> std::result::Result<V::Value, Self::Error> {
+        if self.0.is_empty() {
+            v.visit_unit()
+        } else {
+            Err(de::Error::invalid_length(self.0.len(), &"an empty payload"))
+        }
+    }
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _: &'static str,
+        v: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        v.visit_newtype_struct(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char
+        unit_struct tuple tuple_struct map struct enum identifier ignored_any
+    }
+}
+
+/// Reads a JSONB headers value as stored by any writer: an object's string
+/// values as they are, other values as their JSON text. Anything that is not an
+/// object yields no headers (and `false`, so the caller can warn).
+pub(crate) fn headers_from_json(value: Option<serde_json::Value>) -> (Headers, bool) {
+    match value {
+        None | Some(serde_json::Value::Null) => (Headers::new(), true),
+        Some(serde_json::Value::Object(map)) => (
+            map.into_iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => (k, s),
+                    other => (k, other.to_string()),
+                })
+                .collect(),
+            true,
+        ),
+        Some(_) => (Headers::new(), false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn enc<T: Serialize + ?Sized>(v: &T) -> (Vec<u8>, Option<&'static str>) {
+        encode_body(v).expect("encodes")
+    }
+
+    #[test]
+    fn body_kinds_follow_faststream() {
+        assert_eq!(enc(&()), (vec![], None));
+        assert_eq!(enc(&None::<i32>), (vec![], None));
+        assert_eq!(enc("hi"), (b"hi".to_vec(), Some(TEXT)));
+        assert_eq!(enc(&String::from("hi")), (b"hi".to_vec(), Some(TEXT)));
+        assert_eq!(enc(&Some("hi")), (b"hi".to_vec(), Some(TEXT)));
+        assert_eq!(enc(&Raw(vec![0, 159])), (vec![0, 159], None));
+        assert_eq!(enc(&42i64), (b"42".to_vec(), Some(JSON)));
+        assert_eq!(enc(&1.5f64), (b"1.5".to_vec(), Some(JSON)));
+        assert_eq!(enc(&true), (b"true".to_vec(), Some(JSON)));
+        assert_eq!(enc(&vec![1u8, 2]), (b"[1,2]".to_vec(), Some(JSON)));
+        assert_eq!(
+            enc(&json!({"a": [1, "x"]})),
+            (br#"{"a":[1,"x"]}"#.to_vec(), Some(JSON))
+        );
+    }
+
+    #[test]
+    fn content_type_conflicts_are_errors() {
+        let mut h = Headers::new();
+        h.insert(CONTENT_TYPE.into(), "text/plain".into());
+        let err = encode(&json!({"a": 1}), h.clone(), None).unwrap_err();
+        assert!(err.to_string().contains("conflicts"), "{err}");
+        // Equal is fine; raw bytes keep the user's label.
+        let (_, hs) = encode("x", h.clone(), None).expect("same content type");
+        assert_eq!(hs[CONTENT_TYPE], "text/plain");
+        let mut xml = Headers::new();
+        xml.insert(CONTENT_TYPE.into(), "application/xml".into());
+        let (_, hs) = encode(&Raw(b"<a/>".to_vec()), xml, None).expect("bytes keep label");
+        assert_eq!(hs[CONTENT_TYPE], "application/xml");
+    }
+
+    #[test]
+    fn correlation_id_rules() {
+        let mut h = Headers::new();
+        h.insert(CORRELATION_ID.into(), "from-header".into());
+        let (_, hs) = encode(&1, h.clone(), None).expect("header used");
+        assert_eq!(hs[CORRELATION_ID], "from-header");
+        let (_, hs) = encode(&1, h.clone(), Some("from-header")).expect("same is fine");
+        assert_eq!(hs[CORRELATION_ID], "from-header");
+        let err = encode(&1, h, Some("other")).unwrap_err().to_string();
+        assert!(err.contains("conflicts"), "{err}");
+        let (_, a) = encode(&1, Headers::new(), None).expect("fresh");
+        let (_, b) = encode(&1, Headers::new(), None).expect("fresh");
+        assert_ne!(a[CORRELATION_ID], b[CORRELATION_ID]);
+    }
+
+    #[test]
+    fn decoding_mirrors_encoding() {
+        assert_eq!(decode::<i64>(b"42", Some(JSON)), Ok(42));
+        assert_eq!(decode::<String>(b"hi", Some(TEXT)), Ok("hi".to_owned()));
+        assert_eq!(decode::<i64>(b"42", Some(TEXT)), Ok(42));
+        assert_eq!(decode::<Raw>(&[0, 159], None), Ok(Raw(vec![0, 159])));
+        assert_eq!(decode::<Vec<u8>>(&[0, 159], None), Ok(vec![0, 159]));
+        assert_eq!(decode::<Option<i64>>(b"", None), Ok(None));
+        assert_eq!(decode::<()>(b"", None), Ok(()));
+        assert_eq!(decode::<i64>(b"7", None), Ok(7));
+        assert_eq!(decode::<String>(b"plain", None), Ok("plain".to_owned()));
+        let err = decode::<i64>(br#""abc""#, Some(JSON)).unwrap_err();
+        assert!(err.contains("expected i64"), "{err}");
+        let err = decode::<i64>(&[0xff], Some(TEXT)).unwrap_err();
+        assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn foreign_headers_are_read_leniently() {
+        let (h, ok) = headers_from_json(Some(json!({"a": "x", "n": 1, "o": {"k": true}})));
+        assert!(ok);
+        assert_eq!(h["a"], "x");
+        assert_eq!(h["n"], "1");
+        assert_eq!(h["o"], r#"{"k":true}"#);
+        let (h, ok) = headers_from_json(Some(json!([1, 2])));
+        assert!(!ok);
+        assert!(h.is_empty());
+    }
+}

@@ -1,0 +1,137 @@
+//! The crate's error type.
+
+use std::fmt;
+
+/// A boxed error, as handlers, transports and hooks return them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`enum@Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `outbox-core`.
+///
+/// The variants name the problem and, where there is one, the fix. Match on the
+/// variant to tell misconfiguration (a bug to fix: [`Error::InvalidName`],
+/// [`Error::InvalidArgument`], [`Error::InvalidConfig`]) from runtime failures
+/// ([`Error::Database`], [`Error::Transport`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A table, schema or index name cannot be used (empty, too long once a
+    /// suffix is added, or containing a NUL byte). Raised when the table
+    /// definition is built, never later as a SQL error.
+    #[error("invalid {kind} name {name:?}: {reason}")]
+    InvalidName {
+        /// What the name is for (`table`, `schema`, `dead-letter table`).
+        kind: &'static str,
+        /// The name as given.
+        name: String,
+        /// Why it was refused and what to do.
+        reason: String,
+    },
+
+    /// An argument of a publish, cancel or inspection call is invalid
+    /// (empty queue, both activation times set, `Extend` without a timer id…).
+    /// Raised before any SQL runs.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A subscriber, engine or application is misconfigured (bad knob values,
+    /// duplicate names, unknown transport…). Raised before anything is consumed.
+    #[error("{0}")]
+    InvalidConfig(String),
+
+    /// The message body could not be serialized to JSON.
+    #[error("cannot serialize the message body: {0}")]
+    Encode(#[source] serde_json::Error),
+
+    /// A payload could not be decoded into the type the handler asked for.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+
+    /// The database refused or failed a statement, or the connection broke.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// A transport (Kafka, the in-process transport, …) failed to connect or to
+    /// confirm a publish.
+    #[error("transport `{transport}`: {source}")]
+    Transport {
+        /// The transport's registered name.
+        transport: String,
+        /// What the transport reported.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A lifecycle hook of an application failed.
+    #[error("{stage} hook `{name}` failed: {source}")]
+    Hook {
+        /// `on_startup`, `after_startup`, `on_shutdown` or `after_shutdown`.
+        stage: &'static str,
+        /// The hook's name.
+        name: String,
+        /// The hook's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// An operation did not finish within its time budget.
+    #[error("{0} timed out")]
+    Timeout(String),
+}
+
+impl Error {
+    /// True for errors that come from a bad argument or configuration (fix the
+    /// code), false for runtime failures (retrying may help).
+    pub fn is_misuse(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::InvalidConfig(_)
+        )
+    }
+
+    /// The underlying database error, if this is one.
+    pub fn as_database_error(&self) -> Option<&sqlx::Error> {
+        match self {
+            Error::Database(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn arg(msg: impl fmt::Display) -> Self {
+        Error::InvalidArgument(msg.to_string())
+    }
+
+    pub(crate) fn config(msg: impl fmt::Display) -> Self {
+        Error::InvalidConfig(msg.to_string())
+    }
+}
+
+/// A payload that does not decode into the requested type.
+///
+/// The message says which row, which queue, which content type and what the
+/// decoder expected, so that a poison row can be found and fixed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot decode the payload of row {row_id} (queue {queue:?}, content-type {content_type}) as `{target}`: {reason}"
+)]
+pub struct DecodeError {
+    pub(crate) row_id: i64,
+    pub(crate) queue: String,
+    pub(crate) content_type: String,
+    pub(crate) target: &'static str,
+    pub(crate) reason: String,
+}
+
+impl DecodeError {
+    /// The id of the row whose payload did not decode.
+    pub fn row_id(&self) -> i64 {
+        self.row_id
+    }
+
+    /// Why decoding failed.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}

@@ -1,0 +1,315 @@
+//! Every statement the crate runs, built once per table from validated, quoted
+//! identifiers. Values always travel as bind parameters.
+
+use std::sync::Arc;
+
+use sqlx::AssertSqlSafe;
+
+use crate::table::{DlqTable, OutboxTable};
+
+/// Columns returned by claims and inspection reads, in [`crate::OutboxRow`] order.
+pub(crate) const ROW_COLUMNS: &str = "o.id, o.queue, o.payload, o.headers, o.attempts_count, \
+     o.deliveries_count, o.created_at, o.next_attempt_at, o.first_attempt_at, o.last_attempt_at, \
+     o.acquired_at, o.acquired_token, o.timer_id";
+
+/// When a published row becomes eligible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScheduleKind {
+    Now,
+    /// `now() + make_interval(secs => $n)`, on the database clock.
+    In,
+    /// An absolute timestamp bound as `$n`.
+    At,
+}
+
+/// What to do when a live row already has the same `(queue, timer_id)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerKind {
+    None,
+    Ignore,
+    Extend,
+}
+
+/// A prepared-once SQL string.
+pub(crate) type Sql = Arc<str>;
+
+pub(crate) fn q(
+    sql: &Sql,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+#[derive(Debug)]
+pub(crate) struct Statements {
+    /// Indexed by [`insert_index`].
+    insert: Vec<Sql>,
+    /// Indexed by `schedule * 2 + notify`.
+    insert_batch: Vec<Sql>,
+    pub(crate) cancel_timer: Sql,
+    pub(crate) unprocessed_all: Sql,
+    pub(crate) unprocessed_queue: Sql,
+    pub(crate) claim: Sql,
+    pub(crate) ack: Sql,
+    pub(crate) ack_batch: Sql,
+    pub(crate) retry: Sql,
+    pub(crate) release: Sql,
+    pub(crate) dead_letter: Option<Sql>,
+}
+
+const SCHEDULES: [ScheduleKind; 3] = [ScheduleKind::Now, ScheduleKind::In, ScheduleKind::At];
+const TIMERS: [TimerKind; 3] = [TimerKind::None, TimerKind::Ignore, TimerKind::Extend];
+
+fn insert_index(schedule: ScheduleKind, timer: TimerKind, notify: bool) -> usize {
+    let s = SCHEDULES.iter().position(|x| *x == schedule).unwrap_or(0);
+    let t = TIMERS.iter().position(|x| *x == timer).unwrap_or(0);
+    (s * TIMERS.len() + t) * 2 + usize::from(notify)
+}
+
+impl Statements {
+    pub(crate) fn new(table: &OutboxTable, dlq: Option<&DlqTable>) -> Self {
+        let t = table.qualified_name();
+        let mut insert = Vec::with_capacity(18);
+        for schedule in SCHEDULES {
+            for timer in TIMERS {
+                for notify in [false, true] {
+                    debug_assert_eq!(insert.len(), insert_index(schedule, timer, notify));
+                    insert.push(Sql::from(insert_sql(&t, schedule, timer, notify)));
+                }
+            }
+        }
+        let mut insert_batch = Vec::with_capacity(6);
+        for schedule in SCHEDULES {
+            for notify in [false, true] {
+                insert_batch.push(Sql::from(insert_batch_sql(&t, schedule, notify)));
+            }
+        }
+        Self {
+            insert,
+            insert_batch,
+            cancel_timer: format!(
+                "DELETE FROM {t} WHERE queue = $1 AND timer_id = $2 AND acquired_token IS NULL"
+            )
+            .into(),
+            unprocessed_all: format!("SELECT {ROW_COLUMNS} FROM {t} o ORDER BY o.id LIMIT $1")
+                .into(),
+            unprocessed_queue: format!(
+                "SELECT {ROW_COLUMNS} FROM {t} o WHERE o.queue = $1 ORDER BY o.id LIMIT $2"
+            )
+            .into(),
+            claim: claim_sql(&t).into(),
+            ack: format!("DELETE FROM {t} WHERE id = $1 AND acquired_token = $2").into(),
+            ack_batch: format!(
+                "DELETE FROM {t} o USING unnest($1::int8[], $2::uuid[]) AS w(id, token) \
+                 WHERE o.id = w.id AND o.acquired_token = w.token RETURNING o.id"
+            )
+            .into(),
+            retry: format!(
+                "UPDATE {t} SET attempts_count = attempts_count + 1, \
+                 next_attempt_at = now() + make_interval(secs => $3), \
+                 first_attempt_at = COALESCE(first_attempt_at, now()), last_attempt_at = now(), \
+                 acquired_at = NULL, acquired_token = NULL \
+                 WHERE id = $1 AND acquired_token = $2"
+            )
+            .into(),
+            release: format!(
+                "UPDATE {t} o SET acquired_at = NULL, acquired_token = NULL, \
+                 deliveries_count = GREATEST(o.deliveries_count - 1, 0) \
+                 FROM unnest($1::int8[], $2::uuid[]) AS w(id, token) \
+                 WHERE o.id = w.id AND o.acquired_token = w.token"
+            )
+            .into(),
+            dead_letter: dlq.map(|d| {
+                format!(
+                    "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token = $2 \
+                     RETURNING id, queue, payload, headers, deliveries_count, created_at, timer_id) \
+                     INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
+                     created_at, timer_id, failure_reason, last_exception) \
+                     SELECT id, queue, payload, headers, deliveries_count, created_at, timer_id, $3, $4 \
+                     FROM deleted",
+                    d = d.qualified_name()
+                )
+                .into()
+            }),
+        }
+    }
+
+    pub(crate) fn insert(&self, schedule: ScheduleKind, timer: TimerKind, notify: bool) -> &Sql {
+        &self.insert[insert_index(schedule, timer, notify)]
+    }
+
+    pub(crate) fn insert_batch(&self, schedule: ScheduleKind, notify: bool) -> &Sql {
+        let s = SCHEDULES.iter().position(|x| *x == schedule).unwrap_or(0);
+        &self.insert_batch[s * 2 + usize::from(notify)]
+    }
+}
+
+/// Parameters: `$1` queue, `$2` payload, `$3` headers, then the schedule (if
+/// any), the timer id (if any), the NOTIFY channel (if notifying).
+fn insert_sql(t: &str, schedule: ScheduleKind, timer: TimerKind, notify: bool) -> String {
+    let mut cols = String::from("queue, payload, headers");
+    let mut vals = String::from("$1, $2, $3");
+    let mut n = 3;
+    match schedule {
+        ScheduleKind::Now => {}
+        ScheduleKind::In => {
+            n += 1;
+            cols.push_str(", next_attempt_at");
+            vals.push_str(&format!(", now() + make_interval(secs => ${n})"));
+        }
+        ScheduleKind::At => {
+            n += 1;
+            cols.push_str(", next_attempt_at");
+            vals.push_str(&format!(", ${n}"));
+        }
+    }
+    if timer != TimerKind::None {
+        n += 1;
+        cols.push_str(", timer_id");
+        vals.push_str(&format!(", ${n}"));
+    }
+    let conflict = match timer {
+        TimerKind::None => String::new(),
+        TimerKind::Ignore => {
+            " ON CONFLICT (queue, timer_id) WHERE timer_id IS NOT NULL DO NOTHING".to_owned()
+        }
+        TimerKind::Extend => {
+            let later = "excluded.next_attempt_at > o.next_attempt_at";
+            format!(
+                " ON CONFLICT (queue, timer_id) WHERE timer_id IS NOT NULL DO UPDATE SET \
+                 payload = CASE WHEN {later} THEN excluded.payload ELSE o.payload END, \
+                 headers = CASE WHEN {later} THEN excluded.headers ELSE o.headers END, \
+                 attempts_count = CASE WHEN {later} THEN 0 ELSE o.attempts_count END, \
+                 next_attempt_at = greatest(o.next_attempt_at, excluded.next_attempt_at), \
+                 first_attempt_at = CASE WHEN {later} THEN NULL ELSE o.first_attempt_at END, \
+                 last_attempt_at = CASE WHEN {later} THEN NULL ELSE o.last_attempt_at END \
+                 WHERE o.acquired_token IS NULL"
+            )
+        }
+    };
+    let returning = if notify {
+        format!("RETURNING o.id, pg_notify(${}, o.queue)", n + 1)
+    } else {
+        "RETURNING o.id".to_owned()
+    };
+    format!("INSERT INTO {t} AS o ({cols}) VALUES ({vals}){conflict} {returning}")
+}
+
+/// Parameters: `$1` queue, `$2` payloads (`bytea[]`), `$3` headers (`jsonb[]`),
+/// then the schedule (if any), the NOTIFY channel (if notifying). Returns the
+/// number of rows inserted; one statement, one NOTIFY.
+fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool) -> String {
+    let (col, val, mut n) = match schedule {
+        ScheduleKind::Now => ("", String::new(), 3),
+        ScheduleKind::In => (
+            ", next_attempt_at",
+            ", now() + make_interval(secs => $4)".to_owned(),
+            4,
+        ),
+        ScheduleKind::At => (", next_attempt_at", ", $4".to_owned(), 4),
+    };
+    let notify_expr = if notify {
+        n += 1;
+        format!(", pg_notify(${n}, $1)")
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH ins AS (INSERT INTO {t} (queue, payload, headers{col}) \
+         SELECT $1, u.payload, u.headers{val} FROM unnest($2::bytea[], $3::jsonb[]) AS u(payload, headers) \
+         RETURNING 1) \
+         SELECT count(*)::int8{notify_expr} FROM ins"
+    )
+}
+
+/// The claim: one statement per fetch. Per served queue, two index-ordered
+/// LATERAL branches (unleased rows on `<t>_pending_idx`, expired leases on
+/// `<t>_leased_idx`), each `FOR UPDATE SKIP LOCKED`, merged in
+/// `(next_attempt_at, id)` order. Parameters: `$1` queues (`varchar[]`),
+/// `$2` limit, `$3` lease TTL in seconds, `$4` the fresh lease token.
+fn claim_sql(t: &str) -> String {
+    format!(
+        "WITH queues AS (SELECT DISTINCT unnest($1::varchar[]) AS name), \
+         pending AS (SELECT p.id, p.next_attempt_at FROM queues CROSS JOIN LATERAL (\
+           SELECT c.id, c.next_attempt_at FROM {t} c \
+           WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NULL \
+           ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) p), \
+         expired AS (SELECT e.id, e.next_attempt_at FROM queues CROSS JOIN LATERAL (\
+           SELECT c.id, c.next_attempt_at FROM {t} c \
+           WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
+           AND c.acquired_at < now() - make_interval(secs => $3) \
+           ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) e), \
+         ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM pending \
+           UNION ALL SELECT id, next_attempt_at FROM expired) r \
+           ORDER BY r.next_attempt_at, r.id LIMIT $2) \
+         UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
+         WHERE o.id IN (SELECT id FROM ready) \
+         RETURNING {ROW_COLUMNS}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stmts() -> Statements {
+        Statements::new(
+            &OutboxTable::new("outbox").expect("valid"),
+            Some(&DlqTable::new("outbox_dlq").expect("valid")),
+        )
+    }
+
+    #[test]
+    fn single_publish_folds_notify_into_returning() {
+        let s = stmts();
+        let sql = s.insert(ScheduleKind::Now, TimerKind::None, true);
+        assert_eq!(
+            &**sql,
+            r#"INSERT INTO "outbox" AS o (queue, payload, headers) VALUES ($1, $2, $3) RETURNING o.id, pg_notify($4, o.queue)"#
+        );
+        let sql = s.insert(ScheduleKind::In, TimerKind::Extend, false);
+        assert!(
+            sql.contains("now() + make_interval(secs => $4), $5)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("WHERE o.acquired_token IS NULL RETURNING o.id"),
+            "{sql}"
+        );
+        assert!(!sql.contains("pg_notify"));
+        let sql = s.insert(ScheduleKind::At, TimerKind::Ignore, true);
+        assert!(
+            sql.contains("DO NOTHING RETURNING o.id, pg_notify($6, o.queue)"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn every_insert_variant_is_distinct() {
+        let s = stmts();
+        let mut all: Vec<&str> = s.insert.iter().map(|x| &**x).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 18);
+    }
+
+    #[test]
+    fn batch_insert_is_one_statement_with_one_notify() {
+        let s = stmts();
+        let sql = s.insert_batch(ScheduleKind::Now, true);
+        assert!(sql.contains("unnest($2::bytea[], $3::jsonb[])"), "{sql}");
+        assert!(
+            sql.ends_with("SELECT count(*)::int8, pg_notify($4, $1) FROM ins"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn dead_letter_move_is_one_statement() {
+        let s = stmts();
+        let sql = s.dead_letter.as_deref().expect("dlq configured");
+        assert!(sql.starts_with(
+            r#"WITH deleted AS (DELETE FROM "outbox" WHERE id = $1 AND acquired_token = $2"#
+        ));
+        assert!(sql.contains(r#"INSERT INTO "outbox_dlq""#));
+    }
+}
