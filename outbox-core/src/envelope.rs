@@ -251,8 +251,10 @@ pub(crate) fn finish_headers(
     content_type: Option<&'static str>,
     correlation_id: Option<&str>,
 ) -> Result<Headers> {
-    if let (Some(ct), Some(user)) = (content_type, headers.get(CONTENT_TYPE)) {
-        if user != ct {
+    if let (Some(ct), Some(user)) = (content_type, headers.get(CONTENT_TYPE))
+        && user != ct
+    {
+        {
             return Err(Error::arg(format!(
                 "the `content-type` header {user:?} conflicts with the body's encoding ({ct}); \
                  drop the header, or publish the body as `Raw` bytes to label it yourself"

@@ -10,17 +10,36 @@
 //! the database.
 
 mod broker;
+mod engine;
 pub mod envelope;
 mod error;
+mod handler;
 mod ident;
+mod message;
 mod publish;
+pub mod retry;
 mod row;
 mod sql;
+mod subscriber;
 mod table;
 
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
+pub use engine::{Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Raw};
 pub use error::{BoxError, DecodeError, Error, Result};
+pub use handler::{Handler, IntoHandlerResult};
+pub use message::{AckPolicy, FailureReason, Message, Outcome};
 pub use publish::{MAX_NAME_CHARS, PublishOptions, TimerConflict};
+pub use retry::RetryStrategy;
 pub use row::OutboxRow;
+pub use subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};
+
+// Not public API. Used by generated code and by the workspace's tests.
+#[doc(hidden)]
+pub mod __private {
+    /// The claim statement of `table` (for EXPLAIN tests).
+    pub fn claim_sql(table: &crate::OutboxTable) -> String {
+        crate::sql::Statements::new(table, None).claim.to_string()
+    }
+}

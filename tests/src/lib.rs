@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use outbox_core::{DlqTable, OutboxBroker, OutboxTable};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
+use tracing_subscriber::Layer as _;
 
 /// The test database URL (`OUTBOX_TEST_DATABASE_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/outbox_test`).
@@ -166,15 +167,88 @@ impl Drop for TestDb {
     }
 }
 
-/// Installs a test tracing subscriber once (respecting `RUST_LOG`).
+/// One captured tracing event.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub level: tracing::Level,
+    pub message: String,
+    pub fields: std::collections::BTreeMap<String, String>,
+}
+
+static CAPTURED: std::sync::Mutex<Vec<Captured>> = std::sync::Mutex::new(Vec::new());
+
+struct CaptureLayer;
+
+struct Visitor<'a>(&'a mut Captured);
+
+impl tracing::field::Visit for Visitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let text = format!("{value:?}");
+        self.record_str(field, &text);
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.message = value.to_owned();
+        } else {
+            self.0
+                .fields
+                .insert(field.name().to_owned(), value.to_owned());
+        }
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.record_str(field, &value.to_string());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.record_str(field, &value.to_string());
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CaptureLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if *event.metadata().level() > tracing::Level::INFO {
+            return;
+        }
+        let mut c = Captured {
+            level: *event.metadata().level(),
+            message: String::new(),
+            fields: Default::default(),
+        };
+        event.record(&mut Visitor(&mut c));
+        CAPTURED.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+    }
+}
+
+/// Installs the test tracing subscriber once per process: a `RUST_LOG`
+/// filtered printer, plus a capture of every INFO-or-worse event that tests
+/// read with [`captured`].
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let printer = tracing_subscriber::fmt::layer()
+        .with_test_writer()
+        .with_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
+        );
+    let _ = tracing_subscriber::registry()
+        .with(printer)
+        .with(CaptureLayer)
         .try_init();
+}
+
+/// Captured events matching `pred` (events of every test in this process).
+pub fn captured(pred: impl Fn(&Captured) -> bool) -> Vec<Captured> {
+    CAPTURED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|c| pred(c))
+        .cloned()
+        .collect()
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
@@ -193,4 +267,41 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The Python of the interop venv: `OUTBOX_PYTHON`, else the default venv
+/// path. Fails with the command to run when neither exists.
+pub fn interop_python() -> anyhow::Result<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("OUTBOX_PYTHON") {
+        return Ok(p.into());
+    }
+    let default =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/py-venv/bin/python");
+    if default.exists() {
+        return Ok(default);
+    }
+    anyhow::bail!(
+        "the interop tests need faststream-outbox 0.19 in a Python venv: run `bash scripts/python-env.sh` \
+         (scripts/test.sh does) or set OUTBOX_PYTHON"
+    )
+}
+
+/// Decodes standard base64 (with or without padding).
+pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .ok_or_else(|| anyhow::anyhow!("invalid base64 character {:?}", c as char))?;
+        acc = (acc << 6) | u32::try_from(v)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from((acc >> bits) & 0xff)?);
+        }
+    }
+    Ok(out)
 }

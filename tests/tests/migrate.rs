@@ -11,7 +11,8 @@ type R = anyhow::Result<()>;
 /// Columns, indexes and constraints of a table, with the schema name erased.
 async fn catalog(pool: &PgPool, schema: &str, table: &str) -> anyhow::Result<Vec<String>> {
     let mut out = Vec::new();
-    let cols: Vec<(String, String, Option<i32>, String, Option<String>)> = sqlx::query_as(
+    type Col = (String, String, Option<i32>, String, Option<String>);
+    let cols: Vec<Col> = sqlx::query_as(
         "SELECT column_name::text, data_type::text, character_maximum_length::int4, is_nullable::text, column_default::text \
          FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
     )

@@ -1,0 +1,441 @@
+//! The subscriber engine: claims rows with leases and runs handlers.
+//!
+//! Per subscriber: one fetch loop on its own connection that claims rows
+//! (`FOR UPDATE SKIP LOCKED`, a fresh lease token per claim) into a bounded
+//! buffer of `fetch_batch_size` rows, and `max_workers` workers that run the
+//! handler and record the outcome on their own long-lived connection. Per
+//! engine: one LISTEN connection that wakes the fetch loops of the served
+//! queues. Every write after a claim is guarded by the lease token.
+
+mod backoff;
+mod fetch;
+mod listen;
+mod store;
+mod worker;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::{Mutex, Notify, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::OutboxBroker;
+use crate::error::{Error, Result};
+use crate::message::Delivery;
+use crate::subscriber::{Subscriber, SubscriberOptions};
+
+pub use worker::LAST_EXCEPTION_MAX_CHARS;
+
+/// Where the engine listens for NOTIFY wake-ups.
+#[derive(Debug, Clone, Default)]
+enum ListenMode {
+    /// On a dedicated connection made with the pool's connect options.
+    #[default]
+    Pool,
+    /// On a dedicated connection made with these options (e.g. a direct
+    /// connection when the pool goes through a transaction-pooling PgBouncer,
+    /// where LISTEN does not work).
+    Custom(Box<PgConnectOptions>),
+    /// Not at all: poll only.
+    Off,
+}
+
+/// Runs subscribers against an [`OutboxBroker`].
+///
+/// Cheap to clone; clones control the same engine (for example, one clone
+/// stops it while another runs a health endpoint with [`ping`](Self::ping)).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use outbox_core::{BoxError, Engine, Message, OutboxBroker, OutboxTable, Subscriber};
+///
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+/// let broker = OutboxBroker::new(pool, OutboxTable::new("outbox")?);
+/// broker.migrate().await?;
+/// let orders = Subscriber::builder(["orders"]).max_workers(4).build(
+///     |msg: Message| async move {
+///         let order_id: i64 = msg.decode()?;
+///         println!("got order {order_id}");
+///         Ok::<_, BoxError>(())
+///     },
+/// )?;
+/// let engine = Engine::new(broker).subscriber(orders);
+/// engine.start().await?;
+/// tokio::signal::ctrl_c().await.ok();
+/// let report = engine.stop().await; // graceful: finishes in-flight rows, releases the rest
+/// println!("{report:?}");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Engine {
+    broker: OutboxBroker,
+    subscribers: Vec<Arc<Subscriber>>,
+    listen: ListenMode,
+    application_name: String,
+    state: Arc<Mutex<Option<Running>>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    subs: Vec<SubRuntime>,
+    listener: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+#[derive(Debug)]
+struct SubRuntime {
+    shared: Arc<SubShared>,
+    fetch: JoinHandle<()>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+/// State shared by one subscriber's fetch loop and workers.
+#[derive(Debug)]
+pub(crate) struct SubShared {
+    pub(crate) sub: Arc<Subscriber>,
+    pub(crate) broker: OutboxBroker,
+    /// Connect options of the fetch loop's connection.
+    pub(crate) fetch_opts: PgConnectOptions,
+    /// Connect options of the workers' connections.
+    pub(crate) conn_opts: PgConnectOptions,
+    pub(crate) wake: Notify,
+    pub(crate) stop_fetch: CancellationToken,
+    pub(crate) stop_workers: CancellationToken,
+    pub(crate) tx: mpsc::Sender<Arc<Delivery>>,
+    pub(crate) rx: Mutex<mpsc::Receiver<Arc<Delivery>>>,
+    /// Fetch once at least this many buffer slots are free.
+    pub(crate) refill_at: usize,
+}
+
+impl SubShared {
+    pub(crate) fn opts(&self) -> &SubscriberOptions {
+        self.sub.options()
+    }
+
+    /// Waits for a wake-up, `timeout`, or stop; `true` if stopping.
+    pub(crate) async fn wait(&self, timeout: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop_fetch.cancelled() => true,
+            _ = self.wake.notified() => false,
+            _ = tokio::time::sleep(timeout) => false,
+        }
+    }
+
+    /// Sleeps `d` unless stopping first; `true` if stopping.
+    pub(crate) async fn sleep_or_stop(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.stop_fetch.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+/// What a graceful [`Engine::stop`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StopReport {
+    /// Rows claimed but never started, whose leases were released so another
+    /// replica can take them at once.
+    pub released: usize,
+    /// Subscribers whose in-flight handlers did not finish within the
+    /// graceful timeout (their rows are redelivered after the lease expires).
+    pub timed_out: Vec<String>,
+}
+
+impl Engine {
+    /// An engine for `broker`, with no subscribers yet.
+    pub fn new(broker: OutboxBroker) -> Self {
+        Self {
+            broker,
+            subscribers: Vec::new(),
+            listen: ListenMode::Pool,
+            application_name: "outbox".to_owned(),
+            state: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Adds a subscriber. Serving a queue that another subscriber of this
+    /// engine already serves is allowed (they compete for rows) but logged.
+    pub fn subscriber(mut self, sub: Subscriber) -> Self {
+        for other in &self.subscribers {
+            let shared: Vec<&String> = sub
+                .queues()
+                .iter()
+                .filter(|q| other.queues().contains(q))
+                .collect();
+            if !shared.is_empty() {
+                tracing::warn!(
+                    "subscribers `{}` and `{}` both serve {shared:?}: their workers will compete for the rows",
+                    other.name(),
+                    sub.name()
+                );
+            }
+        }
+        self.subscribers.push(Arc::new(sub));
+        self
+    }
+
+    /// Disables LISTEN/NOTIFY wake-ups: subscribers poll between
+    /// `min_fetch_interval` and `max_fetch_interval`.
+    pub fn without_listen(mut self) -> Self {
+        self.listen = ListenMode::Off;
+        self
+    }
+
+    /// Listens on a connection made with `opts` instead of the pool's options
+    /// (needed when the pool goes through a transaction-pooling proxy).
+    pub fn listen_with(mut self, opts: PgConnectOptions) -> Self {
+        self.listen = ListenMode::Custom(Box::new(opts));
+        self
+    }
+
+    /// The `application_name` prefix of the engine's own connections
+    /// (default `outbox`; they are named `<prefix>-fetch`, `-worker`, `-listen`).
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &OutboxBroker {
+        &self.broker
+    }
+
+    /// The subscribers.
+    pub fn subscribers(&self) -> impl Iterator<Item = &Subscriber> {
+        self.subscribers.iter().map(|s| &**s)
+    }
+
+    fn conn_opts(&self, role: &str) -> PgConnectOptions {
+        (*self.broker.pool().connect_options())
+            .clone()
+            .application_name(&format!("{}-{role}", self.application_name))
+    }
+
+    /// Starts every subscriber's fetch loop and workers, and the LISTEN loop.
+    /// Returns once they are spawned. Starting a running engine is an error;
+    /// starting a stopped one works.
+    pub async fn start(&self) -> Result<()> {
+        let mut state = self.state.lock().await;
+        if state.is_some() {
+            return Err(Error::config("the engine is already running"));
+        }
+        if self.subscribers.is_empty() {
+            return Err(Error::config(
+                "the engine has no subscribers; add one with Engine::subscriber",
+            ));
+        }
+        let mut subs = Vec::with_capacity(self.subscribers.len());
+        for sub in &self.subscribers {
+            let cap = sub.options().get_fetch_batch_size();
+            let (tx, rx) = mpsc::channel(cap);
+            let shared = Arc::new(SubShared {
+                sub: sub.clone(),
+                broker: self.broker.clone(),
+                fetch_opts: self.conn_opts("fetch"),
+                conn_opts: self.conn_opts("worker"),
+                wake: Notify::new(),
+                stop_fetch: CancellationToken::new(),
+                stop_workers: CancellationToken::new(),
+                tx,
+                rx: Mutex::new(rx),
+                refill_at: (cap / 2).max(1),
+            });
+            let fetch = tokio::spawn(fetch::run(shared.clone()));
+            let workers = (0..sub.options().get_max_workers())
+                .map(|_| tokio::spawn(worker::run(shared.clone())))
+                .collect();
+            tracing::info!(
+                subscriber = %sub.name(),
+                queues = ?sub.queues(),
+                workers = sub.options().get_max_workers(),
+                "outbox subscriber started"
+            );
+            subs.push(SubRuntime {
+                shared,
+                fetch,
+                workers,
+            });
+        }
+        let listener = match &self.listen {
+            ListenMode::Off => None,
+            mode => {
+                let opts = match mode {
+                    ListenMode::Custom(o) => (**o).clone(),
+                    _ => self.conn_opts("listen"),
+                };
+                let token = CancellationToken::new();
+                let shared = subs.iter().map(|s| s.shared.clone()).collect();
+                let task = tokio::spawn(listen::run(
+                    opts,
+                    self.broker.table().channel(),
+                    shared,
+                    token.clone(),
+                ));
+                Some((token, task))
+            }
+        };
+        *state = Some(Running { subs, listener });
+        Ok(())
+    }
+
+    /// Whether the engine is running.
+    pub async fn is_running(&self) -> bool {
+        self.state.lock().await.is_some()
+    }
+
+    /// Readiness: the database answers `SELECT 1` within `timeout` (at most
+    /// 5 s) and every loop of every subscriber is alive.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        let alive = {
+            let state = self.state.lock().await;
+            match &*state {
+                None => false,
+                Some(r) => {
+                    r.subs.iter().all(|s| {
+                        !s.fetch.is_finished() && s.workers.iter().all(|w| !w.is_finished())
+                    }) && r.listener.as_ref().is_none_or(|(_, t)| !t.is_finished())
+                }
+            }
+        };
+        if !alive {
+            return false;
+        }
+        let probe = sqlx::query("SELECT 1").execute(self.broker.pool());
+        matches!(
+            tokio::time::timeout(timeout.min(Duration::from_secs(5)), probe).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Stops gracefully: stops claiming, releases the leases of rows claimed
+    /// but not started (another replica takes them at once), lets in-flight
+    /// handlers finish and flushes batched deletes, all within the broker's
+    /// graceful timeout (default 15 s). Subscribers drain concurrently. Rows
+    /// whose handlers are still running at the deadline are abandoned to
+    /// lease expiry (logged at WARN). Never fails; stopping a stopped engine
+    /// does nothing.
+    pub async fn stop(&self) -> StopReport {
+        let Some(running) = self.state.lock().await.take() else {
+            return StopReport::default();
+        };
+        let deadline = Instant::now() + self.broker.get_graceful_timeout();
+        for s in &running.subs {
+            s.shared.stop_fetch.cancel();
+        }
+        if let Some((token, _)) = &running.listener {
+            token.cancel();
+        }
+        let results = join_all(
+            running
+                .subs
+                .into_iter()
+                .map(|s| drain(s, deadline, self.broker.clone())),
+        )
+        .await;
+        if let Some((_, task)) = running.listener {
+            task.abort();
+            let _ = task.await;
+        }
+        let mut report = StopReport::default();
+        for (released, timed_out) in results {
+            report.released += released;
+            if let Some(name) = timed_out {
+                report.timed_out.push(name);
+            }
+        }
+        report
+    }
+
+    /// Stops without draining, as a crash would: every task is aborted, no
+    /// lease is released, buffered deletes are not flushed. Rows in flight
+    /// are redelivered after their lease expires. For tests of crash safety.
+    pub async fn abort(&self) {
+        let Some(running) = self.state.lock().await.take() else {
+            return;
+        };
+        let mut tasks = Vec::new();
+        for s in running.subs {
+            s.fetch.abort();
+            tasks.push(s.fetch);
+            for w in s.workers {
+                w.abort();
+                tasks.push(w);
+            }
+        }
+        if let Some((_, t)) = running.listener {
+            t.abort();
+            tasks.push(t);
+        }
+        join_all(tasks).await;
+    }
+}
+
+/// Drains one subscriber; returns (rows released, name if timed out).
+async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize, Option<String>) {
+    let name = s.shared.sub.name().to_owned();
+    let remaining = || deadline.saturating_duration_since(Instant::now());
+    // 1. The fetch loop finishes an in-progress claim (its rows land in the
+    //    buffer), then exits.
+    let mut fetch = s.fetch;
+    if tokio::time::timeout(remaining(), &mut fetch).await.is_err() {
+        fetch.abort();
+    }
+    // 2. Workers stop taking rows; what is left in the buffer was never
+    //    started: release those leases.
+    s.shared.stop_workers.cancel();
+    let unstarted: Vec<Arc<Delivery>> = {
+        let mut rx = s.shared.rx.lock().await;
+        let mut v = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            v.push(d);
+        }
+        v
+    };
+    let mut released = 0;
+    if !unstarted.is_empty() {
+        let ids = unstarted.iter().map(|d| d.row.id).collect();
+        let tokens = unstarted.iter().map(|d| d.token).collect();
+        let release = async {
+            let mut conn = store::connect(&s.shared.conn_opts).await?;
+            store::release(broker.stmts(), &mut conn, ids, tokens).await
+        };
+        match tokio::time::timeout(remaining().max(Duration::from_secs(1)), release).await {
+            Ok(Ok(n)) => {
+                released = usize::try_from(n).unwrap_or(usize::MAX);
+                tracing::info!(subscriber = %name, released, "released unstarted rows");
+            }
+            Ok(Err(e)) => tracing::warn!(
+                subscriber = %name,
+                "could not release {} unstarted rows ({e}); they are redelivered after the lease expires",
+                unstarted.len()
+            ),
+            Err(_) => tracing::warn!(
+                subscriber = %name,
+                "releasing {} unstarted rows timed out; they are redelivered after the lease expires",
+                unstarted.len()
+            ),
+        }
+    }
+    // 3. In-flight handlers finish and write their outcomes; workers flush
+    //    their batched deletes on the way out.
+    let mut timed_out = false;
+    for mut w in s.workers {
+        if tokio::time::timeout(remaining(), &mut w).await.is_err() {
+            w.abort();
+            let _ = w.await;
+            timed_out = true;
+        }
+    }
+    if timed_out {
+        tracing::warn!(
+            event = "drain_timeout",
+            subscriber = %name,
+            "outbox drain timed out after {:?}; in-flight rows are abandoned to lease-expiry redelivery",
+            broker.get_graceful_timeout()
+        );
+    }
+    (released, timed_out.then_some(name))
+}

@@ -1,0 +1,155 @@
+//! The engine's database operations, each one statement guarded by the lease
+//! token.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::row::OutboxRow;
+use crate::sql::{self, Statements};
+
+/// A write after the claim. Every variant filters on `id AND acquired_token`.
+#[derive(Debug)]
+pub(crate) enum Write {
+    /// `DELETE` one row (ack, or terminal without a dead-letter table).
+    Delete { id: i64, token: Uuid },
+    /// Release the lease and reschedule.
+    Retry {
+        id: i64,
+        token: Uuid,
+        delay: Duration,
+    },
+    /// Atomic `DELETE ... INSERT INTO dlq`.
+    DeadLetter {
+        id: i64,
+        token: Uuid,
+        reason: &'static str,
+        last_exception: Option<String>,
+    },
+    /// Batched `DELETE`; returns the ids that were deleted.
+    DeleteBatch { ids: Vec<i64>, tokens: Vec<Uuid> },
+}
+
+#[derive(Debug)]
+pub(crate) enum Written {
+    Rows(u64),
+    Ids(Vec<i64>),
+}
+
+pub(crate) async fn execute(
+    stmts: &Statements,
+    conn: &mut PgConnection,
+    write: &Write,
+) -> Result<Written, sqlx::Error> {
+    match write {
+        Write::Delete { id, token } => sql::q(&stmts.ack)
+            .bind(id)
+            .bind(token)
+            .execute(&mut *conn)
+            .await
+            .map(|r| Written::Rows(r.rows_affected())),
+        Write::Retry { id, token, delay } => sql::q(&stmts.retry)
+            .bind(id)
+            .bind(token)
+            .bind(delay.as_secs_f64())
+            .execute(&mut *conn)
+            .await
+            .map(|r| Written::Rows(r.rows_affected())),
+        Write::DeadLetter {
+            id,
+            token,
+            reason,
+            last_exception,
+        } => {
+            let Some(dl) = &stmts.dead_letter else {
+                return Err(sqlx::Error::Configuration(
+                    "a dead-letter write without a dead-letter table; refusing to drop the row silently"
+                        .into(),
+                ));
+            };
+            sql::q(dl)
+                .bind(id)
+                .bind(token)
+                .bind(*reason)
+                .bind(last_exception.as_deref())
+                .execute(&mut *conn)
+                .await
+                .map(|r| Written::Rows(r.rows_affected()))
+        }
+        Write::DeleteBatch { ids, tokens } => {
+            let rows = sql::q(&stmts.ack_batch)
+                .bind(ids)
+                .bind(tokens)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Written::Ids)
+        }
+    }
+}
+
+/// Claims up to `limit` rows of `queues` with a fresh token.
+pub(crate) async fn claim(
+    stmts: &Statements,
+    conn: &mut PgConnection,
+    queues: &[String],
+    limit: usize,
+    lease_ttl: Duration,
+    token: Uuid,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let rows = sql::q(&stmts.claim)
+        .bind(queues)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(lease_ttl.as_secs_f64())
+        .bind(token)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut out = rows
+        .iter()
+        .map(OutboxRow::from_pg)
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING is unordered; dispatch in claim order.
+    out.sort_by_key(|r| (r.next_attempt_at, r.id));
+    Ok(out)
+}
+
+/// Releases leases of rows claimed but never started, and gives the claim
+/// back (`deliveries_count - 1`), so another replica takes them at once.
+pub(crate) async fn release(
+    stmts: &Statements,
+    conn: &mut PgConnection,
+    ids: Vec<i64>,
+    tokens: Vec<Uuid>,
+) -> Result<u64, sqlx::Error> {
+    sql::q(&stmts.release)
+        .bind(ids)
+        .bind(tokens)
+        .execute(&mut *conn)
+        .await
+        .map(|r| r.rows_affected())
+}
+
+pub(crate) async fn connect(opts: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
+    opts.connect().await
+}
+
+/// Whether an error means the connection is unusable (reconnect and retry)
+/// rather than the statement being refused.
+pub(crate) fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"),
+        _ => false,
+    }
+}

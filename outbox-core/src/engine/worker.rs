@@ -1,0 +1,480 @@
+//! Workers: take claimed rows from the buffer, run the handler, record exactly
+//! one outcome per delivery on a long-lived connection.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use sqlx::PgConnection;
+use tokio::sync::mpsc::error::TryRecvError;
+use tracing::Instrument;
+
+use super::SubShared;
+use super::backoff::Reconnect;
+use super::store::{self, Write, Written};
+use crate::error::BoxError;
+use crate::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
+use crate::retry::RetryContext;
+
+/// Longest `last_exception` text kept, in characters.
+pub const LAST_EXCEPTION_MAX_CHARS: usize = 8192;
+const TRUNCATED: &str = "…[truncated]";
+
+/// A handler panic, turned into an error.
+#[derive(Debug, thiserror::Error)]
+#[error("handler panicked: {0}")]
+pub(crate) struct HandlerPanic(String);
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// A buffered delete (batched acks and plain terminals).
+struct Pending {
+    delivery: Arc<Delivery>,
+    what: &'static str,
+}
+
+struct Worker {
+    shared: Arc<SubShared>,
+    conn: Option<PgConnection>,
+    reconnect: Reconnect,
+    batch: Vec<Pending>,
+}
+
+pub(crate) async fn run(shared: Arc<SubShared>) {
+    let mut w = Worker {
+        shared,
+        conn: None,
+        reconnect: Reconnect::default(),
+        batch: Vec::new(),
+    };
+    w.run().await;
+}
+
+impl Worker {
+    async fn run(&mut self) {
+        let stop = self.shared.stop_workers.clone();
+        loop {
+            let next = {
+                let mut rx = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    rx = self.shared.rx.lock() => rx,
+                };
+                match rx.try_recv() {
+                    Ok(d) => Some(d),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            };
+            let delivery = match next {
+                Some(d) => d,
+                None => {
+                    // The buffer ran dry: flush buffered deletes before waiting.
+                    self.flush().await;
+                    let mut rx = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        rx = self.shared.rx.lock() => rx,
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => break,
+                        d = rx.recv() => match d {
+                            Some(d) => d,
+                            None => break,
+                        },
+                    }
+                }
+            };
+            if self.shared.tx.capacity() >= self.shared.refill_at {
+                self.shared.wake.notify_one();
+            }
+            self.process(delivery).await;
+            let flush_due = self.batch.len() >= self.shared.opts().get_terminal_flush_batch_size()
+                || self.batch.first().is_some_and(|p| {
+                    p.delivery.claimed_at.elapsed() >= self.shared.opts().get_lease_ttl() / 2
+                });
+            if flush_due {
+                self.flush().await;
+            }
+        }
+        self.flush().await;
+    }
+
+    async fn process(&mut self, delivery: Arc<Delivery>) {
+        let (outcome, error) = self.dispatch(&delivery).await;
+        let row = &delivery.row;
+        let batched = self.shared.opts().get_terminal_flush_batch_size() > 1;
+        match outcome {
+            Outcome::Ack => {
+                if batched {
+                    self.batch.push(Pending {
+                        delivery,
+                        what: "ack",
+                    });
+                } else {
+                    let w = Write::Delete {
+                        id: row.id,
+                        token: delivery.token,
+                    };
+                    self.write_single(&delivery, &w, "terminal").await;
+                }
+            }
+            Outcome::Retry { delay } => {
+                let w = Write::Retry {
+                    id: row.id,
+                    token: delivery.token,
+                    delay,
+                };
+                if self.write_single(&delivery, &w, "retry").await {
+                    tracing::warn!(
+                        queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+                        attempt = row.attempts_count + 1,
+                        "outbox handler failed; retrying in {delay:.3?}: {}",
+                        error.as_deref().map(render_default).unwrap_or_else(|| "nacked".into())
+                    );
+                }
+            }
+            Outcome::Terminal { reason } => {
+                let text = error.as_deref().and_then(|e| self.render(e));
+                if self.shared.broker.dlq().is_some() {
+                    let w = Write::DeadLetter {
+                        id: row.id,
+                        token: delivery.token,
+                        reason: reason.as_str(),
+                        last_exception: text.clone(),
+                    };
+                    if self.write_single(&delivery, &w, "terminal").await {
+                        tracing::error!(
+                            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+                            reason = reason.as_str(),
+                            "outbox row failed for good; moved to the dead-letter table: {}",
+                            text.as_deref().unwrap_or("-")
+                        );
+                    }
+                } else {
+                    tracing::error!(
+                        queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+                        reason = reason.as_str(),
+                        "outbox row failed for good; deleting it (no dead-letter table configured): {}",
+                        text.as_deref().unwrap_or("-")
+                    );
+                    if batched {
+                        self.batch.push(Pending {
+                            delivery,
+                            what: "terminal",
+                        });
+                    } else {
+                        let w = Write::Delete {
+                            id: row.id,
+                            token: delivery.token,
+                        };
+                        self.write_single(&delivery, &w, "terminal").await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the handler (unless `max_deliveries` is exceeded) and decides the
+    /// outcome. Never panics: a panicking handler or strategy is an error.
+    async fn dispatch(&self, delivery: &Arc<Delivery>) -> (Outcome, Option<BoxError>) {
+        let row = &delivery.row;
+        let opts = self.shared.opts();
+        if let Some(max) = opts.get_max_deliveries()
+            && u64::try_from(row.deliveries_count).unwrap_or(0) > max
+        {
+            {
+                tracing::error!(
+                    queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+                    deliveries_count = row.deliveries_count,
+                    "outbox row {} exceeded max_deliveries={max}; not running the handler", row.id
+                );
+                return (
+                    Outcome::Terminal {
+                        reason: FailureReason::MaxDeliveries,
+                    },
+                    None,
+                );
+            }
+        }
+        let span = tracing::info_span!(
+            "outbox.deliver",
+            subscriber = %self.shared.sub.name(),
+            queue = %row.queue,
+            row_id = row.id,
+            correlation_id = %row.correlation_id(),
+            deliveries_count = row.deliveries_count,
+        );
+        let msg = Message::new(delivery.clone());
+        let fut = self.shared.sub.handler().call(msg);
+        let result = match AssertUnwindSafe(fut).catch_unwind().instrument(span).await {
+            Ok(r) => r,
+            Err(p) => Err(Box::new(HandlerPanic(panic_message(p))) as BoxError),
+        };
+        self.resolve(delivery, result)
+    }
+
+    fn resolve(
+        &self,
+        delivery: &Delivery,
+        result: Result<(), BoxError>,
+    ) -> (Outcome, Option<BoxError>) {
+        let row = &delivery.row;
+        let policy = self.shared.opts().get_ack_policy();
+        let decision = match (delivery.decision(), &result, policy) {
+            (Some(d), _, _) => d,
+            (None, Ok(()), AckPolicy::Manual) => {
+                tracing::error!(
+                    queue = %row.queue, row_id = row.id,
+                    "handler returned without ack/nack/reject under AckPolicy::Manual; rejecting the row as fallback"
+                );
+                Decision::Reject
+            }
+            (None, Ok(()), _) => Decision::Ack,
+            (None, Err(_), AckPolicy::RejectOnError) => Decision::Reject,
+            (None, Err(e), AckPolicy::Manual) => {
+                tracing::error!(
+                    queue = %row.queue, row_id = row.id,
+                    "handler failed without recording ack/nack/reject; nacking: {e}"
+                );
+                Decision::Nack
+            }
+            (None, Err(_), _) => Decision::Nack,
+        };
+        let error = result.err();
+        let outcome = match decision {
+            Decision::Ack => Outcome::Ack,
+            Decision::Reject => Outcome::Terminal {
+                reason: FailureReason::Rejected,
+            },
+            Decision::Nack => self.retry_outcome(row, error.as_deref()),
+        };
+        (outcome, error)
+    }
+
+    fn retry_outcome(
+        &self,
+        row: &crate::row::OutboxRow,
+        error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
+    ) -> Outcome {
+        let now = Utc::now();
+        let ctx = RetryContext::new(
+            u64::try_from(row.attempts_count).unwrap_or(0) + 1,
+            row.first_attempt_at.unwrap_or(now),
+            now,
+            error,
+        );
+        let strategy = self.shared.sub.retry();
+        let terminal = Outcome::Terminal {
+            reason: FailureReason::RetryTerminal,
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| strategy.next_delay(&ctx))) {
+            Ok(Ok(Some(delay))) => Outcome::Retry { delay },
+            Ok(Ok(None)) => terminal,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    row_id = row.id,
+                    "retry strategy {strategy:?} failed: {e}; giving up (retry_terminal)"
+                );
+                terminal
+            }
+            Err(p) => {
+                tracing::error!(
+                    row_id = row.id,
+                    "retry strategy {strategy:?} panicked: {}; giving up (retry_terminal)",
+                    panic_message(p)
+                );
+                terminal
+            }
+        }
+    }
+
+    fn render(&self, e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<String> {
+        let text = match self.shared.broker.renderer() {
+            Some(r) => r(e)?,
+            None => render_default(e),
+        };
+        Some(cap_text(text))
+    }
+
+    /// Writes one guarded statement; `false` if the lease was lost or the
+    /// write could not be made (the row then stays leased and is redelivered
+    /// after the lease expires).
+    async fn write_single(&mut self, delivery: &Delivery, w: &Write, phase: &'static str) -> bool {
+        match self.write(delivery.claimed_at, w).await {
+            Some(Written::Rows(0)) => {
+                lease_lost(delivery, phase);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        }
+    }
+
+    /// Executes a write, reconnecting and retrying while the lease can still
+    /// be valid. Statement errors that are not connection problems are logged
+    /// and give up: the row stays leased, nothing is deleted.
+    async fn write(&mut self, claimed_at: Instant, w: &Write) -> Option<Written> {
+        let lease = self.shared.opts().get_lease_ttl();
+        loop {
+            if self.conn.is_none() {
+                match store::connect(&self.shared.conn_opts).await {
+                    Ok(c) => {
+                        self.reconnect.opened();
+                        self.conn = Some(c);
+                    }
+                    Err(e) => {
+                        let wait = self.reconnect.failed();
+                        if claimed_at.elapsed() + wait >= lease {
+                            tracing::error!(
+                                "outbox worker cannot connect ({e}); giving up on {w:?}: the lease expires first, the row will be redelivered"
+                            );
+                            return None;
+                        }
+                        tracing::warn!("outbox worker cannot connect: {e}; retrying in {wait:.1?}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut()?;
+            match store::execute(self.shared.broker.stmts(), conn, w).await {
+                Ok(done) => return Some(done),
+                Err(e) if store::is_connection_error(&e) => {
+                    self.conn = None;
+                    let wait = self.reconnect.failed();
+                    if claimed_at.elapsed() + wait >= lease {
+                        tracing::error!(
+                            "outbox worker lost its connection ({e}); giving up on {w:?}: the lease expires first, the row will be redelivered"
+                        );
+                        return None;
+                    }
+                    tracing::warn!(
+                        "outbox worker lost its connection: {e}; retrying in {wait:.1?}"
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "outbox write {w:?} failed: {e}; the row stays leased and will be redelivered after the lease expires"
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// One `DELETE ... USING unnest(ids, tokens)` for all buffered deletes.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let oldest = batch
+            .iter()
+            .map(|p| p.delivery.claimed_at)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let w = Write::DeleteBatch {
+            ids: batch.iter().map(|p| p.delivery.row.id).collect(),
+            tokens: batch.iter().map(|p| p.delivery.token).collect(),
+        };
+        if let Some(Written::Ids(done)) = self.write(oldest, &w).await {
+            if done.len() != batch.len() {
+                let done: std::collections::HashSet<i64> = done.into_iter().collect();
+                for p in batch.iter().filter(|p| !done.contains(&p.delivery.row.id)) {
+                    lease_lost(&p.delivery, "terminal");
+                }
+            }
+            tracing::debug!(count = batch.len(), "flushed batched deletes");
+        } else {
+            for p in &batch {
+                tracing::debug!(
+                    row_id = p.delivery.row.id,
+                    what = p.what,
+                    "batched delete not written"
+                );
+            }
+        }
+    }
+}
+
+fn lease_lost(delivery: &Delivery, phase: &'static str) {
+    let row = &delivery.row;
+    tracing::warn!(
+        event = "lease_lost",
+        phase,
+        row_id = row.id,
+        queue = %row.queue,
+        deliveries_count = row.deliveries_count,
+        "outbox row {} lease expired before {phase} write; skipping", row.id
+    );
+}
+
+/// The error and its sources, `": "`-separated.
+pub(crate) fn render_default(e: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Caps `last_exception` at [`LAST_EXCEPTION_MAX_CHARS`] characters.
+pub(crate) fn cap_text(text: String) -> String {
+    if text.chars().count() <= LAST_EXCEPTION_MAX_CHARS {
+        return text;
+    }
+    let keep = LAST_EXCEPTION_MAX_CHARS - TRUNCATED.chars().count();
+    let mut out: String = text.chars().take(keep).collect();
+    out.push_str(TRUNCATED);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_errors_are_capped_on_a_char_boundary() {
+        let text = "é".repeat(10_000);
+        let capped = cap_text(text);
+        assert_eq!(capped.chars().count(), LAST_EXCEPTION_MAX_CHARS);
+        assert!(capped.ends_with(TRUNCATED));
+        assert_eq!(cap_text("short".into()), "short");
+    }
+
+    #[test]
+    fn default_rendering_walks_sources() {
+        let inner = std::io::Error::other("disk on fire");
+        #[derive(Debug, thiserror::Error)]
+        #[error("write failed")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(inner);
+        assert_eq!(render_default(&e), "write failed: disk on fire");
+    }
+
+    #[test]
+    fn panic_payloads_become_text() {
+        assert_eq!(panic_message(Box::new("boom")), "boom");
+        assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
+        assert_eq!(panic_message(Box::new(3)), "non-string panic payload");
+    }
+}

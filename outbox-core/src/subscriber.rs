@@ -1,0 +1,525 @@
+//! [`Subscriber`]: a handler bound to one or more queues, with its engine knobs.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::handler::Handler;
+use crate::message::AckPolicy;
+use crate::publish::validate_queue;
+use crate::retry::{ExponentialRetry, RetryStrategy};
+
+/// Every knob of a subscriber, with the reference defaults.
+///
+/// | knob | default | meaning |
+/// |---|---|---|
+/// | `max_workers` | 1 | handlers running at once |
+/// | `fetch_batch_size` | 10 | in-memory buffer size and most rows per claim |
+/// | `min_fetch_interval` | 1 s | idle backoff base |
+/// | `max_fetch_interval` | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
+/// | `lease_ttl` | 60 s | a claimed row is reclaimable after this |
+/// | `max_deliveries` | none | claims allowed before a row goes terminal unhandled |
+/// | `terminal_flush_batch_size` | 1 | acks coalesced into one `DELETE` |
+/// | `ack_policy` | [`AckPolicy::NackOnError`] | |
+/// | `retry` | [`ExponentialRetry::default()`] | 1 s ×2 ≤ 300 s, 10 attempts, jitter 0.2 |
+#[derive(Clone)]
+pub struct SubscriberOptions {
+    max_workers: usize,
+    fetch_batch_size: usize,
+    min_fetch_interval: Duration,
+    max_fetch_interval: Duration,
+    lease_ttl: Duration,
+    max_deliveries: Option<u64>,
+    terminal_flush_batch_size: usize,
+    ack_policy: Option<AckPolicy>,
+    retry: Option<Arc<dyn RetryStrategy>>,
+}
+
+impl Default for SubscriberOptions {
+    fn default() -> Self {
+        Self {
+            max_workers: 1,
+            fetch_batch_size: 10,
+            min_fetch_interval: Duration::from_secs(1),
+            max_fetch_interval: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(60),
+            max_deliveries: None,
+            terminal_flush_batch_size: 1,
+            ack_policy: None,
+            retry: None,
+        }
+    }
+}
+
+impl fmt::Debug for SubscriberOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscriberOptions")
+            .field("max_workers", &self.max_workers)
+            .field("fetch_batch_size", &self.fetch_batch_size)
+            .field("min_fetch_interval", &self.min_fetch_interval)
+            .field("max_fetch_interval", &self.max_fetch_interval)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("terminal_flush_batch_size", &self.terminal_flush_batch_size)
+            .field("ack_policy", &self.get_ack_policy())
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+macro_rules! knob {
+    ($(#[$doc:meta])* $name:ident, $get:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = value;
+            self
+        }
+        #[doc = concat!("The `", stringify!($name), "` setting.")]
+        pub fn $get(&self) -> $ty {
+            self.$name
+        }
+    };
+}
+
+impl SubscriberOptions {
+    /// The defaults (see the table above).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    knob!(
+        /// Handlers running at once (>= 1).
+        max_workers, get_max_workers: usize
+    );
+    knob!(
+        /// Size of the in-memory buffer and most rows claimed per fetch (>= 1).
+        fetch_batch_size, get_fetch_batch_size: usize
+    );
+    knob!(
+        /// First idle wait (randomized ×0.5–1.5) and the doubling base (> 0).
+        min_fetch_interval, get_min_fetch_interval: Duration
+    );
+    knob!(
+        /// Longest idle wait between polls (>= `min_fetch_interval`).
+        max_fetch_interval, get_max_fetch_interval: Duration
+    );
+    knob!(
+        /// Time after which a claimed row may be claimed again (> 0). Must
+        /// exceed the handler's worst case plus its wait in the buffer.
+        lease_ttl, get_lease_ttl: Duration
+    );
+    knob!(
+        /// Coalesce this many acks into one `DELETE` (>= 1; 1 deletes per row).
+        terminal_flush_batch_size, get_terminal_flush_batch_size: usize
+    );
+
+    /// Claims allowed per row (>= 1). A row claimed more often (crashes, lease
+    /// expiries) goes terminal with reason `max_deliveries` without running the
+    /// handler. Default: unlimited.
+    pub fn max_deliveries(mut self, n: u64) -> Self {
+        self.max_deliveries = Some(n);
+        self
+    }
+
+    /// The `max_deliveries` setting.
+    pub fn get_max_deliveries(&self) -> Option<u64> {
+        self.max_deliveries
+    }
+
+    /// How handler results become outcomes (default [`AckPolicy::NackOnError`]).
+    pub fn ack_policy(mut self, policy: AckPolicy) -> Self {
+        self.ack_policy = Some(policy);
+        self
+    }
+
+    /// The effective ack policy.
+    pub fn get_ack_policy(&self) -> AckPolicy {
+        self.ack_policy.unwrap_or_default()
+    }
+
+    /// The retry strategy (default [`ExponentialRetry::default()`]).
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        self.retry = Some(Arc::new(strategy));
+        self
+    }
+
+    /// The retry strategy, shared.
+    pub fn retry_arc(mut self, strategy: Arc<dyn RetryStrategy>) -> Self {
+        self.retry = Some(strategy);
+        self
+    }
+
+    /// The effective retry strategy.
+    pub fn get_retry(&self) -> Arc<dyn RetryStrategy> {
+        self.retry
+            .clone()
+            .unwrap_or_else(|| Arc::new(ExponentialRetry::default()))
+    }
+
+    /// Checks every knob; returns the warnings for combinations that are legal
+    /// but likely wrong, or an error naming the first invalid knob.
+    pub fn validate(&self) -> Result<Vec<String>> {
+        let err = |m: String| Err(Error::config(m));
+        for (name, v) in [
+            ("max_workers", self.max_workers),
+            ("fetch_batch_size", self.fetch_batch_size),
+            ("terminal_flush_batch_size", self.terminal_flush_batch_size),
+        ] {
+            if v < 1 {
+                return err(format!("{name} must be >= 1, got {v}"));
+            }
+        }
+        for (name, v) in [
+            ("min_fetch_interval", self.min_fetch_interval),
+            ("max_fetch_interval", self.max_fetch_interval),
+            ("lease_ttl", self.lease_ttl),
+        ] {
+            if v.is_zero() {
+                return err(format!("{name} must be > 0"));
+            }
+        }
+        if self.min_fetch_interval > self.max_fetch_interval {
+            return err(format!(
+                "min_fetch_interval ({:?}) must be <= max_fetch_interval ({:?})",
+                self.min_fetch_interval, self.max_fetch_interval
+            ));
+        }
+        if self.max_deliveries == Some(0) {
+            return err("max_deliveries must be >= 1".into());
+        }
+        let retry = self.get_retry();
+        if let Err(e) = retry.validate() {
+            return err(format!("invalid retry strategy {retry:?}: {e}"));
+        }
+        let mut warnings = Vec::new();
+        let no_retry = retry.never_retries();
+        if self.ack_policy == Some(AckPolicy::RejectOnError) && self.retry.is_some() && !no_retry {
+            warnings.push(format!(
+                "ack_policy RejectOnError ignores the retry strategy {retry:?}: errors are terminal; \
+                 drop the strategy or use NackOnError"
+            ));
+        }
+        if self.ack_policy == Some(AckPolicy::NackOnError) && no_retry {
+            warnings.push(
+                "ack_policy NackOnError with NoRetry makes every error terminal; that is RejectOnError \
+                 with reason retry_terminal"
+                    .into(),
+            );
+        }
+        if self.max_deliveries.is_some() && no_retry {
+            warnings.push(
+                "max_deliveries has no effect with NoRetry (the first failure is terminal)".into(),
+            );
+        }
+        if self.lease_ttl <= self.max_fetch_interval {
+            warnings.push(format!(
+                "lease_ttl ({:?}) <= max_fetch_interval ({:?}): leases may expire before a row is \
+                 even handled; use lease_ttl >= 2 x max_fetch_interval + your handler's p99",
+                self.lease_ttl, self.max_fetch_interval
+            ));
+        }
+        Ok(warnings)
+    }
+}
+
+/// A validated handler binding: queues, name, options, handler.
+///
+/// Build one with [`Subscriber::builder`]; every way of constructing a
+/// subscriber (this builder, the `#[subscriber]` macro, the application
+/// runtime) goes through [`SubscriberBuilder::build`], so the same validation
+/// always applies.
+///
+/// ```
+/// use std::time::Duration;
+/// use outbox_core::{AckPolicy, Message, Subscriber};
+/// use outbox_core::retry::ConstantRetry;
+///
+/// let sub = Subscriber::builder(["orders"])
+///     .name("orders-relay")
+///     .max_workers(4)
+///     .fetch_batch_size(100)
+///     .retry(ConstantRetry::new(Duration::from_secs(5)).max_attempts(3))
+///     .ack_policy(AckPolicy::NackOnError)
+///     .build(|msg: Message| async move { println!("{}", msg.id()) })?;
+/// assert_eq!(sub.name(), "orders-relay");
+/// # Ok::<(), outbox_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Subscriber {
+    name: String,
+    queues: Vec<String>,
+    options: SubscriberOptions,
+    retry: Arc<dyn RetryStrategy>,
+    handler: Arc<dyn Handler>,
+    warnings: Vec<String>,
+}
+
+impl fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("name", &self.name)
+            .field("queues", &self.queues)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscriber {
+    /// Starts building a subscriber on `queues` (a name, or a list of names).
+    pub fn builder<I, S>(queues: I) -> SubscriberBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        SubscriberBuilder {
+            name: None,
+            queues: queues.into_iter().map(Into::into).collect(),
+            options: SubscriberOptions::default(),
+        }
+    }
+
+    /// The subscriber's name (defaults to its queues, comma-separated).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The queues it serves.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
+    /// Its options.
+    pub fn options(&self) -> &SubscriberOptions {
+        &self.options
+    }
+
+    /// Warnings found at validation (also logged once at WARN).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    pub(crate) fn retry(&self) -> &Arc<dyn RetryStrategy> {
+        &self.retry
+    }
+
+    pub(crate) fn handler(&self) -> &Arc<dyn Handler> {
+        &self.handler
+    }
+}
+
+/// Unvalidated subscriber settings; [`build`](Self::build) checks them.
+#[derive(Debug, Clone)]
+pub struct SubscriberBuilder {
+    name: Option<String>,
+    queues: Vec<String>,
+    options: SubscriberOptions,
+}
+
+macro_rules! forward {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
+            self.options = self.options.$name(value);
+            self
+        })*
+    };
+}
+
+impl SubscriberBuilder {
+    /// Names the subscriber (logs, metrics, duplicate detection).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Replaces all options at once.
+    pub fn options(mut self, options: SubscriberOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    forward!(
+        /// See [`SubscriberOptions::max_workers`].
+        max_workers: usize,
+        /// See [`SubscriberOptions::fetch_batch_size`].
+        fetch_batch_size: usize,
+        /// See [`SubscriberOptions::min_fetch_interval`].
+        min_fetch_interval: Duration,
+        /// See [`SubscriberOptions::max_fetch_interval`].
+        max_fetch_interval: Duration,
+        /// See [`SubscriberOptions::lease_ttl`].
+        lease_ttl: Duration,
+        /// See [`SubscriberOptions::max_deliveries`].
+        max_deliveries: u64,
+        /// See [`SubscriberOptions::terminal_flush_batch_size`].
+        terminal_flush_batch_size: usize,
+        /// See [`SubscriberOptions::ack_policy`].
+        ack_policy: AckPolicy,
+    );
+
+    /// See [`SubscriberOptions::retry`].
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        self.options = self.options.retry(strategy);
+        self
+    }
+
+    /// Validates the settings and binds `handler`.
+    ///
+    /// Errors: no queue, an empty / over-long / duplicate queue name, or an
+    /// invalid knob (see [`SubscriberOptions::validate`]). Warnings are logged
+    /// and kept in [`Subscriber::warnings`].
+    pub fn build(self, handler: impl Handler) -> Result<Subscriber> {
+        self.build_arc(Arc::new(handler))
+    }
+
+    /// [`build`](Self::build) with a shared handler.
+    pub fn build_arc(self, handler: Arc<dyn Handler>) -> Result<Subscriber> {
+        if self.queues.is_empty() {
+            return Err(Error::config("a subscriber needs at least one queue name"));
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            validate_queue(q).map_err(|e| Error::config(format!("subscriber queue: {e}")))?;
+            if self.queues[..i].contains(q) {
+                return Err(Error::config(format!(
+                    "queue {q:?} is listed twice in one subscriber"
+                )));
+            }
+        }
+        let warnings = self.options.validate()?;
+        let name = self.name.unwrap_or_else(|| self.queues.join(","));
+        if name.is_empty() {
+            return Err(Error::config("a subscriber name must not be empty"));
+        }
+        for w in &warnings {
+            tracing::warn!(subscriber = %name, "{w}");
+        }
+        Ok(Subscriber {
+            name,
+            queues: self.queues,
+            retry: self.options.get_retry(),
+            options: self.options,
+            handler,
+            warnings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::retry::NoRetry;
+
+    fn noop(_: Message) -> std::future::Ready<()> {
+        std::future::ready(())
+    }
+
+    fn build(b: SubscriberBuilder) -> Result<Subscriber> {
+        b.build(noop)
+    }
+
+    #[test]
+    fn defaults_are_the_reference_ones() {
+        let s = build(Subscriber::builder(["q"])).expect("valid");
+        let o = s.options();
+        assert_eq!(o.get_max_workers(), 1);
+        assert_eq!(o.get_fetch_batch_size(), 10);
+        assert_eq!(o.get_min_fetch_interval(), Duration::from_secs(1));
+        assert_eq!(o.get_max_fetch_interval(), Duration::from_secs(10));
+        assert_eq!(o.get_lease_ttl(), Duration::from_secs(60));
+        assert_eq!(o.get_max_deliveries(), None);
+        assert_eq!(o.get_terminal_flush_batch_size(), 1);
+        assert_eq!(o.get_ack_policy(), AckPolicy::NackOnError);
+        assert!(s.warnings().is_empty(), "{:?}", s.warnings());
+        assert_eq!(s.name(), "q");
+        assert!(format!("{:?}", o.get_retry()).contains("ExponentialRetry"));
+    }
+
+    #[test]
+    fn invalid_knobs_are_errors() {
+        let cases: Vec<(SubscriberBuilder, &str)> = vec![
+            (
+                Subscriber::builder(Vec::<String>::new()),
+                "at least one queue",
+            ),
+            (Subscriber::builder([""]), "non-empty"),
+            (Subscriber::builder(["q".repeat(256)]), "at most 255"),
+            (Subscriber::builder(["a", "a"]), "listed twice"),
+            (
+                Subscriber::builder(["q"]).max_workers(0),
+                "max_workers must be >= 1",
+            ),
+            (
+                Subscriber::builder(["q"]).fetch_batch_size(0),
+                "fetch_batch_size must be >= 1",
+            ),
+            (
+                Subscriber::builder(["q"]).terminal_flush_batch_size(0),
+                "terminal_flush_batch_size must be >= 1",
+            ),
+            (
+                Subscriber::builder(["q"]).lease_ttl(Duration::ZERO),
+                "lease_ttl must be > 0",
+            ),
+            (
+                Subscriber::builder(["q"]).min_fetch_interval(Duration::ZERO),
+                "min_fetch_interval must be > 0",
+            ),
+            (
+                Subscriber::builder(["q"])
+                    .min_fetch_interval(Duration::from_secs(5))
+                    .max_fetch_interval(Duration::from_secs(2)),
+                "must be <= max_fetch_interval",
+            ),
+            (
+                Subscriber::builder(["q"]).max_deliveries(0),
+                "max_deliveries must be >= 1",
+            ),
+            (
+                Subscriber::builder(["q"]).retry(crate::retry::ConstantRetry::new(Duration::ZERO)),
+                "invalid retry strategy",
+            ),
+        ];
+        for (b, needle) in cases {
+            let err = build(b).expect_err(needle).to_string();
+            assert!(err.contains(needle), "{err:?} should contain {needle:?}");
+        }
+    }
+
+    #[test]
+    fn likely_wrong_combinations_warn() {
+        let warns = |b: SubscriberBuilder| build(b).expect("valid").warnings().join("\n");
+        assert!(
+            warns(Subscriber::builder(["q"]).max_deliveries(3).retry(NoRetry))
+                .contains("max_deliveries has no effect")
+        );
+        assert!(
+            warns(
+                Subscriber::builder(["q"])
+                    .ack_policy(AckPolicy::RejectOnError)
+                    .retry(crate::retry::ConstantRetry::new(Duration::from_secs(1)))
+            )
+            .contains("ignores the retry strategy")
+        );
+        assert!(
+            warns(
+                Subscriber::builder(["q"])
+                    .ack_policy(AckPolicy::NackOnError)
+                    .retry(NoRetry)
+            )
+            .contains("NackOnError with NoRetry")
+        );
+        assert!(
+            warns(Subscriber::builder(["q"]).lease_ttl(Duration::from_secs(5)))
+                .contains("lease_ttl")
+        );
+        assert!(
+            warns(
+                Subscriber::builder(["q"])
+                    .ack_policy(AckPolicy::RejectOnError)
+                    .retry(NoRetry)
+            )
+            .is_empty()
+        );
+    }
+}

@@ -1,0 +1,92 @@
+"""Shared helpers for py_publish.py / py_consume.py (see README.md beside this file)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+
+def take_stdout() -> Any:
+    """Reserve the real stdout for our one JSON document.
+
+    Everything else that might print (FastStream's logger, warnings, stray prints)
+    is sent to stderr by pointing ``sys.stdout`` at it; the returned file writes to
+    the original stdout file descriptor.
+    """
+    real = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    sys.stdout.flush()
+    sys.stdout = sys.stderr
+    return real
+
+
+def emit(out: Any, doc: Any) -> None:
+    out.write(json.dumps(doc, ensure_ascii=False))
+    out.write("\n")
+    out.flush()
+
+
+def to_sqlalchemy_url(dsn: str) -> str:
+    """``postgres://user@host:port/db`` -> ``postgresql+asyncpg://user@host:port/db``.
+
+    ``sslmode`` (a libpq/sqlx parameter that asyncpg's SQLAlchemy dialect does not
+    accept) is dropped; other query parameters are kept.
+    """
+    parts = urlsplit(dsn)
+    scheme = parts.scheme.lower()
+    if scheme in ("postgres", "postgresql", "postgresql+asyncpg"):
+        scheme = "postgresql+asyncpg"
+    else:
+        msg = f"--dsn must be a postgres:// or postgresql:// URL, got scheme {parts.scheme!r}"
+        raise SystemExit(msg)
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k != "sslmode"])
+    return urlunsplit((scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dsn", required=True, help="postgres://user@host:port/db")
+    p.add_argument("--table", required=True, help="outbox table name (must already exist)")
+    p.add_argument("--schema", default=None, help="schema of the table (default: search_path)")
+    p.add_argument("--queue", required=True, help="queue name")
+
+
+def make_table(table: str, schema: str | None) -> Any:
+    from sqlalchemy import MetaData
+
+    from faststream_outbox import make_outbox_table
+
+    # Only builds the SQLAlchemy Table object; nothing is created in the database.
+    return make_outbox_table(MetaData(schema=schema), table)
+
+
+def jsonable(value: Any) -> Any:
+    """A decoded body as JSON: bytes become ``{"base64": "..."}`` (also nested)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {"repr": repr(value)}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def stderr_logger(name: str, verbose: bool) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(h)
+    logger.propagate = False
+    return logger
