@@ -9,6 +9,7 @@
 //! recorded: at-least-once delivery that survives crashes of the process and of
 //! the database.
 
+mod app;
 mod broker;
 mod engine;
 pub mod envelope;
@@ -23,6 +24,12 @@ mod sql;
 mod subscriber;
 mod table;
 
+pub use app::transport;
+pub use app::{
+    App, AppContext, AppHandle, FromDelivery, Hook, IntoHook, IntoReply, IntoRoute, Location,
+    MemoryTransport, OUTBOX_ID, Outgoing, PublishTarget, Reply, Requirement, Response, Route,
+    RouteBuilder, RouteCall, State, Transport,
+};
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Raw};
@@ -35,9 +42,31 @@ pub use row::OutboxRow;
 pub use subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};
 
+#[cfg(feature = "macros")]
+pub use outbox_macros::{publish_to, subscriber};
+
 // Not public API. Used by generated code and by the workspace's tests.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::app::RouteFactory;
+    pub use futures_util::future::BoxFuture;
+    pub use inventory;
+
+    /// Identity with an `IntoReply` bound, emitted at the span of a handler's
+    /// return type so an unserializable result is reported there.
+    pub fn reply<R: crate::IntoReply>(r: R) -> R {
+        r
+    }
+
+    /// `FromDelivery` for one handler parameter, emitted at the span of the
+    /// parameter's type.
+    pub fn extract<T: crate::FromDelivery>(
+        msg: &crate::Message,
+        ctx: &crate::AppContext,
+    ) -> Result<T, crate::BoxError> {
+        T::from_delivery(msg, ctx)
+    }
+
     /// The claim statement of `table` (for EXPLAIN tests).
     pub fn claim_sql(table: &crate::OutboxTable) -> String {
         crate::sql::Statements::new(table, None).claim.to_string()

@@ -326,6 +326,11 @@ macro_rules! forward {
 }
 
 impl SubscriberBuilder {
+    /// The queues given so far.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
     /// Names the subscriber (logs, metrics, duplicate detection).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());

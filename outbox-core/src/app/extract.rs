@@ -1,0 +1,100 @@
+//! [`FromDelivery`]: how handler parameters are obtained from a delivery.
+
+use std::any::TypeId;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+
+use super::context::AppContext;
+use crate::error::{BoxError, Error};
+use crate::message::Message;
+
+/// Something a handler parameter needs from the application, checked before
+/// anything is consumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requirement {
+    pub(crate) type_id: TypeId,
+    pub(crate) type_name: &'static str,
+}
+
+/// A handler parameter.
+///
+/// Implemented for every `serde::de::DeserializeOwned` type (the body, decoded
+/// by content type), for [`Message`] (the delivery handle: id, headers,
+/// ack/nack/reject) and for [`State<S>`] (shared application state).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be a `#[subscriber]` handler parameter",
+    label = "this parameter",
+    note = "a parameter is the body (any type implementing `serde::Deserialize`), `outbox_core::Message` (the delivery handle) or `outbox_core::State<S>` (application state)"
+)]
+pub trait FromDelivery: Sized + Send + 'static {
+    /// Extracts the parameter.
+    fn from_delivery(msg: &Message, ctx: &AppContext) -> Result<Self, BoxError>;
+
+    /// What the application must provide for this parameter (checked at start).
+    fn requirement() -> Option<Requirement> {
+        None
+    }
+}
+
+impl<T: DeserializeOwned + Send + 'static> FromDelivery for T {
+    fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
+        Ok(msg.decode()?)
+    }
+}
+
+impl FromDelivery for Message {
+    fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
+        Ok(msg.clone())
+    }
+}
+
+/// Shared application state, registered with [`App::state`](super::App::state).
+///
+/// ```
+/// use outbox_core::State;
+/// struct Db { url: String }
+/// async fn handle(order_id: i64, db: State<Db>) {
+///     println!("{order_id} -> {}", db.url);
+/// }
+/// ```
+pub struct State<S>(pub Arc<S>);
+
+impl<S> Clone for State<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S> Deref for State<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.0
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for State<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("State").field(&self.0).finish()
+    }
+}
+
+impl<S: Send + Sync + 'static> FromDelivery for State<S> {
+    fn from_delivery(_: &Message, ctx: &AppContext) -> Result<Self, BoxError> {
+        ctx.state::<S>().map(State).ok_or_else(|| {
+            Box::new(Error::config(format!(
+                "no application state of type `{}`; register it with App::state(..)",
+                std::any::type_name::<S>()
+            ))) as BoxError
+        })
+    }
+
+    fn requirement() -> Option<Requirement> {
+        Some(Requirement {
+            type_id: TypeId::of::<S>(),
+            type_name: std::any::type_name::<S>(),
+        })
+    }
+}

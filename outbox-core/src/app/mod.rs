@@ -1,0 +1,460 @@
+//! The application runtime: [`App`] wires routes (from `#[subscriber]` or by
+//! hand), lifecycle hooks, transports and the subscriber engine together.
+//!
+//! # Lifecycle
+//!
+//! [`App::run`] does, in this order:
+//!
+//! 1. collects the routes: the ones registered with [`App::subscriber`] plus,
+//!    unless [`App::without_discovery`], every `#[subscriber]` linked into the
+//!    binary; rejects duplicate names and an empty set;
+//! 2. runs the `on_startup` hooks in registration order (transports register
+//!    themselves here, e.g. `kafka.connect()`); an error aborts startup;
+//! 3. checks that every `#[publish_to]` transport is registered and every
+//!    `State<S>` parameter has its state: nothing is consumed otherwise;
+//! 4. starts the engine (all subscribers);
+//! 5. runs the `after_startup` hooks (an error stops the engine and aborts);
+//! 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
+//! 7. runs the `on_shutdown` hooks, drains every subscriber concurrently
+//!    (in-flight rows finish, unstarted ones are released), closes the
+//!    transports (Kafka flushes), runs the `after_shutdown` hooks.
+//!
+//! Shutdown-hook errors are logged, shutdown goes on, and the first one is
+//! returned at the end.
+
+mod context;
+mod extract;
+mod hooks;
+mod reply;
+mod route;
+pub mod transport;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+
+pub use context::AppContext;
+pub use extract::{FromDelivery, Requirement, State};
+pub use hooks::{Hook, IntoHook};
+pub use reply::{IntoReply, Reply, Response};
+pub use route::{IntoRoute, Location, PublishTarget, Route, RouteBuilder, RouteCall, RouteFactory};
+pub use transport::{MemoryTransport, Outgoing, Transport};
+
+use crate::broker::OutboxBroker;
+use crate::engine::Engine;
+use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
+use crate::error::{BoxError, Error, Result};
+use crate::message::Message;
+
+/// The header carrying the outbox row id on published messages, for
+/// consumer-side deduplication.
+pub const OUTBOX_ID: &str = "outbox-id";
+
+/// An outbox application: routes, hooks, transports, one engine.
+///
+/// ```no_run
+/// use outbox_core::{App, AppContext, MemoryTransport, OutboxBroker, OutboxTable, Route, Response, Message, BoxError};
+///
+/// async fn publish_one(app: AppContext) -> Result<(), BoxError> {
+///     let mut tx = app.broker().pool().begin().await?;
+///     app.broker().publish(&1_i64, "orders", &mut *tx).await?;
+///     tx.commit().await?;
+///     Ok(())
+/// }
+///
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+/// let outbox = OutboxBroker::new(pool, OutboxTable::new("outbox")?);
+/// let handle = Route::builder(["orders"])
+///     .publish_to("kafka", "orders.kafka")
+///     .handler(|msg: Message, _| async move { Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?)) });
+/// App::new(outbox)
+///     .subscriber(handle)
+///     .transport(MemoryTransport::new("kafka"))
+///     .after_startup(publish_one)
+///     .run()
+///     .await
+/// # }
+/// ```
+pub struct App {
+    ctx: AppContext,
+    routes: Vec<Route>,
+    discover: bool,
+    engine: Option<Box<dyn FnOnce(Engine) -> Engine + Send>>,
+    on_startup: Vec<Hook>,
+    after_startup: Vec<Hook>,
+    on_shutdown: Vec<Hook>,
+    after_shutdown: Vec<Hook>,
+    pending: Vec<Error>,
+    signals: bool,
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("ctx", &self.ctx)
+            .field("routes", &self.routes)
+            .field("discover", &self.discover)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a running [`App`] from elsewhere (tests, embedding).
+#[derive(Debug, Clone)]
+pub struct AppHandle {
+    ctx: AppContext,
+}
+
+impl AppHandle {
+    /// Requests a graceful shutdown (same as SIGTERM).
+    pub fn shutdown(&self) {
+        self.ctx.shutdown();
+    }
+
+    /// The application's context.
+    pub fn context(&self) -> &AppContext {
+        &self.ctx
+    }
+}
+
+impl App {
+    /// An application over `broker`, discovering `#[subscriber]` routes.
+    pub fn new(broker: OutboxBroker) -> Self {
+        Self {
+            ctx: AppContext::new(broker),
+            routes: Vec::new(),
+            discover: true,
+            engine: None,
+            on_startup: Vec::new(),
+            after_startup: Vec::new(),
+            on_shutdown: Vec::new(),
+            after_shutdown: Vec::new(),
+            pending: Vec::new(),
+            signals: true,
+        }
+    }
+
+    /// Registers a route explicitly: a [`Route`] built by hand, or a
+    /// `#[subscriber]` fn's marker (`handle {}`).
+    pub fn subscriber(mut self, route: impl IntoRoute) -> Self {
+        self.routes.push(route.into_route());
+        self
+    }
+
+    /// Uses only explicitly registered routes (no `inventory` discovery).
+    pub fn without_discovery(mut self) -> Self {
+        self.discover = false;
+        self
+    }
+
+    /// Registers a transport directly (instead of through a startup hook).
+    pub fn transport(mut self, transport: impl Transport) -> Self {
+        if let Err(e) = self.ctx.add_transport(Arc::new(transport)) {
+            self.pending.push(e);
+        }
+        self
+    }
+
+    /// Shares `value` with handlers (`State<S>` parameters) and hooks.
+    pub fn state<S: Send + Sync + 'static>(self, value: S) -> Self {
+        self.ctx.insert_state(value);
+        self
+    }
+
+    /// Adjusts the engine before it starts (LISTEN options, connection names).
+    pub fn configure_engine(mut self, f: impl FnOnce(Engine) -> Engine + Send + 'static) -> Self {
+        self.engine = Some(Box::new(f));
+        self
+    }
+
+    /// Does not install SIGINT/SIGTERM handlers: [`run`](Self::run) ends on
+    /// [`AppHandle::shutdown`] only.
+    pub fn without_signals(mut self) -> Self {
+        self.signals = false;
+        self
+    }
+
+    /// Runs before the subscribers start; an error aborts startup.
+    pub fn on_startup(mut self, hook: impl IntoHook) -> Self {
+        self.on_startup.push(hook.into_hook());
+        self
+    }
+
+    /// Runs once the subscribers are live; an error stops the app.
+    pub fn after_startup(mut self, hook: impl IntoHook) -> Self {
+        self.after_startup.push(hook.into_hook());
+        self
+    }
+
+    /// Runs when shutdown begins, before the subscribers drain.
+    pub fn on_shutdown(mut self, hook: impl IntoHook) -> Self {
+        self.on_shutdown.push(hook.into_hook());
+        self
+    }
+
+    /// Runs after the subscribers drained and the transports closed.
+    pub fn after_shutdown(mut self, hook: impl IntoHook) -> Self {
+        self.after_shutdown.push(hook.into_hook());
+        self
+    }
+
+    /// A handle that stops the app once it runs.
+    pub fn handle(&self) -> AppHandle {
+        AppHandle {
+            ctx: self.ctx.clone(),
+        }
+    }
+
+    /// The context (broker, transports, state).
+    pub fn context(&self) -> &AppContext {
+        &self.ctx
+    }
+
+    /// Runs until SIGINT/SIGTERM or [`AppHandle::shutdown`], then shuts down
+    /// gracefully. See the [module docs](self) for the exact order.
+    pub async fn run(mut self) -> Result<()> {
+        if let Some(e) = self.pending.pop() {
+            return Err(e);
+        }
+        let ctx = self.ctx.clone();
+        let routes = self.collect_routes()?;
+        for hook in std::mem::take(&mut self.on_startup) {
+            run_hook("on_startup", hook, &ctx).await?;
+        }
+        let engine = self.build_engine(routes)?;
+        engine.start().await?;
+        for hook in std::mem::take(&mut self.after_startup) {
+            if let Err(e) = run_hook("after_startup", hook, &ctx).await {
+                engine.stop().await;
+                close_transports(&ctx).await;
+                return Err(e);
+            }
+        }
+        tracing::info!("outbox app started");
+        wait_for_shutdown(ctx.stop_token(), self.signals).await;
+        tracing::info!("outbox app shutting down");
+        let mut first_err = None;
+        for hook in std::mem::take(&mut self.on_shutdown) {
+            if let Err(e) = run_hook("on_shutdown", hook, &ctx).await {
+                tracing::error!("{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        let report = engine.stop().await;
+        tracing::info!(?report, "subscribers drained");
+        close_transports(&ctx).await;
+        for hook in std::mem::take(&mut self.after_shutdown) {
+            if let Err(e) = run_hook("after_shutdown", hook, &ctx).await {
+                tracing::error!("{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn collect_routes(&mut self) -> Result<Vec<Route>> {
+        let mut routes = std::mem::take(&mut self.routes);
+        if self.discover {
+            let mut found = route::discovered();
+            found.sort_by(|a, b| {
+                (a.builder_queues(), a.name.as_deref())
+                    .cmp(&(b.builder_queues(), b.name.as_deref()))
+            });
+            routes.extend(found);
+        }
+        if routes.is_empty() {
+            return Err(Error::config(
+                "no subscribers registered: annotate an async fn with #[subscriber(\"queue\")] in a crate \
+                 linked into this binary (if the handlers live in another crate, reference it from main, \
+                 e.g. `use my_handlers as _;`), or register one with App::subscriber(..)",
+            ));
+        }
+        let mut seen: HashMap<String, &Route> = HashMap::new();
+        for r in &routes {
+            let name = r.effective_name();
+            if let Some(prev) = seen.insert(name.clone(), r) {
+                return Err(Error::config(format!(
+                    "two subscribers are named `{name}`: {} and {}; give one of them another \
+                     name with #[subscriber(\"..\", name = \"...\")]",
+                    prev.describe(),
+                    r.describe()
+                )));
+            }
+        }
+        Ok(routes)
+    }
+
+    fn build_engine(&mut self, routes: Vec<Route>) -> Result<Engine> {
+        let ctx = &self.ctx;
+        let mut engine = Engine::new(ctx.broker().clone());
+        for route in routes {
+            let mut targets = Vec::new();
+            for t in &route.targets {
+                let Some(transport) = ctx.transport(&t.transport) else {
+                    return Err(Error::config(format!(
+                        "subscriber {} publishes to transport `{}`, which is not registered; \
+                         registered transports: {:?}. Register it with App::transport(..) or a \
+                         startup hook such as `App::on_startup(kafka.connect())`",
+                        route.describe(),
+                        t.transport,
+                        ctx.transport_names()
+                    )));
+                };
+                targets.push((transport, t.destination.clone()));
+            }
+            for req in &route.requirements {
+                if !ctx.has_state(req.type_id) {
+                    return Err(Error::config(format!(
+                        "subscriber {} takes `State<{}>`, but no such state is registered; add \
+                         App::state(..)",
+                        route.describe(),
+                        req.type_name
+                    )));
+                }
+            }
+            tracing::info!(
+                subscriber = %route.effective_name(),
+                queues = ?route.builder_queues(),
+                targets = ?route.targets,
+                "outbox route"
+            );
+            let handler = RouteHandler {
+                call: route.call.clone(),
+                ctx: ctx.clone(),
+                targets: Arc::new(targets),
+                propagate: route.propagate_headers,
+            };
+            let describe = route.describe();
+            let sub = route
+                .into_subscriber(Arc::new(move |msg: Message| handler.clone().handle(msg)))
+                .map_err(|e| Error::config(format!("subscriber {describe}: {e}")))?;
+            engine = engine.subscriber(sub);
+        }
+        if let Some(f) = self.engine.take() {
+            engine = f(engine);
+        }
+        Ok(engine)
+    }
+}
+
+impl Route {
+    fn builder_queues(&self) -> Vec<String> {
+        self.builder.queues().to_vec()
+    }
+
+    fn effective_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.builder.queues().join(","))
+    }
+}
+
+async fn run_hook(stage: &'static str, hook: Hook, ctx: &AppContext) -> Result<()> {
+    let name = hook.name().to_owned();
+    tracing::debug!(stage, hook = %name, "running hook");
+    hook.run(ctx.clone()).await.map_err(|source| Error::Hook {
+        stage,
+        name,
+        source,
+    })
+}
+
+async fn close_transports(ctx: &AppContext) {
+    for t in ctx.transports() {
+        if let Err(e) = t.close().await {
+            tracing::error!(transport = t.name(), "closing the transport failed: {e}");
+        }
+    }
+}
+
+async fn wait_for_shutdown(token: &tokio_util::sync::CancellationToken, signals: bool) {
+    if !signals {
+        token.cancelled().await;
+        return;
+    }
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = token.cancelled() => {}
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Runs a route's handler and forwards its result to every target.
+#[derive(Clone)]
+struct RouteHandler {
+    call: RouteCall,
+    ctx: AppContext,
+    targets: Arc<Vec<(Arc<dyn Transport>, String)>>,
+    propagate: bool,
+}
+
+impl RouteHandler {
+    async fn handle(self, msg: Message) -> Result<(), BoxError> {
+        let reply = (self.call)(msg.clone(), self.ctx.clone()).await?;
+        let Some(reply) = reply else { return Ok(()) };
+        if self.targets.is_empty() {
+            return Ok(());
+        }
+        let headers = outgoing_headers(&msg, &reply, self.propagate)?;
+        let sends = self.targets.iter().map(|(t, dest)| {
+            let out = Outgoing {
+                destination: dest.clone(),
+                key: reply.key.clone(),
+                payload: reply.payload.clone(),
+                headers: headers.clone(),
+            };
+            let name = t.name().to_owned();
+            let dest = dest.clone();
+            let fut = t.publish(out);
+            async move {
+                fut.await.map_err(|source| Error::Transport {
+                    transport: name,
+                    source: format!("publishing to {dest:?} failed: {source}").into(),
+                })
+            }
+        });
+        for r in join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// Propagated inbound headers (if on, minus the envelope's own keys), then
+/// the reply's explicit headers, then the envelope: content type, correlation
+/// id (the reply's, else the inbound row's) and `outbox-id`.
+fn outgoing_headers(msg: &Message, reply: &Reply, propagate: bool) -> Result<Headers, BoxError> {
+    let mut headers = Headers::new();
+    if propagate {
+        headers.extend(
+            msg.headers()
+                .iter()
+                .filter(|(k, _)| ![CONTENT_TYPE, CORRELATION_ID, OUTBOX_ID].contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
+    headers.extend(reply.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let correlation = reply
+        .correlation_id
+        .clone()
+        .or_else(|| reply.headers.get(CORRELATION_ID).cloned())
+        .unwrap_or_else(|| msg.correlation_id());
+    let mut headers = envelope::finish_headers(headers, reply.content_type, Some(&correlation))?;
+    headers.insert(OUTBOX_ID.to_owned(), msg.id().to_string());
+    Ok(headers)
+}

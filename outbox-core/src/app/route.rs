@@ -1,0 +1,305 @@
+//! [`Route`]: a subscriber of the application runtime: queues, engine
+//! options, the handler, and where its result is published.
+//!
+//! This is what `#[subscriber]` and `#[publish_to]` expand to; it can be
+//! written by hand.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
+use super::context::AppContext;
+use super::extract::{FromDelivery, Requirement};
+use super::reply::{IntoReply, Reply};
+use crate::error::BoxError;
+use crate::message::{AckPolicy, Message};
+use crate::retry::RetryStrategy;
+use crate::subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
+
+/// The type-erased handler of a route.
+pub type RouteCall = Arc<
+    dyn Fn(Message, AppContext) -> BoxFuture<'static, Result<Option<Reply>, BoxError>>
+        + Send
+        + Sync,
+>;
+
+/// Where a handler's result goes: a transport name and a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishTarget {
+    /// The transport's registered name (`kafka`).
+    pub transport: String,
+    /// The topic / exchange / subject (`orders.kafka`).
+    pub destination: String,
+}
+
+/// Where a route was declared (for error messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    /// Source file.
+    pub file: &'static str,
+    /// Line.
+    pub line: u32,
+    /// Column.
+    pub column: u32,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// A subscriber of the application: what `#[subscriber]` generates.
+///
+/// The equivalent of
+///
+/// ```ignore
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders", max_workers = 4)]
+/// async fn handle(order_id: i64) -> i64 { order_id }
+/// ```
+///
+/// written by hand:
+///
+/// ```
+/// use outbox_core::{AppContext, BoxError, Message, Response, Route};
+///
+/// let route = Route::builder(["orders"])
+///     .name("handle")
+///     .max_workers(4)
+///     .publish_to("kafka", "orders.kafka")
+///     .handler(|msg: Message, _ctx: AppContext| async move {
+///         let order_id: i64 = msg.decode()?;
+///         Ok::<_, BoxError>(Response::new(order_id))
+///     });
+/// assert_eq!(route.name(), Some("handle"));
+/// ```
+#[derive(Clone)]
+pub struct Route {
+    pub(crate) builder: SubscriberBuilder,
+    pub(crate) name: Option<String>,
+    pub(crate) call: RouteCall,
+    pub(crate) targets: Vec<PublishTarget>,
+    pub(crate) propagate_headers: bool,
+    pub(crate) requirements: Vec<Requirement>,
+    pub(crate) location: Option<Location>,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("subscriber", &self.builder)
+            .field("targets", &self.targets)
+            .field("propagate_headers", &self.propagate_headers)
+            .field("location", &self.location)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Route {
+    /// Starts a route on `queues`.
+    pub fn builder<I, S>(queues: I) -> RouteBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RouteBuilder {
+            queues: queues.into_iter().map(Into::into).collect(),
+            name: None,
+            options: SubscriberOptions::default(),
+            targets: Vec::new(),
+            propagate_headers: false,
+            requirements: Vec::new(),
+            location: None,
+        }
+    }
+
+    /// The explicit name, if any (the runtime defaults to the queue list).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Where the route was declared, if known.
+    pub fn location(&self) -> Option<Location> {
+        self.location
+    }
+
+    /// The publish targets.
+    pub fn targets(&self) -> &[PublishTarget] {
+        &self.targets
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        let name = self.name.as_deref().unwrap_or("<unnamed>");
+        match self.location {
+            Some(l) => format!("`{name}` ({l})"),
+            None => format!("`{name}`"),
+        }
+    }
+
+    /// Validates the engine settings into a [`Subscriber`] running `handler`.
+    pub(crate) fn into_subscriber(
+        self,
+        handler: Arc<dyn crate::handler::Handler>,
+    ) -> crate::error::Result<Subscriber> {
+        let mut b = self.builder;
+        if let Some(n) = self.name {
+            b = b.name(n);
+        }
+        b.build_arc(handler)
+    }
+}
+
+/// Builds a [`Route`].
+#[derive(Debug, Clone)]
+pub struct RouteBuilder {
+    queues: Vec<String>,
+    name: Option<String>,
+    options: SubscriberOptions,
+    targets: Vec<PublishTarget>,
+    propagate_headers: bool,
+    requirements: Vec<Requirement>,
+    location: Option<Location>,
+}
+
+macro_rules! knobs {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
+            self.options = self.options.$name(value);
+            self
+        })*
+    };
+}
+
+impl RouteBuilder {
+    /// Names the subscriber (default: `module::fn` for the macro, else the queues).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Replaces every engine option.
+    pub fn options(mut self, options: SubscriberOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    knobs!(
+        /// See [`SubscriberOptions::max_workers`].
+        max_workers: usize,
+        /// See [`SubscriberOptions::fetch_batch_size`].
+        fetch_batch_size: usize,
+        /// See [`SubscriberOptions::min_fetch_interval`].
+        min_fetch_interval: Duration,
+        /// See [`SubscriberOptions::max_fetch_interval`].
+        max_fetch_interval: Duration,
+        /// See [`SubscriberOptions::lease_ttl`].
+        lease_ttl: Duration,
+        /// See [`SubscriberOptions::max_deliveries`].
+        max_deliveries: u64,
+        /// See [`SubscriberOptions::terminal_flush_batch_size`].
+        terminal_flush_batch_size: usize,
+        /// See [`SubscriberOptions::ack_policy`].
+        ack_policy: AckPolicy,
+    );
+
+    /// See [`SubscriberOptions::retry`].
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        self.options = self.options.retry(strategy);
+        self
+    }
+
+    /// Publishes the handler's result to `destination` on the transport
+    /// registered as `transport`; the row is acked only once every target
+    /// confirmed. Call once per target.
+    pub fn publish_to(
+        mut self,
+        transport: impl Into<String>,
+        destination: impl Into<String>,
+    ) -> Self {
+        self.targets.push(PublishTarget {
+            transport: transport.into(),
+            destination: destination.into(),
+        });
+        self
+    }
+
+    /// Copies the inbound row's headers onto published messages (explicit
+    /// response headers win; `content-type`, `correlation_id` and `outbox-id`
+    /// are always derived, never copied). Default: off.
+    pub fn propagate_headers(mut self, on: bool) -> Self {
+        self.propagate_headers = on;
+        self
+    }
+
+    /// Declares that the handler needs parameter type `P` (checked at start,
+    /// e.g. a missing [`State`](super::State)).
+    pub fn requires<P: FromDelivery>(mut self) -> Self {
+        if let Some(r) = P::requirement() {
+            self.requirements.push(r);
+        }
+        self
+    }
+
+    /// Records where the route was declared.
+    pub fn location(mut self, file: &'static str, line: u32, column: u32) -> Self {
+        self.location = Some(Location { file, line, column });
+        self
+    }
+
+    /// Finishes the route with a handler of the delivery and the context,
+    /// returning anything that implements [`IntoReply`].
+    pub fn handler<F, Fut>(self, f: F) -> Route
+    where
+        F: Fn(Message, AppContext) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: IntoReply,
+    {
+        let call: RouteCall =
+            Arc::new(move |msg, ctx| f(msg, ctx).map(IntoReply::into_reply).boxed());
+        Route {
+            builder: Subscriber::builder(self.queues).options(self.options),
+            name: self.name,
+            call,
+            targets: self.targets,
+            propagate_headers: self.propagate_headers,
+            requirements: self.requirements,
+            location: self.location,
+        }
+    }
+}
+
+/// Anything that can be registered as a route: a [`Route`], or the marker a
+/// `#[subscriber]` fn generates (`App::new(b).subscriber(handle {})`).
+pub trait IntoRoute {
+    /// Converts into a route.
+    fn into_route(self) -> Route;
+}
+
+impl IntoRoute for Route {
+    fn into_route(self) -> Route {
+        self
+    }
+}
+
+/// A route factory collected by `inventory` (not public API; generated by
+/// `#[subscriber]`).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RouteFactory {
+    pub make: fn() -> Route,
+}
+
+inventory::collect!(RouteFactory);
+
+pub(crate) fn discovered() -> Vec<Route> {
+    inventory::iter::<RouteFactory>
+        .into_iter()
+        .map(|f| (f.make)())
+        .collect()
+}

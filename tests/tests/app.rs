@@ -1,0 +1,310 @@
+//! The application runtime end to end on real PostgreSQL with the in-process
+//! transport: routes written by hand (the macros' expansion target).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outbox_core::retry::ConstantRetry;
+use outbox_core::{
+    App, AppContext, BoxError, FromDelivery, Hook, IntoRoute, MemoryTransport, Message,
+    PublishOptions, Response, Route, State,
+};
+use tests::{TestDb, wait_until};
+
+type R = anyhow::Result<()>;
+
+fn fast(b: outbox_core::RouteBuilder) -> outbox_core::RouteBuilder {
+    b.min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200))
+}
+
+/// What `#[publish_to(kafka, "orders.kafka")] #[subscriber("orders")]
+/// async fn handle(order_id: i64) -> i64` expands to, by hand.
+#[allow(non_camel_case_types)]
+struct handle {}
+
+async fn handle(order_id: i64) -> i64 {
+    println!("got order {order_id}");
+    order_id
+}
+
+impl IntoRoute for handle {
+    fn into_route(self) -> Route {
+        fast(Route::builder(["orders"]))
+            .name(concat!(module_path!(), "::handle"))
+            .location(file!(), line!(), column!())
+            .publish_to("kafka", "orders.kafka")
+            .requires::<i64>()
+            .handler(|msg: Message, ctx: AppContext| async move {
+                let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
+                let ret = handle(order_id).await;
+                Ok::<_, BoxError>(Response::new(ret))
+            })
+    }
+}
+
+async fn publish_one(app: AppContext) -> Result<(), BoxError> {
+    let mut tx = app.broker().pool().begin().await?;
+    app.broker()
+        .publish_with(
+            &1_i64,
+            "orders",
+            &PublishOptions::new()
+                .header("x-tenant", "acme")
+                .correlation_id("corr-1"),
+            &mut *tx,
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_seed_snippet_relays_a_row_to_the_transport() -> R {
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    let connect = {
+        let kafka = kafka.clone();
+        Hook::new("kafka.connect", move |ctx: AppContext| async move {
+            ctx.add_transport(Arc::new(kafka))
+        })
+    };
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(handle {})
+        .on_startup(connect)
+        .after_startup(publish_one);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let got = kafka.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.destination, "orders.kafka");
+    assert_eq!(m.payload, b"1");
+    assert_eq!(m.content_type(), Some("application/json"));
+    assert_eq!(m.headers["correlation_id"], "corr-1");
+    assert!(m.headers.contains_key("outbox-id"));
+    assert!(
+        !m.headers.contains_key("x-tenant"),
+        "no propagation by default"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            db.count().await.unwrap() == 0
+        })
+        .await
+    );
+    stop.shutdown();
+    run.await??;
+    assert!(kafka.is_closed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn hooks_run_in_order_and_a_failing_startup_hook_aborts() -> R {
+    let db = TestDb::new().await?;
+    let log: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let step = |name: &'static str| {
+        let log = log.clone();
+        Hook::new(name, move |_ctx: AppContext| async move {
+            log.lock().unwrap().push(name);
+        })
+    };
+    let route = fast(Route::builder(["q"])).handler(|_m: Message, _c| async {});
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route.clone())
+        .on_startup(step("on_startup 1"))
+        .on_startup(step("on_startup 2"))
+        .after_startup(step("after_startup"))
+        .on_shutdown(step("on_shutdown"))
+        .after_shutdown(step("after_shutdown"));
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            log.lock().unwrap().len() == 3
+        })
+        .await
+    );
+    stop.shutdown();
+    run.await??;
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "on_startup 1",
+            "on_startup 2",
+            "after_startup",
+            "on_shutdown",
+            "after_shutdown"
+        ]
+    );
+
+    let failing = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(Hook::new("broken", |_ctx: AppContext| async {
+            Err::<(), BoxError>("no credentials".into())
+        }));
+    let err = failing.run().await.unwrap_err().to_string();
+    assert_eq!(err, "on_startup hook `broken` failed: no credentials");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unknown_transport_is_a_startup_error_and_nothing_is_consumed() -> R {
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish(&1, "orders", &mut conn).await?;
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(MemoryTransport::new("rabbit"))
+        .subscriber(handle {});
+    let err = app.run().await.unwrap_err().to_string();
+    assert!(
+        err.contains("publishes to transport `kafka`, which is not registered"),
+        "{err}"
+    );
+    assert!(err.contains(r#"["rabbit"]"#), "{err}");
+    assert!(
+        err.contains("tests/tests/app.rs:"),
+        "names the declaration: {err}"
+    );
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn registry_validation() -> R {
+    let db = TestDb::new().await?;
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no subscribers registered"), "{err}");
+    assert!(err.contains("use my_handlers as _;"), "{err}");
+    let r = || {
+        fast(Route::builder(["q"]))
+            .name("same")
+            .handler(|_m: Message, _c| async {})
+    };
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .subscriber(r())
+        .subscriber(r())
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("two subscribers are named `same`"), "{err}");
+    #[derive(Debug)]
+    struct Config;
+    let needs_state = fast(Route::builder(["q"]))
+        .requires::<State<Config>>()
+        .handler(|_m: Message, _c| async {});
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .subscriber(needs_state)
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("State<") && err.contains("Config"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn handler_errors_and_transport_failures_are_retried() -> R {
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    kafka.fail_next(2);
+    let route = fast(Route::builder(["orders"]))
+        .retry(ConstantRetry::new(Duration::from_millis(10)))
+        .publish_to("kafka", "orders.kafka")
+        .propagate_headers(true)
+        .handler(|msg: Message, _c| async move {
+            let n: i64 = msg.decode()?;
+            Ok::<_, BoxError>(Response::new(n * 10).key("k").header("x-explicit", "yes"))
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(kafka.clone())
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    let id = db
+        .broker
+        .publish_with(
+            &4,
+            "orders",
+            &PublishOptions::new()
+                .header("x-tenant", "acme")
+                .header("x-explicit", "no"),
+            &mut conn,
+        )
+        .await?
+        .unwrap();
+    let got = kafka.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b"40");
+    assert_eq!(got[0].key.as_deref(), Some(&b"k"[..]));
+    assert_eq!(got[0].headers["x-tenant"], "acme", "propagated");
+    assert_eq!(got[0].headers["x-explicit"], "yes", "explicit wins");
+    assert_eq!(got[0].headers["outbox-id"], id.to_string());
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            db.count().await.unwrap() == 0
+        })
+        .await
+    );
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn state_and_message_parameters() -> R {
+    #[derive(Debug)]
+    struct Prefix(String);
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    let route = fast(Route::builder(["q"]))
+        .publish_to("kafka", "out")
+        .requires::<State<Prefix>>()
+        .handler(|msg: Message, ctx: AppContext| async move {
+            let body = <String as FromDelivery>::from_delivery(&msg, &ctx)?;
+            let prefix = <State<Prefix> as FromDelivery>::from_delivery(&msg, &ctx)?;
+            let m = <Message as FromDelivery>::from_delivery(&msg, &ctx)?;
+            Ok::<_, BoxError>(Some(Response::new(format!(
+                "{}{body}#{}",
+                prefix.0.0,
+                m.id()
+            ))))
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .state(Prefix("> ".into()))
+        .transport(kafka.clone())
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    let id = db.broker.publish("hi", "q", &mut conn).await?.unwrap();
+    let got = kafka.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].payload, format!("> hi#{id}").into_bytes());
+    assert_eq!(got[0].content_type(), Some("text/plain"));
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}
