@@ -1059,3 +1059,95 @@ async fn expired_leases_are_reclaimed_in_fifo_order_and_counted() -> R {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn last_exception_renderer_redacts_and_long_errors_are_capped() -> R {
+    let db = TestDb::new().await?;
+    let redacting = db.broker.clone().last_exception_renderer(|e| {
+        let text = e.to_string();
+        if text.contains("secret") {
+            None
+        } else {
+            Some(text.replace("card=4111", "card=****"))
+        }
+    });
+    let sub = fast(Subscriber::builder(["q"]))
+        .retry(NoRetry)
+        .build(|m: Message| async move {
+            let what: String = m.decode()?;
+            Err::<(), BoxError>(match what.as_str() {
+                "pii" => "charge failed for card=4111".into(),
+                "secret" => "secret token leaked".into(),
+                _ => "x".repeat(20_000).into(),
+            })
+        })?;
+    let e = Engine::new(redacting).subscriber(sub);
+    let mut conn = db.pool.acquire().await?;
+    let pii = db.broker.publish("pii", "q", &mut conn).await?.unwrap();
+    let secret = db.broker.publish("secret", "q", &mut conn).await?.unwrap();
+    let long = db.broker.publish("long", "q", &mut conn).await?.unwrap();
+    e.start().await?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            db.dlq_count().await.unwrap() == 3
+        })
+        .await
+    );
+    e.stop().await;
+    let rows: HashMap<i64, Option<String>> = dlq_rows(&db)
+        .await?
+        .into_iter()
+        .map(|r| (r.0, r.2))
+        .collect();
+    assert_eq!(rows[&pii].as_deref(), Some("charge failed for card=****"));
+    assert_eq!(rows[&secret], None, "the renderer may store nothing");
+    let capped = rows[&long].clone().unwrap();
+    assert_eq!(
+        capped.chars().count(),
+        outbox_core::LAST_EXCEPTION_MAX_CHARS
+    );
+    assert!(capped.ends_with("…[truncated]"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn batched_deletes_flush_at_half_a_lease_when_the_buffer_never_empties() -> R {
+    let db = TestDb::new().await?;
+    publish_n(&db, "q", 10).await?;
+    let counts: Arc<Mutex<HashMap<i64, usize>>> = Arc::default();
+    let c = counts.clone();
+    // 10 rows x 300 ms = 3 s of work under a 2 s lease, and the buffer is
+    // refilled while each handler runs, so it never runs dry: only the
+    // half-lease trigger flushes in time.
+    let sub = fast(Subscriber::builder(["q"]))
+        .fetch_batch_size(2)
+        .terminal_flush_batch_size(100)
+        .lease_ttl(Duration::from_secs(2))
+        .build(move |m: Message| {
+            *c.lock().unwrap().entry(m.id()).or_default() += 1;
+            async { tokio::time::sleep(Duration::from_millis(300)).await }
+        })?;
+    let e = engine(&db, vec![sub]);
+    e.start().await?;
+    assert!(
+        wait_until(Duration::from_millis(2500), || async {
+            db.count().await.unwrap() <= 8
+        })
+        .await,
+        "rows are deleted while the run goes on"
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            db.count().await.unwrap() == 0
+        })
+        .await
+    );
+    e.stop().await;
+    let counts = counts.lock().unwrap();
+    assert_eq!(counts.len(), 10);
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "handled once each: {counts:?}"
+    );
+    Ok(())
+}

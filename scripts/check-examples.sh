@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every example and checks what it prints (called by scripts/test.sh with
+# DATABASE_URL and, for the Kafka examples, KAFKA_BOOTSTRAP set).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+# shellcheck source=scripts/common.sh
+. "$REPO/scripts/common.sh"
+: "${DATABASE_URL:?DATABASE_URL must be set}"
+
+# expect EXAMPLE PATTERN...: run the example, fail unless every pattern is in its output.
+expect() {
+  local example=$1 out
+  shift
+  log "example $example"
+  out=$(timeout 300 cargo run -q -p examples --example "$example" 2>&1) ||
+    { echo "$out" >&2; die "example $example failed"; }
+  echo "$out" | sed "s/^/  [$example] /" >&2
+  local p
+  for p in "$@"; do
+    grep -qE -- "$p" <<<"$out" || die "example $example: expected output matching '$p'"
+  done
+}
+
+expect standalone_outbox \
+  'published 3 orders \(and rolled one back\)' \
+  'got order 1 \(1000 cents\)' 'got order 2 \(2000 cents\)' 'got order 3 \(3000 cents\)' \
+  'handled 3 orders; 0 rows left in the outbox'
+log "examples OK"
