@@ -67,8 +67,18 @@ pub mod __private {
         T::from_delivery(msg, ctx)
     }
 
-    /// The claim statement of `table` (for EXPLAIN tests).
-    pub fn claim_sql(table: &crate::OutboxTable) -> String {
-        crate::sql::Statements::new(table, None).claim.to_string()
+    /// One of the engine's statements for `table` (`claim`, `ack`,
+    /// `ack_batch`, `retry`, `release`), for EXPLAIN tests.
+    pub fn engine_sql(table: &crate::OutboxTable, which: &str) -> Option<String> {
+        let s = crate::sql::Statements::new(table, None);
+        let sql = match which {
+            "claim" => &s.claim,
+            "ack" => &s.ack,
+            "ack_batch" => &s.ack_batch,
+            "retry" => &s.retry,
+            "release" => &s.release,
+            _ => return None,
+        };
+        Some(sql.to_string())
     }
 }

@@ -97,10 +97,15 @@ impl Statements {
             )
             .into(),
             claim: claim_sql(&t).into(),
-            ack: format!("DELETE FROM {t} WHERE id = $1 AND acquired_token = $2").into(),
+            // Token guards use IS NOT DISTINCT FROM (the bound token is never
+            // NULL, so it means `=`): a strict `=` implies `acquired_token IS
+            // NOT NULL`, which lets the planner pick `<t>_leased_idx` and scan
+            // all of it for `id = ..` whenever its statistics say it is small.
+            ack: format!("DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2")
+                .into(),
             ack_batch: format!(
                 "DELETE FROM {t} o USING unnest($1::int8[], $2::uuid[]) AS w(id, token) \
-                 WHERE o.id = w.id AND o.acquired_token = w.token RETURNING o.id"
+                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token RETURNING o.id"
             )
             .into(),
             retry: format!(
@@ -108,19 +113,19 @@ impl Statements {
                  next_attempt_at = now() + make_interval(secs => $3), \
                  first_attempt_at = COALESCE(first_attempt_at, now()), last_attempt_at = now(), \
                  acquired_at = NULL, acquired_token = NULL \
-                 WHERE id = $1 AND acquired_token = $2"
+                 WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2"
             )
             .into(),
             release: format!(
                 "UPDATE {t} o SET acquired_at = NULL, acquired_token = NULL, \
                  deliveries_count = GREATEST(o.deliveries_count - 1, 0) \
                  FROM unnest($1::int8[], $2::uuid[]) AS w(id, token) \
-                 WHERE o.id = w.id AND o.acquired_token = w.token"
+                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token"
             )
             .into(),
             dead_letter: dlq.map(|d| {
                 format!(
-                    "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token = $2 \
+                    "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2 \
                      RETURNING id, queue, payload, headers, deliveries_count, created_at, timer_id) \
                      INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
                      created_at, timer_id, failure_reason, last_exception) \
@@ -308,7 +313,7 @@ mod tests {
         let s = stmts();
         let sql = s.dead_letter.as_deref().expect("dlq configured");
         assert!(sql.starts_with(
-            r#"WITH deleted AS (DELETE FROM "outbox" WHERE id = $1 AND acquired_token = $2"#
+            r#"WITH deleted AS (DELETE FROM "outbox" WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2"#
         ));
         assert!(sql.contains(r#"INSERT INTO "outbox_dlq""#));
     }

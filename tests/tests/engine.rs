@@ -1004,7 +1004,7 @@ async fn the_claim_uses_the_partial_indexes_at_200k_rows() -> R {
     ))
     .await?;
     db.exec(format!("ANALYZE {}", db.t())).await?;
-    let claim = outbox_core::__private::claim_sql(&db.table);
+    let claim = outbox_core::__private::engine_sql(&db.table, "claim").unwrap();
     let explain = format!(
         "EXPLAIN (FORMAT TEXT) {}",
         claim
@@ -1149,5 +1149,47 @@ async fn batched_deletes_flush_at_half_a_lease_when_the_buffer_never_empties() -
         counts.values().all(|n| *n == 1),
         "handled once each: {counts:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_guarded_writes_use_the_primary_key_even_when_statistics_say_nothing_is_leased() -> R
+{
+    let db = TestDb::new().await?;
+    publish_n(&db, "q", 20_000).await?;
+    db.exec(format!("ANALYZE {}", db.t())).await?; // statistics: no leased row at all
+    // ... while in fact many rows are leased (as during a drain).
+    db.exec(format!(
+        "UPDATE {} SET acquired_token = gen_random_uuid(), acquired_at = now() WHERE id % 2 = 0",
+        db.t()
+    ))
+    .await?;
+    let ids = "(SELECT array_agg(id) FROM generate_series(1, 1000) id)::int8[]";
+    let tokens = "(SELECT array_agg(gen_random_uuid()) FROM generate_series(1, 1000))::uuid[]";
+    for (which, args) in [
+        ("ack", ["5::int8", "gen_random_uuid()", ""]),
+        ("retry", ["5::int8", "gen_random_uuid()", "1.0::float8"]),
+        ("ack_batch", [ids, tokens, ""]),
+        ("release", [ids, tokens, ""]),
+    ] {
+        let mut sql = outbox_core::__private::engine_sql(&db.table, which).unwrap();
+        for (i, a) in args.iter().enumerate().filter(|(_, a)| !a.is_empty()) {
+            sql = sql.replace(&format!("${}", i + 1), a);
+        }
+        let mut tx = db.pool.begin().await?;
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("_pkey"),
+            "{which} must look rows up by primary key:\n{plan}"
+        );
+        assert!(
+            !plan.contains("_leased_idx") && !plan.contains("Seq Scan"),
+            "{which}:\n{plan}"
+        );
+    }
     Ok(())
 }
