@@ -157,6 +157,18 @@ impl OutboxBroker {
         Ok(())
     }
 
+    /// Compares the live tables with what the engine needs: the columns with
+    /// their types, nullability and defaults, the two partial indexes and the
+    /// unique timer index (matched by columns, predicate and uniqueness, under
+    /// any name), the lease CHECK (by predicate), and the dead-letter table when
+    /// configured. Extra columns and indexes are fine. Returns
+    /// [`Error::SchemaDrift`](crate::Error::SchemaDrift) listing every problem
+    /// with the DDL that fixes it. Not run by `migrate` or the engine: call it
+    /// from a startup hook or a health check.
+    pub async fn validate_schema(&self) -> Result<()> {
+        crate::schema::validate(&self.inner.pool, &self.inner.table, self.inner.dlq.as_ref()).await
+    }
+
     /// Inserts one row on the caller's connection or transaction (`&mut *tx`)
     /// and returns its id. Never begins, flushes or commits anything: the row
     /// and its NOTIFY commit or roll back with the caller's transaction.

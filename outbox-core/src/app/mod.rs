@@ -8,6 +8,7 @@
 //! 1. collects the routes: the ones registered with [`App::subscriber`] plus,
 //!    unless [`App::without_discovery`], every `#[subscriber]` linked into the
 //!    binary; rejects duplicate names and an empty set;
+//!    with [`App::validate_schema_at_startup`], checks the live tables;
 //! 2. runs the `on_startup` hooks in registration order (transports register
 //!    themselves here, e.g. `kafka.connect()`); an error aborts startup;
 //! 3. checks that every `#[publish_to]` transport is registered and every
@@ -88,6 +89,7 @@ pub struct App {
     after_shutdown: Vec<Hook>,
     pending: Vec<Error>,
     signals: bool,
+    validate_schema: bool,
 }
 
 impl fmt::Debug for App {
@@ -132,6 +134,7 @@ impl App {
             after_shutdown: Vec::new(),
             pending: Vec::new(),
             signals: true,
+            validate_schema: false,
         }
     }
 
@@ -172,6 +175,13 @@ impl App {
     /// [`AppHandle::shutdown`] only.
     pub fn without_signals(mut self) -> Self {
         self.signals = false;
+        self
+    }
+
+    /// Checks the live tables with [`OutboxBroker::validate_schema`] before
+    /// anything runs; a drift aborts startup with the fix to apply.
+    pub fn validate_schema_at_startup(mut self) -> Self {
+        self.validate_schema = true;
         self
     }
 
@@ -219,6 +229,9 @@ impl App {
         }
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
+        if self.validate_schema {
+            ctx.broker().validate_schema().await?;
+        }
         for hook in std::mem::take(&mut self.on_startup) {
             run_hook("on_startup", hook, &ctx).await?;
         }

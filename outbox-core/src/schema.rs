@@ -1,0 +1,416 @@
+//! Schema-drift validation: does the live table match what the engine needs?
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use sqlx::{PgPool, Row};
+
+use crate::error::{Error, Result};
+use crate::table::{DlqTable, OutboxTable};
+
+/// A column the engine needs: name, `format_type()` text, NOT NULL, needs a default.
+struct Col(&'static str, &'static str, bool, bool);
+
+const OUTBOX: [Col; 13] = [
+    Col("id", "bigint", true, true),
+    Col("queue", "character varying(255)", true, false),
+    Col("payload", "bytea", true, false),
+    Col("headers", "jsonb", false, false),
+    Col("attempts_count", "bigint", true, true),
+    Col("deliveries_count", "bigint", true, true),
+    Col("created_at", "timestamp with time zone", true, true),
+    Col("next_attempt_at", "timestamp with time zone", true, true),
+    Col("first_attempt_at", "timestamp with time zone", false, false),
+    Col("last_attempt_at", "timestamp with time zone", false, false),
+    Col("acquired_at", "timestamp with time zone", false, false),
+    Col("acquired_token", "uuid", false, false),
+    Col("timer_id", "character varying(255)", false, false),
+];
+
+const DLQ: [Col; 11] = [
+    Col("id", "bigint", true, true),
+    Col("original_id", "bigint", true, false),
+    Col("queue", "character varying(255)", true, false),
+    Col("payload", "bytea", true, false),
+    Col("headers", "jsonb", false, false),
+    Col("deliveries_count", "bigint", true, false),
+    Col("created_at", "timestamp with time zone", true, false),
+    Col("failed_at", "timestamp with time zone", true, true),
+    Col("failure_reason", "character varying(64)", true, false),
+    Col("last_exception", "character varying", false, false),
+    Col("timer_id", "character varying(255)", false, false),
+];
+
+/// An index the engine needs, matched by columns, predicate and uniqueness
+/// (any name).
+struct Idx {
+    suffix: &'static str,
+    columns: &'static [&'static str],
+    /// As `pg_get_expr` prints it, normalized.
+    predicate: Option<&'static str>,
+    /// As it goes into DDL.
+    sql_predicate: Option<&'static str>,
+    unique: bool,
+    why: &'static str,
+}
+
+const OUTBOX_INDEXES: [Idx; 3] = [
+    Idx {
+        suffix: "_pending_idx",
+        columns: &["queue", "next_attempt_at", "id"],
+        predicate: Some("acquired_token is null"),
+        sql_predicate: Some("acquired_token IS NULL"),
+        unique: false,
+        why: "claims of unleased rows scan it",
+    },
+    Idx {
+        suffix: "_leased_idx",
+        columns: &["queue", "next_attempt_at", "id"],
+        predicate: Some("acquired_token is not null"),
+        sql_predicate: Some("acquired_token IS NOT NULL"),
+        unique: false,
+        why: "reclaims of expired leases scan it",
+    },
+    Idx {
+        suffix: "_timer_id_uq",
+        columns: &["queue", "timer_id"],
+        predicate: Some("timer_id is not null"),
+        sql_predicate: Some("timer_id IS NOT NULL"),
+        unique: true,
+        why: "the ON CONFLICT arbiter of timer publishes",
+    },
+];
+
+const DLQ_INDEXES: [Idx; 1] = [Idx {
+    suffix: "_queue_failed_idx",
+    columns: &["queue", "failed_at"],
+    predicate: None,
+    sql_predicate: None,
+    unique: false,
+    why: "dead-letter queries by queue and time use it",
+}];
+
+const LEASE_CHECK: &str = "acquired_token is null = acquired_at is null";
+
+/// Everything that differs between the live schema and what the engine needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaDrift {
+    /// One plain-words line per problem.
+    pub problems: Vec<String>,
+    /// DDL that fixes them (review it before running it).
+    pub fix: String,
+}
+
+impl fmt::Display for SchemaDrift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "outbox schema mismatch:")?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        write!(
+            f,
+            "fix (review, then run it or put it in a migration):\n{}",
+            self.fix
+        )
+    }
+}
+
+/// Lowercase, parentheses dropped, whitespace collapsed.
+fn normalize(expr: &str) -> String {
+    expr.to_ascii_lowercase()
+        .replace(['(', ')'], " ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct LiveIndex {
+    name: String,
+    columns: Vec<String>,
+    predicate: Option<String>,
+    unique: bool,
+}
+
+/// What one table must look like.
+struct Spec<'a> {
+    what: &'static str,
+    schema: Option<&'a str>,
+    qualified: String,
+    base_name: &'a str,
+    cols: &'static [Col],
+    indexes: &'static [Idx],
+    lease_check: bool,
+    full_ddl: String,
+}
+
+async fn check_table(
+    pool: &PgPool,
+    spec: Spec<'_>,
+    problems: &mut Vec<String>,
+    fix: &mut Vec<String>,
+) -> Result<()> {
+    let Spec {
+        what,
+        schema,
+        qualified,
+        base_name,
+        cols,
+        indexes,
+        lease_check,
+        full_ddl,
+    } = spec;
+    let qualified = qualified.as_str();
+    let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::int8")
+        .bind(qualified)
+        .fetch_one(pool)
+        .await?;
+    let Some(oid) = oid else {
+        problems.push(format!("{what} {qualified} does not exist"));
+        fix.push(full_ddl);
+        return Ok(());
+    };
+    let live: BTreeMap<String, (String, bool, bool)> = sqlx::query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef \
+         FROM pg_attribute a WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped",
+    )
+    .bind(oid)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))))
+    .collect::<Result<_, sqlx::Error>>()?;
+    for Col(name, ty, not_null, default) in cols {
+        match live.get(*name) {
+            None => {
+                problems.push(format!("{what} {qualified} has no column {name} ({ty})"));
+                fix.push(format!(
+                    "ALTER TABLE {qualified} ADD COLUMN {name} {}{};",
+                    ty.to_uppercase(),
+                    if *not_null { " NOT NULL" } else { "" }
+                ));
+            }
+            Some((live_ty, live_nn, live_def)) => {
+                if live_ty != ty {
+                    problems.push(format!(
+                        "{what} {qualified} column {name} is {live_ty}, expected {ty}"
+                    ));
+                    fix.push(format!(
+                        "ALTER TABLE {qualified} ALTER COLUMN {name} TYPE {};",
+                        ty.to_uppercase()
+                    ));
+                }
+                if live_nn != not_null {
+                    let (state, cmd) = if *not_null {
+                        ("nullable", "SET NOT NULL")
+                    } else {
+                        ("NOT NULL", "DROP NOT NULL")
+                    };
+                    problems.push(format!(
+                        "{what} {qualified} column {name} is {state}, expected {}",
+                        if *not_null { "NOT NULL" } else { "nullable" }
+                    ));
+                    fix.push(format!(
+                        "ALTER TABLE {qualified} ALTER COLUMN {name} {cmd};"
+                    ));
+                }
+                if *default && !live_def {
+                    problems.push(format!(
+                        "{what} {qualified} column {name} has no default (rows inserted without it \
+                         would fail or, for next_attempt_at, never become eligible)"
+                    ));
+                    let d = match *name {
+                        "attempts_count" | "deliveries_count" => "'0'",
+                        "id" => "", // a missing sequence needs a hand-written migration
+                        _ => "now()",
+                    };
+                    if !d.is_empty() {
+                        fix.push(format!(
+                            "ALTER TABLE {qualified} ALTER COLUMN {name} SET DEFAULT {d};"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let rows = sqlx::query(
+        "SELECT c.relname::text, i.indisunique, pg_get_expr(i.indpred, i.indrelid), \
+         ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::oid",
+    )
+    .bind(oid)
+    .fetch_all(pool)
+    .await?;
+    let live_indexes: Vec<LiveIndex> = rows
+        .iter()
+        .map(|r| {
+            Ok(LiveIndex {
+                name: r.try_get(0)?,
+                unique: r.try_get(1)?,
+                predicate: r.try_get::<Option<String>, _>(2)?.map(|p| normalize(&p)),
+                columns: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    for idx in indexes {
+        let same_cols = |l: &&LiveIndex| {
+            l.columns
+                .iter()
+                .map(String::as_str)
+                .eq(idx.columns.iter().copied())
+        };
+        let exact = live_indexes
+            .iter()
+            .filter(same_cols)
+            .find(|l| l.predicate.as_deref() == idx.predicate && (l.unique || !idx.unique));
+        if exact.is_some() {
+            continue;
+        }
+        let name = format!("{base_name}{}", idx.suffix);
+        let want = format!(
+            "{}index on ({}){}",
+            if idx.unique { "a unique " } else { "an " },
+            idx.columns.join(", "),
+            idx.predicate
+                .map(|p| format!(" WHERE {p}"))
+                .unwrap_or_default()
+        );
+        // The index meant to be this one: the one with its conventional name,
+        // else one over the same columns that no other requirement accepts.
+        let fits_other = |l: &LiveIndex| {
+            indexes.iter().any(|o| {
+                o.columns
+                    .iter()
+                    .copied()
+                    .eq(l.columns.iter().map(String::as_str))
+                    && o.predicate == l.predicate.as_deref()
+                    && (l.unique || !o.unique)
+            })
+        };
+        let named_for_other = |l: &LiveIndex| {
+            indexes
+                .iter()
+                .any(|o| o.suffix != idx.suffix && l.name == format!("{base_name}{}", o.suffix))
+        };
+        let near = live_indexes.iter().find(|l| l.name == name).or_else(|| {
+            live_indexes
+                .iter()
+                .filter(same_cols)
+                .find(|l| !fits_other(l) && !named_for_other(l))
+        });
+        let problem = match near {
+            Some(l) if l.predicate.as_deref() != idx.predicate => format!(
+                "{what} {qualified}: index {} has predicate {:?}, expected {want} ({})",
+                l.name,
+                l.predicate.as_deref().unwrap_or("none (not partial)"),
+                idx.why
+            ),
+            Some(l) => format!(
+                "{what} {qualified}: index {} is not UNIQUE, expected {want} ({})",
+                l.name, idx.why
+            ),
+            None => format!("{what} {qualified} is missing {want} ({})", idx.why),
+        };
+        problems.push(problem);
+        if let Some(l) = near {
+            let index = match schema {
+                Some(sch) => format!(
+                    "{}.{}",
+                    crate::ident::quote(sch),
+                    crate::ident::quote(&l.name)
+                ),
+                None => crate::ident::quote(&l.name),
+            };
+            fix.push(format!("DROP INDEX {index};"));
+        }
+        fix.push(format!(
+            "CREATE {}INDEX {} ON {qualified} ({}){};",
+            if idx.unique { "UNIQUE " } else { "" },
+            crate::ident::quote(&name),
+            idx.columns.join(", "),
+            idx.sql_predicate
+                .map(|p| format!(" WHERE {p}"))
+                .unwrap_or_default()
+        ));
+    }
+    if lease_check {
+        let defs: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'c'",
+        )
+        .bind(oid)
+        .fetch_all(pool)
+        .await?;
+        let found = defs
+            .iter()
+            .any(|d| normalize(d).trim_start_matches("check ").trim() == LEASE_CHECK);
+        if !found {
+            problems.push(format!(
+                "{what} {qualified} has no CHECK enforcing (acquired_token IS NULL) = (acquired_at IS NULL): \
+                 without it a half-set lease is possible and such a row would never be claimed"
+            ));
+            fix.push(format!(
+                "ALTER TABLE {qualified} ADD CONSTRAINT {} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL));",
+                crate::ident::quote(&format!("{base_name}_lease_ck"))
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the outbox table (and the dead-letter table, if given).
+pub(crate) async fn validate(
+    pool: &PgPool,
+    table: &OutboxTable,
+    dlq: Option<&DlqTable>,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut fix = Vec::new();
+    let outbox = Spec {
+        what: "outbox table",
+        schema: table.schema_name(),
+        qualified: table.qualified_name(),
+        base_name: table.name(),
+        cols: &OUTBOX,
+        indexes: &OUTBOX_INDEXES,
+        lease_check: true,
+        full_ddl: table.create_sql(),
+    };
+    check_table(pool, outbox, &mut problems, &mut fix).await?;
+    if let Some(d) = dlq {
+        let spec = Spec {
+            what: "dead-letter table",
+            schema: d.schema_name(),
+            qualified: d.qualified_name(),
+            base_name: d.name(),
+            cols: &DLQ,
+            indexes: &DLQ_INDEXES,
+            lease_check: false,
+            full_ddl: d.create_sql(),
+        };
+        check_table(pool, spec, &mut problems, &mut fix).await?;
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(Error::SchemaDrift(SchemaDrift {
+        problems,
+        fix: fix.join("\n"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize;
+
+    #[test]
+    fn predicates_normalize_like_pg_get_expr_output() {
+        assert_eq!(
+            normalize("(acquired_token IS NULL)"),
+            "acquired_token is null"
+        );
+        assert_eq!(
+            normalize("CHECK (((acquired_token IS NULL) = (acquired_at IS NULL)))"),
+            "check acquired_token is null = acquired_at is null"
+        );
+    }
+}
