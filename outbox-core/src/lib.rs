@@ -17,6 +17,7 @@ mod error;
 mod handler;
 mod ident;
 mod message;
+pub mod ops;
 mod publish;
 pub mod retry;
 mod row;
