@@ -198,7 +198,12 @@ impl OutboxBroker {
         opts: &PublishOptions,
         conn: &mut PgConnection,
     ) -> Result<Option<i64>> {
-        publish::publish(self.stmts(), self.channel(), body, queue, opts, conn).await
+        let res = publish::publish(self.stmts(), self.channel(), body, queue, opts, conn).await;
+        match &res {
+            Ok(id) => crate::telemetry::published(queue, "success", u64::from(id.is_some())),
+            Err(_) => crate::telemetry::published(queue, "error", 1),
+        }
+        res
     }
 
     /// Inserts many rows in one statement (one round trip, one NOTIFY) and
@@ -230,7 +235,13 @@ impl OutboxBroker {
         I: IntoIterator<Item = T>,
         T: Serialize,
     {
-        publish::publish_batch(self.stmts(), self.channel(), bodies, queue, opts, conn).await
+        let res =
+            publish::publish_batch(self.stmts(), self.channel(), bodies, queue, opts, conn).await;
+        match &res {
+            Ok(n) => crate::telemetry::published(queue, "success", *n),
+            Err(_) => crate::telemetry::published(queue, "error", 1),
+        }
+        res
     }
 
     /// Deletes the live, unleased row of `(queue, timer_id)` on the caller's

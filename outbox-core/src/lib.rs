@@ -25,6 +25,7 @@ mod schema;
 mod sql;
 mod subscriber;
 mod table;
+pub mod telemetry;
 
 pub use app::transport;
 pub use app::{

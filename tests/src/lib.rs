@@ -305,3 +305,97 @@ pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// A process-wide metrics recorder for tests: counters and histograms
+/// accumulate across snapshots (the debugging recorder drains on read).
+pub mod metrics_capture {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    type Key = (String, Vec<(String, String)>);
+
+    #[derive(Debug, Default, Clone)]
+    struct Acc {
+        counters: BTreeMap<Key, u64>,
+        gauges: BTreeMap<Key, f64>,
+        histograms: BTreeMap<Key, Vec<f64>>,
+    }
+
+    static SNAP: OnceLock<Option<Snapshotter>> = OnceLock::new();
+    static ACC: Mutex<Option<Acc>> = Mutex::new(None);
+
+    /// Installs the recorder (once); must run before metrics are emitted.
+    pub fn install() {
+        SNAP.get_or_init(|| {
+            let r = DebuggingRecorder::new();
+            let s = r.snapshotter();
+            r.install().ok().map(|()| s)
+        });
+    }
+
+    fn refresh() -> Acc {
+        let mut acc = ACC.lock().unwrap_or_else(|p| p.into_inner());
+        let acc = acc.get_or_insert_with(Acc::default);
+        if let Some(Some(s)) = SNAP.get() {
+            for (ck, _, _, v) in s.snapshot().into_vec() {
+                let (_, key) = ck.into_parts();
+                let mut labels: Vec<(String, String)> = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                labels.sort();
+                let k = (key.name().to_owned(), labels);
+                match v {
+                    DebugValue::Counter(n) => *acc.counters.entry(k).or_default() += n,
+                    DebugValue::Gauge(g) => {
+                        acc.gauges.insert(k, g.into_inner());
+                    }
+                    DebugValue::Histogram(h) => acc
+                        .histograms
+                        .entry(k)
+                        .or_default()
+                        .extend(h.into_iter().map(|x| x.into_inner())),
+                }
+            }
+        }
+        acc.clone()
+    }
+
+    fn matches(k: &Key, name: &str, labels: &[(&str, &str)]) -> bool {
+        k.0 == name
+            && labels
+                .iter()
+                .all(|(lk, lv)| k.1.iter().any(|(a, b)| a == lk && b == lv))
+    }
+
+    /// Sum of the counters `name` whose labels include `labels`.
+    pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+        refresh()
+            .counters
+            .iter()
+            .filter(|(k, _)| matches(k, name, labels))
+            .map(|(_, v)| *v)
+            .sum()
+    }
+
+    /// The last value of the gauge `name` with `labels`, if any.
+    pub fn gauge(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        refresh()
+            .gauges
+            .iter()
+            .find(|(k, _)| matches(k, name, labels))
+            .map(|(_, v)| *v)
+    }
+
+    /// Every sample of the histograms `name` with `labels`.
+    pub fn histogram(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        refresh()
+            .histograms
+            .iter()
+            .filter(|(k, _)| matches(k, name, labels))
+            .flat_map(|(_, v)| v.clone())
+            .collect()
+    }
+}

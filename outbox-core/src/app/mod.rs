@@ -90,6 +90,8 @@ pub struct App {
     pending: Vec<Error>,
     signals: bool,
     validate_schema: bool,
+    #[cfg(feature = "prometheus")]
+    prometheus: Option<std::net::SocketAddr>,
 }
 
 impl fmt::Debug for App {
@@ -135,6 +137,8 @@ impl App {
             pending: Vec::new(),
             signals: true,
             validate_schema: false,
+            #[cfg(feature = "prometheus")]
+            prometheus: None,
         }
     }
 
@@ -185,6 +189,15 @@ impl App {
         self
     }
 
+    /// Serves the [metrics](crate::telemetry) in the Prometheus text format on
+    /// `GET http://<addr>/metrics` (feature `prometheus`); installed first thing
+    /// in [`run`](Self::run).
+    #[cfg(feature = "prometheus")]
+    pub fn prometheus(mut self, addr: std::net::SocketAddr) -> Self {
+        self.prometheus = Some(addr);
+        self
+    }
+
     /// Runs before the subscribers start; an error aborts startup.
     pub fn on_startup(mut self, hook: impl IntoHook) -> Self {
         self.on_startup.push(hook.into_hook());
@@ -226,6 +239,10 @@ impl App {
     pub async fn run(mut self) -> Result<()> {
         if let Some(e) = self.pending.pop() {
             return Err(e);
+        }
+        #[cfg(feature = "prometheus")]
+        if let Some(addr) = self.prometheus {
+            crate::telemetry::install_prometheus(addr)?;
         }
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
@@ -435,7 +452,10 @@ impl RouteHandler {
             let dest = dest.clone();
             let fut = t.publish(out);
             async move {
-                fut.await.map_err(|source| Error::Transport {
+                let started = std::time::Instant::now();
+                let res = fut.await;
+                crate::telemetry::transport_duration(&name, &dest, res.is_ok(), started.elapsed());
+                res.map_err(|source| Error::Transport {
                     transport: name,
                     source: format!("publishing to {dest:?} failed: {source}").into(),
                 })

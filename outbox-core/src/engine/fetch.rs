@@ -59,6 +59,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             match claimed {
                 Ok(rows) => {
                     let n = rows.len();
+                    shared.metrics.fetched(n);
                     for row in rows {
                         let delivery = Arc::new(Delivery::new(row, token));
                         if let Err(e) = shared.tx.try_send(delivery) {

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::message::Delivery;
 use crate::subscriber::{Subscriber, SubscriberOptions};
 
+pub(crate) use worker::HandlerPanic;
 pub use worker::LAST_EXCEPTION_MAX_CHARS;
 
 /// Where the engine listens for NOTIFY wake-ups.
@@ -107,6 +108,7 @@ pub(crate) struct SubShared {
     pub(crate) rx: Mutex<mpsc::Receiver<Arc<Delivery>>>,
     /// Fetch once at least this many buffer slots are free.
     pub(crate) refill_at: usize,
+    pub(crate) metrics: crate::telemetry::SubMetrics,
 }
 
 impl SubShared {
@@ -242,6 +244,7 @@ impl Engine {
                 tx,
                 rx: Mutex::new(rx),
                 refill_at: (cap / 2).max(1),
+                metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
             });
             let fetch = tokio::spawn(fetch::run(shared.clone()));
             let workers = (0..sub.options().get_max_workers())
@@ -430,6 +433,7 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
         }
     }
     if timed_out {
+        s.shared.metrics.drain_timeout();
         tracing::warn!(
             event = "drain_timeout",
             subscriber = %name,

@@ -3,7 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures_util::FutureExt;
@@ -25,7 +25,7 @@ const TRUNCATED: &str = "…[truncated]";
 /// A handler panic, turned into an error.
 #[derive(Debug, thiserror::Error)]
 #[error("handler panicked: {0}")]
-pub(crate) struct HandlerPanic(String);
+pub(crate) struct HandlerPanic(pub(crate) String);
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
@@ -37,10 +37,25 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// What a buffered delete records once it landed.
+#[derive(Debug, Clone, Copy)]
+enum PendingKind {
+    Ack,
+    Terminal(FailureReason, &'static str),
+}
+
 /// A buffered delete (batched acks and plain terminals).
 struct Pending {
     delivery: Arc<Delivery>,
-    what: &'static str,
+    kind: PendingKind,
+    duration: Option<Duration>,
+}
+
+/// How a single guarded write ended.
+enum Landed {
+    Yes,
+    LeaseLost,
+    Failed,
 }
 
 struct Worker {
@@ -112,22 +127,26 @@ impl Worker {
     }
 
     async fn process(&mut self, delivery: Arc<Delivery>) {
-        let (outcome, error) = self.dispatch(&delivery).await;
+        let (outcome, error, duration) = self.dispatch(&delivery).await;
         let row = &delivery.row;
+        let kind = crate::telemetry::error_kind(error.as_ref());
         let batched = self.shared.opts().get_terminal_flush_batch_size() > 1;
         match outcome {
             Outcome::Ack => {
                 if batched {
                     self.batch.push(Pending {
                         delivery,
-                        what: "ack",
+                        kind: PendingKind::Ack,
+                        duration,
                     });
                 } else {
                     let w = Write::Delete {
                         id: row.id,
                         token: delivery.token,
                     };
-                    self.write_single(&delivery, &w, "terminal").await;
+                    if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
+                        self.shared.metrics.acked(&row.queue, duration);
+                    }
                 }
             }
             Outcome::Retry { delay } => {
@@ -136,7 +155,8 @@ impl Worker {
                     token: delivery.token,
                     delay,
                 };
-                if self.write_single(&delivery, &w, "retry").await {
+                if let Landed::Yes = self.write_single(&delivery, &w, "retry").await {
+                    self.shared.metrics.retried(&row.queue, kind, duration);
                     tracing::warn!(
                         queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
                         attempt = row.attempts_count + 1,
@@ -154,7 +174,14 @@ impl Worker {
                         reason: reason.as_str(),
                         last_exception: text.clone(),
                     };
-                    if self.write_single(&delivery, &w, "terminal").await {
+                    if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
+                        self.shared.metrics.terminal(
+                            &row.queue,
+                            reason.as_str(),
+                            kind,
+                            duration,
+                            true,
+                        );
                         tracing::error!(
                             queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
                             reason = reason.as_str(),
@@ -172,14 +199,23 @@ impl Worker {
                     if batched {
                         self.batch.push(Pending {
                             delivery,
-                            what: "terminal",
+                            kind: PendingKind::Terminal(reason, kind),
+                            duration,
                         });
                     } else {
                         let w = Write::Delete {
                             id: row.id,
                             token: delivery.token,
                         };
-                        self.write_single(&delivery, &w, "terminal").await;
+                        if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
+                            self.shared.metrics.terminal(
+                                &row.queue,
+                                reason.as_str(),
+                                kind,
+                                duration,
+                                false,
+                            );
+                        }
                     }
                 }
             }
@@ -188,7 +224,10 @@ impl Worker {
 
     /// Runs the handler (unless `max_deliveries` is exceeded) and decides the
     /// outcome. Never panics: a panicking handler or strategy is an error.
-    async fn dispatch(&self, delivery: &Arc<Delivery>) -> (Outcome, Option<BoxError>) {
+    async fn dispatch(
+        &self,
+        delivery: &Arc<Delivery>,
+    ) -> (Outcome, Option<BoxError>, Option<Duration>) {
         let row = &delivery.row;
         let opts = self.shared.opts();
         if let Some(max) = opts.get_max_deliveries()
@@ -205,6 +244,7 @@ impl Worker {
                         reason: FailureReason::MaxDeliveries,
                     },
                     None,
+                    None,
                 );
             }
         }
@@ -217,12 +257,15 @@ impl Worker {
             deliveries_count = row.deliveries_count,
         );
         let msg = Message::new(delivery.clone());
+        self.shared.metrics.dispatched(&row.queue);
+        let started = Instant::now();
         let fut = self.shared.sub.handler().call(msg);
         let result = match AssertUnwindSafe(fut).catch_unwind().instrument(span).await {
             Ok(r) => r,
             Err(p) => Err(Box::new(HandlerPanic(panic_message(p))) as BoxError),
         };
-        self.resolve(delivery, result)
+        let (outcome, error) = self.resolve(delivery, result);
+        (outcome, error, Some(started.elapsed()))
     }
 
     fn resolve(
@@ -311,15 +354,36 @@ impl Worker {
     /// Writes one guarded statement; `false` if the lease was lost or the
     /// write could not be made (the row then stays leased and is redelivered
     /// after the lease expires).
-    async fn write_single(&mut self, delivery: &Delivery, w: &Write, phase: &'static str) -> bool {
+    async fn write_single(
+        &mut self,
+        delivery: &Delivery,
+        w: &Write,
+        phase: &'static str,
+    ) -> Landed {
         match self.write(delivery.claimed_at, w).await {
             Some(Written::Rows(0)) => {
-                lease_lost(delivery, phase);
-                false
+                self.lease_lost(delivery, phase);
+                Landed::LeaseLost
             }
-            Some(_) => true,
-            None => false,
+            Some(_) => Landed::Yes,
+            None => {
+                self.shared.metrics.abandoned(&delivery.row.queue);
+                Landed::Failed
+            }
         }
+    }
+
+    fn lease_lost(&self, delivery: &Delivery, phase: &'static str) {
+        self.shared.metrics.lease_lost(&delivery.row.queue, phase);
+        let row = &delivery.row;
+        tracing::warn!(
+            event = "lease_lost",
+            phase,
+            row_id = row.id,
+            queue = %row.queue,
+            deliveries_count = row.deliveries_count,
+            "outbox row {} lease expired before {phase} write; skipping", row.id
+        );
     }
 
     /// Executes a write, reconnecting and retrying while the lease can still
@@ -391,35 +455,28 @@ impl Worker {
             tokens: batch.iter().map(|p| p.delivery.token).collect(),
         };
         if let Some(Written::Ids(done)) = self.write(oldest, &w).await {
-            if done.len() != batch.len() {
-                let done: std::collections::HashSet<i64> = done.into_iter().collect();
-                for p in batch.iter().filter(|p| !done.contains(&p.delivery.row.id)) {
-                    lease_lost(&p.delivery, "terminal");
+            let done: std::collections::HashSet<i64> = done.into_iter().collect();
+            for p in &batch {
+                let q = &p.delivery.row.queue;
+                if !done.contains(&p.delivery.row.id) {
+                    self.lease_lost(&p.delivery, "terminal");
+                    continue;
+                }
+                let m = &self.shared.metrics;
+                match p.kind {
+                    PendingKind::Ack => m.acked(q, p.duration),
+                    PendingKind::Terminal(reason, kind) => {
+                        m.terminal(q, reason.as_str(), kind, p.duration, false)
+                    }
                 }
             }
             tracing::debug!(count = batch.len(), "flushed batched deletes");
         } else {
             for p in &batch {
-                tracing::debug!(
-                    row_id = p.delivery.row.id,
-                    what = p.what,
-                    "batched delete not written"
-                );
+                self.shared.metrics.abandoned(&p.delivery.row.queue);
             }
         }
     }
-}
-
-fn lease_lost(delivery: &Delivery, phase: &'static str) {
-    let row = &delivery.row;
-    tracing::warn!(
-        event = "lease_lost",
-        phase,
-        row_id = row.id,
-        queue = %row.queue,
-        deliveries_count = row.deliveries_count,
-        "outbox row {} lease expired before {phase} write; skipping", row.id
-    );
 }
 
 /// The error and its sources, `": "`-separated.

@@ -1,0 +1,69 @@
+//! The opt-in Prometheus exporter (feature `prometheus`): the App serves the
+//! metrics on `/metrics`. In its own test binary: it installs the global
+//! recorder.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use outbox_core::{App, Message, Route};
+use tests::{TestDb, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn the_app_serves_prometheus_metrics() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let route = Route::builder(["prom"])
+        .name("prom-sub")
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(100))
+        .handler(|_m: Message, _c| async {});
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .prometheus(addr)
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish(&1, "prom", &mut conn).await?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            db.count().await.unwrap() == 0
+        })
+        .await
+    );
+    let mut body = String::new();
+    for _ in 0..100 {
+        body = scrape(addr).await.unwrap_or_default();
+        if body.contains("outbox_acked_total") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("outbox_published_total{queue=\"prom\",status=\"success\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("outbox_acked_total{queue=\"prom\",subscriber=\"prom-sub\"} 1"),
+        "{body}"
+    );
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}
