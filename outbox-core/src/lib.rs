@@ -18,6 +18,8 @@ mod handler;
 mod ident;
 mod message;
 pub mod ops;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod publish;
 pub mod retry;
 mod row;

@@ -209,8 +209,11 @@ pub(crate) async fn publish<T: Serialize + ?Sized>(
 ) -> Result<Option<i64>> {
     let schedule = opts.validate_single()?;
     validate_queue(queue)?;
-    let (payload, headers) =
-        envelope::encode(body, opts.headers.clone(), opts.correlation_id.as_deref())?;
+    #[allow(unused_mut)]
+    let mut user_headers = opts.headers.clone();
+    #[cfg(feature = "otel")]
+    crate::otel::inject_current(&mut user_headers);
+    let (payload, headers) = envelope::encode(body, user_headers, opts.correlation_id.as_deref())?;
     let timer = match (&opts.timer_id, opts.timer_conflict) {
         (None, _) => TimerKind::None,
         (Some(_), TimerConflict::Ignore) => TimerKind::Ignore,
@@ -255,8 +258,12 @@ where
     validate_queue(queue)?;
     let mut payloads = Vec::new();
     let mut headers = Vec::new();
+    #[allow(unused_mut)]
+    let mut shared = opts.headers.clone();
+    #[cfg(feature = "otel")]
+    crate::otel::inject_current(&mut shared);
     for body in bodies {
-        let (p, h) = envelope::encode(&body, opts.headers.clone(), None)?;
+        let (p, h) = envelope::encode(&body, shared.clone(), None)?;
         payloads.push(p);
         headers.push(Json(h));
     }

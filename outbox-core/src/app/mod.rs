@@ -489,5 +489,7 @@ fn outgoing_headers(msg: &Message, reply: &Reply, propagate: bool) -> Result<Hea
         .unwrap_or_else(|| msg.correlation_id());
     let mut headers = envelope::finish_headers(headers, reply.content_type, Some(&correlation))?;
     headers.insert(OUTBOX_ID.to_owned(), msg.id().to_string());
+    #[cfg(feature = "otel")]
+    crate::otel::inject_current_overriding(&mut headers);
     Ok(headers)
 }

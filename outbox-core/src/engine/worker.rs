@@ -250,12 +250,23 @@ impl Worker {
         }
         let span = tracing::info_span!(
             "outbox.deliver",
+            otel.name = %format_args!("{} process", row.queue),
+            otel.kind = "consumer",
+            messaging.system = "outbox",
+            messaging.operation.type = "process",
+            messaging.destination.name = %row.queue,
+            messaging.message.id = row.id,
+            messaging.message.conversation_id = %row.correlation_id(),
+            messaging.outbox.deliveries_count = row.deliveries_count,
+            messaging.consumer.group.name = %self.shared.sub.name(),
             subscriber = %self.shared.sub.name(),
             queue = %row.queue,
             row_id = row.id,
             correlation_id = %row.correlation_id(),
             deliveries_count = row.deliveries_count,
         );
+        #[cfg(feature = "otel")]
+        crate::otel::continue_trace(&span, &row.headers, row.deliveries_count);
         let msg = Message::new(delivery.clone());
         self.shared.metrics.dispatched(&row.queue);
         let started = Instant::now();
