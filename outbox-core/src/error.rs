@@ -53,12 +53,15 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
-    /// A transport (Kafka, the in-process transport, …) failed to connect or to
-    /// confirm a publish.
-    #[error("transport `{transport}`: {source}")]
+    /// A transport (Kafka, the in-process transport, …) did not confirm a
+    /// publish. The transport's own error is the source: a retry strategy can
+    /// downcast it (e.g. to `outbox_kafka::Error` and its `is_retryable()`).
+    #[error("transport `{transport}` could not publish to {destination:?}: {source}")]
     Transport {
         /// The transport's registered name.
         transport: String,
+        /// The destination (topic, exchange, subject…).
+        destination: String,
         /// What the transport reported.
         #[source]
         source: BoxError,

@@ -331,6 +331,11 @@ impl SubscriberBuilder {
         &self.queues
     }
 
+    /// The options given so far.
+    pub fn options_ref(&self) -> &SubscriberOptions {
+        &self.options
+    }
+
     /// Names the subscriber (logs, metrics, duplicate detection).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());

@@ -1,1 +1,165 @@
-//! placeholder
+//! # outbox-kafka
+//!
+//! The Kafka transport of [`outbox_core`]: handler results of routes with
+//! `publish_to("kafka", "topic")` become Kafka records, produced with
+//! [rdkafka](https://docs.rs/rdkafka) (librdkafka).
+//!
+//! ```no_run
+//! use outbox_core::{App, BoxError, Message, OutboxBroker, Response, Route};
+//! use outbox_kafka::KafkaBroker;
+//!
+//! # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
+//! let kafka = KafkaBroker::new("localhost:9092");
+//! let relay = Route::builder(["orders"])
+//!     .publish_to("kafka", "orders.kafka")
+//!     .handler(|msg: Message, _| async move {
+//!         let order_id: i64 = msg.decode()?;
+//!         Ok::<_, BoxError>(Response::new(order_id).key(order_id.to_string()))
+//!     });
+//! App::new(outbox)
+//!     .subscriber(relay)
+//!     .on_startup(kafka.connect()) // creates the producer, checks the cluster, registers "kafka"
+//!     .run()
+//!     .await
+//! # }
+//! ```
+//!
+//! [`KafkaBroker::connect`] is a startup hook: it creates the producer,
+//! checks that the cluster answers a metadata request within
+//! [`connect_timeout`](KafkaBroker::connect_timeout) (10 s) and registers the
+//! transport. If the cluster does not answer, `App::run` fails before
+//! anything is consumed, with an error naming the bootstrap address and what
+//! to check. [`KafkaBroker::connect_transport`] gives a [`KafkaTransport`]
+//! without an `App` (tests, embedding).
+//!
+//! ## Delivery contract: at least once
+//!
+//! [`Transport::publish`](outbox_core::Transport::publish) resolves only on a
+//! **positive delivery report** from librdkafka (with the default `acks=all`:
+//! the record is on every in-sync replica). The runtime deletes the outbox
+//! row only after that. Any failure (broker down, timeout, refusal) is an
+//! error: the row is nacked and retried by the subscriber's retry strategy.
+//!
+//! A record can arrive **more than once**: when the relay crashes (or its
+//! database connection fails) between Kafka's acknowledgement and the row's
+//! delete, or when a delivery times out after the record was in fact written,
+//! the row is handled again and produced again. Consumers deduplicate with
+//! the `outbox-id` header, which is the outbox row id and is the same on every
+//! copy. The idempotent producer (default) rules out duplicates caused by
+//! librdkafka's own internal retries.
+//!
+//! Ordering: records with the same key go to the same partition. Rows are
+//! handled concurrently (`max_workers`) and retried independently, so the
+//! order of the rows in the outbox is not preserved on the topic; use
+//! `max_workers(1)` and a retry strategy that blocks if you need it.
+//!
+//! ## What a record looks like
+//!
+//! | record part | value |
+//! |---|---|
+//! | topic | the route's destination (`publish_to("kafka", "orders.kafka")`) |
+//! | key | [`Response::key`](outbox_core::Response::key), or none (then librdkafka's partitioner spreads records) |
+//! | value | the handler's result, encoded like a published body (JSON by default) |
+//! | headers | exactly the headers the runtime assembled, one Kafka header each, UTF-8 values |
+//!
+//! The headers are:
+//!
+//! | header | content |
+//! |---|---|
+//! | `content-type` | `application/json`, `text/plain`, … (from the result's encoding) |
+//! | `correlation_id` | the response's correlation id, else the inbound row's |
+//! | `outbox-id` | the outbox row id, for consumer-side deduplication |
+//! | explicit headers | [`Response::header`](outbox_core::Response::header) |
+//! | propagated headers | the inbound row's headers, with `propagate_headers(true)` on the route |
+//!
+//! ## Configuration
+//!
+//! [`KafkaBroker`] has typed setters for the keys an outbox relies on, with
+//! defaults chosen for it, and [`KafkaBroker::set`] for any other librdkafka
+//! producer property:
+//!
+//! | key | default | why |
+//! |---|---|---|
+//! | `bootstrap.servers` | (required) | |
+//! | `client.id` | `outbox-kafka` | |
+//! | `acks` | `all` | a record acknowledged only by a leader that then dies is lost, though its row is gone |
+//! | `enable.idempotence` | `true` | librdkafka's internal retries cannot duplicate or reorder |
+//! | `compression.type` | `none` | |
+//! | `linger.ms` | `5` | librdkafka's default; each row waits up to that long |
+//! | `message.timeout.ms` | `30000` | below the default `lease_ttl` (60 s) of subscribers, see below |
+//!
+//! plus, outside librdkafka, the transport name (`kafka`), the startup
+//! connect timeout (10 s) and the flush timeout at shutdown (10 s). Secret
+//! properties are redacted in `Debug` and error messages. For TLS, SASL/GSSAPI
+//! or zstd, enable the matching feature of `rdkafka` in your own `Cargo.toml`
+//! (`rdkafka = { version = "0.39", features = ["ssl", "zstd"] }`): cargo
+//! unifies features, and this crate re-exports that [`rdkafka`].
+//!
+//! Keep `message.timeout.ms` plus the handler's own run time below the
+//! subscriber's `lease_ttl`: the lease is not extended while a publish waits,
+//! so a longer wait lets another worker claim the row and produce it again.
+//!
+//! ## Kafka outages and the dead-letter table
+//!
+//! During an outage librdkafka keeps each record queued and retries on its own
+//! until `message.timeout.ms`; an outage shorter than that is invisible except
+//! for latency (the publish is just slow). After it, the publish fails with
+//! [`Error::DeliveryTimeout`], the row is nacked, and the subscriber's
+//! [retry strategy](outbox_core::retry) schedules the next attempt. Each
+//! attempt costs up to `message.timeout.ms` plus the strategy's delay, so
+//! rows survive an outage of about
+//!
+//! ```text
+//! max_attempts × message.timeout.ms + sum of the strategy's delays
+//! ```
+//!
+//! With the defaults (`ExponentialRetry`: 1 s × 2 up to 300 s, 10 attempts;
+//! 30 s timeout) that is 10 × 30 s + (1 + 2 + … + 256) s ≈ 13.5 minutes (±10 %
+//! jitter). When the strategy gives up, the row goes to the dead-letter table
+//! (`failure_reason = retry_terminal`, the Kafka error in `last_exception`),
+//! or is deleted when the broker has no dead-letter table configured. Size the
+//! budget to the longest outage you want to ride out, e.g.
+//! `ExponentialRetry::new(1s).max_delay(60s).max_total_delay(2h)` on the
+//! route, and configure a dead-letter table so that nothing is dropped
+//! silently. [`Error::is_retryable`] tells transient failures from permanent
+//! ones (record too large, not authorized) for custom
+//! strategies.
+//!
+//! A producer that cannot recover by itself (a librdkafka fatal error, or a
+//! producer id fenced by the cluster, as can happen after in-flight requests
+//! timed out during an outage) is replaced by a fresh one: the publishes it
+//! failed return [`Error::Fatal`] and their rows are retried as usual.
+//!
+//! ## Using a real cluster
+//!
+//! Any Kafka-protocol cluster works: point [`KafkaBroker::new`] at its
+//! bootstrap servers. The single-broker KRaft `confluentinc/cp-kafka:7.6.0`
+//! docker-compose service of the outbox tutorial (host listener advertised
+//! as `localhost:9092`) works unchanged with `KafkaBroker::new("localhost:9092")`;
+//! it auto-creates topics on first produce. Clusters with
+//! `auto.create.topics.enable=false` need the topics created beforehand: a
+//! record for a missing topic fails with [`Error::Delivery`] /
+//! `UnknownTopicOrPartition` after `topic.metadata.propagation.max.ms` (30 s)
+//! and is retried like any transient failure, so its row waits in the outbox
+//! until the topic exists or the retry budget ends. Replicated clusters should
+//! set the topic's `min.insync.replicas` ≥ 2 for `acks=all` to mean
+//! something.
+//!
+//! librdkafka's log lines and client errors are forwarded to `tracing`
+//! (target `librdkafka`, field `transport`).
+
+mod config;
+mod context;
+mod error;
+mod transport;
+
+pub use config::{
+    Acks, Compression, DEFAULT_CLIENT_ID, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME, KafkaBroker,
+};
+pub use error::{Error, Result};
+pub use transport::KafkaTransport;
+
+/// The `rdkafka` crate this transport is built on (for `ClientConfig`,
+/// error codes and the mock cluster).
+pub use rdkafka;

@@ -14,6 +14,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tracing_subscriber::Layer as _;
 
+pub mod kafka;
+
 /// The test database URL (`OUTBOX_TEST_DATABASE_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/outbox_test`).
 pub fn database_url() -> String {

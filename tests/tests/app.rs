@@ -308,3 +308,114 @@ async fn state_and_message_parameters() -> R {
     run.await??;
     Ok(())
 }
+
+/// Gives up at once on transport failures, retries everything else.
+#[derive(Debug)]
+struct NoRetryOnTransport;
+
+impl outbox_core::RetryStrategy for NoRetryOnTransport {
+    fn next_delay(
+        &self,
+        ctx: &outbox_core::retry::RetryContext<'_>,
+    ) -> Result<Option<Duration>, BoxError> {
+        let transport_failed = ctx
+            .error
+            .and_then(|e| e.downcast_ref::<outbox_core::Error>())
+            .is_some_and(|e| {
+                matches!(e, outbox_core::Error::Transport { source, destination, .. }
+                if destination == "out" && source.is::<outbox_core::transport::InjectedFailure>())
+            });
+        Ok(if transport_failed {
+            None
+        } else {
+            Some(Duration::from_millis(10))
+        })
+    }
+}
+
+#[tokio::test]
+async fn retry_strategies_see_the_transports_own_error() -> R {
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    kafka.fail_next(1);
+    let route = fast(Route::builder(["q"]))
+        .retry(NoRetryOnTransport)
+        .publish_to("kafka", "out")
+        .handler(|_m: Message, _c| async { Ok::<_, BoxError>(Response::new(1)) });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(kafka.clone())
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish(&1, "q", &mut conn).await?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            db.dlq_count().await.unwrap() == 1
+        })
+        .await
+    );
+    stop.shutdown();
+    run.await??;
+    let text: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT last_exception FROM {}",
+        db.d()
+    )))
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(
+        text.starts_with("transport `kafka` could not publish to \"out\": injected failure"),
+        "{text}"
+    );
+    assert!(kafka.messages().is_empty());
+    Ok(())
+}
+
+/// A transport whose publishes may take 10 minutes.
+#[derive(Clone)]
+struct Slow(MemoryTransport);
+
+impl outbox_core::Transport for Slow {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn publish(
+        &self,
+        msg: outbox_core::Outgoing,
+    ) -> outbox_core::__private::BoxFuture<'static, Result<(), BoxError>> {
+        self.0.publish(msg)
+    }
+    fn max_publish_time(&self) -> Option<Duration> {
+        Some(Duration::from_secs(600))
+    }
+}
+
+#[tokio::test]
+async fn a_lease_shorter_than_the_transport_timeout_is_warned_about() -> R {
+    let db = TestDb::new().await?;
+    let route = fast(Route::builder(["q"]))
+        .name("short-lease")
+        .publish_to("slow", "out")
+        .handler(|_m: Message, _c| async {});
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(Slow(MemoryTransport::new("slow")))
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    assert!(
+        wait_until(Duration::from_secs(5), || async {
+            !tests::captured(|c| {
+                c.message.contains("short-lease") && c.message.contains("not longer than the 600s")
+            })
+            .is_empty()
+        })
+        .await
+    );
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}

@@ -331,6 +331,18 @@ impl App {
                         ctx.transport_names()
                     )));
                 };
+                let lease = route.builder.options_ref().get_lease_ttl();
+                if let Some(max) = transport.max_publish_time()
+                    && lease <= max
+                {
+                    tracing::warn!(
+                        "subscriber {} has lease_ttl {lease:?}, not longer than the {max:?} a publish to \
+                         transport `{}` may wait: a slow publish can let another worker claim the row and \
+                         publish it again; raise lease_ttl or lower the transport's timeout",
+                        route.describe(),
+                        t.transport
+                    );
+                }
                 targets.push((transport, t.destination.clone()));
             }
             for req in &route.requirements {
@@ -457,7 +469,8 @@ impl RouteHandler {
                 crate::telemetry::transport_duration(&name, &dest, res.is_ok(), started.elapsed());
                 res.map_err(|source| Error::Transport {
                     transport: name,
-                    source: format!("publishing to {dest:?} failed: {source}").into(),
+                    destination: dest,
+                    source,
                 })
             }
         });

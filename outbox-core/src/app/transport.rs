@@ -60,6 +60,14 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends `msg`; resolves when the bus confirmed it, or with the error.
     fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>>;
 
+    /// The longest a [`publish`](Self::publish) may wait for the bus (for
+    /// Kafka, `message.timeout.ms`), if bounded. `App::run` warns when a
+    /// subscriber's `lease_ttl` is not longer: the lease is not extended while
+    /// a publish waits, so the row could be claimed and published again.
+    fn max_publish_time(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Flushes and closes; called once at shutdown, after the subscribers
     /// have drained.
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {

@@ -1,0 +1,284 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// `Result` with this crate's [`enum@Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the Kafka transport can report.
+///
+/// Every variant that concerns one record names its topic; the librdkafka
+/// error is kept as the [`source`](std::error::Error::source). Use
+/// [`Error::is_retryable`] to tell a transient failure (broker down, timeout,
+/// leader election, topic not created yet: retrying the row later may
+/// succeed) from a permanent one (record too large, not authorized).
+///
+/// ```
+/// use outbox_kafka::Error;
+///
+/// fn should_retry(e: &(dyn std::error::Error + 'static)) -> bool {
+///     // Walk the source chain: the runtime may wrap the transport's error.
+///     let mut cur = Some(e);
+///     while let Some(err) = cur {
+///         if let Some(kafka) = err.downcast_ref::<Error>() {
+///             return kafka.is_retryable();
+///         }
+///         cur = err.source();
+///     }
+///     true
+/// }
+/// # let _ = should_retry;
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was refused before anything was sent: an unknown
+    /// librdkafka property, a bad value, or contradicting settings (e.g.
+    /// idempotence without `acks=all`). Fix the configuration.
+    #[error("invalid Kafka configuration for transport `{transport}`: {reason}")]
+    InvalidConfig {
+        /// The transport's registered name.
+        transport: String,
+        /// What is wrong and how to fix it (secret values are never included).
+        reason: String,
+        /// The librdkafka error, when there is one (omitted when it would
+        /// echo a secret value).
+        #[source]
+        source: Option<Box<KafkaError>>,
+    },
+
+    /// The cluster did not answer a metadata request in time at startup.
+    #[error(
+        "cannot reach the Kafka cluster at `{bootstrap}` (transport `{transport}`): no answer to a \
+         metadata request within {timeout:?} ({source}). Check that the brokers are running and \
+         reachable from this host, that the bootstrap address is right, that the brokers' \
+         advertised listeners resolve and are reachable from here, and that `security.protocol` / \
+         SASL settings match the listener"
+    )]
+    Unreachable {
+        /// The transport's registered name.
+        transport: String,
+        /// The configured `bootstrap.servers`.
+        bootstrap: String,
+        /// How long the check waited.
+        timeout: Duration,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    /// The producer refused to enqueue the record (nothing was sent): the
+    /// local queue stayed full for `message.timeout.ms`, the record is larger
+    /// than `message.max.bytes`…
+    #[error(
+        "the Kafka producer refused the record for topic {topic:?} before sending it: {source}"
+    )]
+    Produce {
+        /// The destination topic.
+        topic: String,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    /// The record was not confirmed within `message.timeout.ms` (brokers
+    /// unreachable or too slow). It may or may not have been written: the
+    /// row is retried, so the record may arrive twice.
+    #[error(
+        "Kafka did not confirm the record for topic {topic:?} within message.timeout.ms \
+         ({timeout:?}): {source}; are the brokers reachable?"
+    )]
+    DeliveryTimeout {
+        /// The destination topic.
+        topic: String,
+        /// The effective `message.timeout.ms`.
+        timeout: Duration,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    /// The cluster answered the produce request with an error (after the
+    /// producer's own retries, for retriable ones).
+    #[error("Kafka refused the record for topic {topic:?}: {source}")]
+    Delivery {
+        /// The destination topic.
+        topic: String,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    /// The producer cannot be used any more: librdkafka raised a fatal error
+    /// (e.g. an idempotence guarantee could not be kept), or the cluster
+    /// fenced its producer id (`ProducerFenced`, `InvalidProducerEpoch`). The
+    /// transport replaced it with a fresh producer; retrying the row is safe.
+    #[error(
+        "the Kafka producer became unusable while producing to topic {topic:?}: {reason}; \
+         it was replaced by a new producer"
+    )]
+    Fatal {
+        /// The destination topic.
+        topic: String,
+        /// librdkafka's description of the fatal error.
+        reason: String,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    /// The producer was shut down before it reported on the record.
+    #[error("the Kafka producer was closed before confirming the record for topic {topic:?}")]
+    Canceled {
+        /// The destination topic.
+        topic: String,
+    },
+
+    /// Flushing at shutdown did not finish in time: records still queued
+    /// were not confirmed (their rows are retried by the next relay).
+    #[error(
+        "flushing the Kafka producer of transport `{transport}` did not finish within \
+         {timeout:?}: {source}"
+    )]
+    Flush {
+        /// The transport's registered name.
+        transport: String,
+        /// The flush budget.
+        timeout: Duration,
+        /// The librdkafka error.
+        #[source]
+        source: Box<KafkaError>,
+    },
+}
+
+impl Error {
+    /// True when retrying later may succeed (broker down, timeouts, leader
+    /// changes, a replaced producer…); false for failures that will repeat
+    /// until the configuration or the record changes (invalid configuration,
+    /// record too large, authorization…). A missing topic counts as
+    /// retryable: the row can go through once the topic is created.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::InvalidConfig { .. } => false,
+            Error::Unreachable { .. }
+            | Error::DeliveryTimeout { .. }
+            | Error::Fatal { .. }
+            | Error::Canceled { .. }
+            | Error::Flush { .. } => true,
+            Error::Produce { source, .. } | Error::Delivery { source, .. } => {
+                source.rdkafka_error_code().is_none_or(code_is_retryable)
+            }
+        }
+    }
+
+    /// The destination topic, for the variants about one record.
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Error::Produce { topic, .. }
+            | Error::DeliveryTimeout { topic, .. }
+            | Error::Delivery { topic, .. }
+            | Error::Fatal { topic, .. }
+            | Error::Canceled { topic } => Some(topic),
+            Error::InvalidConfig { .. } | Error::Unreachable { .. } | Error::Flush { .. } => None,
+        }
+    }
+
+    /// The librdkafka error code, if any.
+    pub fn rdkafka_error_code(&self) -> Option<RDKafkaErrorCode> {
+        match self {
+            Error::InvalidConfig { source, .. } => {
+                source.as_ref().and_then(|e| e.rdkafka_error_code())
+            }
+            Error::Unreachable { source, .. }
+            | Error::Produce { source, .. }
+            | Error::DeliveryTimeout { source, .. }
+            | Error::Delivery { source, .. }
+            | Error::Fatal { source, .. }
+            | Error::Flush { source, .. } => source.rdkafka_error_code(),
+            Error::Canceled { .. } => None,
+        }
+    }
+}
+
+/// Codes that will repeat on retry unless the record, the topic or the
+/// configuration changes. Everything else is treated as transient: wrongly
+/// retrying a permanent error costs a few attempts before the retry strategy
+/// gives up, wrongly giving up on a transient one dead-letters a good row.
+fn code_is_retryable(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    !matches!(
+        code,
+        C::BadMessage
+            | C::BadCompression
+            | C::InvalidArgument
+            | C::Authentication
+            | C::UnsupportedFeature
+            | C::NotImplemented
+            | C::KeySerialization
+            | C::ValueSerialization
+            | C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::MessageSizeTooLarge
+            | C::InvalidTopic
+            | C::MessageBatchTooLarge
+            | C::InvalidRequiredAcks
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::InvalidTimestamp
+            | C::UnsupportedSASLMechanism
+            | C::SaslAuthenticationFailed
+            | C::UnsupportedVersion
+            | C::UnsupportedForMessageFormat
+            | C::UnsupportedCompressionType
+            | C::InvalidConfig
+            | C::InvalidRequest
+            | C::PolicyViolation
+            | C::InvalidRecord
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(code: RDKafkaErrorCode) -> Error {
+        Error::Delivery {
+            topic: "t".into(),
+            source: Box::new(KafkaError::MessageProduction(code)),
+        }
+    }
+
+    #[test]
+    fn classifies_transient_and_permanent_errors() {
+        assert!(delivery(RDKafkaErrorCode::NotEnoughReplicas).is_retryable());
+        assert!(delivery(RDKafkaErrorCode::AllBrokersDown).is_retryable());
+        assert!(delivery(RDKafkaErrorCode::RequestTimedOut).is_retryable());
+        assert!(!delivery(RDKafkaErrorCode::MessageSizeTooLarge).is_retryable());
+        assert!(!delivery(RDKafkaErrorCode::TopicAuthorizationFailed).is_retryable());
+        let timeout = Error::DeliveryTimeout {
+            topic: "orders".into(),
+            timeout: Duration::from_secs(30),
+            source: Box::new(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut,
+            )),
+        };
+        assert!(timeout.is_retryable());
+        assert_eq!(timeout.topic(), Some("orders"));
+        assert_eq!(
+            timeout.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::MessageTimedOut)
+        );
+        let msg = timeout.to_string();
+        assert!(msg.contains("\"orders\"") && msg.contains("30s"), "{msg}");
+        let config = Error::InvalidConfig {
+            transport: "kafka".into(),
+            reason: "bad".into(),
+            source: None,
+        };
+        assert!(!config.is_retryable());
+    }
+}

@@ -1,0 +1,277 @@
+//! `outbox-kafka` against librdkafka's in-process `MockCluster`, for faults a
+//! real broker cannot easily produce: every broker down for longer than
+//! `message.timeout.ms`, and injected Produce errors. Real PostgreSQL.
+//!
+//! `MockCluster` is `!Send`: it stays in the test's own task (the test body
+//! is not spawned), the `App` runs in a spawned task.
+
+#![allow(clippy::unwrap_used)]
+
+use tests::kafka as support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use support::{Relay, drained, publish, read_back, retries_of, test_kafka};
+use tests::{TestDb, wait_until};
+
+type R = anyhow::Result<()>;
+
+/// All brokers down for longer than `message.timeout.ms`: publishes fail
+/// with a delivery timeout, rows are nacked and retried by the subscriber's
+/// strategy (every 200 ms), and everything is delivered once the brokers are
+/// back. Nothing lost, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_down_longer_than_the_message_timeout_are_ridden_out_by_retries() -> R {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let topic = "mock.down";
+    mock.create_topic(topic, 4, 1)?;
+    let queue = "mock_down";
+
+    let kafka = test_kafka(&bootstrap)
+        .message_timeout(Duration::from_secs(1))
+        .set("reconnect.backoff.max.ms", "200");
+    let relay = Relay::start(&db, queue, topic, kafka);
+    let mut ids: BTreeSet<i64> = publish(&db, queue, 0..10).await?.into_iter().collect();
+    assert!(
+        drained(&db, Duration::from_secs(20)).await,
+        "first rows not relayed"
+    );
+
+    mock.broker_down(-1)?;
+    let down_at = Instant::now();
+    ids.extend(publish(&db, queue, 10..18).await?);
+    // Wait for rows to be nacked more than once: each attempt times out
+    // after 1 s, then waits 200 ms.
+    let retried = wait_until(Duration::from_secs(15), || async {
+        db.scalar(format!(
+            "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
+            db.t()
+        ))
+        .await
+        .unwrap()
+            >= 2
+    })
+    .await;
+    assert!(
+        retried,
+        "rows were not nacked and retried while the brokers were down"
+    );
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down_at.elapsed())).await;
+    let max_attempts = db
+        .scalar(format!(
+            "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
+            db.t()
+        ))
+        .await?;
+    assert!(
+        db.count().await? > 0,
+        "rows were deleted while every broker was down"
+    );
+    mock.broker_up(-1)?;
+    let outage = down_at.elapsed();
+
+    assert!(
+        drained(&db, Duration::from_secs(30)).await,
+        "rows left after the brokers came back"
+    );
+    assert_eq!(db.dlq_count().await?, 0);
+    let warnings = retries_of(queue);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("did not confirm the record for topic \"mock.down\"")),
+        "the nack carries the transport's delivery timeout: {warnings:#?}"
+    );
+    let per_id = read_back(&bootstrap, topic, &ids).await?;
+    let dups: usize = per_id.values().map(|n| n - 1).sum();
+    relay.stop().await?;
+    println!(
+        "outage {outage:?}: {} nacks, max attempts {max_attempts}, {dups} duplicates, {:?} total",
+        warnings.len(),
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// Produce requests answered with retriable errors are retried by the
+/// producer itself: every row is delivered once, no nack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_produce_errors_are_retried_by_the_producer() -> R {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let topic = "mock.retriable";
+    mock.create_topic(topic, 4, 1)?;
+    let queue = "mock_retriable";
+
+    use RDKafkaRespErr::*;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RD_KAFKA_RESP_ERR__TRANSPORT,
+            RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        ],
+    );
+    let kafka = test_kafka(&bootstrap).set("reconnect.backoff.max.ms", "200");
+    let relay = Relay::start(&db, queue, topic, kafka);
+    let ids: BTreeSet<i64> = publish(&db, queue, 0..40).await?.into_iter().collect();
+    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert_eq!(db.dlq_count().await?, 0);
+    let per_id = read_back(&bootstrap, topic, &ids).await?;
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "the idempotent producer's retries must not duplicate: {per_id:?}"
+    );
+    assert_eq!(retries_of(queue), Vec::<String>::new(), "no row was nacked");
+    relay.stop().await?;
+    println!("40 rows through 6 injected errors in {:?}", t0.elapsed());
+    Ok(())
+}
+
+/// Produce requests refused with a permanent error fail the publish: the
+/// row is nacked with the Kafka error and retried by the subscriber's
+/// strategy, then delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_produce_errors_nack_the_row_and_the_strategy_retries_it() -> R {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let topic = "mock.permanent";
+    mock.create_topic(topic, 1, 1)?;
+    let queue = "mock_permanent";
+
+    let kafka = test_kafka(&bootstrap).set("reconnect.backoff.max.ms", "200");
+    let relay = Relay::start(&db, queue, topic, kafka);
+    // Warm up (producer id, metadata) before injecting.
+    let mut ids: BTreeSet<i64> = publish(&db, queue, 0..1).await?.into_iter().collect();
+    assert!(drained(&db, Duration::from_secs(20)).await);
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+        ],
+    );
+    ids.extend(publish(&db, queue, 1..6).await?);
+    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert_eq!(db.dlq_count().await?, 0);
+    let warnings = retries_of(queue);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("Kafka refused the record for topic \"mock.permanent\"")),
+        "the nack carries the broker's refusal: {warnings:#?}"
+    );
+    read_back(&bootstrap, topic, &ids).await?;
+    relay.stop().await?;
+    println!(
+        "{} nacks for 2 refused produce requests, {:?}",
+        warnings.len(),
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// A fatal producer error (`enable.gapless.guarantee` + an out-of-order
+/// sequence) or a fenced producer id make the producer unusable; the
+/// transport replaces it, the rows are retried and delivered.
+async fn an_unusable_producer_is_replaced(
+    queue: &str,
+    extra: &[(&str, &str)],
+    error: RDKafkaRespErr,
+) -> R {
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let topic = format!("mock.{queue}");
+    mock.create_topic(&topic, 1, 1)?;
+
+    let mut kafka = test_kafka(&bootstrap).set("reconnect.backoff.max.ms", "200");
+    for (k, v) in extra {
+        kafka = kafka.set(*k, *v);
+    }
+    let relay = Relay::start(&db, queue, &topic, kafka);
+    // Warm up (producer id, metadata) before injecting.
+    let mut ids: BTreeSet<i64> = publish(&db, queue, 0..1).await?.into_iter().collect();
+    assert!(drained(&db, Duration::from_secs(20)).await);
+    mock.request_errors(RDKafkaApiKey::Produce, &[error]);
+    ids.extend(publish(&db, queue, 1..6).await?);
+    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert_eq!(db.dlq_count().await?, 0);
+    let warnings = retries_of(queue);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("became unusable") && w.contains("replaced by a new producer")),
+        "the nack says the producer was replaced: {warnings:#?}"
+    );
+    read_back(&bootstrap, &topic, &ids).await?;
+    relay.stop().await?;
+    println!("{queue}: {} nacks, {:?}", warnings.len(), t0.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_replaces_the_producer() -> R {
+    an_unusable_producer_is_replaced(
+        "fatal",
+        &[("enable.gapless.guarantee", "true")],
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_is_replaced() -> R {
+    an_unusable_producer_is_replaced(
+        "fenced",
+        &[],
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED,
+    )
+    .await
+}
+
+/// A record for a topic that does not exist (and is not auto-created) fails
+/// after `topic.metadata.propagation.max.ms` with a retryable error: the row
+/// waits in the outbox until someone creates the topic (or the retry budget
+/// ends). Through the embedding API, with the typed error.
+#[tokio::test]
+async fn a_missing_topic_fails_the_publish_with_a_retryable_error() -> R {
+    let mock = MockCluster::new(1)?;
+    let kafka = test_kafka(&mock.bootstrap_servers())
+        .set("allow.auto.create.topics", "false")
+        .set("topic.metadata.propagation.max.ms", "1000")
+        .connect_transport()
+        .await?;
+    let t0 = Instant::now();
+    let err = kafka
+        .send(outbox_core::Outgoing::new("no.such.topic", b"1".to_vec()))
+        .await
+        .expect_err("the topic does not exist");
+    assert!(
+        matches!(&err, outbox_kafka::Error::Delivery { topic, .. } if topic == "no.such.topic"),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.rdkafka_error_code(),
+        Some(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)
+    );
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("no.such.topic"), "{err}");
+    outbox_core::Transport::close(&kafka).await.unwrap();
+    println!("refused after {:?}: {err}", t0.elapsed());
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! Broker outages against the real broker (`KAFKA_BOOTSTRAP`): the broker
+//! is hung with `scripts/kafka.sh pause` (SIGSTOP) mid-stream, then resumed.
+//!
+//! Pausing the shared broker stalls every other Kafka test, so these tests
+//! take the Kafka test lock exclusively (the others take it shared), and a
+//! guard resumes the broker even if a test fails.
+
+#![allow(clippy::unwrap_used)]
+
+use tests::kafka as support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{
+    Paused, Relay, bootstrap, broker_lock, create_topic, drained, kafka_sh, read_back, retries_of,
+    test_kafka,
+};
+use tests::{TestDb, wait_until};
+
+type R = anyhow::Result<()>;
+
+const N: i64 = 120;
+
+/// Publishes `N` rows, one every 25 ms, from a background task.
+struct Stream {
+    committed: Arc<AtomicI64>,
+    task: tokio::task::JoinHandle<BTreeSet<i64>>,
+}
+
+impl Stream {
+    fn start(db: &TestDb, queue: &'static str) -> Self {
+        let (pool, broker) = (db.pool.clone(), db.broker.clone());
+        let committed = Arc::new(AtomicI64::new(0));
+        let c = committed.clone();
+        let task = tokio::spawn(async move {
+            let mut ids = BTreeSet::new();
+            for v in 0..N {
+                let mut tx = pool.begin().await.unwrap();
+                ids.insert(broker.publish(&v, queue, &mut *tx).await.unwrap().unwrap());
+                tx.commit().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            ids
+        });
+        Self { committed, task }
+    }
+
+    /// Waits until at least `n` rows were relayed (committed and deleted).
+    async fn relayed_at_least(&self, db: &TestDb, n: i64) {
+        let ok = wait_until(Duration::from_secs(30), || async {
+            let committed = self.committed.load(Ordering::SeqCst);
+            committed - db.count().await.unwrap() >= n
+        })
+        .await;
+        assert!(ok, "the relay did not get going before the outage");
+    }
+
+    async fn ids(self) -> anyhow::Result<BTreeSet<i64>> {
+        Ok(self.task.await?)
+    }
+}
+
+/// A 5 s hang shorter than `message.timeout.ms` (30 s): librdkafka holds the
+/// records and delivers them after the broker resumes; no nack, no loss, no
+/// duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_hang_shorter_than_the_message_timeout_only_delays_delivery() -> R {
+    let boot = bootstrap();
+    kafka_sh();
+    let _lock = broker_lock(true).await?;
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let topic = support::unique_topic("outage.short");
+    create_topic(&boot, &topic, 4).await?;
+    let queue = "outage_short";
+
+    let relay = Relay::start(&db, queue, &topic, test_kafka(&boot));
+    let stream = Stream::start(&db, queue);
+    stream.relayed_at_least(&db, 20).await;
+    let paused = Paused::pause()?;
+    let paused_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let left_during = db.count().await?;
+    paused.resume()?;
+    let outage = paused_at.elapsed();
+
+    let ids = stream.ids().await?;
+    assert!(left_during > 0, "nothing was waiting during the outage");
+    assert!(
+        drained(&db, Duration::from_secs(60)).await,
+        "rows left after the broker resumed: {}",
+        db.count().await?
+    );
+    assert_eq!(db.dlq_count().await?, 0);
+    let per_id = read_back(&boot, &topic, &ids).await?;
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "duplicates after a hang shorter than message.timeout.ms"
+    );
+    assert_eq!(
+        retries_of(queue),
+        Vec::<String>::new(),
+        "no row should be nacked"
+    );
+    relay.stop().await?;
+    println!(
+        "hang of {outage:?} with {left_during} rows waiting: {} rows, no nack, {:?}",
+        ids.len(),
+        t0.elapsed()
+    );
+    Ok(())
+}
+
+/// A 5 s hang longer than `message.timeout.ms` (1.5 s): publishes time out,
+/// rows are nacked and retried every 200 ms, and all arrive once the broker
+/// resumes (duplicates allowed: a timed-out record may have been written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_hang_longer_than_the_message_timeout_is_ridden_out_by_retries() -> R {
+    let boot = bootstrap();
+    kafka_sh();
+    let _lock = broker_lock(true).await?;
+    let t0 = Instant::now();
+    let db = TestDb::new().await?;
+    let topic = support::unique_topic("outage.long");
+    create_topic(&boot, &topic, 4).await?;
+    let queue = "outage_long";
+
+    let kafka = test_kafka(&boot).message_timeout(Duration::from_millis(1500));
+    let relay = Relay::start(&db, queue, &topic, kafka);
+    let stream = Stream::start(&db, queue);
+    stream.relayed_at_least(&db, 20).await;
+    let paused = Paused::pause()?;
+    let paused_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let nacks_during = retries_of(queue).len();
+    paused.resume()?;
+    let outage = paused_at.elapsed();
+
+    let ids = stream.ids().await?;
+    assert!(nacks_during > 0, "no publish timed out during a 5 s hang");
+    assert!(
+        drained(&db, Duration::from_secs(60)).await,
+        "rows left after the broker resumed: {}",
+        db.count().await?
+    );
+    assert_eq!(db.dlq_count().await?, 0);
+    let per_id = read_back(&boot, &topic, &ids).await?;
+    let dups: usize = per_id.values().map(|n| n - 1).sum();
+    relay.stop().await?;
+    println!(
+        "hang of {outage:?}: {} nacks, {} rows, {dups} duplicates, {:?}",
+        retries_of(queue).len(),
+        ids.len(),
+        t0.elapsed()
+    );
+    Ok(())
+}
