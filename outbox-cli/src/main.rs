@@ -1,0 +1,742 @@
+//! `outbox`: the operations tool of the PostgreSQL transactional outbox.
+//!
+//! Creates and checks the tables, shows per-queue statistics, peeks at the
+//! next rows, and lists, shows, replays and purges dead letters. Built on
+//! [`outbox_core::ops`]; see `docs/operations.md` and `outbox --help`.
+
+mod output;
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use outbox_core::ops::{
+    AutovacuumOptions, DlqFilter, ReplayOptions, ReplayProgress, ReplayTimers, autovacuum_sql,
+};
+use outbox_core::{DlqTable, OutboxBroker, OutboxTable};
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::output::{Failure, exit};
+
+const GLOBAL: &str = "Global options";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  runtime error (database unreachable or failing, not found, aborted)
+  2  usage error (bad arguments, refused destructive command)
+  3  schema problem (`validate` found drift, or a table is missing: run `outbox migrate`)
+
+Environment:
+  DATABASE_URL  default for --database-url, e.g. postgres://user:pass@host:5432/db
+  RUST_LOG      log filter for diagnostics on stderr (default: warn)";
+
+/// Operate a PostgreSQL transactional outbox (tables compatible with faststream-outbox 0.19).
+#[derive(Debug, Parser)]
+#[command(name = "outbox", version, after_help = EXIT_CODES, max_term_width = 100)]
+struct Cli {
+    /// PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE).
+    #[arg(long, env = "DATABASE_URL", global = true, help_heading = GLOBAL, hide_env_values = true)]
+    database_url: Option<String>,
+
+    /// The outbox table.
+    #[arg(long, global = true, help_heading = GLOBAL, default_value = "outbox")]
+    table: String,
+
+    /// The schema of both tables (default: the connection's search_path).
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    schema: Option<String>,
+
+    /// The dead-letter table [default: <TABLE>_dlq, i.e. outbox_dlq, faststream-outbox's name].
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    dlq_table: Option<String>,
+
+    /// Work without a dead-letter table.
+    #[arg(long, global = true, help_heading = GLOBAL, conflicts_with = "dlq_table")]
+    no_dlq: bool,
+
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the outbox and dead-letter tables, their indexes and the lease
+    /// CHECK where missing (idempotent).
+    Migrate,
+    /// Print the DDL of both tables (no database needed).
+    Sql,
+    /// Compare the live tables with what the engine needs; on drift, print
+    /// every problem and the DDL that fixes it, and exit with 3.
+    Validate,
+    /// Per-queue counts: ready, leased, scheduled, oldest ready age (the relay
+    /// lag) and dead letters.
+    Stats {
+        /// Only these queues (repeatable); listed even when empty.
+        #[arg(long = "queue", value_name = "QUEUE")]
+        queues: Vec<String>,
+        /// Refresh every SECS seconds (default 2) until interrupted; with
+        /// --json, one JSON document per line.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+    },
+    /// Show the next rows of a queue (by id) with decoded bodies and headers,
+    /// without leasing them.
+    Peek {
+        /// The queue.
+        queue: String,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 10)]
+        limit: i64,
+    },
+    /// Inspect, replay and purge dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Print the ALTER TABLE that tunes autovacuum for the outbox (no database
+    /// needed). Every message is an insert, a non-HOT lease update and a
+    /// delete: the default scale factors let a busy outbox bloat.
+    Autovacuum {
+        /// autovacuum_vacuum_threshold (dead rows; scale factor 0).
+        #[arg(long, default_value_t = 1000)]
+        threshold: u64,
+        /// autovacuum_vacuum_insert_threshold [default: --threshold].
+        #[arg(long)]
+        insert_threshold: Option<u64>,
+        /// autovacuum_vacuum_cost_delay in milliseconds (0 to 100).
+        #[arg(long, value_name = "MS")]
+        cost_delay: Option<f64>,
+        /// autovacuum_vacuum_cost_limit (1 to 10000).
+        #[arg(long)]
+        cost_limit: Option<u32>,
+    },
+}
+
+/// Time criteria and the queue/reason filters shared by the dlq commands.
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Only dead letters of this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only this failure reason (max_deliveries, retry_terminal, rejected).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only rows that failed at or after this time: RFC 3339
+    /// (2026-05-01T12:00:00Z), a date (2026-05-01, UTC) or an age such as 30m, 2h, 7d.
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    since: Option<DateTime<Utc>>,
+    /// Only rows that failed before this time (same formats as --since).
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    until: Option<DateTime<Utc>>,
+}
+
+/// Which dead letters a destructive command touches.
+#[derive(Debug, Args)]
+struct Selection {
+    /// These dead-letter ids (the `id` column shown by `dlq list`), comma-separated.
+    #[arg(long, value_delimiter = ',', num_args = 1.., value_name = "ID,...")]
+    ids: Option<Vec<i64>>,
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// At most this many rows (the oldest first).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Every dead letter (required when no other filter is given).
+    #[arg(long, conflicts_with_all = ["ids", "queue", "reason", "since", "until"])]
+    all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+    },
+    /// Show one dead letter: headers, decoded body, last exception.
+    Show {
+        /// The dead-letter id.
+        id: i64,
+    },
+    /// Move dead letters back into the outbox (same queue, payload and headers;
+    /// fresh attempts), batch by batch, each batch atomic.
+    #[command(group(ArgGroup::new("selection").required(true).multiple(true)
+        .args(["ids", "queue", "reason", "since", "until", "all"])))]
+    Replay {
+        #[command(flatten)]
+        selection: Selection,
+        /// Show what would be replayed and skipped; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Dead letters per statement.
+        #[arg(long, default_value_t = outbox_core::ops::DEFAULT_REPLAY_BATCH_SIZE)]
+        batch_size: u64,
+        /// Replay without timer ids instead of skipping rows whose
+        /// (queue, timer_id) is live in the outbox.
+        #[arg(long)]
+        drop_timer_ids: bool,
+    },
+    /// Delete dead letters for good. Asks for confirmation on a terminal;
+    /// without a terminal, --yes is required.
+    #[command(group(ArgGroup::new("selection").required(true).multiple(true)
+        .args(["ids", "queue", "reason", "since", "until", "all"])))]
+    Purge {
+        #[command(flatten)]
+        selection: Selection,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+}
+
+/// RFC 3339, a date (midnight UTC), or an age (`90s`, `30m`, `2h`, `7d`) counted back from now.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    let bad = || {
+        format!(
+            "invalid time {s:?}: expected RFC 3339 (2026-05-01T12:00:00Z), a date (2026-05-01, \
+             midnight UTC) or an age such as 90s, 30m, 2h, 7d"
+        )
+    };
+    let unit = s.chars().last().ok_or_else(bad)?;
+    let n: i64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let d = match unit {
+        's' => chrono::Duration::try_seconds(n),
+        'm' => chrono::Duration::try_minutes(n),
+        'h' => chrono::Duration::try_hours(n),
+        'd' => chrono::Duration::try_days(n),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Utc::now().checked_sub_signed(d).ok_or_else(bad)
+}
+
+impl FilterArgs {
+    fn to_filter(&self, base: DlqFilter) -> DlqFilter {
+        let mut f = base;
+        if let Some(q) = &self.queue {
+            f = f.queue(q.clone());
+        }
+        if let Some(r) = &self.reason {
+            f = f.reason(r.clone());
+        }
+        if let Some(s) = self.since {
+            f = f.since(s);
+        }
+        if let Some(u) = self.until {
+            f = f.until(u);
+        }
+        f
+    }
+}
+
+impl Selection {
+    fn to_filter(&self) -> DlqFilter {
+        let base = if self.all {
+            DlqFilter::all()
+        } else {
+            DlqFilter::new()
+        };
+        let mut f = self.filter.to_filter(base);
+        if let Some(ids) = &self.ids {
+            f = f.ids(ids.iter().copied());
+        }
+        if let Some(n) = self.limit {
+            f = f.limit(n);
+        }
+        f
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("error: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // sqlx logs every slow statement at WARN; a large replay batch is slow by design.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The table definitions given by the global options.
+struct Tables {
+    table: OutboxTable,
+    dlq: Option<DlqTable>,
+}
+
+fn tables(cli: &Cli) -> Result<Tables, Failure> {
+    let mut table = OutboxTable::new(&cli.table).map_err(Failure::from_core)?;
+    if let Some(s) = &cli.schema {
+        table = table.schema(s).map_err(Failure::from_core)?;
+    }
+    let dlq = if cli.no_dlq {
+        None
+    } else {
+        let (name, default) = match &cli.dlq_table {
+            Some(n) => (n.clone(), false),
+            None => (format!("{}_dlq", cli.table), true),
+        };
+        let mut d = DlqTable::new(&name).map_err(|e| {
+            let mut f = Failure::from_core(e);
+            if default {
+                f.message.push_str(
+                    " (this is the default dead-letter table name <TABLE>_dlq; \
+                     pass --dlq-table NAME or --no-dlq)",
+                );
+            }
+            f
+        })?;
+        if let Some(s) = &cli.schema {
+            d = d.schema(s).map_err(Failure::from_core)?;
+        }
+        Some(d)
+    };
+    Ok(Tables { table, dlq })
+}
+
+/// Connects with a clear error naming the host, port, database and user
+/// (never the password) and what to check.
+async fn connect(cli: &Cli) -> Result<PgPool, Failure> {
+    let Some(url) = cli.database_url.as_deref() else {
+        return Err(Failure::usage(
+            "no database given: set DATABASE_URL or pass --database-url \
+             postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        ));
+    };
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        Failure::usage(format!(
+            "invalid database URL ({e}); expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+        ))
+    })?;
+    let opts = opts.application_name("outbox-cli");
+    let target = format!(
+        "PostgreSQL at {}:{} (database {:?}, user {:?})",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or(opts.get_username()),
+        opts.get_username()
+    );
+    // One direct connection first: the pool would retry until its timeout
+    // and report only that; this reports the real cause at once.
+    let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&opts)).await;
+    match probe {
+        Err(_) => {
+            return Err(Failure::runtime(output::describe_connect_timeout(
+                &target,
+                CONNECT_TIMEOUT,
+            )));
+        }
+        Ok(Err(e)) => {
+            return Err(Failure::runtime(output::describe_connect_error(
+                &e, &target,
+            )));
+        }
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+    }
+    Ok(PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_lazy_with(opts))
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks that the outbox table (and, if `need_dlq`, the dead-letter table)
+/// exist; returns whether the dead-letter table exists.
+async fn check_tables(pool: &PgPool, t: &Tables, need_dlq: bool) -> Result<bool, Failure> {
+    let (outbox, dlq): (bool, bool) =
+        sqlx::query_as("SELECT to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL")
+            .bind(t.table.qualified_name())
+            .bind(t.dlq.as_ref().map(DlqTable::qualified_name))
+            .fetch_one(pool)
+            .await
+            .map_err(|e| Failure::runtime(format!("database error: {e}")))?;
+    if !outbox {
+        return Err(Failure::schema(format!(
+            "the outbox table {} does not exist: create it with `outbox migrate` \
+             (or check --table / --schema and the database in the URL)",
+            t.table.qualified_name()
+        )));
+    }
+    if need_dlq {
+        match &t.dlq {
+            None => {
+                return Err(Failure::usage(
+                    "this command needs the dead-letter table: drop --no-dlq \
+                     (the default is <TABLE>_dlq) or pass --dlq-table NAME",
+                ));
+            }
+            Some(d) if !dlq => {
+                return Err(Failure::schema(format!(
+                    "the dead-letter table {} does not exist: create it with `outbox migrate` \
+                     (or name the right one with --dlq-table)",
+                    d.qualified_name()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(dlq)
+}
+
+/// The broker over `pool`, with the dead-letter table when it is usable.
+fn broker(pool: PgPool, t: &Tables, with_dlq: bool) -> OutboxBroker {
+    let b = OutboxBroker::new(pool, t.table.clone());
+    match (&t.dlq, with_dlq) {
+        (Some(d), true) => b.dead_letter_table(d.clone()),
+        _ => b,
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let t = tables(&cli)?;
+    match &cli.command {
+        Command::Sql => {
+            let outbox = t.table.create_sql();
+            let dlq = t.dlq.as_ref().map(DlqTable::create_sql);
+            if cli.json {
+                output::print_json(&json!({"outbox": outbox, "dlq": dlq}))?;
+            } else {
+                output::emit(&format!("{outbox}{}", dlq.unwrap_or_default()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Autovacuum {
+            threshold,
+            insert_threshold,
+            cost_delay,
+            cost_limit,
+        } => {
+            let cost_delay = cost_delay
+                .map(|ms| {
+                    Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
+                        Failure::usage(format!(
+                            "--cost-delay must be a number of milliseconds between 0 and 100, got {ms}"
+                        ))
+                    })
+                })
+                .transpose()?;
+            let sql = autovacuum_sql(
+                &t.table,
+                AutovacuumOptions {
+                    vacuum_threshold: *threshold,
+                    insert_threshold: insert_threshold.unwrap_or(*threshold),
+                    cost_delay,
+                    cost_limit: *cost_limit,
+                },
+            );
+            if cli.json {
+                output::print_json(&json!({ "sql": sql }))?;
+            } else {
+                output::emit(&format!("{sql};\n"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let pool = connect(&cli).await?;
+            let b = broker(pool, &t, true);
+            b.migrate().await.map_err(Failure::from_core)?;
+            let dlq = t.dlq.as_ref().map(DlqTable::qualified_name);
+            if cli.json {
+                output::print_json(&json!({
+                    "ok": true,
+                    "table": t.table.qualified_name(),
+                    "dlq_table": dlq,
+                }))?;
+            } else {
+                let mut text = format!("outbox table {} is in place\n", t.table.qualified_name());
+                if let Some(d) = dlq {
+                    text.push_str(&format!("dead-letter table {d} is in place\n"));
+                }
+                output::emit(&text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate => {
+            let pool = connect(&cli).await?;
+            let b = broker(pool, &t, true);
+            match b.validate_schema().await {
+                Ok(()) => {
+                    if cli.json {
+                        output::print_json(&json!({"ok": true, "problems": [], "fix": ""}))?;
+                    } else {
+                        output::emit(&format!(
+                            "schema OK: {}\n",
+                            output::tables_label(&t.table, t.dlq.as_ref())
+                        ))?;
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(outbox_core::Error::SchemaDrift(d)) => {
+                    if cli.json {
+                        output::print_json(
+                            &json!({"ok": false, "problems": d.problems, "fix": d.fix}),
+                        )?;
+                    } else {
+                        output::emit(&format!("{d}\n"))?;
+                    }
+                    Ok(ExitCode::from(output::EXIT_SCHEMA))
+                }
+                Err(e) => Err(Failure::from_core(e)),
+            }
+        }
+        Command::Stats { queues, watch } => {
+            let pool = connect(&cli).await?;
+            let has_dlq = check_tables(&pool, &t, false).await?;
+            if t.dlq.is_some() && !has_dlq {
+                eprintln!(
+                    "note: dead-letter table {} not found; dead letters are not counted",
+                    t.dlq
+                        .as_ref()
+                        .map(DlqTable::qualified_name)
+                        .unwrap_or_default()
+                );
+            }
+            let b = broker(pool, &t, has_dlq);
+            stats(&b, &cli, queues, *watch, has_dlq).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Peek { queue, limit } => {
+            let pool = connect(&cli).await?;
+            check_tables(&pool, &t, false).await?;
+            let b = broker(pool, &t, false);
+            let mut conn = b.pool().acquire().await.map_err(Failure::db)?;
+            let rows = b
+                .fetch_unprocessed(Some(queue), *limit, &mut conn)
+                .await
+                .map_err(Failure::from_core)?;
+            let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Failure::db)?;
+            if cli.json {
+                let rows: Vec<_> = rows.iter().map(|r| output::row_json(r, now)).collect();
+                output::print_json(&json!({"queue": queue, "rows": rows}))?;
+            } else {
+                let mut text = String::new();
+                output::print_peek(&mut text, queue, &rows, now, *limit);
+                output::emit(&text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq(cmd) => {
+            let pool = connect(&cli).await?;
+            check_tables(&pool, &t, true).await?;
+            let b = broker(pool, &t, true);
+            dlq(&b, &cli, cmd).await
+        }
+    }
+}
+
+async fn stats(
+    b: &OutboxBroker,
+    cli: &Cli,
+    queues: &[String],
+    watch: Option<f64>,
+    has_dlq: bool,
+) -> Result<(), Failure> {
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    let every = match watch {
+        None => None,
+        Some(s) => Some(
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(100))
+                .ok_or_else(|| {
+                    Failure::usage(format!("--watch must be at least 0.1 seconds, got {s}"))
+                })?,
+        ),
+    };
+    let tty = std::io::stdout().is_terminal();
+    loop {
+        let stats = if names.is_empty() {
+            b.stats().await
+        } else {
+            b.stats_for(&names).await
+        }
+        .map_err(Failure::from_core)?;
+        let doc = output::stats_json(b, &stats, has_dlq);
+        match (cli.json, every.is_some()) {
+            (true, true) => output::print_json_line(&doc)?,
+            (true, false) => output::print_json(&doc)?,
+            (false, watching) => {
+                let mut text = String::new();
+                if watching && tty {
+                    // Clear the screen, cursor home.
+                    text.push_str("\x1b[2J\x1b[H");
+                }
+                if watching {
+                    text.push_str(&format!(
+                        "{}  every {}s, Ctrl-C to stop\n",
+                        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        watch.unwrap_or_default()
+                    ));
+                }
+                output::print_stats(&mut text, b, &stats, has_dlq);
+                output::emit(&text)?;
+            }
+        }
+        let Some(every) = every else {
+            return Ok(());
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn dlq(b: &OutboxBroker, cli: &Cli, cmd: &DlqCommand) -> Result<ExitCode, Failure> {
+    match cmd {
+        DlqCommand::List { filter, limit } => {
+            let f = filter.to_filter(DlqFilter::new()).limit(*limit);
+            let rows = b.dlq_list(&f).await.map_err(Failure::from_core)?;
+            if cli.json {
+                let rows: Vec<_> = rows.iter().map(output::dead_letter_json).collect();
+                output::print_json(&json!({ "dead_letters": rows }))?;
+            } else {
+                let mut text = String::new();
+                output::print_dlq_list(&mut text, &rows);
+                output::emit(&text)?;
+                if u64::try_from(rows.len()).unwrap_or(u64::MAX) >= *limit {
+                    eprintln!(
+                        "(first {limit} shown, oldest first; narrow with --since/--queue or raise --limit)"
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { id } => {
+            let Some(dl) = b.dlq_get(*id).await.map_err(Failure::from_core)? else {
+                return Err(Failure::runtime(format!(
+                    "no dead letter with id {id} in {} (ids are the `id` column of `outbox dlq list`)",
+                    b.dlq().map(DlqTable::qualified_name).unwrap_or_default()
+                )));
+            };
+            if cli.json {
+                output::print_json(&output::dead_letter_json(&dl))?;
+            } else {
+                let mut text = String::new();
+                output::print_dead_letter(&mut text, &dl);
+                output::emit(&text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay {
+            selection,
+            dry_run,
+            batch_size,
+            drop_timer_ids,
+        } => {
+            let f = selection.to_filter();
+            let opts = ReplayOptions::new()
+                .dry_run(*dry_run)
+                .batch_size(*batch_size)
+                .timers(if *drop_timer_ids {
+                    ReplayTimers::Drop
+                } else {
+                    ReplayTimers::Keep
+                });
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            let res = b
+                .dlq_replay_with(&f, &opts, |p: &ReplayProgress| {
+                    if bar.is_none() && p.total > *batch_size {
+                        bar = Some(output::progress_bar(p.total, *dry_run));
+                    }
+                    if let Some(bar) = &bar {
+                        bar.set_message(format!("{} replayed, {} skipped", p.replayed, p.skipped));
+                        bar.set_position(p.done);
+                    }
+                })
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let report = res.map_err(Failure::from_core)?;
+            if cli.json {
+                output::print_json(&output::replay_json(&report))?;
+            } else {
+                let mut text = String::new();
+                output::print_replay(&mut text, b, &report);
+                output::emit(&text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Purge { selection, yes } => {
+            let f = selection.to_filter();
+            let n = b.dlq_count(&f).await.map_err(Failure::from_core)?;
+            let dlq_name = b.dlq().map(DlqTable::qualified_name).unwrap_or_default();
+            if n == 0 {
+                if cli.json {
+                    output::print_json(&json!({ "purged": 0 }))?;
+                } else {
+                    output::emit("no dead letter matches; nothing purged\n")?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !*yes {
+                confirm(&format!(
+                    "Delete {n} dead letter(s) from {dlq_name} for good? Type 'yes' to confirm: "
+                ))?;
+            }
+            let purged = b.dlq_purge(&f).await.map_err(Failure::from_core)?;
+            if cli.json {
+                output::print_json(&json!({ "purged": purged }))?;
+            } else {
+                output::emit(&format!("purged {purged} dead letter(s) from {dlq_name}\n"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Asks on the terminal; refuses (usage error) when stdin is not one.
+fn confirm(question: &str) -> Result<(), Failure> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(Failure::usage(
+            "refusing to purge without confirmation: stdin is not a terminal; pass --yes",
+        ));
+    }
+    eprint!("{question}");
+    std::io::stderr().flush().map_err(Failure::io)?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer).map_err(Failure::io)?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(exit(output::EXIT_RUNTIME, "aborted: nothing was purged"))
+    }
+}
