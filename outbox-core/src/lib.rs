@@ -36,7 +36,7 @@ pub use app::{
     RouteBuilder, RouteCall, State, Transport,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
-pub use engine::{Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
+pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Raw};
 pub use error::{BoxError, DecodeError, Error, Result};
 pub use handler::{Handler, IntoHandlerResult};

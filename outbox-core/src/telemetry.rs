@@ -125,6 +125,45 @@ pub(crate) fn transport_duration(transport: &str, destination: &str, ok: bool, d
     .record(d.as_secs_f64());
 }
 
+/// Reads [`OutboxBroker::stats_for`](crate::OutboxBroker::stats_for) once
+/// and sets the per-queue gauges from it (what the engine does every
+/// [`gauge_interval`](crate::Engine::gauge_interval)); returns the stats.
+pub async fn sample_gauges(
+    broker: &crate::OutboxBroker,
+    queues: &[&str],
+) -> crate::Result<Vec<crate::ops::QueueStats>> {
+    let stats = broker.stats_for(queues).await?;
+    for s in &stats {
+        let q = s.queue.clone();
+        metrics::gauge!(READY_ROWS, "queue" => q.clone()).set(s.ready as f64);
+        metrics::gauge!(SCHEDULED_ROWS, "queue" => q.clone()).set(s.scheduled as f64);
+        metrics::gauge!(LEASED_ROWS, "queue" => q.clone()).set(s.leased as f64);
+        metrics::gauge!(OLDEST_READY_AGE, "queue" => q.clone())
+            .set(s.oldest_ready_age.map_or(0.0, |d| d.as_secs_f64()));
+        metrics::gauge!(DEAD_LETTER_ROWS, "queue" => q).set(s.dead_letters as f64);
+    }
+    Ok(stats)
+}
+
+/// The engine's sampling loop.
+pub(crate) async fn sample_gauges_every(
+    broker: crate::OutboxBroker,
+    queues: Vec<String>,
+    every: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    loop {
+        if let Err(e) = sample_gauges(&broker, &names).await {
+            tracing::debug!("sampling the outbox gauges failed: {e}");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Pre-registered handles of one queue of one subscriber (the hot path).
 #[derive(Debug)]
 struct QueueHandles {

@@ -308,64 +308,99 @@ pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A process-wide metrics recorder for tests: counters and histograms
-/// accumulate across snapshots (the debugging recorder drains on read).
+/// A process-wide metrics recorder for tests: every counter, gauge and
+/// histogram keeps its value (nothing is drained on read).
 pub mod metrics_capture {
     use std::collections::BTreeMap;
-    use std::sync::{Mutex, OnceLock};
+    use std::sync::{Arc, Mutex, OnceLock};
 
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+    use metrics::{
+        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
+    };
 
-    type Key = (String, Vec<(String, String)>);
+    type K = (String, Vec<(String, String)>);
 
-    #[derive(Debug, Default, Clone)]
-    struct Acc {
-        counters: BTreeMap<Key, u64>,
-        gauges: BTreeMap<Key, f64>,
-        histograms: BTreeMap<Key, Vec<f64>>,
+    #[derive(Default)]
+    struct Store {
+        counters: BTreeMap<K, u64>,
+        gauges: BTreeMap<K, f64>,
+        histograms: BTreeMap<K, Vec<f64>>,
     }
 
-    static SNAP: OnceLock<Option<Snapshotter>> = OnceLock::new();
-    static ACC: Mutex<Option<Acc>> = Mutex::new(None);
+    static STORE: Mutex<Option<Store>> = Mutex::new(None);
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+
+    fn with<T>(f: impl FnOnce(&mut Store) -> T) -> T {
+        let mut g = STORE.lock().unwrap_or_else(|p| p.into_inner());
+        f(g.get_or_insert_with(Store::default))
+    }
+
+    fn key(k: &Key) -> K {
+        let mut labels: Vec<(String, String)> = k
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        labels.sort();
+        (k.name().to_owned(), labels)
+    }
+
+    struct Handle(K);
+
+    impl metrics::CounterFn for Handle {
+        fn increment(&self, v: u64) {
+            with(|s| *s.counters.entry(self.0.clone()).or_default() += v);
+        }
+        fn absolute(&self, v: u64) {
+            with(|s| {
+                let e = s.counters.entry(self.0.clone()).or_default();
+                *e = (*e).max(v);
+            });
+        }
+    }
+
+    impl metrics::GaugeFn for Handle {
+        fn increment(&self, v: f64) {
+            with(|s| *s.gauges.entry(self.0.clone()).or_default() += v);
+        }
+        fn decrement(&self, v: f64) {
+            with(|s| *s.gauges.entry(self.0.clone()).or_default() -= v);
+        }
+        fn set(&self, v: f64) {
+            with(|s| {
+                s.gauges.insert(self.0.clone(), v);
+            });
+        }
+    }
+
+    impl metrics::HistogramFn for Handle {
+        fn record(&self, v: f64) {
+            with(|s| s.histograms.entry(self.0.clone()).or_default().push(v));
+        }
+    }
+
+    struct Capture;
+
+    impl Recorder for Capture {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, k: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(Handle(key(k))))
+        }
+        fn register_gauge(&self, k: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(Arc::new(Handle(key(k))))
+        }
+        fn register_histogram(&self, k: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(Handle(key(k))))
+        }
+    }
 
     /// Installs the recorder (once); must run before metrics are emitted.
     pub fn install() {
-        SNAP.get_or_init(|| {
-            let r = DebuggingRecorder::new();
-            let s = r.snapshotter();
-            r.install().ok().map(|()| s)
-        });
+        INSTALLED.get_or_init(|| metrics::set_global_recorder(Capture).is_ok());
     }
 
-    fn refresh() -> Acc {
-        let mut acc = ACC.lock().unwrap_or_else(|p| p.into_inner());
-        let acc = acc.get_or_insert_with(Acc::default);
-        if let Some(Some(s)) = SNAP.get() {
-            for (ck, _, _, v) in s.snapshot().into_vec() {
-                let (_, key) = ck.into_parts();
-                let mut labels: Vec<(String, String)> = key
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                labels.sort();
-                let k = (key.name().to_owned(), labels);
-                match v {
-                    DebugValue::Counter(n) => *acc.counters.entry(k).or_default() += n,
-                    DebugValue::Gauge(g) => {
-                        acc.gauges.insert(k, g.into_inner());
-                    }
-                    DebugValue::Histogram(h) => acc
-                        .histograms
-                        .entry(k)
-                        .or_default()
-                        .extend(h.into_iter().map(|x| x.into_inner())),
-                }
-            }
-        }
-        acc.clone()
-    }
-
-    fn matches(k: &Key, name: &str, labels: &[(&str, &str)]) -> bool {
+    fn matches(k: &K, name: &str, labels: &[(&str, &str)]) -> bool {
         k.0 == name
             && labels
                 .iter()
@@ -374,30 +409,33 @@ pub mod metrics_capture {
 
     /// Sum of the counters `name` whose labels include `labels`.
     pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-        refresh()
-            .counters
-            .iter()
-            .filter(|(k, _)| matches(k, name, labels))
-            .map(|(_, v)| *v)
-            .sum()
+        with(|s| {
+            s.counters
+                .iter()
+                .filter(|(k, _)| matches(k, name, labels))
+                .map(|(_, v)| *v)
+                .sum()
+        })
     }
 
-    /// The last value of the gauge `name` with `labels`, if any.
+    /// The value of the gauge `name` with `labels`, if set.
     pub fn gauge(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        refresh()
-            .gauges
-            .iter()
-            .find(|(k, _)| matches(k, name, labels))
-            .map(|(_, v)| *v)
+        with(|s| {
+            s.gauges
+                .iter()
+                .find(|(k, _)| matches(k, name, labels))
+                .map(|(_, v)| *v)
+        })
     }
 
     /// Every sample of the histograms `name` with `labels`.
     pub fn histogram(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-        refresh()
-            .histograms
-            .iter()
-            .filter(|(k, _)| matches(k, name, labels))
-            .flat_map(|(_, v)| v.clone())
-            .collect()
+        with(|s| {
+            s.histograms
+                .iter()
+                .filter(|(k, _)| matches(k, name, labels))
+                .flat_map(|(_, v)| v.clone())
+                .collect()
+        })
     }
 }

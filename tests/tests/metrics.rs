@@ -295,3 +295,83 @@ async fn drain_timeouts_and_transport_latency_are_recorded() -> R {
     assert_eq!(counter(DRAIN_TIMEOUT, &[("subscriber", &w)]), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn sampled_gauges_match_the_tables() -> R {
+    use tests::metrics_capture::gauge;
+    install();
+    let db = TestDb::new().await?;
+    let q = format!("gauge_{}", suffix());
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish_batch([1, 2, 3], &q, &mut conn).await?;
+    db.broker
+        .publish_with(
+            &4,
+            &q,
+            &PublishOptions::new().activate_in(Duration::from_secs(3600)),
+            &mut conn,
+        )
+        .await?;
+    // One leased row, one old ready row (due two minutes ago), one dead letter.
+    db.exec(format!(
+        "UPDATE {} SET acquired_token = gen_random_uuid(), acquired_at = now() \
+         WHERE id = (SELECT min(id) FROM {} WHERE queue = '{q}')",
+        db.t(),
+        db.t()
+    ))
+    .await?;
+    db.exec(format!(
+        "UPDATE {} SET next_attempt_at = now() - interval '120 seconds' \
+         WHERE id = (SELECT max(id) FROM {} WHERE queue = '{q}' AND acquired_token IS NULL AND next_attempt_at <= now())",
+        db.t(),
+        db.t()
+    ))
+    .await?;
+    db.exec(format!(
+        "INSERT INTO {} (original_id, queue, payload, deliveries_count, created_at, failure_reason) \
+         VALUES (1, '{q}', '\\x00', 1, now(), 'rejected')",
+        db.d()
+    ))
+    .await?;
+    let stats = outbox_core::telemetry::sample_gauges(&db.broker, &[&q]).await?;
+    assert_eq!(
+        (
+            stats[0].ready,
+            stats[0].leased,
+            stats[0].scheduled,
+            stats[0].dead_letters
+        ),
+        (2, 1, 1, 1)
+    );
+    let g = |name| gauge(name, &[("queue", &q)]).unwrap();
+    assert_eq!(g(READY_ROWS), 2.0);
+    assert_eq!(g(LEASED_ROWS), 1.0);
+    assert_eq!(g(SCHEDULED_ROWS), 1.0);
+    assert_eq!(g(DEAD_LETTER_ROWS), 1.0);
+    let lag = g(OLDEST_READY_AGE);
+    assert!((119.0..130.0).contains(&lag), "{lag}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_engine_samples_the_gauges_of_its_queues() -> R {
+    use tests::metrics_capture::gauge;
+    install();
+    let db = TestDb::new().await?;
+    let q = format!("sampled_{}", suffix());
+    let e = Engine::new(db.broker.clone())
+        .gauge_interval(Some(Duration::from_millis(50)))
+        .subscriber(Subscriber::builder([q.clone()]).build(|_m: Message| async {})?);
+    e.start().await?;
+    let seen = wait_until(Duration::from_secs(5), || {
+        let q = q.clone();
+        async move { gauge(READY_ROWS, &[("queue", &q)]).is_some() }
+    })
+    .await;
+    e.stop().await;
+    assert!(
+        seen,
+        "the sampler set outbox_ready_rows for the served queue"
+    );
+    Ok(())
+}

@@ -1,27 +1,5 @@
 //! The application runtime: [`App`] wires routes (from `#[subscriber]` or by
 //! hand), lifecycle hooks, transports and the subscriber engine together.
-//!
-//! # Lifecycle
-//!
-//! [`App::run`] does, in this order:
-//!
-//! 1. collects the routes: the ones registered with [`App::subscriber`] plus,
-//!    unless [`App::without_discovery`], every `#[subscriber]` linked into the
-//!    binary; rejects duplicate names and an empty set;
-//!    with [`App::validate_schema_at_startup`], checks the live tables;
-//! 2. runs the `on_startup` hooks in registration order (transports register
-//!    themselves here, e.g. `kafka.connect()`); an error aborts startup;
-//! 3. checks that every `#[publish_to]` transport is registered and every
-//!    `State<S>` parameter has its state: nothing is consumed otherwise;
-//! 4. starts the engine (all subscribers);
-//! 5. runs the `after_startup` hooks (an error stops the engine and aborts);
-//! 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
-//! 7. runs the `on_shutdown` hooks, drains every subscriber concurrently
-//!    (in-flight rows finish, unstarted ones are released), closes the
-//!    transports (Kafka flushes), runs the `after_shutdown` hooks.
-//!
-//! Shutdown-hook errors are logged, shutdown goes on, and the first one is
-//! returned at the end.
 
 mod context;
 mod extract;
@@ -54,6 +32,28 @@ use crate::message::Message;
 pub const OUTBOX_ID: &str = "outbox-id";
 
 /// An outbox application: routes, hooks, transports, one engine.
+///
+/// # Lifecycle
+///
+/// [`App::run`] does, in this order:
+///
+/// 1. collects the routes: the ones registered with [`App::subscriber`] plus,
+///    unless [`App::without_discovery`], every `#[subscriber]` linked into the
+///    binary; rejects duplicate names and an empty set; with
+///    [`App::validate_schema_at_startup`], also checks the live tables;
+/// 2. runs the `on_startup` hooks in registration order (transports register
+///    themselves here, e.g. `kafka.connect()`); an error aborts startup;
+/// 3. checks that every `#[publish_to]` transport is registered and every
+///    `State<S>` parameter has its state: nothing is consumed otherwise;
+/// 4. starts the engine (all subscribers);
+/// 5. runs the `after_startup` hooks (an error stops the engine and aborts);
+/// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
+/// 7. runs the `on_shutdown` hooks, drains every subscriber concurrently
+///    (in-flight rows finish, unstarted ones are released), closes the
+///    transports (Kafka flushes), runs the `after_shutdown` hooks.
+///
+/// Shutdown-hook errors are logged, shutdown goes on, and the first one is
+/// returned at the end.
 ///
 /// ```no_run
 /// use outbox_core::{App, AppContext, MemoryTransport, OutboxBroker, OutboxTable, Route, Response, Message, BoxError};
@@ -235,7 +235,7 @@ impl App {
     }
 
     /// Runs until SIGINT/SIGTERM or [`AppHandle::shutdown`], then shuts down
-    /// gracefully. See the [module docs](self) for the exact order.
+    /// gracefully. See [`App`] for the exact order.
     pub async fn run(mut self) -> Result<()> {
         if let Some(e) = self.pending.pop() {
             return Err(e);

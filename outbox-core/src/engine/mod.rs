@@ -76,6 +76,7 @@ pub struct Engine {
     subscribers: Vec<Arc<Subscriber>>,
     listen: ListenMode,
     application_name: String,
+    gauge_interval: Option<Duration>,
     state: Arc<Mutex<Option<Running>>>,
 }
 
@@ -83,6 +84,7 @@ pub struct Engine {
 struct Running {
     subs: Vec<SubRuntime>,
     listener: Option<(CancellationToken, JoinHandle<()>)>,
+    sampler: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,9 @@ impl SubShared {
     }
 }
 
+/// Default [`Engine::gauge_interval`].
+pub const DEFAULT_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
+
 /// What a graceful [`Engine::stop`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -154,6 +159,7 @@ impl Engine {
             subscribers: Vec::new(),
             listen: ListenMode::Pool,
             application_name: "outbox".to_owned(),
+            gauge_interval: Some(DEFAULT_GAUGE_INTERVAL),
             state: Arc::new(Mutex::new(None)),
         }
     }
@@ -197,6 +203,15 @@ impl Engine {
     /// (default `outbox`; they are named `<prefix>-fetch`, `-worker`, `-listen`).
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// How often the per-queue gauges (`outbox_ready_rows`,
+    /// `outbox_oldest_ready_age_seconds`, …; see [`crate::telemetry`]) are
+    /// sampled with one [`OutboxBroker::stats_for`] call; `None` turns the
+    /// sampling off. Default 15 s.
+    pub fn gauge_interval(mut self, every: Option<Duration>) -> Self {
+        self.gauge_interval = every;
         self
     }
 
@@ -280,7 +295,28 @@ impl Engine {
                 Some((token, task))
             }
         };
-        *state = Some(Running { subs, listener });
+        let sampler = self.gauge_interval.map(|every| {
+            let token = CancellationToken::new();
+            let mut queues: Vec<String> = self
+                .subscribers
+                .iter()
+                .flat_map(|s| s.queues().iter().cloned())
+                .collect();
+            queues.sort();
+            queues.dedup();
+            let task = tokio::spawn(crate::telemetry::sample_gauges_every(
+                self.broker.clone(),
+                queues,
+                every,
+                token.clone(),
+            ));
+            (token, task)
+        });
+        *state = Some(Running {
+            subs,
+            listener,
+            sampler,
+        });
         Ok(())
     }
 
@@ -331,6 +367,10 @@ impl Engine {
         if let Some((token, _)) = &running.listener {
             token.cancel();
         }
+        if let Some((token, task)) = running.sampler {
+            token.cancel();
+            let _ = task.await;
+        }
         let results = join_all(
             running
                 .subs
@@ -368,7 +408,7 @@ impl Engine {
                 tasks.push(w);
             }
         }
-        if let Some((_, t)) = running.listener {
+        for (_, t) in running.listener.into_iter().chain(running.sampler) {
             t.abort();
             tasks.push(t);
         }
