@@ -1,16 +1,369 @@
-//! Attribute macros of `outbox-core` (an implementation detail: use them as
-//! `outbox_core::subscriber` and `outbox_core::publish_to`).
+//! Attribute macros of `outbox-core`: [`macro@subscriber`] and
+//! [`macro@publish_to`].
+//!
+//! This crate is an implementation detail: depend on `outbox-core` (default
+//! feature `macros`) and use the attributes as `outbox_core::subscriber` and
+//! `outbox_core::publish_to`. Its version is pinned exactly by `outbox-core`,
+//! and the code it generates goes through `outbox_core::__private`, which is
+//! not public API.
+//!
+//! Everything the attributes generate can be written by hand with
+//! `outbox_core::Route::builder`; each macro's documentation ends with the
+//! equivalent code.
+//!
+//! # Debugging
+//!
+//! Set `OUTBOX_MACROS_DEBUG=1` while building to print every expansion to
+//! stderr (Cargo does not track the variable: touch the source file or
+//! `cargo clean -p your-crate` so the attributes run again). The output is a
+//! single line of tokens; `rustfmt` makes it readable.
+
+mod ctxt;
+mod debug;
+mod expand;
+mod fallback;
+mod model;
+mod parse;
+mod paths;
+mod publish_to;
+mod subscriber;
+mod symbol;
+mod valid;
 
 use proc_macro::TokenStream;
 
-/// Placeholder until the macro lands.
+/// Registers an `async fn` as the handler of one or more outbox queues.
+///
+/// ```no_run
+/// use outbox_core::{publish_to, subscriber};
+///
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders")]
+/// async fn handle(order_id: i64) -> i64 {
+///     println!("got order {order_id}");
+///     order_id
+/// }
+/// # fn main() {}
+/// ```
+///
+/// Every row published to the queue `orders` is decoded as an `i64`, handed
+/// to `handle`, and (because of `#[publish_to]`) its result is published to
+/// the topic `orders.kafka` of the transport registered as `kafka`. The row is
+/// deleted once the handler succeeded and every target confirmed.
+///
+/// # Grammar
+///
+/// ```text
+/// subscriber := QUEUES (',' option)* ','?
+/// QUEUES     := STRING | '[' STRING (',' STRING)* ','? ']'
+/// option     := 'name' '=' STRING
+///             | 'max_workers' '=' INT
+///             | 'fetch_batch_size' '=' INT
+///             | 'lease_ttl_secs' '=' (INT | FLOAT)
+///             | 'min_fetch_interval_ms' '=' INT
+///             | 'max_fetch_interval_ms' '=' INT
+///             | 'max_deliveries' '=' INT
+///             | 'terminal_flush_batch_size' '=' INT
+///             | 'ack_policy' '=' ('NackOnError' | 'RejectOnError' | 'Manual')
+///             | 'retry' '=' EXPR
+///             | 'propagate_headers' '=' BOOL
+///             | 'crate' '=' STRING
+/// ```
+///
+/// The queue list comes first; options follow in any order, each at most
+/// once. A queue name is 1 to 255 characters and appears once in the list.
+///
+/// | option | value | default | builder call |
+/// |---|---|---|---|
+/// | `name` | string | `concat!(module_path!(), "::", "<fn>")` | `.name(..)` |
+/// | `max_workers` | integer | `1` | `.max_workers(n)` |
+/// | `fetch_batch_size` | integer | `10` | `.fetch_batch_size(n)` |
+/// | `lease_ttl_secs` | integer or float | `60` | `.lease_ttl(Duration)` |
+/// | `min_fetch_interval_ms` | integer | `1000` | `.min_fetch_interval(Duration::from_millis(n))` |
+/// | `max_fetch_interval_ms` | integer | `10000` | `.max_fetch_interval(Duration::from_millis(n))` |
+/// | `max_deliveries` | integer | none (unlimited) | `.max_deliveries(n)` |
+/// | `terminal_flush_batch_size` | integer | `1` | `.terminal_flush_batch_size(n)` |
+/// | `ack_policy` | `NackOnError`, `RejectOnError` or `Manual` | `NackOnError` | `.ack_policy(AckPolicy::..)` |
+/// | `retry` | any expression whose type implements `RetryStrategy` | `ExponentialRetry::default()`: 1 s ×2 up to 300 s, 10 attempts, jitter 0.2 | `.retry(expr)` |
+/// | `propagate_headers` | `true` / `false` | `false` | `.propagate_headers(b)` |
+/// | `crate` | a path, as a string | `"::outbox_core"` | (where generated code finds `outbox_core`) |
+///
+/// The macro checks the *kind* of each value (an integer where an integer is
+/// expected, …). The values themselves are checked by the runtime when
+/// `App::run` builds the subscribers, exactly as for a hand-written
+/// `Route`: `max_workers = 0` or `min_fetch_interval_ms` above
+/// `max_fetch_interval_ms` make `App::run` fail with a message naming the
+/// subscriber and where it was declared. The `retry` expression is evaluated
+/// in the scope of the fn, each time the route is built.
+///
+/// # Typing requirements
+///
+/// | position | requirement |
+/// |---|---|
+/// | each parameter `p: T` | `T: FromDelivery`: any `T: serde::de::DeserializeOwned` (the body, decoded by content type), `outbox_core::Message` (the delivery: id, headers, `ack`/`nack`/`reject`) or `outbox_core::State<S>` (state registered with `App::state`) |
+/// | the future of the fn | `Send + 'static` |
+/// | the return type, without `#[publish_to]` | anything; the value is dropped, except that the `Err` of a `Result<_, E>` is the handler error (`E: Into<BoxError>`) |
+/// | the return type, with `#[publish_to]` | see below |
+///
+/// With `#[publish_to]`, the return value is forwarded according to the
+/// *syntactic shape* of the declared return type (the macro does not look
+/// further than the last path segment):
+///
+/// | declared return type | forwarded |
+/// |---|---|
+/// | none, `()` | nothing |
+/// | `Result<T, E>` | `Ok(v)`: `v` by the shape of `T`; `Err(e)`: handler error (`E: Into<BoxError>`) |
+/// | `Option<T>` | `Some(v)`: `v` by the shape of `T`; `None`: nothing |
+/// | `…::Response<T>` | as is (`T: Serialize`), with its key, headers and correlation id |
+/// | any other `T` (including `impl Serialize`) | `Response::new(value)`: needs `T: serde::Serialize` |
+///
+/// A type alias named `Result` written without generic arguments is
+/// forwarded as is and must itself implement `IntoReply`. A parameter type
+/// that is not `FromDelivery`, or a forwarded type that is not `Serialize`,
+/// is a compile error at that type.
+///
+/// # Semantics
+///
+/// For `async fn handle(..)`, the attribute emits:
+///
+/// 1. the fn itself, unchanged: call it directly in unit tests
+///    (`handle(3).await`);
+/// 2. a marker, `#[doc(hidden)] struct handle {}` (same visibility as the fn;
+///    braced, so it lives in the type namespace next to the fn), implementing
+///    `outbox_core::IntoRoute`. `App::new(broker).subscriber(handle {})`
+///    registers the route explicitly (use `App::without_discovery()` to rely
+///    on explicit registration only);
+/// 3. inside `const _: () = { .. };`, a factory `fn() -> Route` that builds the
+///    route with `Route::builder` (queues, name, `file!()`/`line!()` location,
+///    the options, one `.publish_to(..)` per target, one `.requires::<T>()` per
+///    parameter) and a handler closure that extracts each parameter with
+///    `FromDelivery`, awaits the fn and converts its result (table above);
+/// 4. `inventory::submit!` of that factory: `App::run` discovers every
+///    `#[subscriber]` linked into the binary. If the handlers live in another
+///    crate, make sure the binary references that crate (`use my_handlers as
+///    _;`), or the linker may drop them.
+///
+/// At run time, a handler error (a failed extraction, an `Err` return, a
+/// panic) follows the `ack_policy`: with the default `NackOnError` the row is
+/// retried according to the `retry` strategy and dead-lettered once it gives
+/// up. With `#[publish_to]`, the row is acked only after **every** target
+/// confirmed the message; a failed publish is a handler error like any other
+/// (retried, then dead-lettered), so a target may receive a message more than
+/// once: deduplicate on the `outbox-id` header.
+///
+/// The attribute must be on a free `async fn` at item level (module scope),
+/// not on a method or inside a fn body, and must not be generic. On any
+/// error, the fn is still emitted unchanged (along with the marker), so the
+/// rest of the crate keeps type-checking, and every error is reported at
+/// once.
+///
+/// # Examples
+///
+/// Several queues, options, a retry strategy, the delivery handle and
+/// shared state:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use outbox_core::retry::ConstantRetry;
+/// use outbox_core::{Message, State, subscriber};
+///
+/// struct Mailer { from: String }
+///
+/// #[derive(serde::Deserialize)]
+/// struct Signup { email: String }
+///
+/// #[subscriber(
+///     ["signups", "signups.retry"],
+///     name = "mail::welcome",
+///     max_workers = 4,
+///     lease_ttl_secs = 30,
+///     ack_policy = NackOnError,
+///     retry = ConstantRetry::new(Duration::from_secs(5)).max_attempts(3),
+/// )]
+/// async fn welcome(signup: Signup, msg: Message, mailer: State<Mailer>) -> Result<(), std::io::Error> {
+///     println!("{} -> {} (row {})", mailer.from, signup.email, msg.id());
+///     Ok(())
+/// }
+/// # fn main() {}
+/// ```
+///
+/// Registering explicitly and running the application:
+///
+/// ```no_run
+/// use outbox_core::{App, OutboxBroker, subscriber};
+///
+/// #[subscriber("orders")]
+/// async fn handle(order_id: i64) {
+///     println!("got order {order_id}");
+/// }
+///
+/// async fn run(broker: OutboxBroker) -> Result<(), outbox_core::Error> {
+///     App::new(broker)
+///         .without_discovery()
+///         .subscriber(handle {})
+///         .run()
+///         .await
+/// }
+/// # fn main() {}
+/// ```
+///
+/// Misuse is a compile error at the offending token:
+///
+/// ```compile_fail
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders", max_workers = "4")] // expected an integer for `max_workers`
+/// async fn handle(order_id: i64) {}
+/// # fn main() {}
+/// ```
+///
+/// ```compile_fail
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders")]
+/// fn handle(order_id: i64) {} // `#[subscriber]` requires an `async fn`
+/// # fn main() {}
+/// ```
+///
+/// # Equivalent code without `#[subscriber]`
+///
+/// The seed example above (with its `#[publish_to]`) is the same as:
+///
+/// ```no_run
+/// use outbox_core::{AppContext, BoxError, FromDelivery, IntoRoute, Message, Response, Route};
+///
+/// async fn handle(order_id: i64) -> i64 {
+///     println!("got order {order_id}");
+///     order_id
+/// }
+///
+/// #[allow(non_camel_case_types)]
+/// struct handle {}
+///
+/// impl IntoRoute for handle {
+///     fn into_route(self) -> Route {
+///         Route::builder(["orders"])
+///             .name(concat!(module_path!(), "::", "handle"))
+///             .location(file!(), line!(), column!())
+///             .publish_to("kafka", "orders.kafka")
+///             .requires::<i64>()
+///             .handler(|msg: Message, ctx: AppContext| async move {
+///                 let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
+///                 let ret = handle(order_id).await;
+///                 Ok::<_, BoxError>(Response::new(ret))
+///             })
+///     }
+/// }
+/// // Discovery: the macro also submits `|| handle {}.into_route()` to
+/// // `inventory`; by hand, register it with `App::subscriber(handle {})`.
+/// # fn main() {}
+/// ```
 #[proc_macro_attribute]
-pub fn subscriber(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn subscriber(args: TokenStream, item: TokenStream) -> TokenStream {
+    subscriber::expand(args.into(), item.into()).into()
 }
 
-/// Placeholder until the macro lands.
+/// Publishes a `#[subscriber]`'s return value to a transport.
+///
+/// ```no_run
+/// use outbox_core::{publish_to, subscriber};
+///
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders")]
+/// async fn handle(order_id: i64) -> i64 {
+///     order_id
+/// }
+/// # fn main() {}
+/// ```
+///
+/// # Grammar
+///
+/// ```text
+/// publish_to := TRANSPORT ',' DESTINATION
+/// TRANSPORT  := IDENT        (the transport's registered name: `kafka`)
+/// DESTINATION := STRING      (topic, exchange, subject…; not empty)
+/// ```
+///
+/// `#[publish_to]` goes **above** `#[subscriber]` on the same fn: attributes
+/// expand top-down, and `#[publish_to]` hands its target to the
+/// `#[subscriber]` below it. Stack several to publish to several targets:
+///
+/// ```no_run
+/// use outbox_core::{Response, publish_to, subscriber};
+///
+/// #[derive(serde::Serialize)]
+/// struct Shipped { order_id: i64 }
+///
+/// #[publish_to(kafka, "orders.shipped")]
+/// #[publish_to(audit, "shipping")]
+/// #[subscriber("orders")]
+/// async fn ship(order_id: i64) -> Option<Response<Shipped>> {
+///     (order_id > 0).then(|| Response::new(Shipped { order_id }).key(order_id.to_string()))
+/// }
+/// # fn main() {}
+/// ```
+///
+/// # Typing requirements
+///
+/// The fn's return type decides what is published (see
+/// [`macro@subscriber`] for the table of shapes): a plain `T` must implement
+/// `serde::Serialize`; `Result`/`Option` forward their `Ok`/`Some` value;
+/// `Response<T>` sets a key, headers or a correlation id; `()` and `None`
+/// publish nothing. An unserializable type is a compile error at the return
+/// type.
+///
+/// # Semantics
+///
+/// `#[publish_to(kafka, "orders.kafka")]` generates no code of its own: it
+/// adds the target to the route `#[subscriber]` builds, as
+/// `.publish_to("kafka", "orders.kafka")`. The transport name is checked by
+/// `App::run`: it fails before consuming anything if no transport of that
+/// name is registered (`App::transport(..)` or a startup hook such as
+/// `kafka.connect()`).
+///
+/// For each row, the handler runs once; its encoded result goes to every
+/// target concurrently, with the headers `content-type`, `correlation_id`
+/// (the row's, unless the `Response` sets one) and `outbox-id` (the row id,
+/// for deduplication), plus the row's own headers if the subscriber has
+/// `propagate_headers = true`. The row is acked only after **every** target
+/// confirmed; if any publish fails, that is a handler error: the row is
+/// retried by the subscriber's retry strategy (and every target is published
+/// again), then dead-lettered.
+///
+/// # Errors
+///
+/// At compile time, at the offending token: a missing or empty destination,
+/// a transport that is not an identifier (`"kafka"` in quotes), extra
+/// arguments, no `#[subscriber(..)]` below, or `#[publish_to]` placed under
+/// `#[subscriber]`:
+///
+/// ```compile_fail
+/// use outbox_core::{publish_to, subscriber};
+///
+/// #[subscriber("orders")]
+/// #[publish_to(kafka, "orders.kafka")] // place `#[publish_to]` above `#[subscriber]`
+/// async fn handle(order_id: i64) -> i64 { order_id }
+/// # fn main() {}
+/// ```
+///
+/// # Equivalent code without `#[publish_to]`
+///
+/// One `.publish_to(transport, destination)` per attribute on the route
+/// builder, and the return value wrapped in `Response::new`:
+///
+/// ```no_run
+/// use outbox_core::{AppContext, BoxError, FromDelivery, Message, Response, Route};
+///
+/// let route = Route::builder(["orders"])
+///     .publish_to("kafka", "orders.shipped")
+///     .publish_to("audit", "shipping")
+///     .handler(|msg: Message, ctx: AppContext| async move {
+///         let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
+///         Ok::<_, BoxError>(Response::new(order_id))
+///     });
+/// # let _ = route;
+/// ```
 #[proc_macro_attribute]
-pub fn publish_to(_args: TokenStream, item: TokenStream) -> TokenStream {
-    item
+pub fn publish_to(args: TokenStream, item: TokenStream) -> TokenStream {
+    publish_to::expand(args.into(), item.into()).into()
 }

@@ -1,0 +1,254 @@
+//! Code generation for `#[subscriber]`: no decisions left, only tokens.
+//!
+//! Every path is absolute (`::core::..`, `::outbox_core::..` or the
+//! `crate = "..."` root), helper items live in `const _: () = { .. };` and
+//! generated names start with `__outbox_`. Code that puts a trait bound on a
+//! user's type is emitted *located at* that type (with call-site hygiene),
+//! so rustc reports an unsatisfied bound at the type the user wrote: a
+//! parameter that is not `FromDelivery`, a return type that is not
+//! `IntoReply`, a `retry` expression that is not a `RetryStrategy`, a fn
+//! whose future is not `Send`.
+
+use proc_macro2::{Ident, Literal, Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+
+use crate::model::{Conv, Output, Subscriber};
+use crate::parse::AckPolicyArg;
+use crate::paths::Paths;
+
+/// Call-site hygiene (generated names resolve among themselves) at `span`'s
+/// location (errors point at the user's tokens).
+fn at(span: Span) -> Span {
+    Span::call_site().located_at(span)
+}
+
+/// A generated name at `span`'s location.
+fn name(name: &str, span: Span) -> Ident {
+    Ident::new(name, at(span))
+}
+
+/// The user's fn followed by the marker struct, the route factory, the
+/// `IntoRoute` impl and the inventory registration.
+pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStream {
+    let paths = Paths::new(model.args.krate.as_ref());
+    let root = paths.root();
+    let private = paths.private();
+    let ident = model.ident;
+    let vis = model.vis;
+    let cfgs = &model.cfgs;
+
+    let route = builder(model, &paths);
+    let handler = handler(model, &paths);
+
+    quote! {
+        #item
+
+        #(#cfgs)*
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, dead_code, missing_docs, unreachable_pub)]
+        #[derive(::core::fmt::Debug, ::core::clone::Clone, ::core::marker::Copy)]
+        #vis struct #ident {}
+
+        #(#cfgs)*
+        const _: () = {
+            fn __outbox_assert_send<F: ::core::future::Future + ::core::marker::Send>(f: F) -> F {
+                f
+            }
+
+            #[allow(deprecated)]
+            fn __outbox_route() -> #root::Route {
+                #route #handler
+            }
+
+            impl #root::IntoRoute for #ident {
+                fn into_route(self) -> #root::Route {
+                    __outbox_route()
+                }
+            }
+
+            #private::inventory::submit! {
+                #private::RouteFactory { make: __outbox_route }
+            }
+        };
+    }
+}
+
+/// `Route::builder([..]).name(..)...` up to (not including) `.handler(..)`.
+fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
+    let root = paths.root();
+    let args = &model.args;
+    let queues = &model.queues;
+    let route_name = match &args.name {
+        Some(name) => quote!(#name),
+        None => {
+            let fn_name = &model.fn_name;
+            quote!(::core::concat!(::core::module_path!(), "::", #fn_name))
+        }
+    };
+    let mut chain = quote! {
+        #root::Route::builder([#(#queues),*])
+            .name(#route_name)
+            .location(::core::file!(), ::core::line!(), ::core::column!())
+    };
+    let ints = [
+        ("max_workers", &args.max_workers, None),
+        ("fetch_batch_size", &args.fetch_batch_size, None),
+        (
+            "min_fetch_interval",
+            &args.min_fetch_interval_ms,
+            Some("from_millis"),
+        ),
+        (
+            "max_fetch_interval",
+            &args.max_fetch_interval_ms,
+            Some("from_millis"),
+        ),
+        ("max_deliveries", &args.max_deliveries, None),
+        (
+            "terminal_flush_batch_size",
+            &args.terminal_flush_batch_size,
+            None,
+        ),
+    ];
+    for (setter, lit, ctor) in ints {
+        let Some(lit) = lit else { continue };
+        let span = lit.span();
+        let setter = name(setter, span);
+        let value = match ctor {
+            Some(ctor) => {
+                let ctor = name(ctor, span);
+                quote_spanned!(at(span)=> ::core::time::Duration::#ctor(#lit))
+            }
+            None => quote!(#lit),
+        };
+        chain.extend(quote_spanned!(at(span)=> .#setter(#value)));
+    }
+    if let Some(ttl) = &args.lease_ttl {
+        let mut secs = Literal::u64_suffixed(ttl.secs);
+        secs.set_span(ttl.span);
+        let mut nanos = Literal::u32_suffixed(ttl.nanos);
+        nanos.set_span(ttl.span);
+        chain.extend(quote_spanned!(at(ttl.span)=>
+            .lease_ttl(::core::time::Duration::new(#secs, #nanos))
+        ));
+    }
+    match &args.ack_policy {
+        Some(AckPolicyArg::Variant(variant)) => {
+            let span = variant.span();
+            let root = paths.root_at(at(span));
+            chain.extend(quote_spanned!(at(span)=> .ack_policy(#root::AckPolicy::#variant)));
+        }
+        Some(AckPolicyArg::Path(path)) => {
+            chain.extend(quote_spanned!(at(path.span())=> .ack_policy(#path)));
+        }
+        None => {}
+    }
+    if let Some(retry) = &args.retry {
+        chain.extend(quote_spanned!(at(retry.span())=> .retry(#retry)));
+    }
+    for target in model.targets() {
+        let transport = target.transport_name();
+        let destination = &target.destination;
+        chain.extend(quote_spanned!(at(transport.span())=>
+            .publish_to(#transport, #destination)
+        ));
+    }
+    if let Some(on) = &args.propagate_headers {
+        chain.extend(quote_spanned!(at(on.span)=> .propagate_headers(#on)));
+    }
+    for param in &model.params {
+        let ty = param.ty;
+        chain.extend(quote_spanned!(at(ty.span())=> .requires::<#ty>()));
+    }
+    chain
+}
+
+/// `.handler(|msg, ctx| async move { .. })`: extract every parameter, call
+/// the user's fn, convert its return value.
+///
+/// The closure is located at the return type (or the fn's name): the only
+/// bounds `RouteBuilder::handler` checks on it concern the return value.
+fn handler(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
+    let ident = model.ident;
+    let extracts = model.params.iter().map(|p| {
+        let (ty, binding) = (p.ty, &p.binding);
+        let span = at(ty.span());
+        let private = paths.private_at(span);
+        let (msg, ctx) = (name("__outbox_msg", span), name("__outbox_ctx", span));
+        quote_spanned!(span=> let #binding = #private::extract::<#ty>(&#msg, &#ctx)?;)
+    });
+    // The call is located at the fn's name, where a non-`Send` future is
+    // reported.
+    let call = {
+        let span = at(ident.span());
+        let args = model
+            .params
+            .iter()
+            .map(|p| name(&p.binding.to_string(), span));
+        let check = name("__outbox_assert_send", span);
+        quote_spanned!(span=> #check(#ident(#(#args),*)).await)
+    };
+    let (value, span) = match &model.output {
+        Output::Discard => {
+            let root = paths.root();
+            let value = quote! {
+                let _ = #call;
+                ::core::result::Result::Ok::<(), #root::BoxError>(())
+            };
+            (value, at(ident.span()))
+        }
+        Output::ErrOnly { span } => {
+            let span = at(*span);
+            let (root, private) = (paths.root_at(span), paths.private_at(span));
+            let ret = name("__outbox_ret", span);
+            let value = quote_spanned! {span=>
+                let #ret = #call;
+                ::core::result::Result::Ok::<_, #root::BoxError>(
+                    #private::reply(::core::result::Result::map(#ret, |_| ()))
+                )
+            };
+            (value, span)
+        }
+        Output::Forward { conv: c, span } => {
+            let span = at(*span);
+            let (root, private) = (paths.root_at(span), paths.private_at(span));
+            let ret = name("__outbox_ret", span);
+            let converted = conv(c, quote!(#ret), paths, span);
+            let value = quote_spanned! {span=>
+                let #ret = #call;
+                ::core::result::Result::Ok::<_, #root::BoxError>(#private::reply(#converted))
+            };
+            (value, span)
+        }
+    };
+    let (msg, ctx) = (name("__outbox_msg", span), name("__outbox_ctx", span));
+    // Parameter types come from `RouteBuilder::handler`'s `Fn(Message,
+    // AppContext)` bound.
+    quote_spanned! {span=>
+        .handler(|#msg, #ctx| async move {
+            #(#extracts)*
+            #value
+        })
+    }
+}
+
+/// `value` converted to something implementing `IntoReply`, at `span`.
+fn conv(c: &Conv, value: TokenStream, paths: &Paths, span: Span) -> TokenStream {
+    let v = name("__outbox_v", span);
+    match c {
+        Conv::Identity => value,
+        Conv::Response => {
+            let root = paths.root_at(span);
+            quote_spanned!(span=> #root::Response::new(#value))
+        }
+        Conv::MapOk(inner) => {
+            let inner = conv(inner, quote!(#v), paths, span);
+            quote_spanned!(span=> ::core::result::Result::map(#value, |#v| #inner))
+        }
+        Conv::MapSome(inner) => {
+            let inner = conv(inner, quote!(#v), paths, span);
+            quote_spanned!(span=> ::core::option::Option::map(#value, |#v| #inner))
+        }
+    }
+}

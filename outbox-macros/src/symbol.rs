@@ -1,0 +1,121 @@
+//! Keywords of the attributes' grammar, in one place.
+
+/// The `#[subscriber]` attribute (matched on the last path segment).
+pub(crate) const SUBSCRIBER: &str = "subscriber";
+/// The `#[publish_to]` attribute (matched on the last path segment).
+pub(crate) const PUBLISH_TO: &str = "publish_to";
+/// The hidden `#[subscriber]` argument `#[publish_to]` appends.
+pub(crate) const HIDDEN_PUBLISH_TO: &str = "__publish_to";
+
+pub(crate) const NAME: &str = "name";
+pub(crate) const MAX_WORKERS: &str = "max_workers";
+pub(crate) const FETCH_BATCH_SIZE: &str = "fetch_batch_size";
+pub(crate) const LEASE_TTL_SECS: &str = "lease_ttl_secs";
+pub(crate) const MIN_FETCH_INTERVAL_MS: &str = "min_fetch_interval_ms";
+pub(crate) const MAX_FETCH_INTERVAL_MS: &str = "max_fetch_interval_ms";
+pub(crate) const MAX_DELIVERIES: &str = "max_deliveries";
+pub(crate) const TERMINAL_FLUSH_BATCH_SIZE: &str = "terminal_flush_batch_size";
+pub(crate) const ACK_POLICY: &str = "ack_policy";
+pub(crate) const RETRY: &str = "retry";
+pub(crate) const PROPAGATE_HEADERS: &str = "propagate_headers";
+pub(crate) const CRATE: &str = "crate";
+
+/// Every named `#[subscriber]` option, in documentation order.
+pub(crate) const OPTIONS: &[&str] = &[
+    NAME,
+    MAX_WORKERS,
+    FETCH_BATCH_SIZE,
+    LEASE_TTL_SECS,
+    MIN_FETCH_INTERVAL_MS,
+    MAX_FETCH_INTERVAL_MS,
+    MAX_DELIVERIES,
+    TERMINAL_FLUSH_BATCH_SIZE,
+    ACK_POLICY,
+    RETRY,
+    PROPAGATE_HEADERS,
+    CRATE,
+];
+
+/// An example of each option, quoted in error messages.
+pub(crate) fn example(option: &str) -> &'static str {
+    match option {
+        NAME => "name = \"billing::handle\"",
+        MAX_WORKERS => "max_workers = 4",
+        FETCH_BATCH_SIZE => "fetch_batch_size = 100",
+        LEASE_TTL_SECS => "lease_ttl_secs = 30",
+        MIN_FETCH_INTERVAL_MS => "min_fetch_interval_ms = 500",
+        MAX_FETCH_INTERVAL_MS => "max_fetch_interval_ms = 5000",
+        MAX_DELIVERIES => "max_deliveries = 20",
+        TERMINAL_FLUSH_BATCH_SIZE => "terminal_flush_batch_size = 50",
+        ACK_POLICY => "ack_policy = RejectOnError",
+        RETRY => "retry = ConstantRetry::new(Duration::from_secs(5))",
+        PROPAGATE_HEADERS => "propagate_headers = true",
+        CRATE => "crate = \"my_app::outbox\"",
+        _ => "",
+    }
+}
+
+/// Spellings users reach for (other frameworks, the runtime's setter
+/// names), mapped to ours.
+pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
+    Some(match unknown {
+        "workers" | "concurrency" | "max_concurrency" => MAX_WORKERS,
+        "batch_size" | "fetch_batch" | "prefetch" => FETCH_BATCH_SIZE,
+        "lease_ttl" | "lease_ttl_s" | "lease" | "visibility_timeout" => LEASE_TTL_SECS,
+        "min_fetch_interval" => MIN_FETCH_INTERVAL_MS,
+        "max_fetch_interval" => MAX_FETCH_INTERVAL_MS,
+        "max_attempts" | "max_retries" => MAX_DELIVERIES,
+        "terminal_flush_batch" => TERMINAL_FLUSH_BATCH_SIZE,
+        "ack" | "ack_mode" | "ackpolicy" => ACK_POLICY,
+        "retry_strategy" | "retries" | "backoff" => RETRY,
+        "propagate" | "forward_headers" => PROPAGATE_HEADERS,
+        "krate" | "outbox_crate" => CRATE,
+        _ => return None,
+    })
+}
+
+/// The three `AckPolicy` variants.
+pub(crate) const ACK_POLICIES: &[&str] = &["NackOnError", "RejectOnError", "Manual"];
+
+/// Longest queue name the runtime accepts (`outbox_core::MAX_NAME_CHARS`).
+pub(crate) const MAX_QUEUE_CHARS: usize = 255;
+
+/// The environment variable that makes the macros print their expansion.
+pub(crate) const DEBUG_ENV: &str = "OUTBOX_MACROS_DEBUG";
+
+/// `` `a`, `b`, `c` `` for error messages.
+pub(crate) fn list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The option the user probably meant by `unknown`: a known alias, else the
+/// closest option within a small edit distance.
+pub(crate) fn suggest(unknown: &str) -> Option<&'static str> {
+    if let Some(known) = alias(unknown) {
+        return Some(known);
+    }
+    OPTIONS
+        .iter()
+        .map(|o| (edit_distance(unknown, o), *o))
+        .filter(|(d, o)| *d <= 2.max(o.len() / 5))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, o)| o)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}

@@ -1,0 +1,15 @@
+use outbox_core::{publish_to, subscriber};
+
+struct Shipped {
+    order_id: i64,
+}
+
+#[publish_to(kafka, "orders.shipped")]
+#[subscriber("orders")]
+async fn handle(order_id: i64) -> Shipped {
+    Shipped { order_id }
+}
+
+fn main() {
+    let _ = handle(1);
+}

@@ -1,0 +1,12 @@
+use outbox_core::subscriber;
+
+struct Order {
+    id: i64,
+}
+
+#[subscriber("orders")]
+async fn handle(order: Order) {
+    let _ = order.id;
+}
+
+fn main() {}

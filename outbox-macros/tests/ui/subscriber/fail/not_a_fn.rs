@@ -1,0 +1,6 @@
+use outbox_core::subscriber;
+
+#[subscriber("orders")]
+struct Handler;
+
+fn main() {}

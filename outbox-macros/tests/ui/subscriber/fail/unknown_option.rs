@@ -1,0 +1,23 @@
+use outbox_core::subscriber;
+
+#[subscriber("orders", max_worker = 4)]
+async fn typo(order_id: i64) {
+    let _ = order_id;
+}
+
+#[subscriber("orders", concurrency = 4)]
+async fn other_framework(order_id: i64) {
+    let _ = order_id;
+}
+
+#[subscriber("orders", colour = "blue")]
+async fn unrelated(order_id: i64) {
+    let _ = order_id;
+}
+
+#[subscriber(topic = "orders")]
+async fn queue_as_option(order_id: i64) {
+    let _ = order_id;
+}
+
+fn main() {}

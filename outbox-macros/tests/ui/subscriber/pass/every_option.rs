@@ -1,0 +1,47 @@
+// Every option, in any order, with a trailing comma.
+use std::time::Duration;
+
+use outbox_core::retry::{ConstantRetry, ExponentialRetry};
+use outbox_core::{AckPolicy, subscriber};
+
+#[subscriber(
+    "orders",
+    name = "billing::orders",
+    max_workers = 4,
+    fetch_batch_size = 100,
+    lease_ttl_secs = 30,
+    min_fetch_interval_ms = 500,
+    max_fetch_interval_ms = 5_000,
+    max_deliveries = 20,
+    terminal_flush_batch_size = 50,
+    ack_policy = NackOnError,
+    retry = ConstantRetry::new(Duration::from_secs(5)).max_attempts(3),
+    propagate_headers = true,
+    crate = "::outbox_core",
+)]
+async fn handle(order_id: i64) {
+    let _ = order_id;
+}
+
+// A fractional lease, a qualified ack policy, any `RetryStrategy` expression.
+#[subscriber(
+    "refunds",
+    propagate_headers = false,
+    lease_ttl_secs = 2.5,
+    ack_policy = AckPolicy::RejectOnError,
+    retry = ExponentialRetry::default(),
+)]
+async fn refunds(order_id: i64) {
+    let _ = order_id;
+}
+
+#[subscriber("manual", ack_policy = Manual)]
+async fn manual(msg: outbox_core::Message) {
+    msg.ack();
+}
+
+fn main() {
+    let _ = outbox_core::IntoRoute::into_route(handle {});
+    let _ = outbox_core::IntoRoute::into_route(refunds {});
+    let _ = outbox_core::IntoRoute::into_route(manual {});
+}
