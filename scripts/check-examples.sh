@@ -26,4 +26,13 @@ expect standalone_outbox \
   'published 3 orders \(and rolled one back\)' \
   'got order 1 \(1000 cents\)' 'got order 2 \(2000 cents\)' 'got order 3 \(3000 cents\)' \
   'handled 3 orders; 0 rows left in the outbox'
+expect first_outbox_app \
+  'published order 1' 'got order 1' 'the outbox is empty; stopping'
+
+: "${KAFKA_BOOTSTRAP:?KAFKA_BOOTSTRAP must be set for the kafka_relay example}"
+expect kafka_relay \
+  'published order 1 \(outbox row [0-9]+\)' 'got order 1' 'got order 2' 'got order 3' \
+  'rolled back order 99' \
+  'key=\(none\) value=1 headers: content-type=application/json correlation_id=order-1-[0-9a-f]+ outbox-id=[0-9]+' \
+  'relayed 3 of 3 orders to orders.kafka' '^0 rows left in the outbox'
 log "examples OK"
