@@ -50,6 +50,7 @@ struct Inner {
     channel: String,
     renderer: Option<ErrorRenderer>,
     graceful_timeout: Duration,
+    sync_writes: bool,
 }
 
 impl fmt::Debug for OutboxBroker {
@@ -65,10 +66,20 @@ impl fmt::Debug for OutboxBroker {
 /// Default drain budget of a graceful stop.
 pub const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(15);
 
+impl Inner {
+    fn rebuild(&mut self) {
+        self.stmts = Arc::new(Statements::new(
+            &self.table,
+            self.dlq.as_ref(),
+            self.sync_writes,
+        ));
+    }
+}
+
 impl OutboxBroker {
     /// An outbox over `pool` and `table`, without a dead-letter table.
     pub fn new(pool: PgPool, table: OutboxTable) -> Self {
-        let stmts = Arc::new(Statements::new(&table, None));
+        let stmts = Arc::new(Statements::new(&table, None, false));
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -78,6 +89,7 @@ impl OutboxBroker {
                 stmts,
                 renderer: None,
                 graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
+                sync_writes: false,
             }),
         }
     }
@@ -91,8 +103,25 @@ impl OutboxBroker {
     /// (default: terminal failures are deleted).
     pub fn dead_letter_table(self, dlq: DlqTable) -> Self {
         self.edit(|i| {
-            i.stmts = Arc::new(Statements::new(&i.table, Some(&dlq)));
             i.dlq = Some(dlq);
+            i.rebuild();
+        })
+    }
+
+    /// Whether the relay's own writes (claims, acks, retries, lease releases,
+    /// dead-letter moves) wait for the WAL flush. Default `false`: each of
+    /// them sets `synchronous_commit = off` for its own transaction only.
+    ///
+    /// That is safe for at-least-once delivery: if PostgreSQL crashes, the
+    /// last few hundred milliseconds of those writes may be undone, which can
+    /// only bring rows back (a redelivery), never lose one. Your own
+    /// transactions, and therefore your publishes, are not affected. It makes
+    /// per-row acks several times faster (no fsync wait per row). Set `true`
+    /// to make acks durable at once (fewer duplicates after a database crash).
+    pub fn synchronous_relay_writes(self, on: bool) -> Self {
+        self.edit(|i| {
+            i.sync_writes = on;
+            i.rebuild();
         })
     }
 

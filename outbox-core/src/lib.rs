@@ -76,9 +76,10 @@ pub mod __private {
     /// One of the engine's statements for `table` (`claim`, `ack`,
     /// `ack_batch`, `retry`, `release`), for EXPLAIN tests.
     pub fn engine_sql(table: &crate::OutboxTable, which: &str) -> Option<String> {
-        let s = crate::sql::Statements::new(table, None);
+        let s = crate::sql::Statements::new(table, None, false);
         let sql = match which {
             "claim" => &s.claim,
+            "claim_pending" => &s.claim_pending,
             "ack" => &s.ack,
             "ack_batch" => &s.ack_batch,
             "retry" => &s.retry,

@@ -49,6 +49,8 @@ pub(crate) struct Statements {
     pub(crate) unprocessed_all: Sql,
     pub(crate) unprocessed_queue: Sql,
     pub(crate) claim: Sql,
+    /// The claim without the expired-lease branch (see [`crate::engine`]).
+    pub(crate) claim_pending: Sql,
     pub(crate) ack: Sql,
     pub(crate) ack_batch: Sql,
     pub(crate) retry: Sql,
@@ -66,8 +68,18 @@ fn insert_index(schedule: ScheduleKind, timer: TimerKind, notify: bool) -> usize
 }
 
 impl Statements {
-    pub(crate) fn new(table: &OutboxTable, dlq: Option<&DlqTable>) -> Self {
+    /// `sync_writes: false` makes the relay's own writes (claims, acks,
+    /// retries, releases, dead-letter moves) commit asynchronously: each one
+    /// sets `synchronous_commit = off` for its own transaction only
+    /// (`set_config(.., true)`, safe behind any pooler), so the user's
+    /// transactions are never affected.
+    pub(crate) fn new(table: &OutboxTable, dlq: Option<&DlqTable>, sync_writes: bool) -> Self {
         let t = table.qualified_name();
+        let g = if sync_writes {
+            ""
+        } else {
+            " AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
+        };
         let mut insert = Vec::with_capacity(18);
         for schedule in SCHEDULES {
             for timer in TIMERS {
@@ -96,16 +108,19 @@ impl Statements {
                 "SELECT {ROW_COLUMNS} FROM {t} o WHERE o.queue = $1 ORDER BY o.id LIMIT $2"
             )
             .into(),
-            claim: claim_sql(&t).into(),
+            claim: claim_sql(&t, true, g).into(),
+            claim_pending: claim_sql(&t, false, g).into(),
             // Token guards use IS NOT DISTINCT FROM (the bound token is never
             // NULL, so it means `=`): a strict `=` implies `acquired_token IS
             // NOT NULL`, which lets the planner pick `<t>_leased_idx` and scan
             // all of it for `id = ..` whenever its statistics say it is small.
-            ack: format!("DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2")
-                .into(),
+            ack: format!(
+                "DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2{g}"
+            )
+            .into(),
             ack_batch: format!(
                 "DELETE FROM {t} o USING unnest($1::int8[], $2::uuid[]) AS w(id, token) \
-                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token RETURNING o.id"
+                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token{g} RETURNING o.id"
             )
             .into(),
             retry: format!(
@@ -113,19 +128,19 @@ impl Statements {
                  next_attempt_at = now() + make_interval(secs => $3), \
                  first_attempt_at = COALESCE(first_attempt_at, now()), last_attempt_at = now(), \
                  acquired_at = NULL, acquired_token = NULL \
-                 WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2"
+                 WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2{g}"
             )
             .into(),
             release: format!(
                 "UPDATE {t} o SET acquired_at = NULL, acquired_token = NULL, \
                  deliveries_count = GREATEST(o.deliveries_count - 1, 0) \
                  FROM unnest($1::int8[], $2::uuid[]) AS w(id, token) \
-                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token"
+                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token{g}"
             )
             .into(),
             dead_letter: dlq.map(|d| {
                 format!(
-                    "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2 \
+                    "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2{g} \
                      RETURNING id, queue, payload, headers, deliveries_count, created_at, timer_id) \
                      INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
                      created_at, timer_id, failure_reason, last_exception) \
@@ -231,23 +246,35 @@ fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool) -> String {
 /// `<t>_leased_idx`), each `FOR UPDATE SKIP LOCKED`, merged in
 /// `(next_attempt_at, id)` order. Parameters: `$1` queues (`varchar[]`),
 /// `$2` limit, `$3` lease TTL in seconds, `$4` the fresh lease token.
-fn claim_sql(t: &str) -> String {
+/// Without `with_expired`, only the pending branch (`$3` is then unused).
+fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
+    let ready = if with_expired {
+        "ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM pending \
+           UNION ALL SELECT id, next_attempt_at FROM expired) r \
+           ORDER BY r.next_attempt_at, r.id LIMIT $2)"
+    } else {
+        "ready AS (SELECT id FROM pending)"
+    };
+    let expired = if with_expired {
+        format!(
+            "expired AS (SELECT e.id, e.next_attempt_at FROM queues CROSS JOIN LATERAL (\
+               SELECT c.id, c.next_attempt_at FROM {t} c \
+               WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
+               AND c.acquired_at < now() - make_interval(secs => $3) \
+               ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) e), "
+        )
+    } else {
+        String::new()
+    };
     format!(
         "WITH queues AS (SELECT DISTINCT unnest($1::varchar[]) AS name), \
          pending AS (SELECT p.id, p.next_attempt_at FROM queues CROSS JOIN LATERAL (\
            SELECT c.id, c.next_attempt_at FROM {t} c \
            WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NULL \
            ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) p), \
-         expired AS (SELECT e.id, e.next_attempt_at FROM queues CROSS JOIN LATERAL (\
-           SELECT c.id, c.next_attempt_at FROM {t} c \
-           WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
-           AND c.acquired_at < now() - make_interval(secs => $3) \
-           ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) e), \
-         ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM pending \
-           UNION ALL SELECT id, next_attempt_at FROM expired) r \
-           ORDER BY r.next_attempt_at, r.id LIMIT $2) \
+         {expired}{ready} \
          UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
-         WHERE o.id IN (SELECT id FROM ready) \
+         WHERE o.id IN (SELECT id FROM ready){g} \
          RETURNING {ROW_COLUMNS}"
     )
 }
@@ -260,6 +287,7 @@ mod tests {
         Statements::new(
             &OutboxTable::new("outbox").expect("valid"),
             Some(&DlqTable::new("outbox_dlq").expect("valid")),
+            true,
         )
     }
 

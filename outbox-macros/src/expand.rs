@@ -94,6 +94,7 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
     let ints = [
         ("max_workers", &args.max_workers, None),
         ("fetch_batch_size", &args.fetch_batch_size, None),
+        ("fetch_concurrency", &args.fetch_concurrency, None),
         (
             "min_fetch_interval",
             &args.min_fetch_interval_ms,

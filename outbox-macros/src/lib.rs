@@ -59,6 +59,7 @@ use proc_macro::TokenStream;
 /// option     := 'name' '=' STRING
 ///             | 'max_workers' '=' INT
 ///             | 'fetch_batch_size' '=' INT
+///             | 'fetch_concurrency' '=' INT
 ///             | 'lease_ttl_secs' '=' (INT | FLOAT)
 ///             | 'min_fetch_interval_ms' '=' INT
 ///             | 'max_fetch_interval_ms' '=' INT
@@ -78,6 +79,7 @@ use proc_macro::TokenStream;
 /// | `name` | string | `concat!(module_path!(), "::", "<fn>")` | `.name(..)` |
 /// | `max_workers` | integer | `1` | `.max_workers(n)` |
 /// | `fetch_batch_size` | integer | `10` | `.fetch_batch_size(n)` |
+/// | `fetch_concurrency` | integer | `1` | `.fetch_concurrency(n)` |
 /// | `lease_ttl_secs` | integer or float | `60` | `.lease_ttl(Duration)` |
 /// | `min_fetch_interval_ms` | integer | `1000` | `.min_fetch_interval(Duration::from_millis(n))` |
 /// | `max_fetch_interval_ms` | integer | `10000` | `.max_fetch_interval(Duration::from_millis(n))` |

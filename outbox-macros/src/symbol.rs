@@ -10,6 +10,7 @@ pub(crate) const HIDDEN_PUBLISH_TO: &str = "__publish_to";
 pub(crate) const NAME: &str = "name";
 pub(crate) const MAX_WORKERS: &str = "max_workers";
 pub(crate) const FETCH_BATCH_SIZE: &str = "fetch_batch_size";
+pub(crate) const FETCH_CONCURRENCY: &str = "fetch_concurrency";
 pub(crate) const LEASE_TTL_SECS: &str = "lease_ttl_secs";
 pub(crate) const MIN_FETCH_INTERVAL_MS: &str = "min_fetch_interval_ms";
 pub(crate) const MAX_FETCH_INTERVAL_MS: &str = "max_fetch_interval_ms";
@@ -25,6 +26,7 @@ pub(crate) const OPTIONS: &[&str] = &[
     NAME,
     MAX_WORKERS,
     FETCH_BATCH_SIZE,
+    FETCH_CONCURRENCY,
     LEASE_TTL_SECS,
     MIN_FETCH_INTERVAL_MS,
     MAX_FETCH_INTERVAL_MS,
@@ -42,6 +44,7 @@ pub(crate) fn example(option: &str) -> &'static str {
         NAME => "name = \"billing::handle\"",
         MAX_WORKERS => "max_workers = 4",
         FETCH_BATCH_SIZE => "fetch_batch_size = 100",
+        FETCH_CONCURRENCY => "fetch_concurrency = 2",
         LEASE_TTL_SECS => "lease_ttl_secs = 30",
         MIN_FETCH_INTERVAL_MS => "min_fetch_interval_ms = 500",
         MAX_FETCH_INTERVAL_MS => "max_fetch_interval_ms = 5000",

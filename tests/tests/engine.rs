@@ -1193,3 +1193,64 @@ async fn token_guarded_writes_use_the_primary_key_even_when_statistics_say_nothi
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn relay_writes_commit_asynchronously_without_touching_other_transactions() -> R {
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let ack = outbox_core::__private::engine_sql(&db.table, "ack").unwrap();
+    let mut tx = db.pool.begin().await?;
+    let before: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(ack))
+        .bind(id)
+        .bind(uuid::Uuid::new_v4())
+        .execute(&mut *tx)
+        .await?;
+    let during: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    let after: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *conn)
+        .await?;
+    assert_eq!(before, "on");
+    assert_eq!(
+        during, "off",
+        "the relay's write turned it off for its own transaction"
+    );
+    assert_eq!(
+        after, "on",
+        "transaction-local: nothing leaks to the session"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_pending_only_claim_uses_the_pending_index() -> R {
+    let db = TestDb::new().await?;
+    publish_n(&db, "a", 50_000).await?;
+    db.exec(format!("ANALYZE {}", db.t())).await?;
+    let claim = outbox_core::__private::engine_sql(&db.table, "claim_pending").unwrap();
+    let sql = claim
+        .replace("$1::varchar[]", "ARRAY['a']::varchar[]")
+        .replace("$2", "100")
+        .replace("$4", "gen_random_uuid()");
+    let mut tx = db.pool.begin().await?;
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("_pending_idx") && !plan.contains("Seq Scan"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("_leased_idx"),
+        "no expired-lease branch: {plan}"
+    );
+    Ok(())
+}

@@ -194,6 +194,8 @@ impl RouteBuilder {
         max_workers: usize,
         /// See [`SubscriberOptions::fetch_batch_size`].
         fetch_batch_size: usize,
+        /// See [`SubscriberOptions::fetch_concurrency`].
+        fetch_concurrency: usize,
         /// See [`SubscriberOptions::min_fetch_interval`].
         min_fetch_interval: Duration,
         /// See [`SubscriberOptions::max_fetch_interval`].

@@ -2,7 +2,7 @@
 //! the bounded in-memory buffer the workers drain.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -10,6 +10,10 @@ use super::SubShared;
 use super::backoff::{self, Reconnect};
 use super::store;
 use crate::message::Delivery;
+
+/// The longest time between two claims that look for expired leases while
+/// the queue is busy.
+const MAX_EXPIRED_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(shared: Arc<SubShared>) {
     let mut reconnect = Reconnect::default();
@@ -34,19 +38,37 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
         };
         reconnect.opened();
         let mut idle: u32 = 0;
+        // Expired leases can only appear `lease_ttl` after a claim, so the
+        // claim looks for them (a scan of the leased index, which holds every
+        // in-flight row) at most every quarter lease while rows keep coming,
+        // and on every poll once the queue is idle.
+        let expired_every = (shared.opts().get_lease_ttl() / 4).min(MAX_EXPIRED_SCAN_INTERVAL);
+        let mut last_expired_scan: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 return;
             }
             let free = shared.tx.capacity();
-            if free < shared.refill_at {
+            // Reserve the slots this claim may fill, so that a concurrent
+            // fetch loop of the same subscriber cannot claim them too.
+            let permits = if free >= shared.refill_at {
+                shared.tx.try_reserve_many(free).ok()
+            } else {
+                None
+            };
+            let Some(permits) = permits else {
                 // Workers wake us as soon as enough slots are free.
                 if shared.wait(shared.opts().get_min_fetch_interval()).await {
                     return;
                 }
                 continue;
-            }
+            };
             let token = Uuid::new_v4();
+            let with_expired =
+                idle > 0 || last_expired_scan.is_none_or(|t| t.elapsed() >= expired_every);
+            if with_expired {
+                last_expired_scan = Some(Instant::now());
+            }
             let claimed = store::claim(
                 shared.broker.stmts(),
                 &mut conn,
@@ -54,19 +76,17 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 free,
                 shared.opts().get_lease_ttl(),
                 token,
+                with_expired,
             )
             .await;
             match claimed {
                 Ok(rows) => {
                     let n = rows.len();
                     shared.metrics.fetched(n);
-                    for row in rows {
-                        let delivery = Arc::new(Delivery::new(row, token));
-                        if let Err(e) = shared.tx.try_send(delivery) {
-                            // Cannot happen (only this task sends, and never
-                            // more than `free`); the lease would expire anyway.
-                            tracing::error!("outbox buffer refused a claimed row: {e}");
-                        }
+                    // `rows.len() <= free`: a permit for each; unused ones
+                    // return to the buffer when dropped.
+                    for (row, permit) in rows.into_iter().zip(permits) {
+                        permit.send(Arc::new(Delivery::new(row, token)));
                     }
                     if n > 0 {
                         tracing::debug!(subscriber = %shared.sub.name(), count = n, "claimed");

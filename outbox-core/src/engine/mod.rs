@@ -90,8 +90,9 @@ struct Running {
 #[derive(Debug)]
 struct SubRuntime {
     shared: Arc<SubShared>,
-    fetch: JoinHandle<()>,
+    fetch: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    acker: JoinHandle<()>,
 }
 
 /// State shared by one subscriber's fetch loop and workers.
@@ -135,6 +136,10 @@ impl SubShared {
         }
     }
 }
+
+/// What the acker gets to write its last deletes at stop, even when the
+/// graceful timeout is used up.
+const ACKER_FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// Default [`Engine::gauge_interval`].
 pub const DEFAULT_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
@@ -261,9 +266,13 @@ impl Engine {
                 refill_at: (cap / 2).max(1),
                 metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
             });
-            let fetch = tokio::spawn(fetch::run(shared.clone()));
+            let fetch = (0..sub.options().get_fetch_concurrency())
+                .map(|_| tokio::spawn(fetch::run(shared.clone())))
+                .collect();
+            let (acks, acks_rx) = worker::ack_channel(&shared);
+            let acker = tokio::spawn(worker::run_acker(shared.clone(), acks_rx));
             let workers = (0..sub.options().get_max_workers())
-                .map(|_| tokio::spawn(worker::run(shared.clone())))
+                .map(|_| tokio::spawn(worker::run(shared.clone(), acks.clone())))
                 .collect();
             tracing::info!(
                 subscriber = %sub.name(),
@@ -275,6 +284,7 @@ impl Engine {
                 shared,
                 fetch,
                 workers,
+                acker,
             });
         }
         let listener = match &self.listen {
@@ -334,7 +344,9 @@ impl Engine {
                 None => false,
                 Some(r) => {
                     r.subs.iter().all(|s| {
-                        !s.fetch.is_finished() && s.workers.iter().all(|w| !w.is_finished())
+                        s.fetch.iter().all(|f| !f.is_finished())
+                            && !s.acker.is_finished()
+                            && s.workers.iter().all(|w| !w.is_finished())
                     }) && r.listener.as_ref().is_none_or(|(_, t)| !t.is_finished())
                 }
             }
@@ -401,9 +413,7 @@ impl Engine {
         };
         let mut tasks = Vec::new();
         for s in running.subs {
-            s.fetch.abort();
-            tasks.push(s.fetch);
-            for w in s.workers {
+            for w in s.fetch.into_iter().chain(s.workers).chain([s.acker]) {
                 w.abort();
                 tasks.push(w);
             }
@@ -422,9 +432,10 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
     let remaining = || deadline.saturating_duration_since(Instant::now());
     // 1. The fetch loop finishes an in-progress claim (its rows land in the
     //    buffer), then exits.
-    let mut fetch = s.fetch;
-    if tokio::time::timeout(remaining(), &mut fetch).await.is_err() {
-        fetch.abort();
+    for mut fetch in s.fetch {
+        if tokio::time::timeout(remaining(), &mut fetch).await.is_err() {
+            fetch.abort();
+        }
     }
     // 2. Workers stop taking rows; what is left in the buffer was never
     //    started: release those leases.
@@ -462,8 +473,8 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
             ),
         }
     }
-    // 3. In-flight handlers finish and write their outcomes; workers flush
-    //    their batched deletes on the way out.
+    // 3. In-flight handlers finish and write their outcomes; the acker
+    //    writes the last deletes once every worker is gone.
     let mut timed_out = false;
     for mut w in s.workers {
         if tokio::time::timeout(remaining(), &mut w).await.is_err() {
@@ -471,6 +482,16 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
             let _ = w.await;
             timed_out = true;
         }
+    }
+    let mut acker = s.acker;
+    let acker_budget = remaining().max(ACKER_FINAL_FLUSH);
+    if tokio::time::timeout(acker_budget, &mut acker)
+        .await
+        .is_err()
+    {
+        acker.abort();
+        let _ = acker.await;
+        timed_out = true;
     }
     if timed_out {
         s.shared.metrics.drain_timeout();

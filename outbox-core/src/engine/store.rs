@@ -92,7 +92,8 @@ pub(crate) async fn execute(
     }
 }
 
-/// Claims up to `limit` rows of `queues` with a fresh token.
+/// Claims up to `limit` rows of `queues` with a fresh token; expired leases
+/// too when `with_expired`.
 pub(crate) async fn claim(
     stmts: &Statements,
     conn: &mut PgConnection,
@@ -100,8 +101,14 @@ pub(crate) async fn claim(
     limit: usize,
     lease_ttl: Duration,
     token: Uuid,
+    with_expired: bool,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let rows = sql::q(&stmts.claim)
+    let sql = if with_expired {
+        &stmts.claim
+    } else {
+        &stmts.claim_pending
+    };
+    let rows = sql::q(sql)
         .bind(queues)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .bind(lease_ttl.as_secs_f64())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::FutureExt;
 use sqlx::PgConnection;
-use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::SubShared;
@@ -44,8 +44,8 @@ enum PendingKind {
     Terminal(FailureReason, &'static str),
 }
 
-/// A buffered delete (batched acks and plain terminals).
-struct Pending {
+/// A delete waiting for the acker (acks and plain terminals).
+pub(crate) struct Pending {
     delivery: Arc<Delivery>,
     kind: PendingKind,
     duration: Option<Duration>,
@@ -58,19 +58,40 @@ enum Landed {
     Failed,
 }
 
-struct Worker {
+/// A long-lived connection with the write-and-reconnect logic.
+struct Writer {
     shared: Arc<SubShared>,
     conn: Option<PgConnection>,
     reconnect: Reconnect,
-    batch: Vec<Pending>,
 }
 
-pub(crate) async fn run(shared: Arc<SubShared>) {
+struct Worker {
+    shared: Arc<SubShared>,
+    writer: Writer,
+    acks: mpsc::Sender<Pending>,
+}
+
+/// The queue between the workers and the acker of one subscriber.
+pub(crate) type AckSender = mpsc::Sender<Pending>;
+/// See [`AckSender`].
+pub(crate) type AckReceiver = mpsc::Receiver<Pending>;
+
+/// Capacity of the ack queue: enough for every claimed row, so a worker
+/// never waits for the acker unless the database is behind.
+pub(crate) fn ack_channel(shared: &SubShared) -> (AckSender, AckReceiver) {
+    let o = shared.opts();
+    mpsc::channel(
+        o.get_fetch_batch_size()
+            .max(o.get_terminal_flush_batch_size())
+            + o.get_max_workers(),
+    )
+}
+
+pub(crate) async fn run(shared: Arc<SubShared>, acks: AckSender) {
     let mut w = Worker {
+        writer: Writer::new(shared.clone()),
         shared,
-        conn: None,
-        reconnect: Reconnect::default(),
-        batch: Vec::new(),
+        acks,
     };
     w.run().await;
 }
@@ -79,75 +100,51 @@ impl Worker {
     async fn run(&mut self) {
         let stop = self.shared.stop_workers.clone();
         loop {
-            let next = {
+            let delivery = {
                 let mut rx = tokio::select! {
                     biased;
                     _ = stop.cancelled() => break,
                     rx = self.shared.rx.lock() => rx,
                 };
-                match rx.try_recv() {
-                    Ok(d) => Some(d),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            };
-            let delivery = match next {
-                Some(d) => d,
-                None => {
-                    // The buffer ran dry: flush buffered deletes before waiting.
-                    self.flush().await;
-                    let mut rx = tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        rx = self.shared.rx.lock() => rx,
-                    };
-                    tokio::select! {
-                        biased;
-                        _ = stop.cancelled() => break,
-                        d = rx.recv() => match d {
-                            Some(d) => d,
-                            None => break,
-                        },
-                    }
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    d = rx.recv() => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
                 }
             };
             if self.shared.tx.capacity() >= self.shared.refill_at {
                 self.shared.wake.notify_one();
             }
             self.process(delivery).await;
-            let flush_due = self.batch.len() >= self.shared.opts().get_terminal_flush_batch_size()
-                || self.batch.first().is_some_and(|p| {
-                    p.delivery.claimed_at.elapsed() >= self.shared.opts().get_lease_ttl() / 2
-                });
-            if flush_due {
-                self.flush().await;
-            }
         }
-        self.flush().await;
+    }
+
+    /// Hands a delete (ack, or terminal without dead-letter table) to the
+    /// acker, which writes it at once or coalesced with others.
+    async fn defer_delete(&self, p: Pending) {
+        let q = p.delivery.row.queue.clone();
+        if self.acks.send(p).await.is_err() {
+            // The acker is gone (only while the engine is aborted): the row
+            // stays leased and is redelivered after the lease expires.
+            self.shared.metrics.abandoned(&q);
+        }
     }
 
     async fn process(&mut self, delivery: Arc<Delivery>) {
         let (outcome, error, duration) = self.dispatch(&delivery).await;
         let row = &delivery.row;
         let kind = crate::telemetry::error_kind(error.as_ref());
-        let batched = self.shared.opts().get_terminal_flush_batch_size() > 1;
         match outcome {
             Outcome::Ack => {
-                if batched {
-                    self.batch.push(Pending {
-                        delivery,
-                        kind: PendingKind::Ack,
-                        duration,
-                    });
-                } else {
-                    let w = Write::Delete {
-                        id: row.id,
-                        token: delivery.token,
-                    };
-                    if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
-                        self.shared.metrics.acked(&row.queue, duration);
-                    }
-                }
+                let p = Pending {
+                    delivery: delivery.clone(),
+                    kind: PendingKind::Ack,
+                    duration,
+                };
+                self.defer_delete(p).await;
             }
             Outcome::Retry { delay } => {
                 let w = Write::Retry {
@@ -155,7 +152,7 @@ impl Worker {
                     token: delivery.token,
                     delay,
                 };
-                if let Landed::Yes = self.write_single(&delivery, &w, "retry").await {
+                if let Landed::Yes = self.writer.write_single(&delivery, &w, "retry").await {
                     self.shared.metrics.retried(&row.queue, kind, duration);
                     tracing::warn!(
                         queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
@@ -174,7 +171,7 @@ impl Worker {
                         reason: reason.as_str(),
                         last_exception: text.clone(),
                     };
-                    if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
+                    if let Landed::Yes = self.writer.write_single(&delivery, &w, "terminal").await {
                         self.shared.metrics.terminal(
                             &row.queue,
                             reason.as_str(),
@@ -196,27 +193,12 @@ impl Worker {
                         "outbox row failed for good; deleting it (no dead-letter table configured): {}",
                         text.as_deref().unwrap_or("-")
                     );
-                    if batched {
-                        self.batch.push(Pending {
-                            delivery,
-                            kind: PendingKind::Terminal(reason, kind),
-                            duration,
-                        });
-                    } else {
-                        let w = Write::Delete {
-                            id: row.id,
-                            token: delivery.token,
-                        };
-                        if let Landed::Yes = self.write_single(&delivery, &w, "terminal").await {
-                            self.shared.metrics.terminal(
-                                &row.queue,
-                                reason.as_str(),
-                                kind,
-                                duration,
-                                false,
-                            );
-                        }
-                    }
+                    let p = Pending {
+                        delivery: delivery.clone(),
+                        kind: PendingKind::Terminal(reason, kind),
+                        duration,
+                    };
+                    self.defer_delete(p).await;
                 }
             }
         }
@@ -361,8 +343,18 @@ impl Worker {
         };
         Some(cap_text(text))
     }
+}
 
-    /// Writes one guarded statement; `false` if the lease was lost or the
+impl Writer {
+    fn new(shared: Arc<SubShared>) -> Self {
+        Self {
+            shared,
+            conn: None,
+            reconnect: Reconnect::default(),
+        }
+    }
+
+    /// Writes one guarded statement; how it ended (lease lost, or the
     /// write could not be made (the row then stays leased and is redelivered
     /// after the lease expires).
     async fn write_single(
@@ -449,24 +441,101 @@ impl Worker {
             }
         }
     }
+}
 
-    /// One `DELETE ... USING unnest(ids, tokens)` for all buffered deletes.
-    async fn flush(&mut self) {
-        if self.batch.is_empty() {
+/// Writes the deletes of one subscriber (acks, and terminal failures when no
+/// dead-letter table is configured) on its own connection. With
+/// `terminal_flush_batch_size` 1 every delete is written as soon as the
+/// previous statement returned, and deletes that arrived meanwhile go
+/// together in the next one (never delayed, like a group commit). With a
+/// larger size, deletes are held until that many are ready, none arrives
+/// for [`ACK_LINGER`], or the oldest one's claim is half a lease old.
+pub(crate) async fn run_acker(shared: Arc<SubShared>, mut rx: AckReceiver) {
+    let mut writer = Writer::new(shared.clone());
+    let target = shared.opts().get_terminal_flush_batch_size();
+    let half_lease = shared.opts().get_lease_ttl() / 2;
+    let mut batch: Vec<Pending> = Vec::new();
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(p) => batch.push(p),
+                None => return,
+            }
+        }
+        while batch.len() < MAX_ACK_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut closed = false;
+        while batch.len() < target {
+            let oldest = batch
+                .iter()
+                .map(|p| p.delivery.claimed_at)
+                .min()
+                .unwrap_or_else(Instant::now);
+            let until_half_lease = half_lease.saturating_sub(oldest.elapsed());
+            if until_half_lease.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(ACK_LINGER.min(until_half_lease), rx.recv()).await {
+                Ok(Some(p)) => batch.push(p),
+                Ok(None) => {
+                    closed = true;
+                    break;
+                }
+                Err(_lingered) => break,
+            }
+        }
+        writer.flush(std::mem::take(&mut batch)).await;
+        if closed {
             return;
         }
-        let batch = std::mem::take(&mut self.batch);
+    }
+}
+
+/// The most deletes in one statement.
+const MAX_ACK_BATCH: usize = 5000;
+
+/// How long a batching acker (`terminal_flush_batch_size > 1`) waits for
+/// more deletes before writing what it has.
+pub(crate) const ACK_LINGER: Duration = Duration::from_millis(5);
+
+impl Writer {
+    /// One `DELETE ... USING unnest(ids, tokens)` for all buffered deletes.
+    async fn flush(&mut self, batch: Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
         let oldest = batch
             .iter()
             .map(|p| p.delivery.claimed_at)
             .min()
             .unwrap_or_else(Instant::now);
-        let w = Write::DeleteBatch {
-            ids: batch.iter().map(|p| p.delivery.row.id).collect(),
-            tokens: batch.iter().map(|p| p.delivery.token).collect(),
+        let done: Option<std::collections::HashSet<i64>> = if let [p] = &batch[..] {
+            // One delete: the simpler statement.
+            let w = Write::Delete {
+                id: p.delivery.row.id,
+                token: p.delivery.token,
+            };
+            match self.write(oldest, &w).await {
+                Some(Written::Rows(n)) => {
+                    Some((n > 0).then_some(p.delivery.row.id).into_iter().collect())
+                }
+                _ => None,
+            }
+        } else {
+            let w = Write::DeleteBatch {
+                ids: batch.iter().map(|p| p.delivery.row.id).collect(),
+                tokens: batch.iter().map(|p| p.delivery.token).collect(),
+            };
+            match self.write(oldest, &w).await {
+                Some(Written::Ids(ids)) => Some(ids.into_iter().collect()),
+                _ => None,
+            }
         };
-        if let Some(Written::Ids(done)) = self.write(oldest, &w).await {
-            let done: std::collections::HashSet<i64> = done.into_iter().collect();
+        if let Some(done) = done {
             for p in &batch {
                 let q = &p.delivery.row.queue;
                 if !done.contains(&p.delivery.row.id) {

@@ -9,6 +9,7 @@ use outbox_core::{AckPolicy, subscriber};
     name = "billing::orders",
     max_workers = 4,
     fetch_batch_size = 100,
+    fetch_concurrency = 2,
     lease_ttl_secs = 30,
     min_fetch_interval_ms = 500,
     max_fetch_interval_ms = 5_000,
