@@ -21,7 +21,7 @@ use crate::retry::{ExponentialRetry, RetryStrategy};
 /// | `max_fetch_interval` | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
 /// | `lease_ttl` | 60 s | a claimed row is reclaimable after this |
 /// | `max_deliveries` | none | claims allowed before a row goes terminal unhandled |
-/// | `terminal_flush_batch_size` | 1 | acks coalesced into one `DELETE` |
+/// | `terminal_flush_batch_size` | 1 | deletes (acks) held to share one `DELETE`; 1: none held, concurrent ones still coalesce |
 /// | `ack_policy` | [`AckPolicy::NackOnError`] | |
 /// | `retry` | [`ExponentialRetry::default()`] | 1 s ×2 ≤ 300 s, 10 attempts, jitter 0.2 |
 #[derive(Clone)]
@@ -123,7 +123,14 @@ impl SubscriberOptions {
         lease_ttl, get_lease_ttl: Duration
     );
     knob!(
-        /// Coalesce this many acks into one `DELETE` (>= 1; 1 deletes per row).
+        /// How many deletes (acks, and terminal failures without a
+        /// dead-letter table) to hold so they share one `DELETE` (>= 1).
+        /// With 1, no delete is ever held: each is written as soon as the
+        /// previous statement returned, and those that completed meanwhile go
+        /// in the same statement. With more, deletes wait until that many
+        /// are ready, none came for 5 ms, or the oldest is half a lease
+        /// old: fewer statements, but an ungraceful crash then redelivers up
+        /// to that many handled rows.
         terminal_flush_batch_size, get_terminal_flush_batch_size: usize
     );
 
