@@ -419,3 +419,67 @@ async fn a_lease_shorter_than_the_transport_timeout_is_warned_about() -> R {
     run.await??;
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish_batch(0..20, "term", &mut conn).await?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_app_child"))
+        .env("OUTBOX_CHILD_TABLE", db.table.name())
+        .env("OUTBOX_CHILD_SCHEMA", &db.schema)
+        .env("OUTBOX_CHILD_QUEUE", "term")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    // Wait until the first row was handled: the rest are claimed and waiting.
+    while !lines.iter().any(|l: &String| l.starts_with("handled")) {
+        lines.push(rx.recv_timeout(Duration::from_secs(20))?);
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+    );
+    let status = child.wait()?;
+    lines.extend(rx.try_iter());
+    while let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+        lines.push(l);
+    }
+    assert!(status.success(), "exit status {status}: {lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("stopped"),
+        "{lines:?}"
+    );
+    let handled = lines.iter().filter(|l| l.starts_with("handled")).count() as i64;
+    assert!(handled < 20, "stopped early: {handled}");
+    // Handled rows are gone; the others are back, unleased, claim given back.
+    assert_eq!(db.count().await?, 20 - handled);
+    let leased = db
+        .scalar(format!(
+            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
+            db.t()
+        ))
+        .await?;
+    assert_eq!(leased, 0, "nothing left to lease expiry");
+    let claimed = db
+        .scalar(format!(
+            "SELECT coalesce(max(deliveries_count), 0) FROM {}",
+            db.t()
+        ))
+        .await?;
+    assert_eq!(claimed, 0);
+    Ok(())
+}
