@@ -415,6 +415,51 @@ impl<'de> Deserializer<'de> for RawDeserializer<'_> {
     }
 }
 
+/// The `content-type` header, if any.
+pub(crate) fn content_type(headers: &Headers) -> Option<&str> {
+    headers.get(CONTENT_TYPE).map(String::as_str)
+}
+
+/// The `correlation_id` header, else `fallback` (a row id) as text.
+pub(crate) fn correlation_id_or(headers: &Headers, fallback: i64) -> String {
+    headers
+        .get(CORRELATION_ID)
+        .cloned()
+        .unwrap_or_else(|| fallback.to_string())
+}
+
+/// Decodes a stored payload into `T`; the error names `what` (`row`, `dead
+/// letter`) and its id, the queue and the target type.
+pub(crate) fn decode_stored<T: DeserializeOwned>(
+    payload: &[u8],
+    headers: &Headers,
+    what: &'static str,
+    id: i64,
+    queue: &str,
+) -> std::result::Result<T, crate::error::DecodeError> {
+    decode(payload, content_type(headers)).map_err(|reason| crate::error::DecodeError {
+        what,
+        row_id: id,
+        queue: queue.to_owned(),
+        content_type: content_type(headers).unwrap_or("none").to_owned(),
+        target: std::any::type_name::<T>(),
+        reason,
+    })
+}
+
+/// The headers column of a stored row, read leniently (see
+/// [`headers_from_json`]); a value that is not an object is logged.
+pub(crate) fn headers_column(raw: Option<serde_json::Value>, what: &str, id: i64) -> Headers {
+    let (headers, well_formed) = headers_from_json(raw);
+    if !well_formed {
+        tracing::warn!(
+            id,
+            "the headers of {what} {id} are not a JSON object; reading them as empty"
+        );
+    }
+    headers
+}
+
 /// Reads a JSONB headers value as stored by any writer: an object's string
 /// values as they are, other values as their JSON text. Anything that is not an
 /// object yields no headers (and `false`, so the caller can warn).

@@ -122,9 +122,11 @@ impl Error {
 /// decoder expected, so that a poison row can be found and fixed.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot decode the payload of row {row_id} (queue {queue:?}, content-type {content_type}) as `{target}`: {reason}"
+    "cannot decode the payload of {what} {row_id} (queue {queue:?}, content-type {content_type}) as `{target}`: {reason}"
 )]
 pub struct DecodeError {
+    /// `row` or `dead letter`.
+    pub(crate) what: &'static str,
     pub(crate) row_id: i64,
     pub(crate) queue: String,
     pub(crate) content_type: String,
@@ -133,7 +135,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    /// The id of the row whose payload did not decode.
+    /// The id of the row (or dead letter) whose payload did not decode.
     pub fn row_id(&self) -> i64 {
         self.row_id
     }

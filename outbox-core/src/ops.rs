@@ -33,7 +33,7 @@ use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow};
 
 use crate::broker::OutboxBroker;
-use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
+use crate::envelope::{self, CORRELATION_ID, Headers};
 use crate::error::{DecodeError, Error, Result};
 use crate::publish::validate_queue;
 use crate::table::{DlqTable, OutboxTable};
@@ -255,14 +255,7 @@ const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.headers, d.
 impl DeadLetter {
     fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
         let id: i64 = row.try_get(0)?;
-        let raw_headers: Option<serde_json::Value> = row.try_get(4)?;
-        let (headers, well_formed) = envelope::headers_from_json(raw_headers);
-        if !well_formed {
-            tracing::warn!(
-                dead_letter_id = id,
-                "dead-letter headers are not a JSON object; reading them as empty"
-            );
-        }
+        let headers = envelope::headers_column(row.try_get(4)?, "dead letter", id);
         Ok(Self {
             id,
             original_id: row.try_get(1)?,
@@ -280,29 +273,26 @@ impl DeadLetter {
 
     /// The `content-type` header, if any.
     pub fn content_type(&self) -> Option<&str> {
-        self.headers.get(CONTENT_TYPE).map(String::as_str)
+        envelope::content_type(&self.headers)
     }
 
     /// The correlation id: the `correlation_id` header, else the original row
     /// id (what the handler saw as its correlation id).
     pub fn correlation_id(&self) -> String {
-        self.headers
-            .get(CORRELATION_ID)
-            .cloned()
-            .unwrap_or_else(|| self.original_id.to_string())
+        envelope::correlation_id_or(&self.headers, self.original_id)
     }
 
     /// Decodes the payload into `T` following its content type (see
     /// [`envelope::decode`]); the error names the dead letter's id, its queue
     /// and the target type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        envelope::decode(&self.payload, self.content_type()).map_err(|reason| DecodeError {
-            row_id: self.id,
-            queue: self.queue.clone(),
-            content_type: self.content_type().unwrap_or("none").to_owned(),
-            target: std::any::type_name::<T>(),
-            reason,
-        })
+        envelope::decode_stored(
+            &self.payload,
+            &self.headers,
+            "dead letter",
+            self.id,
+            &self.queue,
+        )
     }
 }
 

@@ -6,7 +6,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 use uuid::Uuid;
 
-use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
+use crate::envelope::{self, Headers};
 use crate::error::DecodeError;
 
 /// One outbox row, all thirteen columns.
@@ -47,14 +47,7 @@ pub struct OutboxRow {
 impl OutboxRow {
     pub(crate) fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
         let id: i64 = row.try_get(0)?;
-        let raw_headers: Option<serde_json::Value> = row.try_get(3)?;
-        let (headers, well_formed) = envelope::headers_from_json(raw_headers);
-        if !well_formed {
-            tracing::warn!(
-                row_id = id,
-                "outbox row headers are not a JSON object; reading them as empty"
-            );
-        }
+        let headers = envelope::headers_column(row.try_get(3)?, "outbox row", id);
         Ok(Self {
             id,
             queue: row.try_get(1)?,
@@ -74,26 +67,17 @@ impl OutboxRow {
 
     /// The `content-type` header, if any.
     pub fn content_type(&self) -> Option<&str> {
-        self.headers.get(CONTENT_TYPE).map(String::as_str)
+        envelope::content_type(&self.headers)
     }
 
     /// The correlation id: the `correlation_id` header, else the row id.
     pub fn correlation_id(&self) -> String {
-        self.headers
-            .get(CORRELATION_ID)
-            .cloned()
-            .unwrap_or_else(|| self.id.to_string())
+        envelope::correlation_id_or(&self.headers, self.id)
     }
 
     /// Decodes the payload into `T` following its content type (see
     /// [`envelope::decode`]); the error names the row, queue and target type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        envelope::decode(&self.payload, self.content_type()).map_err(|reason| DecodeError {
-            row_id: self.id,
-            queue: self.queue.clone(),
-            content_type: self.content_type().unwrap_or("none").to_owned(),
-            target: std::any::type_name::<T>(),
-            reason,
-        })
+        envelope::decode_stored(&self.payload, &self.headers, "row", self.id, &self.queue)
     }
 }

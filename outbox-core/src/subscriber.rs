@@ -343,14 +343,46 @@ pub struct SubscriberBuilder {
     options: SubscriberOptions,
 }
 
-macro_rules! forward {
-    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+/// The setters of every [`SubscriberOptions`] knob, for a builder that holds
+/// its options in `self.options` ([`SubscriberBuilder`], and the App's
+/// `RouteBuilder`).
+macro_rules! option_setters {
+    () => {
+        $crate::subscriber::option_setters!(@knobs
+            /// See [`SubscriberOptions::max_workers`](crate::SubscriberOptions::max_workers).
+            max_workers: usize,
+            /// See [`SubscriberOptions::fetch_batch_size`](crate::SubscriberOptions::fetch_batch_size).
+            fetch_batch_size: usize,
+            /// See [`SubscriberOptions::fetch_concurrency`](crate::SubscriberOptions::fetch_concurrency).
+            fetch_concurrency: usize,
+            /// See [`SubscriberOptions::min_fetch_interval`](crate::SubscriberOptions::min_fetch_interval).
+            min_fetch_interval: ::std::time::Duration,
+            /// See [`SubscriberOptions::max_fetch_interval`](crate::SubscriberOptions::max_fetch_interval).
+            max_fetch_interval: ::std::time::Duration,
+            /// See [`SubscriberOptions::lease_ttl`](crate::SubscriberOptions::lease_ttl).
+            lease_ttl: ::std::time::Duration,
+            /// See [`SubscriberOptions::max_deliveries`](crate::SubscriberOptions::max_deliveries).
+            max_deliveries: u64,
+            /// See [`SubscriberOptions::terminal_flush_batch_size`](crate::SubscriberOptions::terminal_flush_batch_size).
+            terminal_flush_batch_size: usize,
+            /// See [`SubscriberOptions::ack_policy`](crate::SubscriberOptions::ack_policy).
+            ack_policy: crate::AckPolicy,
+        );
+
+        /// See [`SubscriberOptions::retry`](crate::SubscriberOptions::retry).
+        pub fn retry(mut self, strategy: impl crate::RetryStrategy) -> Self {
+            self.options = self.options.retry(strategy);
+            self
+        }
+    };
+    (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
         $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
             self.options = self.options.$name(value);
             self
         })*
     };
 }
+pub(crate) use option_setters;
 
 impl SubscriberBuilder {
     /// The queues given so far.
@@ -375,32 +407,7 @@ impl SubscriberBuilder {
         self
     }
 
-    forward!(
-        /// See [`SubscriberOptions::max_workers`].
-        max_workers: usize,
-        /// See [`SubscriberOptions::fetch_batch_size`].
-        fetch_batch_size: usize,
-        /// See [`SubscriberOptions::fetch_concurrency`].
-        fetch_concurrency: usize,
-        /// See [`SubscriberOptions::min_fetch_interval`].
-        min_fetch_interval: Duration,
-        /// See [`SubscriberOptions::max_fetch_interval`].
-        max_fetch_interval: Duration,
-        /// See [`SubscriberOptions::lease_ttl`].
-        lease_ttl: Duration,
-        /// See [`SubscriberOptions::max_deliveries`].
-        max_deliveries: u64,
-        /// See [`SubscriberOptions::terminal_flush_batch_size`].
-        terminal_flush_batch_size: usize,
-        /// See [`SubscriberOptions::ack_policy`].
-        ack_policy: AckPolicy,
-    );
-
-    /// See [`SubscriberOptions::retry`].
-    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
-        self.options = self.options.retry(strategy);
-        self
-    }
+    option_setters!();
 
     /// Validates the settings and binds `handler`.
     ///

@@ -66,6 +66,15 @@ impl TableName {
         }
     }
 
+    /// The schema statement (if any) and `stmts`, each `;`-terminated.
+    fn script(&self, stmts: Vec<String>) -> String {
+        self.schema_ddl()
+            .into_iter()
+            .chain(stmts)
+            .map(|s| s + ";\n")
+            .collect()
+    }
+
     fn schema_ddl(&self) -> Option<String> {
         self.schema
             .as_ref()
@@ -154,16 +163,7 @@ impl OutboxTable {
     /// The DDL creating the table, its indexes and its CHECK constraint, as
     /// semicolon-terminated statements, for a migration tool of your own.
     pub fn create_sql(&self) -> String {
-        let mut out = String::new();
-        if let Some(s) = self.name.schema_ddl() {
-            out.push_str(&s);
-            out.push_str(";\n");
-        }
-        for stmt in self.statements(false) {
-            out.push_str(&stmt);
-            out.push_str(";\n");
-        }
-        out
+        self.name.script(self.statements(false))
     }
 
     fn statements(&self, if_not_exists: bool) -> Vec<String> {
@@ -282,16 +282,7 @@ impl DlqTable {
 
     /// The DDL creating the table and its `(queue, failed_at)` index.
     pub fn create_sql(&self) -> String {
-        let mut out = String::new();
-        if let Some(s) = self.name.schema_ddl() {
-            out.push_str(&s);
-            out.push_str(";\n");
-        }
-        for stmt in self.statements(false) {
-            out.push_str(&stmt);
-            out.push_str(";\n");
-        }
-        out
+        self.name.script(self.statements(false))
     }
 
     fn statements(&self, if_not_exists: bool) -> Vec<String> {

@@ -240,7 +240,7 @@ async fn dlq_list_filters_and_get() -> R {
     assert_eq!(dl.headers["x-tenant"], "acme");
     assert_eq!(dl.decode::<serde_json::Value>()?, json!({"n": 2}));
     let err = dl.decode::<String>().unwrap_err().to_string();
-    assert!(err.contains(&format!("row {d2}")), "{err}");
+    assert!(err.contains(&format!("dead letter {d2}")), "{err}");
     assert!(b.dlq_get(999_999).await?.is_none());
     Ok(())
 }

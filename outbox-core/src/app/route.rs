@@ -7,7 +7,6 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -16,8 +15,7 @@ use super::context::AppContext;
 use super::extract::{FromDelivery, Requirement};
 use super::reply::{IntoReply, Reply};
 use crate::error::BoxError;
-use crate::message::{AckPolicy, Message};
-use crate::retry::RetryStrategy;
+use crate::message::Message;
 use crate::subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 
 /// The type-erased handler of a route.
@@ -167,15 +165,6 @@ pub struct RouteBuilder {
     location: Option<Location>,
 }
 
-macro_rules! knobs {
-    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
-        $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
-            self.options = self.options.$name(value);
-            self
-        })*
-    };
-}
-
 impl RouteBuilder {
     /// Names the subscriber (default: `module::fn` for the macro, else the queues).
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -189,32 +178,7 @@ impl RouteBuilder {
         self
     }
 
-    knobs!(
-        /// See [`SubscriberOptions::max_workers`].
-        max_workers: usize,
-        /// See [`SubscriberOptions::fetch_batch_size`].
-        fetch_batch_size: usize,
-        /// See [`SubscriberOptions::fetch_concurrency`].
-        fetch_concurrency: usize,
-        /// See [`SubscriberOptions::min_fetch_interval`].
-        min_fetch_interval: Duration,
-        /// See [`SubscriberOptions::max_fetch_interval`].
-        max_fetch_interval: Duration,
-        /// See [`SubscriberOptions::lease_ttl`].
-        lease_ttl: Duration,
-        /// See [`SubscriberOptions::max_deliveries`].
-        max_deliveries: u64,
-        /// See [`SubscriberOptions::terminal_flush_batch_size`].
-        terminal_flush_batch_size: usize,
-        /// See [`SubscriberOptions::ack_policy`].
-        ack_policy: AckPolicy,
-    );
-
-    /// See [`SubscriberOptions::retry`].
-    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
-        self.options = self.options.retry(strategy);
-        self
-    }
+    crate::subscriber::option_setters!();
 
     /// Publishes the handler's result to `destination` on the transport
     /// registered as `transport`; the row is acked only once every target
