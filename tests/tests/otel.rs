@@ -225,3 +225,47 @@ async fn a_redelivery_links_to_the_original_trace() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_trace_is_found_in_the_kafka_record_headers() -> anyhow::Result<()> {
+    use opentelemetry::trace::TraceContextExt;
+    use tests::kafka::{
+        Relay, TopicReader, bootstrap, broker_lock, create_topic, test_kafka, unique_topic,
+    };
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let _ = otel();
+    let _shared = broker_lock(false).await?;
+    let boot = bootstrap();
+    let topic = unique_topic("traced");
+    create_topic(&boot, &topic, 2).await?;
+    let db = TestDb::new().await?;
+    let relay = Relay::start(&db, "traced_kafka", &topic, test_kafka(&boot));
+    let request = tracing::info_span!("checkout");
+    async {
+        let mut conn = db.pool.acquire().await?;
+        db.broker.publish(&7_i64, "traced_kafka", &mut conn).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .instrument(request.clone())
+    .await?;
+    let trace = request.context().span().span_context().trace_id();
+    drop(request);
+    let mut reader = TopicReader::new(&boot, &topic).await?;
+    assert!(
+        reader
+            .read_until(Duration::from_secs(30), |r| !r.is_empty())
+            .await?
+    );
+    relay.stop().await?;
+    let record = &reader.records[0];
+    let tp = record
+        .headers
+        .get("traceparent")
+        .expect("the Kafka record carries traceparent");
+    let (record_trace, _) = parse_traceparent(tp);
+    assert_eq!(
+        record_trace, trace,
+        "the Kafka consumer continues the producer's trace"
+    );
+    Ok(())
+}
