@@ -368,12 +368,6 @@ macro_rules! option_setters {
             /// See [`SubscriberOptions::ack_policy`](crate::SubscriberOptions::ack_policy).
             ack_policy: crate::AckPolicy,
         );
-
-        /// See [`SubscriberOptions::retry`](crate::SubscriberOptions::retry).
-        pub fn retry(mut self, strategy: impl crate::RetryStrategy) -> Self {
-            self.options = self.options.retry(strategy);
-            self
-        }
     };
     (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
         $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
@@ -408,6 +402,14 @@ impl SubscriberBuilder {
     }
 
     option_setters!();
+
+    // Not in `option_setters!`: a bound error on `strategy` would then point
+    // into the macro instead of only at the caller's expression.
+    /// See [`SubscriberOptions::retry`].
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        self.options = self.options.retry(strategy);
+        self
+    }
 
     /// Validates the settings and binds `handler`.
     ///

@@ -16,6 +16,7 @@ use super::extract::{FromDelivery, Requirement};
 use super::reply::{IntoReply, Reply};
 use crate::error::BoxError;
 use crate::message::Message;
+use crate::retry::RetryStrategy;
 use crate::subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 
 /// The type-erased handler of a route.
@@ -179,6 +180,12 @@ impl RouteBuilder {
     }
 
     crate::subscriber::option_setters!();
+
+    /// See [`SubscriberOptions::retry`](crate::SubscriberOptions::retry).
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        self.options = self.options.retry(strategy);
+        self
+    }
 
     /// Publishes the handler's result to `destination` on the transport
     /// registered as `transport`; the row is acked only once every target
