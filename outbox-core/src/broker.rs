@@ -51,6 +51,10 @@ struct Inner {
     renderer: Option<ErrorRenderer>,
     graceful_timeout: Duration,
     sync_writes: bool,
+    /// The test harness attached to this broker (feature `testing`): the
+    /// in-memory storage backend, if any, and the journal of deliveries.
+    #[cfg(feature = "testing")]
+    harness: Option<Arc<crate::testing::Harness>>,
 }
 
 impl fmt::Debug for OutboxBroker {
@@ -90,6 +94,8 @@ impl OutboxBroker {
                 renderer: None,
                 graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
                 sync_writes: false,
+                #[cfg(feature = "testing")]
+                harness: None,
             }),
         }
     }
@@ -176,6 +182,24 @@ impl OutboxBroker {
         self.inner.renderer.as_ref()
     }
 
+    /// Attaches a test harness (feature `testing`; see [`crate::testing`]).
+    #[cfg(feature = "testing")]
+    pub(crate) fn with_harness(self, harness: Arc<crate::testing::Harness>) -> Self {
+        self.edit(|i| i.harness = Some(harness))
+    }
+
+    /// The attached test harness, if any.
+    #[cfg(feature = "testing")]
+    pub(crate) fn harness(&self) -> Option<&Arc<crate::testing::Harness>> {
+        self.inner.harness.as_ref()
+    }
+
+    /// The in-memory storage backend, if this broker has one.
+    #[cfg(feature = "testing")]
+    pub(crate) fn memory(&self) -> Option<&Arc<crate::testing::MemoryStore>> {
+        self.inner.harness.as_ref().and_then(|h| h.store())
+    }
+
     /// Creates the outbox table (and the dead-letter table, if configured) where
     /// missing. Idempotent.
     pub async fn migrate(&self) -> Result<()> {
@@ -227,12 +251,44 @@ impl OutboxBroker {
         opts: &PublishOptions,
         conn: &mut PgConnection,
     ) -> Result<Option<i64>> {
-        let res = publish::publish(self.stmts(), self.channel(), body, queue, opts, conn).await;
+        self.publish_on(body, queue, opts, Some(conn)).await
+    }
+
+    /// [`publish_with`](Self::publish_with) on `conn`, or on the in-memory
+    /// backend (which needs no connection).
+    pub(crate) async fn publish_on<T: Serialize + ?Sized>(
+        &self,
+        body: &T,
+        queue: &str,
+        opts: &PublishOptions,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<Option<i64>> {
+        let res = match publish::prepare(body, queue, opts) {
+            Ok(insert) => self.execute_insert(insert, conn).await,
+            Err(e) => Err(e),
+        };
         match &res {
             Ok(id) => crate::telemetry::published(queue, "success", u64::from(id.is_some())),
             Err(_) => crate::telemetry::published(queue, "error", 1),
         }
         res
+    }
+
+    async fn execute_insert(
+        &self,
+        insert: publish::Insert,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<Option<i64>> {
+        #[cfg(feature = "testing")]
+        if let Some(h) = self.harness()
+            && let Some(store) = h.store()
+        {
+            let queue = insert.queue.clone();
+            let id = store.insert(insert);
+            h.inserted(&queue, id.is_some());
+            return Ok(id);
+        }
+        publish::insert_pg(self.stmts(), self.channel(), insert, require(conn)?).await
     }
 
     /// Inserts many rows in one statement (one round trip, one NOTIFY) and
@@ -264,13 +320,48 @@ impl OutboxBroker {
         I: IntoIterator<Item = T>,
         T: Serialize,
     {
-        let res =
-            publish::publish_batch(self.stmts(), self.channel(), bodies, queue, opts, conn).await;
+        self.publish_batch_on(bodies, queue, opts, Some(conn)).await
+    }
+
+    /// [`publish_batch_with`](Self::publish_batch_with) on `conn`, or on the
+    /// in-memory backend.
+    pub(crate) async fn publish_batch_on<T, I>(
+        &self,
+        bodies: I,
+        queue: &str,
+        opts: &PublishOptions,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<u64>
+    where
+        I: IntoIterator<Item = T>,
+        T: Serialize,
+    {
+        let res = match publish::prepare_batch(bodies, queue, opts) {
+            Ok(batch) => self.execute_batch(batch, conn).await,
+            Err(e) => Err(e),
+        };
         match &res {
             Ok(n) => crate::telemetry::published(queue, "success", *n),
             Err(_) => crate::telemetry::published(queue, "error", 1),
         }
         res
+    }
+
+    async fn execute_batch(
+        &self,
+        batch: publish::BatchInsert,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<u64> {
+        #[cfg(feature = "testing")]
+        if let Some(h) = self.harness()
+            && let Some(store) = h.store()
+        {
+            let queue = batch.queue.clone();
+            let n = store.insert_batch(batch);
+            h.inserted(&queue, n > 0);
+            return Ok(n);
+        }
+        publish::insert_batch_pg(self.stmts(), self.channel(), batch, require(conn)?).await
     }
 
     /// Deletes the live, unleased row of `(queue, timer_id)` on the caller's
@@ -282,7 +373,23 @@ impl OutboxBroker {
         timer_id: &str,
         conn: &mut PgConnection,
     ) -> Result<bool> {
-        publish::cancel_timer(self.stmts(), queue, timer_id, conn).await
+        self.cancel_timer_on(queue, timer_id, Some(conn)).await
+    }
+
+    /// [`cancel_timer`](Self::cancel_timer) on `conn`, or on the in-memory
+    /// backend.
+    pub(crate) async fn cancel_timer_on(
+        &self,
+        queue: &str,
+        timer_id: &str,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<bool> {
+        publish::validate_cancel(queue, timer_id)?;
+        #[cfg(feature = "testing")]
+        if let Some(store) = self.memory() {
+            return Ok(store.cancel_timer(queue, timer_id));
+        }
+        publish::cancel_timer_pg(self.stmts(), queue, timer_id, require(conn)?).await
     }
 
     /// Reads up to `limit` rows (all queues, or one), ordered by id, without
@@ -293,6 +400,30 @@ impl OutboxBroker {
         limit: i64,
         conn: &mut PgConnection,
     ) -> Result<Vec<OutboxRow>> {
-        publish::fetch_unprocessed(self.stmts(), queue, limit, conn).await
+        self.fetch_unprocessed_on(queue, limit, Some(conn)).await
     }
+
+    /// [`fetch_unprocessed`](Self::fetch_unprocessed) on `conn`, or on the
+    /// in-memory backend.
+    pub(crate) async fn fetch_unprocessed_on(
+        &self,
+        queue: Option<&str>,
+        limit: i64,
+        conn: Option<&mut PgConnection>,
+    ) -> Result<Vec<OutboxRow>> {
+        publish::validate_unprocessed(queue, limit)?;
+        #[cfg(feature = "testing")]
+        if let Some(store) = self.memory() {
+            return Ok(store.fetch_unprocessed(queue, limit));
+        }
+        publish::fetch_unprocessed_pg(self.stmts(), queue, limit, require(conn)?).await
+    }
+}
+
+/// The connection a PostgreSQL statement runs on; only the in-memory backend
+/// runs without one.
+fn require(conn: Option<&mut PgConnection>) -> Result<&mut PgConnection> {
+    conn.ok_or_else(|| {
+        crate::error::Error::config("this outbox has no in-memory backend; pass a connection")
+    })
 }

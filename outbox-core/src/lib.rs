@@ -28,6 +28,8 @@ mod sql;
 mod subscriber;
 mod table;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use app::transport;
 pub use app::{

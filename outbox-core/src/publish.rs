@@ -30,8 +30,9 @@ pub enum TimerConflict {
     Extend,
 }
 
+/// When a published row becomes eligible.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Schedule {
+pub(crate) enum Schedule {
     Now,
     In(Duration),
     At(DateTime<Utc>),
@@ -199,14 +200,41 @@ fn schedule_kind(schedule: Schedule) -> ScheduleKind {
     }
 }
 
-pub(crate) async fn publish<T: Serialize + ?Sized>(
-    stmts: &Statements,
-    channel: &str,
+// ---------------------------------------------------------------------------
+// Validation and encoding, shared by every storage backend.
+// ---------------------------------------------------------------------------
+
+/// One validated, encoded row, ready for the storage backend: what a single
+/// publish inserts. Built by [`prepare`] only, so every backend sees rows
+/// that passed the same checks.
+#[derive(Debug, Clone)]
+pub(crate) struct Insert {
+    pub(crate) queue: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) headers: Headers,
+    pub(crate) schedule: Schedule,
+    /// The timer id and what to do on a conflict.
+    pub(crate) timer: Option<(String, TimerConflict)>,
+    /// Whether the insert wakes the relays (not for future-dated rows).
+    pub(crate) notify: bool,
+}
+
+/// Validated, encoded rows of one batch publish (all on one queue).
+#[derive(Debug, Clone)]
+pub(crate) struct BatchInsert {
+    pub(crate) queue: String,
+    pub(crate) payloads: Vec<Vec<u8>>,
+    pub(crate) headers: Vec<Headers>,
+    pub(crate) schedule: Schedule,
+    pub(crate) notify: bool,
+}
+
+/// Validates a single publish and encodes its body and headers.
+pub(crate) fn prepare<T: Serialize + ?Sized>(
     body: &T,
     queue: &str,
     opts: &PublishOptions,
-    conn: &mut PgConnection,
-) -> Result<Option<i64>> {
+) -> Result<Insert> {
     let schedule = opts.validate_single()?;
     validate_queue(queue)?;
     #[allow(unused_mut)]
@@ -214,42 +242,23 @@ pub(crate) async fn publish<T: Serialize + ?Sized>(
     #[cfg(feature = "otel")]
     crate::otel::inject_current(&mut user_headers);
     let (payload, headers) = envelope::encode(body, user_headers, opts.correlation_id.as_deref())?;
-    let timer = match (&opts.timer_id, opts.timer_conflict) {
-        (None, _) => TimerKind::None,
-        (Some(_), TimerConflict::Ignore) => TimerKind::Ignore,
-        (Some(_), TimerConflict::Extend) => TimerKind::Extend,
-    };
-    let notify = !is_future(schedule);
-    let mut query = sql::q(stmts.insert(schedule_kind(schedule), timer, notify))
-        .bind(queue)
-        .bind(payload)
-        .bind(Json(headers));
-    match schedule {
-        Schedule::Now => {}
-        Schedule::In(d) => query = query.bind(duration_secs(d)),
-        Schedule::At(at) => query = query.bind(at),
-    }
-    if let Some(id) = &opts.timer_id {
-        query = query.bind(id.as_str());
-    }
-    if notify {
-        query = query.bind(channel);
-    }
-    let row = query.fetch_optional(&mut *conn).await?;
-    Ok(match row {
-        Some(row) => Some(row.try_get::<i64, _>(0)?),
-        None => None,
+    Ok(Insert {
+        queue: queue.to_owned(),
+        payload,
+        headers,
+        schedule,
+        timer: opts.timer_id.clone().map(|id| (id, opts.timer_conflict)),
+        notify: !is_future(schedule),
     })
 }
 
-pub(crate) async fn publish_batch<T, I>(
-    stmts: &Statements,
-    channel: &str,
+/// Validates a batch publish and encodes every body (each row gets its own
+/// correlation id).
+pub(crate) fn prepare_batch<T, I>(
     bodies: I,
     queue: &str,
     opts: &PublishOptions,
-    conn: &mut PgConnection,
-) -> Result<u64>
+) -> Result<BatchInsert>
 where
     I: IntoIterator<Item = T>,
     T: Serialize,
@@ -265,17 +274,88 @@ where
     for body in bodies {
         let (p, h) = envelope::encode(&body, shared.clone(), None)?;
         payloads.push(p);
-        headers.push(Json(h));
+        headers.push(h);
     }
-    if payloads.is_empty() {
+    Ok(BatchInsert {
+        queue: queue.to_owned(),
+        payloads,
+        headers,
+        schedule,
+        notify: !is_future(schedule),
+    })
+}
+
+/// Validates the arguments of a timer cancellation.
+pub(crate) fn validate_cancel(queue: &str, timer_id: &str) -> Result<()> {
+    validate_queue(queue)?;
+    validate_name("timer_id", timer_id)
+}
+
+/// Validates the arguments of an inspection read.
+pub(crate) fn validate_unprocessed(queue: Option<&str>, limit: i64) -> Result<()> {
+    if limit < 1 {
+        return Err(Error::arg(format!("limit must be >= 1, got {limit}")));
+    }
+    if let Some(q) = queue {
+        validate_queue(q)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Execution on PostgreSQL (the caller's connection or transaction).
+// ---------------------------------------------------------------------------
+
+pub(crate) async fn insert_pg(
+    stmts: &Statements,
+    channel: &str,
+    insert: Insert,
+    conn: &mut PgConnection,
+) -> Result<Option<i64>> {
+    let timer = match &insert.timer {
+        None => TimerKind::None,
+        Some((_, TimerConflict::Ignore)) => TimerKind::Ignore,
+        Some((_, TimerConflict::Extend)) => TimerKind::Extend,
+    };
+    let notify = insert.notify;
+    let mut query = sql::q(stmts.insert(schedule_kind(insert.schedule), timer, notify))
+        .bind(insert.queue)
+        .bind(insert.payload)
+        .bind(Json(insert.headers));
+    match insert.schedule {
+        Schedule::Now => {}
+        Schedule::In(d) => query = query.bind(duration_secs(d)),
+        Schedule::At(at) => query = query.bind(at),
+    }
+    if let Some((id, _)) = insert.timer {
+        query = query.bind(id);
+    }
+    if notify {
+        query = query.bind(channel);
+    }
+    let row = query.fetch_optional(&mut *conn).await?;
+    Ok(match row {
+        Some(row) => Some(row.try_get::<i64, _>(0)?),
+        None => None,
+    })
+}
+
+pub(crate) async fn insert_batch_pg(
+    stmts: &Statements,
+    channel: &str,
+    batch: BatchInsert,
+    conn: &mut PgConnection,
+) -> Result<u64> {
+    if batch.payloads.is_empty() {
         return Ok(0);
     }
-    let notify = !is_future(schedule);
-    let mut query = sql::q(stmts.insert_batch(schedule_kind(schedule), notify))
-        .bind(queue)
-        .bind(payloads)
+    let notify = batch.notify;
+    let headers: Vec<Json<Headers>> = batch.headers.into_iter().map(Json).collect();
+    let mut query = sql::q(stmts.insert_batch(schedule_kind(batch.schedule), notify))
+        .bind(batch.queue)
+        .bind(batch.payloads)
         .bind(headers);
-    match schedule {
+    match batch.schedule {
         Schedule::Now => {}
         Schedule::In(d) => query = query.bind(duration_secs(d)),
         Schedule::At(at) => query = query.bind(at),
@@ -288,14 +368,12 @@ where
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
-pub(crate) async fn cancel_timer(
+pub(crate) async fn cancel_timer_pg(
     stmts: &Statements,
     queue: &str,
     timer_id: &str,
     conn: &mut PgConnection,
 ) -> Result<bool> {
-    validate_queue(queue)?;
-    validate_name("timer_id", timer_id)?;
     let done = sql::q(&stmts.cancel_timer)
         .bind(queue)
         .bind(timer_id)
@@ -304,18 +382,14 @@ pub(crate) async fn cancel_timer(
     Ok(done.rows_affected() > 0)
 }
 
-pub(crate) async fn fetch_unprocessed(
+pub(crate) async fn fetch_unprocessed_pg(
     stmts: &Statements,
     queue: Option<&str>,
     limit: i64,
     conn: &mut PgConnection,
 ) -> Result<Vec<OutboxRow>> {
-    if limit < 1 {
-        return Err(Error::arg(format!("limit must be >= 1, got {limit}")));
-    }
     let rows = match queue {
         Some(q) => {
-            validate_queue(q)?;
             sql::q(&stmts.unprocessed_queue)
                 .bind(q)
                 .bind(limit)

@@ -253,7 +253,10 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
            UNION ALL SELECT id, next_attempt_at FROM expired) r \
            ORDER BY r.next_attempt_at, r.id LIMIT $2)"
     } else {
-        "ready AS (SELECT id FROM pending)"
+        // Each LATERAL branch is limited per queue: with several queues the
+        // overall limit must be applied here too (the buffer has room for
+        // `$2` rows only).
+        "ready AS (SELECT id FROM pending ORDER BY next_attempt_at, id LIMIT $2)"
     };
     let expired = if with_expired {
         format!(

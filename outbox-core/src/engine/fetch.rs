@@ -22,7 +22,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
         if stop.is_cancelled() {
             return;
         }
-        let mut conn = match store::connect(&shared.fetch_opts).await {
+        let mut conn = match store::connect(&shared.broker, &shared.fetch_opts).await {
             Ok(c) => c,
             Err(e) => {
                 let wait = reconnect.failed();
@@ -69,6 +69,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             if with_expired {
                 last_expired_scan = Some(Instant::now());
             }
+            testing!(shared.claim_begins());
             let claimed = store::claim(
                 shared.broker.stmts(),
                 &mut conn,
@@ -79,6 +80,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 with_expired,
             )
             .await;
+            testing!(shared.claim_ends(claimed.as_deref().unwrap_or_default()));
             match claimed {
                 Ok(rows) => {
                     let n = rows.len();

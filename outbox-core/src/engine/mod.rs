@@ -6,16 +6,32 @@
 //! handler and record the outcome on their own long-lived connection. Per
 //! engine: one LISTEN connection that wakes the fetch loops of the served
 //! queues. Every write after a claim is guarded by the lease token.
+//!
+//! Storage goes through [`store`] (a PostgreSQL connection, or with the
+//! `testing` feature the in-memory store of a test harness); with a harness
+//! attached to the broker, the engine also reports what it did to it (see
+//! `crate::testing`), and can deliver rows synchronously (`dispatch_due`).
+
+/// Runs its statements only with the `testing` feature (harness reporting).
+macro_rules! testing {
+    ($($t:tt)*) => {
+        #[cfg(feature = "testing")]
+        {
+            $($t)*
+        }
+    };
+}
 
 mod backoff;
 mod fetch;
 mod listen;
-mod store;
+pub(crate) mod store;
 mod worker;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{Mutex, Notify, mpsc};
@@ -85,6 +101,20 @@ struct Running {
     subs: Vec<SubRuntime>,
     listener: Option<(CancellationToken, JoinHandle<()>)>,
     sampler: Option<(CancellationToken, JoinHandle<()>)>,
+    /// The harness this engine reports to, and its registration there.
+    #[cfg(feature = "testing")]
+    attached: Option<(Arc<crate::testing::Harness>, u64)>,
+}
+
+impl Running {
+    /// Leaves the harness (no more synchronous dispatch or wake-ups).
+    fn detach(&self) {
+        testing! {
+            if let Some((h, id)) = &self.attached {
+                h.detach(*id);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -92,7 +122,8 @@ struct SubRuntime {
     shared: Arc<SubShared>,
     fetch: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
-    acker: JoinHandle<()>,
+    /// `None` under synchronous dispatch (no loops run).
+    acker: Option<JoinHandle<()>>,
 }
 
 /// State shared by one subscriber's fetch loop and workers.
@@ -112,11 +143,59 @@ pub(crate) struct SubShared {
     /// Fetch once at least this many buffer slots are free.
     pub(crate) refill_at: usize,
     pub(crate) metrics: crate::telemetry::SubMetrics,
+    /// The broker's test harness, if any.
+    #[cfg(feature = "testing")]
+    pub(crate) harness: Option<Arc<crate::testing::Harness>>,
+    /// Claims running now (harness only).
+    #[cfg(feature = "testing")]
+    claiming: std::sync::atomic::AtomicUsize,
+    /// Claimed rows whose outcome is not recorded yet (harness only).
+    #[cfg(feature = "testing")]
+    inflight: std::sync::atomic::AtomicUsize,
 }
 
 impl SubShared {
+    fn new(
+        sub: Arc<Subscriber>,
+        broker: OutboxBroker,
+        fetch_opts: PgConnectOptions,
+        conn_opts: PgConnectOptions,
+    ) -> Self {
+        let cap = sub.options().get_fetch_batch_size();
+        let (tx, rx) = mpsc::channel(cap);
+        Self {
+            metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
+            #[cfg(feature = "testing")]
+            harness: broker.harness().cloned(),
+            #[cfg(feature = "testing")]
+            claiming: Default::default(),
+            #[cfg(feature = "testing")]
+            inflight: Default::default(),
+            sub,
+            broker,
+            fetch_opts,
+            conn_opts,
+            wake: Notify::new(),
+            stop_fetch: CancellationToken::new(),
+            stop_workers: CancellationToken::new(),
+            tx,
+            rx: Mutex::new(rx),
+            refill_at: (cap / 2).max(1),
+        }
+    }
+
     pub(crate) fn opts(&self) -> &SubscriberOptions {
         self.sub.options()
+    }
+
+    /// The storage clock as the worker sees it: the wall clock, or the
+    /// in-memory store's clock.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        #[cfg(feature = "testing")]
+        if let Some(store) = self.broker.memory() {
+            return store.now();
+        }
+        Utc::now()
     }
 
     /// Waits for a wake-up, `timeout`, or stop; `true` if stopping.
@@ -133,6 +212,118 @@ impl SubShared {
         tokio::select! {
             _ = self.stop_fetch.cancelled() => true,
             _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
+
+/// What the engine reports to a test harness.
+#[cfg(feature = "testing")]
+impl SubShared {
+    /// A claim is about to run.
+    pub(crate) fn claim_begins(&self) {
+        if self.harness.is_some() {
+            self.claiming
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// The claim that [`claim_begins`](Self::claim_begins) announced
+    /// returned `rows` (now in flight until their outcome is recorded).
+    pub(crate) fn claim_ends(&self, rows: &[crate::row::OutboxRow]) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let Some(h) = &self.harness {
+            self.inflight.fetch_add(rows.len(), SeqCst);
+            for r in rows {
+                h.record(
+                    r.id,
+                    crate::testing::Step::Claimed {
+                        deliveries_count: r.deliveries_count,
+                    },
+                );
+            }
+            self.claiming.fetch_sub(1, SeqCst);
+            h.changed();
+        }
+    }
+
+    /// The handler is about to run for `row`.
+    pub(crate) fn handler_called(&self, row: &crate::row::OutboxRow) {
+        if let Some(h) = &self.harness {
+            h.record_call(self.sub.name(), row);
+        }
+    }
+
+    /// The delivery of `row_id` ended with `step` (its write landed, lost
+    /// its lease, or could not be made).
+    pub(crate) fn finished(&self, row_id: i64, step: impl FnOnce() -> crate::testing::Step) {
+        if let Some(h) = &self.harness {
+            h.record(row_id, step());
+            self.inflight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            h.changed();
+        }
+    }
+
+    /// Claims running plus deliveries in flight.
+    pub(crate) fn busy(&self) -> usize {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.inflight.load(SeqCst) + self.claiming.load(SeqCst)
+    }
+}
+
+/// Synchronous dispatch (feature `testing`): claims the due rows of every
+/// subscriber, with the engine's claim, and delivers each one in the
+/// caller's task through the workers' per-delivery pipeline, until no
+/// subscriber claims anything. Returns how many deliveries ran.
+#[cfg(feature = "testing")]
+pub(crate) async fn dispatch_due(subs: &[Arc<SubShared>]) -> Result<usize> {
+    /// A guard against handlers that keep feeding their own queue.
+    const MAX_DELIVERIES: usize = 100_000;
+    let mut conns: Vec<Option<store::Conn>> = subs.iter().map(|_| None).collect();
+    let mut total = 0;
+    loop {
+        let mut progressed = false;
+        for (shared, slot) in subs.iter().zip(conns.iter_mut()) {
+            let mut conn = match slot.take() {
+                Some(c) => c,
+                None => store::connect(&shared.broker, &shared.conn_opts).await?,
+            };
+            let token = uuid::Uuid::new_v4();
+            shared.claim_begins();
+            let claimed = store::claim(
+                shared.broker.stmts(),
+                &mut conn,
+                shared.sub.queues(),
+                shared.opts().get_fetch_batch_size(),
+                shared.opts().get_lease_ttl(),
+                token,
+                true,
+            )
+            .await;
+            shared.claim_ends(claimed.as_deref().unwrap_or_default());
+            let rows = claimed?;
+            shared.metrics.fetched(rows.len());
+            progressed |= !rows.is_empty();
+            let mut conn = Some(conn);
+            for row in rows {
+                total += 1;
+                worker::deliver(
+                    shared.clone(),
+                    Arc::new(Delivery::new(row, token)),
+                    &mut conn,
+                )
+                .await;
+            }
+            *slot = conn;
+        }
+        if !progressed {
+            return Ok(total);
+        }
+        if total >= MAX_DELIVERIES {
+            tracing::warn!(
+                "synchronous dispatch stopped after {total} deliveries: a handler keeps publishing due rows to the queues it serves"
+            );
+            return Ok(total);
         }
     }
 }
@@ -249,23 +440,33 @@ impl Engine {
                 "the engine has no subscribers; add one with Engine::subscriber",
             ));
         }
+        #[cfg(feature = "testing")]
+        let (memory, sync) = (
+            self.broker.memory().is_some(),
+            self.broker.harness().is_some_and(|h| h.is_sync()),
+        );
+        // Without the `testing` feature the engine always runs on PostgreSQL.
+        #[cfg(not(feature = "testing"))]
+        let (memory, sync) = (false, false);
         let mut subs = Vec::with_capacity(self.subscribers.len());
         for sub in &self.subscribers {
-            let cap = sub.options().get_fetch_batch_size();
-            let (tx, rx) = mpsc::channel(cap);
-            let shared = Arc::new(SubShared {
-                sub: sub.clone(),
-                broker: self.broker.clone(),
-                fetch_opts: self.conn_opts("fetch"),
-                conn_opts: self.conn_opts("worker"),
-                wake: Notify::new(),
-                stop_fetch: CancellationToken::new(),
-                stop_workers: CancellationToken::new(),
-                tx,
-                rx: Mutex::new(rx),
-                refill_at: (cap / 2).max(1),
-                metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
-            });
+            let shared = Arc::new(SubShared::new(
+                sub.clone(),
+                self.broker.clone(),
+                self.conn_opts("fetch"),
+                self.conn_opts("worker"),
+            ));
+            if sync {
+                // Synchronous dispatch: the harness delivers in the caller's
+                // task (`dispatch_due`); no loop runs.
+                subs.push(SubRuntime {
+                    shared,
+                    fetch: Vec::new(),
+                    workers: Vec::new(),
+                    acker: None,
+                });
+                continue;
+            }
             let fetch = (0..sub.options().get_fetch_concurrency())
                 .map(|_| tokio::spawn(fetch::run(shared.clone())))
                 .collect();
@@ -284,10 +485,13 @@ impl Engine {
                 shared,
                 fetch,
                 workers,
-                acker,
+                acker: Some(acker),
             });
         }
+        // The in-memory backend wakes the fetch loops on publish itself (no
+        // LISTEN), and has no tables to sample.
         let listener = match &self.listen {
+            _ if memory || sync => None,
             ListenMode::Off => None,
             mode => {
                 let opts = match mode {
@@ -305,7 +509,7 @@ impl Engine {
                 Some((token, task))
             }
         };
-        let sampler = self.gauge_interval.map(|every| {
+        let sampler = self.gauge_interval.filter(|_| !memory).map(|every| {
             let token = CancellationToken::new();
             let mut queues: Vec<String> = self
                 .subscribers
@@ -322,10 +526,17 @@ impl Engine {
             ));
             (token, task)
         });
+        #[cfg(feature = "testing")]
+        let attached = self.broker.harness().map(|h| {
+            let id = h.attach(subs.iter().map(|s| s.shared.clone()).collect());
+            (h.clone(), id)
+        });
         *state = Some(Running {
             subs,
             listener,
             sampler,
+            #[cfg(feature = "testing")]
+            attached,
         });
         Ok(())
     }
@@ -345,7 +556,7 @@ impl Engine {
                 Some(r) => {
                     r.subs.iter().all(|s| {
                         s.fetch.iter().all(|f| !f.is_finished())
-                            && !s.acker.is_finished()
+                            && s.acker.as_ref().is_none_or(|a| !a.is_finished())
                             && s.workers.iter().all(|w| !w.is_finished())
                     }) && r.listener.as_ref().is_none_or(|(_, t)| !t.is_finished())
                 }
@@ -353,6 +564,10 @@ impl Engine {
         };
         if !alive {
             return false;
+        }
+        #[cfg(feature = "testing")]
+        if self.broker.memory().is_some() {
+            return true;
         }
         let probe = sqlx::query("SELECT 1").execute(self.broker.pool());
         matches!(
@@ -372,6 +587,7 @@ impl Engine {
         let Some(running) = self.state.lock().await.take() else {
             return StopReport::default();
         };
+        running.detach();
         let deadline = Instant::now() + self.broker.get_graceful_timeout();
         for s in &running.subs {
             s.shared.stop_fetch.cancel();
@@ -411,9 +627,10 @@ impl Engine {
         let Some(running) = self.state.lock().await.take() else {
             return;
         };
+        running.detach();
         let mut tasks = Vec::new();
         for s in running.subs {
-            for w in s.fetch.into_iter().chain(s.workers).chain([s.acker]) {
+            for w in s.fetch.into_iter().chain(s.workers).chain(s.acker) {
                 w.abort();
                 tasks.push(w);
             }
@@ -453,10 +670,23 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
         let ids = unstarted.iter().map(|d| d.row.id).collect();
         let tokens = unstarted.iter().map(|d| d.token).collect();
         let release = async {
-            let mut conn = store::connect(&s.shared.conn_opts).await?;
+            let mut conn = store::connect(&broker, &s.shared.conn_opts).await?;
             store::release(broker.stmts(), &mut conn, ids, tokens).await
         };
-        match tokio::time::timeout(remaining().max(Duration::from_secs(1)), release).await {
+        let result = tokio::time::timeout(remaining().max(Duration::from_secs(1)), release).await;
+        testing! {
+            let ok = matches!(result, Ok(Ok(_)));
+            for d in &unstarted {
+                s.shared.finished(d.row.id, || {
+                    if ok {
+                        crate::testing::Step::Released
+                    } else {
+                        crate::testing::Step::Abandoned
+                    }
+                });
+            }
+        }
+        match result {
             Ok(Ok(n)) => {
                 released = usize::try_from(n).unwrap_or(usize::MAX);
                 tracing::info!(subscriber = %name, released, "released unstarted rows");
@@ -483,15 +713,16 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
             timed_out = true;
         }
     }
-    let mut acker = s.acker;
-    let acker_budget = remaining().max(ACKER_FINAL_FLUSH);
-    if tokio::time::timeout(acker_budget, &mut acker)
-        .await
-        .is_err()
-    {
-        acker.abort();
-        let _ = acker.await;
-        timed_out = true;
+    if let Some(mut acker) = s.acker {
+        let acker_budget = remaining().max(ACKER_FINAL_FLUSH);
+        if tokio::time::timeout(acker_budget, &mut acker)
+            .await
+            .is_err()
+        {
+            acker.abort();
+            let _ = acker.await;
+            timed_out = true;
+        }
     }
     if timed_out {
         s.shared.metrics.drain_timeout();

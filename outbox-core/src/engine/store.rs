@@ -1,5 +1,11 @@
-//! The engine's database operations, each one statement guarded by the lease
-//! token.
+//! The engine's storage operations, each one statement guarded by the lease
+//! token: the seam between the engine and its storage.
+//!
+//! Every operation takes a [`Conn`]: a PostgreSQL connection (the product),
+//! or, with the `testing` feature, the in-memory store of
+//! [`crate::testing::MemoryStore`], which implements the same contract
+//! (checked by the workspace's contract suite against real PostgreSQL). The
+//! fetch loop, the workers and the acker have one code path for both.
 
 use std::time::Duration;
 
@@ -7,8 +13,19 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
 use uuid::Uuid;
 
+use crate::broker::OutboxBroker;
 use crate::row::OutboxRow;
 use crate::sql::{self, Statements};
+
+/// Where the engine's statements run.
+#[derive(Debug)]
+pub(crate) enum Conn {
+    /// A dedicated PostgreSQL connection.
+    Pg(PgConnection),
+    /// The in-memory store of a test harness.
+    #[cfg(feature = "testing")]
+    Memory(std::sync::Arc<crate::testing::MemoryStore>),
+}
 
 /// A write after the claim. Every variant filters on `id AND acquired_token`.
 #[derive(Debug)]
@@ -38,7 +55,30 @@ pub(crate) enum Written {
     Ids(Vec<i64>),
 }
 
+fn no_dead_letter_table() -> sqlx::Error {
+    sqlx::Error::Configuration(
+        "a dead-letter write without a dead-letter table; refusing to drop the row silently".into(),
+    )
+}
+
 pub(crate) async fn execute(
+    stmts: &Statements,
+    conn: &mut Conn,
+    write: &Write,
+) -> Result<Written, sqlx::Error> {
+    match conn {
+        Conn::Pg(conn) => execute_pg(stmts, conn, write).await,
+        #[cfg(feature = "testing")]
+        Conn::Memory(store) => {
+            if matches!(write, Write::DeadLetter { .. }) && stmts.dead_letter.is_none() {
+                return Err(no_dead_letter_table());
+            }
+            Ok(store.execute(write))
+        }
+    }
+}
+
+async fn execute_pg(
     stmts: &Statements,
     conn: &mut PgConnection,
     write: &Write,
@@ -64,10 +104,7 @@ pub(crate) async fn execute(
             last_exception,
         } => {
             let Some(dl) = &stmts.dead_letter else {
-                return Err(sqlx::Error::Configuration(
-                    "a dead-letter write without a dead-letter table; refusing to drop the row silently"
-                        .into(),
-                ));
+                return Err(no_dead_letter_table());
             };
             sql::q(dl)
                 .bind(id)
@@ -95,6 +132,24 @@ pub(crate) async fn execute(
 /// Claims up to `limit` rows of `queues` with a fresh token; expired leases
 /// too when `with_expired`.
 pub(crate) async fn claim(
+    stmts: &Statements,
+    conn: &mut Conn,
+    queues: &[String],
+    limit: usize,
+    lease_ttl: Duration,
+    token: Uuid,
+    with_expired: bool,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    match conn {
+        Conn::Pg(conn) => {
+            claim_pg(stmts, conn, queues, limit, lease_ttl, token, with_expired).await
+        }
+        #[cfg(feature = "testing")]
+        Conn::Memory(store) => Ok(store.claim(queues, limit, lease_ttl, token, with_expired)),
+    }
+}
+
+async fn claim_pg(
     stmts: &Statements,
     conn: &mut PgConnection,
     queues: &[String],
@@ -128,6 +183,19 @@ pub(crate) async fn claim(
 /// back (`deliveries_count - 1`), so another replica takes them at once.
 pub(crate) async fn release(
     stmts: &Statements,
+    conn: &mut Conn,
+    ids: Vec<i64>,
+    tokens: Vec<Uuid>,
+) -> Result<u64, sqlx::Error> {
+    match conn {
+        Conn::Pg(conn) => release_pg(stmts, conn, ids, tokens).await,
+        #[cfg(feature = "testing")]
+        Conn::Memory(store) => Ok(store.release(&ids, &tokens)),
+    }
+}
+
+async fn release_pg(
+    stmts: &Statements,
     conn: &mut PgConnection,
     ids: Vec<i64>,
     tokens: Vec<Uuid>,
@@ -140,8 +208,19 @@ pub(crate) async fn release(
         .map(|r| r.rows_affected())
 }
 
-pub(crate) async fn connect(opts: &PgConnectOptions) -> Result<PgConnection, sqlx::Error> {
-    opts.connect().await
+/// A connection for `broker`'s engine: a new PostgreSQL connection made with
+/// `opts`, or the broker's in-memory store.
+pub(crate) async fn connect(
+    broker: &OutboxBroker,
+    opts: &PgConnectOptions,
+) -> Result<Conn, sqlx::Error> {
+    #[cfg(feature = "testing")]
+    if let Some(store) = broker.memory() {
+        return Ok(Conn::Memory(store.clone()));
+    }
+    #[cfg(not(feature = "testing"))]
+    let _ = broker;
+    opts.connect().await.map(Conn::Pg)
 }
 
 /// Whether an error means the connection is unusable (reconnect and retry)

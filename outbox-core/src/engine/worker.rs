@@ -1,19 +1,22 @@
 //! Workers: take claimed rows from the buffer, run the handler, record exactly
 //! one outcome per delivery on a long-lived connection.
+//!
+//! The per-delivery pipeline ([`Worker::process`]: `max_deliveries`, the
+//! handler, the ack policy, the retry strategy, the outcome write) is also
+//! what synchronous dispatch runs (`deliver`, feature `testing`), with the
+//! delete written at once instead of through the acker.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use futures_util::FutureExt;
-use sqlx::PgConnection;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::SubShared;
 use super::backoff::Reconnect;
-use super::store::{self, Write, Written};
+use super::store::{self, Conn, Write, Written};
 use crate::error::BoxError;
 use crate::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
 use crate::retry::RetryContext;
@@ -58,17 +61,35 @@ enum Landed {
     Failed,
 }
 
+#[cfg(feature = "testing")]
+impl Landed {
+    /// What the harness records: `landed` if the write landed.
+    fn step(
+        &self,
+        phase: &'static str,
+        landed: impl FnOnce() -> crate::testing::Step,
+    ) -> crate::testing::Step {
+        match self {
+            Landed::Yes => landed(),
+            Landed::LeaseLost => crate::testing::Step::LeaseLost { phase },
+            Landed::Failed => crate::testing::Step::Abandoned,
+        }
+    }
+}
+
 /// A long-lived connection with the write-and-reconnect logic.
 struct Writer {
     shared: Arc<SubShared>,
-    conn: Option<PgConnection>,
+    conn: Option<Conn>,
     reconnect: Reconnect,
 }
 
 struct Worker {
     shared: Arc<SubShared>,
     writer: Writer,
-    acks: mpsc::Sender<Pending>,
+    /// Where deletes go: the acker, or (`None`, synchronous dispatch)
+    /// written at once on this worker's connection.
+    acks: Option<AckSender>,
 }
 
 /// The queue between the workers and the acker of one subscriber.
@@ -91,9 +112,30 @@ pub(crate) async fn run(shared: Arc<SubShared>, acks: AckSender) {
     let mut w = Worker {
         writer: Writer::new(shared.clone()),
         shared,
-        acks,
+        acks: Some(acks),
     };
     w.run().await;
+}
+
+/// Runs one claimed delivery to its recorded outcome in the caller's task:
+/// the same pipeline as a worker, with the delete written at once (no
+/// acker). `conn` is the connection to write on (made if `None`, left for
+/// the next call).
+#[cfg(feature = "testing")]
+pub(crate) async fn deliver(
+    shared: Arc<SubShared>,
+    delivery: Arc<Delivery>,
+    conn: &mut Option<Conn>,
+) {
+    let mut writer = Writer::new(shared.clone());
+    writer.conn = conn.take();
+    let mut w = Worker {
+        writer,
+        shared,
+        acks: None,
+    };
+    w.process(delivery).await;
+    *conn = w.writer.conn.take();
 }
 
 impl Worker {
@@ -123,13 +165,21 @@ impl Worker {
     }
 
     /// Hands a delete (ack, or terminal without dead-letter table) to the
-    /// acker, which writes it at once or coalesced with others.
-    async fn defer_delete(&self, p: Pending) {
+    /// acker, which writes it at once or coalesced with others; without an
+    /// acker (synchronous dispatch), writes it now.
+    async fn defer_delete(&mut self, p: Pending) {
+        let Some(acks) = &self.acks else {
+            self.writer.flush(vec![p]).await;
+            return;
+        };
         let q = p.delivery.row.queue.clone();
-        if self.acks.send(p).await.is_err() {
+        #[cfg(feature = "testing")]
+        let id = p.delivery.row.id;
+        if acks.send(p).await.is_err() {
             // The acker is gone (only while the engine is aborted): the row
             // stays leased and is redelivered after the lease expires.
             self.shared.metrics.abandoned(&q);
+            testing!(self.shared.finished(id, || crate::testing::Step::Abandoned));
         }
     }
 
@@ -152,7 +202,11 @@ impl Worker {
                     token: delivery.token,
                     delay,
                 };
-                if let Landed::Yes = self.writer.write_single(&delivery, &w, "retry").await {
+                let landed = self.writer.write_single(&delivery, &w, "retry").await;
+                testing!(self.shared.finished(row.id, || {
+                    landed.step("retry", || crate::testing::Step::Retried { delay })
+                }));
+                if let Landed::Yes = landed {
                     self.shared.metrics.retried(&row.queue, kind, duration);
                     tracing::warn!(
                         queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
@@ -171,7 +225,14 @@ impl Worker {
                         reason: reason.as_str(),
                         last_exception: text.clone(),
                     };
-                    if let Landed::Yes = self.writer.write_single(&delivery, &w, "terminal").await {
+                    let landed = self.writer.write_single(&delivery, &w, "terminal").await;
+                    testing!(self.shared.finished(row.id, || landed.step("terminal", || {
+                        crate::testing::Step::DeadLettered {
+                            reason,
+                            last_exception: text.clone(),
+                        }
+                    })));
+                    if let Landed::Yes = landed {
                         self.shared.metrics.terminal(
                             &row.queue,
                             reason.as_str(),
@@ -250,6 +311,7 @@ impl Worker {
         #[cfg(feature = "otel")]
         crate::otel::continue_trace(&span, &row.headers, row.deliveries_count);
         let msg = Message::new(delivery.clone());
+        testing!(self.shared.handler_called(row));
         self.shared.metrics.dispatched(&row.queue);
         let started = Instant::now();
         let fut = self.shared.sub.handler().call(msg);
@@ -304,7 +366,7 @@ impl Worker {
         row: &crate::row::OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> Outcome {
-        let now = Utc::now();
+        let now = self.shared.now();
         let ctx = RetryContext::new(
             u64::try_from(row.attempts_count).unwrap_or(0) + 1,
             row.first_attempt_at.unwrap_or(now),
@@ -396,7 +458,7 @@ impl Writer {
         let lease = self.shared.opts().get_lease_ttl();
         loop {
             if self.conn.is_none() {
-                match store::connect(&self.shared.conn_opts).await {
+                match store::connect(&self.shared.broker, &self.shared.conn_opts).await {
                     Ok(c) => {
                         self.reconnect.opened();
                         self.conn = Some(c);
@@ -540,6 +602,9 @@ impl Writer {
                 let q = &p.delivery.row.queue;
                 if !done.contains(&p.delivery.row.id) {
                     self.lease_lost(&p.delivery, "terminal");
+                    testing!(self.shared.finished(p.delivery.row.id, || {
+                        crate::testing::Step::LeaseLost { phase: "terminal" }
+                    }));
                     continue;
                 }
                 let m = &self.shared.metrics;
@@ -549,11 +614,19 @@ impl Writer {
                         m.terminal(q, reason.as_str(), kind, p.duration, false)
                     }
                 }
+                testing!(self.shared.finished(p.delivery.row.id, || match p.kind {
+                    PendingKind::Ack => crate::testing::Step::Acked,
+                    PendingKind::Terminal(reason, _) => crate::testing::Step::Deleted { reason },
+                }));
             }
             tracing::debug!(count = batch.len(), "flushed batched deletes");
         } else {
             for p in &batch {
                 self.shared.metrics.abandoned(&p.delivery.row.queue);
+                testing!(
+                    self.shared
+                        .finished(p.delivery.row.id, || { crate::testing::Step::Abandoned })
+                );
             }
         }
     }

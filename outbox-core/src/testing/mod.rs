@@ -1,0 +1,198 @@
+//! Testing your handlers without PostgreSQL or a bus (feature `testing`).
+//!
+//! [`TestApp`] runs an application (your `#[subscriber]` / `#[publish_to]`
+//! handlers, transports and state, registered as for [`App`](crate::App))
+//! with the outbox in memory: publishing goes through the real producer
+//! path, delivery through the engine's own pipeline (ack policy, retry
+//! strategy, `max_deliveries`, dead letters), transports are captured by a
+//! [`MemoryTransport`]. It is FastStream's
+//! `TestBroker` for the outbox. A test takes milliseconds.
+//!
+//! ```
+//! use std::time::Duration;
+//! use outbox_core::testing::{OutgoingExt, TestApp, TestClock};
+//! use outbox_core::{publish_to, subscriber, MemoryTransport, PublishOptions};
+//!
+//! #[publish_to(kafka, "orders.kafka")]
+//! #[subscriber("orders")]
+//! async fn handle(order_id: i64) -> i64 {
+//!     println!("got order {order_id}");
+//!     order_id
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let kafka = MemoryTransport::new("kafka");
+//! let app = TestApp::builder()
+//!     .without_discovery()
+//!     .subscriber(handle {})
+//!     .transport(kafka.clone())
+//!     .clock(TestClock::frozen())
+//!     .start()
+//!     .await?;
+//!
+//! let id = app
+//!     .publish_with(&1_i64, "orders", &PublishOptions::new().header("x-tenant", "acme"))
+//!     .await?
+//!     .expect("inserted");
+//!
+//! // The handler ran with the body, before `publish` returned...
+//! assert_eq!(app.handled_bodies::<i64>("orders")?, [1]);
+//! // ... its result was relayed, with the envelope's headers ...
+//! let sent = kafka.messages_to("orders.kafka");
+//! assert_eq!(sent[0].value::<i64>()?, 1);
+//! assert_eq!(sent[0].header("outbox-id"), Some(id.to_string().as_str()));
+//! // ... and the row was acked.
+//! assert_eq!(app.history(id).to_string(), "claimed(1), acked");
+//! assert!(app.rows().await?.is_empty());
+//! app.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The pieces:
+//!
+//! - [`TestApp`] / [`TestAppBuilder`]: the application under test, with
+//!   synchronous dispatch (default) or the real engine loops
+//!   ([`TestAppBuilder::loop_mode`]), on the in-memory store (default) or,
+//!   opt-in, on real PostgreSQL ([`TestAppBuilder::postgres`]);
+//! - [`MemoryStore`]: the outbox and dead-letter tables in memory, with the
+//!   semantics of the engine's SQL, on a [`TestClock`] you can
+//!   [`advance`](TestApp::advance);
+//! - [`History`] / [`Step`] / [`Call`]: what the engine did, as recorded by
+//!   the engine itself;
+//! - [`OutgoingExt`]: reading captured transport messages;
+//! - [`StoreOps`]: the engine's storage statements one by one, on either
+//!   backend (the contract suite that keeps the two identical drives it).
+//!
+//! A handler that opens its own PostgreSQL transaction (to publish a
+//! follow-up row on `ctx.broker().pool()`) needs the PostgreSQL mode: on the
+//! in-memory backend the broker's pool is a placeholder that never connects.
+//!
+//! See `docs/testing.md` for the guide.
+
+mod app;
+mod clock;
+mod ext;
+mod harness;
+mod ops;
+mod store;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub use app::{DEFAULT_SETTLE_TIMEOUT, TestApp, TestAppBuilder};
+pub use clock::TestClock;
+pub use ext::OutgoingExt;
+pub(crate) use harness::Harness;
+pub use harness::{Call, History, Step};
+pub use ops::{Claim, StoreOps};
+pub use store::MemoryStore;
+
+pub use crate::app::MemoryTransport;
+
+use crate::broker::OutboxBroker;
+use crate::error::Result;
+use crate::table::{DlqTable, OutboxTable};
+
+/// A broker for the in-memory backend: table `outbox` (and `outbox_dlq`),
+/// over a pool that never connects (`min_connections(0)`, no maintenance
+/// task, so it needs no runtime either). Attach the harness that holds the
+/// store with [`OutboxBroker::with_harness`].
+pub(crate) fn memory_broker(dead_letters: bool) -> Result<OutboxBroker> {
+    let opts = PgConnectOptions::new_without_pgpass()
+        .host("in-memory-outbox.invalid")
+        .database("outbox")
+        .username("outbox")
+        .application_name("outbox-in-memory");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(Duration::from_millis(200))
+        .connect_lazy_with(opts);
+    let broker = OutboxBroker::new(pool, OutboxTable::new("outbox")?);
+    Ok(if dead_letters {
+        broker.dead_letter_table(DlqTable::new("outbox_dlq")?)
+    } else {
+        broker
+    })
+}
+
+/// A broker on a private schema `outbox_test_<random>` of the database at
+/// `url`, with migrated outbox and dead-letter tables.
+pub(crate) async fn scratch_broker(url: &str) -> Result<(OutboxBroker, String)> {
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(url)
+        .await?;
+    let schema = format!(
+        "outbox_test_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+        .execute(&pool)
+        .await?;
+    let broker = OutboxBroker::new(pool, OutboxTable::new("outbox")?.schema(&schema)?)
+        .dead_letter_table(DlqTable::new("outbox_dlq")?.schema(&schema)?);
+    broker.migrate().await?;
+    Ok((broker, schema))
+}
+
+/// Drops a schema made by [`scratch_broker`].
+pub(crate) async fn drop_scratch(broker: &OutboxBroker, schema: &str) -> Result<()> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+    )))
+    .execute(broker.pool())
+    .await?;
+    Ok(())
+}
+
+/// What advancing the clock by `by` means on PostgreSQL: every stored time
+/// of the outbox and dead-letter tables moves back by `by`.
+pub(crate) async fn shift_postgres(broker: &OutboxBroker, by: Duration) -> Result<()> {
+    let t = broker.table().qualified_name();
+    let i = "make_interval(secs => $1)";
+    let mut tx = broker.pool().begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {t} SET created_at = created_at - {i}, next_attempt_at = next_attempt_at - {i}, \
+         first_attempt_at = first_attempt_at - {i}, last_attempt_at = last_attempt_at - {i}, \
+         acquired_at = acquired_at - {i}"
+    )))
+    .bind(by.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    if let Some(d) = broker.dlq() {
+        let d = d.qualified_name();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {d} SET created_at = created_at - {i}, failed_at = failed_at - {i}"
+        )))
+        .bind(by.as_secs_f64())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Whether the engine's claim for `queues` would return a row now (on
+/// PostgreSQL).
+pub(crate) async fn postgres_has_claimable(
+    broker: &OutboxBroker,
+    queues: &[String],
+    lease_ttl: Duration,
+) -> Result<bool> {
+    let t = broker.table().qualified_name();
+    let found: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM {t} WHERE queue = ANY($1) AND next_attempt_at <= now() \
+         AND (acquired_token IS NULL OR acquired_at < now() - make_interval(secs => $2)))"
+    )))
+    .bind(queues)
+    .bind(lease_ttl.as_secs_f64())
+    .fetch_one(broker.pool())
+    .await?;
+    Ok(found)
+}
