@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared helpers of scripts/test.sh and scripts/demo.sh (source it).
+# Shared helpers of the scripts (source it).
 #
 #   ensure_postgres_db URL   start the local PostgreSQL cluster if URL's server does
 #                            not answer, wait until ready, create URL's database if
@@ -66,4 +66,29 @@ if [ "$db_exists" != 1 ]; then
   timeout 60 createdb "${PG[@]}" "$PG_DB" || die "createdb $PG_DB failed"
 fi
 
+}
+
+# bench_binary OUT: builds outbox-bench (release) unless BENCH_BIN names a
+# prebuilt one, copies it next to OUT (another build in target/ must not swap
+# the engine under a running suite), records the engine source it was built
+# from in OUT's *.engine.diff, and prints the copy's path (the caller removes it).
+bench_binary() {
+  local out=$1 repo bin
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  need cargo
+  if [ -n "${BENCH_BIN:-}" ]; then
+    [ -x "$BENCH_BIN" ] || die "BENCH_BIN=$BENCH_BIN is not an executable"
+    log "using the prebuilt $BENCH_BIN"
+  else
+    log "building outbox-bench (release)"
+    (cd "$repo" && timeout 3600 cargo build --release -p outbox-bench >&2) || die "cargo build failed"
+  fi
+  mkdir -p "$(dirname "$out")"
+  bin=${out%.jsonl}.outbox-bench
+  cp "${BENCH_BIN:-$repo/target/release/outbox-bench}" "$bin" || die "cannot copy the benchmark binary to $bin"
+  if [ -z "${BENCH_BIN:-}" ]; then
+    (cd "$repo" && { git rev-parse HEAD; git diff HEAD -- outbox-core outbox-kafka; }) \
+      >"${out%.jsonl}.engine.diff" 2>/dev/null || true
+  fi
+  echo "$bin"
 }

@@ -1,0 +1,574 @@
+//! The benchmark database: creating it, fresh tables, prefilling backlogs,
+//! and the probe that reads PostgreSQL's own counters around a measurement.
+//!
+//! Every statement of the probe carries the comment [`PROBE`] and is left out
+//! of the statement counts, as the Python harness leaves out its probe
+//! (`NOT ILIKE '%pg_stat%'`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use outbox_core::{OutboxBroker, OutboxTable};
+use serde_json::{Value, json};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgConnection, Row};
+
+use crate::sys::{self, CpuSnap, round};
+
+/// Marker comment of the probe's own statements.
+pub(crate) const PROBE: &str = "/* outbox-bench-probe */";
+
+/// Queue name every scenario uses.
+pub(crate) const QUEUE: &str = "bench";
+
+/// The server and database a run uses.
+#[derive(Debug, Clone)]
+pub(crate) struct Db {
+    pub(crate) opts: PgConnectOptions,
+    pub(crate) url: String,
+}
+
+impl Db {
+    /// Parses `url`, creates its database if missing (connecting to
+    /// `postgres` on the same server) and the `pg_stat_statements` extension.
+    pub(crate) async fn prepare(url: &str) -> anyhow::Result<Self> {
+        let opts: PgConnectOptions = url
+            .parse()
+            .with_context(|| format!("invalid --database-url {url:?}"))?;
+        let opts = opts.application_name("outbox-bench");
+        let name = opts
+            .get_database()
+            .context("--database-url needs a database name (e.g. .../outbox_bench)")?
+            .to_owned();
+        let admin = opts.clone().database("postgres");
+        let mut conn = tokio::time::timeout(Duration::from_secs(15), admin.connect())
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to {url} timed out after 15 s"))?
+            .with_context(|| {
+                format!(
+                    "cannot connect to PostgreSQL at {url}; start the private benchmark cluster with \
+                     `bash scripts/bench-pg.sh start`, or pass --database-url"
+                )
+            })?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&name)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+            if let Err(e) = sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await {
+                let dup = e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|c| c == "42P04" || c == "23505");
+                if !dup {
+                    return Err(e).context(format!("CREATE DATABASE {name}"));
+                }
+            }
+        }
+        conn.close().await.ok();
+        let mut conn = opts
+            .connect()
+            .await
+            .with_context(|| format!("connecting to database {name}"))?;
+        if let Err(e) = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut conn)
+            .await
+        {
+            eprintln!(
+                "outbox-bench: WARNING: CREATE EXTENSION pg_stat_statements failed ({e}); statement \
+                 counts will be missing"
+            );
+        }
+        conn.close().await.ok();
+        Ok(Self {
+            opts,
+            url: url.to_owned(),
+        })
+    }
+
+    /// A pool of up to `n` connections for producers and setup.
+    pub(crate) async fn pool(&self, n: u32) -> anyhow::Result<PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(n)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(self.opts.clone())
+            .await?)
+    }
+
+    /// A pool that never connects unless asked (the engine opens its own
+    /// connections from the pool's options).
+    pub(crate) fn lazy_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(2)
+            .connect_lazy_with(self.opts.clone())
+    }
+
+    /// A fresh `bench_<random>` outbox table with autovacuum off on it (as
+    /// the Python harness does: the dead tuples a run leaves are a result).
+    async fn fresh_table(&self, pool: &PgPool) -> anyhow::Result<OutboxTable> {
+        let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let table = OutboxTable::new(&name)?;
+        table.migrate(pool).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {} SET (autovacuum_enabled = false)",
+            table.qualified_name()
+        )))
+        .execute(pool)
+        .await?;
+        Ok(table)
+    }
+
+    /// Runs `f` on a fresh table (see [`fresh_table`](Self::fresh_table)),
+    /// and drops the table afterwards, whatever `f` returned.
+    pub(crate) async fn with_fresh_table<T>(
+        &self,
+        f: impl AsyncFnOnce(&OutboxTable) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let setup = self.pool(2).await?;
+        let table = self.fresh_table(&setup).await?;
+        setup.close().await;
+        let result = f(&table).await;
+        if let Err(e) = self.drop_table(&table).await {
+            eprintln!(
+                "outbox-bench: could not drop {}: {e}",
+                table.qualified_name()
+            );
+        }
+        result
+    }
+
+    /// Drops a table made by [`fresh_table`](Self::fresh_table).
+    async fn drop_table(&self, table: &OutboxTable) -> anyhow::Result<()> {
+        let mut conn = self.opts.connect().await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {}",
+            table.qualified_name()
+        )))
+        .execute(&mut conn)
+        .await?;
+        conn.close().await.ok();
+        Ok(())
+    }
+}
+
+/// A broker over `pool` and `table`.
+pub(crate) fn broker(pool: PgPool, table: OutboxTable) -> OutboxBroker {
+    OutboxBroker::new(pool, table)
+}
+
+/// The body every scenario publishes: `{"payload":"xxx…"}`, exactly
+/// `payload_bytes` long once JSON-encoded (at least 14 bytes).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Body {
+    payload: String,
+}
+
+impl Body {
+    pub(crate) fn new(payload_bytes: usize) -> Self {
+        Self {
+            payload: "x".repeat(payload_bytes.saturating_sub(14)),
+        }
+    }
+}
+
+/// Inserts `n` ready rows into `table` server-side (`INSERT … SELECT
+/// generate_series`, 100,000 rows per transaction, no NOTIFY), with the
+/// envelope `publish_batch` would write for a [`Body`]: JSON payload,
+/// `content-type: application/json`, a fresh correlation id each. Then
+/// `VACUUM ANALYZE` (what autovacuum would have done by then), so that every
+/// run starts from the same state. Outside any measurement.
+pub(crate) async fn prefill(
+    db: &Db,
+    table: &OutboxTable,
+    n: u64,
+    payload_bytes: usize,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut conn = db.opts.connect().await?;
+    let sql = format!(
+        "INSERT INTO {} (queue, payload, headers) \
+         SELECT $1, convert_to('{{\"payload\":\"' || repeat('x', $2) || '\"}}', 'UTF8'), \
+         jsonb_build_object('content-type', 'application/json', 'correlation_id', gen_random_uuid()::text) \
+         FROM generate_series(1, $3)",
+        table.qualified_name()
+    );
+    let mut left = n;
+    while left > 0 {
+        let chunk = left.min(100_000);
+        sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(QUEUE)
+            .bind(i32::try_from(payload_bytes.saturating_sub(14)).unwrap_or(i32::MAX))
+            .bind(i64::try_from(chunk)?)
+            .execute(&mut conn)
+            .await
+            .context("prefilling the backlog")?;
+        left -= chunk;
+    }
+    sqlx::query(AssertSqlSafe(format!(
+        "VACUUM ANALYZE {}",
+        table.qualified_name()
+    )))
+    .execute(&mut conn)
+    .await?;
+    conn.close().await.ok();
+    Ok(t0.elapsed())
+}
+
+/// One statement's counters in `pg_stat_statements`.
+#[derive(Debug, Clone)]
+struct Stmt {
+    query: String,
+    calls: i64,
+    total_ms: f64,
+    rows: i64,
+}
+
+/// The table's counters in `pg_stat_user_tables`.
+#[derive(Debug, Clone, Copy, Default)]
+struct TableStats {
+    ins: i64,
+    upd: i64,
+    hot_upd: i64,
+    del: i64,
+    dead: i64,
+}
+
+/// PostgreSQL's counters at one moment.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    stmts: Option<HashMap<(i64, i64), Stmt>>,
+    lsn: u64,
+    table: TableStats,
+    cpu: CpuSnap,
+}
+
+/// The probe: one dedicated connection.
+#[derive(Debug)]
+pub(crate) struct Probe {
+    conn: PgConnection,
+    postmaster: Option<i64>,
+    has_pss: bool,
+}
+
+fn parse_lsn(s: &str) -> anyhow::Result<u64> {
+    let (hi, lo) = s.split_once('/').context("malformed LSN")?;
+    Ok((u64::from_str_radix(hi, 16)? << 32) | u64::from_str_radix(lo, 16)?)
+}
+
+fn keyword(query: &str) -> &'static str {
+    let mut q = query.trim_start();
+    // Skip leading comments.
+    loop {
+        if let Some(rest) = q.strip_prefix("/*") {
+            q = rest.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else if let Some(rest) = q.strip_prefix("--") {
+            q = rest.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let word: String = q
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    match word.as_str() {
+        "select" => "select",
+        "insert" => "insert",
+        "update" => "update",
+        "delete" => "delete",
+        "with" => "with",
+        "begin" | "start" => "begin",
+        "commit" | "end" => "commit",
+        "rollback" => "rollback",
+        "listen" => "listen",
+        _ => "other",
+    }
+}
+
+impl Probe {
+    pub(crate) async fn connect(db: &Db) -> anyhow::Result<Self> {
+        let mut conn = db
+            .opts
+            .clone()
+            .application_name("outbox-bench-probe")
+            .connect()
+            .await?;
+        let pid: i32 =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT {PROBE} pg_backend_pid()")))
+                .fetch_one(&mut conn)
+                .await?;
+        let has_pss = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PROBE} 1 FROM pg_stat_statements LIMIT 1"
+        )))
+        .fetch_optional(&mut conn)
+        .await
+        .is_ok();
+        if !has_pss {
+            eprintln!(
+                "outbox-bench: WARNING: pg_stat_statements is not usable on {} (not in \
+                 shared_preload_libraries?): no statement counts. `bash scripts/bench-pg.sh start` \
+                 gives a server with it",
+                db.url
+            );
+        }
+        Ok(Self {
+            conn,
+            postmaster: sys::postmaster_of(pid),
+            has_pss,
+        })
+    }
+
+    async fn exec(&mut self, sql: &str) -> anyhow::Result<()> {
+        sqlx::query(AssertSqlSafe(format!("{PROBE} {sql}")))
+            .execute(&mut self.conn)
+            .await
+            .with_context(|| format!("probe: {sql}"))?;
+        Ok(())
+    }
+
+    /// `CHECKPOINT`, so that every run starts with the same WAL state (the
+    /// full-page images after it are part of the result, as in the Python harness).
+    pub(crate) async fn checkpoint(&mut self) -> anyhow::Result<()> {
+        self.exec("CHECKPOINT").await
+    }
+
+    /// Waits until at most `keep` other client backends are connected to this
+    /// database, so the statistics of the others are flushed (a backend
+    /// flushes at exit).
+    pub(crate) async fn wait_backends_gone(
+        &mut self,
+        keep: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT {PROBE} count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )))
+            .fetch_one(&mut self.conn)
+            .await?;
+            if n <= keep {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "outbox-bench: WARNING: {n} other client connection(s) still on the database after \
+                     {timeout:?}; table statistics may be incomplete"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Rows in `table` (outside the statement counts).
+    pub(crate) async fn count(&mut self, table: &OutboxTable) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT {PROBE} count(*) FROM {}",
+            table.qualified_name()
+        )))
+        .fetch_one(&mut self.conn)
+        .await?)
+    }
+
+    pub(crate) async fn snapshot(&mut self, table: &OutboxTable) -> anyhow::Result<Snapshot> {
+        let stmts = if self.has_pss {
+            let rows = sqlx::query(AssertSqlSafe(format!(
+                "SELECT {PROBE} queryid, userid::oid::int8, query, calls, total_exec_time, rows \
+                 FROM pg_stat_statements WHERE toplevel AND queryid IS NOT NULL \
+                 AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )))
+            .fetch_all(&mut self.conn)
+            .await
+            .context("reading pg_stat_statements")?;
+            let mut map = HashMap::with_capacity(rows.len());
+            for r in rows {
+                let query: String = r.try_get(2)?;
+                if query.contains(PROBE) || query.to_ascii_lowercase().contains("pg_stat") {
+                    continue;
+                }
+                map.insert(
+                    (r.try_get::<i64, _>(0)?, r.try_get::<i64, _>(1)?),
+                    Stmt {
+                        query,
+                        calls: r.try_get(3)?,
+                        total_ms: r.try_get(4)?,
+                        rows: r.try_get(5)?,
+                    },
+                );
+            }
+            Some(map)
+        } else {
+            None
+        };
+        let lsn: String = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT {PROBE} pg_current_wal_lsn()::text"
+        )))
+        .fetch_one(&mut self.conn)
+        .await?;
+        let t = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {PROBE} n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, n_dead_tup \
+             FROM pg_stat_user_tables WHERE relid = $1::regclass"
+        )))
+        .bind(table.qualified_name())
+        .fetch_optional(&mut self.conn)
+        .await?;
+        let table = match t {
+            Some(r) => TableStats {
+                ins: r.try_get(0)?,
+                upd: r.try_get(1)?,
+                hot_upd: r.try_get(2)?,
+                del: r.try_get(3)?,
+                dead: r.try_get(4)?,
+            },
+            None => TableStats::default(),
+        };
+        Ok(Snapshot {
+            stmts,
+            lsn: parse_lsn(&lsn)?,
+            table,
+            cpu: CpuSnap::take(self.postmaster),
+        })
+    }
+
+    /// CPU counters only (for the measurement window's end, taken before the
+    /// slower catalog reads).
+    pub(crate) fn cpu(&self) -> CpuSnap {
+        CpuSnap::take(self.postmaster)
+    }
+}
+
+/// What PostgreSQL did between two snapshots, per message.
+#[derive(Debug, Clone)]
+pub(crate) struct Delta {
+    /// Statement calls grouped by leading keyword (`None`: no pg_stat_statements).
+    pub(crate) by_keyword: Option<Vec<(&'static str, i64)>>,
+    pub(crate) calls: Option<i64>,
+    pub(crate) wal_bytes: u64,
+    pub(crate) tup_ins: i64,
+    pub(crate) tup_upd: i64,
+    pub(crate) tup_hot_upd: i64,
+    pub(crate) tup_del: i64,
+    pub(crate) dead_tuples: i64,
+    /// Per statement: (text, calls, total ms, rows), by total time.
+    pub(crate) statements: Vec<(String, i64, f64, i64)>,
+    pub(crate) exec_ms: Option<f64>,
+    pub(crate) cpu: Value,
+}
+
+impl Delta {
+    /// `cpu_end` is taken when the measured window ended; the snapshots
+    /// after it may come later (after the engine's connections closed).
+    pub(crate) fn between(before: &Snapshot, after: &Snapshot, cpu_end: &CpuSnap) -> Self {
+        let mut by_kw: HashMap<&'static str, i64> = HashMap::new();
+        let mut statements = Vec::new();
+        let (mut calls, mut exec_ms) = (None, None);
+        if let (Some(b), Some(a)) = (&before.stmts, &after.stmts) {
+            let (mut c, mut ms) = (0, 0.0);
+            for (k, s) in a {
+                let (c0, t0, r0) = b
+                    .get(k)
+                    .map_or((0, 0.0, 0), |p| (p.calls, p.total_ms, p.rows));
+                let dc = s.calls - c0;
+                if dc <= 0 {
+                    continue;
+                }
+                c += dc;
+                ms += s.total_ms - t0;
+                *by_kw.entry(keyword(&s.query)).or_default() += dc;
+                statements.push((s.query.clone(), dc, s.total_ms - t0, s.rows - r0));
+            }
+            calls = Some(c);
+            exec_ms = Some(ms);
+        }
+        statements.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let by_keyword = before.stmts.as_ref().map(|_| {
+            let mut v: Vec<(&'static str, i64)> = by_kw.into_iter().collect();
+            v.sort();
+            v
+        });
+        Self {
+            by_keyword,
+            calls,
+            wal_bytes: after.lsn.saturating_sub(before.lsn),
+            tup_ins: after.table.ins - before.table.ins,
+            tup_upd: after.table.upd - before.table.upd,
+            tup_hot_upd: after.table.hot_upd - before.table.hot_upd,
+            tup_del: after.table.del - before.table.del,
+            dead_tuples: after.table.dead,
+            statements,
+            exec_ms,
+            cpu: before.cpu.delta(cpu_end),
+        }
+    }
+
+    /// The JSON fields of a result that come from PostgreSQL.
+    pub(crate) fn to_json(&self, messages: u64, top: usize) -> Value {
+        let m = messages.max(1) as f64;
+        let per = |v: i64| round(v as f64 / m, 4);
+        let text = |q: &str| {
+            let one: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
+            if one.chars().count() > 160 {
+                format!("{}…", one.chars().take(160).collect::<String>())
+            } else {
+                one
+            }
+        };
+        json!({
+            "round_trips_per_msg": self.calls.map(per),
+            "statements_per_msg": self.by_keyword.as_ref().map(|v| {
+                v.iter().map(|(k, c)| ((*k).to_owned(), json!(per(*c)))).collect::<serde_json::Map<_, _>>()
+            }),
+            "statement_calls": self.by_keyword.as_ref().map(|v| {
+                v.iter().map(|(k, c)| ((*k).to_owned(), json!(c))).collect::<serde_json::Map<_, _>>()
+            }),
+            "wal_bytes_per_msg": round(self.wal_bytes as f64 / m, 1),
+            "wal_bytes": self.wal_bytes,
+            "tuples": {
+                "inserted": self.tup_ins, "updated": self.tup_upd,
+                "hot_updated": self.tup_hot_upd, "deleted": self.tup_del,
+            },
+            "dead_tuples": self.dead_tuples,
+            "pg_exec_ms_per_msg": self.exec_ms.map(|ms| round(ms / m, 5)),
+            "cpu": self.cpu,
+            "top_statements": self.statements.iter().take(top).map(|(q, c, ms, rows)| json!({
+                "query": text(q),
+                "calls": c,
+                "calls_per_msg": per(*c),
+                "total_ms": round(*ms, 2),
+                "mean_ms": round(ms / (*c).max(1) as f64, 4),
+                "rows": rows,
+                "rows_per_call": round(*rows as f64 / (*c).max(1) as f64, 2),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keywords_skip_comments() {
+        assert_eq!(keyword("  /* x */ SELECT 1"), "select");
+        assert_eq!(keyword("WITH a AS (SELECT 1) SELECT 1"), "with");
+        assert_eq!(keyword("-- c\nDELETE FROM t"), "delete");
+        assert_eq!(keyword("BEGIN"), "begin");
+        assert_eq!(keyword("COMMIT"), "commit");
+        assert_eq!(keyword("listen \"x\""), "listen");
+        assert_eq!(keyword("VACUUM t"), "other");
+    }
+
+    #[test]
+    fn lsn_parses() {
+        assert_eq!(parse_lsn("0/16B3748").ok(), Some(0x16B3748));
+        assert_eq!(parse_lsn("1/0").ok(), Some(1 << 32));
+        assert!(parse_lsn("nope").is_err());
+    }
+}

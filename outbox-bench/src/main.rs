@@ -1,0 +1,517 @@
+//! `outbox-bench`: the benchmark harness of the outbox workspace.
+//!
+//! Runs one scenario (`produce`, `drain`, `relay`, `latency`) against its own
+//! database and prints ONE JSON object per measured point on stdout:
+//! throughput, latency percentiles, and what PostgreSQL did per message
+//! (statements and round trips from `pg_stat_statements`, WAL bytes, tuples,
+//! dead tuples), rows left, peak RSS, the CPU split between PostgreSQL and
+//! this process, and the machine's load. `check` is the CI gate on the
+//! machine-independent figures. See `docs/performance.md`.
+//!
+//! ```text
+//! bash scripts/bench-pg.sh start          # private PostgreSQL with pg_stat_statements
+//! cargo run --release -p outbox-bench -- drain --backlog 100000 --workers 1,4 --ack-batch 1,1000
+//! ```
+
+mod check;
+mod db;
+mod drain;
+mod explain;
+mod kafka;
+mod latency;
+mod point;
+mod produce;
+mod relay;
+mod sys;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::db::Db;
+use crate::point::Finished;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5433/outbox_bench";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-bench",
+    about = "Benchmarks of the outbox engine; one JSON object per result on stdout",
+    after_help = "Start the private PostgreSQL first: bash scripts/bench-pg.sh start"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Args)]
+struct Common {
+    /// Server and database to use (created if missing; needs pg_stat_statements
+    /// in shared_preload_libraries for statement counts).
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = DEFAULT_URL, global = true)]
+    database_url: String,
+    /// Size of each message body (a JSON object), bytes.
+    #[arg(long, default_value_t = 256, global = true)]
+    payload_bytes: usize,
+    /// Runs of each point (report the median over them).
+    #[arg(long, default_value_t = 1, global = true)]
+    repeats: u32,
+    /// Before each point, wait up to this long for the machine to be quiet
+    /// (no `rustc`, fewer than --quiet-cores busy); 0 = do not wait.
+    #[arg(long, default_value_t = 1200, global = true)]
+    wait_quiet_secs: u64,
+    /// "Quiet": fewer cores than this busy over 2 s before a point.
+    #[arg(long, default_value_t = 0.35, global = true)]
+    quiet_cores: f64,
+    /// A point is disturbed when a `rustc` ran during it or processes other
+    /// than PostgreSQL, the Kafka broker and this one used more cores than this.
+    #[arg(long, default_value_t = 0.35, global = true)]
+    max_other_cores: f64,
+    /// Re-run a disturbed point up to this many times (the last run is kept).
+    #[arg(long, default_value_t = 2, global = true)]
+    retries: u32,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Publishing throughput: single publishes per transaction, autocommit, or batches.
+    Produce(ProduceArgs),
+    /// A prefilled backlog drained by a no-op handler through Engine/Subscriber.
+    Drain(DrainArgs),
+    /// A backlog (or a steady producer) relayed to Kafka through App + outbox-kafka.
+    Relay(RelayArgs),
+    /// Idle latency: commit -> handler start (or -> Kafka delivery report with --kafka).
+    Latency(LatencyArgs),
+    /// CI gate: statements, round trips and tuples per scenario vs a baseline.
+    Check(CheckArgs),
+    /// EXPLAIN (ANALYZE, BUFFERS) of the claim and the batched delete at several sizes.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// Rows prefilled.
+    #[arg(long, default_value_t = 100_000)]
+    backlog: u64,
+    /// Claim sizes (LIMIT).
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    limit: Vec<i64>,
+    /// Runs per size (each rolled back).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Claim and delete this many rows first (committed), as part-way through a drain.
+    #[arg(long, default_value_t = 0)]
+    consume_first: u64,
+}
+
+#[derive(Debug, Args)]
+struct ProduceArgs {
+    /// single (BEGIN; publish; COMMIT), autocommit (publish alone), batch (BEGIN; publish_batch; COMMIT).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "single")]
+    mode: Vec<produce::Mode>,
+    /// Rows per transaction in batch mode.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    batch_size: Vec<usize>,
+    /// Messages per point (default: 10,000 single/autocommit, 100 x batch size x 20 for batches, at least 200,000).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Concurrent producers (one connection each).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
+}
+
+#[derive(Debug, Args)]
+struct DrainArgs {
+    /// Rows prefilled before the clock starts.
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    backlog: Vec<u64>,
+    /// Subscriber max_workers.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    workers: Vec<usize>,
+    /// Subscriber fetch_batch_size.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    fetch_batch_size: Vec<usize>,
+    /// Subscriber terminal_flush_batch_size (1 = a DELETE per row).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    ack_batch: Vec<usize>,
+    #[command(flatten)]
+    fetch: FetchArgs,
+    /// Poll only (no LISTEN connection).
+    #[arg(long)]
+    no_listen: bool,
+    /// Subscriber fetch_concurrency (claim statements in flight at once).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    fetch_concurrency: Vec<usize>,
+}
+
+/// The knobs drain and relay share.
+#[derive(Debug, Args)]
+struct FetchArgs {
+    /// min_fetch_interval, ms (the Python harness uses 1).
+    #[arg(long, default_value_t = 1.0)]
+    min_fetch_ms: f64,
+    /// max_fetch_interval, ms (the Python harness uses 10).
+    #[arg(long, default_value_t = 10.0)]
+    max_fetch_ms: f64,
+    /// Durable acks: OutboxBroker::synchronous_relay_writes(true) (default: async commit).
+    #[arg(long)]
+    durable_acks: bool,
+}
+
+impl FetchArgs {
+    fn knobs(
+        &self,
+        workers: usize,
+        fetch_batch_size: usize,
+        ack_batch: usize,
+        fetch_concurrency: usize,
+    ) -> drain::Knobs {
+        drain::Knobs {
+            workers,
+            fetch_batch_size,
+            ack_batch,
+            min_fetch: ms(self.min_fetch_ms),
+            max_fetch: ms(self.max_fetch_ms),
+            fetch_concurrency,
+            durable_acks: self.durable_acks,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct RelayArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    /// Rows prefilled before the clock starts.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    backlog: Vec<u64>,
+    /// Route max_workers (each has one publish in flight).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    workers: Vec<usize>,
+    /// Route fetch_batch_size.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    fetch_batch_size: Vec<usize>,
+    /// Route terminal_flush_batch_size.
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    ack_batch: Vec<usize>,
+    #[command(flatten)]
+    fetch: FetchArgs,
+    /// Partitions of the (fresh) topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// librdkafka linger.ms (default: outbox-kafka's, 5 ms); a list sweeps.
+    #[arg(long, value_delimiter = ',')]
+    linger_ms: Vec<f64>,
+    /// Steady state: publish this many msg/s alongside the relay (no backlog
+    /// unless --backlog is given explicitly).
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<u64>,
+    /// Steady state: how long the producer runs, seconds.
+    #[arg(long, default_value_t = 20.0)]
+    duration_secs: f64,
+    /// Steady state: rows per producer transaction (publish_batch).
+    #[arg(long, default_value_t = 100)]
+    producer_batch: usize,
+    /// Keep the topic (default: deleted after the point; the local broker is in-memory).
+    #[arg(long)]
+    keep_topic: bool,
+    /// Route fetch_concurrency (claim statements in flight at once).
+    #[arg(long, default_value_t = 1)]
+    fetch_concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+struct LatencyArgs {
+    /// Measured samples.
+    #[arg(long, default_value_t = 1000)]
+    samples: u64,
+    /// Samples discarded first.
+    #[arg(long, default_value_t = 20)]
+    warmup: u64,
+    /// Spacing of the publishes, ms.
+    #[arg(long, default_value_t = 20.0)]
+    interval_ms: f64,
+    /// Relay each row to Kafka and time the delivery report.
+    #[arg(long)]
+    kafka: bool,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    /// librdkafka linger.ms (default: outbox-kafka's, 5 ms).
+    #[arg(long)]
+    linger_ms: Option<f64>,
+    /// Partitions of the (fresh) topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Poll only (no LISTEN connection).
+    #[arg(long)]
+    no_listen: bool,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// The baseline file.
+    #[arg(long, default_value = "bench/baseline.json")]
+    baseline: PathBuf,
+    /// Write the baseline instead of checking.
+    #[arg(long)]
+    write_baseline: bool,
+    /// With --write-baseline: runs per scenario (timing-dependent values keep
+    /// the maximum seen; deterministic ones must agree).
+    #[arg(long, default_value_t = 3)]
+    baseline_runs: u32,
+}
+
+/// Which build produced a result.
+pub(crate) fn build_info() -> Value {
+    json!({
+        "git": env!("OUTBOX_BENCH_GIT"),
+        "engine_diff": env!("OUTBOX_BENCH_ENGINE_DIFF"),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+fn ms(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0) / 1000.0)
+}
+
+/// Runs one point `repeats` times (re-running a repeat a compile disturbed)
+/// and prints each result. Returns whether every run succeeded.
+async fn points<F, Fut>(c: &Common, label: &str, f: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<Finished>>,
+{
+    let mut ok = true;
+    for repeat in 0..c.repeats.max(1) {
+        let mut attempt = 0;
+        loop {
+            let (rustc, busy) = if c.wait_quiet_secs > 0 {
+                sys::wait_for_quiet(Duration::from_secs(c.wait_quiet_secs), c.quiet_cores).await
+            } else {
+                (0, 0.0)
+            };
+            if rustc > 0 || busy >= c.quiet_cores {
+                eprintln!(
+                    "outbox-bench: WARNING: machine still busy ({rustc} rustc, {busy:.2} cores); measuring anyway"
+                );
+            }
+            match f().await {
+                Ok(mut done) => {
+                    let other = done.json["cpu"]["other_cores"].as_f64().unwrap_or(0.0);
+                    let disturbed = done.rustc_max > 0 || other > c.max_other_cores;
+                    if disturbed && attempt < c.retries {
+                        attempt += 1;
+                        eprintln!(
+                            "outbox-bench: {label}: disturbed ({} rustc, {other:.2} other cores busy); re-running",
+                            done.rustc_max
+                        );
+                        continue;
+                    }
+                    if let Value::Object(o) = &mut done.json {
+                        o.insert("disturbed".into(), json!(disturbed));
+                        o.insert("busy_before_cores".into(), json!(sys::round(busy, 2)));
+                    }
+                    if let Value::Object(o) = &mut done.json {
+                        o.insert("repeat".into(), json!(repeat));
+                        o.insert("attempt".into(), json!(attempt));
+                        if o.contains_key("error") {
+                            ok = false;
+                        }
+                    }
+                    println!("{}", done.json);
+                    eprintln!(
+                        "outbox-bench: {label} #{repeat}: {} msg/s",
+                        done.json["throughput_msg_s"]
+                    );
+                }
+                Err(e) => {
+                    ok = false;
+                    eprintln!("outbox-bench: {label}: ERROR: {e:#}");
+                    println!(
+                        "{}",
+                        json!({"scenario": label, "impl": "rust", "repeat": repeat, "error": format!("{e:#}")})
+                    );
+                }
+            }
+            break;
+        }
+    }
+    ok
+}
+
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let c = &cli.common;
+    let db = Db::prepare(&c.database_url).await?;
+    let pb = c.payload_bytes;
+    let mut ok = true;
+    match cli.cmd {
+        Cmd::Produce(a) => {
+            for &mode in &a.mode {
+                let sizes: Vec<usize> = if mode == produce::Mode::Batch {
+                    a.batch_size.clone()
+                } else {
+                    vec![1]
+                };
+                for &batch_size in &sizes {
+                    for &concurrency in &a.concurrency {
+                        let messages = a.messages.unwrap_or(match mode {
+                            produce::Mode::Batch => (batch_size as u64 * 2_000).max(200_000),
+                            _ => 10_000,
+                        });
+                        let p = produce::ProduceParams {
+                            mode,
+                            batch_size,
+                            messages,
+                            concurrency,
+                            payload_bytes: pb,
+                        };
+                        let label = format!("produce/{mode:?}/{batch_size}/c{concurrency}");
+                        ok &= points(c, &label, || produce::run(&db, &p)).await;
+                    }
+                }
+            }
+        }
+        Cmd::Drain(a) => {
+            for &backlog in &a.backlog {
+                for &ack_batch in &a.ack_batch {
+                    for &workers in &a.workers {
+                        for (&fetch_batch_size, &fetch_concurrency) in a
+                            .fetch_batch_size
+                            .iter()
+                            .flat_map(|b| a.fetch_concurrency.iter().map(move |c| (b, c)))
+                        {
+                            let p = drain::DrainParams {
+                                backlog,
+                                knobs: a.fetch.knobs(
+                                    workers,
+                                    fetch_batch_size,
+                                    ack_batch,
+                                    fetch_concurrency,
+                                ),
+                                listen: !a.no_listen,
+                                payload_bytes: pb,
+                            };
+                            let label = format!(
+                                "drain/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/fc{fetch_concurrency}"
+                            );
+                            ok &= points(c, &label, || drain::run(&db, &p)).await;
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Relay(a) => {
+            let rates: Vec<Option<u64>> = if a.rate.is_empty() {
+                vec![None]
+            } else {
+                a.rate.iter().map(|r| Some(*r)).collect()
+            };
+            let explicit_backlog = std::env::args().any(|x| x.starts_with("--backlog"));
+            let lingers: Vec<Option<f64>> = if a.linger_ms.is_empty() {
+                vec![None]
+            } else {
+                a.linger_ms.iter().map(|l| Some(*l)).collect()
+            };
+            for (rate, linger) in rates
+                .iter()
+                .flat_map(|r| lingers.iter().map(move |l| (*r, *l)))
+            {
+                let backlogs = if rate.is_some() && !explicit_backlog {
+                    vec![0]
+                } else {
+                    a.backlog.clone()
+                };
+                for &backlog in &backlogs {
+                    for &workers in &a.workers {
+                        for &fetch_batch_size in &a.fetch_batch_size {
+                            for &ack_batch in &a.ack_batch {
+                                let p = relay::RelayParams {
+                                    bootstrap: a.bootstrap.clone(),
+                                    backlog,
+                                    knobs: a.fetch.knobs(
+                                        workers,
+                                        fetch_batch_size,
+                                        ack_batch,
+                                        a.fetch_concurrency,
+                                    ),
+                                    partitions: a.partitions,
+                                    linger: linger.map(ms),
+                                    payload_bytes: pb,
+                                    rate,
+                                    duration: Duration::from_secs_f64(a.duration_secs.max(0.1)),
+                                    producer_batch: a.producer_batch.max(1),
+                                    keep_topic: a.keep_topic,
+                                };
+                                let label = match rate {
+                                    None => format!(
+                                        "relay/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/linger{linger:?}"
+                                    ),
+                                    Some(r) => format!("relay-steady/{r}/w{workers}"),
+                                };
+                                ok &= points(c, &label, || relay::run(&db, &p)).await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Latency(a) => {
+            let p = latency::LatencyParams {
+                samples: a.samples.max(1),
+                warmup: a.warmup,
+                interval: ms(a.interval_ms),
+                payload_bytes: pb,
+                kafka: a.kafka.then(|| a.bootstrap.clone()),
+                linger: a.linger_ms.map(ms),
+                partitions: a.partitions,
+                listen: !a.no_listen,
+            };
+            let label = if a.kafka { "latency-kafka" } else { "latency" };
+            ok &= points(c, label, || latency::run(&db, &p)).await;
+        }
+        Cmd::Explain(a) => {
+            let p = explain::ExplainParams {
+                backlog: a.backlog,
+                limits: a.limit,
+                runs: a.runs,
+                payload_bytes: pb,
+                consume_first: a.consume_first,
+            };
+            for doc in explain::run(&db, &p).await? {
+                println!("{doc}");
+            }
+        }
+        Cmd::Check(a) => {
+            ok = check::run(&db, &a.baseline, a.write_baseline, a.baseline_runs, pb).await?;
+        }
+    }
+    Ok(ok)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("outbox-bench: ERROR: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
