@@ -12,8 +12,13 @@
 #     interop tests.
 # Exported for the tests: OUTBOX_TEST_DATABASE_URL, KAFKA_BOOTSTRAP, OUTBOX_PYTHON
 # (plus OUTBOX_KAFKA_SH = path of scripts/kafka.sh, for pause/resume fault tests).
+#   * a private PostgreSQL with pg_stat_statements (scripts/bench-pg.sh, port 5433)
+#     for the benchmark gate; stopped again at exit only if this script started it.
 # Then: `cargo nextest run --workspace --all-features --no-fail-fast "$@"` (or
-# `cargo test ...` without nextest), then the doctests (`cargo test --doc`).
+# `cargo test ...` without nextest), the examples (scripts/check-examples.sh), the
+# doctests (`cargo test --doc`), and the benchmark gate (`outbox-bench check`:
+# statements, round trips and tuples per scenario against bench/baseline.json;
+# OUTBOX_SKIP_BENCH_GATE=1 skips it).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,9 +36,11 @@ ensure_postgres_db "$OUTBOX_TEST_DATABASE_URL"
 KAFKA_SH=$REPO/scripts/kafka.sh
 export OUTBOX_KAFKA_SH=$KAFKA_SH
 started_kafka=0
+started_bench_pg=0
 cleanup() {
   local rc=$?
   if [ "$started_kafka" = 1 ]; then bash "$KAFKA_SH" stop || log "kafka.sh stop failed"; fi
+  if [ "$started_bench_pg" = 1 ]; then bash "$REPO/scripts/bench-pg.sh" stop || log "bench-pg.sh stop failed"; fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -77,6 +84,22 @@ DATABASE_URL=$OUTBOX_TEST_DATABASE_URL bash "$REPO/scripts/check-examples.sh" ||
 # nextest does not run doctests (run them even when the tests above failed)
 log "cargo test --workspace --doc --all-features"
 cargo test --workspace --doc --all-features || { rc=$?; [ "$status" != 0 ] || status=$rc; }
+
+# The benchmark gate: machine-independent figures only (never timings), on the
+# private cluster (pg_stat_statements must be preloaded: a server restart).
+if [ "${OUTBOX_SKIP_BENCH_GATE:-0}" = 1 ]; then
+  log "OUTBOX_SKIP_BENCH_GATE=1: benchmark gate skipped"
+else
+  bash "$REPO/scripts/bench-pg.sh" status >/dev/null 2>&1 || started_bench_pg=1
+  bench_url=$(bash "$REPO/scripts/bench-pg.sh" start) || die "could not start the benchmark PostgreSQL (scripts/bench-pg.sh start)"
+  log "outbox-bench check --baseline bench/baseline.json ($bench_url)"
+  cargo run -q -p outbox-bench -- --database-url "$bench_url" --wait-quiet-secs 0 --retries 0 \
+    check --baseline "$REPO/bench/baseline.json" >/dev/null || {
+    rc=$?
+    log "the benchmark gate failed: see the 'check: FAIL' lines above"
+    [ "$status" != 0 ] || status=$rc
+  }
+fi
 
 if [ "$status" != 0 ]; then die "tests failed (exit $status)"; fi
 log "all tests passed"
