@@ -27,12 +27,14 @@ pub(crate) const QUEUE: &str = "bench";
 pub(crate) struct Db {
     pub(crate) opts: PgConnectOptions,
     pub(crate) url: String,
+    /// Fresh tables get the advised autovacuum settings instead of none.
+    autovacuum: bool,
 }
 
 impl Db {
     /// Parses `url`, creates its database if missing (connecting to
     /// `postgres` on the same server) and the `pg_stat_statements` extension.
-    pub(crate) async fn prepare(url: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn prepare(url: &str, autovacuum: bool) -> anyhow::Result<Self> {
         let opts: PgConnectOptions = url
             .parse()
             .with_context(|| format!("invalid --database-url {url:?}"))?;
@@ -82,10 +84,22 @@ impl Db {
                  counts will be missing"
             );
         }
+        if autovacuum {
+            let on: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+                .fetch_one(&mut conn)
+                .await?;
+            anyhow::ensure!(
+                on == "on",
+                "--autovacuum needs autovacuum = on in the server (it is {on}); on the benchmark \
+                 cluster: psql {url} -c \"ALTER SYSTEM SET autovacuum = on\" -c \"ALTER SYSTEM SET \
+                 autovacuum_naptime = '1s'\" -c \"SELECT pg_reload_conf()\""
+            );
+        }
         conn.close().await.ok();
         Ok(Self {
             opts,
             url: url.to_owned(),
+            autovacuum,
         })
     }
 
@@ -108,17 +122,21 @@ impl Db {
     }
 
     /// A fresh `bench_<random>` outbox table with autovacuum off on it (as
-    /// the Python harness does: the dead tuples a run leaves are a result).
+    /// the Python harness does: the dead tuples a run leaves are a result),
+    /// or, with `--autovacuum`, tuned as `outbox autovacuum` advises.
     async fn fresh_table(&self, pool: &PgPool) -> anyhow::Result<OutboxTable> {
         let name = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let table = OutboxTable::new(&name)?;
         table.migrate(pool).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "ALTER TABLE {} SET (autovacuum_enabled = false)",
-            table.qualified_name()
-        )))
-        .execute(pool)
-        .await?;
+        let sql = if self.autovacuum {
+            outbox_core::ops::autovacuum_sql(&table, outbox_core::ops::AutovacuumOptions::default())
+        } else {
+            format!(
+                "ALTER TABLE {} SET (autovacuum_enabled = false)",
+                table.qualified_name()
+            )
+        };
+        sqlx::query(AssertSqlSafe(sql)).execute(pool).await?;
         Ok(table)
     }
 

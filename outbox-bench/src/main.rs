@@ -73,6 +73,13 @@ struct Common {
     /// than PostgreSQL, the Kafka broker and this one used more cores than this.
     #[arg(long, default_value_t = 0.35, global = true)]
     max_other_cores: f64,
+    /// Let autovacuum work on the benchmark tables, tuned as `outbox
+    /// autovacuum` advises, instead of turning it off on them (the default, as
+    /// the Python harness does, so that dead tuples are a result). Needs
+    /// `autovacuum = on` on the server (scripts/bench-pg.sh keeps it off; see
+    /// docs/performance.md).
+    #[arg(long, global = true)]
+    autovacuum: bool,
     /// Re-run a disturbed point up to this many times (the last run is kept).
     #[arg(long, default_value_t = 2, global = true)]
     retries: u32,
@@ -321,6 +328,7 @@ where
                     }
                     if let Value::Object(o) = &mut done.json {
                         o.insert("repeat".into(), json!(repeat));
+                        o.insert("autovacuum".into(), json!(c.autovacuum));
                         o.insert("attempt".into(), json!(attempt));
                         if o.contains_key("error") {
                             ok = false;
@@ -349,7 +357,7 @@ where
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let c = &cli.common;
-    let db = Db::prepare(&c.database_url).await?;
+    let db = Db::prepare(&c.database_url, c.autovacuum).await?;
     let pb = c.payload_bytes;
     let mut ok = true;
     match cli.cmd {
