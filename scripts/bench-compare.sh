@@ -4,7 +4,7 @@
 # figures and the ratio for: drain with per-row acks, drain with batched acks,
 # produce (single and batch), idle latency.
 #
-#   bash scripts/bench-compare.sh           # 3 repeats per point (~15-25 min)
+#   bash scripts/bench-compare.sh           # 3 repeats per point (~10-25 min)
 #   bash scripts/bench-compare.sh --quick   # smaller workloads, a smoke test
 #
 # Environment: BENCH_BIN (a prebuilt outbox-bench instead of building one),

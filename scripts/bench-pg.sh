@@ -15,7 +15,7 @@
 # max_wal_size 1GB, min_wal_size 80MB, autovacuum off (as its conf.d/90-ci.conf),
 # stock defaults otherwise), plus pg_stat_statements (track=all) and with
 # ssl OFF (the shared server has ssl=on; clients there negotiate TLS unless
-# sslmode=disable, which adds ~20-35 us per round trip: see perf-baseline.md).
+# sslmode=disable, which adds ~20-35 us per round trip: docs/performance.md).
 # Listens on 127.0.0.1 only, trust auth, unix socket inside the data directory.
 #
 # Environment:
@@ -81,8 +81,11 @@ init() {
   mkdir -p "$BASE"
   if [ "$(id -u)" = 0 ]; then chown postgres: "$BASE"; fi
   chmod 0755 "$BASE"
-  # A half-made data directory from an interrupted initdb: start over.
-  if [ -d "$DATA" ]; then rm -rf "$DATA"; fi
+  # Never delete a directory we did not make: a non-empty one without PG_VERSION
+  # (an interrupted initdb, or a wrong BENCH_PG_DIR) is for the user to look at.
+  if [ -d "$DATA" ] && [ -n "$(ls -A "$DATA" 2>/dev/null)" ]; then
+    die "$DATA exists, is not empty and holds no cluster (an interrupted initdb?); remove it or set BENCH_PG_DIR"
+  fi
   as_owner timeout 120 "$BIN/initdb" -D "$DATA" -U postgres --auth=trust -E UTF8 \
       --locale=C.UTF-8 >"$BASE/initdb.log" 2>&1 ||
     die "initdb failed, see $BASE/initdb.log: $(tail -n 5 "$BASE/initdb.log" 2>/dev/null)"
