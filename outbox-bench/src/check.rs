@@ -7,8 +7,8 @@
 //! Rules (stored with each value in the baseline, so the file explains
 //! itself):
 //! - `exact`: counts that are deterministic (an INSERT per publish, BEGIN and
-//!   COMMIT per transaction, a DELETE per spaced single message, one lease
-//!   UPDATE per row, rows deleted, rows left) must be equal. A change either way fails: an improvement is a deliberate
+//!   COMMIT per transaction, one lease UPDATE per row, rows deleted, rows
+//!   left) must be equal. A change either way fails: an improvement is a deliberate
 //!   baseline update (`--write-baseline`).
 //! - `max`: counts that depend on timing (claims and polls, batched deletes
 //!   that flush early when the buffer runs dry, total round trips) may not
@@ -137,7 +137,9 @@ fn metrics(case: &Case, f: &Finished) -> anyhow::Result<BTreeMap<String, Gated>>
     for (kw, calls) in by_kw {
         let rule = match *kw {
             "insert" | "begin" | "commit" | "rollback" => exact(*calls),
-            "delete" if one_by_one => exact(*calls),
+            // Spaced single messages: a DELETE each. Fewer is fine (two rows
+            // a slow subscriber claimed together share one); more is not.
+            "delete" if one_by_one => loose(*calls, 0.0, 2.0),
             // Deletes are coalesced (terminal_flush_batch_size, early flushes
             // when the buffer runs dry, and the engine may coalesce per-row
             // acks too): timing-dependent.
