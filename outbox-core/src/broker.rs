@@ -200,6 +200,21 @@ impl OutboxBroker {
         self.inner.harness.as_ref().and_then(|h| h.store())
     }
 
+    /// Runs `f` (one of the `*_on` methods) where no caller's transaction
+    /// exists, as in the test harness: with no connection on the in-memory
+    /// backend, else on a pooled connection of its own, in autocommit.
+    #[cfg(feature = "testing")]
+    pub(crate) async fn on_own_conn<T>(
+        &self,
+        f: impl AsyncFnOnce(Option<&mut PgConnection>) -> Result<T>,
+    ) -> Result<T> {
+        if self.memory().is_some() {
+            return f(None).await;
+        }
+        let mut conn = self.pool().acquire().await?;
+        f(Some(&mut *conn)).await
+    }
+
     /// Creates the outbox table (and the dead-letter table, if configured) where
     /// missing. Idempotent.
     pub async fn migrate(&self) -> Result<()> {

@@ -557,17 +557,10 @@ impl TestApp {
         queue: &str,
         opts: &PublishOptions,
     ) -> Result<Option<i64>> {
-        let id = if self.is_memory() {
-            self.broker.publish_on(body, queue, opts, None).await?
-        } else {
-            let mut tx = self.broker.pool().begin().await?;
-            let id = self
-                .broker
-                .publish_on(body, queue, opts, Some(&mut *tx))
-                .await?;
-            tx.commit().await?;
-            id
-        };
+        let b = &self.broker;
+        let id = b
+            .on_own_conn(async |c| b.publish_on(body, queue, opts, c).await)
+            .await?;
         self.delivered().await?;
         Ok(id)
     }
@@ -607,19 +600,10 @@ impl TestApp {
         I: IntoIterator<Item = T>,
         T: Serialize,
     {
-        let n = if self.is_memory() {
-            self.broker
-                .publish_batch_on(bodies, queue, opts, None)
-                .await?
-        } else {
-            let mut tx = self.broker.pool().begin().await?;
-            let n = self
-                .broker
-                .publish_batch_on(bodies, queue, opts, Some(&mut *tx))
-                .await?;
-            tx.commit().await?;
-            n
-        };
+        let b = &self.broker;
+        let n = b
+            .on_own_conn(async |c| b.publish_batch_on(bodies, queue, opts, c).await)
+            .await?;
         self.delivered().await?;
         Ok(n)
     }
@@ -633,12 +617,8 @@ impl TestApp {
     /// # let _ = cancelled; Ok(()) }
     /// ```
     pub async fn cancel_timer(&self, queue: &str, timer_id: &str) -> Result<bool> {
-        if self.is_memory() {
-            return self.broker.cancel_timer_on(queue, timer_id, None).await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .cancel_timer_on(queue, timer_id, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.cancel_timer_on(queue, timer_id, c).await)
             .await
     }
 
@@ -763,12 +743,8 @@ impl TestApp {
     /// # Ok(()) }
     /// ```
     pub async fn rows(&self) -> Result<Vec<OutboxRow>> {
-        if self.is_memory() {
-            return self.broker.fetch_unprocessed_on(None, i64::MAX, None).await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .fetch_unprocessed_on(None, i64::MAX, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.fetch_unprocessed_on(None, i64::MAX, c).await)
             .await
     }
 

@@ -159,10 +159,6 @@ impl StoreOps {
         &self.broker
     }
 
-    fn is_memory(&self) -> bool {
-        self.broker.memory().is_some()
-    }
-
     async fn with_conn<T>(
         &self,
         f: impl AsyncFnOnce(&mut Conn) -> std::result::Result<T, sqlx::Error>,
@@ -208,12 +204,8 @@ impl StoreOps {
         queue: &str,
         opts: &PublishOptions,
     ) -> Result<Option<i64>> {
-        if self.is_memory() {
-            return self.broker.publish_on(body, queue, opts, None).await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .publish_on(body, queue, opts, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.publish_on(body, queue, opts, c).await)
             .await
     }
 
@@ -234,15 +226,8 @@ impl StoreOps {
         I: IntoIterator<Item = T>,
         T: Serialize,
     {
-        if self.is_memory() {
-            return self
-                .broker
-                .publish_batch_on(bodies, queue, opts, None)
-                .await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .publish_batch_on(bodies, queue, opts, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.publish_batch_on(bodies, queue, opts, c).await)
             .await
     }
 
@@ -254,12 +239,8 @@ impl StoreOps {
     /// # Ok(()) }
     /// ```
     pub async fn cancel_timer(&self, queue: &str, timer_id: &str) -> Result<bool> {
-        if self.is_memory() {
-            return self.broker.cancel_timer_on(queue, timer_id, None).await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .cancel_timer_on(queue, timer_id, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.cancel_timer_on(queue, timer_id, c).await)
             .await
     }
 
@@ -421,12 +402,8 @@ impl StoreOps {
     /// # let _ = first; Ok(()) }
     /// ```
     pub async fn unprocessed(&self, queue: Option<&str>, limit: i64) -> Result<Vec<OutboxRow>> {
-        if self.is_memory() {
-            return self.broker.fetch_unprocessed_on(queue, limit, None).await;
-        }
-        let mut conn = self.broker.pool().acquire().await?;
-        self.broker
-            .fetch_unprocessed_on(queue, limit, Some(&mut conn))
+        let b = &self.broker;
+        b.on_own_conn(async |c| b.fetch_unprocessed_on(queue, limit, c).await)
             .await
     }
 
