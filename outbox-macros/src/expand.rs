@@ -12,6 +12,7 @@
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
+use syn::{Attribute, Visibility};
 
 use crate::model::{Conv, Output, Subscriber};
 use crate::parse::AckPolicyArg;
@@ -28,6 +29,18 @@ fn name(name: &str, span: Span) -> Ident {
     Ident::new(name, at(span))
 }
 
+/// The unit struct named like the fn that `App::subscriber(handle {})`
+/// takes (also emitted, inert, when the attribute reported errors).
+pub(crate) fn marker_struct(vis: &Visibility, ident: &Ident, cfgs: &[&Attribute]) -> TokenStream {
+    quote! {
+        #(#cfgs)*
+        #[doc(hidden)]
+        #[allow(non_camel_case_types, dead_code, missing_docs, unreachable_pub)]
+        #[derive(::core::fmt::Debug, ::core::clone::Clone, ::core::marker::Copy)]
+        #vis struct #ident {}
+    }
+}
+
 /// The user's fn followed by the marker struct, the route factory, the
 /// `IntoRoute` impl and the inventory registration.
 pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStream {
@@ -40,15 +53,12 @@ pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStre
 
     let route = builder(model, &paths);
     let handler = handler(model, &paths);
+    let marker = marker_struct(vis, ident, cfgs);
 
     quote! {
         #item
 
-        #(#cfgs)*
-        #[doc(hidden)]
-        #[allow(non_camel_case_types, dead_code, missing_docs, unreachable_pub)]
-        #[derive(::core::fmt::Debug, ::core::clone::Clone, ::core::marker::Copy)]
-        #vis struct #ident {}
+        #marker
 
         #(#cfgs)*
         const _: () = {

@@ -34,14 +34,11 @@ pub(crate) fn subscriber(func: &ItemFn, paths: &Paths, err: syn::Error) -> Token
     let vis = &func.vis;
     let cfgs = crate::model::cfgs(&func);
     let root = paths.root();
+    let marker = crate::expand::marker_struct(vis, ident, &cfgs);
     quote! {
         #func
 
-        #(#cfgs)*
-        #[doc(hidden)]
-        #[allow(non_camel_case_types, dead_code, missing_docs, unreachable_pub)]
-        #[derive(::core::fmt::Debug, ::core::clone::Clone, ::core::marker::Copy)]
-        #vis struct #ident {}
+        #marker
 
         #(#cfgs)*
         const _: () = {
