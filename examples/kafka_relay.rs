@@ -25,8 +25,6 @@ use outbox_core::{
     subscriber,
 };
 use outbox_kafka::KafkaBroker;
-use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use outbox_kafka::rdkafka::client::DefaultClientContext;
 use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use outbox_kafka::rdkafka::message::{Headers as _, Message as _};
 use outbox_kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -175,23 +173,6 @@ fn bootstrap() -> String {
     std::env::var("KAFKA_BOOTSTRAP").unwrap_or_else(|_| "localhost:9092".to_owned())
 }
 
-/// Creates the topic if it does not exist (4 partitions).
-async fn ensure_topic(bootstrap: &str) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let topic = NewTopic::new(TOPIC, 4, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    for result in admin.create_topics([&topic], &opts).await? {
-        if let Err((name, code)) = result
-            && code != outbox_kafka::rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
-        {
-            bail!("cannot create topic {name}: {code}");
-        }
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -215,11 +196,9 @@ async fn main() -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
 
-    let bootstrap = bootstrap();
-    ensure_topic(&bootstrap)
-        .await
-        .with_context(|| format!("preparing topic {TOPIC} on {bootstrap}"))?;
-    let kafka = KafkaBroker::new(bootstrap);
+    let kafka = KafkaBroker::new(bootstrap());
+    // 4 partitions, 1 replica (the local broker is a single node).
+    kafka.ensure_topic(TOPIC, 4, 1).await?;
 
     App::new(outbox.clone())
         .state(Published::default())

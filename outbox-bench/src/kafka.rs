@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use futures_util::future::BoxFuture;
 use outbox_core::{BoxError, OUTBOX_ID, Outgoing, Transport};
 use outbox_kafka::rdkafka::ClientConfig;
-use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
 use outbox_kafka::rdkafka::client::DefaultClientContext;
-use outbox_kafka::rdkafka::types::RDKafkaErrorCode;
 use outbox_kafka::{KafkaBroker, KafkaTransport};
 
 use crate::drain::Progress;
@@ -34,24 +33,10 @@ pub(crate) async fn create_topic(
     topic: &str,
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let admin = admin(bootstrap)?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = tokio::time::timeout(Duration::from_secs(30), admin.create_topics([&new], &opts))
+    KafkaBroker::new(bootstrap)
+        .ensure_topic(topic, partitions, 1)
         .await
-        .with_context(|| {
-            format!(
-                "CreateTopics on {bootstrap} did not answer within 30 s; is the broker up \
-                 (`bash scripts/kafka.sh start`)?"
-            )
-        })?
-        .context("CreateTopics failed")?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => bail!("creating topic {name}: {code}"),
-        }
-    }
+        .context("is the broker up (`bash scripts/kafka.sh start`)?")?;
     Ok(())
 }
 

@@ -320,23 +320,13 @@ impl KafkaBroker {
     /// The result holds secret values in clear and its `Debug` prints them:
     /// do not log it.
     pub fn client_config(&self) -> Result<ClientConfig> {
-        if self.name.trim().is_empty() {
-            return Err(self.invalid("the transport name is empty"));
-        }
-        if self.bootstrap.trim().is_empty() {
-            return Err(self.invalid(
-                "the bootstrap address is empty: pass `host:port[,host:port…]` to KafkaBroker::new",
-            ));
-        }
+        self.check_addressing()?;
         if self.get_message_timeout().is_zero() {
             return Err(self.invalid(
                 "message.timeout.ms is 0, which makes librdkafka retry forever: a publish would \
                  then never fail and its row would stay leased; use a value below the \
                  subscribers' lease_ttl",
             ));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(self.invalid("connect_timeout must be > 0"));
         }
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap)
@@ -350,6 +340,36 @@ impl KafkaBroker {
             c.set(k, v);
         }
         Ok(c)
+    }
+
+    /// The configuration of an admin client: the bootstrap address,
+    /// `client.id` and the [`set`](Self::set) properties (security settings),
+    /// without the producer's typed settings.
+    pub(crate) fn admin_config(&self) -> Result<ClientConfig> {
+        self.check_addressing()?;
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", &self.client_id);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        Ok(c)
+    }
+
+    /// What every client needs: a name, a bootstrap address, a timeout.
+    fn check_addressing(&self) -> Result<()> {
+        if self.name.trim().is_empty() {
+            return Err(self.invalid("the transport name is empty"));
+        }
+        if self.bootstrap.trim().is_empty() {
+            return Err(self.invalid(
+                "the bootstrap address is empty: pass `host:port[,host:port…]` to KafkaBroker::new",
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(self.invalid("connect_timeout must be > 0"));
+        }
+        Ok(())
     }
 
     /// A startup hook that connects (see

@@ -152,6 +152,23 @@ pub enum Error {
         #[source]
         source: Box<KafkaError>,
     },
+
+    /// [`KafkaBroker::ensure_topic`](crate::KafkaBroker::ensure_topic) could
+    /// not create the topic: an invalid name or count (nothing was sent), no
+    /// answer from the cluster, or a refusal (not authorized, replication
+    /// above the number of brokers…).
+    #[error("cannot create Kafka topic {topic:?} on `{bootstrap}`: {reason}")]
+    CreateTopic {
+        /// The topic.
+        topic: String,
+        /// The configured `bootstrap.servers`.
+        bootstrap: String,
+        /// What went wrong and what to check.
+        reason: String,
+        /// The librdkafka error; `None` when the request was not sent.
+        #[source]
+        source: Option<Box<KafkaError>>,
+    },
 }
 
 impl Error {
@@ -171,17 +188,22 @@ impl Error {
             Error::Produce { source, .. } | Error::Delivery { source, .. } => {
                 source.rdkafka_error_code().is_none_or(code_is_retryable)
             }
+            Error::CreateTopic { source, .. } => source
+                .as_deref()
+                .and_then(code_of)
+                .is_some_and(code_is_retryable),
         }
     }
 
-    /// The destination topic, for the variants about one record.
+    /// The destination topic, for the variants about one record or topic.
     pub fn topic(&self) -> Option<&str> {
         match self {
             Error::Produce { topic, .. }
             | Error::DeliveryTimeout { topic, .. }
             | Error::Delivery { topic, .. }
             | Error::Fatal { topic, .. }
-            | Error::Canceled { topic } => Some(topic),
+            | Error::Canceled { topic }
+            | Error::CreateTopic { topic, .. } => Some(topic),
             Error::InvalidConfig { .. } | Error::Unreachable { .. } | Error::Flush { .. } => None,
         }
     }
@@ -189,8 +211,8 @@ impl Error {
     /// The librdkafka error code, if any.
     pub fn rdkafka_error_code(&self) -> Option<RDKafkaErrorCode> {
         match self {
-            Error::InvalidConfig { source, .. } => {
-                source.as_ref().and_then(|e| e.rdkafka_error_code())
+            Error::InvalidConfig { source, .. } | Error::CreateTopic { source, .. } => {
+                source.as_deref().and_then(code_of)
             }
             Error::Unreachable { source, .. }
             | Error::Produce { source, .. }
@@ -200,6 +222,15 @@ impl Error {
             | Error::Flush { source, .. } => source.rdkafka_error_code(),
             Error::Canceled { .. } => None,
         }
+    }
+}
+
+/// The error code of `e`, including that of an admin operation (which
+/// [`KafkaError::rdkafka_error_code`] does not report).
+fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
     }
 }
 

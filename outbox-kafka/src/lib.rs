@@ -99,6 +99,15 @@
 //! subscriber's `lease_ttl`: the lease is not extended while a publish waits,
 //! so a longer wait lets another worker claim the row and produce it again.
 //!
+//! ## Topics
+//!
+//! A cluster with `auto.create.topics.enable=false` (the usual production
+//! setting) refuses records for a topic that does not exist: the publish
+//! fails and the row is retried until the topic appears.
+//! [`KafkaBroker::ensure_topic`] creates a destination topic with your
+//! partition and replication counts when it is missing, for example in a
+//! startup hook before [`KafkaBroker::connect`].
+//!
 //! ## Kafka outages and the dead-letter table
 //!
 //! During an outage librdkafka keeps each record queued and retries on its own
@@ -148,6 +157,7 @@
 //! librdkafka's log lines and client errors are forwarded to `tracing`
 //! (target `librdkafka`, field `transport`).
 
+mod admin;
 mod config;
 mod context;
 mod error;

@@ -12,11 +12,8 @@ use anyhow::{Context as _, bail};
 use outbox_core::retry::ConstantRetry;
 use outbox_core::{App, AppHandle, BoxError, Message, Response, Route};
 use outbox_kafka::KafkaBroker;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 
@@ -61,22 +58,9 @@ pub fn test_kafka(bootstrap: &str) -> KafkaBroker {
 /// Creates `topic` with `partitions` partitions (replication 1); an existing
 /// topic is fine.
 pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating the admin client")?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = tokio::time::timeout(Duration::from_secs(30), admin.create_topics([&new], &opts))
-        .await
-        .context("CreateTopics did not answer within 30 s")?
-        .context("CreateTopics failed")?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => bail!("creating topic {name}: {code}"),
-        }
-    }
+    test_kafka(bootstrap)
+        .ensure_topic(topic, partitions, 1)
+        .await?;
     Ok(())
 }
 

@@ -214,6 +214,70 @@ async fn connect_transport_reports_unreachable_as_retryable() -> R {
     Ok(())
 }
 
+/// `ensure_topic` creates a missing topic with the requested partitions,
+/// leaves an existing one alone, and refuses bad input before sending
+/// anything.
+#[tokio::test]
+async fn ensure_topic_creates_a_missing_topic_once_and_checks_its_input() -> R {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let boot = bootstrap();
+    let _lock = broker_lock(false).await?;
+    let kafka = outbox_kafka::KafkaBroker::new(boot.clone());
+    let topic = support::unique_topic("ensure");
+    let partitions = |topic: String| {
+        let boot = boot.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let c: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &boot)
+                .create()?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            Ok(md.topics().first().map_or(0, |t| t.partitions().len()))
+        })
+    };
+
+    assert!(kafka.ensure_topic(&topic, 3, 1).await?, "created");
+    assert_eq!(partitions(topic.clone()).await??, 3);
+    assert!(!kafka.ensure_topic(&topic, 3, 1).await?, "already there");
+    assert!(!kafka.ensure_topic(&topic, 5, 1).await?, "left as it is");
+    assert_eq!(partitions(topic.clone()).await??, 3);
+
+    for (name, parts, expected) in [
+        ("orders kafka", 1, "contains ' '"),
+        ("", 1, "empty"),
+        ("orders.kafka", 0, "partitions (0)"),
+    ] {
+        let err = kafka
+            .ensure_topic(name, parts, 1)
+            .await
+            .expect_err("invalid input");
+        let text = err.to_string();
+        assert!(
+            matches!(&err, outbox_kafka::Error::CreateTopic { source: None, .. }),
+            "{err:?}"
+        );
+        assert!(text.contains(expected), "{text}");
+        assert!(text.contains(&boot), "names the cluster: {text}");
+        assert!(!err.is_retryable(), "{text}");
+    }
+
+    let t0 = Instant::now();
+    let err = outbox_kafka::KafkaBroker::new("127.0.0.1:1")
+        .connect_timeout(Duration::from_secs(1))
+        .ensure_topic("orders.kafka", 1, 1)
+        .await
+        .expect_err("nothing listens on port 1");
+    println!("unreachable after {:?}: {err}", t0.elapsed());
+    assert!(
+        matches!(err, outbox_kafka::Error::CreateTopic { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.topic(), Some("orders.kafka"));
+    assert!(err.rdkafka_error_code().is_some(), "{err:?}");
+    Ok(())
+}
+
 /// The embedding API: publishes run concurrently (100 records with a 20 ms
 /// linger would take 2 s one after the other), each resolves on its own
 /// delivery report, and `close` flushes.

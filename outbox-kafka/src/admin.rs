@@ -1,0 +1,180 @@
+//! Creating destination topics: [`KafkaBroker::ensure_topic`].
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaBroker;
+use crate::error::{Error, Result};
+
+/// Kafka's limit on topic name length.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// Extra time, past the admin request's own timeout, before we stop waiting.
+const GRACE: Duration = Duration::from_secs(5);
+
+impl KafkaBroker {
+    /// Creates `topic` with `partitions` partitions, each on `replication`
+    /// brokers, unless it exists. Returns `true` when this call created it,
+    /// `false` when it was already there (its partition count is then left
+    /// as it is).
+    ///
+    /// The admin client uses the broker's bootstrap address, `client.id` and
+    /// [`set`](Self::set) properties (so TLS/SASL settings apply), and waits
+    /// at most [`connect_timeout`](Self::connect_timeout) for the cluster.
+    /// Call it before the relay starts when the cluster does not create
+    /// topics on first use (`auto.create.topics.enable=false`, the usual
+    /// production setting), or to choose the partition count.
+    ///
+    /// The name and the counts are checked before anything is sent: a topic
+    /// name is 1 to 249 characters of `a-z A-Z 0-9 . _ -` and is not `.` or
+    /// `..`; both counts are at least 1.
+    ///
+    /// ```no_run
+    /// use outbox_core::{App, AppContext, BoxError, Hook, OutboxBroker};
+    /// use outbox_kafka::KafkaBroker;
+    ///
+    /// # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// let kafka = KafkaBroker::new("localhost:9092");
+    /// let topics = kafka.clone();
+    /// App::new(outbox)
+    ///     .on_startup(Hook::new("topics", move |_: AppContext| async move {
+    ///         topics.ensure_topic("orders.kafka", 6, 3).await?;
+    ///         Ok::<_, BoxError>(())
+    ///     }))
+    ///     .on_startup(kafka.connect())
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<bool> {
+        let fail = |reason: String, source: Option<KafkaError>| Error::CreateTopic {
+            topic: topic.to_owned(),
+            bootstrap: self.bootstrap().to_owned(),
+            reason,
+            source: source.map(Box::new),
+        };
+        if let Err(reason) = check_topic_name(topic) {
+            return Err(fail(reason, None));
+        }
+        if partitions < 1 || replication < 1 {
+            return Err(fail(
+                format!(
+                    "partitions ({partitions}) and replication ({replication}) must both be at \
+                     least 1"
+                ),
+                None,
+            ));
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .admin_config()?
+            .create()
+            .map_err(|e| self.config_error(e))?;
+        let timeout = self.get_connect_timeout();
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let opts = AdminOptions::new()
+            .request_timeout(Some(timeout))
+            .operation_timeout(Some(timeout));
+        let answer =
+            tokio::time::timeout(timeout + GRACE, admin.create_topics([&new], &opts)).await;
+        // Dropping a client joins its background thread: not on the runtime.
+        tokio::task::spawn_blocking(move || drop(admin));
+        let results = match answer {
+            Ok(Ok(results)) => results,
+            Ok(Err(e)) => {
+                return Err(fail(
+                    format!(
+                        "CreateTopics failed ({e}); check that the brokers are reachable within \
+                         {timeout:?} (connect_timeout) and that this client may create topics"
+                    ),
+                    Some(e),
+                ));
+            }
+            Err(_elapsed) => {
+                return Err(fail(
+                    format!(
+                        "no answer to CreateTopics within {:?}; are the brokers reachable?",
+                        timeout + GRACE
+                    ),
+                    Some(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)),
+                ));
+            }
+        };
+        let mut created = false;
+        for result in results {
+            match result {
+                Ok(_) => created = true,
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(fail(
+                        format!("the cluster refused it: {code}"),
+                        Some(KafkaError::AdminOp(code)),
+                    ));
+                }
+            }
+        }
+        if created {
+            tracing::info!(
+                transport = %self.get_name(),
+                topic,
+                partitions,
+                replication,
+                "created Kafka topic"
+            );
+        }
+        Ok(created)
+    }
+}
+
+/// Kafka's own rule for topic names (`Topic.validate` in the Java client).
+fn check_topic_name(topic: &str) -> std::result::Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic name is empty".to_owned());
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("`{topic}` is not a valid topic name"));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "the topic name is {} characters long; Kafka allows at most {MAX_TOPIC_LEN}",
+            topic.len()
+        ));
+    }
+    if let Some(bad) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "the topic name contains {bad:?}; Kafka allows only ASCII letters, digits, '.', '_' \
+             and '-'"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_topic_name;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        for ok in ["orders.kafka", "a", "A-b_c.9", &"x".repeat(249)] {
+            assert_eq!(check_topic_name(ok), Ok(()), "{ok}");
+        }
+        let err = |t: &str| check_topic_name(t).expect_err(t);
+        assert!(err("").contains("empty"));
+        assert!(err(".").contains("not a valid"));
+        assert!(err("..").contains("not a valid"));
+        assert!(err(&"x".repeat(250)).contains("at most 249"));
+        assert!(err("orders kafka").contains("' '"));
+        assert!(err("ordérs").contains("'é'"));
+    }
+}
