@@ -76,7 +76,12 @@ enum Command {
     Sql,
     /// Compare the live tables with what the engine needs; on drift, print
     /// every problem and the DDL that fixes it, and exit with 3.
-    Validate,
+    Validate {
+        /// Also require autovacuum tuned for a queue table on the outbox
+        /// table (scale factors 0, thresholds set; see `outbox autovacuum`).
+        #[arg(long)]
+        autovacuum: bool,
+    },
     /// Per-queue counts: ready, leased, scheduled, oldest ready age (the relay
     /// lag) and dead letters.
     Stats {
@@ -484,10 +489,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate => {
+        Command::Validate { autovacuum } => {
             let pool = connect(&cli).await?;
             let b = broker(pool, &t, true);
-            match b.validate_schema().await {
+            let checks = outbox_core::SchemaChecks::new().autovacuum(*autovacuum);
+            match b.validate_schema_with(checks).await {
                 Ok(()) => {
                     if cli.json {
                         output::print_json(&json!({"ok": true, "problems": [], "fix": ""}))?;

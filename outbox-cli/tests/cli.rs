@@ -143,6 +143,28 @@ async fn migrate_then_validate_and_drift_exits_3() -> R {
     assert_eq!(v["ok"], false);
     assert_eq!(v["problems"].as_array().unwrap().len(), 1);
     assert!(v["fix"].as_str().unwrap().contains("fresh_pending_idx"));
+
+    // --autovacuum: the fresh table is not tuned; `outbox autovacuum`'s DDL fixes it.
+    db.exec(format!(
+        r#"CREATE INDEX "fresh_pending_idx" ON "{}"."fresh" (queue, next_attempt_at, id) WHERE acquired_token IS NULL"#,
+        db.schema
+    ))
+    .await?;
+    assert_eq!(code(&fresh(&["validate"]).await?), 0);
+    let o = fresh(&["validate", "--autovacuum"]).await?;
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("autovacuum_vacuum_scale_factor is unset"),
+        "{}",
+        stdout(&o)
+    );
+    let ddl = stdout(&fresh(&["autovacuum"]).await?);
+    assert!(ddl.contains("ALTER TABLE"), "{ddl}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+        .execute(&db.pool)
+        .await?;
+    let o = fresh(&["validate", "--autovacuum"]).await?;
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
     Ok(())
 }
 

@@ -234,7 +234,33 @@ impl OutboxBroker {
     /// with the DDL that fixes it. Not run by `migrate` or the engine: call it
     /// from a startup hook or a health check.
     pub async fn validate_schema(&self) -> Result<()> {
-        crate::schema::validate(&self.inner.pool, &self.inner.table, self.inner.dlq.as_ref()).await
+        self.validate_schema_with(crate::SchemaChecks::new()).await
+    }
+
+    /// [`validate_schema`](Self::validate_schema) plus the optional checks in
+    /// `checks`: with [`SchemaChecks::autovacuum`](crate::SchemaChecks::autovacuum),
+    /// also that autovacuum is tuned for a queue table on the outbox table
+    /// (reported as drift, with the `ALTER TABLE … SET (…)` that fixes it).
+    ///
+    /// ```no_run
+    /// use outbox_core::{OutboxBroker, SchemaChecks};
+    ///
+    /// # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// if let Err(outbox_core::Error::SchemaDrift(drift)) =
+    ///     outbox.validate_schema_with(SchemaChecks::new().autovacuum(true)).await
+    /// {
+    ///     eprintln!("{drift}"); // every problem, then the DDL that fixes them
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn validate_schema_with(&self, checks: crate::SchemaChecks) -> Result<()> {
+        crate::schema::validate(
+            &self.inner.pool,
+            &self.inner.table,
+            self.inner.dlq.as_ref(),
+            checks,
+        )
+        .await
     }
 
     /// Inserts one row on the caller's connection or transaction (`&mut *tx`)

@@ -46,7 +46,7 @@ pub use message::{AckPolicy, FailureReason, Message, Outcome};
 pub use publish::{MAX_NAME_CHARS, PublishOptions, TimerConflict};
 pub use retry::RetryStrategy;
 pub use row::OutboxRow;
-pub use schema::SchemaDrift;
+pub use schema::{SchemaChecks, SchemaDrift};
 pub use subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};
 

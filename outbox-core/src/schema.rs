@@ -115,6 +115,93 @@ impl fmt::Display for SchemaDrift {
     }
 }
 
+/// What [`OutboxBroker::validate_schema_with`](crate::OutboxBroker::validate_schema_with)
+/// checks besides the tables' structure.
+///
+/// ```
+/// use outbox_core::SchemaChecks;
+///
+/// let checks = SchemaChecks::new().autovacuum(true);
+/// assert!(checks.get_autovacuum());
+/// assert!(!SchemaChecks::default().get_autovacuum());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchemaChecks {
+    autovacuum: bool,
+}
+
+impl SchemaChecks {
+    /// The structure only (what [`validate_schema`](crate::OutboxBroker::validate_schema) checks).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also check that autovacuum is tuned for a queue table on the outbox
+    /// table (faststream-outbox's `check_autovacuum=True`): the scale factors
+    /// `autovacuum_vacuum_scale_factor` and
+    /// `autovacuum_vacuum_insert_scale_factor` set to 0, the two thresholds
+    /// set (any value), and autovacuum not disabled on the table. The fix is
+    /// [`ops::autovacuum_sql`](crate::ops::autovacuum_sql) with its defaults.
+    pub fn autovacuum(mut self, on: bool) -> Self {
+        self.autovacuum = on;
+        self
+    }
+
+    /// Whether the autovacuum settings are checked.
+    pub fn get_autovacuum(&self) -> bool {
+        self.autovacuum
+    }
+}
+
+/// The settings [`crate::ops::autovacuum_sql`] writes: (name, must be 0).
+const AUTOVACUUM_SETTINGS: [(&str, bool); 4] = [
+    ("autovacuum_vacuum_scale_factor", true),
+    ("autovacuum_vacuum_threshold", false),
+    ("autovacuum_vacuum_insert_scale_factor", true),
+    ("autovacuum_vacuum_insert_threshold", false),
+];
+
+/// What is wrong with a table's autovacuum storage parameters
+/// (`pg_class.reloptions`, `key=value` strings) for a queue table; empty when
+/// they are tuned.
+fn autovacuum_findings(reloptions: &[String]) -> Vec<String> {
+    let get = |key: &str| {
+        reloptions.iter().find_map(|o| {
+            let (k, v) = o.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
+    };
+    let mut findings = Vec::new();
+    if let Some(v) = get("autovacuum_enabled")
+        && matches!(
+            v.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    {
+        findings.push(format!(
+            "autovacuum is disabled on it (autovacuum_enabled = {v}): dead tuples from every \
+             claim and delete pile up until a manual VACUUM"
+        ));
+    }
+    for (key, zero) in AUTOVACUUM_SETTINGS {
+        match get(key) {
+            None if zero => findings.push(format!(
+                "{key} is unset (want 0): autovacuum then waits until 20% of the table is dead \
+                 tuples, and claims slow down as they pile up"
+            )),
+            None => findings.push(format!(
+                "{key} is unset (want an absolute row count, e.g. 1000, with the scale factor at 0)"
+            )),
+            Some(v) if zero && v.parse::<f64>() != Ok(0.0) => {
+                findings.push(format!("{key} is {v}, not 0"));
+            }
+            Some(_) => {}
+        }
+    }
+    findings
+}
+
 /// Lowercase, parentheses dropped, whitespace collapsed.
 fn normalize(expr: &str) -> String {
     expr.to_ascii_lowercase()
@@ -362,9 +449,42 @@ pub(crate) async fn validate(
     pool: &PgPool,
     table: &OutboxTable,
     dlq: Option<&DlqTable>,
+    checks: SchemaChecks,
 ) -> Result<()> {
     let mut problems = Vec::new();
     let mut fix = Vec::new();
+    if checks.autovacuum {
+        // `None`: no such table (reported below with its DDL).
+        let reloptions: Option<Option<Vec<String>>> = sqlx::query_scalar(
+            "SELECT reloptions::text[] FROM pg_class WHERE oid = to_regclass($1)",
+        )
+        .bind(table.qualified_name())
+        .fetch_optional(pool)
+        .await?;
+        if let Some(reloptions) = reloptions {
+            let findings = autovacuum_findings(&reloptions.unwrap_or_default());
+            if !findings.is_empty() {
+                let qualified = table.qualified_name();
+                problems.extend(
+                    findings
+                        .iter()
+                        .map(|f| format!("outbox table {qualified}: autovacuum not tuned: {f}")),
+                );
+                if findings
+                    .iter()
+                    .any(|f| f.starts_with("autovacuum is disabled"))
+                {
+                    fix.push(format!(
+                        "ALTER TABLE {qualified} RESET (autovacuum_enabled);"
+                    ));
+                }
+                fix.push(format!(
+                    "{};",
+                    crate::ops::autovacuum_sql(table, crate::ops::AutovacuumOptions::default())
+                ));
+            }
+        }
+    }
     let outbox = Spec {
         what: "outbox table",
         schema: table.schema_name(),
@@ -400,7 +520,40 @@ pub(crate) async fn validate(
 
 #[cfg(test)]
 mod tests {
-    use super::normalize;
+    use super::{autovacuum_findings, normalize};
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn autovacuum_findings_follow_the_tuning_rules() {
+        let tuned = opts(&[
+            "autovacuum_vacuum_scale_factor=0",
+            "autovacuum_vacuum_threshold=1000",
+            "autovacuum_vacuum_insert_scale_factor=0.0",
+            "autovacuum_vacuum_insert_threshold=50000",
+            "fillfactor=90",
+        ]);
+        assert!(autovacuum_findings(&tuned).is_empty());
+
+        let untuned = autovacuum_findings(&[]);
+        assert_eq!(untuned.len(), 4, "{untuned:?}");
+        assert!(untuned[0].starts_with("autovacuum_vacuum_scale_factor is unset (want 0)"));
+        assert!(untuned[1].starts_with("autovacuum_vacuum_threshold is unset"));
+
+        let mut wrong = tuned.clone();
+        wrong[0] = "autovacuum_vacuum_scale_factor=0.2".to_owned();
+        wrong.push("autovacuum_enabled=false".to_owned());
+        let f = autovacuum_findings(&wrong);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].starts_with("autovacuum is disabled on it (autovacuum_enabled = false)"));
+        assert_eq!(f[1], "autovacuum_vacuum_scale_factor is 0.2, not 0");
+
+        let mut on = tuned;
+        on.push("autovacuum_enabled=true".to_owned());
+        assert!(autovacuum_findings(&on).is_empty());
+    }
 
     #[test]
     fn predicates_normalize_like_pg_get_expr_output() {

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use outbox_core::{DlqTable, Error, OutboxBroker, OutboxTable};
+use outbox_core::{DlqTable, Error, OutboxBroker, OutboxTable, SchemaChecks};
 use tests::{TestDb, suffix};
 
 type R = anyhow::Result<()>;
@@ -180,6 +180,89 @@ async fn the_dead_letter_table_is_checked_too() -> R {
     Ok(())
 }
 
+/// `SchemaChecks::autovacuum` (faststream-outbox's `check_autovacuum`):
+/// an untuned table is drift, with `autovacuum_sql` as the fix; any
+/// threshold is fine once the scale factors are 0; the default check ignores
+/// autovacuum entirely.
+#[tokio::test]
+async fn autovacuum_tuning_is_checked_on_request() -> R {
+    let db = TestDb::new().await?;
+    let with_av = SchemaChecks::new().autovacuum(true);
+    // A fresh table has PostgreSQL's defaults: fine for the structure…
+    db.broker.validate_schema().await?;
+    // …but not tuned.
+    let d = match db.broker.validate_schema_with(with_av).await {
+        Err(Error::SchemaDrift(d)) => d,
+        other => panic!("expected drift, got {other:?}"),
+    };
+    assert_eq!(d.problems.len(), 4, "{d}");
+    assert!(
+        d.problems[0].contains("autovacuum not tuned")
+            && d.problems[0].contains("autovacuum_vacuum_scale_factor is unset (want 0)"),
+        "{d}"
+    );
+    let expected_fix = format!(
+        "{};",
+        outbox_core::ops::autovacuum_sql(&db.table, Default::default())
+    );
+    assert_eq!(d.fix, expected_fix);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(d.fix.clone()))
+        .execute(&db.pool)
+        .await?;
+    db.broker.validate_schema_with(with_av).await?;
+
+    // Custom thresholds are fine; a non-zero scale factor or a disabled
+    // autovacuum is not.
+    db.exec(format!(
+        "ALTER TABLE {} SET (autovacuum_vacuum_threshold = 5000, \
+         autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_enabled = false)",
+        db.t()
+    ))
+    .await?;
+    let d = match db.broker.validate_schema_with(with_av).await {
+        Err(Error::SchemaDrift(d)) => d,
+        other => panic!("expected drift, got {other:?}"),
+    };
+    assert_eq!(d.problems.len(), 2, "{d}");
+    assert!(
+        d.problems[0].contains("autovacuum is disabled on it"),
+        "{d}"
+    );
+    assert!(
+        d.problems[1].contains("autovacuum_vacuum_insert_scale_factor is 0.05, not 0"),
+        "{d}"
+    );
+    assert!(d.fix.contains("RESET (autovacuum_enabled)"), "{d}");
+    fix_and_recheck(&db, &d).await?;
+    db.broker.validate_schema_with(with_av).await?;
+    // Without the option, an untuned table passes.
+    db.exec(format!(
+        "ALTER TABLE {} RESET (autovacuum_vacuum_scale_factor)",
+        db.t()
+    ))
+    .await?;
+    db.broker.validate_schema().await?;
+    assert!(db.broker.validate_schema_with(with_av).await.is_err());
+
+    // Structure and autovacuum problems are reported together.
+    db.exec(format!(
+        "DROP INDEX \"{}\".\"{}_leased_idx\"",
+        db.schema,
+        db.table.name()
+    ))
+    .await?;
+    let d = match db.broker.validate_schema_with(with_av).await {
+        Err(Error::SchemaDrift(d)) => d,
+        other => panic!("expected drift, got {other:?}"),
+    };
+    assert_eq!(d.problems.len(), 2, "{d}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(d.fix.clone()))
+        .execute(&db.pool)
+        .await?;
+    db.broker.validate_schema_with(with_av).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn the_app_can_refuse_to_start_on_drift() -> R {
     use outbox_core::{App, Message, Route};
@@ -202,6 +285,30 @@ async fn the_app_can_refuse_to_start_on_drift() -> R {
     assert!(
         err.to_string().contains("acquired_token IS NOT NULL"),
         "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_app_can_refuse_to_start_on_untuned_autovacuum() -> R {
+    use outbox_core::{App, Message, Route};
+    let db = TestDb::new().await?;
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .validate_schema_at_startup_with(SchemaChecks::new().autovacuum(true))
+        .subscriber(Route::builder(["q"]).handler(|_m: Message, _c| async {}))
+        .run()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaDrift(_)), "{err}");
+    assert!(err.to_string().contains("autovacuum not tuned"), "{err}");
+    // Nothing was consumed or changed: the table is still untuned.
+    assert!(
+        db.broker
+            .validate_schema_with(SchemaChecks::new().autovacuum(true))
+            .await
+            .is_err()
     );
     Ok(())
 }

@@ -89,7 +89,7 @@ pub struct App {
     after_shutdown: Vec<Hook>,
     pending: Vec<Error>,
     signals: bool,
-    validate_schema: bool,
+    validate_schema: Option<crate::SchemaChecks>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
 }
@@ -136,7 +136,7 @@ impl App {
             after_shutdown: Vec::new(),
             pending: Vec::new(),
             signals: true,
-            validate_schema: false,
+            validate_schema: None,
             #[cfg(feature = "prometheus")]
             prometheus: None,
         }
@@ -184,8 +184,16 @@ impl App {
 
     /// Checks the live tables with [`OutboxBroker::validate_schema`] before
     /// anything runs; a drift aborts startup with the fix to apply.
-    pub fn validate_schema_at_startup(mut self) -> Self {
-        self.validate_schema = true;
+    pub fn validate_schema_at_startup(self) -> Self {
+        self.validate_schema_at_startup_with(crate::SchemaChecks::new())
+    }
+
+    /// [`validate_schema_at_startup`](Self::validate_schema_at_startup) with
+    /// the optional checks of [`SchemaChecks`](crate::SchemaChecks), e.g.
+    /// `SchemaChecks::new().autovacuum(true)` to refuse to start on an outbox
+    /// table whose autovacuum is not tuned.
+    pub fn validate_schema_at_startup_with(mut self, checks: crate::SchemaChecks) -> Self {
+        self.validate_schema = Some(checks);
         self
     }
 
@@ -246,8 +254,8 @@ impl App {
         }
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
-        if self.validate_schema {
-            ctx.broker().validate_schema().await?;
+        if let Some(checks) = self.validate_schema {
+            ctx.broker().validate_schema_with(checks).await?;
         }
         for hook in std::mem::take(&mut self.on_startup) {
             run_hook("on_startup", hook, &ctx).await?;
