@@ -134,6 +134,9 @@ fn metrics(case: &Case, f: &Finished) -> anyhow::Result<BTreeMap<String, Gated>>
     // Spaced single publishes: each row is claimed and acked on its own.
     let one_by_one = matches!(case, Case::Latency(_));
     let mut m = BTreeMap::new();
+    // What the statements may add up to when each kind stays within its own
+    // allowance: the bound of `calls.total`.
+    let mut total_allowed = 0.0;
     for (kw, calls) in by_kw {
         let rule = match *kw {
             "insert" | "begin" | "commit" | "rollback" => exact(*calls),
@@ -148,16 +151,30 @@ fn metrics(case: &Case, f: &Finished) -> anyhow::Result<BTreeMap<String, Gated>>
             "with" | "select" | "update" => loose(*calls, 0.5, 10.0),
             _ => loose(*calls, 0.5, 3.0),
         };
+        total_allowed += max_allowed(&rule);
         m.insert(format!("calls.{kw}"), rule);
     }
     if let Some(c) = d.calls {
-        m.insert("calls.total".into(), loose(c, 0.25, 10.0));
+        // The total may grow by what its parts may (deletes and claims vary
+        // with timing, e.g. when other work shares the cores and fewer acks
+        // coalesce), not less: a tighter total would fail runs in which every
+        // statement kind is within its own bound.
+        let slack = (total_allowed - c as f64).max(10.0).ceil();
+        m.insert("calls.total".into(), loose(c, 0.0, slack));
     }
     m.insert("tuples.inserted".into(), exact(d.tup_ins));
     m.insert("tuples.updated".into(), exact(d.tup_upd));
     m.insert("tuples.deleted".into(), exact(d.tup_del));
     m.insert("rows_left".into(), exact(f.rows_left));
     Ok(m)
+}
+
+/// The largest value `g` allows (`Exact`: the value itself).
+fn max_allowed(g: &Gated) -> f64 {
+    match g.rule {
+        Rule::Exact => g.value as f64,
+        Rule::Max { rel, abs } => g.value as f64 * (1.0 + rel) + abs,
+    }
 }
 
 fn allowed(g: &Gated) -> String {
