@@ -203,11 +203,11 @@ impl OutboxBroker {
     /// Runs `f` (one of the `*_on` methods) where no caller's transaction
     /// exists, as in the test harness: with no connection on the in-memory
     /// backend, else on a pooled connection of its own, in autocommit.
-    #[cfg(feature = "testing")]
     pub(crate) async fn on_own_conn<T>(
         &self,
         f: impl AsyncFnOnce(Option<&mut PgConnection>) -> Result<T>,
     ) -> Result<T> {
+        #[cfg(feature = "testing")]
         if self.memory().is_some() {
             return f(None).await;
         }

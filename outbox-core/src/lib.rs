@@ -34,8 +34,8 @@ pub mod testing;
 pub use app::transport;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, Hook, IntoHook, IntoReply, IntoRoute, Location,
-    MemoryTransport, OUTBOX_ID, Outgoing, PublishTarget, Reply, Requirement, Response, Route,
-    RouteBuilder, RouteCall, State, Transport,
+    MemoryTransport, OUTBOX_ID, OUTBOX_TRANSPORT, OutboxTransport, Outgoing, PublishTarget, Reply,
+    Requirement, Response, Route, RouteBuilder, RouteCall, State, Transport,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};

@@ -135,7 +135,7 @@ impl KafkaBroker {
 }
 
 /// Kafka's own rule for topic names (`Topic.validate` in the Java client).
-fn check_topic_name(topic: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_topic_name(topic: &str) -> std::result::Result<(), String> {
     if topic.is_empty() {
         return Err("the topic name is empty".to_owned());
     }

@@ -301,6 +301,13 @@ impl Transport for KafkaTransport {
         Some(self.inner.message_timeout)
     }
 
+    /// Kafka's topic name rules (1 to 249 characters of `a-z A-Z 0-9 . _ -`,
+    /// not `.` or `..`): a bad name in `#[publish_to]` fails `App::run`
+    /// instead of every publish.
+    fn check_destination(&self, destination: &str) -> Result<(), String> {
+        crate::admin::check_topic_name(destination)
+    }
+
     /// Flushes queued records (bounded by the flush timeout).
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
         let this = self.clone();

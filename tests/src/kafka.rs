@@ -7,7 +7,7 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{TestDb, captured, wait_until};
+use crate::{TestDb, captured};
 use anyhow::{Context as _, bail};
 use outbox_core::retry::ConstantRetry;
 use outbox_core::{App, AppHandle, BoxError, Message, Response, Route};
@@ -308,11 +308,6 @@ pub async fn publish(
     }
     tx.commit().await?;
     Ok(ids)
-}
-
-/// Waits until the outbox table is empty.
-pub async fn drained(db: &TestDb, timeout: Duration) -> bool {
-    wait_until(timeout, || async { db.count().await.unwrap() == 0 }).await
 }
 
 /// "outbox handler failed; retrying" warnings of `queue`, with their text.

@@ -119,6 +119,11 @@ impl TestDb {
             .rows_affected())
     }
 
+    /// Waits up to `timeout` for the outbox table to be empty; whether it is.
+    pub async fn drained(&self, timeout: std::time::Duration) -> bool {
+        wait_until(timeout, || async { self.count().await.unwrap() == 0 }).await
+    }
+
     /// `SELECT count(*)` of the outbox table.
     pub async fn count(&self) -> anyhow::Result<i64> {
         self.scalar(format!("SELECT count(*) FROM {}", self.t()))

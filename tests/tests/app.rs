@@ -91,12 +91,7 @@ async fn the_seed_snippet_relays_a_row_to_the_transport() -> R {
         !m.headers.contains_key("x-tenant"),
         "no propagation by default"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(5)).await);
     stop.shutdown();
     run.await??;
     assert!(kafka.is_closed());
@@ -261,12 +256,7 @@ async fn handler_errors_and_transport_failures_are_retried() -> R {
     assert_eq!(got[0].headers["x-tenant"], "acme", "propagated");
     assert_eq!(got[0].headers["x-explicit"], "yes", "explicit wins");
     assert_eq!(got[0].headers["outbox-id"], id.to_string());
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(5)).await);
     stop.shutdown();
     run.await??;
     Ok(())
@@ -481,5 +471,101 @@ async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
         ))
         .await?;
     assert_eq!(claimed, 0);
+    Ok(())
+}
+
+/// `App::outbox_transport()`: a handler's result published to `outbox`
+/// becomes a row of the next queue, with the result's encoding, the
+/// correlation id and the headers, but its own `outbox-id`; the next handler
+/// receives it; both tables end empty.
+#[tokio::test]
+async fn results_published_to_the_outbox_transport_chain_queues() -> R {
+    let db = TestDb::new().await?;
+    // (amount, correlation id, x-stage header, outbox-id header)
+    type Seen = Vec<(i64, String, Option<String>, Option<String>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let bill = fast(Route::builder(["orders"]))
+        .name("bill")
+        .publish_to("outbox", "invoices")
+        .handler(|msg: Message, _ctx: AppContext| async move {
+            let order: i64 = msg.decode()?;
+            Ok::<_, BoxError>(Response::new(order * 100).header("x-stage", "billed"))
+        });
+    let send = {
+        let seen = seen.clone();
+        fast(Route::builder(["invoices"])).name("send").handler(
+            move |msg: Message, _ctx: AppContext| {
+                let seen = seen.clone();
+                async move {
+                    let amount: i64 = msg.decode()?;
+                    seen.lock().unwrap().push((
+                        amount,
+                        msg.correlation_id().to_owned(),
+                        msg.headers().get("x-stage").cloned(),
+                        msg.headers().get("outbox-id").cloned(),
+                    ));
+                    Ok::<_, BoxError>(())
+                }
+            },
+        )
+    };
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .outbox_transport()
+        .subscriber(bill)
+        .subscriber(send)
+        .after_startup(publish_one);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            !seen.lock().unwrap().is_empty()
+        })
+        .await,
+        "the follow-on row was not handled"
+    );
+    assert!(db.drained(Duration::from_secs(5)).await);
+    stop.shutdown();
+    run.await??;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (amount, corr, stage, outbox_id) = &seen[0];
+    assert_eq!(*amount, 100);
+    assert_eq!(corr, "corr-1", "the correlation id carries over");
+    assert_eq!(stage.as_deref(), Some("billed"));
+    assert_eq!(outbox_id, &None, "the inbound row id is not copied");
+    Ok(())
+}
+
+/// A destination the transport refuses (here an empty queue name for the
+/// outbox transport) fails `App::run` before anything is consumed.
+#[tokio::test]
+async fn a_destination_the_transport_refuses_fails_startup() -> R {
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&1_i64, "orders", &mut *tx).await?;
+    tx.commit().await?;
+    let route = fast(Route::builder(["orders"]))
+        .publish_to("outbox", "")
+        .handler(|msg: Message, _ctx: AppContext| async move {
+            Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+        });
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .outbox_transport()
+        .subscriber(route)
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("transport `outbox`"), "{err}");
+    assert!(err.contains("queue must be a non-empty string"), "{err}");
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+    let deliveries = db
+        .scalar(format!("SELECT deliveries_count::bigint FROM {}", db.t()))
+        .await?;
+    assert_eq!(deliveries, 0);
     Ok(())
 }

@@ -223,12 +223,7 @@ async fn no_dead_letter_table_means_terminal_rows_are_deleted() -> R {
     let e = Engine::new(broker).subscriber(sub);
     e.start().await?;
     publish_n(&db, "q", 3).await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     assert_eq!(db.dlq_count().await?, 0);
     Ok(())
@@ -344,12 +339,7 @@ async fn max_deliveries_goes_terminal_without_running_the_handler() -> R {
     let ok = db.broker.publish(&2, "q", &mut conn).await?.unwrap();
     let e = engine(&db, vec![sub]);
     e.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     assert_eq!(calls.load(Ordering::SeqCst), 1, "only the healthy row ran");
     let rows = dlq_rows(&db).await?;
@@ -563,12 +553,7 @@ async fn batched_acks_delete_everything_in_few_statements() -> R {
     let e = engine(&db, vec![sub]);
     e.start().await?;
     publish_n(&db, "q", 1000).await?;
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(20)).await);
     e.stop().await;
     assert_eq!(seen.len(), 1000);
     Ok(())
@@ -592,12 +577,7 @@ async fn batched_terminals_without_dlq_are_deleted_and_partial_batches_flush_whe
     let e = Engine::new(broker).subscriber(sub);
     e.start().await?;
     publish_n(&db, "q", 30).await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     Ok(())
 }
@@ -681,12 +661,7 @@ async fn two_engines_drain_twenty_thousand_rows_without_double_handling() -> R {
     let b = engine(&db, vec![mk("b")?]);
     a.start().await?;
     b.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(120), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(120)).await);
     a.stop().await;
     b.stop().await;
     let counts = counts.lock().unwrap();
@@ -735,12 +710,7 @@ async fn a_crash_mid_batch_loses_nothing() -> R {
     assert!(leased > 0, "the crash left leased rows behind");
     let second = engine(&db, vec![mk(false)?]);
     second.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(30)).await);
     second.stop().await;
     assert_eq!(db.dlq_count().await?, 0);
     assert_eq!(
@@ -795,12 +765,7 @@ async fn graceful_stop_releases_unstarted_rows_for_immediate_pickup() -> R {
     );
     let t = Instant::now();
     b.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     assert!(
         t.elapsed() < Duration::from_secs(60),
         "picked up at once, not after the lease"
@@ -978,12 +943,7 @@ async fn deliveries_survive_killed_connections_mid_run() -> R {
             .await?;
     }
     assert!(kills >= 3, "connections were killed ({kills})");
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(60)).await);
     assert!(e.ping(Duration::from_secs(5)).await, "loops reconnected");
     e.stop().await;
     assert_eq!(handled.lock().unwrap().len(), 1500, "every row delivered");
@@ -1045,12 +1005,7 @@ async fn expired_leases_are_reclaimed_in_fifo_order_and_counted() -> R {
     })?;
     let e = engine(&db, vec![sub]);
     e.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     assert_eq!(
         *seen.lock().unwrap(),
@@ -1136,12 +1091,7 @@ async fn batched_deletes_flush_at_half_a_lease_when_the_buffer_never_empties() -
         .await,
         "rows are deleted while the run goes on"
     );
-    assert!(
-        wait_until(Duration::from_secs(15), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(15)).await);
     e.stop().await;
     let counts = counts.lock().unwrap();
     assert_eq!(counts.len(), 10);

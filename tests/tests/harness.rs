@@ -218,6 +218,7 @@ async fn discovery_registers_every_subscriber_of_the_binary() -> R {
     let kafka = test_kafka();
     let app = TestApp::builder()
         .transport(kafka.clone())
+        .outbox_transport() // for `bill`
         .state(Seen::default())
         .start()
         .await?;
@@ -509,5 +510,41 @@ async fn stored_rows_are_copies() -> R {
     assert!(app.is_memory());
     assert!(app.clock().is_some());
     app.stop().await?;
+    Ok(())
+}
+
+#[publish_to(outbox, "harness.invoices")]
+#[subscriber("harness.bills")]
+async fn bill(order_id: i64) -> i64 {
+    order_id * 100
+}
+
+#[subscriber("harness.invoices")]
+async fn invoice(_amount: i64) {}
+
+/// Queue chaining in memory: `#[publish_to(outbox, ..)]` with
+/// `outbox_transport()` writes the result into the harness's own outbox,
+/// where the next handler takes it, as on PostgreSQL.
+#[tokio::test]
+async fn results_published_to_the_outbox_chain_queues_in_memory() -> R {
+    let app = TestApp::builder()
+        .without_discovery()
+        .subscriber(bill {})
+        .subscriber(invoice {})
+        .outbox_transport()
+        .start()
+        .await?;
+    app.publish_with(
+        &3_i64,
+        "harness.bills",
+        &PublishOptions::new().correlation_id("c-9"),
+    )
+    .await?;
+    app.settle().await?;
+    assert_eq!(app.handled_bodies::<i64>("harness.bills")?, [3]);
+    assert_eq!(app.handled_bodies::<i64>("harness.invoices")?, [300]);
+    let row = &app.handled("harness.invoices")[0];
+    assert_eq!(row.correlation_id(), "c-9");
+    assert!(!row.headers.contains_key("outbox-id"), "{:?}", row.headers);
     Ok(())
 }

@@ -110,10 +110,7 @@ async fn relays_committed_rows_with_keys_and_headers_and_nothing_else() -> R {
         reader.records.len()
     );
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await,
+        db.drained(Duration::from_secs(10)).await,
         "rows left in the table: {}",
         db.count().await?
     );
@@ -414,10 +411,7 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
 
     let relay = Relay::spawn(&db, &topic, &boot)?;
     assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await,
+        db.drained(Duration::from_secs(60)).await,
         "rows left after the restart: {}",
         db.count().await?
     );

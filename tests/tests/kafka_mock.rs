@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use support::{Relay, drained, publish, read_back, retries_of, test_kafka};
+use support::{Relay, publish, read_back, retries_of, test_kafka};
 use tests::{TestDb, wait_until};
 
 type R = anyhow::Result<()>;
@@ -39,7 +39,7 @@ async fn brokers_down_longer_than_the_message_timeout_are_ridden_out_by_retries(
     let relay = Relay::start(&db, queue, topic, kafka);
     let mut ids: BTreeSet<i64> = publish(&db, queue, 0..10).await?.into_iter().collect();
     assert!(
-        drained(&db, Duration::from_secs(20)).await,
+        db.drained(Duration::from_secs(20)).await,
         "first rows not relayed"
     );
 
@@ -77,7 +77,7 @@ async fn brokers_down_longer_than_the_message_timeout_are_ridden_out_by_retries(
     let outage = down_at.elapsed();
 
     assert!(
-        drained(&db, Duration::from_secs(30)).await,
+        db.drained(Duration::from_secs(30)).await,
         "rows left after the brokers came back"
     );
     assert_eq!(db.dlq_count().await?, 0);
@@ -126,7 +126,7 @@ async fn retriable_produce_errors_are_retried_by_the_producer() -> R {
     let kafka = test_kafka(&bootstrap).set("reconnect.backoff.max.ms", "200");
     let relay = Relay::start(&db, queue, topic, kafka);
     let ids: BTreeSet<i64> = publish(&db, queue, 0..40).await?.into_iter().collect();
-    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert!(db.drained(Duration::from_secs(30)).await, "rows left");
     assert_eq!(db.dlq_count().await?, 0);
     let per_id = read_back(&bootstrap, topic, &ids).await?;
     assert!(
@@ -156,7 +156,7 @@ async fn permanent_produce_errors_nack_the_row_and_the_strategy_retries_it() -> 
     let relay = Relay::start(&db, queue, topic, kafka);
     // Warm up (producer id, metadata) before injecting.
     let mut ids: BTreeSet<i64> = publish(&db, queue, 0..1).await?.into_iter().collect();
-    assert!(drained(&db, Duration::from_secs(20)).await);
+    assert!(db.drained(Duration::from_secs(20)).await);
     mock.request_errors(
         RDKafkaApiKey::Produce,
         &[
@@ -165,7 +165,7 @@ async fn permanent_produce_errors_nack_the_row_and_the_strategy_retries_it() -> 
         ],
     );
     ids.extend(publish(&db, queue, 1..6).await?);
-    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert!(db.drained(Duration::from_secs(30)).await, "rows left");
     assert_eq!(db.dlq_count().await?, 0);
     let warnings = retries_of(queue);
     assert!(
@@ -206,10 +206,10 @@ async fn an_unusable_producer_is_replaced(
     let relay = Relay::start(&db, queue, &topic, kafka);
     // Warm up (producer id, metadata) before injecting.
     let mut ids: BTreeSet<i64> = publish(&db, queue, 0..1).await?.into_iter().collect();
-    assert!(drained(&db, Duration::from_secs(20)).await);
+    assert!(db.drained(Duration::from_secs(20)).await);
     mock.request_errors(RDKafkaApiKey::Produce, &[error]);
     ids.extend(publish(&db, queue, 1..6).await?);
-    assert!(drained(&db, Duration::from_secs(30)).await, "rows left");
+    assert!(db.drained(Duration::from_secs(30)).await, "rows left");
     assert_eq!(db.dlq_count().await?, 0);
     let warnings = retries_of(queue);
     assert!(
@@ -273,5 +273,38 @@ async fn a_missing_topic_fails_the_publish_with_a_retryable_error() -> R {
     assert!(err.to_string().contains("no.such.topic"), "{err}");
     outbox_core::Transport::close(&kafka).await.unwrap();
     println!("refused after {:?}: {err}", t0.elapsed());
+    Ok(())
+}
+
+/// The Kafka transport refuses topic names Kafka would refuse, so a typo in
+/// `#[publish_to(kafka, "...")]` fails `App::run` instead of every publish.
+#[tokio::test]
+async fn the_kafka_transport_checks_topic_names_at_startup() -> R {
+    use outbox_core::{App, BoxError, Message, Response, Route, Transport};
+    let mock = MockCluster::new(1)?;
+    let kafka = test_kafka(&mock.bootstrap_servers())
+        .connect_transport()
+        .await?;
+    assert_eq!(kafka.check_destination("orders.kafka"), Ok(()));
+    let err = kafka.check_destination("orders kafka").unwrap_err();
+    assert!(err.contains("' '"), "{err}");
+    assert!(kafka.check_destination("").is_err());
+
+    let db = TestDb::new().await?;
+    let route = Route::builder(["orders"])
+        .publish_to("kafka", "orders/kafka")
+        .handler(|msg: Message, _ctx| async move {
+            Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+        });
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(kafka)
+        .subscriber(route)
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("orders/kafka") && err.contains("'/'"), "{err}");
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{
-    Paused, Relay, bootstrap, broker_lock, create_topic, drained, kafka_sh, read_back, retries_of,
+    Paused, Relay, bootstrap, broker_lock, create_topic, kafka_sh, read_back, retries_of,
     test_kafka,
 };
 use tests::{TestDb, wait_until};
@@ -91,7 +91,7 @@ async fn a_broker_hang_shorter_than_the_message_timeout_only_delays_delivery() -
     let ids = stream.ids().await?;
     assert!(left_during > 0, "nothing was waiting during the outage");
     assert!(
-        drained(&db, Duration::from_secs(60)).await,
+        db.drained(Duration::from_secs(60)).await,
         "rows left after the broker resumed: {}",
         db.count().await?
     );
@@ -143,7 +143,7 @@ async fn a_broker_hang_longer_than_the_message_timeout_is_ridden_out_by_retries(
     let ids = stream.ids().await?;
     assert!(nacks_during > 0, "no publish timed out during a 5 s hang");
     assert!(
-        drained(&db, Duration::from_secs(60)).await,
+        db.drained(Duration::from_secs(60)).await,
         "rows left after the broker resumed: {}",
         db.count().await?
     );

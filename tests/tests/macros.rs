@@ -145,10 +145,7 @@ async fn publish(db: &TestDb, body: &(impl serde::Serialize + ?Sized), queue: &s
 }
 
 async fn drained(db: &TestDb) -> bool {
-    wait_until(Duration::from_secs(10), || async {
-        db.count().await.unwrap() == 0
-    })
-    .await
+    db.drained(Duration::from_secs(10)).await
 }
 
 /// An app with only `route` and the `kafka` transport.

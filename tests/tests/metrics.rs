@@ -85,12 +85,7 @@ async fn outcome_events_carry_their_labels() -> R {
     .await?;
     let e = Engine::new(db.broker.clone()).subscriber(sub);
     e.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     let l = |extra: &[(&'static str, &'static str)]| {
         let mut v: Vec<(&str, &str)> = vec![("queue", &q), ("subscriber", &q)];
@@ -153,12 +148,7 @@ async fn batched_acks_count_after_the_flush() -> R {
     db.broker.publish_batch(0..50, &q, &mut conn).await?;
     let e = Engine::new(db.broker.clone()).subscriber(sub);
     e.start().await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     e.stop().await;
     assert_eq!(counter(ACKED, &[("queue", &q)]), 50);
     assert_eq!(histogram(HANDLER_DURATION, &[("queue", &q)]).len(), 50);
@@ -240,12 +230,7 @@ async fn drain_timeouts_and_transport_latency_are_recorded() -> R {
     let mut conn = db.pool.acquire().await?;
     db.broker.publish(&7, &q, &mut conn).await?;
     kafka.wait_for(1, Duration::from_secs(10)).await;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(5)).await);
     stop.shutdown();
     run.await??;
     let ok = histogram(

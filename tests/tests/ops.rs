@@ -344,12 +344,7 @@ async fn replayed_dead_letters_are_delivered_with_their_payload_and_headers() ->
         .await,
         "delivered without waiting for the 10 s poll"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(5)).await);
     e.stop().await;
     let seen = seen.lock().unwrap().clone();
     let new_ids: Vec<Option<i64>> = report.replayed.iter().map(|r| r.new_id).collect();

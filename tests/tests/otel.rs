@@ -10,7 +10,7 @@ use std::time::Duration;
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use outbox_core::{App, BoxError, MemoryTransport, Message, Response, Route};
-use tests::{TestDb, wait_until};
+use tests::TestDb;
 use tracing::Instrument;
 use tracing_subscriber::layer::SubscriberExt;
 
@@ -102,12 +102,7 @@ async fn a_trace_crosses_the_outbox_into_the_transport() -> anyhow::Result<()> {
     let _ = stored;
 
     let got = kafka.wait_for(1, Duration::from_secs(10)).await;
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(5)).await);
     stop.shutdown();
     run.await??;
     let _ = provider.force_flush();
@@ -190,12 +185,7 @@ async fn a_redelivery_links_to_the_original_trace() -> anyhow::Result<()> {
     .await?;
     let origin = request.context().span().span_context().clone();
     drop(request);
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     engine.stop().await;
     let _ = provider.force_flush();
     let spans = delivery_spans(exporter, row_id);

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use outbox_core::{App, Message, Route};
-use tests::{TestDb, wait_until};
+use tests::TestDb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
@@ -41,12 +41,7 @@ async fn the_app_serves_prometheus_metrics() -> anyhow::Result<()> {
     let run = tokio::spawn(app.run());
     let mut conn = db.pool.acquire().await?;
     db.broker.publish(&1, "prom", &mut conn).await?;
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            db.count().await.unwrap() == 0
-        })
-        .await
-    );
+    assert!(db.drained(Duration::from_secs(10)).await);
     let mut body = String::new();
     for _ in 0..100 {
         body = scrape(addr).await.unwrap_or_default();

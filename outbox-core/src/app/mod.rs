@@ -4,6 +4,7 @@
 mod context;
 mod extract;
 mod hooks;
+mod outbox_transport;
 mod reply;
 mod route;
 pub mod transport;
@@ -17,6 +18,7 @@ use futures_util::future::join_all;
 pub use context::AppContext;
 pub use extract::{FromDelivery, Requirement, State};
 pub use hooks::{Hook, IntoHook};
+pub use outbox_transport::{OUTBOX_TRANSPORT, OutboxTransport};
 pub use reply::{IntoReply, Reply, Response};
 pub use route::{IntoRoute, Location, PublishTarget, Route, RouteBuilder, RouteCall, RouteFactory};
 pub use transport::{MemoryTransport, Outgoing, Transport};
@@ -161,6 +163,14 @@ impl App {
             self.pending.push(e);
         }
         self
+    }
+
+    /// Registers an [`OutboxTransport`] named `outbox` on this App's own
+    /// broker: `#[publish_to(outbox, "queue")]` then turns a handler's result
+    /// into a row of `queue` (queue chaining).
+    pub fn outbox_transport(self) -> Self {
+        let broker = self.ctx.broker().clone();
+        self.transport(OutboxTransport::new(broker))
     }
 
     /// Shares `value` with handlers (`State<S>` parameters) and hooks.
@@ -350,6 +360,15 @@ impl App {
                         route.describe(),
                         t.transport
                     );
+                }
+                if let Err(reason) = transport.check_destination(&t.destination) {
+                    return Err(Error::config(format!(
+                        "subscriber {} publishes to `{}` on transport `{}`, which refuses that \
+                         destination: {reason}",
+                        route.describe(),
+                        t.destination,
+                        t.transport
+                    )));
                 }
                 targets.push((transport, t.destination.clone()));
             }

@@ -68,6 +68,15 @@ pub trait Transport: Send + Sync + 'static {
         None
     }
 
+    /// Checks a destination named in `#[publish_to(name, "destination")]`
+    /// (a topic name, a queue name…) when `App::run` starts, before anything
+    /// is consumed; `Err(reason)` makes startup fail with it, naming the
+    /// handler. The default accepts every destination.
+    fn check_destination(&self, destination: &str) -> Result<(), String> {
+        let _ = destination;
+        Ok(())
+    }
+
     /// Flushes and closes; called once at shutdown, after the subscribers
     /// have drained.
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {

@@ -127,6 +127,18 @@ impl TestAppBuilder {
         self.op(move |app| app.transport(transport))
     }
 
+    /// Registers an [`OutboxTransport`](crate::OutboxTransport) on the
+    /// harness's own outbox, as [`App::outbox_transport`]: results published
+    /// to `outbox` become rows of the harness, handled like any other.
+    ///
+    /// ```
+    /// let b = outbox_core::testing::TestApp::builder().outbox_transport();
+    /// # let _ = b;
+    /// ```
+    pub fn outbox_transport(self) -> Self {
+        self.op(App::outbox_transport)
+    }
+
     /// Shares state with handlers (`State<S>` parameters), as [`App::state`].
     ///
     /// ```

@@ -1,0 +1,102 @@
+//! [`OutboxTransport`]: handler results become new outbox rows (queue chaining).
+
+use futures_util::future::BoxFuture;
+
+use crate::app::OUTBOX_ID;
+use crate::app::transport::{Outgoing, Transport};
+use crate::broker::OutboxBroker;
+use crate::envelope::Raw;
+use crate::error::BoxError;
+use crate::publish::PublishOptions;
+
+/// The default name of an [`OutboxTransport`].
+pub const OUTBOX_TRANSPORT: &str = "outbox";
+
+/// A transport that publishes each result as a new row of an outbox, so one
+/// handler's output is the next queue's input (faststream-outbox's
+/// `OutboxResponse`, as a `#[publish_to]` target).
+///
+/// The row keeps the result's encoding (its `content-type`), the correlation
+/// id and the other headers the runtime assembled, except `outbox-id` (the
+/// new row has its own id); a response key is not stored (the outbox has no
+/// partitions). The insert commits on its own connection before the inbound
+/// row is acked: if the relay dies between the two, the inbound row is
+/// handled again and the follow-on row is written twice (at least once, like
+/// every transport). Destinations are queue names, checked when the `App`
+/// starts.
+///
+/// ```no_run
+/// use outbox_core::{publish_to, subscriber, App, OutboxBroker, OutboxTransport};
+///
+/// #[publish_to(outbox, "invoices")]
+/// #[subscriber("orders")]
+/// async fn bill(order_id: i64) -> i64 {
+///     order_id * 100 // becomes a row of queue "invoices"
+/// }
+///
+/// #[subscriber("invoices")]
+/// async fn send(invoice: i64) {
+///     println!("invoice {invoice}");
+/// }
+///
+/// # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
+/// App::new(outbox.clone())
+///     .transport(OutboxTransport::new(outbox)) // or App::outbox_transport()
+///     .run()
+///     .await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct OutboxTransport {
+    name: String,
+    broker: OutboxBroker,
+}
+
+impl OutboxTransport {
+    /// A transport named `outbox` that writes into `broker`'s table (usually
+    /// the App's own broker; another one chains into another table).
+    pub fn new(broker: OutboxBroker) -> Self {
+        Self {
+            name: OUTBOX_TRANSPORT.to_owned(),
+            broker,
+        }
+    }
+
+    /// Registers the transport under another name (two outboxes in one App).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+}
+
+impl Transport for OutboxTransport {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            let Outgoing {
+                destination,
+                payload,
+                mut headers,
+                ..
+            } = msg;
+            headers.remove(OUTBOX_ID);
+            let opts = PublishOptions::new().headers(headers);
+            broker
+                .on_own_conn(async |conn| {
+                    broker
+                        .publish_on(&Raw(payload), &destination, &opts, conn)
+                        .await
+                })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn check_destination(&self, destination: &str) -> Result<(), String> {
+        crate::publish::validate_queue(destination).map_err(|e| e.to_string())
+    }
+}
