@@ -62,8 +62,19 @@ impl OutboxTransport {
         }
     }
 
-    /// Registers the transport under another name (two outboxes in one App).
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    /// Registers the transport under another name (two outboxes in one App):
+    /// `#[publish_to(name, "queue")]`.
+    ///
+    /// ```
+    /// use outbox_core::{OutboxBroker, OutboxTable, OutboxTransport, Transport};
+    ///
+    /// # fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+    /// let billing = OutboxBroker::new(pool, OutboxTable::new("outbox")?.schema("billing")?);
+    /// let t = OutboxTransport::new(billing).named("billing");
+    /// assert_eq!(Transport::name(&t), "billing");
+    /// # Ok(()) }
+    /// ```
+    pub fn named(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
     }
