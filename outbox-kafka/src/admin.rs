@@ -142,12 +142,6 @@ pub(crate) fn check_topic_name(topic: &str) -> std::result::Result<(), String> {
     if topic == "." || topic == ".." {
         return Err(format!("`{topic}` is not a valid topic name"));
     }
-    if topic.len() > MAX_TOPIC_LEN {
-        return Err(format!(
-            "the topic name is {} characters long; Kafka allows at most {MAX_TOPIC_LEN}",
-            topic.len()
-        ));
-    }
     if let Some(bad) = topic
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
@@ -155,6 +149,13 @@ pub(crate) fn check_topic_name(topic: &str) -> std::result::Result<(), String> {
         return Err(format!(
             "the topic name contains {bad:?}; Kafka allows only ASCII letters, digits, '.', '_' \
              and '-'"
+        ));
+    }
+    // All ASCII from here: bytes are characters.
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "the topic name is {} characters long; Kafka allows at most {MAX_TOPIC_LEN}",
+            topic.len()
         ));
     }
     Ok(())
@@ -176,5 +177,7 @@ mod tests {
         assert!(err(&"x".repeat(250)).contains("at most 249"));
         assert!(err("orders kafka").contains("' '"));
         assert!(err("ordérs").contains("'é'"));
+        // A long non-ASCII name is reported for its characters, not a byte count.
+        assert!(err(&"é".repeat(200)).contains("'é'"));
     }
 }

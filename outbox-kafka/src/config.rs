@@ -328,18 +328,13 @@ impl KafkaBroker {
                  subscribers' lease_ttl",
             ));
         }
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.bootstrap)
-            .set("client.id", &self.client_id)
-            .set("acks", self.acks.as_str())
-            .set("enable.idempotence", self.idempotence.to_string())
-            .set("compression.type", self.compression.as_str())
-            .set("linger.ms", ms(self.linger))
-            .set("message.timeout.ms", ms(self.message_timeout));
-        for (k, v) in &self.extra {
-            c.set(k, v);
-        }
-        Ok(c)
+        Ok(self.config_with(|c| {
+            c.set("acks", self.acks.as_str())
+                .set("enable.idempotence", self.idempotence.to_string())
+                .set("compression.type", self.compression.as_str())
+                .set("linger.ms", ms(self.linger))
+                .set("message.timeout.ms", ms(self.message_timeout));
+        }))
     }
 
     /// The configuration of an admin client: the bootstrap address,
@@ -347,13 +342,20 @@ impl KafkaBroker {
     /// without the producer's typed settings.
     pub(crate) fn admin_config(&self) -> Result<ClientConfig> {
         self.check_addressing()?;
+        Ok(self.config_with(|_| {}))
+    }
+
+    /// `bootstrap.servers` and `client.id`, then `typed`, then the
+    /// [`set`](Self::set) overrides (which win).
+    fn config_with(&self, typed: impl FnOnce(&mut ClientConfig)) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap)
             .set("client.id", &self.client_id);
+        typed(&mut c);
         for (k, v) in &self.extra {
             c.set(k, v);
         }
-        Ok(c)
+        c
     }
 
     /// What every client needs: a name, a bootstrap address, a timeout.
