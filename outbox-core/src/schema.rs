@@ -227,6 +227,8 @@ struct Spec<'a> {
     cols: &'static [Col],
     indexes: &'static [Idx],
     lease_check: bool,
+    /// Check the autovacuum settings; the DDL that tunes them.
+    autovacuum_fix: Option<String>,
     full_ddl: String,
 }
 
@@ -244,6 +246,7 @@ async fn check_table(
         cols,
         indexes,
         lease_check,
+        autovacuum_fix,
         full_ddl,
     } = spec;
     let qualified = qualified.as_str();
@@ -441,6 +444,30 @@ async fn check_table(
             ));
         }
     }
+    if let Some(tune) = autovacuum_fix {
+        let reloptions: Option<Vec<String>> =
+            sqlx::query_scalar("SELECT reloptions::text[] FROM pg_class WHERE oid = $1::oid")
+                .bind(oid)
+                .fetch_one(pool)
+                .await?;
+        let findings = autovacuum_findings(&reloptions.unwrap_or_default());
+        if !findings.is_empty() {
+            if findings
+                .iter()
+                .any(|f| f.starts_with("autovacuum is disabled"))
+            {
+                fix.push(format!(
+                    "ALTER TABLE {qualified} RESET (autovacuum_enabled);"
+                ));
+            }
+            problems.extend(
+                findings
+                    .into_iter()
+                    .map(|f| format!("{what} {qualified}: autovacuum not tuned: {f}")),
+            );
+            fix.push(format!("{tune};"));
+        }
+    }
     Ok(())
 }
 
@@ -453,38 +480,6 @@ pub(crate) async fn validate(
 ) -> Result<()> {
     let mut problems = Vec::new();
     let mut fix = Vec::new();
-    if checks.autovacuum {
-        // `None`: no such table (reported below with its DDL).
-        let reloptions: Option<Option<Vec<String>>> = sqlx::query_scalar(
-            "SELECT reloptions::text[] FROM pg_class WHERE oid = to_regclass($1)",
-        )
-        .bind(table.qualified_name())
-        .fetch_optional(pool)
-        .await?;
-        if let Some(reloptions) = reloptions {
-            let findings = autovacuum_findings(&reloptions.unwrap_or_default());
-            if !findings.is_empty() {
-                let qualified = table.qualified_name();
-                problems.extend(
-                    findings
-                        .iter()
-                        .map(|f| format!("outbox table {qualified}: autovacuum not tuned: {f}")),
-                );
-                if findings
-                    .iter()
-                    .any(|f| f.starts_with("autovacuum is disabled"))
-                {
-                    fix.push(format!(
-                        "ALTER TABLE {qualified} RESET (autovacuum_enabled);"
-                    ));
-                }
-                fix.push(format!(
-                    "{};",
-                    crate::ops::autovacuum_sql(table, crate::ops::AutovacuumOptions::default())
-                ));
-            }
-        }
-    }
     let outbox = Spec {
         what: "outbox table",
         schema: table.schema_name(),
@@ -493,6 +488,9 @@ pub(crate) async fn validate(
         cols: &OUTBOX,
         indexes: &OUTBOX_INDEXES,
         lease_check: true,
+        autovacuum_fix: checks
+            .autovacuum
+            .then(|| crate::ops::autovacuum_sql(table, crate::ops::AutovacuumOptions::default())),
         full_ddl: table.create_sql(),
     };
     check_table(pool, outbox, &mut problems, &mut fix).await?;
@@ -505,6 +503,7 @@ pub(crate) async fn validate(
             cols: &DLQ,
             indexes: &DLQ_INDEXES,
             lease_check: false,
+            autovacuum_fix: None,
             full_ddl: d.create_sql(),
         };
         check_table(pool, spec, &mut problems, &mut fix).await?;

@@ -9,7 +9,11 @@ use tests::{TestDb, suffix};
 type R = anyhow::Result<()>;
 
 async fn drift(b: &OutboxBroker) -> outbox_core::SchemaDrift {
-    match b.validate_schema().await {
+    drift_with(b, SchemaChecks::new()).await
+}
+
+async fn drift_with(b: &OutboxBroker, checks: SchemaChecks) -> outbox_core::SchemaDrift {
+    match b.validate_schema_with(checks).await {
         Err(Error::SchemaDrift(d)) => d,
         other => panic!("expected a schema drift, got {other:?}"),
     }
@@ -17,10 +21,18 @@ async fn drift(b: &OutboxBroker) -> outbox_core::SchemaDrift {
 
 /// Applies the printed fix and checks the table is then accepted.
 async fn fix_and_recheck(db: &TestDb, d: &outbox_core::SchemaDrift) -> anyhow::Result<()> {
+    fix_and_recheck_with(db, d, SchemaChecks::new()).await
+}
+
+async fn fix_and_recheck_with(
+    db: &TestDb,
+    d: &outbox_core::SchemaDrift,
+    checks: SchemaChecks,
+) -> anyhow::Result<()> {
     sqlx::raw_sql(sqlx::AssertSqlSafe(d.fix.clone()))
         .execute(&db.pool)
         .await?;
-    db.broker.validate_schema().await?;
+    db.broker.validate_schema_with(checks).await?;
     Ok(())
 }
 
@@ -191,10 +203,7 @@ async fn autovacuum_tuning_is_checked_on_request() -> R {
     // A fresh table has PostgreSQL's defaults: fine for the structure…
     db.broker.validate_schema().await?;
     // …but not tuned.
-    let d = match db.broker.validate_schema_with(with_av).await {
-        Err(Error::SchemaDrift(d)) => d,
-        other => panic!("expected drift, got {other:?}"),
-    };
+    let d = drift_with(&db.broker, with_av).await;
     assert_eq!(d.problems.len(), 4, "{d}");
     assert!(
         d.problems[0].contains("autovacuum not tuned")
@@ -206,10 +215,7 @@ async fn autovacuum_tuning_is_checked_on_request() -> R {
         outbox_core::ops::autovacuum_sql(&db.table, Default::default())
     );
     assert_eq!(d.fix, expected_fix);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(d.fix.clone()))
-        .execute(&db.pool)
-        .await?;
-    db.broker.validate_schema_with(with_av).await?;
+    fix_and_recheck_with(&db, &d, with_av).await?;
 
     // Custom thresholds are fine; a non-zero scale factor or a disabled
     // autovacuum is not.
@@ -219,10 +225,7 @@ async fn autovacuum_tuning_is_checked_on_request() -> R {
         db.t()
     ))
     .await?;
-    let d = match db.broker.validate_schema_with(with_av).await {
-        Err(Error::SchemaDrift(d)) => d,
-        other => panic!("expected drift, got {other:?}"),
-    };
+    let d = drift_with(&db.broker, with_av).await;
     assert_eq!(d.problems.len(), 2, "{d}");
     assert!(
         d.problems[0].contains("autovacuum is disabled on it"),
@@ -233,8 +236,7 @@ async fn autovacuum_tuning_is_checked_on_request() -> R {
         "{d}"
     );
     assert!(d.fix.contains("RESET (autovacuum_enabled)"), "{d}");
-    fix_and_recheck(&db, &d).await?;
-    db.broker.validate_schema_with(with_av).await?;
+    fix_and_recheck_with(&db, &d, with_av).await?;
     // Without the option, an untuned table passes.
     db.exec(format!(
         "ALTER TABLE {} RESET (autovacuum_vacuum_scale_factor)",
@@ -251,16 +253,9 @@ async fn autovacuum_tuning_is_checked_on_request() -> R {
         db.table.name()
     ))
     .await?;
-    let d = match db.broker.validate_schema_with(with_av).await {
-        Err(Error::SchemaDrift(d)) => d,
-        other => panic!("expected drift, got {other:?}"),
-    };
+    let d = drift_with(&db.broker, with_av).await;
     assert_eq!(d.problems.len(), 2, "{d}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(d.fix.clone()))
-        .execute(&db.pool)
-        .await?;
-    db.broker.validate_schema_with(with_av).await?;
-    Ok(())
+    fix_and_recheck_with(&db, &d, with_av).await
 }
 
 #[tokio::test]
