@@ -37,6 +37,7 @@ pub use app::{
     MemoryTransport, OUTBOX_ID, OUTBOX_TRANSPORT, OutboxTransport, Outgoing, PublishTarget, Reply,
     Requirement, Response, Route, RouteBuilder, RouteCall, State, Transport,
 };
+pub use app::transport::BusRejection;
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Raw};
@@ -47,11 +48,19 @@ pub use publish::{MAX_NAME_CHARS, PublishOptions, TimerConflict};
 pub use retry::RetryStrategy;
 pub use row::OutboxRow;
 pub use schema::{SchemaChecks, SchemaDrift};
-pub use subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
+pub use subscriber::{
+    KnobDefaults, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
+    SubscriberOptions,
+};
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};
 
 #[cfg(feature = "macros")]
 pub use outbox_macros::{publish_to, subscriber};
+
+/// The `sqlx` this crate is built with: use `outbox_core::sqlx::PgPool` (or
+/// depend on the same `sqlx` version) so that your pool and transactions are
+/// the types `publish` takes.
+pub use sqlx;
 
 // Not public API. Used by generated code and by the workspace's tests.
 #[doc(hidden)]

@@ -184,14 +184,6 @@ fn duration_secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-fn is_future(schedule: Schedule) -> bool {
-    match schedule {
-        Schedule::Now => false,
-        Schedule::In(d) => !d.is_zero(),
-        Schedule::At(at) => at > Utc::now(),
-    }
-}
-
 fn schedule_kind(schedule: Schedule) -> ScheduleKind {
     match schedule {
         Schedule::Now => ScheduleKind::Now,
@@ -215,7 +207,9 @@ pub(crate) struct Insert {
     pub(crate) schedule: Schedule,
     /// The timer id and what to do on a conflict.
     pub(crate) timer: Option<(String, TimerConflict)>,
-    /// Whether the insert wakes the relays (not for future-dated rows).
+    /// Whether the insert wakes the relays. Future-dated rows notify too
+    /// (faststream-outbox skips them): a relay that wakes looks up when the
+    /// earliest one is due and claims it then, instead of at its next poll.
     pub(crate) notify: bool,
 }
 
@@ -248,7 +242,7 @@ pub(crate) fn prepare<T: Serialize + ?Sized>(
         headers,
         schedule,
         timer: opts.timer_id.clone().map(|id| (id, opts.timer_conflict)),
-        notify: !is_future(schedule),
+        notify: true,
     })
 }
 
@@ -281,7 +275,7 @@ where
         payloads,
         headers,
         schedule,
-        notify: !is_future(schedule),
+        notify: true,
     })
 }
 
@@ -463,18 +457,5 @@ mod tests {
             let err = opts.validate_batch().unwrap_err().to_string();
             assert!(err.contains("not supported for batch publishes"), "{err}");
         }
-    }
-
-    #[test]
-    fn future_detection() {
-        assert!(!is_future(Schedule::Now));
-        assert!(!is_future(Schedule::In(Duration::ZERO)));
-        assert!(is_future(Schedule::In(Duration::from_millis(1))));
-        assert!(!is_future(Schedule::At(
-            Utc::now() - chrono::Duration::seconds(1)
-        )));
-        assert!(is_future(Schedule::At(
-            Utc::now() + chrono::Duration::seconds(60)
-        )));
     }
 }

@@ -69,6 +69,17 @@ impl<'a> RetryContext<'a> {
         }
     }
 
+    /// Whether the error is (or was caused by) a bus's permanent refusal,
+    /// a [`BusRejection`](crate::transport::BusRejection): retrying the row
+    /// will fail the same way. The default strategy makes such rows terminal
+    /// at once; a custom strategy can do the same by returning `Ok(None)`.
+    pub fn is_bus_rejection(&self) -> bool {
+        self.error.is_some_and(|e| {
+            let e: &(dyn std::error::Error + 'static) = e;
+            crate::transport::BusRejection::find(e).is_some()
+        })
+    }
+
     fn elapsed_secs(&self) -> f64 {
         (self.last_attempt_at - self.first_attempt_at)
             .to_std()

@@ -55,6 +55,9 @@ pub(crate) struct Statements {
     pub(crate) ack_batch: Sql,
     pub(crate) retry: Sql,
     pub(crate) release: Sql,
+    /// Seconds until the earliest future-dated unleased row of `$1` (the
+    /// queues) is due, on the database clock; NULL when there is none.
+    pub(crate) next_due: Sql,
     pub(crate) dead_letter: Option<Sql>,
 }
 
@@ -129,6 +132,14 @@ impl Statements {
                  first_attempt_at = COALESCE(first_attempt_at, now()), last_attempt_at = now(), \
                  acquired_at = NULL, acquired_token = NULL \
                  WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2{g}"
+            )
+            .into(),
+            next_due: format!(
+                "SELECT EXTRACT(EPOCH FROM (min(n.next_attempt_at) - now()))::float8 \
+                 FROM (SELECT DISTINCT unnest($1::varchar[]) AS name) q CROSS JOIN LATERAL (\
+                   SELECT c.next_attempt_at FROM {t} c \
+                   WHERE c.queue = q.name AND c.acquired_token IS NULL AND c.next_attempt_at > now() \
+                   ORDER BY c.next_attempt_at LIMIT 1) n"
             )
             .into(),
             release: format!(

@@ -10,24 +10,59 @@ use crate::message::AckPolicy;
 use crate::publish::validate_queue;
 use crate::retry::{ExponentialRetry, RetryStrategy};
 
+/// The defaults of the knobs that differ between plain subscribers and
+/// relays (see [`SubscriberOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KnobDefaults {
+    /// `max_workers`.
+    pub max_workers: usize,
+    /// `fetch_batch_size`.
+    pub fetch_batch_size: usize,
+}
+
+/// faststream-outbox's defaults: what a subscriber that only handles rows
+/// gets.
+pub const SUBSCRIBER_DEFAULTS: KnobDefaults = KnobDefaults {
+    max_workers: 1,
+    fetch_batch_size: 10,
+};
+
+/// What a relay (a route with a `#[publish_to]` target) gets for the knobs
+/// it does not set: a relay's worker spends most of its time waiting for the
+/// bus to confirm, so throughput is the number of publishes in flight over
+/// the bus's round trip. Chosen from the benchmark (docs/performance.md,
+/// "relay, README defaults").
+pub const RELAY_DEFAULTS: KnobDefaults = KnobDefaults {
+    max_workers: 256,
+    fetch_batch_size: 512,
+};
+
 /// Every knob of a subscriber, with the reference defaults.
 ///
-/// | knob | default | meaning |
-/// |---|---|---|
-/// | `max_workers` | 1 | handlers running at once |
-/// | `fetch_batch_size` | 10 | in-memory buffer size and most rows per claim |
-/// | `fetch_concurrency` | 1 | claim statements in flight at once (each on its own connection) |
-/// | `min_fetch_interval` | 1 s | idle backoff base |
-/// | `max_fetch_interval` | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
-/// | `lease_ttl` | 60 s | a claimed row is reclaimable after this |
-/// | `max_deliveries` | none | claims allowed before a row goes terminal unhandled |
-/// | `terminal_flush_batch_size` | 1 | deletes (acks) held to share one `DELETE`; 1: none held, concurrent ones still coalesce |
-/// | `ack_policy` | [`AckPolicy::NackOnError`] | |
-/// | `retry` | [`ExponentialRetry::default()`] | 1 s ×2 ≤ 300 s, 10 attempts, jitter 0.2 |
+/// | knob | default | relay default | meaning |
+/// |---|---|---|---|
+/// | `max_workers` | 1 | 256 | handlers running at once |
+/// | `fetch_batch_size` | 10 | 512 | in-memory buffer size and most rows per claim |
+/// | `fetch_concurrency` | 1 | 1 | claim statements in flight at once (each on its own connection) |
+/// | `min_fetch_interval` | 1 s | 1 s | idle backoff base |
+/// | `max_fetch_interval` | 10 s | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
+/// | `lease_ttl` | 60 s | 60 s | a claimed row is reclaimable after this |
+/// | `max_deliveries` | none | none | claims allowed before a row goes terminal unhandled |
+/// | `terminal_flush_batch_size` | 1 | 1 | deletes (acks) held to share one `DELETE`; 1: none held, concurrent ones still coalesce |
+/// | `ack_policy` | [`AckPolicy::NackOnError`] | same | |
+/// | `retry` | [`ExponentialRetry::default()`] | same | 1 s ×2 ≤ 300 s, 10 attempts, jitter 0.2 |
+///
+/// The "default" column is faststream-outbox's, for subscribers that only
+/// handle rows. A relay (an App route with a `#[publish_to]` target) uses
+/// [`RELAY_DEFAULTS`] for the knobs it does not set itself
+/// ([`relay_defaults`](Self::relay_defaults)): its workers mostly wait for
+/// the bus, so it needs many publishes in flight. A knob set explicitly
+/// always wins.
 #[derive(Clone)]
 pub struct SubscriberOptions {
-    max_workers: usize,
-    fetch_batch_size: usize,
+    max_workers: Option<usize>,
+    fetch_batch_size: Option<usize>,
     fetch_concurrency: usize,
     min_fetch_interval: Duration,
     max_fetch_interval: Duration,
@@ -36,13 +71,14 @@ pub struct SubscriberOptions {
     terminal_flush_batch_size: usize,
     ack_policy: Option<AckPolicy>,
     retry: Option<Arc<dyn RetryStrategy>>,
+    relay: bool,
 }
 
 impl Default for SubscriberOptions {
     fn default() -> Self {
         Self {
-            max_workers: 1,
-            fetch_batch_size: 10,
+            max_workers: None,
+            fetch_batch_size: None,
             fetch_concurrency: 1,
             min_fetch_interval: Duration::from_secs(1),
             max_fetch_interval: Duration::from_secs(10),
@@ -51,6 +87,7 @@ impl Default for SubscriberOptions {
             terminal_flush_batch_size: 1,
             ack_policy: None,
             retry: None,
+            relay: false,
         }
     }
 }
@@ -58,8 +95,8 @@ impl Default for SubscriberOptions {
 impl fmt::Debug for SubscriberOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SubscriberOptions")
-            .field("max_workers", &self.max_workers)
-            .field("fetch_batch_size", &self.fetch_batch_size)
+            .field("max_workers", &self.get_max_workers())
+            .field("fetch_batch_size", &self.get_fetch_batch_size())
             .field("fetch_concurrency", &self.fetch_concurrency)
             .field("min_fetch_interval", &self.min_fetch_interval)
             .field("max_fetch_interval", &self.max_fetch_interval)
@@ -68,6 +105,7 @@ impl fmt::Debug for SubscriberOptions {
             .field("terminal_flush_batch_size", &self.terminal_flush_batch_size)
             .field("ack_policy", &self.get_ack_policy())
             .field("retry", &self.retry)
+            .field("relay_defaults", &self.relay)
             .finish()
     }
 }
@@ -86,17 +124,53 @@ macro_rules! knob {
     };
 }
 
+/// A knob whose default differs for relays (see [`KnobDefaults`]).
+macro_rules! relay_knob {
+    ($(#[$doc:meta])* $name:ident, $get:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.$name = Some(value);
+            self
+        }
+        #[doc = concat!("The effective `", stringify!($name), "`: the value set, else the default (the relay default with [`relay_defaults`](Self::relay_defaults)).")]
+        pub fn $get(&self) -> $ty {
+            self.$name.unwrap_or(self.defaults().$name)
+        }
+    };
+}
+
 impl SubscriberOptions {
     /// The defaults (see the table above).
     pub fn new() -> Self {
         Self::default()
     }
 
-    knob!(
+    /// Uses [`RELAY_DEFAULTS`] instead of [`SUBSCRIBER_DEFAULTS`] for the
+    /// knobs not set explicitly. The App turns this on for routes with a
+    /// `#[publish_to]` target; a subscriber built by hand can opt in.
+    pub fn relay_defaults(mut self, on: bool) -> Self {
+        self.relay = on;
+        self
+    }
+
+    /// Whether the relay defaults apply.
+    pub fn get_relay_defaults(&self) -> bool {
+        self.relay
+    }
+
+    fn defaults(&self) -> KnobDefaults {
+        if self.relay {
+            RELAY_DEFAULTS
+        } else {
+            SUBSCRIBER_DEFAULTS
+        }
+    }
+
+    relay_knob!(
         /// Handlers running at once (>= 1).
         max_workers, get_max_workers: usize
     );
-    knob!(
+    relay_knob!(
         /// Size of the in-memory buffer and most rows claimed per fetch (>= 1).
         fetch_batch_size, get_fetch_batch_size: usize
     );
@@ -170,6 +244,12 @@ impl SubscriberOptions {
         self
     }
 
+    /// Whether a retry strategy was set (else the default applies, which
+    /// also makes a bus's permanent refusal terminal at once).
+    pub(crate) fn has_custom_retry(&self) -> bool {
+        self.retry.is_some()
+    }
+
     /// The effective retry strategy.
     pub fn get_retry(&self) -> Arc<dyn RetryStrategy> {
         self.retry
@@ -182,8 +262,8 @@ impl SubscriberOptions {
     pub fn validate(&self) -> Result<Vec<String>> {
         let err = |m: String| Err(Error::config(m));
         for (name, v) in [
-            ("max_workers", self.max_workers),
-            ("fetch_batch_size", self.fetch_batch_size),
+            ("max_workers", self.get_max_workers()),
+            ("fetch_batch_size", self.get_fetch_batch_size()),
             ("fetch_concurrency", self.fetch_concurrency),
             ("terminal_flush_batch_size", self.terminal_flush_batch_size),
         ] {
@@ -200,10 +280,11 @@ impl SubscriberOptions {
                 return err(format!("{name} must be > 0"));
             }
         }
-        if self.fetch_concurrency > self.fetch_batch_size {
+        if self.fetch_concurrency > self.get_fetch_batch_size() {
             return err(format!(
                 "fetch_concurrency ({}) must be <= fetch_batch_size ({}): each claim needs room in the buffer",
-                self.fetch_concurrency, self.fetch_batch_size
+                self.fetch_concurrency,
+                self.get_fetch_batch_size()
             ));
         }
         if self.min_fetch_interval > self.max_fetch_interval {
@@ -239,13 +320,10 @@ impl SubscriberOptions {
                 "max_deliveries has no effect with NoRetry (the first failure is terminal)".into(),
             );
         }
-        if self.lease_ttl <= self.max_fetch_interval {
-            warnings.push(format!(
-                "lease_ttl ({:?}) <= max_fetch_interval ({:?}): leases may expire before a row is \
-                 even handled; use lease_ttl >= 2 x max_fetch_interval + your handler's p99",
-                self.lease_ttl, self.max_fetch_interval
-            ));
-        }
+        // No warning ties the lease to the poll interval: a claimed row is
+        // handled as soon as a worker is free, whatever the poll interval.
+        // What the lease must cover (buffer wait + handler + a transport's
+        // publish time) is checked by the App, which knows the transports.
         Ok(warnings)
     }
 }
@@ -403,6 +481,12 @@ impl SubscriberBuilder {
 
     option_setters!();
 
+    /// See [`SubscriberOptions::relay_defaults`].
+    pub fn relay_defaults(mut self, on: bool) -> Self {
+        self.options = self.options.relay_defaults(on);
+        self
+    }
+
     // Not in `option_setters!`: a bound error on `strategy` would then point
     // into the macro instead of only at the caller's expression.
     /// See [`SubscriberOptions::retry`].
@@ -557,10 +641,8 @@ mod tests {
             )
             .contains("NackOnError with NoRetry")
         );
-        assert!(
-            warns(Subscriber::builder(["q"]).lease_ttl(Duration::from_secs(5)))
-                .contains("lease_ttl")
-        );
+        // A short lease is sane (fast redelivery after a crash): no warning.
+        assert!(warns(Subscriber::builder(["q"]).lease_ttl(Duration::from_secs(5))).is_empty());
         assert!(
             warns(
                 Subscriber::builder(["q"])

@@ -16,7 +16,7 @@
 //! | `outbox_nacked_retried_total` | counter | `queue`, `subscriber`, `error_kind` | retries scheduled |
 //! | `outbox_nacked_terminal_total` | counter | `queue`, `subscriber`, `reason`, `error_kind` | terminal failures written |
 //! | `outbox_dlq_written_total` | counter | `queue`, `subscriber`, `failure_reason` | rows moved to the dead-letter table |
-//! | `outbox_lease_lost_total` | counter | `queue`, `subscriber`, `phase` | writes that found the lease gone |
+//! | `outbox_lease_lost_total` | counter | `queue`, `subscriber`, `phase` | writes that found the lease gone (`retry`, `terminal`), or rows not started because they waited in the buffer past their lease (`buffered`) |
 //! | `outbox_dispatch_abandoned_total` | counter | `queue`, `subscriber` | outcomes that could not be written (left to lease expiry) |
 //! | `outbox_drain_timeout_total` | counter | `subscriber` | graceful stops that hit the timeout |
 //! | `outbox_handler_duration_seconds` | histogram | `queue`, `subscriber` | handler run time, on the closing write |

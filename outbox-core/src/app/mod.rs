@@ -336,7 +336,7 @@ impl App {
     fn build_engine(&mut self, routes: Vec<Route>) -> Result<Engine> {
         let ctx = &self.ctx;
         let mut engine = Engine::new(ctx.broker().clone());
-        for route in routes {
+        for mut route in routes {
             let mut targets = Vec::new();
             for t in &route.targets {
                 let Some(transport) = ctx.transport(&t.transport) else {
@@ -395,6 +395,10 @@ impl App {
                 propagate: route.propagate_headers,
             };
             let describe = route.describe();
+            // A relay's workers mostly wait for the bus: the knobs it does
+            // not set get the relay defaults.
+            let relays = !route.targets.is_empty();
+            route.builder = route.builder.relay_defaults(relays);
             let sub = route
                 .into_subscriber(Arc::new(move |msg: Message| handler.clone().handle(msg)))
                 .map_err(|e| Error::config(format!("subscriber {describe}: {e}")))?;

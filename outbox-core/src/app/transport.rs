@@ -45,6 +45,67 @@ impl Outgoing {
     }
 }
 
+/// A bus's refusal that retrying cannot fix: the record is larger than the
+/// bus accepts, the relay is not authorized for the destination, the
+/// destination name is invalid, and so on.
+///
+/// A [`Transport`] returns it (boxed) from [`Transport::publish`] for such
+/// refusals, with the bus's own error as its source. A subscriber that keeps
+/// the default retry strategy then moves the row to the dead-letter table at
+/// once (reason `rejected`, `last_exception` naming the bus and its error
+/// text) instead of retrying for minutes; a subscriber with its own
+/// [`RetryStrategy`](crate::RetryStrategy) decides itself (see
+/// [`RetryContext::is_bus_rejection`](crate::retry::RetryContext::is_bus_rejection)).
+/// Transient failures (timeouts, a broker that is down) must not use it.
+///
+/// ```
+/// use outbox_core::transport::BusRejection;
+///
+/// let err = BusRejection::new("kafka", "Broker: Message size too large");
+/// assert_eq!(err.bus(), "kafka");
+/// assert_eq!(
+///     err.to_string(),
+///     "kafka refused the message, and retrying cannot change that"
+/// );
+/// let boxed: outbox_core::BoxError = Box::new(err);
+/// assert!(BusRejection::find(&*boxed).is_some());
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{bus} refused the message, and retrying cannot change that")]
+pub struct BusRejection {
+    bus: String,
+    #[source]
+    source: BoxError,
+}
+
+impl BusRejection {
+    /// A permanent refusal by `bus` (a transport name such as `kafka`),
+    /// caused by `source` (the bus's own error).
+    pub fn new(bus: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self {
+            bus: bus.into(),
+            source: source.into(),
+        }
+    }
+
+    /// The bus that refused the message.
+    pub fn bus(&self) -> &str {
+        &self.bus
+    }
+
+    /// The first `BusRejection` in `err` or its chain of sources.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a BusRejection> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = cur {
+            if let Some(r) = e.downcast_ref::<BusRejection>() {
+                return Some(r);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
 /// A bus the runtime forwards handler results to.
 ///
 /// Implementations live in their own crates (`outbox-kafka`, …) and depend on

@@ -1,6 +1,6 @@
 //! Jittered exponential backoff, shared by polling and reconnects.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 
@@ -13,33 +13,29 @@ pub(crate) fn compute(n: u32, base: Duration, cap: Duration) -> Duration {
 }
 
 /// Backoff for reconnect loops: grows with consecutive failures, capped at
-/// 30 s, and forgets past failures once a connection stayed healthy for 60 s
-/// (measured from a successful open, so a slow failing open does not reset it).
+/// 30 s, and starts from the minimum again for each new incident once a
+/// connection has worked (a statement succeeded on it). Opening a connection
+/// alone does not count: a server that accepts connections and then drops
+/// them keeps the backoff growing.
 #[derive(Debug, Default)]
 pub(crate) struct Reconnect {
     failures: u32,
-    opened_at: Option<Instant>,
 }
 
 pub(crate) const RECONNECT_CAP: Duration = Duration::from_secs(30);
-const HEALTHY_RESET: Duration = Duration::from_secs(60);
+/// The first wait of an incident is `RECONNECT_BASE · U(0.5, 1.5)`.
+pub(crate) const RECONNECT_BASE: Duration = Duration::from_secs(1);
 
 impl Reconnect {
-    pub(crate) fn opened(&mut self) {
-        self.opened_at = Some(Instant::now());
+    /// A statement succeeded: the incident, if any, is over.
+    pub(crate) fn worked(&mut self) {
+        self.failures = 0;
     }
 
     /// Records a failure and returns how long to wait before the next try.
     pub(crate) fn failed(&mut self) -> Duration {
-        if self
-            .opened_at
-            .take()
-            .is_some_and(|t| t.elapsed() >= HEALTHY_RESET)
-        {
-            self.failures = 0;
-        }
         self.failures = self.failures.saturating_add(1).min(30);
-        compute(self.failures, Duration::from_secs(1), RECONNECT_CAP)
+        compute(self.failures, RECONNECT_BASE, RECONNECT_CAP)
     }
 
     #[cfg(test)]
@@ -69,16 +65,16 @@ mod tests {
     }
 
     #[test]
-    fn reconnect_resets_only_after_sustained_health() {
+    fn reconnect_starts_over_once_a_connection_worked() {
         let mut r = Reconnect::default();
         r.failed();
         r.failed();
         assert_eq!(r.failures(), 2);
-        r.opened();
-        r.failed(); // opened just now: not healthy long enough
+        r.failed(); // reconnected, but nothing worked on it: the same incident
         assert_eq!(r.failures(), 3);
-        r.opened_at = Some(Instant::now() - Duration::from_secs(61));
-        r.failed();
+        r.worked();
+        let wait = r.failed(); // a new incident starts from the minimum
         assert_eq!(r.failures(), 1);
+        assert!(wait <= RECONNECT_BASE.mul_f64(1.5), "{wait:?}");
     }
 }

@@ -36,7 +36,6 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 continue 'connect;
             }
         };
-        reconnect.opened();
         let mut idle: u32 = 0;
         // Expired leases can only appear `lease_ttl` after a claim, so the
         // claim looks for them (a scan of the leased index, which holds every
@@ -83,6 +82,9 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             testing!(shared.claim_ends(claimed.as_deref().unwrap_or_default()));
             match claimed {
                 Ok(rows) => {
+                    // The connection works: a later incident starts its
+                    // reconnect backoff from the minimum again.
+                    reconnect.worked();
                     let n = rows.len();
                     shared.metrics.fetched(n);
                     // `rows.len() <= free`: a permit for each; unused ones
@@ -96,12 +98,36 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                         continue;
                     }
                     idle = (idle + 1).min(30);
+                    // Wake up when the earliest future-dated row becomes due
+                    // (a delayed publish, another relay's retry), not only at
+                    // the next poll.
+                    match store::next_due(shared.broker.stmts(), &mut conn, shared.sub.queues())
+                        .await
+                    {
+                        Ok(Some(after)) => shared.due_in(after),
+                        Ok(None) => {}
+                        Err(e) if store::is_connection_error(&e) => {
+                            let wait = reconnect.failed();
+                            tracing::error!(
+                                subscriber = %shared.sub.name(),
+                                "outbox fetch loop lost its connection: {e}; reconnecting in {wait:.1?}"
+                            );
+                            if shared.sleep_or_stop(wait).await {
+                                return;
+                            }
+                            continue 'connect;
+                        }
+                        Err(e) => tracing::warn!(
+                            subscriber = %shared.sub.name(),
+                            "outbox fetch loop cannot look up the next due row ({e}); polling instead"
+                        ),
+                    }
                     let wait = backoff::compute(
                         idle,
                         shared.opts().get_min_fetch_interval(),
                         shared.opts().get_max_fetch_interval(),
                     );
-                    if shared.wait(wait).await {
+                    if shared.wait_idle(wait).await {
                         return;
                     }
                 }

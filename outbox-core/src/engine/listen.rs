@@ -29,7 +29,8 @@ pub(crate) async fn run(
         }
         match open(&opts, &channel).await {
             Ok(mut listener) => {
-                reconnect.opened();
+                // LISTEN works on it: a later incident starts over.
+                reconnect.worked();
                 if std::mem::take(&mut warned) {
                     tracing::info!(channel = %channel, "LISTEN restored");
                 }

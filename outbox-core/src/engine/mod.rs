@@ -136,12 +136,19 @@ pub(crate) struct SubShared {
     /// Connect options of the workers' connections.
     pub(crate) conn_opts: PgConnectOptions,
     pub(crate) wake: Notify,
+    /// The earliest time a row of these queues is known to become due
+    /// (a retry this subscriber scheduled, or a future-dated row it saw).
+    due: std::sync::Mutex<Option<Instant>>,
+    /// Signalled when `due` moved earlier.
+    due_changed: Notify,
     pub(crate) stop_fetch: CancellationToken,
     pub(crate) stop_workers: CancellationToken,
     pub(crate) tx: mpsc::Sender<Arc<Delivery>>,
     pub(crate) rx: Mutex<mpsc::Receiver<Arc<Delivery>>>,
     /// Fetch once at least this many buffer slots are free.
     pub(crate) refill_at: usize,
+    /// The connections the workers share for their own writes.
+    pub(crate) write_pool: worker::WritePool,
     pub(crate) metrics: crate::telemetry::SubMetrics,
     /// The broker's test harness, if any.
     #[cfg(feature = "testing")]
@@ -162,6 +169,7 @@ impl SubShared {
         conn_opts: PgConnectOptions,
     ) -> Self {
         let cap = sub.options().get_fetch_batch_size();
+        let workers = sub.options().get_max_workers();
         let (tx, rx) = mpsc::channel(cap);
         Self {
             metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
@@ -176,11 +184,14 @@ impl SubShared {
             fetch_opts,
             conn_opts,
             wake: Notify::new(),
+            due: std::sync::Mutex::new(None),
+            due_changed: Notify::new(),
             stop_fetch: CancellationToken::new(),
             stop_workers: CancellationToken::new(),
             tx,
             rx: Mutex::new(rx),
             refill_at: (cap / 2).max(1),
+            write_pool: worker::WritePool::new(workers),
         }
     }
 
@@ -204,6 +215,63 @@ impl SubShared {
             _ = self.stop_fetch.cancelled() => true,
             _ = self.wake.notified() => false,
             _ = tokio::time::sleep(timeout) => false,
+        }
+    }
+
+    /// Records that a row of these queues becomes due `after` from now, so
+    /// an idle fetch loop claims it then instead of at its next poll.
+    pub(crate) fn due_in(&self, after: Duration) {
+        // The in-memory store runs on the harness's clock, which wakes the
+        // subscribers itself when it moves.
+        #[cfg(feature = "testing")]
+        if self.broker.memory().is_some() {
+            return;
+        }
+        let Some(at) = Instant::now().checked_add(after) else {
+            return;
+        };
+        let mut due = self
+            .due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if due.is_none_or(|d| at < d) {
+            *due = Some(at);
+            drop(due);
+            self.due_changed.notify_one();
+        }
+    }
+
+    /// The idle wait: until a wake-up, the earliest known due time,
+    /// `timeout`, or stop; `true` if stopping.
+    pub(crate) async fn wait_idle(&self, timeout: Duration) -> bool {
+        let until = Instant::now().checked_add(timeout);
+        loop {
+            let due = *self
+                .due
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let deadline = match (due, until) {
+                (Some(d), Some(u)) => Some(d.min(u)),
+                (d, u) => d.or(u),
+            };
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.stop_fetch.cancelled() => return true,
+                _ = self.wake.notified() => return false,
+                _ = self.due_changed.notified() => continue,
+                _ = sleep => {
+                    let mut due = self.due.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if due.is_some_and(|d| d <= Instant::now()) {
+                        *due = None;
+                    }
+                    return false;
+                }
+            }
         }
     }
 

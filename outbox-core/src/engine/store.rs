@@ -179,6 +179,27 @@ async fn claim_pg(
     Ok(out)
 }
 
+/// How long until the earliest future-dated, unleased row of `queues` is
+/// due (on the database clock), if there is one. The in-memory store answers
+/// `None`: the test harness wakes subscribers itself when its clock moves.
+pub(crate) async fn next_due(
+    stmts: &Statements,
+    conn: &mut Conn,
+    queues: &[String],
+) -> Result<Option<Duration>, sqlx::Error> {
+    match conn {
+        Conn::Pg(conn) => {
+            let secs: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(stmts.next_due.clone()))
+                .bind(queues)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(secs.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
+        }
+        #[cfg(feature = "testing")]
+        Conn::Memory(_) => Ok(None),
+    }
+}
+
 /// Releases leases of rows claimed but never started, and gives the claim
 /// back (`deliveries_count - 1`), so another replica takes them at once.
 pub(crate) async fn release(

@@ -82,6 +82,38 @@ struct Writer {
     shared: Arc<SubShared>,
     conn: Option<Conn>,
     reconnect: Reconnect,
+    /// Workers borrow their connection from the subscriber's write pool for
+    /// each write (the acker and synchronous dispatch keep their own).
+    pooled: bool,
+}
+
+/// Most connections a subscriber's workers hold for their own writes
+/// (retries, dead-letter moves). Acks go through the acker's connection, so
+/// on the happy path workers write nothing; during a bus outage every
+/// worker retries its row, and hundreds of workers must not mean hundreds
+/// of PostgreSQL connections.
+pub(crate) const MAX_WORKER_CONNECTIONS: usize = 4;
+
+/// The connections the workers of one subscriber share for their writes.
+#[derive(Debug)]
+pub(crate) struct WritePool {
+    permits: tokio::sync::Semaphore,
+    idle: std::sync::Mutex<Vec<Conn>>,
+}
+
+impl WritePool {
+    pub(crate) fn new(max_workers: usize) -> Self {
+        Self {
+            permits: tokio::sync::Semaphore::new(max_workers.clamp(1, MAX_WORKER_CONNECTIONS)),
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 struct Worker {
@@ -110,7 +142,7 @@ pub(crate) fn ack_channel(shared: &SubShared) -> (AckSender, AckReceiver) {
 
 pub(crate) async fn run(shared: Arc<SubShared>, acks: AckSender) {
     let mut w = Worker {
-        writer: Writer::new(shared.clone()),
+        writer: Writer::pooled(shared.clone()),
         shared,
         acks: Some(acks),
     };
@@ -184,6 +216,17 @@ impl Worker {
     }
 
     async fn process(&mut self, delivery: Arc<Delivery>) {
+        if delivery.claimed_at.elapsed() >= self.shared.opts().get_lease_ttl() {
+            // The row waited in the buffer past its lease (the workers were
+            // all busy, e.g. waiting on a slow bus): another relay may hold
+            // it now. Handling it would publish it twice; it is claimed
+            // again instead.
+            self.writer.lease_lost(&delivery, "buffered");
+            testing!(self.shared.finished(delivery.row.id, || {
+                crate::testing::Step::LeaseLost { phase: "buffered" }
+            }));
+            return;
+        }
         let (outcome, error, duration) = self.dispatch(&delivery).await;
         let row = &delivery.row;
         let kind = crate::telemetry::error_kind(error.as_ref());
@@ -207,6 +250,9 @@ impl Worker {
                     landed.step("retry", || crate::testing::Step::Retried { delay })
                 }));
                 if let Landed::Yes = landed {
+                    // Wake the fetch loop when the retry is due, not at its
+                    // next poll.
+                    self.shared.due_in(delay);
                     self.shared.metrics.retried(&row.queue, kind, duration);
                     tracing::warn!(
                         queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
@@ -356,9 +402,38 @@ impl Worker {
             Decision::Reject => Outcome::Terminal {
                 reason: FailureReason::Rejected,
             },
+            Decision::Nack if self.bus_rejected(row, error.as_deref()) => Outcome::Terminal {
+                reason: FailureReason::Rejected,
+            },
             Decision::Nack => self.retry_outcome(row, error.as_deref()),
         };
         (outcome, error)
+    }
+
+    /// A bus refused the row for good and the subscriber keeps the default
+    /// retry strategy: retrying cannot help, so the row goes terminal now
+    /// (reason `rejected`; a custom strategy decides for itself).
+    fn bus_rejected(
+        &self,
+        row: &crate::row::OutboxRow,
+        error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
+    ) -> bool {
+        if self.shared.opts().has_custom_retry() {
+            return false;
+        }
+        let Some(e) = error else { return false };
+        let e: &(dyn std::error::Error + 'static) = e;
+        let Some(rejection) = crate::transport::BusRejection::find(e) else {
+            return false;
+        };
+        tracing::warn!(
+            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+            bus = rejection.bus(),
+            "{} refused outbox row {} for good; not retrying it (reason rejected)",
+            rejection.bus(),
+            row.id
+        );
+        true
     }
 
     fn retry_outcome(
@@ -413,6 +488,15 @@ impl Writer {
             shared,
             conn: None,
             reconnect: Reconnect::default(),
+            pooled: false,
+        }
+    }
+
+    /// A worker's writer: borrows a connection of the write pool per write.
+    fn pooled(shared: Arc<SubShared>) -> Self {
+        Self {
+            pooled: true,
+            ..Self::new(shared)
         }
     }
 
@@ -447,7 +531,12 @@ impl Writer {
             row_id = row.id,
             queue = %row.queue,
             deliveries_count = row.deliveries_count,
-            "outbox row {} lease expired before {phase} write; skipping", row.id
+            "{}",
+            if phase == "buffered" {
+                format!("outbox row {} waited in the buffer past its lease; not handling it (it will be claimed again)", row.id)
+            } else {
+                format!("outbox row {} lease expired before {phase} write; skipping", row.id)
+            }
         );
     }
 
@@ -455,12 +544,27 @@ impl Writer {
     /// be valid. Statement errors that are not connection problems are logged
     /// and give up: the row stays leased, nothing is deleted.
     async fn write(&mut self, claimed_at: Instant, w: &Write) -> Option<Written> {
+        if !self.pooled {
+            return self.write_on_own(claimed_at, w).await;
+        }
+        let shared = self.shared.clone();
+        let Ok(_permit) = shared.write_pool.permits.acquire().await else {
+            return None; // never closed
+        };
+        self.conn = shared.write_pool.idle().pop();
+        let written = self.write_on_own(claimed_at, w).await;
+        if let Some(conn) = self.conn.take() {
+            shared.write_pool.idle().push(conn);
+        }
+        written
+    }
+
+    async fn write_on_own(&mut self, claimed_at: Instant, w: &Write) -> Option<Written> {
         let lease = self.shared.opts().get_lease_ttl();
         loop {
             if self.conn.is_none() {
                 match store::connect(&self.shared.broker, &self.shared.conn_opts).await {
                     Ok(c) => {
-                        self.reconnect.opened();
                         self.conn = Some(c);
                     }
                     Err(e) => {
@@ -479,7 +583,10 @@ impl Writer {
             }
             let conn = self.conn.as_mut()?;
             match store::execute(self.shared.broker.stmts(), conn, w).await {
-                Ok(done) => return Some(done),
+                Ok(done) => {
+                    self.reconnect.worked();
+                    return Some(done);
+                }
                 Err(e) if store::is_connection_error(&e) => {
                     self.conn = None;
                     let wait = self.reconnect.failed();
