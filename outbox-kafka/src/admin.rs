@@ -92,8 +92,8 @@ impl KafkaBroker {
             Ok(Err(e)) => {
                 return Err(fail(
                     format!(
-                        "CreateTopics failed ({e}); check that the brokers are reachable within \
-                         {timeout:?} (connect_timeout) and that this client may create topics"
+                        "CreateTopics failed (check that the brokers are reachable within \
+                         {timeout:?} (connect_timeout) and that this client may create topics)"
                     ),
                     Some(e),
                 ));
@@ -115,7 +115,7 @@ impl KafkaBroker {
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, code)) => {
                     return Err(fail(
-                        format!("the cluster refused it: {code}"),
+                        "the cluster refused it".to_owned(),
                         Some(KafkaError::AdminOp(code)),
                     ));
                 }

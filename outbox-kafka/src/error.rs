@@ -14,7 +14,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// error is kept as the [`source`](std::error::Error::source). Use
 /// [`Error::is_retryable`] to tell a transient failure (broker down, timeout,
 /// leader election, topic not created yet: retrying the row later may
-/// succeed) from a permanent one (record too large, not authorized).
+/// succeed) from a permanent one (record too large, not authorized, invalid
+/// topic or record). [`Transport::publish`](outbox_core::Transport::publish)
+/// wraps a permanent one in an [`outbox_core::BusRejection`] (this error is
+/// its source), so the row is dead-lettered at once under the default retry
+/// strategy.
+///
+/// Each message ends with the librdkafka error it is about (when it includes
+/// it), so a rendered chain of sources names each text once.
 ///
 /// ```
 /// use outbox_kafka::Error;
@@ -53,10 +60,10 @@ pub enum Error {
     /// The cluster did not answer a metadata request in time at startup.
     #[error(
         "cannot reach the Kafka cluster at `{bootstrap}` (transport `{transport}`): no answer to a \
-         metadata request within {timeout:?} ({source}). Check that the brokers are running and \
-         reachable from this host, that the bootstrap address is right, that the brokers' \
-         advertised listeners resolve and are reachable from here, and that `security.protocol` / \
-         SASL settings match the listener"
+         metadata request within {timeout:?}. Check that the brokers are running and reachable \
+         from this host, that the bootstrap address is right, that the brokers' advertised \
+         listeners resolve and are reachable from here, and that `security.protocol` / SASL \
+         settings match the listener. librdkafka said: {source}"
     )]
     Unreachable {
         /// The transport's registered name.
@@ -89,7 +96,7 @@ pub enum Error {
     /// row is retried, so the record may arrive twice.
     #[error(
         "Kafka did not confirm the record for topic {topic:?} within message.timeout.ms \
-         ({timeout:?}): {source}; are the brokers reachable?"
+         ({timeout:?}; are the brokers reachable?): {source}"
     )]
     DeliveryTimeout {
         /// The destination topic.
@@ -117,8 +124,8 @@ pub enum Error {
     /// fenced its producer id (`ProducerFenced`, `InvalidProducerEpoch`). The
     /// transport replaced it with a fresh producer; retrying the row is safe.
     #[error(
-        "the Kafka producer became unusable while producing to topic {topic:?}: {reason}; \
-         it was replaced by a new producer"
+        "the Kafka producer became unusable while producing to topic {topic:?} and was \
+         replaced by a new producer: {reason}"
     )]
     Fatal {
         /// The destination topic.
@@ -157,13 +164,17 @@ pub enum Error {
     /// not create the topic: an invalid name or count (nothing was sent), no
     /// answer from the cluster, or a refusal (not authorized, replication
     /// above the number of brokers…).
-    #[error("cannot create Kafka topic {topic:?} on `{bootstrap}`: {reason}")]
+    #[error(
+        "cannot create Kafka topic {topic:?} on `{bootstrap}`: {reason}{}",
+        .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default()
+    )]
     CreateTopic {
         /// The topic.
         topic: String,
         /// The configured `bootstrap.servers`.
         bootstrap: String,
-        /// What went wrong and what to check.
+        /// What went wrong and what to check (the message appends the
+        /// librdkafka error, when there is one).
         reason: String,
         /// The librdkafka error; `None` when the request was not sent.
         #[source]
@@ -237,38 +248,49 @@ fn code_of(e: &KafkaError) -> Option<RDKafkaErrorCode> {
 /// Codes that will repeat on retry unless the record, the topic or the
 /// configuration changes. Everything else is treated as transient: wrongly
 /// retrying a permanent error costs a few attempts before the retry strategy
-/// gives up, wrongly giving up on a transient one dead-letters a good row.
+/// gives up, wrongly giving up on a transient one dead-letters a good row
+/// (a permanent error is dead-lettered at once, see
+/// [`BusRejection`](outbox_core::BusRejection)).
+///
+/// Deliberately transient: `UnknownTopicOrPartition` and the local
+/// `UnknownTopic` (the topic may be created later), `InvalidMessage`
+/// (Kafka's `CORRUPT_MESSAGE`: a CRC mismatch on the way, which librdkafka
+/// and the Java client retry), timeouts, leader changes and a full queue.
 fn code_is_retryable(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode as C;
     !matches!(
         code,
-        C::BadMessage
-            | C::BadCompression
-            | C::InvalidArgument
-            | C::Authentication
-            | C::UnsupportedFeature
-            | C::NotImplemented
-            | C::KeySerialization
-            | C::ValueSerialization
-            | C::InvalidMessage
-            | C::InvalidMessageSize
-            | C::MessageSizeTooLarge
-            | C::InvalidTopic
+        // The record is too large for the producer's `message.max.bytes`
+        // (refused locally) or for the broker or topic.
+        C::MessageSizeTooLarge
             | C::MessageBatchTooLarge
-            | C::InvalidRequiredAcks
+            | C::InvalidMessageSize
+            // Not authorized.
             | C::TopicAuthorizationFailed
             | C::ClusterAuthorizationFailed
             | C::TransactionalIdAuthorizationFailed
-            | C::InvalidTimestamp
-            | C::UnsupportedSASLMechanism
+            | C::Authentication
             | C::SaslAuthenticationFailed
+            | C::UnsupportedSASLMechanism
+            // An invalid destination, or a record the broker will never take.
+            | C::InvalidTopic
+            | C::InvalidRecord
+            | C::InvalidTimestamp
+            | C::PolicyViolation
+            | C::BadMessage
+            | C::BadCompression
+            | C::KeySerialization
+            | C::ValueSerialization
+            // Configuration or client/broker capabilities.
+            | C::InvalidArgument
+            | C::InvalidConfig
+            | C::InvalidRequest
+            | C::InvalidRequiredAcks
+            | C::UnsupportedFeature
+            | C::NotImplemented
             | C::UnsupportedVersion
             | C::UnsupportedForMessageFormat
             | C::UnsupportedCompressionType
-            | C::InvalidConfig
-            | C::InvalidRequest
-            | C::PolicyViolation
-            | C::InvalidRecord
     )
 }
 
@@ -281,6 +303,136 @@ mod tests {
             topic: "t".into(),
             source: Box::new(KafkaError::MessageProduction(code)),
         }
+    }
+
+    fn produce(code: RDKafkaErrorCode) -> Error {
+        Error::Produce {
+            topic: "t".into(),
+            source: Box::new(KafkaError::MessageProduction(code)),
+        }
+    }
+
+    /// What the runtime writes into logs and `last_exception`: the error,
+    /// then each source whose text the line does not already end with
+    /// (outbox-core's default renderer).
+    fn render_chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !text.ends_with(&s_text) {
+                text.push_str(": ");
+                text.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn permanent_refusals_are_the_ones_retrying_cannot_fix() {
+        use RDKafkaErrorCode as C;
+        // Record too large (locally, for the broker, for the batch), not
+        // authorized, invalid destination or record: permanent.
+        for code in [
+            C::MessageSizeTooLarge,
+            C::MessageBatchTooLarge,
+            C::TopicAuthorizationFailed,
+            C::ClusterAuthorizationFailed,
+            C::InvalidTopic,
+            C::InvalidRecord,
+            C::PolicyViolation,
+        ] {
+            assert!(!delivery(code).is_retryable(), "{code:?} is permanent");
+            assert!(!produce(code).is_retryable(), "{code:?} is permanent");
+        }
+        // A topic that does not exist yet may be created later; the rest is
+        // an outage, a leader change, a full queue or a corrupted transfer.
+        for code in [
+            C::UnknownTopicOrPartition,
+            C::UnknownTopic,
+            C::InvalidMessage,
+            C::QueueFull,
+            C::MessageTimedOut,
+            C::LeaderNotAvailable,
+            C::NotLeaderForPartition,
+            C::NotEnoughReplicas,
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+            C::RequestTimedOut,
+        ] {
+            assert!(delivery(code).is_retryable(), "{code:?} is transient");
+            assert!(produce(code).is_retryable(), "{code:?} is transient");
+        }
+    }
+
+    /// Each variant ends with its source's text (or leaves it out), so a
+    /// rendered chain names every error text once: a 45 s outage used to
+    /// log "Local: Message timed out" twice in one line.
+    #[test]
+    fn a_rendered_chain_names_each_error_text_once() {
+        let kafka = |code| Box::new(KafkaError::MessageProduction(code));
+        let errors = [
+            Error::Unreachable {
+                transport: "kafka".into(),
+                bootstrap: "b:9092".into(),
+                timeout: Duration::from_secs(10),
+                source: Box::new(KafkaError::MetadataFetch(
+                    RDKafkaErrorCode::OperationTimedOut,
+                )),
+            },
+            produce(RDKafkaErrorCode::MessageSizeTooLarge),
+            Error::DeliveryTimeout {
+                topic: "t".into(),
+                timeout: Duration::from_secs(30),
+                source: kafka(RDKafkaErrorCode::MessageTimedOut),
+            },
+            delivery(RDKafkaErrorCode::TopicAuthorizationFailed),
+            Error::Fatal {
+                topic: "t".into(),
+                reason: KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced).to_string(),
+                source: kafka(RDKafkaErrorCode::ProducerFenced),
+            },
+            Error::Flush {
+                transport: "kafka".into(),
+                timeout: Duration::from_secs(10),
+                source: Box::new(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)),
+            },
+            Error::CreateTopic {
+                topic: "t".into(),
+                bootstrap: "b:9092".into(),
+                reason: "the cluster refused it".into(),
+                source: Some(Box::new(KafkaError::AdminOp(
+                    RDKafkaErrorCode::TopicAuthorizationFailed,
+                ))),
+            },
+        ];
+        for e in errors {
+            // As the runtime wraps it: transport error -> this error.
+            let outer = outbox_core::Error::Transport {
+                transport: "kafka".into(),
+                destination: "t".into(),
+                source: Box::new(e),
+            };
+            let line = render_chain(&outer);
+            let mut cur = std::error::Error::source(&outer);
+            while let Some(err) = cur {
+                let text = err.to_string();
+                assert_eq!(line.matches(&text).count(), 1, "{text:?} in {line:?}");
+                cur = err.source();
+            }
+        }
+        let line = render_chain(&Error::DeliveryTimeout {
+            topic: "orders".into(),
+            timeout: Duration::from_secs(30),
+            source: kafka(RDKafkaErrorCode::MessageTimedOut),
+        });
+        assert_eq!(
+            line,
+            "Kafka did not confirm the record for topic \"orders\" within message.timeout.ms \
+             (30s; are the brokers reachable?): Message production error: MessageTimedOut \
+             (Local: Message timed out)"
+        );
     }
 
     #[test]
