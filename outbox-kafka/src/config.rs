@@ -248,8 +248,10 @@ impl KafkaBroker {
     }
 
     /// `message.timeout.ms` (default 30 s): how long the producer tries to
-    /// deliver a record (retrying internally) before the publish fails and
-    /// the row is nacked. Keep it below the subscribers' `lease_ttl`.
+    /// deliver a record (retrying internally, and waiting for room in a full
+    /// queue) before the publish fails and the row is nacked. A publish
+    /// takes at most this plus [`DELIVERY_REPORT_MARGIN`](crate::DELIVERY_REPORT_MARGIN)
+    /// (1 s); keep the subscribers' `lease_ttl` above that.
     pub fn message_timeout(mut self, d: Duration) -> Self {
         self.message_timeout = d;
         self

@@ -86,7 +86,7 @@
 //! | `enable.idempotence` | `true` | librdkafka's internal retries cannot duplicate or reorder |
 //! | `compression.type` | `none` | |
 //! | `linger.ms` | `5` | librdkafka's default; each row waits up to that long |
-//! | `message.timeout.ms` | `30000` | below the default `lease_ttl` (60 s) of subscribers, see below |
+//! | `message.timeout.ms` | `30000` | with the 1 s margin, below the default `lease_ttl` (60 s) of subscribers, see below |
 //!
 //! plus, outside librdkafka, the transport name (`kafka`), the startup
 //! connect timeout (10 s) and the flush timeout at shutdown (10 s). Secret
@@ -95,9 +95,16 @@
 //! (`rdkafka = { version = "0.39", features = ["ssl", "zstd"] }`): cargo
 //! unifies features, and this crate re-exports that [`rdkafka`].
 //!
-//! Keep `message.timeout.ms` plus the handler's own run time below the
-//! subscriber's `lease_ttl`: the lease is not extended while a publish waits,
-//! so a longer wait lets another worker claim the row and produce it again.
+//! One publish takes at most `message.timeout.ms` plus
+//! [`DELIVERY_REPORT_MARGIN`] (1 s), waiting for room in a full producer
+//! queue included: that is [`KafkaTransport::max_publish_time`] (31 s with
+//! the defaults). Keep the subscriber's `lease_ttl` above it plus the
+//! handler's own run time (and the time a claimed row may wait in the
+//! subscriber's buffer): the lease clock starts at the claim and is not
+//! extended while a publish waits, so a longer wait lets another relay claim
+//! the row and produce it again. `App::run` warns when `lease_ttl` is not
+//! longer than the publish time alone; a 10 s lease with a 5 s
+//! `message.timeout.ms` is fine.
 //!
 //! ## Topics
 //!
@@ -111,8 +118,12 @@
 //! ## Kafka outages and the dead-letter table
 //!
 //! During an outage librdkafka keeps each record queued and retries on its own
-//! until `message.timeout.ms`; an outage shorter than that is invisible except
-//! for latency (the publish is just slow). After it, the publish fails with
+//! until `message.timeout.ms`; an outage shorter than that only delays the
+//! records. The App says so: when a transport has confirmed nothing for
+//! `App::outage_warning_after` (5 s) while messages wait, one WARN names the
+//! transport, the topic, how many messages wait and since when, and one INFO
+//! follows when it confirms again. After `message.timeout.ms`, the publish
+//! fails with
 //! [`Error::DeliveryTimeout`], the row is nacked, and the subscriber's
 //! [retry strategy](outbox_core::retry) schedules the next attempt. Each
 //! attempt costs up to `message.timeout.ms` plus the strategy's delay, so
@@ -130,9 +141,26 @@
 //! budget to the longest outage you want to ride out, e.g.
 //! `ExponentialRetry::new(1s).max_delay(60s).max_total_delay(2h)` on the
 //! route, and configure a dead-letter table so that nothing is dropped
-//! silently. [`Error::is_retryable`] tells transient failures from permanent
-//! ones (record too large, not authorized) for custom
-//! strategies.
+//! silently.
+//!
+//! ## Permanent refusals
+//!
+//! A record Kafka will never take (larger than `message.max.bytes`, a topic
+//! or cluster the producer is not authorized for, an invalid topic name or
+//! record: [`Error::is_retryable`] is false) is not worth retrying:
+//! [`Transport::publish`](outbox_core::Transport::publish) returns it wrapped
+//! in an [`outbox_core::BusRejection`] (with the [`enum@Error`] as its
+//! source), and a subscriber with the default retry strategy moves the row
+//! to the dead-letter table at once (`failure_reason = rejected`,
+//! `last_exception` naming `kafka`, the topic and librdkafka's text); the
+//! other rows are not held up. A route with its own retry strategy decides
+//! itself (`RetryContext::is_bus_rejection`). A topic that does not exist
+//! yet is not permanent: it may be created later.
+//!
+//! A 2 MB record, for example, is refused by librdkafka before it is sent:
+//! the producer's `message.max.bytes` defaults to 1,000,000 bytes, like the
+//! brokers' own limit. Raise both (`.set("message.max.bytes", ..)` and the
+//! broker's or topic's setting) if you mean to send such records.
 //!
 //! A producer that cannot recover by itself (a librdkafka fatal error, or a
 //! producer id fenced by the cluster, as can happen after in-flight requests
@@ -155,7 +183,10 @@
 //! something.
 //!
 //! librdkafka's log lines and client errors are forwarded to `tracing`
-//! (target `librdkafka`, field `transport`).
+//! (target `librdkafka`, field `transport`). Its guess that a broker which
+//! does not answer a new connection's first request is older than Kafka 0.10
+//! is replaced by what that almost always means (the broker is down, hung,
+//! overloaded or restarting).
 
 mod admin;
 mod config;
@@ -168,7 +199,7 @@ pub use config::{
     DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME, KafkaBroker,
 };
 pub use error::{Error, Result};
-pub use transport::KafkaTransport;
+pub use transport::{DELIVERY_REPORT_MARGIN, KafkaTransport};
 
 /// The `rdkafka` crate this transport is built on (for `ClientConfig`,
 /// error codes and the mock cluster).

@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use outbox_core::{BoxError, Outgoing, Transport};
+use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -18,6 +18,15 @@ use crate::error::{Error, Result};
 
 /// Wait between two enqueue attempts while the producer's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(20);
+
+/// How much longer than `message.timeout.ms` a publish waits for its
+/// delivery report (1 s): librdkafka looks for timed-out records about once
+/// a second, so its own report of a timeout can come up to that much later.
+///
+/// A publish never takes longer than `message.timeout.ms` plus this margin,
+/// queue-full waits included: that sum is
+/// [`KafkaTransport::max_publish_time`](outbox_core::Transport::max_publish_time).
+pub const DELIVERY_REPORT_MARGIN: Duration = Duration::from_secs(1);
 
 type KafkaProducer = FutureProducer<KafkaContext>;
 
@@ -97,10 +106,18 @@ impl KafkaTransport {
         &self.inner.bootstrap
     }
 
-    /// The effective `message.timeout.ms`: the longest a publish waits for
-    /// its delivery report.
+    /// The effective `message.timeout.ms`: one publish (waiting for room in
+    /// a full producer queue, then for the delivery report) takes at most
+    /// this plus [`DELIVERY_REPORT_MARGIN`].
     pub fn message_timeout(&self) -> Duration {
         self.inner.message_timeout
+    }
+
+    /// The longest one publish takes: `message.timeout.ms` plus
+    /// [`DELIVERY_REPORT_MARGIN`] (what [`Transport::max_publish_time`]
+    /// reports).
+    pub fn max_publish_time(&self) -> Duration {
+        self.inner.message_timeout + DELIVERY_REPORT_MARGIN
     }
 
     /// Records queued in the producer or awaiting their delivery report.
@@ -109,7 +126,15 @@ impl KafkaTransport {
     }
 
     /// Sends one record and waits for its delivery report (what
-    /// [`Transport::publish`] does, with this crate's error type).
+    /// [`Transport::publish`] does, with this crate's error type; a
+    /// permanent refusal is not wrapped in a
+    /// [`BusRejection`](outbox_core::BusRejection) here).
+    ///
+    /// One deadline bounds the whole call: `message.timeout.ms` from the
+    /// start for a place in the producer's queue (when it is full), and that
+    /// plus [`DELIVERY_REPORT_MARGIN`] for the delivery report. A record
+    /// still unconfirmed then fails with [`Error::DeliveryTimeout`]; it may
+    /// still be written later (the row is retried: at least once).
     pub async fn send(&self, msg: Outgoing) -> Result<()> {
         self.inner.clone().send(msg).await
     }
@@ -169,25 +194,52 @@ impl Inner {
         if let Some(k) = key.as_deref() {
             record = record.key(k);
         }
-        let enqueue_deadline = Instant::now() + self.message_timeout;
+        // One deadline for the whole publish: librdkafka's own
+        // message.timeout.ms starts only once a record is queued, so waiting
+        // for room in a full queue must come out of the same budget.
+        let deadline = Instant::now() + self.message_timeout;
         let delivery = loop {
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                    if Instant::now() < enqueue_deadline =>
+                    if Instant::now() < deadline =>
                 {
                     record = r;
-                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF.min(left)).await;
                 }
                 Err((e, _)) => {
                     return Err(self.failed(generation, producer, &topic, e, Stage::Enqueue));
                 }
             }
         };
-        match delivery.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(self.failed(generation, producer, &topic, e, Stage::Delivery)),
-            Err(_canceled) => Err(Error::Canceled { topic }),
+        match tokio::time::timeout_at(deadline + DELIVERY_REPORT_MARGIN, delivery).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err((e, _)))) => {
+                Err(self.failed(generation, producer, &topic, e, Stage::Delivery))
+            }
+            Ok(Err(_canceled)) => Err(Error::Canceled { topic }),
+            // Queued late (the queue was full): librdkafka would wait up to
+            // message.timeout.ms more. The record stays queued and may still
+            // be written; the row is retried either way.
+            Err(_elapsed) => Err(Error::DeliveryTimeout {
+                topic,
+                timeout: self.message_timeout,
+                source: Box::new(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                )),
+            }),
+        }
+    }
+
+    /// `e` as [`Transport::publish`] returns it: a permanent refusal (see
+    /// [`Error::is_retryable`]) wrapped in a [`BusRejection`] naming this
+    /// transport, with `e` as its source; a transient failure as it is.
+    fn publish_error(&self, e: Error) -> BoxError {
+        if e.is_retryable() {
+            Box::new(e)
+        } else {
+            Box::new(BusRejection::new(self.name.clone(), e))
         }
     }
 
@@ -290,15 +342,24 @@ impl Transport for KafkaTransport {
     /// Produces `msg` to the topic `msg.destination` (payload, optional key,
     /// every header) and resolves once the cluster acknowledged it (with
     /// `acks=all`: written to every in-sync replica), or with an
-    /// [`enum@Error`] (boxed).
+    /// [`enum@Error`] (boxed). A permanent refusal (record too large, not
+    /// authorized, invalid topic or record: [`Error::is_retryable`] is
+    /// false) comes wrapped in a [`BusRejection`] whose source is the
+    /// [`enum@Error`], so that the row is dead-lettered at once under the
+    /// default retry strategy; downcasting the chain still finds the
+    /// [`enum@Error`].
     fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.send(msg).await.map_err(BoxError::from) })
+        Box::pin(async move {
+            let sent = inner.clone().send(msg).await;
+            sent.map_err(|e| inner.publish_error(e))
+        })
     }
 
-    /// `message.timeout.ms` (plus the enqueue wait it also bounds).
+    /// `message.timeout.ms` plus [`DELIVERY_REPORT_MARGIN`]: the one deadline
+    /// that bounds a publish, queue-full waits included.
     fn max_publish_time(&self) -> Option<Duration> {
-        Some(self.inner.message_timeout)
+        Some(KafkaTransport::max_publish_time(self))
     }
 
     /// Kafka's topic name rules (1 to 249 characters of `a-z A-Z 0-9 . _ -`,
@@ -312,5 +373,87 @@ impl Transport for KafkaTransport {
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
         let this = self.clone();
         Box::pin(async move { this.flush().await.map_err(BoxError::from) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DEFAULT_MESSAGE_TIMEOUT, KafkaBroker};
+    use rdkafka::mocking::MockCluster;
+
+    /// The figure the App compares with `lease_ttl`: with the defaults,
+    /// 30 s + 1 s, well below the subscribers' default lease (60 s).
+    #[tokio::test]
+    async fn max_publish_time_on_the_defaults_is_one_message_timeout_plus_the_margin() {
+        let broker = KafkaBroker::new("127.0.0.1:1");
+        let config = broker.client_config().expect("the defaults are valid");
+        let producer: KafkaProducer = config
+            .create_with_context(KafkaContext::new("kafka"))
+            .expect("a producer needs no connection to be created");
+        let transport = KafkaTransport::new(
+            "kafka".into(),
+            "127.0.0.1:1".into(),
+            config,
+            producer,
+            broker.get_message_timeout(),
+            Duration::from_secs(1),
+        );
+        let expected = DEFAULT_MESSAGE_TIMEOUT + DELIVERY_REPORT_MARGIN;
+        assert_eq!(expected, Duration::from_secs(31));
+        assert_eq!(Transport::max_publish_time(&transport), Some(expected));
+        assert_eq!(transport.max_publish_time(), expected);
+        assert!(expected < outbox_core::SubscriberOptions::default().get_lease_ttl());
+        drop_off_runtime(transport.inner.current().producer);
+    }
+
+    /// A record that waited for room in a full producer queue does not get
+    /// a second `message.timeout.ms` for its delivery report: the publish
+    /// ends by `max_publish_time()`. Before, the second record below was
+    /// confirmed after ~7 s (3.5 s waiting for the queue, then 3.5 s for its
+    /// own round trip) although the transport promised 4 s.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queue_full_waits_and_the_delivery_report_share_one_deadline() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("t", 1, 1).expect("topic");
+        let transport = KafkaBroker::new(mock.bootstrap_servers())
+            .message_timeout(Duration::from_secs(4))
+            .set("queue.buffering.max.messages", "1")
+            .connect_transport()
+            .await
+            .expect("the mock cluster answers");
+        let budget = transport.max_publish_time();
+        assert_eq!(budget, Duration::from_secs(5));
+        // Warm up (producer id, metadata), then make every answer slow.
+        transport
+            .send(Outgoing::new("t", b"warm-up".to_vec()))
+            .await
+            .expect("warm-up record");
+        mock.broker_round_trip_time(-1, Duration::from_millis(3500))
+            .expect("rtt");
+
+        let first = tokio::spawn({
+            let t = transport.clone();
+            async move { t.send(Outgoing::new("t", b"1".to_vec())).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = Instant::now();
+        let second = transport.send(Outgoing::new("t", b"2".to_vec())).await;
+        let took = started.elapsed();
+
+        mock.broker_round_trip_time(-1, Duration::ZERO)
+            .expect("rtt");
+        let first = first.await.expect("first publish task");
+        println!("first: {first:?}; second after {took:?}: {second:?}");
+        let err = second.expect_err("the second record cannot be confirmed within the budget");
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            matches!(err, Error::DeliveryTimeout { .. } | Error::Produce { .. }),
+            "{err:?}"
+        );
+        // Generous for a loaded machine; the old behaviour took ~7 s *and*
+        // succeeded, which the assertion above already refuses.
+        assert!(took < budget + Duration::from_secs(3), "{took:?}");
+        transport.flush().await.ok();
     }
 }
