@@ -8,10 +8,12 @@ mod outbox_transport;
 mod reply;
 mod route;
 pub mod transport;
+mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 
@@ -91,6 +93,7 @@ pub struct App {
     after_shutdown: Vec<Hook>,
     pending: Vec<Error>,
     signals: bool,
+    watch: watch::Watch,
     validate_schema: Option<crate::SchemaChecks>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
@@ -138,6 +141,7 @@ impl App {
             after_shutdown: Vec::new(),
             pending: Vec::new(),
             signals: true,
+            watch: watch::Watch::new(Some(Self::DEFAULT_OUTAGE_WARNING_AFTER)),
             validate_schema: None,
             #[cfg(feature = "prometheus")]
             prometheus: None,
@@ -182,6 +186,46 @@ impl App {
     /// Adjusts the engine before it starts (LISTEN options, connection names).
     pub fn configure_engine(mut self, f: impl FnOnce(Engine) -> Engine + Send + 'static) -> Self {
         self.engine = Some(Box::new(f));
+        self
+    }
+
+    /// How long [`outage_warning_after`](Self::outage_warning_after) waits by
+    /// default: 5 s.
+    pub const DEFAULT_OUTAGE_WARNING_AFTER: Duration = Duration::from_secs(5);
+
+    /// Logs one WARN when a transport has confirmed nothing sent to a
+    /// destination for `after` (default
+    /// [`DEFAULT_OUTAGE_WARNING_AFTER`](Self::DEFAULT_OUTAGE_WARNING_AFTER),
+    /// 5 s) while messages wait for it, and one INFO when it confirms again;
+    /// `None` turns both off.
+    ///
+    /// The WARN names the transport and the destination (fields `transport`,
+    /// `destination`), how many publishes wait for a confirmation
+    /// (`waiting`), how many failed since the last one (`failed`) and since
+    /// when (`since`, UTC); the INFO says how long the outage lasted
+    /// (`outage_secs`), how many publishes failed during it and how many
+    /// were confirmed since. Nothing is logged for an idle destination, nor
+    /// for permanent refusals ([`BusRejection`](crate::BusRejection)), which
+    /// are answers, not outages. Every transport is watched the same way;
+    /// the cost on the hot path is a few atomic counters per publish.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # fn demo(outbox: outbox_core::OutboxBroker) {
+    /// let app = outbox_core::App::new(outbox).outage_warning_after(Duration::from_secs(30));
+    /// # let _ = app;
+    /// # }
+    /// ```
+    ///
+    /// A zero duration is refused when the App runs.
+    pub fn outage_warning_after(mut self, after: impl Into<Option<Duration>>) -> Self {
+        match after.into() {
+            Some(d) if d.is_zero() => self.pending.push(Error::config(
+                "outage_warning_after must be longer than zero; pass None to turn the outage \
+                 warning off",
+            )),
+            after => self.watch = watch::Watch::new(after),
+        }
         self
     }
 
@@ -272,6 +316,8 @@ impl App {
         }
         let engine = self.build_engine(routes)?;
         engine.start().await?;
+        // Stops when dropped: at shutdown below, or on an early return.
+        let watching = self.watch.start();
         for hook in std::mem::take(&mut self.after_startup) {
             if let Err(e) = run_hook("after_startup", hook, &ctx).await {
                 engine.stop().await;
@@ -290,6 +336,7 @@ impl App {
             }
         }
         let report = engine.stop().await;
+        drop(watching);
         tracing::info!(?report, "subscribers drained");
         close_transports(&ctx).await;
         for hook in std::mem::take(&mut self.after_shutdown) {
@@ -353,11 +400,21 @@ impl App {
                 if let Some(max) = transport.max_publish_time()
                     && lease <= max
                 {
+                    let name = route.effective_name();
+                    let who = match &route.location {
+                        Some(l) => format!("`{name}` ({l})"),
+                        None => format!("`{name}`"),
+                    };
                     tracing::warn!(
-                        "subscriber {} has lease_ttl {lease:?}, not longer than the {max:?} a publish to \
-                         transport `{}` may wait: a slow publish can let another worker claim the row and \
-                         publish it again; raise lease_ttl or lower the transport's timeout",
-                        route.describe(),
+                        subscriber = %name,
+                        transport = %t.transport,
+                        "subscriber {who}: lease_ttl ({lease:?}) is not longer than the {max:?} a \
+                         publish to transport `{}` may take. The lease clock starts when the row \
+                         is claimed: the row may wait in the subscriber's buffer, then the handler \
+                         runs, then the publish waits up to {max:?} for the bus; once the lease \
+                         has run out, another relay may claim the row and publish it again (a \
+                         duplicate). Make lease_ttl longer than {max:?} plus the handler's worst \
+                         case, or shorten the transport's timeout (Kafka: message_timeout)",
                         t.transport
                     );
                 }
@@ -370,7 +427,8 @@ impl App {
                         t.transport
                     )));
                 }
-                targets.push((transport, t.destination.clone()));
+                let watch = self.watch.tracker(&t.transport, &t.destination);
+                targets.push((transport, t.destination.clone(), watch));
             }
             for req in &route.requirements {
                 if !ctx.has_state(req.type_id) {
@@ -467,12 +525,15 @@ async fn wait_for_shutdown(token: &tokio_util::sync::CancellationToken, signals:
     }
 }
 
+/// A transport, a destination on it, and the destination's outage tracker.
+type Target = (Arc<dyn Transport>, String, Option<Arc<watch::Tracker>>);
+
 /// Runs a route's handler and forwards its result to every target.
 #[derive(Clone)]
 struct RouteHandler {
     call: RouteCall,
     ctx: AppContext,
-    targets: Arc<Vec<(Arc<dyn Transport>, String)>>,
+    targets: Arc<Vec<Target>>,
     propagate: bool,
 }
 
@@ -484,7 +545,7 @@ impl RouteHandler {
             return Ok(());
         }
         let headers = outgoing_headers(&msg, &reply, self.propagate)?;
-        let sends = self.targets.iter().map(|(t, dest)| {
+        let sends = self.targets.iter().map(|(t, dest, watch)| {
             let out = Outgoing {
                 destination: dest.clone(),
                 key: reply.key.clone(),
@@ -493,10 +554,15 @@ impl RouteHandler {
             };
             let name = t.name().to_owned();
             let dest = dest.clone();
+            // Counted as waiting for the bus until it resolves (outage WARN).
+            let in_flight = watch.as_ref().map(|w| w.begin());
             let fut = t.publish(out);
             async move {
                 let started = std::time::Instant::now();
                 let res = fut.await;
+                if let Some(f) = in_flight {
+                    f.end(&res);
+                }
                 crate::telemetry::transport_duration(&name, &dest, res.is_ok(), started.elapsed());
                 res.map_err(|source| Error::Transport {
                     transport: name,
