@@ -266,6 +266,17 @@ pub struct Relay {
 impl Relay {
     /// Relays `queue` to `topic`: 4 workers, retry every 200 ms, forever.
     pub fn start(db: &TestDb, queue: &str, topic: &str, kafka: KafkaBroker) -> Self {
+        Self::start_with(db, queue, topic, kafka, |app| app)
+    }
+
+    /// [`start`](Self::start), with `configure` applied to the `App`.
+    pub fn start_with(
+        db: &TestDb,
+        queue: &str,
+        topic: &str,
+        kafka: KafkaBroker,
+        configure: impl FnOnce(App) -> App,
+    ) -> Self {
         let route = Route::builder([queue])
             .max_workers(4)
             .min_fetch_interval(Duration::from_millis(20))
@@ -276,11 +287,13 @@ impl Relay {
                 let v: i64 = msg.decode()?;
                 Ok::<_, BoxError>(Response::new(v).key(format!("k{v}")))
             });
-        let app = App::new(db.broker.clone())
-            .without_discovery()
-            .without_signals()
-            .subscriber(route)
-            .on_startup(kafka.connect());
+        let app = configure(
+            App::new(db.broker.clone())
+                .without_discovery()
+                .without_signals()
+                .subscriber(route)
+                .on_startup(kafka.connect()),
+        );
         let stop = app.handle();
         Self {
             stop,

@@ -275,6 +275,83 @@ async fn ensure_topic_creates_a_missing_topic_once_and_checks_its_input() -> R {
     Ok(())
 }
 
+/// The lease warning names what the lease must cover (buffer wait, handler,
+/// publish) and fires only when a publish can outlast the lease: a sane
+/// short lease (10 s with a 5 s `message.timeout.ms`, so at most 6 s per
+/// publish) starts without it (nor any other lease warning), a 5 s lease
+/// with the default 30 s timeout gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_warning_fires_only_when_a_publish_can_outlast_the_lease() -> R {
+    let boot = bootstrap();
+    let _lock = broker_lock(false).await?;
+    let db = TestDb::new().await?;
+    let topic = support::unique_topic("lease");
+    let secs = Duration::from_secs;
+    for (queue, lease, timeout, warned) in [
+        ("lease_sane", secs(10), secs(5), false),
+        ("lease_short", secs(5), secs(30), true),
+    ] {
+        // Default poll intervals: the 10 s lease equals max_fetch_interval,
+        // which used to warn as well.
+        let route = Route::builder([queue])
+            .lease_ttl(lease)
+            .publish_to("kafka", topic.clone())
+            .handler(|msg: Message, _ctx| async move {
+                Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+            });
+        let app = App::new(db.broker.clone())
+            .without_discovery()
+            .without_signals()
+            .subscriber(route)
+            .on_startup(
+                support::test_kafka(&boot)
+                    .message_timeout(timeout)
+                    .connect(),
+            );
+        let stop = app.handle();
+        let run = tokio::spawn(app.run());
+        let of_queue =
+            |c: &tests::Captured| c.fields.get("subscriber").map(String::as_str) == Some(queue);
+        // Logged once the route passed its checks (the lease one included).
+        let routed = wait_until(Duration::from_secs(30), || async {
+            !tests::captured(|c| of_queue(c) && c.message == "outbox route").is_empty()
+        })
+        .await;
+        stop.shutdown();
+        run.await??;
+        assert!(routed, "the app did not get to its routes");
+        let warnings: Vec<String> = tests::captured(|c| {
+            c.level == tracing::Level::WARN && of_queue(c) && c.message.contains("lease")
+        })
+        .into_iter()
+        .map(|c| c.message)
+        .collect();
+        if !warned {
+            assert_eq!(
+                warnings,
+                Vec::<String>::new(),
+                "{queue}: {lease:?} lease, {timeout:?} timeout"
+            );
+            continue;
+        }
+        assert_eq!(warnings.len(), 1, "{warnings:#?}");
+        let w = &warnings[0];
+        println!("{w}");
+        for part in [
+            "lease_ttl (5s)",
+            "31s",
+            "transport `kafka`",
+            "claimed",
+            "buffer",
+            "handler",
+            "another relay may claim the row and publish it again",
+        ] {
+            assert!(w.contains(part), "{part:?} in {w}");
+        }
+    }
+    Ok(())
+}
+
 /// The embedding API: publishes run concurrently (100 records with a 20 ms
 /// linger would take 2 s one after the other), each resolves on its own
 /// delivery report, and `close` flushes.

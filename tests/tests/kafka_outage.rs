@@ -18,7 +18,7 @@ use support::{
     Paused, Relay, bootstrap, broker_lock, create_topic, kafka_sh, read_back, retries_of,
     test_kafka,
 };
-use tests::{TestDb, wait_until};
+use tests::{Captured, TestDb, captured, wait_until};
 
 type R = anyhow::Result<()>;
 
@@ -142,6 +142,18 @@ async fn a_broker_hang_longer_than_the_message_timeout_is_ridden_out_by_retries(
 
     let ids = stream.ids().await?;
     assert!(nacks_during > 0, "no publish timed out during a 5 s hang");
+    // Each error text once per line (a delivery timeout used to repeat
+    // librdkafka's text).
+    let retries = retries_of(queue);
+    assert!(
+        retries.iter().any(|l| l.contains("Message timed out")),
+        "{retries:#?}"
+    );
+    for line in retries {
+        for text in ["Message production error", "Message timed out"] {
+            assert!(line.matches(text).count() <= 1, "{text:?} twice in {line}");
+        }
+    }
     assert!(
         db.drained(Duration::from_secs(60)).await,
         "rows left after the broker resumed: {}",
@@ -157,5 +169,90 @@ async fn a_broker_hang_longer_than_the_message_timeout_is_ridden_out_by_retries(
         ids.len(),
         t0.elapsed()
     );
+    Ok(())
+}
+
+/// Outage visibility: an ~8 s hang with `outage_warning_after(2 s)` logs
+/// exactly one WARN naming the transport, the topic and how many messages
+/// wait, then exactly one INFO once the broker confirms again; nothing is
+/// lost. (The hang is shorter than `message.timeout.ms`, 30 s: the
+/// publishes wait in flight the whole time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_hang_logs_one_outage_warning_then_one_recovery() -> R {
+    let boot = bootstrap();
+    kafka_sh();
+    let _lock = broker_lock(true).await?;
+    let db = TestDb::new().await?;
+    let topic = support::unique_topic("outage.watch");
+    create_topic(&boot, &topic, 4).await?;
+    let queue = "outage_watch";
+
+    let relay = Relay::start_with(&db, queue, &topic, test_kafka(&boot), |app| {
+        app.outage_warning_after(Duration::from_secs(2))
+    });
+    let of_topic = |c: &Captured| c.fields.get("destination") == Some(&topic);
+    let warnings = || {
+        captured(|c| {
+            c.level == tracing::Level::WARN
+                && of_topic(c)
+                && c.message.contains("has confirmed nothing")
+        })
+    };
+    let recoveries = || {
+        captured(|c| c.level == tracing::Level::INFO && of_topic(c) && c.message.contains("again"))
+    };
+    let stream = Stream::start(&db, queue);
+    stream.relayed_at_least(&db, 20).await;
+    assert!(warnings().is_empty(), "a warning while the broker was up");
+
+    let paused = Paused::pause()?;
+    let paused_at = Instant::now();
+    let warned = wait_until(Duration::from_secs(20), || async { !warnings().is_empty() }).await;
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused_at.elapsed())).await;
+    let recovered_during = recoveries().len();
+    paused.resume()?;
+    let outage = paused_at.elapsed();
+    assert!(warned, "no outage warning during a hang of {outage:?}");
+    assert_eq!(recovered_during, 0, "recovered while the broker was paused");
+
+    let ids = stream.ids().await?;
+    assert!(
+        db.drained(Duration::from_secs(60)).await,
+        "rows left after the broker resumed: {}",
+        db.count().await?
+    );
+    let recovered = wait_until(Duration::from_secs(10), || async {
+        !recoveries().is_empty()
+    })
+    .await;
+    assert!(recovered, "no recovery INFO after the broker resumed");
+    assert_eq!(db.dlq_count().await?, 0);
+    read_back(&boot, &topic, &ids).await?;
+    relay.stop().await?;
+
+    let warnings = warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    let w = &warnings[0];
+    println!("{}\n{}", w.message, recoveries()[0].message);
+    assert_eq!(w.fields.get("transport").map(String::as_str), Some("kafka"));
+    let waiting: u64 = w.fields["waiting"].parse()?;
+    assert!(waiting >= 1, "{w:?}");
+    assert!(w.fields.contains_key("since"), "{w:?}");
+    assert!(
+        w.message.contains("transport `kafka`") && w.message.contains(&topic),
+        "{w:?}"
+    );
+    assert!(
+        w.message.contains(&format!("{waiting} message(s) wait")),
+        "{w:?}"
+    );
+    let recoveries = recoveries();
+    assert_eq!(recoveries.len(), 1, "{recoveries:#?}");
+    assert_eq!(
+        recoveries[0].fields.get("transport").map(String::as_str),
+        Some("kafka")
+    );
+    let lasted: f64 = recoveries[0].fields["outage_secs"].parse()?;
+    assert!(lasted >= 2.0, "{recoveries:?}");
     Ok(())
 }
