@@ -11,6 +11,7 @@
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Attribute, Visibility};
 
@@ -54,6 +55,7 @@ pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStre
     let route = builder(model, &paths);
     let handler = handler(model, &paths);
     let marker = marker_struct(vis, ident, cfgs);
+    let deprecations = deprecations(model);
 
     quote! {
         #item
@@ -81,7 +83,38 @@ pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStre
                 #private::RouteFactory { make: __outbox_route }
             }
         };
+
+        #deprecations
     }
+}
+
+/// A deprecation warning for each deprecated option spelling used. Stable
+/// Rust has no diagnostic API for proc macros, so each is a use of a
+/// `#[deprecated]` unit struct named like the old option and located at it:
+/// rustc warns once per option, at the option, with the note (an error under
+/// `#![deny(deprecated)]`). Each sits in its own `const _` so that its name
+/// cannot shadow anything the route refers to.
+fn deprecations(model: &Subscriber<'_>) -> TokenStream {
+    let cfgs = &model.cfgs;
+    model
+        .args
+        .deprecated
+        .iter()
+        .map(|d| {
+            let span = at(d.key.span());
+            let old = Ident::new(&d.key.unraw().to_string(), span);
+            let note = &d.note;
+            quote_spanned! {span=>
+                #(#cfgs)*
+                const _: () = {
+                    #[deprecated(note = #note)]
+                    #[allow(non_camel_case_types)]
+                    struct #old;
+                    let _ = #old;
+                };
+            }
+        })
+        .collect()
 }
 
 /// `Route::builder([..]).name(..)...` up to (not including) `.handler(..)`.
@@ -102,46 +135,32 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
             .location(::core::file!(), ::core::line!(), ::core::column!())
     };
     let ints = [
-        ("max_workers", &args.max_workers, None),
-        ("fetch_batch_size", &args.fetch_batch_size, None),
-        ("fetch_concurrency", &args.fetch_concurrency, None),
-        (
-            "min_fetch_interval",
-            &args.min_fetch_interval_ms,
-            Some("from_millis"),
-        ),
-        (
-            "max_fetch_interval",
-            &args.max_fetch_interval_ms,
-            Some("from_millis"),
-        ),
-        ("max_deliveries", &args.max_deliveries, None),
-        (
-            "terminal_flush_batch_size",
-            &args.terminal_flush_batch_size,
-            None,
-        ),
+        ("max_workers", &args.max_workers),
+        ("fetch_batch_size", &args.fetch_batch_size),
+        ("fetch_concurrency", &args.fetch_concurrency),
+        ("max_deliveries", &args.max_deliveries),
+        ("terminal_flush_batch_size", &args.terminal_flush_batch_size),
     ];
-    for (setter, lit, ctor) in ints {
+    for (setter, lit) in ints {
         let Some(lit) = lit else { continue };
         let span = lit.span();
         let setter = name(setter, span);
-        let value = match ctor {
-            Some(ctor) => {
-                let ctor = name(ctor, span);
-                quote_spanned!(at(span)=> ::core::time::Duration::#ctor(#lit))
-            }
-            None => quote!(#lit),
-        };
-        chain.extend(quote_spanned!(at(span)=> .#setter(#value)));
+        chain.extend(quote_spanned!(at(span)=> .#setter(#lit)));
     }
-    if let Some(ttl) = &args.lease_ttl {
-        let mut secs = Literal::u64_suffixed(ttl.secs);
-        secs.set_span(ttl.span);
-        let mut nanos = Literal::u32_suffixed(ttl.nanos);
-        nanos.set_span(ttl.span);
-        chain.extend(quote_spanned!(at(ttl.span)=>
-            .lease_ttl(::core::time::Duration::new(#secs, #nanos))
+    let durations = [
+        ("lease_ttl", &args.lease_ttl),
+        ("min_fetch_interval", &args.min_fetch_interval),
+        ("max_fetch_interval", &args.max_fetch_interval),
+    ];
+    for (setter, d) in durations {
+        let Some(d) = d else { continue };
+        let setter = name(setter, d.span);
+        let mut secs = Literal::u64_suffixed(d.secs);
+        secs.set_span(d.span);
+        let mut nanos = Literal::u32_suffixed(d.nanos);
+        nanos.set_span(d.span);
+        chain.extend(quote_spanned!(at(d.span)=>
+            .#setter(::core::time::Duration::new(#secs, #nanos))
         ));
     }
     match &args.ack_policy {

@@ -20,6 +20,7 @@
 
 mod ctxt;
 mod debug;
+mod duration;
 mod expand;
 mod fallback;
 mod model;
@@ -60,19 +61,25 @@ use proc_macro::TokenStream;
 ///             | 'max_workers' '=' INT
 ///             | 'fetch_batch_size' '=' INT
 ///             | 'fetch_concurrency' '=' INT
-///             | 'lease_ttl_secs' '=' (INT | FLOAT)
-///             | 'min_fetch_interval_ms' '=' INT
-///             | 'max_fetch_interval_ms' '=' INT
+///             | 'lease_ttl' '=' DURATION
+///             | 'min_fetch_interval' '=' DURATION
+///             | 'max_fetch_interval' '=' DURATION
 ///             | 'max_deliveries' '=' INT
 ///             | 'terminal_flush_batch_size' '=' INT
 ///             | 'ack_policy' '=' ('NackOnError' | 'RejectOnError' | 'Manual')
 ///             | 'retry' '=' EXPR
 ///             | 'propagate_headers' '=' BOOL
 ///             | 'crate' '=' STRING
+/// DURATION   := STRING of one or more parts NUMBER UNIT, added up:
+///               "10s", "500ms", "1m", "1h", "2m30s", "1.5s"
+/// NUMBER     := DIGITS ('.' DIGITS)?
+/// UNIT       := 'h' | 'm' | 's' | 'ms' | 'us' | 'ns'
 /// ```
 ///
 /// The queue list comes first; options follow in any order, each at most
 /// once. A queue name is 1 to 255 characters and appears once in the list.
+/// Durations are read at compile time: a malformed duration (`"10"`,
+/// `"10 s"`, `"10sec"`) or a zero one is a compile error at the string.
 ///
 /// | option | value | default | builder call |
 /// |---|---|---|---|
@@ -80,23 +87,29 @@ use proc_macro::TokenStream;
 /// | `max_workers` | integer | `1` | `.max_workers(n)` |
 /// | `fetch_batch_size` | integer | `10` | `.fetch_batch_size(n)` |
 /// | `fetch_concurrency` | integer | `1` | `.fetch_concurrency(n)` |
-/// | `lease_ttl_secs` | integer or float | `60` | `.lease_ttl(Duration)` |
-/// | `min_fetch_interval_ms` | integer | `1000` | `.min_fetch_interval(Duration::from_millis(n))` |
-/// | `max_fetch_interval_ms` | integer | `10000` | `.max_fetch_interval(Duration::from_millis(n))` |
+/// | `lease_ttl` | duration | `"60s"` | `.lease_ttl(Duration)` |
+/// | `min_fetch_interval` | duration | `"1s"` | `.min_fetch_interval(Duration)` |
+/// | `max_fetch_interval` | duration | `"10s"` | `.max_fetch_interval(Duration)` |
 /// | `max_deliveries` | integer | none (unlimited) | `.max_deliveries(n)` |
 /// | `terminal_flush_batch_size` | integer | `1` | `.terminal_flush_batch_size(n)` |
 /// | `ack_policy` | `NackOnError`, `RejectOnError` or `Manual` | `NackOnError` | `.ack_policy(AckPolicy::..)` |
 /// | `retry` | any expression whose type implements `RetryStrategy` | `ExponentialRetry::default()`: 1 s ×2 up to 300 s, 10 attempts, jitter 0.2 | `.retry(expr)` |
-/// | `propagate_headers` | `true` / `false` | `false` | `.propagate_headers(b)` |
+/// | `propagate_headers` | `true` / `false` | `true`: the row's own headers go along (opt out with `propagate_headers = false`) | `.propagate_headers(b)` |
 /// | `crate` | a path, as a string | `"::outbox_core"` | (where generated code finds `outbox_core`) |
 ///
 /// The macro checks the *kind* of each value (an integer where an integer is
-/// expected, …). The values themselves are checked by the runtime when
-/// `App::run` builds the subscribers, exactly as for a hand-written
-/// `Route`: `max_workers = 0` or `min_fetch_interval_ms` above
-/// `max_fetch_interval_ms` make `App::run` fail with a message naming the
+/// expected, …) and reads durations. The values themselves are checked by
+/// the runtime when `App::run` builds the subscribers, exactly as for a
+/// hand-written `Route`: `max_workers = 0` or a `min_fetch_interval` above
+/// `max_fetch_interval` make `App::run` fail with a message naming the
 /// subscriber and where it was declared. The `retry` expression is evaluated
 /// in the scope of the fn, each time the route is built.
+///
+/// **Deprecated spellings.** `lease_ttl_secs = 30` (seconds, integer or
+/// float), `min_fetch_interval_ms = 500` and `max_fetch_interval_ms = 5000`
+/// (integer milliseconds) still work, with a compiler deprecation warning at
+/// the option naming the new spelling (`lease_ttl = "30s"`, …). Giving both
+/// spellings of one option is an error.
 ///
 /// # Typing requirements
 ///
@@ -178,7 +191,8 @@ use proc_macro::TokenStream;
 ///     ["signups", "signups.retry"],
 ///     name = "mail::welcome",
 ///     max_workers = 4,
-///     lease_ttl_secs = 30,
+///     lease_ttl = "30s",
+///     max_fetch_interval = "2s",
 ///     ack_policy = NackOnError,
 ///     retry = ConstantRetry::new(Duration::from_secs(5)).max_attempts(3),
 /// )]
@@ -215,6 +229,14 @@ use proc_macro::TokenStream;
 /// use outbox_core::subscriber;
 ///
 /// #[subscriber("orders", max_workers = "4")] // expected an integer for `max_workers`
+/// async fn handle(order_id: i64) {}
+/// # fn main() {}
+/// ```
+///
+/// ```compile_fail
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders", lease_ttl = "10")] // `10` has no unit: `"10s"` or `"10ms"`
 /// async fn handle(order_id: i64) {}
 /// # fn main() {}
 /// ```
@@ -326,11 +348,11 @@ pub fn subscriber(args: TokenStream, item: TokenStream) -> TokenStream {
 /// For each row, the handler runs once; its encoded result goes to every
 /// target concurrently, with the headers `content-type`, `correlation_id`
 /// (the row's, unless the `Response` sets one) and `outbox-id` (the row id,
-/// for deduplication), plus the row's own headers if the subscriber has
-/// `propagate_headers = true`. The row is acked only after **every** target
-/// confirmed; if any publish fails, that is a handler error: the row is
-/// retried by the subscriber's retry strategy (and every target is published
-/// again), then dead-lettered.
+/// for deduplication), plus the row's own headers (by default; opt out with
+/// `propagate_headers = false` on the `#[subscriber]`). The row is acked
+/// only after **every** target confirmed; if any publish fails, that is a
+/// handler error: the row is retried by the subscriber's retry strategy (and
+/// every target is published again), then dead-lettered.
 ///
 /// # Errors
 ///

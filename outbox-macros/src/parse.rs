@@ -1,19 +1,25 @@
 //! The attributes' argument grammar, read into typed values.
 //!
 //! A mistake in one argument is recorded in the [`Ctxt`] and parsing goes on
-//! with the next argument, so the user sees every mistake at once. Only what
-//! is purely syntactic is decided here (the kind of each literal); the values
-//! themselves are the runtime's business (`max_workers = 0` fails at
-//! `App::run`, with the same message as the hand-written builder).
+//! with the next argument, so the user sees every mistake at once. Mostly
+//! only what is syntactic is decided here (the kind of each literal); the
+//! values themselves are the runtime's business (`max_workers = 0` fails at
+//! `App::run`, with the same message as the hand-written builder). Duration
+//! strings are the exception: they are read here (a malformed or zero one
+//! is an error at the literal) and expand to a plain `Duration`.
+
+use std::time::Duration;
 
 use proc_macro2::{Span, TokenStream, TokenTree};
 use quote::{ToTokens, quote};
 use syn::ext::IdentExt;
 use syn::parse::{ParseStream, Parser};
 use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
 use syn::{Expr, Ident, Lit, LitBool, LitInt, LitStr, Token, token};
 
 use crate::ctxt::Ctxt;
+use crate::duration;
 use crate::symbol::*;
 
 const QUEUE_USAGE: &str =
@@ -28,12 +34,32 @@ pub(crate) struct Queues {
     pub(crate) tokens: TokenStream,
 }
 
-/// A duration given in seconds (integer or float), split for
+/// A duration option's value, read at compile time and split for
 /// `Duration::new(secs, nanos)` so it cannot panic at run time.
-pub(crate) struct Seconds {
+pub(crate) struct DurationArg {
     pub(crate) secs: u64,
     pub(crate) nanos: u32,
+    /// The value's span (where a type error in the expansion would point).
     pub(crate) span: Span,
+}
+
+impl DurationArg {
+    fn new(d: Duration, span: Span) -> Self {
+        DurationArg {
+            secs: d.as_secs(),
+            nanos: d.subsec_nanos(),
+            span,
+        }
+    }
+}
+
+/// A deprecated option spelling that was used: the expansion makes rustc
+/// warn about it, once, at `key`.
+pub(crate) struct Deprecated {
+    /// The old option name, as written.
+    pub(crate) key: Ident,
+    /// The warning's text: the new spelling, with the value given.
+    pub(crate) note: String,
 }
 
 /// Everything `#[subscriber(..)]` was given, each value already of the
@@ -49,9 +75,9 @@ pub(crate) struct SubscriberArgs {
     pub(crate) max_workers: Option<LitInt>,
     pub(crate) fetch_batch_size: Option<LitInt>,
     pub(crate) fetch_concurrency: Option<LitInt>,
-    pub(crate) lease_ttl: Option<Seconds>,
-    pub(crate) min_fetch_interval_ms: Option<LitInt>,
-    pub(crate) max_fetch_interval_ms: Option<LitInt>,
+    pub(crate) lease_ttl: Option<DurationArg>,
+    pub(crate) min_fetch_interval: Option<DurationArg>,
+    pub(crate) max_fetch_interval: Option<DurationArg>,
     pub(crate) max_deliveries: Option<LitInt>,
     pub(crate) terminal_flush_batch_size: Option<LitInt>,
     pub(crate) ack_policy: Option<AckPolicyArg>,
@@ -60,6 +86,8 @@ pub(crate) struct SubscriberArgs {
     pub(crate) krate: Option<syn::Path>,
     /// Targets handed over by `#[publish_to]`, top-down.
     pub(crate) targets: Vec<PublishToArgs>,
+    /// Deprecated spellings used (each option at most once).
+    pub(crate) deprecated: Vec<Deprecated>,
 }
 
 /// An `ack_policy` value.
@@ -108,8 +136,12 @@ pub(crate) fn subscriber_args(args: TokenStream, cx: &Ctxt) -> SubscriberArgs {
     out
 }
 
+/// The options given so far: (option, as spelled), to catch an option given
+/// twice, under its name or its deprecated spelling.
+type Seen = Vec<(&'static str, String)>;
+
 fn parse_list(input: ParseStream, out: &mut SubscriberArgs, cx: &Ctxt) {
-    let mut seen: Vec<String> = Vec::new();
+    let mut seen = Seen::new();
     let mut index = 0;
     while !input.is_empty() {
         if let Err(e) = parse_one(input, index, out, &mut seen, cx) {
@@ -147,7 +179,7 @@ fn parse_one(
     input: ParseStream,
     index: usize,
     out: &mut SubscriberArgs,
-    seen: &mut Vec<String>,
+    seen: &mut Seen,
     cx: &Ctxt,
 ) -> syn::Result<()> {
     // `key = value`
@@ -170,12 +202,13 @@ fn parse_one(
             }
         } else {
             let k = key.unraw().to_string();
-            if OPTIONS.contains(&k.as_str()) {
+            let k = replacement(&k).unwrap_or(&k);
+            if OPTIONS.contains(&k) {
                 let mut whole = key.to_token_stream();
                 paren.surround(&mut whole, |t| t.extend(tokens));
                 cx.error_spanned_by(
                     whole,
-                    format!("expected `{k} = ...`, e.g. `{}`", example(&k)),
+                    format!("expected `{k} = ...`, e.g. `{}`", example(k)),
                 );
             } else {
                 unknown_option(&key, cx);
@@ -196,10 +229,11 @@ fn positional(value: Expr, index: usize, out: &mut SubscriberArgs, cx: &Ctxt) {
         && let Some(ident) = p.path.get_ident()
     {
         let k = ident.unraw().to_string();
-        if OPTIONS.contains(&k.as_str()) {
+        let k = replacement(&k).unwrap_or(&k);
+        if OPTIONS.contains(&k) {
             cx.error_spanned_by(
                 &value,
-                format!("`{k}` needs a value, e.g. `{}`", example(&k)),
+                format!("`{k}` needs a value, e.g. `{}`", example(k)),
             );
             return;
         }
@@ -286,7 +320,7 @@ fn unknown_option(key: &Ident, cx: &Ctxt) {
     );
 }
 
-fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Vec<String>, cx: &Ctxt) {
+fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, cx: &Ctxt) {
     let k = key.unraw().to_string();
     if matches!(
         k.as_str(),
@@ -306,24 +340,40 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Vec<St
         );
         return;
     }
-    if !OPTIONS.contains(&k.as_str()) {
+    let Some(option) = OPTIONS
+        .iter()
+        .copied()
+        .find(|o| *o == k)
+        .or_else(|| replacement(&k))
+    else {
         unknown_option(key, cx);
         return;
-    }
-    if seen.contains(&k) {
-        cx.error_spanned_by(key, format!("duplicate `#[subscriber]` argument `{k}`"));
+    };
+    if let Some((_, first)) = seen.iter().find(|(o, _)| *o == option) {
+        let spellings = match (first.as_str(), k.as_str()) {
+            (a, b) if a == b => String::new(),
+            (a, b) => format!(" (given as `{a}` and as `{b}`; `{option}` is the current name)"),
+        };
+        cx.error_spanned_by(
+            key,
+            format!("duplicate `#[subscriber]` argument `{option}`{spellings}"),
+        );
         return;
     }
-    seen.push(k.clone());
-    let k = k.as_str();
+    seen.push((option, k.clone()));
+    if option != k {
+        out.deprecated_option(key, &k, option, value, cx);
+        return;
+    }
+    let k = option;
     match k {
         NAME => out.name = name(value, cx),
         MAX_WORKERS => out.max_workers = int(k, value, cx),
         FETCH_BATCH_SIZE => out.fetch_batch_size = int(k, value, cx),
         FETCH_CONCURRENCY => out.fetch_concurrency = int(k, value, cx),
-        LEASE_TTL_SECS => out.lease_ttl = seconds(k, value, cx),
-        MIN_FETCH_INTERVAL_MS => out.min_fetch_interval_ms = int(k, value, cx),
-        MAX_FETCH_INTERVAL_MS => out.max_fetch_interval_ms = int(k, value, cx),
+        LEASE_TTL => out.lease_ttl = duration_value(k, value, cx),
+        MIN_FETCH_INTERVAL => out.min_fetch_interval = duration_value(k, value, cx),
+        MAX_FETCH_INTERVAL => out.max_fetch_interval = duration_value(k, value, cx),
         MAX_DELIVERIES => out.max_deliveries = int(k, value, cx),
         TERMINAL_FLUSH_BATCH_SIZE => out.terminal_flush_batch_size = int(k, value, cx),
         ACK_POLICY => out.ack_policy = ack_policy(value, cx),
@@ -424,71 +474,145 @@ fn int(key: &str, value: &Expr, cx: &Ctxt) -> Option<LitInt> {
     None
 }
 
-fn seconds(key: &str, value: &Expr, cx: &Ctxt) -> Option<Seconds> {
+/// A duration option: a string such as `"10s"`, read at compile time.
+fn duration_value(key: &str, value: &Expr, cx: &Ctxt) -> Option<DurationArg> {
+    if let Some(s) = str_lit(value) {
+        let text = s.value();
+        return match duration::parse(&text) {
+            Ok(d) if d.is_zero() => {
+                cx.error_spanned_by(
+                    s,
+                    format!("`{key}` must be greater than zero, e.g. `{}`", example(key)),
+                );
+                None
+            }
+            Ok(d) => Some(DurationArg::new(d, s.span())),
+            Err(reason) => {
+                cx.error_spanned_by(
+                    s,
+                    format!(
+                        "invalid duration `{text:?}` for `{key}`: {reason}; expected {DURATION_USAGE}"
+                    ),
+                );
+                None
+            }
+        };
+    }
     let bare = unwrap_groups(value);
-    if let Expr::Lit(l) = bare {
-        match &l.lit {
-            Lit::Int(i) => {
-                return match i.base10_parse::<u64>() {
-                    Ok(secs) => Some(Seconds {
-                        secs,
-                        nanos: 0,
-                        span: i.span(),
-                    }),
-                    Err(e) => {
-                        cx.error_spanned_by(i, format!("`{key}`: {e}"));
-                        None
-                    }
-                };
-            }
-            Lit::Float(f) => {
-                let v = match f.base10_parse::<f64>() {
-                    Ok(v) => v,
-                    Err(e) => {
-                        cx.error_spanned_by(f, format!("`{key}`: {e}"));
-                        return None;
-                    }
-                };
-                // u64::MAX seconds, the largest `Duration` we can build.
-                if !(v.is_finite() && v < 18_446_744_073_709_551_615.0) {
-                    cx.error_spanned_by(f, format!("`{key}` is too large"));
-                    return None;
-                }
-                let mut secs = v.trunc() as u64;
-                let mut nanos = ((v - v.trunc()) * 1e9).round() as u32;
-                if nanos >= 1_000_000_000 {
-                    secs = secs.saturating_add(1);
-                    nanos = 0;
-                }
-                return Some(Seconds {
-                    secs,
-                    nanos,
-                    span: f.span(),
-                });
-            }
-            _ => {}
+    let number = match bare {
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Int(i), ..
+        }) => Some(i.base10_digits().to_owned()),
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Float(f), ..
+        }) => Some(f.base10_digits().to_owned()),
+        _ => None,
+    };
+    let fix = match number {
+        Some(n) => {
+            format!("write it as a string with a unit, `{key} = \"{n}s\"` or `{key} = \"{n}ms\"`")
         }
-    }
-    if matches!(bare, Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_))) {
-        cx.error_spanned_by(
-            value,
-            format!(
-                "expected a non-negative number of seconds for `{key}`, e.g. `{}`",
-                example(key)
+        None => format!("e.g. `{}`", example(key)),
+    };
+    let found = match bare {
+        Expr::Unary(u) if matches!(u.op, syn::UnOp::Neg(_)) => {
+            "a negative number (a duration cannot be negative)"
+        }
+        _ => describe(value),
+    };
+    cx.error_spanned_by(
+        value,
+        format!("expected a duration string for `{key}`, found {found}: {fix}"),
+    );
+    None
+}
+
+impl SubscriberArgs {
+    /// A deprecated spelling (`lease_ttl_secs = 30`, `min_fetch_interval_ms =
+    /// 500`, `max_fetch_interval_ms = 5000`): read as before, stored as the
+    /// option `new`, and recorded for the deprecation warning.
+    fn deprecated_option(
+        &mut self,
+        key: &Ident,
+        old: &str,
+        new: &'static str,
+        value: &Expr,
+        cx: &Ctxt,
+    ) {
+        let Some(d) = deprecated_value(old, new, value, cx) else {
+            return;
+        };
+        self.deprecated.push(Deprecated {
+            key: key.clone(),
+            note: format!(
+                "`#[subscriber]` option `{old}` is deprecated: write `{new} = \"{}\"`",
+                duration::format(d)
             ),
-        );
-        return None;
-    }
-    let fix = match str_lit(value) {
-        Some(s) if s.value().trim().parse::<f64>().is_ok() => {
-            format!("remove the quotes, `{key} = {}`", s.value().trim())
+        });
+        let arg = Some(DurationArg::new(d, value.span()));
+        match new {
+            LEASE_TTL => self.lease_ttl = arg,
+            MIN_FETCH_INTERVAL => self.min_fetch_interval = arg,
+            MAX_FETCH_INTERVAL => self.max_fetch_interval = arg,
+            _ => cx.error_spanned_by(key, format!("`{old}` is not supported")),
         }
-        _ => format!("e.g. `{}` or `{key} = 2.5`", example(key)),
+    }
+}
+
+/// The value of a deprecated option: `lease_ttl_secs` takes seconds (an
+/// integer or a float), the `_ms` options integer milliseconds.
+fn deprecated_value(old: &str, new: &str, value: &Expr, cx: &Ctxt) -> Option<Duration> {
+    let (unit, what) = if old == LEASE_TTL_SECS {
+        ("s", "a number of seconds (an integer or a float)")
+    } else {
+        ("ms", "an integer number of milliseconds")
+    };
+    let number = match unwrap_groups(value) {
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Int(i), ..
+        }) => Some(i.base10_digits()),
+        Expr::Lit(syn::ExprLit {
+            lit: Lit::Float(f), ..
+        }) if unit == "s" => Some(f.base10_digits()),
+        _ => None,
+    };
+    if let Some(digits) = number {
+        let digits = digits.trim_end_matches('.');
+        let parsed = if digits.contains(['e', 'E']) {
+            Err("write the number without an exponent".to_owned())
+        } else {
+            duration::parse(&format!("{digits}{unit}"))
+        };
+        return match parsed {
+            Ok(d) if d.is_zero() => {
+                cx.error_spanned_by(value, format!("`{old}` must be greater than zero"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(reason) => {
+                cx.error_spanned_by(value, format!("`{old}`: {reason}"));
+                None
+            }
+        };
+    }
+    // A value of the wrong kind: show the new spelling, with the value if
+    // it makes sense as a duration.
+    let fix = match str_lit(value).map(|s| s.value()) {
+        Some(s) if duration::parse(&s).is_ok() => s,
+        Some(s) if duration::parse(&format!("{}{unit}", s.trim())).is_ok() => {
+            format!("{}{unit}", s.trim())
+        }
+        _ => match unwrap_groups(value) {
+            Expr::Lit(syn::ExprLit {
+                lit: Lit::Float(f), ..
+            }) => format!("{}{unit}", f.base10_digits()),
+            _ => example_duration(new).to_owned(),
+        },
     };
     cx.error_spanned_by(
         value,
         format!(
-            "expected a number of seconds (an integer or a float) for `{key}`, found {}: {fix}",
+            "expected {what} for `{old}`, found {}: `{old}` is deprecated, write `{new} = \"{fix}\"`",
             describe(value)
         ),
     );

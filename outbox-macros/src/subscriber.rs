@@ -90,6 +90,80 @@ mod tests {
     }
 
     #[test]
+    fn durations_are_read_at_compile_time() {
+        let out = expand(
+            quote!(
+                "orders",
+                lease_ttl = "2m30s",
+                min_fetch_interval = "500ms",
+                max_fetch_interval = "1.5s"
+            ),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        for call in [
+            ". lease_ttl (:: core :: time :: Duration :: new (150u64 , 0u32))",
+            ". min_fetch_interval (:: core :: time :: Duration :: new (0u64 , 500000000u32))",
+            ". max_fetch_interval (:: core :: time :: Duration :: new (1u64 , 500000000u32))",
+        ] {
+            assert_eq!(out.matches(call).count(), 1, "{call}: {out}");
+        }
+        assert!(!out.contains("# [deprecated"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn each_deprecated_spelling_still_works_and_warns_once() {
+        let out = expand(
+            quote!(
+                "orders",
+                lease_ttl_secs = 2.5,
+                min_fetch_interval_ms = 500,
+                max_fetch_interval_ms = 5_000,
+                max_workers = 2
+            ),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        for call in [
+            ". lease_ttl (:: core :: time :: Duration :: new (2u64 , 500000000u32))",
+            ". min_fetch_interval (:: core :: time :: Duration :: new (0u64 , 500000000u32))",
+            ". max_fetch_interval (:: core :: time :: Duration :: new (5u64 , 0u32))",
+        ] {
+            assert_eq!(out.matches(call).count(), 1, "{call}: {out}");
+        }
+        assert_eq!(out.matches("# [deprecated").count(), 3, "{out}");
+        for (old, new) in [
+            ("lease_ttl_secs", "lease_ttl = \\\"2500ms\\\""),
+            (
+                "min_fetch_interval_ms",
+                "min_fetch_interval = \\\"500ms\\\"",
+            ),
+            ("max_fetch_interval_ms", "max_fetch_interval = \\\"5s\\\""),
+        ] {
+            let note = format!("`#[subscriber]` option `{old}` is deprecated: write `{new}`");
+            assert_eq!(out.matches(&note).count(), 1, "{note}: {out}");
+            assert_eq!(out.matches(&format!("struct {old} ;")).count(), 1, "{out}");
+            assert_eq!(out.matches(&format!("let _ = {old} ;")).count(), 1, "{out}");
+        }
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn on_error_no_deprecation_is_emitted() {
+        let out = expand(
+            quote!("orders", lease_ttl_secs = 3, max_worker = 1),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(!out.contains("deprecated"), "{out}");
+    }
+
+    #[test]
     fn the_crate_override_replaces_the_root() {
         let out = expand(
             quote!("orders", crate = "my_app::outbox"),

@@ -11,9 +11,9 @@ pub(crate) const NAME: &str = "name";
 pub(crate) const MAX_WORKERS: &str = "max_workers";
 pub(crate) const FETCH_BATCH_SIZE: &str = "fetch_batch_size";
 pub(crate) const FETCH_CONCURRENCY: &str = "fetch_concurrency";
-pub(crate) const LEASE_TTL_SECS: &str = "lease_ttl_secs";
-pub(crate) const MIN_FETCH_INTERVAL_MS: &str = "min_fetch_interval_ms";
-pub(crate) const MAX_FETCH_INTERVAL_MS: &str = "max_fetch_interval_ms";
+pub(crate) const LEASE_TTL: &str = "lease_ttl";
+pub(crate) const MIN_FETCH_INTERVAL: &str = "min_fetch_interval";
+pub(crate) const MAX_FETCH_INTERVAL: &str = "max_fetch_interval";
 pub(crate) const MAX_DELIVERIES: &str = "max_deliveries";
 pub(crate) const TERMINAL_FLUSH_BATCH_SIZE: &str = "terminal_flush_batch_size";
 pub(crate) const ACK_POLICY: &str = "ack_policy";
@@ -27,9 +27,9 @@ pub(crate) const OPTIONS: &[&str] = &[
     MAX_WORKERS,
     FETCH_BATCH_SIZE,
     FETCH_CONCURRENCY,
-    LEASE_TTL_SECS,
-    MIN_FETCH_INTERVAL_MS,
-    MAX_FETCH_INTERVAL_MS,
+    LEASE_TTL,
+    MIN_FETCH_INTERVAL,
+    MAX_FETCH_INTERVAL,
     MAX_DELIVERIES,
     TERMINAL_FLUSH_BATCH_SIZE,
     ACK_POLICY,
@@ -38,6 +38,34 @@ pub(crate) const OPTIONS: &[&str] = &[
     CRATE,
 ];
 
+/// Deprecated: `lease_ttl_secs = 30` (seconds, integer or float).
+pub(crate) const LEASE_TTL_SECS: &str = "lease_ttl_secs";
+/// Deprecated: `min_fetch_interval_ms = 500` (milliseconds).
+pub(crate) const MIN_FETCH_INTERVAL_MS: &str = "min_fetch_interval_ms";
+/// Deprecated: `max_fetch_interval_ms = 5000` (milliseconds).
+pub(crate) const MAX_FETCH_INTERVAL_MS: &str = "max_fetch_interval_ms";
+
+/// Old spellings that still work (with a deprecation warning), each with
+/// the option that replaced it.
+pub(crate) const DEPRECATED: &[(&str, &str)] = &[
+    (LEASE_TTL_SECS, LEASE_TTL),
+    (MIN_FETCH_INTERVAL_MS, MIN_FETCH_INTERVAL),
+    (MAX_FETCH_INTERVAL_MS, MAX_FETCH_INTERVAL),
+];
+
+/// The option that replaced the deprecated spelling `old`.
+pub(crate) fn replacement(old: &str) -> Option<&'static str> {
+    DEPRECATED
+        .iter()
+        .find(|(o, _)| *o == old)
+        .map(|(_, new)| *new)
+}
+
+/// What a duration string looks like, for error messages.
+pub(crate) const DURATION_USAGE: &str = "a string such as `\"10s\"`, `\"500ms\"`, `\"1m\"`, \
+     `\"1h\"` or `\"2m30s\"` (one or more numbers, each with a unit: `h`, `m`, `s`, `ms`, \
+     `us`, `ns`)";
+
 /// An example of each option, quoted in error messages.
 pub(crate) fn example(option: &str) -> &'static str {
     match option {
@@ -45,16 +73,26 @@ pub(crate) fn example(option: &str) -> &'static str {
         MAX_WORKERS => "max_workers = 4",
         FETCH_BATCH_SIZE => "fetch_batch_size = 100",
         FETCH_CONCURRENCY => "fetch_concurrency = 2",
-        LEASE_TTL_SECS => "lease_ttl_secs = 30",
-        MIN_FETCH_INTERVAL_MS => "min_fetch_interval_ms = 500",
-        MAX_FETCH_INTERVAL_MS => "max_fetch_interval_ms = 5000",
+        LEASE_TTL => "lease_ttl = \"30s\"",
+        MIN_FETCH_INTERVAL => "min_fetch_interval = \"500ms\"",
+        MAX_FETCH_INTERVAL => "max_fetch_interval = \"5s\"",
         MAX_DELIVERIES => "max_deliveries = 20",
         TERMINAL_FLUSH_BATCH_SIZE => "terminal_flush_batch_size = 50",
         ACK_POLICY => "ack_policy = RejectOnError",
         RETRY => "retry = ConstantRetry::new(Duration::from_secs(5))",
-        PROPAGATE_HEADERS => "propagate_headers = true",
+        PROPAGATE_HEADERS => "propagate_headers = false",
         CRATE => "crate = \"my_app::outbox\"",
         _ => "",
+    }
+}
+
+/// The example value of a duration option (as in [`example`]).
+pub(crate) fn example_duration(option: &str) -> &'static str {
+    match option {
+        LEASE_TTL => "30s",
+        MIN_FETCH_INTERVAL => "500ms",
+        MAX_FETCH_INTERVAL => "5s",
+        _ => "10s",
     }
 }
 
@@ -64,9 +102,18 @@ pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
     Some(match unknown {
         "workers" | "concurrency" | "max_concurrency" => MAX_WORKERS,
         "batch_size" | "fetch_batch" | "prefetch" => FETCH_BATCH_SIZE,
-        "lease_ttl" | "lease_ttl_s" | "lease" | "visibility_timeout" => LEASE_TTL_SECS,
-        "min_fetch_interval" => MIN_FETCH_INTERVAL_MS,
-        "max_fetch_interval" => MAX_FETCH_INTERVAL_MS,
+        "lease_ttl_s" | "lease_ttl_sec" | "lease_ttl_ms" | "lease" | "lease_timeout"
+        | "lease_duration" | "ttl" | "visibility_timeout" => LEASE_TTL,
+        "min_fetch_interval_s"
+        | "min_fetch_interval_secs"
+        | "min_poll_interval"
+        | "min_interval"
+        | "poll_interval"
+        | "fetch_interval" => MIN_FETCH_INTERVAL,
+        "max_fetch_interval_s"
+        | "max_fetch_interval_secs"
+        | "max_poll_interval"
+        | "max_interval" => MAX_FETCH_INTERVAL,
         "max_attempts" | "max_retries" => MAX_DELIVERIES,
         "terminal_flush_batch" => TERMINAL_FLUSH_BATCH_SIZE,
         "ack" | "ack_mode" | "ackpolicy" => ACK_POLICY,
@@ -96,17 +143,20 @@ pub(crate) fn list(items: &[&str]) -> String {
 }
 
 /// The option the user probably meant by `unknown`: a known alias, else the
-/// closest option within a small edit distance.
+/// closest option (or deprecated spelling, then its replacement) within a
+/// small edit distance.
 pub(crate) fn suggest(unknown: &str) -> Option<&'static str> {
     if let Some(known) = alias(unknown) {
         return Some(known);
     }
-    OPTIONS
-        .iter()
-        .map(|o| (edit_distance(unknown, o), *o))
-        .filter(|(d, o)| *d <= 2.max(o.len() / 5))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, o)| o)
+    let current = OPTIONS.iter().map(|o| (*o, *o));
+    let old = DEPRECATED.iter().copied();
+    current
+        .chain(old)
+        .map(|(spelling, option)| (edit_distance(unknown, spelling), spelling, option))
+        .filter(|(d, spelling, _)| *d <= 2.max(spelling.len() / 5))
+        .min_by_key(|(d, _, _)| *d)
+        .map(|(_, _, option)| option)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

@@ -39,8 +39,8 @@ static FLAKY_CALLS: AtomicUsize = AtomicUsize::new(0);
 #[subscriber(
     "macros.flaky",
     retry = ConstantRetry::new(Duration::from_millis(10)),
-    min_fetch_interval_ms = 20,
-    max_fetch_interval_ms = 200,
+    min_fetch_interval = "20ms",
+    max_fetch_interval = "200ms",
 )]
 async fn flaky(n: i64) -> Result<i64, std::io::Error> {
     if FLAKY_CALLS.fetch_add(1, Ordering::SeqCst) < 2 {
@@ -55,8 +55,8 @@ static NO_TARGET_CALLS: AtomicUsize = AtomicUsize::new(0);
 #[subscriber(
     "macros.no_target",
     retry = ConstantRetry::new(Duration::from_millis(10)),
-    min_fetch_interval_ms = 20,
-    max_fetch_interval_ms = 200
+    min_fetch_interval = "20ms",
+    max_fetch_interval = "200ms"
 )]
 async fn no_target(n: i64) -> Result<i64, String> {
     if NO_TARGET_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -100,9 +100,9 @@ async fn params(body: String, msg: Message, prefix: State<Prefix>) -> Response<S
     name = "macros::every_option",
     max_workers = 3,
     fetch_batch_size = 7,
-    lease_ttl_secs = 2.5,
-    min_fetch_interval_ms = 20,
-    max_fetch_interval_ms = 200,
+    lease_ttl = "2.5s",
+    min_fetch_interval = "20ms",
+    max_fetch_interval = "200ms",
     max_deliveries = 9,
     terminal_flush_batch_size = 4,
     ack_policy = RejectOnError,

@@ -20,4 +20,11 @@ async fn queue_as_option(order_id: i64) {
     let _ = order_id;
 }
 
+// Typos and other spellings of the duration options point to the current
+// names.
+#[subscriber("orders", lease_ttl_ms = "10s", min_fetch_intervall_ms = 500, poll_interval = "1s")]
+async fn durations(order_id: i64) {
+    let _ = order_id;
+}
+
 fn main() {}

@@ -5,7 +5,7 @@ use outbox_core::subscriber;
     "orders",
     max_workers = "4",
     fetch_batch_size = 2.5,
-    lease_ttl_secs = "60",
+    lease_ttl = 60,
     max_deliveries = -1,
     propagate_headers = "true",
     name = handle,

@@ -10,9 +10,9 @@ use outbox_core::{AckPolicy, subscriber};
     max_workers = 4,
     fetch_batch_size = 100,
     fetch_concurrency = 2,
-    lease_ttl_secs = 30,
-    min_fetch_interval_ms = 500,
-    max_fetch_interval_ms = 5_000,
+    lease_ttl = "30s",
+    min_fetch_interval = "500ms",
+    max_fetch_interval = "5s",
     max_deliveries = 20,
     terminal_flush_batch_size = 50,
     ack_policy = NackOnError,
@@ -24,11 +24,14 @@ async fn handle(order_id: i64) {
     let _ = order_id;
 }
 
-// A fractional lease, a qualified ack policy, any `RetryStrategy` expression.
+// Compound and fractional durations, a qualified ack policy, any
+// `RetryStrategy` expression.
 #[subscriber(
     "refunds",
     propagate_headers = false,
-    lease_ttl_secs = 2.5,
+    lease_ttl = "2m30s",
+    min_fetch_interval = "0.25s",
+    max_fetch_interval = "1h",
     ack_policy = AckPolicy::RejectOnError,
     retry = ExponentialRetry::default(),
 )]
