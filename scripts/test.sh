@@ -103,3 +103,4 @@ fi
 
 if [ "$status" != 0 ]; then die "tests failed (exit $status)"; fi
 log "all tests passed"
+bash "$REPO/scripts/check-readme.sh" || status=$? # the README quickstart, as a crate of its own
