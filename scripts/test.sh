@@ -81,6 +81,7 @@ else
 fi
 # The examples, with their output checked.
 DATABASE_URL=$OUTBOX_TEST_DATABASE_URL bash "$REPO/scripts/check-examples.sh" || status=$?
+bash "$REPO/scripts/check-readme.sh" || status=$? # the README quickstart, as a crate of its own
 # nextest does not run doctests (run them even when the tests above failed)
 log "cargo test --workspace --doc --all-features"
 cargo test --workspace --doc --all-features || { rc=$?; [ "$status" != 0 ] || status=$rc; }
@@ -103,4 +104,3 @@ fi
 
 if [ "$status" != 0 ]; then die "tests failed (exit $status)"; fi
 log "all tests passed"
-bash "$REPO/scripts/check-readme.sh" || status=$? # the README quickstart, as a crate of its own
