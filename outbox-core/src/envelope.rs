@@ -312,9 +312,64 @@ pub fn encode<T: Serialize + ?Sized>(
 /// - `application/json` (and `+json` types): JSON;
 /// - no content type: empty payload as `None`/`()`, else JSON if it parses,
 ///   else the raw bytes (into [`Raw`], `Vec<u8>` or, if UTF-8, a `String`).
+///
+/// The error says why in plain words: `not valid JSON: …` for a payload that
+/// is not JSON at all, `number 1e20 does not fit in i64` for a number outside
+/// the integer type asked for (also a negative number for an unsigned type),
+/// `` JSON does not match `T`: … `` for other valid JSON of the wrong shape.
+///
+/// ```
+/// use outbox_core::envelope::decode;
+///
+/// assert_eq!(decode::<i64>(b"42", Some("application/json")), Ok(42));
+/// assert_eq!(
+///     decode::<i64>(b"1e20", Some("application/json")).unwrap_err(),
+///     "number 1e20 does not fit in i64"
+/// );
+/// assert_eq!(
+///     decode::<u8>(b"-1", Some("application/json")).unwrap_err(),
+///     "number -1 does not fit in u8"
+/// );
+/// assert_eq!(
+///     decode::<i64>(b"{1:2}", Some("application/json")).unwrap_err(),
+///     "not valid JSON: key must be a string at line 1 column 2"
+/// );
+/// assert_eq!(
+///     decode::<i64>(br#""abc""#, Some("application/json")).unwrap_err(),
+///     r#"JSON does not match `i64`: invalid type: string "abc", expected i64 at line 1 column 5"#
+/// );
+/// ```
 pub fn decode<T: DeserializeOwned>(
     payload: &[u8],
     content_type: Option<&str>,
+) -> std::result::Result<T, String> {
+    decode_for(
+        payload,
+        content_type,
+        Target(Some(std::any::type_name::<T>())),
+    )
+}
+
+/// How error reasons name the type a payload was decoded into: by name, or,
+/// when the caller's message already names it (a [`DecodeError`]), generically.
+///
+/// [`DecodeError`]: crate::error::DecodeError
+#[derive(Debug, Clone, Copy)]
+struct Target(Option<&'static str>);
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, "`{name}`"),
+            None => f.write_str("the expected type"),
+        }
+    }
+}
+
+fn decode_for<T: DeserializeOwned>(
+    payload: &[u8],
+    content_type: Option<&str>,
+    target: Target,
 ) -> std::result::Result<T, String> {
     let ct = content_type.map(|c| c.trim().to_ascii_lowercase());
     match ct.as_deref() {
@@ -325,23 +380,158 @@ pub fn decode<T: DeserializeOwned>(
                 T::deserialize(text.into_deserializer());
             match as_str {
                 Ok(v) => Ok(v),
-                Err(first) => serde_json::from_str(text).map_err(|_| first.to_string()),
+                Err(as_text) => {
+                    serde_json::from_str(text).map_err(|e| match json_syntax(payload) {
+                        Some(syntax) => format!(
+                            "{target} does not take text ({as_text}), and the text is not valid \
+                             JSON ({syntax})"
+                        ),
+                        None => json_reason(payload, &e, target),
+                    })
+                }
             }
         }
-        Some(c) if c.starts_with(JSON) || c.contains("+json") => {
-            serde_json::from_slice(payload).map_err(|e| e.to_string())
-        }
+        Some(c) if c.starts_with(JSON) || c.contains("+json") => serde_json::from_slice(payload)
+            .map_err(|e| match json_syntax(payload) {
+                Some(syntax) => format!("not valid JSON: {syntax}"),
+                None => json_reason(payload, &e, target),
+            }),
         _ => {
             if payload.is_empty() {
-                return T::deserialize(RawDeserializer(payload)).map_err(|e| e.to_string());
+                return T::deserialize(RawDeserializer(payload)).map_err(|e| {
+                    format!("the payload is empty, which {target} does not take ({e})")
+                });
             }
             match serde_json::from_slice(payload) {
                 Ok(v) => Ok(v),
-                Err(json_err) => T::deserialize(RawDeserializer(payload))
-                    .map_err(|e| format!("{e} (and not JSON: {json_err})")),
+                Err(json_err) => {
+                    T::deserialize(RawDeserializer(payload)).map_err(|raw_err| {
+                        match json_syntax(payload) {
+                            Some(syntax) => format!(
+                                "the payload is not JSON ({syntax}), and {target} does not take \
+                                 raw bytes ({raw_err})"
+                            ),
+                            // Valid JSON: what matters is why the JSON did not fit.
+                            None => json_reason(payload, &json_err, target),
+                        }
+                    })
+                }
             }
         }
     }
+}
+
+/// Why `payload` is not JSON at all, if it is not: serde_json's syntax or
+/// end-of-input error, or `empty payload`.
+///
+/// Checked apart from the typed parse, which can fail on the shape first
+/// (`{1:2}` read as an `i64` is "invalid type: map" before the bad key).
+fn json_syntax(payload: &[u8]) -> Option<String> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Some("empty payload".to_owned());
+    }
+    match serde_json::from_slice::<de::IgnoredAny>(payload) {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Why valid JSON did not decode: a number outside the integer type asked
+/// for, in plain words, else serde_json's own reason.
+fn json_reason(payload: &[u8], err: &serde_json::Error, target: Target) -> String {
+    number_reason(payload, err).unwrap_or_else(|| format!("JSON does not match {target}: {err}"))
+}
+
+/// The integer types serde's primitive visitors name in their errors, with
+/// whether they are signed and their width in bits.
+const INTEGERS: [(&str, bool, u32); 12] = [
+    ("i8", true, 8),
+    ("i16", true, 16),
+    ("i32", true, 32),
+    ("i64", true, 64),
+    ("i128", true, 128),
+    ("isize", true, isize::BITS),
+    ("u8", false, 8),
+    ("u16", false, 16),
+    ("u32", false, 32),
+    ("u64", false, 64),
+    ("u128", false, 128),
+    ("usize", false, usize::BITS),
+];
+
+/// `number 1e20 does not fit in i64` (and its kin) for a JSON number that an
+/// integer type refused; `None` for any other error.
+///
+/// serde reports these as "invalid type: floating point `1e+20`, expected
+/// i64" (a number with a fraction or exponent, or too large for a `u64`) and
+/// "invalid value: integer `-1`, expected u8" (an integer out of range). The
+/// number is quoted as written in the payload when it can be found there.
+fn number_reason(payload: &[u8], err: &serde_json::Error) -> Option<String> {
+    if err.classify() != serde_json::error::Category::Data {
+        return None;
+    }
+    let text = err.to_string();
+    let position = format!(" at line {} column {}", err.line(), err.column());
+    let message = text.strip_suffix(&position).unwrap_or(&text);
+    let (float, rest) = if let Some(rest) = message.strip_prefix("invalid type: floating point `") {
+        (true, rest)
+    } else if let Some(rest) = message.strip_prefix("invalid value: integer `") {
+        (false, rest)
+    } else {
+        return None;
+    };
+    let (shown, expected) = rest.split_once("`, expected ")?;
+    let &(name, signed, bits) = INTEGERS.iter().find(|(name, ..)| *name == expected)?;
+    let value: f64 = shown.parse().ok()?;
+    let found = literal_at(payload, err.line(), err.column())
+        .filter(|lit| lit.parse::<f64>().ok() == Some(value));
+    let literal = found.unwrap_or(shown);
+    // A number inside a larger document says where it is.
+    let whole = std::str::from_utf8(payload).is_ok_and(|p| p.trim() == literal);
+    let at = if whole { "" } else { &position };
+    // serde refuses an integer literal only when it is out of range (serde_json
+    // reads one beyond 64 bits as a float, hence the float error for it);
+    // a literal with a fraction or exponent also when it is in range.
+    let integer_literal = found.is_some_and(|lit| !lit.contains(['.', 'e', 'E']));
+    let (min, end) = if signed {
+        (-(2f64.powi(bits as i32 - 1)), 2f64.powi(bits as i32 - 1))
+    } else {
+        (0.0, 2f64.powi(bits as i32))
+    };
+    Some(
+        if !float || integer_literal || value < min || value >= end {
+            format!("number {literal} does not fit in {name}{at}")
+        } else if value.fract() != 0.0 {
+            format!("number {literal} is not a whole number, expected {name}{at}")
+        } else {
+            format!("number {literal} has a fraction or exponent; {name} takes only integers{at}")
+        },
+    )
+}
+
+/// The number literal that ends at serde_json's error position (line from 1,
+/// column in bytes from 1, on the value's last byte), if there is one.
+fn literal_at(payload: &[u8], line: usize, column: usize) -> Option<&str> {
+    let line_start = if line <= 1 {
+        0
+    } else {
+        payload
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(line - 2)
+            .map(|(i, _)| i + 1)?
+    };
+    let head = payload.get(..line_start.checked_add(column)?)?;
+    let start = head
+        .iter()
+        .rposition(|b| !matches!(b, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+        .map_or(0, |i| i + 1);
+    let literal = std::str::from_utf8(head.get(start..)?).ok()?;
+    literal
+        .bytes()
+        .any(|b| b.is_ascii_digit())
+        .then_some(literal)
 }
 
 /// Presents raw bytes to a `Deserialize` impl: as bytes, as a sequence of
@@ -437,11 +627,13 @@ pub(crate) fn decode_stored<T: DeserializeOwned>(
     id: i64,
     queue: &str,
 ) -> std::result::Result<T, crate::error::DecodeError> {
-    decode(payload, content_type(headers)).map_err(|reason| crate::error::DecodeError {
+    let ct = content_type(headers);
+    // The error names the type itself: the reason need not repeat it.
+    decode_for(payload, ct, Target(None)).map_err(|reason| crate::error::DecodeError {
         what,
         row_id: id,
         queue: queue.to_owned(),
-        content_type: content_type(headers).unwrap_or("none").to_owned(),
+        content_type: ct.map(str::to_owned),
         target: std::any::type_name::<T>(),
         reason,
     })
@@ -551,6 +743,215 @@ mod tests {
         assert!(err.contains("expected i64"), "{err}");
         let err = decode::<i64>(&[0xff], Some(TEXT)).unwrap_err();
         assert!(err.contains("not UTF-8"), "{err}");
+    }
+
+    fn err<T: DeserializeOwned + fmt::Debug>(payload: &[u8], ct: Option<&str>) -> String {
+        match decode::<T>(payload, ct) {
+            Ok(v) => panic!("{payload:?} decoded as {v:?}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn numbers_that_do_not_fit_say_so() {
+        let j = Some(JSON);
+        assert_eq!(err::<i64>(b"1e20", j), "number 1e20 does not fit in i64");
+        assert_eq!(
+            err::<i64>(b"100000000000000000000", j),
+            "number 100000000000000000000 does not fit in i64"
+        );
+        assert_eq!(
+            err::<i64>(b" 9223372036854775808\n", j),
+            "number 9223372036854775808 does not fit in i64"
+        );
+        assert_eq!(
+            err::<i64>(b"-9223372036854775809", j),
+            "number -9223372036854775809 does not fit in i64"
+        );
+        assert_eq!(err::<u8>(b"300", j), "number 300 does not fit in u8");
+        assert_eq!(err::<u8>(b"256", j), "number 256 does not fit in u8");
+        assert_eq!(err::<i8>(b"-129", j), "number -129 does not fit in i8");
+        assert_eq!(
+            err::<i32>(b"3000000000", j),
+            "number 3000000000 does not fit in i32"
+        );
+        assert_eq!(err::<u64>(b"-1", j), "number -1 does not fit in u64");
+        assert_eq!(err::<u32>(b"-1", j), "number -1 does not fit in u32");
+        assert_eq!(
+            err::<u64>(b"18446744073709551616", j),
+            "number 18446744073709551616 does not fit in u64"
+        );
+        assert_eq!(err::<u16>(b"-2.5", j), "number -2.5 does not fit in u16");
+        assert_eq!(
+            err::<usize>(b"1e40", j),
+            "number 1e40 does not fit in usize"
+        );
+        // In range, but not an integer.
+        assert_eq!(
+            err::<i64>(b"1.5", j),
+            "number 1.5 is not a whole number, expected i64"
+        );
+        assert_eq!(
+            err::<i64>(b"1e3", j),
+            "number 1e3 has a fraction or exponent; i64 takes only integers"
+        );
+        // Inside a document: the position too; Option and containers alike.
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Order {
+            id: i64,
+            qty: u8,
+        }
+        assert_eq!(
+            err::<Order>(br#"{"id": 1e20, "qty": 1}"#, j),
+            "number 1e20 does not fit in i64 at line 1 column 11"
+        );
+        assert_eq!(
+            err::<Order>(b"{\"id\": 1,\n \"qty\": -3}", j),
+            "number -3 does not fit in u8 at line 2 column 10"
+        );
+        assert_eq!(err::<Option<u8>>(b"-5", j), "number -5 does not fit in u8");
+        assert_eq!(
+            err::<Vec<u8>>(b"[1, 2, 1000]", j),
+            "number 1000 does not fit in u8 at line 1 column 11"
+        );
+        // Text and unlabelled payloads are read as JSON numbers the same way.
+        assert_eq!(
+            err::<i64>(b"1e20", Some(TEXT)),
+            "number 1e20 does not fit in i64"
+        );
+        assert_eq!(err::<i64>(b"1e20", None), "number 1e20 does not fit in i64");
+        // Floats are not integers: serde_json's own message stays.
+        assert_eq!(decode::<f32>(b"1e20", j), Ok(1e20));
+        let other = err::<std::num::NonZeroU8>(b"0", j);
+        assert!(other.starts_with("JSON does not match"), "{other}");
+    }
+
+    #[test]
+    fn payloads_that_are_not_json_say_so() {
+        let j = Some(JSON);
+        assert_eq!(
+            err::<i64>(b"{1:2}", j),
+            "not valid JSON: key must be a string at line 1 column 2"
+        );
+        assert_eq!(
+            err::<serde_json::Value>(b"{1:2}", j),
+            "not valid JSON: key must be a string at line 1 column 2"
+        );
+        assert_eq!(
+            err::<i64>(b"[1", j),
+            "not valid JSON: EOF while parsing a list at line 1 column 2"
+        );
+        assert_eq!(
+            err::<i64>(b"12 34", j),
+            "not valid JSON: trailing characters at line 1 column 4"
+        );
+        assert_eq!(err::<i64>(b"", j), "not valid JSON: empty payload");
+        assert_eq!(err::<i64>(b" \n", j), "not valid JSON: empty payload");
+        assert_eq!(
+            err::<i64>(b"hello", Some("application/cloudevents+json")),
+            "not valid JSON: expected value at line 1 column 1"
+        );
+    }
+
+    #[test]
+    fn json_of_the_wrong_shape_names_the_type() {
+        let j = Some(JSON);
+        assert_eq!(
+            err::<i64>(br#""abc""#, j),
+            r#"JSON does not match `i64`: invalid type: string "abc", expected i64 at line 1 column 5"#
+        );
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Order {
+            id: i64,
+        }
+        let e = err::<Order>(br#"{"note": "x"}"#, j);
+        assert!(
+            e.starts_with("JSON does not match `outbox_core::envelope::tests::")
+                && e.ends_with("Order`: missing field `id` at line 1 column 13"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn text_and_unlabelled_payloads_say_why() {
+        assert_eq!(
+            err::<i64>(b"abc", Some(TEXT)),
+            "`i64` does not take text (invalid type: string \"abc\", expected i64), and the \
+             text is not valid JSON (expected value at line 1 column 1)"
+        );
+        assert_eq!(
+            err::<i64>(b"", Some(TEXT)),
+            "`i64` does not take text (invalid type: string \"\", expected i64), and the text \
+             is not valid JSON (empty payload)"
+        );
+        let e = err::<i64>(&[0xff], Some(TEXT));
+        assert!(
+            e.starts_with("the payload is labelled text/plain but is not UTF-8"),
+            "{e}"
+        );
+        assert_eq!(
+            err::<i64>(br#""abc""#, Some(TEXT)),
+            r#"JSON does not match `i64`: invalid type: string "abc", expected i64 at line 1 column 5"#
+        );
+        assert_eq!(
+            err::<i64>(b"", None),
+            "the payload is empty, which `i64` does not take (invalid type: unit value, expected \
+             i64)"
+        );
+        assert_eq!(
+            err::<i64>(&[0xff, 0], None),
+            "the payload is not JSON (expected value at line 1 column 1), and `i64` does not \
+             take raw bytes (invalid type: byte array, expected i64)"
+        );
+        assert_eq!(
+            err::<i64>(br#"{"a": 1}"#, None),
+            "JSON does not match `i64`: invalid type: map, expected i64 at line 1 column 0"
+        );
+    }
+
+    #[test]
+    fn decode_errors_name_row_queue_content_type_and_type() {
+        let mut h = Headers::new();
+        h.insert(CONTENT_TYPE.into(), JSON.into());
+        let e = decode_stored::<i64>(b"100000000000000000000", &h, "row", 42, "orders")
+            .expect_err("does not fit");
+        assert_eq!(
+            e.to_string(),
+            "cannot decode the payload of row 42 (queue \"orders\", content-type \
+             application/json) as `i64`: number 100000000000000000000 does not fit in i64"
+        );
+        assert_eq!(
+            (e.row_id(), e.queue(), e.content_type(), e.expected_type()),
+            (42, "orders", Some(JSON), "i64")
+        );
+        assert_eq!(
+            e.reason(),
+            "number 100000000000000000000 does not fit in i64"
+        );
+        let e = decode_stored::<i64>(b"{1:2}", &h, "dead letter", 7, "q").expect_err("not JSON");
+        assert_eq!(
+            e.to_string(),
+            "cannot decode the payload of dead letter 7 (queue \"q\", content-type \
+             application/json) as `i64`: not valid JSON: key must be a string at line 1 column 2"
+        );
+        // The type is named once, in the prefix.
+        let e = decode_stored::<i64>(b"[]", &h, "row", 8, "q").expect_err("wrong shape");
+        assert_eq!(
+            e.to_string(),
+            "cannot decode the payload of row 8 (queue \"q\", content-type application/json) \
+             as `i64`: JSON does not match the expected type: invalid type: sequence, expected \
+             i64 at line 1 column 0"
+        );
+        let e = decode_stored::<i64>(b"", &Headers::new(), "row", 9, "q").expect_err("empty");
+        assert_eq!(
+            e.to_string(),
+            "cannot decode the payload of row 9 (queue \"q\", no content-type) as `i64`: the \
+             payload is empty, which the expected type does not take (invalid type: unit \
+             value, expected i64)"
+        );
+        assert_eq!(e.content_type(), None);
     }
 
     #[test]

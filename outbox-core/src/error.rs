@@ -119,28 +119,99 @@ impl Error {
 /// A payload that does not decode into the requested type.
 ///
 /// The message says which row, which queue, which content type and what the
-/// decoder expected, so that a poison row can be found and fixed.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot decode the payload of {what} {row_id} (queue {queue:?}, content-type {content_type}) as `{target}`: {reason}"
-)]
+/// decoder expected, then why in plain words, so that a poison row can be
+/// found and fixed:
+///
+/// ```text
+/// cannot decode the payload of row 42 (queue "orders", content-type application/json) as `i64`: number 1e20 does not fit in i64
+/// cannot decode the payload of row 43 (queue "orders", content-type application/json) as `i64`: not valid JSON: key must be a string at line 1 column 2
+/// cannot decode the payload of row 44 (queue "orders", no content-type) as `app::Order`: JSON does not match the expected type: missing field `id` at line 1 column 2
+/// ```
+///
+/// The reasons are those of [`envelope::decode`](crate::envelope::decode).
+#[derive(Debug)]
 pub struct DecodeError {
     /// `row` or `dead letter`.
     pub(crate) what: &'static str,
     pub(crate) row_id: i64,
     pub(crate) queue: String,
-    pub(crate) content_type: String,
+    pub(crate) content_type: Option<String>,
     pub(crate) target: &'static str,
     pub(crate) reason: String,
 }
 
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot decode the payload of {} {} (queue {:?}, ",
+            self.what, self.row_id, self.queue
+        )?;
+        match &self.content_type {
+            Some(ct) => write!(f, "content-type {ct}")?,
+            None => f.write_str("no content-type")?,
+        }
+        write!(f, ") as `{}`: {}", self.target, self.reason)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
 impl DecodeError {
     /// The id of the row (or dead letter) whose payload did not decode.
+    ///
+    /// ```
+    /// fn log(e: &outbox_core::DecodeError) {
+    ///     eprintln!("poison row {} in queue {}", e.row_id(), e.queue());
+    /// }
+    /// ```
     pub fn row_id(&self) -> i64 {
         self.row_id
     }
 
-    /// Why decoding failed.
+    /// The queue of the row.
+    ///
+    /// ```
+    /// fn is_orders(e: &outbox_core::DecodeError) -> bool {
+    ///     e.queue() == "orders"
+    /// }
+    /// ```
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The row's `content-type` header, if it has one.
+    ///
+    /// ```
+    /// fn was_json(e: &outbox_core::DecodeError) -> bool {
+    ///     e.content_type() == Some("application/json")
+    /// }
+    /// ```
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// The type the payload was to be decoded into, as
+    /// [`std::any::type_name`] spells it (`i64`, `my_app::Order`).
+    ///
+    /// ```
+    /// fn wanted_i64(e: &outbox_core::DecodeError) -> bool {
+    ///     e.expected_type() == "i64"
+    /// }
+    /// ```
+    pub fn expected_type(&self) -> &str {
+        self.target
+    }
+
+    /// Why decoding failed, in plain words (`number 1e20 does not fit in
+    /// i64`, `not valid JSON: …`); the [`Display`](fmt::Display) of the error
+    /// adds the row, queue, content type and expected type.
+    ///
+    /// ```
+    /// fn reason_only(e: &outbox_core::DecodeError) -> String {
+    ///     e.reason().to_owned()
+    /// }
+    /// ```
     pub fn reason(&self) -> &str {
         &self.reason
     }
