@@ -87,9 +87,10 @@ async fn the_seed_snippet_relays_a_row_to_the_transport() -> R {
     assert_eq!(m.content_type(), Some("application/json"));
     assert_eq!(m.headers["correlation_id"], "corr-1");
     assert!(m.headers.contains_key("outbox-id"));
-    assert!(
-        !m.headers.contains_key("x-tenant"),
-        "no propagation by default"
+    assert_eq!(
+        m.headers.get("x-tenant").map(String::as_str),
+        Some("acme"),
+        "propagated by default"
     );
     assert!(db.drained(Duration::from_secs(5)).await);
     stop.shutdown();

@@ -897,8 +897,8 @@ async fn app_acks_and_relays<B: Backend>(b: &B) -> R {
     assert_eq!(sent[0].header("content-type"), Some("application/json"));
     assert_eq!(
         sent[0].header("x-tenant"),
-        None,
-        "not propagated by default"
+        Some("acme"),
+        "propagated by default"
     );
     assert_eq!(app.history(id).to_string(), "claimed(1), acked");
     assert_eq!(app.handled_bodies::<i64>("orders")?, [1]);

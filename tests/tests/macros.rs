@@ -197,9 +197,10 @@ async fn the_seed_snippet_is_discovered_and_relays_to_the_transport() -> R {
     assert_eq!(m.content_type(), Some("application/json"));
     assert_eq!(m.headers["correlation_id"], "corr-1");
     assert!(m.headers.contains_key("outbox-id"));
-    assert!(
-        !m.headers.contains_key("x-tenant"),
-        "no propagation by default"
+    assert_eq!(
+        m.headers.get("x-tenant").map(String::as_str),
+        Some("acme"),
+        "propagated by default"
     );
     assert!(drained(&db).await);
     stop.shutdown();
@@ -388,7 +389,7 @@ fn defaults_are_the_runtime_defaults() {
         "terminal_flush_batch_size: 1,",
         "ack_policy: NackOnError,",
         "retry: None",
-        "propagate_headers: false",
+        "propagate_headers: true",
     ] {
         assert!(debug.contains(expected), "{expected} not in {debug}");
     }

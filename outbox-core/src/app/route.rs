@@ -112,7 +112,7 @@ impl Route {
             name: None,
             options: SubscriberOptions::default(),
             targets: Vec::new(),
-            propagate_headers: false,
+            propagate_headers: true,
             requirements: Vec::new(),
             location: None,
         }
@@ -202,9 +202,27 @@ impl RouteBuilder {
         self
     }
 
-    /// Copies the inbound row's headers onto published messages (explicit
-    /// response headers win; `content-type`, `correlation_id` and `outbox-id`
-    /// are always derived, never copied). Default: off.
+    /// Whether the inbound row's own headers are copied onto published
+    /// messages. Default: **on**, so a relay keeps the producer's headers
+    /// (`x-tenant`, trace context, …); `false` opts this route out.
+    ///
+    /// Explicit [`Response::header`](crate::Response::header)s win over
+    /// copied ones. The envelope keys are never copied, whatever the setting:
+    /// `content-type` comes from the result's encoding, `correlation_id` from
+    /// the response or else the row, `outbox-id` is the row id.
+    ///
+    /// ```
+    /// use outbox_core::{BoxError, Message, Response, Route};
+    ///
+    /// // Publishes only the envelope headers and the response's own.
+    /// let route = Route::builder(["orders"])
+    ///     .publish_to("kafka", "orders.kafka")
+    ///     .propagate_headers(false)
+    ///     .handler(|msg: Message, _ctx| async move {
+    ///         Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+    ///     });
+    /// assert!(format!("{route:?}").contains("propagate_headers: false"));
+    /// ```
     pub fn propagate_headers(mut self, on: bool) -> Self {
         self.propagate_headers = on;
         self
@@ -275,4 +293,19 @@ pub(crate) fn discovered() -> Vec<Route> {
         .into_iter()
         .map(|f| (f.make)())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_propagate_headers_unless_told_not_to() {
+        let on = Route::builder(["q"]).handler(|_m: Message, _c| async {});
+        assert!(on.propagate_headers, "default: on");
+        let off = Route::builder(["q"])
+            .propagate_headers(false)
+            .handler(|_m: Message, _c| async {});
+        assert!(!off.propagate_headers);
+    }
 }
