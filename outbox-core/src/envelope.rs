@@ -89,6 +89,135 @@ impl<'de> Deserialize<'de> for Raw {
     }
 }
 
+/// A payload and its content type, forwarded byte for byte: the byte-exact
+/// relay.
+///
+/// As a handler parameter it holds the row's payload exactly as stored and
+/// its `content-type` header exactly as stored (or none); as a handler result
+/// it forwards those bytes under that content type, with no decoding and no
+/// re-encoding: a JSON object keeps the order of its keys and its spacing,
+/// text keeps its bytes, an empty body stays empty, and a missing content type
+/// stays missing. The other envelope headers are handled as for any result:
+/// `correlation_id` and `outbox-id` are derived, the row's own headers are
+/// propagated unless the route opts out.
+///
+/// ```
+/// use outbox_core::{publish_to, subscriber, Passthrough};
+///
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders")]
+/// async fn relay(body: Passthrough) -> Passthrough {
+///     body
+/// }
+/// # fn main() {}
+/// ```
+///
+/// A key, headers or another correlation id go through
+/// [`Response`](crate::Response), as for any result:
+///
+/// ```
+/// use outbox_core::{publish_to, subscriber, Message, Passthrough, Response};
+///
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders")]
+/// async fn relay(body: Passthrough, msg: Message) -> Response<Passthrough> {
+///     Response::new(body).key(msg.id().to_string())
+/// }
+/// # fn main() {}
+/// ```
+///
+/// `Passthrough` deliberately implements neither `serde::Serialize` nor
+/// `serde::Deserialize`: it is not a body type to decode or encode but the
+/// bytes themselves (to publish bytes from your own code, use [`Raw`] and a
+/// `content-type` header).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Passthrough {
+    payload: Vec<u8>,
+    content_type: Option<String>,
+}
+
+impl Passthrough {
+    /// A payload without a content type.
+    ///
+    /// ```
+    /// use outbox_core::Passthrough;
+    ///
+    /// let p = Passthrough::new(br#"{"b":1,"a":2}"#.to_vec());
+    /// assert_eq!(p.payload(), br#"{"b":1,"a":2}"#);
+    /// assert_eq!(p.content_type(), None);
+    /// ```
+    pub fn new(payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            payload: payload.into(),
+            content_type: None,
+        }
+    }
+
+    /// Labels the payload with a content type, used verbatim as the
+    /// `content-type` header.
+    ///
+    /// ```
+    /// use outbox_core::Passthrough;
+    ///
+    /// let p = Passthrough::new("héllo ✓").with_content_type("text/plain");
+    /// assert_eq!(p.content_type(), Some("text/plain"));
+    /// ```
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// The payload and content type of a delivered row, as stored (what a
+    /// `Passthrough` handler parameter receives).
+    ///
+    /// ```
+    /// use outbox_core::{Message, Passthrough};
+    ///
+    /// fn copy(msg: &Message) -> Passthrough {
+    ///     let p = Passthrough::from_message(msg);
+    ///     assert_eq!(p.payload(), msg.payload());
+    ///     assert_eq!(p.content_type(), msg.content_type());
+    ///     p
+    /// }
+    /// ```
+    pub fn from_message(msg: &crate::Message) -> Self {
+        Self {
+            payload: msg.payload().to_vec(),
+            content_type: msg.content_type().map(str::to_owned),
+        }
+    }
+
+    /// The payload bytes.
+    ///
+    /// ```
+    /// let p = outbox_core::Passthrough::new(vec![0, 159]);
+    /// assert_eq!(p.payload(), [0, 159]);
+    /// ```
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The content type, if the payload has one.
+    ///
+    /// ```
+    /// let p = outbox_core::Passthrough::new("{}").with_content_type("application/json");
+    /// assert_eq!(p.content_type(), Some("application/json"));
+    /// ```
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// The payload and the content type.
+    ///
+    /// ```
+    /// let p = outbox_core::Passthrough::new("hi").with_content_type("text/plain");
+    /// assert_eq!(p.into_parts(), (b"hi".to_vec(), Some("text/plain".to_owned())));
+    /// ```
+    pub fn into_parts(self) -> (Vec<u8>, Option<String>) {
+        (self.payload, self.content_type)
+    }
+}
+
 /// How a body is represented on the wire.
 #[derive(Debug)]
 enum Kind {
@@ -952,6 +1081,22 @@ mod tests {
              value, expected i64)"
         );
         assert_eq!(e.content_type(), None);
+    }
+
+    #[test]
+    fn passthrough_keeps_bytes_and_label() {
+        let p = Passthrough::new(br#"{"order_id":11,"note":"x"}"#.to_vec())
+            .with_content_type("application/json");
+        assert_eq!(p.payload(), br#"{"order_id":11,"note":"x"}"#);
+        assert_eq!(p.content_type(), Some("application/json"));
+        assert_eq!(
+            p.clone().into_parts(),
+            (
+                br#"{"order_id":11,"note":"x"}"#.to_vec(),
+                Some("application/json".to_owned())
+            )
+        );
+        assert_eq!(Passthrough::default().into_parts(), (Vec::new(), None));
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub use app::{
 pub use app::transport::BusRejection;
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
-pub use envelope::{Headers, Raw};
+pub use envelope::{Headers, Passthrough, Raw};
 pub use error::{BoxError, DecodeError, Error, Result};
 pub use handler::{Handler, IntoHandlerResult};
 pub use message::{AckPolicy, FailureReason, Message, Outcome};

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::context::AppContext;
+use crate::envelope::Passthrough;
 use crate::error::{BoxError, Error};
 use crate::message::Message;
 
@@ -22,7 +23,8 @@ pub struct Requirement {
 /// A handler parameter.
 ///
 /// Implemented for every `serde::de::DeserializeOwned` type (the body, decoded
-/// by content type), for [`Message`] (the delivery handle: id, headers,
+/// by content type), for [`Passthrough`] (the payload bytes and content type
+/// as stored, undecoded), for [`Message`] (the delivery handle: id, headers,
 /// ack/nack/reject) and for [`State<S>`] (shared application state).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a `#[subscriber]` handler parameter",
@@ -42,6 +44,14 @@ pub trait FromDelivery: Sized + Send + 'static {
 impl<T: DeserializeOwned + Send + 'static> FromDelivery for T {
     fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
         Ok(msg.decode()?)
+    }
+}
+
+/// The row's payload and `content-type` header exactly as stored; never
+/// fails.
+impl FromDelivery for Passthrough {
+    fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
+        Ok(Passthrough::from_message(msg))
     }
 }
 
