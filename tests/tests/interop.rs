@@ -1,17 +1,23 @@
 //! Interoperability with the Python package faststream-outbox 0.19.0 on one
 //! shared table, in both directions, through the real Python broker.
 //!
-//! Needs the venv of `scripts/python-env.sh` (`scripts/test.sh` provides it).
+//! Needs the venv of `scripts/python-env.sh` (`scripts/test.sh` provides it),
+//! and for the relay tests at the end a Kafka-protocol broker
+//! (`KAFKA_BOOTSTRAP`).
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_core::{Engine, Headers, Message, PublishOptions, Raw, Subscriber};
+use outbox_core::{
+    App, AppContext, BoxError, Engine, FromDelivery, Headers, Message, Passthrough, PublishOptions,
+    Raw, Response, Route, Subscriber,
+};
 use serde_json::{Value, json};
+use tests::kafka as kafka_support;
 use tests::{TestDb, base64_decode, database_url, interop_python, wait_until};
 
 type R = anyhow::Result<()>;
@@ -209,5 +215,214 @@ async fn rows_published_by_rust_are_handled_by_python() -> R {
     assert_eq!(by_id[&expected[0].0]["headers"]["x-tenant"], "acme");
     assert_eq!(by_id[&expected[4].0]["correlation_id"], "corr-rust");
     assert_eq!(db.count().await?, 0, "every Rust row acked by Python");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Python producer -> Rust relay -> the real Kafka-protocol broker
+// (`KAFKA_BOOTSTRAP`; scripts/test.sh starts one).
+
+/// A row as `py_publish_relay.py` reports it: id, case, stored payload and
+/// stored headers.
+struct PyRow {
+    id: i64,
+    case: String,
+    payload: Vec<u8>,
+    headers: Headers,
+    content_type: Option<String>,
+    body: Value,
+}
+
+fn py_publish_relay(db: &TestDb, queue: &str, set: &str) -> anyhow::Result<Vec<PyRow>> {
+    let out = py(db, "py_publish_relay.py", queue)?
+        .args(["--set", set])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "py_publish_relay failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    cases
+        .iter()
+        .map(|c| {
+            let headers = headers_of(&c["stored_headers"]);
+            let content_type = c["expected_content_type"].as_str().map(str::to_owned);
+            assert_eq!(
+                headers.get("content-type"),
+                content_type.as_ref(),
+                "{c}: stored content type"
+            );
+            Ok(PyRow {
+                id: c["id"].as_i64().unwrap(),
+                case: c["case"].as_str().unwrap().to_owned(),
+                payload: base64_decode(c["stored_payload_base64"].as_str().unwrap())?,
+                headers,
+                content_type,
+                body: c["expected_body"].clone(),
+            })
+        })
+        .collect()
+}
+
+/// Runs `app` until every row of `rows` is on `topic` and the table is
+/// empty; returns the records by `outbox-id`.
+async fn relay_and_read(
+    db: &TestDb,
+    app: outbox_core::App,
+    topic: &str,
+    rows: &[PyRow],
+) -> anyhow::Result<HashMap<i64, kafka_support::Record>> {
+    let boot = kafka_support::bootstrap();
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    // Every record of a row carries the row's correlation id: records of an
+    // earlier run on the same topic are not ours.
+    let ours: HashMap<i64, String> = rows
+        .iter()
+        .map(|r| (r.id, r.headers["correlation_id"].clone()))
+        .collect();
+    let is_ours = |rec: &kafka_support::Record| {
+        rec.headers
+            .get("outbox-id")
+            .and_then(|id| id.parse::<i64>().ok())
+            .and_then(|id| ours.get(&id))
+            .is_some_and(|c| rec.headers.get("correlation_id") == Some(c))
+    };
+    let mut reader = kafka_support::TopicReader::new(&boot, topic).await?;
+    let all = reader
+        .read_until(Duration::from_secs(60), |recs| {
+            recs.iter().filter(|r| is_ours(r)).count() >= rows.len()
+        })
+        .await?;
+    assert!(
+        all,
+        "only {} of {} records arrived",
+        reader.records.iter().filter(|r| is_ours(r)).count(),
+        rows.len()
+    );
+    assert!(db.drained(Duration::from_secs(10)).await, "rows left");
+    stop.shutdown();
+    run.await??;
+    let mut by_id = HashMap::new();
+    for rec in reader.records.iter().filter(|r| is_ours(r)) {
+        let prev = by_id.insert(rec.outbox_id(), rec.clone());
+        assert!(prev.is_none(), "row {} relayed twice", rec.outbox_id());
+    }
+    Ok(by_id)
+}
+
+/// A faststream-outbox producer's own headers (`x-tenant`, …) reach the Kafka
+/// record through a relay with the default settings; the envelope headers are
+/// derived: the content type of the re-encoded body, the row's correlation id,
+/// the row id as `outbox-id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_producer_headers_reach_kafka_through_the_relay() -> R {
+    let _lock = kafka_support::broker_lock(false).await?;
+    let db = TestDb::new().await?;
+    let queue = "py.headers";
+    let rows = py_publish_relay(&db, queue, "headers")?;
+    assert_eq!(rows.len(), 3);
+    let topic = kafka_support::unique_topic("interop.headers");
+    kafka_support::create_topic(&kafka_support::bootstrap(), &topic, 2).await?;
+
+    // The README's shape: a typed body in, the value out (re-encoded).
+    let route = Route::builder([queue])
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200))
+        .publish_to("kafka", topic.clone())
+        .handler(|msg: Message, ctx: AppContext| async move {
+            let body = <Value as FromDelivery>::from_delivery(&msg, &ctx)?;
+            Ok::<_, BoxError>(Response::new(body))
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(kafka_support::test_kafka(&kafka_support::bootstrap()).connect());
+    let got = relay_and_read(&db, app, &topic, &rows).await?;
+
+    for row in &rows {
+        let rec = &got[&row.id];
+        let name = &row.case;
+        // Every header the producer stored, the envelope's re-derived.
+        let mut want: BTreeMap<String, String> = row.headers.clone().into_iter().collect();
+        want.insert("outbox-id".into(), row.id.to_string());
+        assert_eq!(rec.headers, want, "{name}: headers");
+        assert_eq!(rec.headers["x-tenant"], "acme", "{name}");
+        assert_eq!(
+            rec.headers.get("content-type"),
+            row.content_type.as_ref(),
+            "{name}: content type"
+        );
+        let body = if row.content_type.as_deref() == Some("text/plain") {
+            Value::String(String::from_utf8(rec.payload.clone())?)
+        } else {
+            serde_json::from_slice(&rec.payload)?
+        };
+        assert_eq!(body, row.body, "{name}: body");
+    }
+    let corr = rows
+        .iter()
+        .find(|r| r.case == "object_with_correlation")
+        .unwrap();
+    assert_eq!(got[&corr.id].headers["correlation_id"], "corr-py-12");
+    assert_eq!(got[&corr.id].headers["x-trace"], "t-12");
+    Ok(())
+}
+
+/// The byte-exact relay, declared as the README shows it (the topic name is
+/// fixed by the attribute; records of other runs are told apart by their
+/// correlation ids).
+#[outbox_core::publish_to(kafka, "interop.passthrough")]
+#[outbox_core::subscriber("py.bodies")]
+async fn passthrough_relay(body: Passthrough) -> Passthrough {
+    body
+}
+
+/// Bodies a faststream-outbox producer published arrive on the Kafka topic
+/// byte for byte, with the same content type (or none), through a
+/// `Passthrough` relay: a JSON object with its keys in their order, unicode
+/// and plain text, empty bodies, raw bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_bodies_reach_kafka_byte_for_byte_through_a_passthrough_relay() -> R {
+    let _lock = kafka_support::broker_lock(false).await?;
+    let db = TestDb::new().await?;
+    let rows = py_publish_relay(&db, "py.bodies", "bodies")?;
+    assert_eq!(rows.len(), 8);
+    let object = rows.iter().find(|r| r.case == "json_object").unwrap();
+    assert_eq!(object.payload, br#"{"order_id":11,"note":"x"}"#);
+    let unicode = rows.iter().find(|r| r.case == "unicode_text").unwrap();
+    assert_eq!(unicode.payload, "héllo ✓".as_bytes());
+    let boot = kafka_support::bootstrap();
+    let topic = "interop.passthrough";
+    kafka_support::create_topic(&boot, topic, 2).await?;
+
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(passthrough_relay {})
+        .on_startup(kafka_support::test_kafka(&boot).connect());
+    let got = relay_and_read(&db, app, topic, &rows).await?;
+
+    for row in &rows {
+        let rec = &got[&row.id];
+        let name = &row.case;
+        assert_eq!(rec.payload, row.payload, "{name}: bytes");
+        assert_eq!(
+            rec.headers.get("content-type"),
+            row.content_type.as_ref(),
+            "{name}: content type"
+        );
+        let mut want: BTreeMap<String, String> = row.headers.clone().into_iter().collect();
+        want.insert("outbox-id".into(), row.id.to_string());
+        assert_eq!(rec.headers, want, "{name}: headers");
+    }
+    assert_eq!(got[&object.id].payload, br#"{"order_id":11,"note":"x"}"#);
+    assert_eq!(got[&unicode.id].payload, "héllo ✓".as_bytes());
+    assert_eq!(
+        got[&unicode.id].headers["content-type"], "text/plain",
+        "unicode text"
+    );
     Ok(())
 }
