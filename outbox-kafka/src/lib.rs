@@ -70,7 +70,7 @@
 //! | `correlation_id` | the response's correlation id, else the inbound row's |
 //! | `outbox-id` | the outbox row id, for consumer-side deduplication |
 //! | explicit headers | [`Response::header`](outbox_core::Response::header) |
-//! | propagated headers | the inbound row's headers, with `propagate_headers(true)` on the route |
+//! | propagated headers | the inbound row's own headers (by default; `propagate_headers(false)` on the route turns it off); the envelope keys above are re-derived, never copied |
 //!
 //! ## Configuration
 //!
