@@ -70,7 +70,8 @@ if want latency; then
   run latency --samples 1000 --kafka --linger-ms 0
 fi
 if want relay; then
-  # max_workers is bounded by max_connections (100): one connection per worker.
+  # The README relay (no knobs: the relay defaults), then tuned points.
+  run relay --backlog 100000 --readme-defaults
   run relay --backlog 100000 --workers 16,64,90 --fetch-batch-size 1000 --ack-batch 100
   run relay --backlog 100000 --workers 90 --fetch-batch-size 1000 --ack-batch 100 --linger-ms 0,1
   run relay --backlog 1000000 --workers 90 --fetch-batch-size 1000 --ack-batch 100 --linger-ms 1

@@ -151,7 +151,7 @@ impl Transport for Timed {
     }
 
     fn max_publish_time(&self) -> Option<Duration> {
-        self.inner.max_publish_time()
+        Transport::max_publish_time(&self.inner)
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {

@@ -232,6 +232,11 @@ struct RelayArgs {
     /// Route fetch_concurrency (claim statements in flight at once).
     #[arg(long, default_value_t = 1)]
     fetch_concurrency: usize,
+    /// The relay as the README writes it: a route with no tuning (the relay
+    /// defaults) and outbox-kafka's default producer settings; the knob and
+    /// linger flags are ignored.
+    #[arg(long)]
+    readme_defaults: bool,
 }
 
 #[derive(Debug, Args)]
@@ -457,8 +462,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                     duration: Duration::from_secs_f64(a.duration_secs.max(0.1)),
                                     producer_batch: a.producer_batch.max(1),
                                     keep_topic: a.keep_topic,
+                                    readme_defaults: a.readme_defaults,
                                 };
                                 let label = match rate {
+                                    None if a.readme_defaults => {
+                                        format!("relay/{backlog}/readme-defaults")
+                                    }
+                                    Some(r) if a.readme_defaults => {
+                                        format!("relay-steady/{r}/readme-defaults")
+                                    }
                                     None => format!(
                                         "relay/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/linger{linger:?}"
                                     ),

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use outbox_core::{App, BoxError, Message, OutboxTable, Raw, Response, Route};
+use outbox_core::{App, BoxError, Message, OutboxTable, Raw, Response, Route, SubscriberOptions};
 use serde_json::{Map, Value, json};
 
 use crate::db::{self, Body, Db, QUEUE};
@@ -32,6 +32,10 @@ pub(crate) struct RelayParams {
     /// Rows per producer transaction in steady state.
     pub(crate) producer_batch: usize,
     pub(crate) keep_topic: bool,
+    /// The README's relay: a route with no tuning at all (the relay
+    /// defaults) and outbox-kafka's default producer settings; `knobs` and
+    /// `linger` are ignored.
+    pub(crate) readme_defaults: bool,
 }
 
 impl RelayParams {
@@ -57,7 +61,25 @@ impl RelayParams {
         ] {
             params.insert(k.to_owned(), v);
         }
-        self.knobs.add_json(&mut params);
+        if self.readme_defaults {
+            let d = outbox_core::RELAY_DEFAULTS;
+            let o = SubscriberOptions::default().relay_defaults(true);
+            for (k, v) in [
+                ("readme_defaults", json!(true)),
+                ("workers", json!(d.max_workers)),
+                ("fetch_batch_size", json!(d.fetch_batch_size)),
+                ("ack_batch", json!(o.get_terminal_flush_batch_size())),
+                ("fetch_concurrency", json!(o.get_fetch_concurrency())),
+                (
+                    "linger_ms",
+                    json!(outbox_kafka::DEFAULT_LINGER.as_secs_f64() * 1000.0),
+                ),
+            ] {
+                params.insert(k.to_owned(), v);
+            }
+        } else {
+            self.knobs.add_json(&mut params);
+        }
         params.into()
     }
 }
@@ -70,8 +92,11 @@ fn app(
     transport: Timed,
     stamp_created: bool,
 ) -> App {
-    let route = Route::builder([QUEUE])
-        .options(p.knobs.options())
+    let mut route = Route::builder([QUEUE]);
+    if !p.readme_defaults {
+        route = route.options(p.knobs.options());
+    }
+    let route = route
         .publish_to("kafka", topic)
         .handler(move |msg: Message, _ctx| async move {
             let mut r = Response::new(Raw(msg.payload().to_vec()));
@@ -118,7 +143,7 @@ async fn backlog(
     topic: &str,
     prefill: Duration,
 ) -> anyhow::Result<Finished> {
-    let kafka = kafka::broker(&p.bootstrap, p.linger);
+    let kafka = kafka::broker(&p.bootstrap, p.linger.filter(|_| !p.readme_defaults));
     let inner = kafka::connect_warm(&kafka, topic).await?;
     let progress = Progress::new(p.backlog);
     let confirms = Arc::new(Confirms {
@@ -201,7 +226,7 @@ async fn steady(
     if rate == 0 {
         bail!("--rate must be > 0");
     }
-    let kafka = kafka::broker(&p.bootstrap, p.linger);
+    let kafka = kafka::broker(&p.bootstrap, p.linger.filter(|_| !p.readme_defaults));
     let inner = kafka::connect_warm(&kafka, topic).await?;
     // Counted without a target: the scenario decides when to stop.
     let progress = Progress::new(u64::MAX);

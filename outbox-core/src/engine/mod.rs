@@ -2,10 +2,14 @@
 //!
 //! Per subscriber: one fetch loop on its own connection that claims rows
 //! (`FOR UPDATE SKIP LOCKED`, a fresh lease token per claim) into a bounded
-//! buffer of `fetch_batch_size` rows, and `max_workers` workers that run the
-//! handler and record the outcome on their own long-lived connection. Per
-//! engine: one LISTEN connection that wakes the fetch loops of the served
-//! queues. Every write after a claim is guarded by the lease token.
+//! buffer of `fetch_batch_size` rows; `max_workers` workers that run the
+//! handler and record retries and dead-letter moves on connections they
+//! share (at most [`worker::MAX_WORKER_CONNECTIONS`] per subscriber); one
+//! acker that writes the deletes (acks) on its own connection. Per engine:
+//! one LISTEN connection that wakes the fetch loops of the served queues.
+//! Every write after a claim is guarded by the lease token. An idle fetch
+//! loop sleeps until a wake-up, its next poll, or the earliest row it knows
+//! to become due, whichever comes first.
 //!
 //! Storage goes through [`store`] (a PostgreSQL connection, or with the
 //! `testing` feature the in-memory store of a test harness); with a harness
