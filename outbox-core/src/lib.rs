@@ -32,12 +32,12 @@ pub mod telemetry;
 pub mod testing;
 
 pub use app::transport;
+pub use app::transport::BusRejection;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, Hook, IntoHook, IntoReply, IntoRoute, Location,
     MemoryTransport, OUTBOX_ID, OUTBOX_TRANSPORT, OutboxTransport, Outgoing, PublishTarget, Reply,
     Requirement, Response, Route, RouteBuilder, RouteCall, State, Transport,
 };
-pub use app::transport::BusRejection;
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Passthrough, Raw};
