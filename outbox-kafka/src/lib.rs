@@ -188,10 +188,10 @@
 //! is replaced by what that almost always means (the broker is down, hung,
 //! overloaded or restarting).
 
-mod admin;
 mod config;
 mod context;
 mod error;
+mod topic;
 mod transport;
 
 pub use config::{

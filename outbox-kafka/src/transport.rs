@@ -366,7 +366,7 @@ impl Transport for KafkaTransport {
     /// not `.` or `..`): a bad name in `#[publish_to]` fails `App::run`
     /// instead of every publish.
     fn check_destination(&self, destination: &str) -> Result<(), String> {
-        crate::admin::check_topic_name(destination)
+        crate::topic::check_topic_name(destination)
     }
 
     /// Flushes queued records (bounded by the flush timeout).

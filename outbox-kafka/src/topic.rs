@@ -1,4 +1,5 @@
-//! Creating destination topics: [`KafkaBroker::ensure_topic`].
+//! Topics: Kafka's topic-name rules and creating destination topics
+//! ([`KafkaBroker::ensure_topic`]).
 
 use std::time::Duration;
 
