@@ -188,15 +188,17 @@
 //! is replaced by what that almost always means (the broker is down, hung,
 //! overloaded or restarting).
 
+mod broker;
 mod config;
 mod context;
 mod error;
 mod topic;
 mod transport;
 
+pub use broker::KafkaBroker;
 pub use config::{
     Acks, Compression, DEFAULT_CLIENT_ID, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_TIMEOUT,
-    DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME, KafkaBroker,
+    DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME,
 };
 pub use error::{Error, Result};
 pub use transport::{DELIVERY_REPORT_MARGIN, KafkaTransport};

@@ -1,5 +1,5 @@
-//! Topics: Kafka's topic-name rules and creating destination topics
-//! ([`KafkaBroker::ensure_topic`]).
+//! Topics: Kafka's topic-name rules ([`check_topic_name`]) and creating
+//! destination topics with an admin client ([`ensure_topic`]).
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::KafkaBroker;
+use crate::config::Settings;
 use crate::error::{Error, Result};
 
 /// Kafka's limit on topic name length.
@@ -17,122 +17,90 @@ const MAX_TOPIC_LEN: usize = 249;
 /// Extra time, past the admin request's own timeout, before we stop waiting.
 const GRACE: Duration = Duration::from_secs(5);
 
-impl KafkaBroker {
-    /// Creates `topic` with `partitions` partitions, each on `replication`
-    /// brokers, unless it exists. Returns `true` when this call created it,
-    /// `false` when it was already there (its partition count is then left
-    /// as it is).
-    ///
-    /// The admin client uses the broker's bootstrap address, `client.id` and
-    /// [`set`](Self::set) properties (so TLS/SASL settings apply), and waits
-    /// at most [`connect_timeout`](Self::connect_timeout) for the cluster.
-    /// Call it before the relay starts when the cluster does not create
-    /// topics on first use (`auto.create.topics.enable=false`, the usual
-    /// production setting), or to choose the partition count.
-    ///
-    /// The name and the counts are checked before anything is sent: a topic
-    /// name is 1 to 249 characters of `a-z A-Z 0-9 . _ -` and is not `.` or
-    /// `..`; both counts are at least 1.
-    ///
-    /// ```no_run
-    /// use outbox_core::{App, AppContext, BoxError, Hook, OutboxBroker};
-    /// use outbox_kafka::KafkaBroker;
-    ///
-    /// # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
-    /// let kafka = KafkaBroker::new("localhost:9092");
-    /// let topics = kafka.clone();
-    /// App::new(outbox)
-    ///     .on_startup(Hook::new("topics", move |_: AppContext| async move {
-    ///         topics.ensure_topic("orders.kafka", 6, 3).await?;
-    ///         Ok::<_, BoxError>(())
-    ///     }))
-    ///     .on_startup(kafka.connect())
-    ///     .run()
-    ///     .await
-    /// # }
-    /// ```
-    pub async fn ensure_topic(
-        &self,
-        topic: &str,
-        partitions: i32,
-        replication: i32,
-    ) -> Result<bool> {
-        let fail = |reason: String, source: Option<KafkaError>| Error::CreateTopic {
-            topic: topic.to_owned(),
-            bootstrap: self.bootstrap().to_owned(),
-            reason,
-            source: source.map(Box::new),
-        };
-        if let Err(reason) = check_topic_name(topic) {
-            return Err(fail(reason, None));
-        }
-        if partitions < 1 || replication < 1 {
+/// Creates `topic` unless it exists (`true` when this call created it), with
+/// an admin client built from `settings`: the body of
+/// [`KafkaBroker::ensure_topic`](crate::KafkaBroker::ensure_topic), which
+/// documents the checks and the timeout.
+pub(crate) async fn ensure_topic(
+    settings: &Settings,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<bool> {
+    let fail = |reason: String, source: Option<KafkaError>| Error::CreateTopic {
+        topic: topic.to_owned(),
+        bootstrap: settings.bootstrap.clone(),
+        reason,
+        source: source.map(Box::new),
+    };
+    if let Err(reason) = check_topic_name(topic) {
+        return Err(fail(reason, None));
+    }
+    if partitions < 1 || replication < 1 {
+        return Err(fail(
+            format!(
+                "partitions ({partitions}) and replication ({replication}) must both be at \
+                     least 1"
+            ),
+            None,
+        ));
+    }
+    let admin: AdminClient<DefaultClientContext> = settings
+        .admin_config()?
+        .create()
+        .map_err(|e| settings.config_error(e))?;
+    let timeout = settings.connect_timeout;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let answer = tokio::time::timeout(timeout + GRACE, admin.create_topics([&new], &opts)).await;
+    // Dropping a client joins its background thread: not on the runtime.
+    tokio::task::spawn_blocking(move || drop(admin));
+    let results = match answer {
+        Ok(Ok(results)) => results,
+        Ok(Err(e)) => {
             return Err(fail(
                 format!(
-                    "partitions ({partitions}) and replication ({replication}) must both be at \
-                     least 1"
+                    "CreateTopics failed (check that the brokers are reachable within \
+                         {timeout:?} (connect_timeout) and that this client may create topics)"
                 ),
-                None,
+                Some(e),
             ));
         }
-        let admin: AdminClient<DefaultClientContext> = self
-            .admin_config()?
-            .create()
-            .map_err(|e| self.config_error(e))?;
-        let timeout = self.get_connect_timeout();
-        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-        let opts = AdminOptions::new()
-            .request_timeout(Some(timeout))
-            .operation_timeout(Some(timeout));
-        let answer =
-            tokio::time::timeout(timeout + GRACE, admin.create_topics([&new], &opts)).await;
-        // Dropping a client joins its background thread: not on the runtime.
-        tokio::task::spawn_blocking(move || drop(admin));
-        let results = match answer {
-            Ok(Ok(results)) => results,
-            Ok(Err(e)) => {
+        Err(_elapsed) => {
+            return Err(fail(
+                format!(
+                    "no answer to CreateTopics within {:?}; are the brokers reachable?",
+                    timeout + GRACE
+                ),
+                Some(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)),
+            ));
+        }
+    };
+    let mut created = false;
+    for result in results {
+        match result {
+            Ok(_) => created = true,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
                 return Err(fail(
-                    format!(
-                        "CreateTopics failed (check that the brokers are reachable within \
-                         {timeout:?} (connect_timeout) and that this client may create topics)"
-                    ),
-                    Some(e),
+                    "the cluster refused it".to_owned(),
+                    Some(KafkaError::AdminOp(code)),
                 ));
             }
-            Err(_elapsed) => {
-                return Err(fail(
-                    format!(
-                        "no answer to CreateTopics within {:?}; are the brokers reachable?",
-                        timeout + GRACE
-                    ),
-                    Some(KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut)),
-                ));
-            }
-        };
-        let mut created = false;
-        for result in results {
-            match result {
-                Ok(_) => created = true,
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((_, code)) => {
-                    return Err(fail(
-                        "the cluster refused it".to_owned(),
-                        Some(KafkaError::AdminOp(code)),
-                    ));
-                }
-            }
         }
-        if created {
-            tracing::info!(
-                transport = %self.get_name(),
-                topic,
-                partitions,
-                replication,
-                "created Kafka topic"
-            );
-        }
-        Ok(created)
     }
+    if created {
+        tracing::info!(
+            transport = %settings.name,
+            topic,
+            partitions,
+            replication,
+            "created Kafka topic"
+        );
+    }
+    Ok(created)
 }
 
 /// Kafka's own rule for topic names (`Topic.validate` in the Java client).

@@ -379,26 +379,32 @@ impl Transport for KafkaTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DEFAULT_MESSAGE_TIMEOUT, KafkaBroker};
+    use crate::config::{DEFAULT_MESSAGE_TIMEOUT, Settings};
     use rdkafka::mocking::MockCluster;
+
+    /// A transport as `KafkaBroker::connect_transport` makes it from
+    /// `settings`, without the metadata check (the first record fetches the
+    /// metadata).
+    fn transport(settings: &Settings) -> KafkaTransport {
+        let config = settings.producer_config().expect("valid settings");
+        let producer: KafkaProducer = config
+            .create_with_context(KafkaContext::new(&settings.name))
+            .expect("a producer needs no connection to be created");
+        KafkaTransport::new(
+            settings.name.clone(),
+            settings.bootstrap.clone(),
+            config,
+            producer,
+            settings.effective_message_timeout(),
+            settings.flush_timeout,
+        )
+    }
 
     /// The figure the App compares with `lease_ttl`: with the defaults,
     /// 30 s + 1 s, well below the subscribers' default lease (60 s).
     #[tokio::test]
     async fn max_publish_time_on_the_defaults_is_one_message_timeout_plus_the_margin() {
-        let broker = KafkaBroker::new("127.0.0.1:1");
-        let config = broker.client_config().expect("the defaults are valid");
-        let producer: KafkaProducer = config
-            .create_with_context(KafkaContext::new("kafka"))
-            .expect("a producer needs no connection to be created");
-        let transport = KafkaTransport::new(
-            "kafka".into(),
-            "127.0.0.1:1".into(),
-            config,
-            producer,
-            broker.get_message_timeout(),
-            Duration::from_secs(1),
-        );
+        let transport = transport(&Settings::new("127.0.0.1:1".into()));
         let expected = DEFAULT_MESSAGE_TIMEOUT + DELIVERY_REPORT_MARGIN;
         assert_eq!(expected, Duration::from_secs(31));
         assert_eq!(Transport::max_publish_time(&transport), Some(expected));
@@ -416,12 +422,12 @@ mod tests {
     async fn queue_full_waits_and_the_delivery_report_share_one_deadline() {
         let mock = MockCluster::new(1).expect("mock cluster");
         mock.create_topic("t", 1, 1).expect("topic");
-        let transport = KafkaBroker::new(mock.bootstrap_servers())
-            .message_timeout(Duration::from_secs(4))
-            .set("queue.buffering.max.messages", "1")
-            .connect_transport()
-            .await
-            .expect("the mock cluster answers");
+        let mut settings = Settings::new(mock.bootstrap_servers());
+        settings.message_timeout = Duration::from_secs(4);
+        settings
+            .extra
+            .insert("queue.buffering.max.messages".into(), "1".into());
+        let transport = transport(&settings);
         let budget = transport.max_publish_time();
         assert_eq!(budget, Duration::from_secs(5));
         // Warm up (producer id, metadata), then make every answer slow.
