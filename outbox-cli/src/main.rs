@@ -108,20 +108,24 @@ enum Command {
     /// Print the ALTER TABLE that tunes autovacuum for the outbox (no database
     /// needed). Every message is an insert, a non-HOT lease update and a
     /// delete: the default scale factors let a busy outbox bloat.
-    Autovacuum {
-        /// autovacuum_vacuum_threshold (dead rows; scale factor 0).
-        #[arg(long, default_value_t = 1000)]
-        threshold: u64,
-        /// autovacuum_vacuum_insert_threshold [default: --threshold].
-        #[arg(long)]
-        insert_threshold: Option<u64>,
-        /// autovacuum_vacuum_cost_delay in milliseconds (0 to 100).
-        #[arg(long, value_name = "MS")]
-        cost_delay: Option<f64>,
-        /// autovacuum_vacuum_cost_limit (1 to 10000).
-        #[arg(long)]
-        cost_limit: Option<u32>,
-    },
+    Autovacuum(AutovacuumArgs),
+}
+
+// The settings `outbox autovacuum` prints (the variant documents the command).
+#[derive(Debug, Args)]
+struct AutovacuumArgs {
+    /// autovacuum_vacuum_threshold (dead rows; scale factor 0).
+    #[arg(long, default_value_t = 1000)]
+    threshold: u64,
+    /// autovacuum_vacuum_insert_threshold [default: --threshold].
+    #[arg(long)]
+    insert_threshold: Option<u64>,
+    /// autovacuum_vacuum_cost_delay in milliseconds (0 to 100).
+    #[arg(long, value_name = "MS")]
+    cost_delay: Option<f64>,
+    /// autovacuum_vacuum_cost_limit (1 to 10000).
+    #[arg(long)]
+    cost_limit: Option<u32>,
 }
 
 /// Time criteria and the queue/reason filters shared by the dlq commands.
@@ -428,135 +432,12 @@ fn broker(pool: PgPool, t: &Tables, with_dlq: bool) -> OutboxBroker {
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let t = tables(&cli)?;
     match &cli.command {
-        Command::Sql => {
-            let outbox = t.table.create_sql();
-            let dlq = t.dlq.as_ref().map(DlqTable::create_sql);
-            if cli.json {
-                output::print_json(&json!({"outbox": outbox, "dlq": dlq}))?;
-            } else {
-                output::emit(&format!("{outbox}{}", dlq.unwrap_or_default()))?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Autovacuum {
-            threshold,
-            insert_threshold,
-            cost_delay,
-            cost_limit,
-        } => {
-            let cost_delay = cost_delay
-                .map(|ms| {
-                    Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
-                        Failure::usage(format!(
-                            "--cost-delay must be a number of milliseconds between 0 and 100, got {ms}"
-                        ))
-                    })
-                })
-                .transpose()?;
-            let sql = autovacuum_sql(
-                &t.table,
-                AutovacuumOptions {
-                    vacuum_threshold: *threshold,
-                    insert_threshold: insert_threshold.unwrap_or(*threshold),
-                    cost_delay,
-                    cost_limit: *cost_limit,
-                },
-            );
-            if cli.json {
-                output::print_json(&json!({ "sql": sql }))?;
-            } else {
-                output::emit(&format!("{sql};\n"))?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Migrate => {
-            let pool = connect(&cli).await?;
-            let b = broker(pool, &t, true);
-            b.migrate().await.map_err(Failure::from_core)?;
-            let dlq = t.dlq.as_ref().map(DlqTable::qualified_name);
-            if cli.json {
-                output::print_json(&json!({
-                    "ok": true,
-                    "table": t.table.qualified_name(),
-                    "dlq_table": dlq,
-                }))?;
-            } else {
-                let mut text = format!("outbox table {} is in place\n", t.table.qualified_name());
-                if let Some(d) = dlq {
-                    text.push_str(&format!("dead-letter table {d} is in place\n"));
-                }
-                output::emit(&text)?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Validate { autovacuum } => {
-            let pool = connect(&cli).await?;
-            let b = broker(pool, &t, true);
-            let checks = outbox_core::SchemaChecks::new().autovacuum(*autovacuum);
-            match b.validate_schema_with(checks).await {
-                Ok(()) => {
-                    if cli.json {
-                        output::print_json(&json!({"ok": true, "problems": [], "fix": ""}))?;
-                    } else {
-                        output::emit(&format!(
-                            "schema OK: {}\n",
-                            output::tables_label(&t.table, t.dlq.as_ref())
-                        ))?;
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(outbox_core::Error::SchemaDrift(d)) => {
-                    if cli.json {
-                        output::print_json(
-                            &json!({"ok": false, "problems": d.problems, "fix": d.fix}),
-                        )?;
-                    } else {
-                        output::emit(&format!("{d}\n"))?;
-                    }
-                    Ok(ExitCode::from(output::EXIT_SCHEMA))
-                }
-                Err(e) => Err(Failure::from_core(e)),
-            }
-        }
-        Command::Stats { queues, watch } => {
-            let pool = connect(&cli).await?;
-            let has_dlq = check_tables(&pool, &t, false).await?;
-            if t.dlq.is_some() && !has_dlq {
-                eprintln!(
-                    "note: dead-letter table {} not found; dead letters are not counted",
-                    t.dlq
-                        .as_ref()
-                        .map(DlqTable::qualified_name)
-                        .unwrap_or_default()
-                );
-            }
-            let b = broker(pool, &t, has_dlq);
-            stats(&b, &cli, queues, *watch, has_dlq).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Peek { queue, limit } => {
-            let pool = connect(&cli).await?;
-            check_tables(&pool, &t, false).await?;
-            let b = broker(pool, &t, false);
-            let mut conn = b.pool().acquire().await.map_err(Failure::db)?;
-            let rows = b
-                .fetch_unprocessed(Some(queue), *limit, &mut conn)
-                .await
-                .map_err(Failure::from_core)?;
-            let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(Failure::db)?;
-            if cli.json {
-                let rows: Vec<_> = rows.iter().map(|r| output::row_json(r, now)).collect();
-                output::print_json(&json!({"queue": queue, "rows": rows}))?;
-            } else {
-                let mut text = String::new();
-                output::print_peek(&mut text, queue, &rows, now, *limit);
-                output::emit(&text)?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Sql => sql(&cli, &t),
+        Command::Autovacuum(args) => autovacuum(&cli, &t, args),
+        Command::Migrate => migrate(&cli, &t).await,
+        Command::Validate { autovacuum } => validate(&cli, &t, *autovacuum).await,
+        Command::Stats { queues, watch } => stats_command(&cli, &t, queues, *watch).await,
+        Command::Peek { queue, limit } => peek(&cli, &t, queue, *limit).await,
         Command::Dlq(cmd) => {
             let pool = connect(&cli).await?;
             check_tables(&pool, &t, true).await?;
@@ -564,6 +445,143 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             dlq(&b, &cli, cmd).await
         }
     }
+}
+
+/// `outbox sql`: the DDL of both tables.
+fn sql(cli: &Cli, t: &Tables) -> Result<ExitCode, Failure> {
+    let outbox = t.table.create_sql();
+    let dlq = t.dlq.as_ref().map(DlqTable::create_sql);
+    if cli.json {
+        output::print_json(&json!({"outbox": outbox, "dlq": dlq}))?;
+    } else {
+        output::emit(&format!("{outbox}{}", dlq.unwrap_or_default()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outbox autovacuum`: the ALTER TABLE of the autovacuum advice.
+fn autovacuum(cli: &Cli, t: &Tables, args: &AutovacuumArgs) -> Result<ExitCode, Failure> {
+    let cost_delay = args
+        .cost_delay
+        .map(|ms| {
+            Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| {
+                Failure::usage(format!(
+                    "--cost-delay must be a number of milliseconds between 0 and 100, got {ms}"
+                ))
+            })
+        })
+        .transpose()?;
+    let sql = autovacuum_sql(
+        &t.table,
+        AutovacuumOptions {
+            vacuum_threshold: args.threshold,
+            insert_threshold: args.insert_threshold.unwrap_or(args.threshold),
+            cost_delay,
+            cost_limit: args.cost_limit,
+        },
+    );
+    if cli.json {
+        output::print_json(&json!({ "sql": sql }))?;
+    } else {
+        output::emit(&format!("{sql};\n"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outbox migrate`: creates what is missing.
+async fn migrate(cli: &Cli, t: &Tables) -> Result<ExitCode, Failure> {
+    let pool = connect(cli).await?;
+    let b = broker(pool, t, true);
+    b.migrate().await.map_err(Failure::from_core)?;
+    let dlq = t.dlq.as_ref().map(DlqTable::qualified_name);
+    if cli.json {
+        output::print_json(&json!({
+            "ok": true,
+            "table": t.table.qualified_name(),
+            "dlq_table": dlq,
+        }))?;
+    } else {
+        let mut text = format!("outbox table {} is in place\n", t.table.qualified_name());
+        if let Some(d) = dlq {
+            text.push_str(&format!("dead-letter table {d} is in place\n"));
+        }
+        output::emit(&text)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outbox validate`: success, or the drift and its fix with exit code 3.
+async fn validate(cli: &Cli, t: &Tables, autovacuum: bool) -> Result<ExitCode, Failure> {
+    let pool = connect(cli).await?;
+    let b = broker(pool, t, true);
+    let checks = outbox_core::SchemaChecks::new().autovacuum(autovacuum);
+    match b.validate_schema_with(checks).await {
+        Ok(()) => {
+            if cli.json {
+                output::print_json(&json!({"ok": true, "problems": [], "fix": ""}))?;
+            } else {
+                output::emit(&format!(
+                    "schema OK: {}\n",
+                    output::tables_label(&t.table, t.dlq.as_ref())
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(outbox_core::Error::SchemaDrift(d)) => {
+            if cli.json {
+                output::print_json(&json!({"ok": false, "problems": d.problems, "fix": d.fix}))?;
+            } else {
+                output::emit(&format!("{d}\n"))?;
+            }
+            Ok(ExitCode::from(output::EXIT_SCHEMA))
+        }
+        Err(e) => Err(Failure::from_core(e)),
+    }
+}
+
+/// `outbox stats`: connects, notes a missing dead-letter table, then [`stats`].
+async fn stats_command(
+    cli: &Cli,
+    t: &Tables,
+    queues: &[String],
+    watch: Option<f64>,
+) -> Result<ExitCode, Failure> {
+    let pool = connect(cli).await?;
+    let has_dlq = check_tables(&pool, t, false).await?;
+    if let Some(d) = t.dlq.as_ref().filter(|_| !has_dlq) {
+        eprintln!(
+            "note: dead-letter table {} not found; dead letters are not counted",
+            d.qualified_name()
+        );
+    }
+    let b = broker(pool, t, has_dlq);
+    stats(&b, cli, queues, watch, has_dlq).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outbox peek`: the next rows of a queue, not leased.
+async fn peek(cli: &Cli, t: &Tables, queue: &str, limit: i64) -> Result<ExitCode, Failure> {
+    let pool = connect(cli).await?;
+    check_tables(&pool, t, false).await?;
+    let b = broker(pool, t, false);
+    let mut conn = b.pool().acquire().await.map_err(Failure::db)?;
+    let rows = b
+        .fetch_unprocessed(Some(queue), limit, &mut conn)
+        .await
+        .map_err(Failure::from_core)?;
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Failure::db)?;
+    if cli.json {
+        let rows: Vec<_> = rows.iter().map(|r| output::row_json(r, now)).collect();
+        output::print_json(&json!({"queue": queue, "rows": rows}))?;
+    } else {
+        let mut text = String::new();
+        output::print_peek(&mut text, queue, &rows, now, limit);
+        output::emit(&text)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn stats(
@@ -624,49 +642,17 @@ async fn stats(
     }
 }
 
+/// `outbox dlq ...`: every subcommand succeeds with exit code 0 or fails.
 async fn dlq(b: &OutboxBroker, cli: &Cli, cmd: &DlqCommand) -> Result<ExitCode, Failure> {
     match cmd {
-        DlqCommand::List { filter, limit } => {
-            let f = filter.to_filter(DlqFilter::new()).limit(*limit);
-            let rows = b.dlq_list(&f).await.map_err(Failure::from_core)?;
-            if cli.json {
-                let rows: Vec<_> = rows.iter().map(output::dead_letter_json).collect();
-                output::print_json(&json!({ "dead_letters": rows }))?;
-            } else {
-                let mut text = String::new();
-                output::print_dlq_list(&mut text, &rows);
-                output::emit(&text)?;
-                if u64::try_from(rows.len()).unwrap_or(u64::MAX) >= *limit {
-                    eprintln!(
-                        "(first {limit} shown, oldest first; narrow with --since/--queue or raise --limit)"
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        DlqCommand::Show { id } => {
-            let Some(dl) = b.dlq_get(*id).await.map_err(Failure::from_core)? else {
-                return Err(Failure::runtime(format!(
-                    "no dead letter with id {id} in {} (ids are the `id` column of `outbox dlq list`)",
-                    b.dlq().map(DlqTable::qualified_name).unwrap_or_default()
-                )));
-            };
-            if cli.json {
-                output::print_json(&output::dead_letter_json(&dl))?;
-            } else {
-                let mut text = String::new();
-                output::print_dead_letter(&mut text, &dl);
-                output::emit(&text)?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        DlqCommand::List { filter, limit } => dlq_list(b, cli, filter, *limit).await?,
+        DlqCommand::Show { id } => dlq_show(b, cli, *id).await?,
         DlqCommand::Replay {
             selection,
             dry_run,
             batch_size,
             drop_timer_ids,
         } => {
-            let f = selection.to_filter();
             let opts = ReplayOptions::new()
                 .dry_run(*dry_run)
                 .batch_size(*batch_size)
@@ -675,57 +661,109 @@ async fn dlq(b: &OutboxBroker, cli: &Cli, cmd: &DlqCommand) -> Result<ExitCode, 
                 } else {
                     ReplayTimers::Keep
                 });
-            let mut bar: Option<indicatif::ProgressBar> = None;
-            let res = b
-                .dlq_replay_with(&f, &opts, |p: &ReplayProgress| {
-                    if bar.is_none() && p.total > *batch_size {
-                        bar = Some(output::progress_bar(p.total, *dry_run));
-                    }
-                    if let Some(bar) = &bar {
-                        bar.set_message(format!("{} replayed, {} skipped", p.replayed, p.skipped));
-                        bar.set_position(p.done);
-                    }
-                })
-                .await;
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            let report = res.map_err(Failure::from_core)?;
-            if cli.json {
-                output::print_json(&output::replay_json(&report))?;
-            } else {
-                let mut text = String::new();
-                output::print_replay(&mut text, b, &report);
-                output::emit(&text)?;
-            }
-            Ok(ExitCode::SUCCESS)
+            dlq_replay(b, cli, &selection.to_filter(), &opts, *batch_size, *dry_run).await?;
         }
         DlqCommand::Purge { selection, yes } => {
-            let f = selection.to_filter();
-            let n = b.dlq_count(&f).await.map_err(Failure::from_core)?;
-            let dlq_name = b.dlq().map(DlqTable::qualified_name).unwrap_or_default();
-            if n == 0 {
-                if cli.json {
-                    output::print_json(&json!({ "purged": 0 }))?;
-                } else {
-                    output::emit("no dead letter matches; nothing purged\n")?;
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            if !*yes {
-                confirm(&format!(
-                    "Delete {n} dead letter(s) from {dlq_name} for good? Type 'yes' to confirm: "
-                ))?;
-            }
-            let purged = b.dlq_purge(&f).await.map_err(Failure::from_core)?;
-            if cli.json {
-                output::print_json(&json!({ "purged": purged }))?;
-            } else {
-                output::emit(&format!("purged {purged} dead letter(s) from {dlq_name}\n"))?;
-            }
-            Ok(ExitCode::SUCCESS)
+            dlq_purge(b, cli, &selection.to_filter(), *yes).await?;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `outbox dlq list`.
+async fn dlq_list(
+    b: &OutboxBroker,
+    cli: &Cli,
+    filter: &FilterArgs,
+    limit: u64,
+) -> Result<(), Failure> {
+    let f = filter.to_filter(DlqFilter::new()).limit(limit);
+    let rows = b.dlq_list(&f).await.map_err(Failure::from_core)?;
+    if cli.json {
+        let rows: Vec<_> = rows.iter().map(output::dead_letter_json).collect();
+        return output::print_json(&json!({ "dead_letters": rows }));
+    }
+    let mut text = String::new();
+    output::print_dlq_list(&mut text, &rows);
+    output::emit(&text)?;
+    if u64::try_from(rows.len()).unwrap_or(u64::MAX) >= limit {
+        eprintln!(
+            "(first {limit} shown, oldest first; narrow with --since/--queue or raise --limit)"
+        );
+    }
+    Ok(())
+}
+
+/// `outbox dlq show ID`.
+async fn dlq_show(b: &OutboxBroker, cli: &Cli, id: i64) -> Result<(), Failure> {
+    let Some(dl) = b.dlq_get(id).await.map_err(Failure::from_core)? else {
+        return Err(Failure::runtime(format!(
+            "no dead letter with id {id} in {} (ids are the `id` column of `outbox dlq list`)",
+            b.dlq().map(DlqTable::qualified_name).unwrap_or_default()
+        )));
+    };
+    if cli.json {
+        return output::print_json(&output::dead_letter_json(&dl));
+    }
+    let mut text = String::new();
+    output::print_dead_letter(&mut text, &dl);
+    output::emit(&text)
+}
+
+/// `outbox dlq replay`: batch by batch, with a progress bar when the
+/// selection spans more than one batch.
+async fn dlq_replay(
+    b: &OutboxBroker,
+    cli: &Cli,
+    f: &DlqFilter,
+    opts: &ReplayOptions,
+    batch_size: u64,
+    dry_run: bool,
+) -> Result<(), Failure> {
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let res = b
+        .dlq_replay_with(f, opts, |p: &ReplayProgress| {
+            if bar.is_none() && p.total > batch_size {
+                bar = Some(output::progress_bar(p.total, dry_run));
+            }
+            if let Some(bar) = &bar {
+                bar.set_message(format!("{} replayed, {} skipped", p.replayed, p.skipped));
+                bar.set_position(p.done);
+            }
+        })
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let report = res.map_err(Failure::from_core)?;
+    if cli.json {
+        return output::print_json(&output::replay_json(&report));
+    }
+    let mut text = String::new();
+    output::print_replay(&mut text, b, &report);
+    output::emit(&text)
+}
+
+/// `outbox dlq purge`: counts, asks (unless `yes`), deletes.
+async fn dlq_purge(b: &OutboxBroker, cli: &Cli, f: &DlqFilter, yes: bool) -> Result<(), Failure> {
+    let n = b.dlq_count(f).await.map_err(Failure::from_core)?;
+    let dlq_name = b.dlq().map(DlqTable::qualified_name).unwrap_or_default();
+    if n == 0 {
+        if cli.json {
+            return output::print_json(&json!({ "purged": 0 }));
+        }
+        return output::emit("no dead letter matches; nothing purged\n");
+    }
+    if !yes {
+        confirm(&format!(
+            "Delete {n} dead letter(s) from {dlq_name} for good? Type 'yes' to confirm: "
+        ))?;
+    }
+    let purged = b.dlq_purge(f).await.map_err(Failure::from_core)?;
+    if cli.json {
+        return output::print_json(&json!({ "purged": purged }));
+    }
+    output::emit(&format!("purged {purged} dead letter(s) from {dlq_name}\n"))
 }
 
 /// Asks on the terminal; refuses (usage error) when stdin is not one.
