@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::Result;
 use crate::publish::{self, PublishOptions};
-use crate::row::OutboxRow;
-use crate::sql::Statements;
-use crate::table::{DlqTable, OutboxTable};
+use crate::store::conn::{self, Conn};
+use crate::store::producer::{self, BatchInsert, Insert};
+use crate::store::sql::Statements;
+use crate::store::{DlqTable, OutboxRow, OutboxTable, QueueStats, SchemaChecks, stats};
 
 /// Turns a handler error into the text stored in the dead-letter table's
 /// `last_exception` column (`None` stores NULL). Replace it to redact PII.
@@ -196,8 +198,34 @@ impl OutboxBroker {
 
     /// The in-memory storage backend, if this broker has one.
     #[cfg(feature = "testing")]
-    pub(crate) fn memory(&self) -> Option<&Arc<crate::testing::MemoryStore>> {
+    pub(crate) fn memory(&self) -> Option<&Arc<crate::store::memory::MemoryStore>> {
         self.inner.harness.as_ref().and_then(|h| h.store())
+    }
+
+    /// A connection for the engine's statements: the in-memory store when
+    /// this broker has one (feature `testing`), else a new PostgreSQL
+    /// connection made with `opts`.
+    pub(crate) async fn store_conn(&self, opts: &PgConnectOptions) -> Result<Conn, sqlx::Error> {
+        #[cfg(feature = "testing")]
+        if let Some(store) = self.memory() {
+            return Ok(Conn::Memory(store.clone()));
+        }
+        conn::connect(opts).await
+    }
+
+    /// The per-queue counts of [`stats`](Self::stats) (`None`: every queue)
+    /// and [`stats_for`](Self::stats_for) (validated names; none, no
+    /// statement), also what the engine's gauge sampler reads.
+    pub(crate) async fn queue_stats(&self, queues: Option<&[&str]>) -> Result<Vec<QueueStats>> {
+        if let Some(names) = queues {
+            for q in names {
+                publish::validate_queue(q)?;
+            }
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+        }
+        stats::collect(self.pool(), self.table(), self.dlq(), queues).await
     }
 
     /// Runs `f` (one of the `*_on` methods) where no caller's transaction
@@ -234,7 +262,7 @@ impl OutboxBroker {
     /// with the DDL that fixes it. Not run by `migrate` or the engine: call it
     /// from a startup hook or a health check.
     pub async fn validate_schema(&self) -> Result<()> {
-        self.validate_schema_with(crate::SchemaChecks::new()).await
+        self.validate_schema_with(SchemaChecks::new()).await
     }
 
     /// [`validate_schema`](Self::validate_schema) plus the optional checks in
@@ -253,8 +281,8 @@ impl OutboxBroker {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn validate_schema_with(&self, checks: crate::SchemaChecks) -> Result<()> {
-        crate::schema::validate(
+    pub async fn validate_schema_with(&self, checks: SchemaChecks) -> Result<()> {
+        crate::store::schema::validate(
             &self.inner.pool,
             &self.inner.table,
             self.inner.dlq.as_ref(),
@@ -317,7 +345,7 @@ impl OutboxBroker {
 
     async fn execute_insert(
         &self,
-        insert: publish::Insert,
+        insert: Insert,
         conn: Option<&mut PgConnection>,
     ) -> Result<Option<i64>> {
         #[cfg(feature = "testing")]
@@ -329,7 +357,7 @@ impl OutboxBroker {
             h.inserted(&queue, id.is_some());
             return Ok(id);
         }
-        publish::insert_pg(self.stmts(), self.channel(), insert, require(conn)?).await
+        producer::insert_pg(self.stmts(), self.channel(), insert, require(conn)?).await
     }
 
     /// Inserts many rows in one statement (one round trip, one NOTIFY) and
@@ -390,7 +418,7 @@ impl OutboxBroker {
 
     async fn execute_batch(
         &self,
-        batch: publish::BatchInsert,
+        batch: BatchInsert,
         conn: Option<&mut PgConnection>,
     ) -> Result<u64> {
         #[cfg(feature = "testing")]
@@ -402,7 +430,7 @@ impl OutboxBroker {
             h.inserted(&queue, n > 0);
             return Ok(n);
         }
-        publish::insert_batch_pg(self.stmts(), self.channel(), batch, require(conn)?).await
+        producer::insert_batch_pg(self.stmts(), self.channel(), batch, require(conn)?).await
     }
 
     /// Deletes the live, unleased row of `(queue, timer_id)` on the caller's
@@ -430,7 +458,7 @@ impl OutboxBroker {
         if let Some(store) = self.memory() {
             return Ok(store.cancel_timer(queue, timer_id));
         }
-        publish::cancel_timer_pg(self.stmts(), queue, timer_id, require(conn)?).await
+        producer::cancel_timer_pg(self.stmts(), queue, timer_id, require(conn)?).await
     }
 
     /// Reads up to `limit` rows (all queues, or one), ordered by id, without
@@ -457,7 +485,7 @@ impl OutboxBroker {
         if let Some(store) = self.memory() {
             return Ok(store.fetch_unprocessed(queue, limit));
         }
-        publish::fetch_unprocessed_pg(self.stmts(), queue, limit, require(conn)?).await
+        producer::fetch_unprocessed_pg(self.stmts(), queue, limit, require(conn)?).await
     }
 }
 

@@ -82,7 +82,7 @@ pub enum Error {
     /// The live outbox (or dead-letter) table differs from what the engine
     /// needs; the value lists every problem and the DDL that fixes them.
     #[error("{0}")]
-    SchemaDrift(crate::schema::SchemaDrift),
+    SchemaDrift(crate::store::SchemaDrift),
 
     /// An operation did not finish within its time budget.
     #[error("{0} timed out")]

@@ -15,18 +15,14 @@ mod engine;
 pub mod envelope;
 mod error;
 mod handler;
-mod ident;
 mod message;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod publish;
 pub mod retry;
-mod row;
-mod schema;
-mod sql;
+mod store;
 mod subscriber;
-mod table;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -44,15 +40,16 @@ pub use envelope::{Headers, Passthrough, Raw};
 pub use error::{BoxError, DecodeError, Error, Result};
 pub use handler::{Handler, IntoHandlerResult};
 pub use message::{AckPolicy, FailureReason, Message, Outcome};
-pub use publish::{MAX_NAME_CHARS, PublishOptions, TimerConflict};
+pub use publish::{MAX_NAME_CHARS, PublishOptions};
 pub use retry::RetryStrategy;
-pub use row::OutboxRow;
-pub use schema::{SchemaChecks, SchemaDrift};
+pub use store::producer::TimerConflict;
+pub use store::{
+    DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks, SchemaDrift,
+};
 pub use subscriber::{
     KnobDefaults, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
     SubscriberOptions,
 };
-pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};
 
 #[cfg(feature = "macros")]
 pub use outbox_macros::{publish_to, subscriber};
@@ -87,7 +84,7 @@ pub mod __private {
     /// One of the engine's statements for `table` (`claim`, `ack`,
     /// `ack_batch`, `retry`, `release`), for EXPLAIN tests.
     pub fn engine_sql(table: &crate::OutboxTable, which: &str) -> Option<String> {
-        let s = crate::sql::Statements::new(table, None, false);
+        let s = crate::store::sql::Statements::new(table, None, false);
         let sql = match which {
             "claim" => &s.claim,
             "claim_pending" => &s.claim_pending,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::envelope::Headers;
 use crate::error::DecodeError;
-use crate::row::OutboxRow;
+use crate::store::OutboxRow;
 
 /// Why a row left the outbox without being acknowledged. Stored verbatim in
 /// the dead-letter table's `failure_reason` column (a public contract shared

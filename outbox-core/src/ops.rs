@@ -25,18 +25,22 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow};
 
 use crate::broker::OutboxBroker;
-use crate::envelope::{self, CORRELATION_ID, Headers};
-use crate::error::{DecodeError, Error, Result};
+use crate::envelope::CORRELATION_ID;
+use crate::error::{Error, Result};
 use crate::publish::validate_queue;
-use crate::table::{DlqTable, OutboxTable};
+use crate::store::DlqTable;
+use crate::store::row::DLQ_SELECT;
+pub use crate::store::{AutovacuumOptions, DeadLetter, QueueStats, autovacuum_sql};
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
 
 /// The header a replayed row carries: the `original_id` of the dead letter it
 /// was replayed from (the id the row had in the outbox before it failed).
@@ -51,87 +55,6 @@ const MAX_REASON_CHARS: usize = 64;
 // ---------------------------------------------------------------------------
 // Statistics
 // ---------------------------------------------------------------------------
-
-/// The state of one queue, as counted by [`OutboxBroker::stats`].
-///
-/// All times are measured on the database clock.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct QueueStats {
-    /// The queue name.
-    pub queue: String,
-    /// Unleased rows that are due (`next_attempt_at <= now()`): claimable now.
-    pub ready: u64,
-    /// Rows under a lease (being handled, or held by a relay that died and
-    /// whose lease has not expired yet).
-    pub leased: u64,
-    /// Unleased rows that are not due yet (delayed publishes, retries waiting
-    /// for their back-off).
-    pub scheduled: u64,
-    /// How long the oldest ready row has been due (`now() - min(next_attempt_at)`
-    /// over ready rows): the relay lag. `None` when nothing is ready.
-    pub oldest_ready_age: Option<Duration>,
-    /// Rows of this queue in the dead-letter table (0 when none is configured).
-    pub dead_letters: u64,
-}
-
-impl QueueStats {
-    fn empty(queue: &str) -> Self {
-        Self {
-            queue: queue.to_owned(),
-            ready: 0,
-            leased: 0,
-            scheduled: 0,
-            oldest_ready_age: None,
-            dead_letters: 0,
-        }
-    }
-
-    /// Rows of this queue still in the outbox (`ready + leased + scheduled`).
-    pub fn in_outbox(&self) -> u64 {
-        self.ready + self.leased + self.scheduled
-    }
-}
-
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-/// Per queue of the outbox: `ready`, `scheduled`, `leased`, age of the oldest
-/// ready row in seconds. One statement, two branches, each restricted to the
-/// predicate of one partial index (`<t>_pending_idx`, `<t>_leased_idx`), so
-/// each can be answered by an index-only scan. `$1` (optional): `varchar[]`.
-fn outbox_stats_sql(t: &str, filtered: bool) -> String {
-    let f = if filtered {
-        " AND o.queue = ANY($1::varchar[])"
-    } else {
-        ""
-    };
-    format!(
-        "SELECT s.queue::text, sum(s.ready)::int8, sum(s.scheduled)::int8, sum(s.leased)::int8, \
-         extract(epoch FROM now() - min(s.oldest))::float8 \
-         FROM (\
-         SELECT o.queue, count(*) FILTER (WHERE o.next_attempt_at <= now()) AS ready, \
-         count(*) FILTER (WHERE o.next_attempt_at > now()) AS scheduled, 0::int8 AS leased, \
-         min(o.next_attempt_at) FILTER (WHERE o.next_attempt_at <= now()) AS oldest \
-         FROM {t} o WHERE o.acquired_token IS NULL{f} GROUP BY o.queue \
-         UNION ALL \
-         SELECT o.queue, 0::int8, 0::int8, count(*), NULL::timestamptz \
-         FROM {t} o WHERE o.acquired_token IS NOT NULL{f} GROUP BY o.queue\
-         ) s GROUP BY s.queue"
-    )
-}
-
-/// Per queue of the dead-letter table: row count (the `(queue, failed_at)`
-/// index answers it).
-fn dlq_stats_sql(d: &str, filtered: bool) -> String {
-    let f = if filtered {
-        " WHERE d.queue = ANY($1::varchar[])"
-    } else {
-        ""
-    };
-    format!("SELECT d.queue::text, count(*)::int8 FROM {d} d{f} GROUP BY d.queue")
-}
 
 impl OutboxBroker {
     /// Counts every queue present in the outbox or the dead-letter table:
@@ -153,148 +76,20 @@ impl OutboxBroker {
     /// # Ok(()) }
     /// ```
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
-        self.stats_inner(None).await
+        self.queue_stats(None).await
     }
 
     /// [`stats`](Self::stats) for the given queues only: one entry per
     /// distinct queue, sorted by name, with zeros for a queue that has no rows.
     /// Errors with [`Error::InvalidArgument`] on an empty or over-long name.
     pub async fn stats_for(&self, queues: &[&str]) -> Result<Vec<QueueStats>> {
-        for q in queues {
-            validate_queue(q)?;
-        }
-        if queues.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.stats_inner(Some(queues)).await
-    }
-
-    async fn stats_inner(&self, queues: Option<&[&str]>) -> Result<Vec<QueueStats>> {
-        let mut out: BTreeMap<String, QueueStats> = BTreeMap::new();
-        let names: Option<Vec<String>> = queues.map(|qs| {
-            qs.iter()
-                .map(|q| {
-                    out.entry((*q).to_owned())
-                        .or_insert_with(|| QueueStats::empty(q));
-                    (*q).to_owned()
-                })
-                .collect()
-        });
-        let t = self.table().qualified_name();
-        let sql = outbox_stats_sql(&t, names.is_some());
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        if let Some(n) = &names {
-            q = q.bind(n.clone());
-        }
-        for row in q.fetch_all(self.pool()).await? {
-            let queue: String = row.try_get(0)?;
-            let age: Option<f64> = row.try_get(4)?;
-            let e = out
-                .entry(queue)
-                .or_insert_with_key(|k| QueueStats::empty(k));
-            e.ready = to_u64(row.try_get(1)?);
-            e.scheduled = to_u64(row.try_get(2)?);
-            e.leased = to_u64(row.try_get(3)?);
-            e.oldest_ready_age = age.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok());
-        }
-        if let Some(dlq) = self.dlq() {
-            let sql = dlq_stats_sql(&dlq.qualified_name(), names.is_some());
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            if let Some(n) = &names {
-                q = q.bind(n.clone());
-            }
-            for row in q.fetch_all(self.pool()).await? {
-                let queue: String = row.try_get(0)?;
-                let e = out
-                    .entry(queue)
-                    .or_insert_with_key(|k| QueueStats::empty(k));
-                e.dead_letters = to_u64(row.try_get(1)?);
-            }
-        }
-        Ok(out.into_values().collect())
+        self.queue_stats(Some(queues)).await
     }
 }
 
 // ---------------------------------------------------------------------------
 // Dead letters
 // ---------------------------------------------------------------------------
-
-/// One row of the dead-letter table, all eleven columns.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// Primary key of the dead-letter row (what `dlq show`, `--ids` and
-    /// [`DlqFilter::ids`] refer to).
-    pub id: i64,
-    /// The id the row had in the outbox.
-    pub original_id: i64,
-    /// The queue the row was published to.
-    pub queue: String,
-    /// The encoded body, as it was in the outbox.
-    pub payload: Vec<u8>,
-    /// The headers, as they were in the outbox.
-    pub headers: Headers,
-    /// Claims of the row before it failed for good.
-    pub deliveries_count: i64,
-    /// When the row was inserted into the outbox.
-    pub created_at: DateTime<Utc>,
-    /// When it was moved to the dead-letter table.
-    pub failed_at: DateTime<Utc>,
-    /// `max_deliveries`, `retry_terminal` or `rejected` (see
-    /// [`FailureReason`](crate::FailureReason)); other writers may store other text.
-    pub failure_reason: String,
-    /// The rendered last error, if any (capped at 8 KiB by the engine).
-    pub last_exception: Option<String>,
-    /// The timer id, if the row was published with one.
-    pub timer_id: Option<String>,
-}
-
-const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.headers, d.deliveries_count, \
-     d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id";
-
-impl DeadLetter {
-    fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let id: i64 = row.try_get(0)?;
-        let headers = envelope::headers_column(row.try_get(4)?, "dead letter", id);
-        Ok(Self {
-            id,
-            original_id: row.try_get(1)?,
-            queue: row.try_get(2)?,
-            payload: row.try_get(3)?,
-            headers,
-            deliveries_count: row.try_get(5)?,
-            created_at: row.try_get(6)?,
-            failed_at: row.try_get(7)?,
-            failure_reason: row.try_get(8)?,
-            last_exception: row.try_get(9)?,
-            timer_id: row.try_get(10)?,
-        })
-    }
-
-    /// The `content-type` header, if any.
-    pub fn content_type(&self) -> Option<&str> {
-        envelope::content_type(&self.headers)
-    }
-
-    /// The correlation id: the `correlation_id` header, else the original row
-    /// id (what the handler saw as its correlation id).
-    pub fn correlation_id(&self) -> String {
-        envelope::correlation_id_or(&self.headers, self.original_id)
-    }
-
-    /// Decodes the payload into `T` following its content type (see
-    /// [`envelope::decode`]); the error names the dead letter's id, its queue
-    /// and the target type.
-    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
-        envelope::decode_stored(
-            &self.payload,
-            &self.headers,
-            "dead letter",
-            self.id,
-            &self.queue,
-        )
-    }
-}
 
 /// Which dead letters an operation applies to. Criteria combine with AND;
 /// matching rows are taken in id order (oldest first), so `list`, `replay`
@@ -1177,90 +972,6 @@ impl OutboxBroker {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Autovacuum
-// ---------------------------------------------------------------------------
-
-/// Per-table autovacuum settings for the outbox; see [`autovacuum_sql`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AutovacuumOptions {
-    /// `autovacuum_vacuum_threshold`: dead rows that trigger a vacuum (the
-    /// scale factor is set to 0, so this is absolute). Default 1000.
-    pub vacuum_threshold: u64,
-    /// `autovacuum_vacuum_insert_threshold` (PostgreSQL 13+): inserted rows
-    /// that trigger a vacuum (scale factor 0). Default 1000.
-    pub insert_threshold: u64,
-    /// `autovacuum_vacuum_cost_delay` (PostgreSQL takes 0 to 100 ms); unset
-    /// by default (the server's setting applies).
-    pub cost_delay: Option<Duration>,
-    /// `autovacuum_vacuum_cost_limit` (1 to 10000); unset by default.
-    pub cost_limit: Option<u32>,
-}
-
-impl Default for AutovacuumOptions {
-    fn default() -> Self {
-        Self {
-            vacuum_threshold: 1000,
-            insert_threshold: 1000,
-            cost_delay: None,
-            cost_limit: None,
-        }
-    }
-}
-
-/// The `ALTER TABLE … SET (…)` that tunes autovacuum for the outbox table
-/// (faststream-outbox's `outbox_autovacuum_ddl`, with the identifiers always
-/// quoted).
-///
-/// Every message costs an insert, a lease update that cannot be HOT (it
-/// changes indexed columns) and a delete, so the table churns through dead
-/// tuples while staying small: the default scale factors (a vacuum after 20%
-/// of the table changed) let a hot outbox bloat. The scale factors go to 0 and
-/// the thresholds become absolute row counts.
-///
-/// ```
-/// use std::time::Duration;
-/// use outbox_core::OutboxTable;
-/// use outbox_core::ops::{autovacuum_sql, AutovacuumOptions};
-///
-/// let table = OutboxTable::new("outbox")?;
-/// assert_eq!(
-///     autovacuum_sql(&table, AutovacuumOptions::default()),
-///     r#"ALTER TABLE "outbox" SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 1000)"#
-/// );
-/// let sql = autovacuum_sql(
-///     &table.schema("app")?,
-///     AutovacuumOptions { cost_delay: Some(Duration::ZERO), cost_limit: Some(2000), ..Default::default() },
-/// );
-/// assert!(sql.starts_with(r#"ALTER TABLE "app"."outbox" SET ("#));
-/// assert!(sql.ends_with("autovacuum_vacuum_cost_delay = 0, autovacuum_vacuum_cost_limit = 2000)"));
-/// # Ok::<(), outbox_core::Error>(())
-/// ```
-pub fn autovacuum_sql(table: &OutboxTable, opts: AutovacuumOptions) -> String {
-    let mut settings = vec![
-        "autovacuum_vacuum_scale_factor = 0".to_owned(),
-        format!("autovacuum_vacuum_threshold = {}", opts.vacuum_threshold),
-        "autovacuum_vacuum_insert_scale_factor = 0".to_owned(),
-        format!(
-            "autovacuum_vacuum_insert_threshold = {}",
-            opts.insert_threshold
-        ),
-    ];
-    if let Some(delay) = opts.cost_delay {
-        // Milliseconds, fractional allowed; `{}` of an f64 prints 2.0 as "2".
-        let ms = delay.as_secs_f64() * 1000.0;
-        settings.push(format!("autovacuum_vacuum_cost_delay = {ms}"));
-    }
-    if let Some(limit) = opts.cost_limit {
-        settings.push(format!("autovacuum_vacuum_cost_limit = {limit}"));
-    }
-    format!(
-        "ALTER TABLE {} SET ({})",
-        table.qualified_name(),
-        settings.join(", ")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1355,22 +1066,6 @@ mod tests {
         assert!(
             !dry.contains("DELETE") && !dry.contains("pg_notify"),
             "{dry}"
-        );
-    }
-
-    #[test]
-    fn autovacuum_fractional_cost_delay() {
-        let t = OutboxTable::new("outbox").expect("valid");
-        let sql = autovacuum_sql(
-            &t,
-            AutovacuumOptions {
-                cost_delay: Some(Duration::from_micros(2500)),
-                ..Default::default()
-            },
-        );
-        assert!(
-            sql.ends_with("autovacuum_vacuum_cost_delay = 2.5)"),
-            "{sql}"
         );
     }
 }

@@ -295,22 +295,13 @@ pub fn interop_python() -> anyhow::Result<std::path::PathBuf> {
 
 /// Decodes standard base64 (with or without padding).
 pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes().filter(|&c| c != b'=') {
-        let v = ALPHABET
-            .iter()
-            .position(|&a| a == c)
-            .ok_or_else(|| anyhow::anyhow!("invalid base64 character {:?}", c as char))?;
-        acc = (acc << 6) | u32::try_from(v)?;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(u8::try_from((acc >> bits) & 0xff)?);
-        }
-    }
-    Ok(out)
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const STANDARD_ANY_PADDING: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    Ok(STANDARD_ANY_PADDING.decode(s)?)
 }
 
 /// A process-wide metrics recorder for tests: every counter, gauge and

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use super::SubShared;
 use super::backoff::{self, Reconnect};
-use super::store;
 use crate::message::Delivery;
+use crate::store::conn as store;
 
 /// The longest time between two claims that look for expired leases while
 /// the queue is busy.
@@ -22,7 +22,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
         if stop.is_cancelled() {
             return;
         }
-        let mut conn = match store::connect(&shared.broker, &shared.fetch_opts).await {
+        let mut conn = match shared.broker.store_conn(&shared.fetch_opts).await {
             Ok(c) => c,
             Err(e) => {
                 let wait = reconnect.failed();

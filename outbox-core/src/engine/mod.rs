@@ -29,7 +29,6 @@ macro_rules! testing {
 mod backoff;
 mod fetch;
 mod listen;
-pub(crate) mod store;
 mod worker;
 
 use std::sync::Arc;
@@ -45,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::OutboxBroker;
 use crate::error::{Error, Result};
 use crate::message::Delivery;
+use crate::store::conn as store;
 use crate::subscriber::{Subscriber, SubscriberOptions};
 
 pub(crate) use worker::HandlerPanic;
@@ -301,7 +301,7 @@ impl SubShared {
 
     /// The claim that [`claim_begins`](Self::claim_begins) announced
     /// returned `rows` (now in flight until their outcome is recorded).
-    pub(crate) fn claim_ends(&self, rows: &[crate::row::OutboxRow]) {
+    pub(crate) fn claim_ends(&self, rows: &[crate::store::OutboxRow]) {
         use std::sync::atomic::Ordering::SeqCst;
         if let Some(h) = &self.harness {
             self.inflight.fetch_add(rows.len(), SeqCst);
@@ -319,7 +319,7 @@ impl SubShared {
     }
 
     /// The handler is about to run for `row`.
-    pub(crate) fn handler_called(&self, row: &crate::row::OutboxRow) {
+    pub(crate) fn handler_called(&self, row: &crate::store::OutboxRow) {
         if let Some(h) = &self.harness {
             h.record_call(self.sub.name(), row);
         }
@@ -358,7 +358,7 @@ pub(crate) async fn dispatch_due(subs: &[Arc<SubShared>]) -> Result<usize> {
         for (shared, slot) in subs.iter().zip(conns.iter_mut()) {
             let mut conn = match slot.take() {
                 Some(c) => c,
-                None => store::connect(&shared.broker, &shared.conn_opts).await?,
+                None => shared.broker.store_conn(&shared.conn_opts).await?,
             };
             let token = uuid::Uuid::new_v4();
             shared.claim_begins();
@@ -742,7 +742,7 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
         let ids = unstarted.iter().map(|d| d.row.id).collect();
         let tokens = unstarted.iter().map(|d| d.token).collect();
         let release = async {
-            let mut conn = store::connect(&broker, &s.shared.conn_opts).await?;
+            let mut conn = broker.store_conn(&s.shared.conn_opts).await?;
             store::release(broker.stmts(), &mut conn, ids, tokens).await
         };
         let result = tokio::time::timeout(remaining().max(Duration::from_secs(1)), release).await;

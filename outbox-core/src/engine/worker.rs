@@ -16,10 +16,11 @@ use tracing::Instrument;
 
 use super::SubShared;
 use super::backoff::Reconnect;
-use super::store::{self, Conn, Write, Written};
 use crate::error::BoxError;
 use crate::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
 use crate::retry::RetryContext;
+use crate::store::OutboxRow;
+use crate::store::conn::{self as store, Conn, Write, Written};
 
 /// Longest `last_exception` text kept, in characters.
 pub const LAST_EXCEPTION_MAX_CHARS: usize = 8192;
@@ -415,7 +416,7 @@ impl Worker {
     /// (reason `rejected`; a custom strategy decides for itself).
     fn bus_rejected(
         &self,
-        row: &crate::row::OutboxRow,
+        row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> bool {
         if self.shared.opts().has_custom_retry() {
@@ -438,7 +439,7 @@ impl Worker {
 
     fn retry_outcome(
         &self,
-        row: &crate::row::OutboxRow,
+        row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> Outcome {
         let now = self.shared.now();
@@ -563,7 +564,7 @@ impl Writer {
         let lease = self.shared.opts().get_lease_ttl();
         loop {
             if self.conn.is_none() {
-                match store::connect(&self.shared.broker, &self.shared.conn_opts).await {
+                match self.shared.broker.store_conn(&self.shared.conn_opts).await {
                     Ok(c) => {
                         self.conn = Some(c);
                     }

@@ -9,15 +9,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
-use super::clock::TestClock;
 use super::harness::{Call, Harness, History};
-use super::store::MemoryStore;
 use crate::app::{App, AppContext, AppHandle, Hook, IntoRoute, Transport};
 use crate::broker::OutboxBroker;
 use crate::error::{DecodeError, Error, Result};
 use crate::ops::{DeadLetter, DlqFilter};
 use crate::publish::PublishOptions;
-use crate::row::OutboxRow;
+use crate::store::OutboxRow;
+use crate::store::clock::TestClock;
+use crate::store::memory::MemoryStore;
 
 /// How long [`TestApp::settle`] waits by default.
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);

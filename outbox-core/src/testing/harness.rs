@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::store::MemoryStore;
 use crate::engine::SubShared;
 use crate::error::Result;
 use crate::message::FailureReason;
-use crate::row::OutboxRow;
+use crate::store::OutboxRow;
+use crate::store::memory::MemoryStore;
 
 /// One thing the engine did with a row, as recorded by a test harness.
 ///

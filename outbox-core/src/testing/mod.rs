@@ -71,29 +71,27 @@
 //! See `docs/testing.md` for the guide.
 
 mod app;
-mod clock;
 mod ext;
 mod harness;
 mod ops;
-mod store;
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub use app::{DEFAULT_SETTLE_TIMEOUT, TestApp, TestAppBuilder};
-pub use clock::TestClock;
 pub use ext::OutgoingExt;
 pub(crate) use harness::Harness;
 pub use harness::{Call, History, Step};
 pub use ops::{Claim, StoreOps};
-pub use store::MemoryStore;
 
 pub use crate::app::MemoryTransport;
+pub use crate::store::clock::TestClock;
+pub use crate::store::memory::MemoryStore;
 
 use crate::broker::OutboxBroker;
 use crate::error::Result;
-use crate::table::{DlqTable, OutboxTable};
+use crate::store::{DlqTable, OutboxTable};
 
 /// A broker for the in-memory backend: table `outbox` (and `outbox_dlq`),
 /// over a pool that never connects (`min_connections(0)`, no maintenance

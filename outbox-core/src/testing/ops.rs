@@ -9,14 +9,14 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::harness::Harness;
-use super::store::MemoryStore;
 use crate::broker::OutboxBroker;
-use crate::engine::store::{self, Conn, Write, Written};
 use crate::error::Result;
 use crate::message::FailureReason;
 use crate::ops::{DeadLetter, DlqFilter};
 use crate::publish::PublishOptions;
-use crate::row::OutboxRow;
+use crate::store::OutboxRow;
+use crate::store::conn::{self as store, Conn, Write, Written};
+use crate::store::memory::MemoryStore;
 
 /// What a claim returned: the lease token and the claimed rows, in
 /// `(next_attempt_at, id)` order.
@@ -168,7 +168,7 @@ impl StoreOps {
             Some(c) => c,
             empty => {
                 let opts = (*self.broker.pool().connect_options()).clone();
-                empty.insert(store::connect(&self.broker, &opts).await?)
+                empty.insert(self.broker.store_conn(&opts).await?)
             }
         };
         match f(conn).await {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sqlx::AssertSqlSafe;
 
-use crate::table::{DlqTable, OutboxTable};
+use super::table::{DlqTable, OutboxTable};
 
 /// Columns returned by claims and inspection reads, in [`crate::OutboxRow`] order.
 pub(crate) const ROW_COLUMNS: &str = "o.id, o.queue, o.payload, o.headers, o.attempts_count, \

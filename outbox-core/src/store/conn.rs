@@ -3,9 +3,11 @@
 //!
 //! Every operation takes a [`Conn`]: a PostgreSQL connection (the product),
 //! or, with the `testing` feature, the in-memory store of
-//! [`crate::testing::MemoryStore`], which implements the same contract
-//! (checked by the workspace's contract suite against real PostgreSQL). The
-//! fetch loop, the workers and the acker have one code path for both.
+//! [`MemoryStore`](super::memory::MemoryStore), which implements the same
+//! contract (checked by the workspace's contract suite against real
+//! PostgreSQL). The fetch loop, the workers and the acker have one code path
+//! for both; [`OutboxBroker`](crate::OutboxBroker) picks the backend when it
+//! opens a connection.
 
 use std::time::Duration;
 
@@ -13,9 +15,8 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
 use uuid::Uuid;
 
-use crate::broker::OutboxBroker;
-use crate::row::OutboxRow;
-use crate::sql::{self, Statements};
+use super::row::OutboxRow;
+use super::sql::{self, Statements};
 
 /// Where the engine's statements run.
 #[derive(Debug)]
@@ -24,7 +25,7 @@ pub(crate) enum Conn {
     Pg(PgConnection),
     /// The in-memory store of a test harness.
     #[cfg(feature = "testing")]
-    Memory(std::sync::Arc<crate::testing::MemoryStore>),
+    Memory(std::sync::Arc<super::memory::MemoryStore>),
 }
 
 /// A write after the claim. Every variant filters on `id AND acquired_token`.
@@ -229,18 +230,8 @@ async fn release_pg(
         .map(|r| r.rows_affected())
 }
 
-/// A connection for `broker`'s engine: a new PostgreSQL connection made with
-/// `opts`, or the broker's in-memory store.
-pub(crate) async fn connect(
-    broker: &OutboxBroker,
-    opts: &PgConnectOptions,
-) -> Result<Conn, sqlx::Error> {
-    #[cfg(feature = "testing")]
-    if let Some(store) = broker.memory() {
-        return Ok(Conn::Memory(store.clone()));
-    }
-    #[cfg(not(feature = "testing"))]
-    let _ = broker;
+/// A new PostgreSQL connection for the engine's statements, made with `opts`.
+pub(crate) async fn connect(opts: &PgConnectOptions) -> Result<Conn, sqlx::Error> {
     opts.connect().await.map(Conn::Pg)
 }
 

@@ -1,4 +1,4 @@
-//! [`TestClock`]: the clock of the in-memory store.
+//! [`TestClock`]: the clock of the in-memory store (feature `testing`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-/// The clock of a [`MemoryStore`](super::MemoryStore): what `now()` is in
+/// The clock of a [`MemoryStore`](super::memory::MemoryStore): what `now()` is in
 /// the store's statements (eligibility, leases, retry schedules, timers),
 /// as the database clock is for PostgreSQL.
 ///
@@ -125,8 +125,8 @@ impl TestClock {
 
     /// Moves the clock forward by `by` (rounded to the microsecond). Rows
     /// whose schedule or lease expiry falls in between become due. With a
-    /// running [`TestApp`](super::TestApp), prefer
-    /// [`TestApp::advance`](super::TestApp::advance), which also delivers (or
+    /// running [`TestApp`](crate::testing::TestApp), prefer
+    /// [`TestApp::advance`](crate::testing::TestApp::advance), which also delivers (or
     /// wakes the subscribers for) what became due.
     ///
     /// ```

@@ -6,8 +6,8 @@
 
 use sqlx::{Executor, PgPool};
 
+use super::ident;
 use crate::error::Result;
-use crate::ident;
 
 const OUTBOX_SUFFIXES: [&str; 6] = [
     "_pending_idx",

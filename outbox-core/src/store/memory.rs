@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::clock::{TestClock, interval_secs, micros};
-use crate::engine::store::{Write, Written};
-use crate::ops::DeadLetter;
-use crate::publish::{BatchInsert, Insert, Schedule, TimerConflict};
-use crate::row::OutboxRow;
+use super::conn::{Write, Written};
+use super::producer::{BatchInsert, Insert, Schedule, TimerConflict};
+use super::row::{DeadLetter, OutboxRow};
+use crate::envelope::Headers;
 
 /// The outbox table and its dead-letter table, in memory.
 ///
@@ -45,10 +45,10 @@ use crate::row::OutboxRow;
 /// `now` is the store's [`TestClock`] (the wall clock by default). Rows and
 /// headers are copied in and out: nothing returned aliases the store.
 ///
-/// A [`TestApp`](super::TestApp) creates one for you; read it with
-/// [`TestApp::store`](super::TestApp::store), or use the backend-neutral
-/// [`TestApp::rows`](super::TestApp::rows) and
-/// [`TestApp::dead_letters`](super::TestApp::dead_letters).
+/// A [`TestApp`](crate::testing::TestApp) creates one for you; read it with
+/// [`TestApp::store`](crate::testing::TestApp::store), or use the backend-neutral
+/// [`TestApp::rows`](crate::testing::TestApp::rows) and
+/// [`TestApp::dead_letters`](crate::testing::TestApp::dead_letters).
 ///
 /// ```
 /// use std::time::Duration;
@@ -449,7 +449,7 @@ impl MemoryStore {
         n
     }
 
-    /// Moves the clock (what [`TestApp::advance`](super::TestApp::advance)
+    /// Moves the clock (what [`TestApp::advance`](crate::testing::TestApp::advance)
     /// does on this backend).
     pub(crate) fn advance(&self, by: Duration) {
         self.clock.advance(by);
@@ -460,7 +460,7 @@ fn new_row(
     id: i64,
     queue: String,
     payload: Vec<u8>,
-    headers: crate::envelope::Headers,
+    headers: Headers,
     now: DateTime<Utc>,
     next_attempt_at: DateTime<Utc>,
     timer_id: Option<String>,

@@ -5,8 +5,10 @@ use std::fmt;
 
 use sqlx::{PgPool, Row};
 
+use super::autovacuum::{AutovacuumOptions, autovacuum_sql};
+use super::ident::quote;
+use super::table::{DlqTable, OutboxTable};
 use crate::error::{Error, Result};
-use crate::table::{DlqTable, OutboxTable};
 
 /// A column the engine needs: name, `format_type()` text, NOT NULL, needs a default.
 struct Col(&'static str, &'static str, bool, bool);
@@ -404,19 +406,15 @@ async fn check_table(
         problems.push(problem);
         if let Some(l) = near {
             let index = match schema {
-                Some(sch) => format!(
-                    "{}.{}",
-                    crate::ident::quote(sch),
-                    crate::ident::quote(&l.name)
-                ),
-                None => crate::ident::quote(&l.name),
+                Some(sch) => format!("{}.{}", quote(sch), quote(&l.name)),
+                None => quote(&l.name),
             };
             fix.push(format!("DROP INDEX {index};"));
         }
         fix.push(format!(
             "CREATE {}INDEX {} ON {qualified} ({}){};",
             if idx.unique { "UNIQUE " } else { "" },
-            crate::ident::quote(&name),
+            quote(&name),
             idx.columns.join(", "),
             idx.sql_predicate
                 .map(|p| format!(" WHERE {p}"))
@@ -440,7 +438,7 @@ async fn check_table(
             ));
             fix.push(format!(
                 "ALTER TABLE {qualified} ADD CONSTRAINT {} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL));",
-                crate::ident::quote(&format!("{base_name}_lease_ck"))
+                quote(&format!("{base_name}_lease_ck"))
             ));
         }
     }
@@ -490,7 +488,7 @@ pub(crate) async fn validate(
         lease_check: true,
         autovacuum_fix: checks
             .autovacuum
-            .then(|| crate::ops::autovacuum_sql(table, crate::ops::AutovacuumOptions::default())),
+            .then(|| autovacuum_sql(table, AutovacuumOptions::default())),
         full_ddl: table.create_sql(),
     };
     check_table(pool, outbox, &mut problems, &mut fix).await?;
