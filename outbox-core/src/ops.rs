@@ -35,7 +35,7 @@ use crate::envelope::CORRELATION_ID;
 use crate::error::{Error, Result};
 use crate::publish::validate_queue;
 use crate::store::DlqTable;
-use crate::store::row::DLQ_SELECT;
+use crate::store::dead_letter::DLQ_SELECT;
 pub use crate::store::{AutovacuumOptions, DeadLetter, QueueStats, autovacuum_sql};
 
 fn to_u64(n: i64) -> u64 {

@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use super::clock::{TestClock, interval_secs, micros};
 use super::conn::{Write, Written};
+use super::dead_letter::DeadLetter;
 use super::producer::{BatchInsert, Insert, Schedule, TimerConflict};
-use super::row::{DeadLetter, OutboxRow};
+use super::row::OutboxRow;
 use crate::envelope::Headers;
 
 /// The outbox table and its dead-letter table, in memory.

@@ -9,7 +9,8 @@
 //! - [`sql`]: the statements, built once per table ([`sql::Statements`]);
 //! - [`schema`]: schema-drift checks of the live tables ([`SchemaChecks`]);
 //!   [`autovacuum`]: the autovacuum tuning DDL;
-//! - [`row`]: rows read back ([`OutboxRow`], [`DeadLetter`]);
+//! - [`row`] and [`dead_letter`]: rows read back ([`OutboxRow`],
+//!   [`DeadLetter`]);
 //! - [`producer`]: the validated rows a publish inserts, and the producer's
 //!   statements on PostgreSQL;
 //! - [`conn`]: the engine's seam, a connection ([`conn::Conn`]: PostgreSQL,
@@ -22,6 +23,7 @@ pub(crate) mod autovacuum;
 #[cfg(feature = "testing")]
 pub(crate) mod clock;
 pub(crate) mod conn;
+pub(crate) mod dead_letter;
 pub(crate) mod ident;
 #[cfg(feature = "testing")]
 pub(crate) mod memory;
@@ -33,7 +35,8 @@ pub(crate) mod stats;
 pub(crate) mod table;
 
 pub use autovacuum::{AutovacuumOptions, autovacuum_sql};
-pub use row::{DeadLetter, OutboxRow};
+pub use dead_letter::DeadLetter;
+pub use row::OutboxRow;
 pub use schema::{SchemaChecks, SchemaDrift};
 pub use stats::QueueStats;
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};

@@ -1,5 +1,4 @@
-//! The rows of the outbox and dead-letter tables as read back from the
-//! database: [`OutboxRow`] and [`DeadLetter`].
+//! A row of the outbox table as read back from the database.
 
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
@@ -80,84 +79,5 @@ impl OutboxRow {
     /// [`envelope::decode`]); the error names the row, queue and target type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DecodeError> {
         envelope::decode_stored(&self.payload, &self.headers, "row", self.id, &self.queue)
-    }
-}
-
-/// One row of the dead-letter table, all eleven columns.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct DeadLetter {
-    /// Primary key of the dead-letter row (what `dlq show`, `--ids` and
-    /// [`DlqFilter::ids`](crate::ops::DlqFilter::ids) refer to).
-    pub id: i64,
-    /// The id the row had in the outbox.
-    pub original_id: i64,
-    /// The queue the row was published to.
-    pub queue: String,
-    /// The encoded body, as it was in the outbox.
-    pub payload: Vec<u8>,
-    /// The headers, as they were in the outbox.
-    pub headers: Headers,
-    /// Claims of the row before it failed for good.
-    pub deliveries_count: i64,
-    /// When the row was inserted into the outbox.
-    pub created_at: DateTime<Utc>,
-    /// When it was moved to the dead-letter table.
-    pub failed_at: DateTime<Utc>,
-    /// `max_deliveries`, `retry_terminal` or `rejected` (see
-    /// [`FailureReason`](crate::FailureReason)); other writers may store other text.
-    pub failure_reason: String,
-    /// The rendered last error, if any (capped at 8 KiB by the engine).
-    pub last_exception: Option<String>,
-    /// The timer id, if the row was published with one.
-    pub timer_id: Option<String>,
-}
-
-/// The dead-letter columns [`DeadLetter::from_pg`] reads, in its order
-/// (alias `d`).
-pub(crate) const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.headers, d.deliveries_count, \
-     d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id";
-
-impl DeadLetter {
-    pub(crate) fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let id: i64 = row.try_get(0)?;
-        let headers = envelope::headers_column(row.try_get(4)?, "dead letter", id);
-        Ok(Self {
-            id,
-            original_id: row.try_get(1)?,
-            queue: row.try_get(2)?,
-            payload: row.try_get(3)?,
-            headers,
-            deliveries_count: row.try_get(5)?,
-            created_at: row.try_get(6)?,
-            failed_at: row.try_get(7)?,
-            failure_reason: row.try_get(8)?,
-            last_exception: row.try_get(9)?,
-            timer_id: row.try_get(10)?,
-        })
-    }
-
-    /// The `content-type` header, if any.
-    pub fn content_type(&self) -> Option<&str> {
-        envelope::content_type(&self.headers)
-    }
-
-    /// The correlation id: the `correlation_id` header, else the original row
-    /// id (what the handler saw as its correlation id).
-    pub fn correlation_id(&self) -> String {
-        envelope::correlation_id_or(&self.headers, self.original_id)
-    }
-
-    /// Decodes the payload into `T` following its content type (see
-    /// [`envelope::decode`]); the error names the dead letter's id, its queue
-    /// and the target type.
-    pub fn decode<T: DeserializeOwned>(&self) -> crate::error::Result<T, DecodeError> {
-        envelope::decode_stored(
-            &self.payload,
-            &self.headers,
-            "dead letter",
-            self.id,
-            &self.queue,
-        )
     }
 }
