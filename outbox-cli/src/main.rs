@@ -88,10 +88,11 @@ enum Command {
         /// Only these queues (repeatable); listed even when empty.
         #[arg(long = "queue", value_name = "QUEUE")]
         queues: Vec<String>,
-        /// Refresh every SECS seconds (default 2) until interrupted; with
-        /// --json, one JSON document per line.
-        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
-        watch: Option<f64>,
+        /// Refresh every SECS seconds (default 2; or a duration such as
+        /// 500ms, 1m) until interrupted; with --json, one JSON document per line.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+            value_parser = parse_interval)]
+        watch: Option<Duration>,
     },
     /// Show the next rows of a queue (by id) with decoded bodies and headers,
     /// without leasing them.
@@ -208,7 +209,8 @@ enum DlqCommand {
     },
 }
 
-/// RFC 3339, a date (midnight UTC), or an age (`90s`, `30m`, `2h`, `7d`) counted back from now.
+/// RFC 3339, a date (midnight UTC), or an age (`90s`, `30m`, `2h`, `7d`,
+/// `1h 30m`: a [`humantime`] duration) counted back from now.
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
@@ -216,23 +218,41 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
     }
-    let bad = || {
+    let bad = |why: &str| {
         format!(
-            "invalid time {s:?}: expected RFC 3339 (2026-05-01T12:00:00Z), a date (2026-05-01, \
-             midnight UTC) or an age such as 90s, 30m, 2h, 7d"
+            "expected RFC 3339 (2026-05-01T12:00:00Z), a date (2026-05-01, midnight UTC) \
+             or an age such as 90s, 30m, 2h, 7d{why}"
         )
     };
-    let unit = s.chars().last().ok_or_else(bad)?;
-    let n: i64 = s[..s.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
-    let d = match unit {
-        's' => chrono::Duration::try_seconds(n),
-        'm' => chrono::Duration::try_minutes(n),
-        'h' => chrono::Duration::try_hours(n),
-        'd' => chrono::Duration::try_days(n),
-        _ => None,
+    let age = humantime::parse_duration(s).map_err(|e| {
+        // Say what is wrong with what looks like an age ("30x": the unit).
+        if s.starts_with(|c: char| c.is_ascii_digit()) {
+            bad(&format!(" (as an age: {e})"))
+        } else {
+            bad("")
+        }
+    })?;
+    chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| Utc::now().checked_sub_signed(age))
+        .ok_or_else(|| bad(" (this age reaches before the earliest representable time)"))
+}
+
+/// The `--watch` interval: seconds (`2`, `0.5`) or a [`humantime`] duration
+/// (`500ms`, `1m`), at least 100 ms.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let every = match s.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs).map_err(|e| {
+            format!("expected a number of seconds (2) or a duration (500ms, 1m): {e}")
+        })?,
+        Err(_) => humantime::parse_duration(s).map_err(|e| {
+            format!("expected a number of seconds (2) or a duration (500ms, 1m): {e}")
+        })?,
+    };
+    if every < Duration::from_millis(100) {
+        return Err("must be at least 0.1 seconds".to_owned());
     }
-    .ok_or_else(bad)?;
-    Utc::now().checked_sub_signed(d).ok_or_else(bad)
+    Ok(every)
 }
 
 impl FilterArgs {
@@ -544,7 +564,7 @@ async fn stats_command(
     cli: &Cli,
     t: &Tables,
     queues: &[String],
-    watch: Option<f64>,
+    watch: Option<Duration>,
 ) -> Result<ExitCode, Failure> {
     let pool = connect(cli).await?;
     let has_dlq = check_tables(&pool, t, false).await?;
@@ -588,21 +608,10 @@ async fn stats(
     b: &OutboxBroker,
     cli: &Cli,
     queues: &[String],
-    watch: Option<f64>,
+    every: Option<Duration>,
     has_dlq: bool,
 ) -> Result<(), Failure> {
     let names: Vec<&str> = queues.iter().map(String::as_str).collect();
-    let every = match watch {
-        None => None,
-        Some(s) => Some(
-            Duration::try_from_secs_f64(s)
-                .ok()
-                .filter(|d| *d >= Duration::from_millis(100))
-                .ok_or_else(|| {
-                    Failure::usage(format!("--watch must be at least 0.1 seconds, got {s}"))
-                })?,
-        ),
-    };
     let tty = std::io::stdout().is_terminal();
     loop {
         let stats = if names.is_empty() {
@@ -612,20 +621,20 @@ async fn stats(
         }
         .map_err(Failure::from_core)?;
         let doc = output::stats_json(b, &stats, has_dlq);
-        match (cli.json, every.is_some()) {
-            (true, true) => output::print_json_line(&doc)?,
-            (true, false) => output::print_json(&doc)?,
-            (false, watching) => {
+        match (cli.json, every) {
+            (true, Some(_)) => output::print_json_line(&doc)?,
+            (true, None) => output::print_json(&doc)?,
+            (false, every) => {
                 let mut text = String::new();
-                if watching && tty {
-                    // Clear the screen, cursor home.
-                    text.push_str("\x1b[2J\x1b[H");
-                }
-                if watching {
+                if let Some(every) = every {
+                    if tty {
+                        // Clear the screen, cursor home.
+                        text.push_str("\x1b[2J\x1b[H");
+                    }
                     text.push_str(&format!(
-                        "{}  every {}s, Ctrl-C to stop\n",
+                        "{}  every {}, Ctrl-C to stop\n",
                         Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        watch.unwrap_or_default()
+                        humantime::format_duration(every)
                     ));
                 }
                 output::print_stats(&mut text, b, &stats, has_dlq);
@@ -782,5 +791,59 @@ fn confirm(question: &str) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(exit(output::EXIT_RUNTIME, "aborted: nothing was purged"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_durations_counted_back_from_now() {
+        for s in ["90s", "30m", "2h", "7d", "1h 30m", "2days"] {
+            assert!(parse_time(s).is_ok(), "{s}");
+        }
+        let minutes = (Utc::now() - parse_time("1h 30m").unwrap()).num_minutes();
+        assert!((89..=91).contains(&minutes), "{minutes}");
+        assert_eq!(
+            parse_time("2026-05-01").unwrap().to_rfc3339(),
+            "2026-05-01T00:00:00+00:00"
+        );
+        assert_eq!(
+            parse_time("2026-05-01T12:00:00+02:00")
+                .unwrap()
+                .to_rfc3339(),
+            "2026-05-01T10:00:00+00:00"
+        );
+    }
+
+    #[test]
+    fn bad_times_say_what_is_expected_and_what_is_wrong() {
+        let e = parse_time("30x").unwrap_err();
+        assert!(
+            e.contains("RFC 3339") && e.contains("unknown time unit \"x\""),
+            "{e}"
+        );
+        let e = parse_time("yesterday").unwrap_err();
+        assert!(
+            e.contains("an age such as 90s") && !e.contains("as an age"),
+            "{e}"
+        );
+        let e = parse_time("99999999999d").unwrap_err();
+        assert!(e.contains("earliest representable time"), "{e}");
+    }
+
+    #[test]
+    fn watch_intervals_are_seconds_or_durations_of_at_least_100_ms() {
+        assert_eq!(parse_interval("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_interval("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_interval("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(
+            parse_interval("50ms"),
+            Err("must be at least 0.1 seconds".to_owned())
+        );
+        let e = parse_interval("2x").unwrap_err();
+        assert!(e.contains("unknown time unit \"x\""), "{e}");
     }
 }
