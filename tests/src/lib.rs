@@ -304,32 +304,37 @@ pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
     Ok(STANDARD_ANY_PADDING.decode(s)?)
 }
 
-/// A process-wide metrics recorder for tests: every counter, gauge and
-/// histogram keeps its value (nothing is drained on read).
+/// A process-wide metrics recorder for tests: `metrics-util`'s
+/// [`DebuggingRecorder`](metrics_util::debugging::DebuggingRecorder), read
+/// through running totals so that nothing is lost between reads.
+///
+/// Its snapshots *consume* (counters and gauges are reset to 0, histograms
+/// emptied), so every read folds a snapshot into the totals: counters add
+/// up, histograms keep every sample, and a gauge keeps the last value it was
+/// seen with. A snapshot cannot tell a gauge set to 0 from one not set since
+/// the previous snapshot: a gauge reads 0 until it was first set to another
+/// value, then its last non-zero value (the engine's gauges are samples
+/// that tests compare with known, non-zero table counts).
 pub mod metrics_capture {
     use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::collections::btree_map::Entry;
+    use std::sync::{Mutex, OnceLock};
 
-    use metrics::{
-        Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
-    };
+    use metrics::Key;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
     type K = (String, Vec<(String, String)>);
 
     #[derive(Default)]
-    struct Store {
+    struct Totals {
         counters: BTreeMap<K, u64>,
         gauges: BTreeMap<K, f64>,
         histograms: BTreeMap<K, Vec<f64>>,
     }
 
-    static STORE: Mutex<Option<Store>> = Mutex::new(None);
-    static INSTALLED: OnceLock<bool> = OnceLock::new();
-
-    fn with<T>(f: impl FnOnce(&mut Store) -> T) -> T {
-        let mut g = STORE.lock().unwrap_or_else(|p| p.into_inner());
-        f(g.get_or_insert_with(Store::default))
-    }
+    /// `Some` once our recorder is the global one.
+    static SNAPSHOTTER: OnceLock<Option<Snapshotter>> = OnceLock::new();
+    static TOTALS: Mutex<Option<Totals>> = Mutex::new(None);
 
     fn key(k: &Key) -> K {
         let mut labels: Vec<(String, String)> = k
@@ -340,60 +345,42 @@ pub mod metrics_capture {
         (k.name().to_owned(), labels)
     }
 
-    struct Handle(K);
-
-    impl metrics::CounterFn for Handle {
-        fn increment(&self, v: u64) {
-            with(|s| *s.counters.entry(self.0.clone()).or_default() += v);
+    /// Folds a fresh snapshot into the totals, then reads them.
+    fn with<T>(f: impl FnOnce(&Totals) -> T) -> T {
+        let mut guard = TOTALS.lock().unwrap_or_else(|p| p.into_inner());
+        let totals = guard.get_or_insert_with(Totals::default);
+        if let Some(Some(snapshotter)) = SNAPSHOTTER.get() {
+            for (ck, _unit, _description, value) in snapshotter.snapshot().into_vec() {
+                let k = key(ck.key());
+                match value {
+                    DebugValue::Counter(n) => *totals.counters.entry(k).or_default() += n,
+                    DebugValue::Gauge(v) => match totals.gauges.entry(k) {
+                        Entry::Vacant(e) => {
+                            e.insert(v.0);
+                        }
+                        Entry::Occupied(mut e) if v.0 != 0.0 => {
+                            e.insert(v.0);
+                        }
+                        Entry::Occupied(_) => {}
+                    },
+                    DebugValue::Histogram(samples) => totals
+                        .histograms
+                        .entry(k)
+                        .or_default()
+                        .extend(samples.into_iter().map(|v| v.0)),
+                }
+            }
         }
-        fn absolute(&self, v: u64) {
-            with(|s| {
-                let e = s.counters.entry(self.0.clone()).or_default();
-                *e = (*e).max(v);
-            });
-        }
-    }
-
-    impl metrics::GaugeFn for Handle {
-        fn increment(&self, v: f64) {
-            with(|s| *s.gauges.entry(self.0.clone()).or_default() += v);
-        }
-        fn decrement(&self, v: f64) {
-            with(|s| *s.gauges.entry(self.0.clone()).or_default() -= v);
-        }
-        fn set(&self, v: f64) {
-            with(|s| {
-                s.gauges.insert(self.0.clone(), v);
-            });
-        }
-    }
-
-    impl metrics::HistogramFn for Handle {
-        fn record(&self, v: f64) {
-            with(|s| s.histograms.entry(self.0.clone()).or_default().push(v));
-        }
-    }
-
-    struct Capture;
-
-    impl Recorder for Capture {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, k: &Key, _: &Metadata<'_>) -> Counter {
-            Counter::from_arc(Arc::new(Handle(key(k))))
-        }
-        fn register_gauge(&self, k: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::from_arc(Arc::new(Handle(key(k))))
-        }
-        fn register_histogram(&self, k: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::from_arc(Arc::new(Handle(key(k))))
-        }
+        f(totals)
     }
 
     /// Installs the recorder (once); must run before metrics are emitted.
     pub fn install() {
-        INSTALLED.get_or_init(|| metrics::set_global_recorder(Capture).is_ok());
+        SNAPSHOTTER.get_or_init(|| {
+            let recorder = DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            recorder.install().ok().map(|()| snapshotter)
+        });
     }
 
     fn matches(k: &K, name: &str, labels: &[(&str, &str)]) -> bool {
