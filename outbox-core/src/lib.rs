@@ -26,13 +26,11 @@ mod subscriber;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod transport;
 
-pub use app::transport;
-pub use app::transport::BusRejection;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, Hook, IntoHook, IntoReply, IntoRoute, Location,
-    MemoryTransport, OUTBOX_ID, OUTBOX_TRANSPORT, OutboxTransport, Outgoing, PublishTarget, Reply,
-    Requirement, Response, Route, RouteBuilder, RouteCall, State, Transport,
+    PublishTarget, Reply, Requirement, Response, Route, RouteBuilder, RouteCall, State,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
@@ -50,6 +48,9 @@ pub use subscriber::{
     KnobDefaults, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
     SubscriberOptions,
 };
+pub use transport::headers::OUTBOX_ID;
+pub use transport::outbox::{OUTBOX_TRANSPORT, OutboxTransport};
+pub use transport::{BusRejection, MemoryTransport, Outgoing, Transport};
 
 #[cfg(feature = "macros")]
 pub use outbox_macros::{publish_to, subscriber};

@@ -7,9 +7,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
-use super::transport::Transport;
 use crate::broker::OutboxBroker;
 use crate::error::{Error, Result};
+use crate::transport::Transport;
 
 type StateMap = HashMap<TypeId, Arc<dyn Any + Send + Sync>>;
 

@@ -4,10 +4,8 @@
 mod context;
 mod extract;
 mod hooks;
-mod outbox_transport;
 mod reply;
 mod route;
-pub mod transport;
 mod watch;
 
 use std::collections::HashMap;
@@ -20,20 +18,17 @@ use futures_util::future::join_all;
 pub use context::AppContext;
 pub use extract::{FromDelivery, Requirement, State};
 pub use hooks::{Hook, IntoHook};
-pub use outbox_transport::{OUTBOX_TRANSPORT, OutboxTransport};
 pub use reply::{IntoReply, Reply, Response};
 pub use route::{IntoRoute, Location, PublishTarget, Route, RouteBuilder, RouteCall, RouteFactory};
-pub use transport::{MemoryTransport, Outgoing, Transport};
 
 use crate::broker::OutboxBroker;
 use crate::engine::Engine;
 use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
 use crate::error::{BoxError, Error, Result};
 use crate::message::Message;
-
-/// The header carrying the outbox row id on published messages, for
-/// consumer-side deduplication.
-pub const OUTBOX_ID: &str = "outbox-id";
+use crate::transport::headers::OUTBOX_ID;
+use crate::transport::outbox::OutboxTransport;
+use crate::transport::{Outgoing, Transport};
 
 /// An outbox application: routes, hooks, transports, one engine.
 ///

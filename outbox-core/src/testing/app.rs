@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 
 use super::harness::{Call, Harness, History};
-use crate::app::{App, AppContext, AppHandle, Hook, IntoRoute, Transport};
+use crate::app::{App, AppContext, AppHandle, Hook, IntoRoute};
 use crate::broker::OutboxBroker;
 use crate::error::{DecodeError, Error, Result};
 use crate::ops::{DeadLetter, DlqFilter};
@@ -18,6 +18,7 @@ use crate::publish::PublishOptions;
 use crate::store::OutboxRow;
 use crate::store::clock::TestClock;
 use crate::store::memory::MemoryStore;
+use crate::transport::Transport;
 
 /// How long [`TestApp::settle`] waits by default.
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -2,8 +2,8 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::app::Outgoing;
 use crate::envelope::{self, CORRELATION_ID};
+use crate::transport::Outgoing;
 
 /// Reads a message a [`MemoryTransport`](crate::MemoryTransport) captured:
 /// its value decoded like a handler decodes a row, its key and headers as

@@ -85,9 +85,9 @@ pub(crate) use harness::Harness;
 pub use harness::{Call, History, Step};
 pub use ops::{Claim, StoreOps};
 
-pub use crate::app::MemoryTransport;
 pub use crate::store::clock::TestClock;
 pub use crate::store::memory::MemoryStore;
+pub use crate::transport::MemoryTransport;
 
 use crate::broker::OutboxBroker;
 use crate::error::Result;

@@ -2,12 +2,12 @@
 
 use futures_util::future::BoxFuture;
 
-use crate::app::OUTBOX_ID;
-use crate::app::transport::{Outgoing, Transport};
+use super::headers::OUTBOX_ID;
+use super::{Outgoing, Transport};
 use crate::broker::OutboxBroker;
 use crate::envelope::Raw;
 use crate::error::BoxError;
-use crate::publish::PublishOptions;
+use crate::publish::{PublishOptions, validate_queue};
 
 /// The default name of an [`OutboxTransport`].
 pub const OUTBOX_TRANSPORT: &str = "outbox";
@@ -108,6 +108,6 @@ impl Transport for OutboxTransport {
     }
 
     fn check_destination(&self, destination: &str) -> Result<(), String> {
-        crate::publish::validate_queue(destination).map_err(|e| e.to_string())
+        validate_queue(destination).map_err(|e| e.to_string())
     }
 }
