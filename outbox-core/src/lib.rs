@@ -14,15 +14,11 @@ mod broker;
 mod engine;
 pub mod envelope;
 mod error;
-mod handler;
-mod message;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod publish;
-pub mod retry;
 mod store;
-mod subscriber;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -33,20 +29,21 @@ pub use app::{
     PublishTarget, Reply, Requirement, Response, Route, RouteBuilder, RouteCall, State,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
+pub use engine::handler::{Handler, IntoHandlerResult};
+pub use engine::message::{AckPolicy, FailureReason, Message, Outcome};
+pub use engine::retry;
+pub use engine::retry::RetryStrategy;
+pub use engine::subscriber::{
+    KnobDefaults, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
+    SubscriberOptions,
+};
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Passthrough, Raw};
 pub use error::{BoxError, DecodeError, Error, Result};
-pub use handler::{Handler, IntoHandlerResult};
-pub use message::{AckPolicy, FailureReason, Message, Outcome};
 pub use publish::{MAX_NAME_CHARS, PublishOptions};
-pub use retry::RetryStrategy;
 pub use store::producer::TimerConflict;
 pub use store::{
     DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks, SchemaDrift,
-};
-pub use subscriber::{
-    KnobDefaults, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
-    SubscriberOptions,
 };
 pub use transport::headers::OUTBOX_ID;
 pub use transport::outbox::{OUTBOX_TRANSPORT, OutboxTransport};

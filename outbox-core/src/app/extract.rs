@@ -8,9 +8,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 
 use super::context::AppContext;
+use crate::engine::message::Message;
 use crate::envelope::Passthrough;
 use crate::error::{BoxError, Error};
-use crate::message::Message;
 
 /// Something a handler parameter needs from the application, checked before
 /// anything is consumed.

@@ -7,8 +7,8 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
 use super::context::AppContext;
+use crate::engine::handler::IntoHandlerResult;
 use crate::error::BoxError;
-use crate::handler::IntoHandlerResult;
 
 type HookFn = Box<dyn FnOnce(AppContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 

@@ -23,9 +23,9 @@ pub use route::{IntoRoute, Location, PublishTarget, Route, RouteBuilder, RouteCa
 
 use crate::broker::OutboxBroker;
 use crate::engine::Engine;
+use crate::engine::message::Message;
 use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
 use crate::error::{BoxError, Error, Result};
-use crate::message::Message;
 use crate::transport::headers::OUTBOX_ID;
 use crate::transport::outbox::OutboxTransport;
 use crate::transport::{Outgoing, Transport};

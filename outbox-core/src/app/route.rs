@@ -14,10 +14,10 @@ use futures_util::future::BoxFuture;
 use super::context::AppContext;
 use super::extract::{FromDelivery, Requirement};
 use super::reply::{IntoReply, Reply};
+use crate::engine::message::Message;
+use crate::engine::retry::RetryStrategy;
+use crate::engine::subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 use crate::error::BoxError;
-use crate::message::Message;
-use crate::retry::RetryStrategy;
-use crate::subscriber::{Subscriber, SubscriberBuilder, SubscriberOptions};
 
 /// The type-erased handler of a route.
 pub type RouteCall = Arc<
@@ -144,7 +144,7 @@ impl Route {
     /// Validates the engine settings into a [`Subscriber`] running `handler`.
     pub(crate) fn into_subscriber(
         self,
-        handler: Arc<dyn crate::handler::Handler>,
+        handler: Arc<dyn crate::engine::handler::Handler>,
     ) -> crate::error::Result<Subscriber> {
         let mut b = self.builder;
         if let Some(n) = self.name {
@@ -179,7 +179,7 @@ impl RouteBuilder {
         self
     }
 
-    crate::subscriber::option_setters!();
+    crate::engine::subscriber::option_setters!();
 
     /// See [`SubscriberOptions::retry`](crate::SubscriberOptions::retry).
     pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::SubShared;
 use super::backoff::{self, Reconnect};
-use crate::message::Delivery;
+use crate::engine::message::Delivery;
 use crate::store::conn as store;
 
 /// The longest time between two claims that look for expired leases while

@@ -28,7 +28,11 @@ macro_rules! testing {
 
 mod backoff;
 mod fetch;
+pub(crate) mod handler;
 mod listen;
+pub(crate) mod message;
+pub mod retry;
+pub(crate) mod subscriber;
 mod worker;
 
 use std::sync::Arc;
@@ -42,10 +46,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::OutboxBroker;
+use crate::engine::message::Delivery;
+use crate::engine::subscriber::{Subscriber, SubscriberOptions};
 use crate::error::{Error, Result};
-use crate::message::Delivery;
 use crate::store::conn as store;
-use crate::subscriber::{Subscriber, SubscriberOptions};
 
 pub(crate) use worker::HandlerPanic;
 pub use worker::LAST_EXCEPTION_MAX_CHARS;

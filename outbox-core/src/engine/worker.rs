@@ -16,9 +16,9 @@ use tracing::Instrument;
 
 use super::SubShared;
 use super::backoff::Reconnect;
+use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
+use crate::engine::retry::RetryContext;
 use crate::error::BoxError;
-use crate::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
-use crate::retry::RetryContext;
 use crate::store::OutboxRow;
 use crate::store::conn::{self as store, Conn, Write, Written};
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::engine::SubShared;
+use crate::engine::message::FailureReason;
 use crate::error::Result;
-use crate::message::FailureReason;
 use crate::store::OutboxRow;
 use crate::store::memory::MemoryStore;
 

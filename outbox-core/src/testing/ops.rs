@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use super::harness::Harness;
 use crate::broker::OutboxBroker;
+use crate::engine::message::FailureReason;
 use crate::error::Result;
-use crate::message::FailureReason;
 use crate::ops::{DeadLetter, DlqFilter};
 use crate::publish::PublishOptions;
 use crate::store::OutboxRow;

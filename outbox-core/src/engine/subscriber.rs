@@ -4,11 +4,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::handler::Handler;
+use crate::engine::message::AckPolicy;
+use crate::engine::retry::{ExponentialRetry, RetryStrategy};
 use crate::error::{Error, Result};
-use crate::handler::Handler;
-use crate::message::AckPolicy;
 use crate::publish::validate_queue;
-use crate::retry::{ExponentialRetry, RetryStrategy};
 
 /// The defaults of the knobs that differ between plain subscribers and
 /// relays (see [`SubscriberOptions`]).
@@ -426,7 +426,7 @@ pub struct SubscriberBuilder {
 /// `RouteBuilder`).
 macro_rules! option_setters {
     () => {
-        $crate::subscriber::option_setters!(@knobs
+        $crate::engine::subscriber::option_setters!(@knobs
             /// See [`SubscriberOptions::max_workers`](crate::SubscriberOptions::max_workers).
             max_workers: usize,
             /// See [`SubscriberOptions::fetch_batch_size`](crate::SubscriberOptions::fetch_batch_size).
@@ -444,7 +444,7 @@ macro_rules! option_setters {
             /// See [`SubscriberOptions::terminal_flush_batch_size`](crate::SubscriberOptions::terminal_flush_batch_size).
             terminal_flush_batch_size: usize,
             /// See [`SubscriberOptions::ack_policy`](crate::SubscriberOptions::ack_policy).
-            ack_policy: crate::AckPolicy,
+            ack_policy: $crate::engine::message::AckPolicy,
         );
     };
     (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
@@ -539,8 +539,8 @@ impl SubscriberBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Message;
-    use crate::retry::NoRetry;
+    use crate::engine::message::Message;
+    use crate::engine::retry::NoRetry;
 
     fn noop(_: Message) -> std::future::Ready<()> {
         std::future::ready(())
@@ -608,7 +608,8 @@ mod tests {
                 "max_deliveries must be >= 1",
             ),
             (
-                Subscriber::builder(["q"]).retry(crate::retry::ConstantRetry::new(Duration::ZERO)),
+                Subscriber::builder(["q"])
+                    .retry(crate::engine::retry::ConstantRetry::new(Duration::ZERO)),
                 "invalid retry strategy",
             ),
         ];
@@ -629,7 +630,9 @@ mod tests {
             warns(
                 Subscriber::builder(["q"])
                     .ack_policy(AckPolicy::RejectOnError)
-                    .retry(crate::retry::ConstantRetry::new(Duration::from_secs(1)))
+                    .retry(crate::engine::retry::ConstantRetry::new(
+                        Duration::from_secs(1)
+                    ))
             )
             .contains("ignores the retry strategy")
         );

@@ -5,8 +5,8 @@ use std::future::Future;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
+use crate::engine::message::Message;
 use crate::error::BoxError;
-use crate::message::Message;
 
 /// What a handler's future may resolve to: `()` or `Result<(), E>`.
 pub trait IntoHandlerResult {
