@@ -1,0 +1,106 @@
+//! Operations: queue statistics, dead-letter inspection, replay and purge,
+//! autovacuum tuning. The `outbox` command-line tool is built on these.
+//!
+//! Everything here runs on the broker's pool (never on a caller's
+//! transaction), reads only through the validated table definitions, and binds
+//! every value as a parameter.
+//!
+//! ```no_run
+//! use outbox_core::ops::{DlqFilter, ReplayOptions};
+//! use outbox_core::{DlqTable, OutboxBroker, OutboxTable};
+//! # async fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+//! let outbox = OutboxBroker::new(pool, OutboxTable::new("outbox")?)
+//!     .dead_letter_table(DlqTable::new("outbox_dlq")?);
+//!
+//! for q in outbox.stats().await? {
+//!     println!("{}: {} ready, {} leased, {} dead", q.queue, q.ready, q.leased, q.dead_letters);
+//! }
+//! // Put the rejected `orders` rows of the last hour back into the outbox.
+//! let since = chrono::Utc::now() - chrono::Duration::hours(1);
+//! let filter = DlqFilter::new().queue("orders").reason("rejected").since(since);
+//! let report = outbox.dlq_replay(&filter).await?;
+//! println!("{} replayed, {} skipped", report.replayed.len(), report.skipped.len());
+//! # Ok(()) }
+//! ```
+//!
+//! The files: `stats` ([`OutboxBroker::stats`]), `dlq` (the
+//! [`DlqFilter`] and listing, counting and purging dead letters), `replay`
+//! (moving dead letters back into the outbox); the SQL they share (the
+//! filter's `WHERE` clause and its parameters) is here. The row types and
+//! the autovacuum DDL come from the storage layer. Nothing here depends on
+//! the engine or the App.
+
+mod dlq;
+mod replay;
+mod stats;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgArguments;
+
+use crate::broker::OutboxBroker;
+use crate::error::{Error, Result};
+use crate::store::DlqTable;
+pub use crate::store::{AutovacuumOptions, DeadLetter, QueueStats, autovacuum_sql};
+pub use dlq::DlqFilter;
+pub use replay::{
+    DEFAULT_REPLAY_BATCH_SIZE, REPLAYED_FROM_HEADER, ReplayOptions, ReplayProgress, ReplayReport,
+    ReplayTimers, ReplayedRow, SkipReason, SkippedRow,
+};
+
+/// One bind parameter of a dynamically assembled statement.
+#[derive(Debug, Clone)]
+enum Arg {
+    Text(String),
+    Time(DateTime<Utc>),
+    Ids(Vec<i64>),
+    Int(i64),
+}
+
+/// A `WHERE` clause over the dead-letter table (alias `d`) and its parameters.
+#[derive(Debug, Clone)]
+struct Clause {
+    sql: String,
+    args: Vec<Arg>,
+}
+
+impl Clause {
+    fn push(&mut self, cond: impl FnOnce(usize) -> String, arg: Arg) {
+        self.args.push(arg);
+        let n = self.args.len();
+        self.sql.push_str(" AND ");
+        self.sql.push_str(&cond(n));
+    }
+
+    /// Appends a parameter that the caller places in the SQL text itself;
+    /// returns its `$n`.
+    fn param(&mut self, arg: Arg) -> String {
+        self.args.push(arg);
+        format!("${}", self.args.len())
+    }
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Postgres, PgArguments>,
+    args: &[Arg],
+) -> sqlx::query::Query<'q, sqlx::Postgres, PgArguments> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s.clone()),
+            Arg::Time(t) => q.bind(*t),
+            Arg::Ids(v) => q.bind(v.clone()),
+            Arg::Int(n) => q.bind(*n),
+        };
+    }
+    q
+}
+
+impl OutboxBroker {
+    fn require_dlq(&self, op: &str) -> Result<&DlqTable> {
+        self.dlq().ok_or_else(|| {
+            Error::config(format!(
+                "{op} needs a dead-letter table, and this broker has none: configure it with \
+                 OutboxBroker::dead_letter_table(DlqTable::new(\"outbox_dlq\")?)"
+            ))
+        })
+    }
+}
