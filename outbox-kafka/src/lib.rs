@@ -1,3 +1,26 @@
+// Module map. Each file uses only files listed above it, so dependencies point
+// one way (no import cycle) and the list reads from the foundations up. The
+// `layering` test checks it against the code (`crate::` and `super::` paths,
+// tests included), the `[uses ..]` lists too.
+//
+//   error.rs      the crate's one error enum and its classification (is_retryable)
+//   context.rs    the librdkafka client context: logging, the version-guess rewrite
+//   config.rs     settings and defaults; the producer's and the admin client's
+//                 ClientConfig; secret redaction [uses error]
+//   topic.rs      topic-name rules; topic creation with an admin client
+//                 [uses config, error]
+//   transport.rs  KafkaTransport, the outbox_core::Transport impl: publish, the
+//                 one deadline, BusRejection, close [uses config, context, error, topic]
+//   broker.rs     KafkaBroker: the typed builder, connect() (creates the producer,
+//                 registers the transport), ensure_topic()
+//                 [uses config, context, error, topic, transport]
+//   testing.rs    (feature testing) test_kafka(), a capturing stand-in [uses config]
+//   layering.rs   (tests only) the check of this map
+//   lib.rs        these docs and the re-exports: the public API
+//
+// In short (A <- B: B uses A): error <- config <- topic <- transport <- broker
+// <- lib, and context <- transport, broker; transport uses config in its tests only.
+
 //! # outbox-kafka
 //!
 //! The Kafka transport of [`outbox_core`]: handler results of routes with
@@ -192,6 +215,8 @@ mod broker;
 mod config;
 mod context;
 mod error;
+#[cfg(test)]
+mod layering;
 mod topic;
 mod transport;
 
