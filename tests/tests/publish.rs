@@ -369,8 +369,18 @@ async fn batch_activate_in_delays_every_row() -> R {
     Ok(())
 }
 
+/// The next notification within 400 ms: long enough to see one that should
+/// not come (a NOTIFY is delivered at commit, in milliseconds).
 async fn recv(l: &mut PgListener) -> Option<sqlx::postgres::PgNotification> {
-    tokio::time::timeout(Duration::from_millis(400), l.recv())
+    recv_within(l, Duration::from_millis(400)).await
+}
+
+/// The next notification within `timeout`.
+async fn recv_within(
+    l: &mut PgListener,
+    timeout: Duration,
+) -> Option<sqlx::postgres::PgNotification> {
+    tokio::time::timeout(timeout, l.recv())
         .await
         .ok()
         .and_then(Result::ok)
@@ -391,7 +401,8 @@ async fn notify_carries_the_queue_after_commit_only() -> R {
         "no NOTIFY after rollback"
     );
 
-    // Future-dated: nothing.
+    // Future-dated: notifies too (unlike faststream-outbox), so that a woken
+    // relay looks up when the row is due instead of waiting for its next poll.
     let mut tx = db.pool.begin().await?;
     db.broker
         .publish_with(
@@ -402,17 +413,25 @@ async fn notify_carries_the_queue_after_commit_only() -> R {
         )
         .await?;
     tx.commit().await?;
-    assert!(
-        recv(&mut listener).await.is_none(),
-        "no NOTIFY for a future row"
+    assert_eq!(
+        recv_within(&mut listener, Duration::from_secs(10))
+            .await
+            .expect("a NOTIFY for a future row")
+            .payload(),
+        "orders"
     );
 
-    // Timer no-op: nothing.
+    // Timer no-op: nothing (the timer's first publish, a future row, notifies).
     let mut conn = db.pool.acquire().await?;
     let t = PublishOptions::new()
         .timer_id("x")
         .activate_in(Duration::from_secs(60));
     db.broker.publish_with(&1, "orders", &t, &mut conn).await?;
+    assert!(
+        recv_within(&mut listener, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
     let noop = PublishOptions::new().timer_id("x");
     assert_eq!(
         db.broker
@@ -427,7 +446,10 @@ async fn notify_carries_the_queue_after_commit_only() -> R {
     db.broker.publish(&1, "orders", &mut *tx).await?;
     assert!(recv(&mut listener).await.is_none(), "nothing before commit");
     tx.commit().await?;
-    let n = recv(&mut listener).await.expect("a NOTIFY after commit");
+    // Expected notifications get a deadline a loaded CI machine meets.
+    let n = recv_within(&mut listener, Duration::from_secs(10))
+        .await
+        .expect("a NOTIFY after commit");
     assert_eq!(n.payload(), "orders");
     assert_eq!(n.channel(), db.table.channel());
     assert!(recv(&mut listener).await.is_none(), "only one");
@@ -443,7 +465,10 @@ async fn notify_carries_the_queue_after_commit_only() -> R {
         )
         .await?;
     assert_eq!(
-        recv(&mut listener).await.expect("notified").payload(),
+        recv_within(&mut listener, Duration::from_secs(10))
+            .await
+            .expect("notified")
+            .payload(),
         "late"
     );
     Ok(())
