@@ -124,6 +124,25 @@ impl TestDb {
         wait_until(timeout, || async { self.count().await.unwrap() == 0 }).await
     }
 
+    /// Waits up to `timeout` until a session LISTENs on this table's NOTIFY
+    /// channel (an engine's LISTEN loop is in place: every commit from now on
+    /// wakes it); whether one does. A readiness signal for tests that need a
+    /// NOTIFY to reach an engine that otherwise polls rarely.
+    pub async fn listening(&self, timeout: Duration) -> bool {
+        // sqlx's PgListener sends exactly this; pg_stat_activity shows a
+        // session's last statement.
+        let listen = format!("LISTEN \"{}\"", self.table.channel());
+        wait_until(timeout, || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pg_stat_activity WHERE query = $1")
+                .bind(&listen)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap()
+                > 0
+        })
+        .await
+    }
+
     /// `SELECT count(*)` of the outbox table.
     pub async fn count(&self) -> anyhow::Result<i64> {
         self.scalar(format!("SELECT count(*) FROM {}", self.t()))

@@ -592,6 +592,7 @@ async fn lease_expiry_hands_the_row_to_another_engine_and_the_late_ack_is_a_no_o
         .lease_ttl(Duration::from_secs(1))
         .build(move |_m: Message| {
             started.notify_one();
+            // A handler that outlives its 1 s lease (the behaviour under test).
             async { tokio::time::sleep(Duration::from_secs(3)).await }
         })?;
     let fresh_seen = Seen::default();
@@ -703,6 +704,7 @@ async fn a_crash_mid_batch_loses_nothing() -> R {
                 let h = h.clone();
                 async move {
                     if slow {
+                        // Slow work: the crash comes mid-batch.
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     *h.lock().unwrap().entry(m.id()).or_default() += 1;
@@ -749,6 +751,7 @@ async fn graceful_stop_releases_unstarted_rows_for_immediate_pickup() -> R {
         .lease_ttl(Duration::from_secs(600)) // without the release, rows would wait 10 minutes
         .build(move |_m: Message| {
             st.notify_one();
+            // Slow work: the other rows are still unstarted at the stop.
             async { tokio::time::sleep(Duration::from_millis(300)).await }
         })?;
     let a = engine(&db, vec![slow]);
@@ -861,7 +864,11 @@ async fn notify_wakes_an_idle_subscriber_long_before_polling_would() -> R {
         })?;
     let e = engine(&db, vec![sub]);
     e.start().await?;
-    tokio::time::sleep(Duration::from_millis(500)).await; // idle: the first poll is done
+    // Ready once the engine LISTENs: from then on a commit wakes it.
+    assert!(
+        db.listening(Duration::from_secs(10)).await,
+        "the engine LISTENs"
+    );
     let mut latencies = Vec::new();
     for _ in 0..5 {
         let mut tx = db.pool.begin().await?;
@@ -877,6 +884,7 @@ async fn notify_wakes_an_idle_subscriber_long_before_polling_would() -> R {
         );
         let at = handled_at.lock().unwrap()[&id];
         latencies.push(at.saturating_duration_since(committed));
+        // Spacing, not readiness: each publish finds the subscriber idle again.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     e.stop().await;
@@ -908,20 +916,22 @@ async fn broken_listen_falls_back_to_polling() -> R {
         "postgres://postgres@127.0.0.1:1/nowhere".parse()?;
     let e = engine(&db, vec![sub]).listen_with(dead);
     e.start().await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    publish_n(&db, "q", 3).await?;
-    assert!(wait_until(Duration::from_secs(10), || async { seen.len() == 3 }).await);
-    // The failure is reported once the connection attempt gives up.
+    // The failure is reported once the connection attempt gives up; rows
+    // published after it can only be found by polling.
+    let channel = db.table.channel();
     assert!(
         wait_until(Duration::from_secs(20), || async {
             !captured(|c| {
                 c.message
                     .contains("LISTEN setup failed; falling back to polling")
+                    && c.fields.get("channel") == Some(&channel)
             })
             .is_empty()
         })
         .await
     );
+    publish_n(&db, "q", 3).await?;
+    assert!(wait_until(Duration::from_secs(10), || async { seen.len() == 3 }).await);
     e.stop().await;
     Ok(())
 }
@@ -939,6 +949,7 @@ async fn deliveries_survive_killed_connections_mid_run() -> R {
         .build(move |m: Message| {
             let h = h.clone();
             async move {
+                // Some work per row: the kills land while rows are in flight.
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 *h.lock().unwrap().entry(m.id()).or_default() += 1;
             }
@@ -948,10 +959,21 @@ async fn deliveries_survive_killed_connections_mid_run() -> R {
         .subscriber(sub);
     publish_n(&db, "q", 1500).await?;
     e.start().await?;
+    // Ready once rows are being delivered: the engine's connections are open.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            !handled.lock().unwrap().is_empty()
+        })
+        .await
+    );
     // Three rounds of "the server dropped every connection of the engine".
     let mut kills = 0;
     for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(if round == 0 { 200 } else { 1500 })).await;
+        if round > 0 {
+            // Spacing, not readiness: separate incidents, with deliveries
+            // (and reconnects) between them.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
         kills += db
             .scalar(format!(
                 "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \

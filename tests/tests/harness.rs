@@ -434,17 +434,29 @@ async fn loop_mode_runs_the_real_engine_and_stops_gracefully() -> R {
         .await
     );
     // Row 1 finishes once the stop is under way (acked); the unstarted ones
-    // are released at once.
-    let g = gate.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        g.add_permits(1);
-    });
+    // are released at once: row 1 is let go when they are.
     let stop = app.stop();
     tokio::pin!(stop);
+    let let_row_1_go = async {
+        let released = tests::wait_until(Duration::from_secs(10), || async {
+            app.rows()
+                .await
+                .unwrap()
+                .iter()
+                .filter(|r| r.acquired_token.is_none())
+                .count()
+                == 4
+        })
+        .await;
+        assert!(released, "the stop released the unstarted rows");
+        gate.add_permits(1);
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         r = &mut stop => r?,
-        _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("stop hung"),
+        () = let_row_1_go => unreachable!(),
+        // A deadline, not a readiness wait.
+        () = tokio::time::sleep(Duration::from_secs(10)) => panic!("stop hung"),
     }
     let rows = app.rows().await?;
     assert_eq!(rows.len(), 4);

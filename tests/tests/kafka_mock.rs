@@ -62,6 +62,7 @@ async fn brokers_down_longer_than_the_message_timeout_are_ridden_out_by_retries(
         retried,
         "rows were not nacked and retried while the brokers were down"
     );
+    // The outage under test lasts at least 3 s.
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(down_at.elapsed())).await;
     let max_attempts = db
         .scalar(format!(

@@ -42,7 +42,7 @@ impl Stream {
                 ids.insert(broker.publish(&v, queue, &mut *tx).await.unwrap().unwrap());
                 tx.commit().await.unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                tokio::time::sleep(Duration::from_millis(25)).await; // a steady stream
             }
             ids
         });
@@ -83,7 +83,7 @@ async fn a_broker_hang_shorter_than_the_message_timeout_only_delays_delivery() -
     stream.relayed_at_least(&db, 20).await;
     let paused = Paused::pause()?;
     let paused_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // the hang under test
     let left_during = db.count().await?;
     paused.resume()?;
     let outage = paused_at.elapsed();
@@ -135,7 +135,7 @@ async fn a_broker_hang_longer_than_the_message_timeout_is_ridden_out_by_retries(
     stream.relayed_at_least(&db, 20).await;
     let paused = Paused::pause()?;
     let paused_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // the hang under test
     let nacks_during = retries_of(queue).len();
     paused.resume()?;
     let outage = paused_at.elapsed();
@@ -208,6 +208,7 @@ async fn a_broker_hang_logs_one_outage_warning_then_one_recovery() -> R {
     let paused = Paused::pause()?;
     let paused_at = Instant::now();
     let warned = wait_until(Duration::from_secs(20), || async { !warnings().is_empty() }).await;
+    // The hang under test lasts 8 s, whenever the warning came.
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused_at.elapsed())).await;
     let recovered_during = recoveries().len();
     paused.resume()?;

@@ -167,6 +167,7 @@ async fn a_lost_lease_counts_as_lease_lost_not_as_acked() -> R {
         .lease_ttl(Duration::from_millis(500))
         .build(move |_m: Message| {
             st.notify_one();
+            // Outlives its 500 ms lease (the behaviour under test).
             async { tokio::time::sleep(Duration::from_millis(1500)).await }
         })?;
     let fresh = fast(Subscriber::builder([q.clone()]))

@@ -318,7 +318,11 @@ async fn replayed_dead_letters_are_delivered_with_their_payload_and_headers() ->
         })?;
     let e = Engine::new(db.broker.clone()).subscriber(ok);
     e.start().await?;
-    tokio::time::sleep(Duration::from_millis(500)).await; // the first (empty) poll is done
+    // Ready once the relay LISTENs: the replay's NOTIFY then wakes it.
+    assert!(
+        db.listening(Duration::from_secs(10)).await,
+        "the relay LISTENs"
+    );
 
     let ids: Vec<i64> = dead.iter().map(|d| d.id).collect();
     let report = db

@@ -129,8 +129,12 @@ async fn a_delayed_row_is_handled_when_due_not_at_the_next_poll() -> R {
     })?;
     let engine = engine(&db, sub);
     engine.start().await?;
-    // Let the subscriber go idle (its first poll found nothing).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Ready once the engine LISTENs: each publish below wakes the idle
+    // subscriber, which then waits for the row to become due.
+    assert!(
+        db.listening(Duration::from_secs(10)).await,
+        "the engine LISTENs"
+    );
     let delay = Duration::from_secs(2);
     let mut published = Vec::new();
     for i in 0..3 {
@@ -147,6 +151,7 @@ async fn a_delayed_row_is_handled_when_due_not_at_the_next_poll() -> R {
             .unwrap();
         tx.commit().await?;
         published.push((id, Instant::now()));
+        // Spacing, not readiness: each row becomes due on its own.
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     assert!(db.drained(Duration::from_secs(15)).await, "rows left");
@@ -232,12 +237,13 @@ async fn each_database_incident_starts_the_backoff_from_its_minimum() -> R {
                 let mut conn = pool.acquire().await?;
                 broker.publish(&n, &queue, &mut *conn).await?;
                 n += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(20)).await; // a steady stream
             }
             anyhow::Ok(n)
         })
     };
     for _ in 0..3 {
+        // Spacing, not readiness: separate incidents, 2 s apart.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let killed = db
             .scalar(format!(
@@ -290,20 +296,27 @@ async fn a_row_that_waited_past_its_lease_in_the_buffer_is_not_handled_with_it()
     drop(conn);
     let engine = engine(&db, sub);
     engine.start().await?;
+    let skipped = || {
+        captured(|c| {
+            c.fields.get("phase").is_some_and(|p| p == "buffered")
+                && c.fields.get("row_id") == Some(&waiting.to_string())
+        })
+    };
+    // Done once the row was handled (after its reclaim) and its buffered,
+    // expired copy was skipped.
     assert!(
         wait_until(Duration::from_secs(15), || async {
-            !calls.of(waiting).is_empty()
+            !calls.of(waiting).is_empty() && !skipped().is_empty()
         })
-        .await
+        .await,
+        "handled: {:?}, skipped: {:?}",
+        calls.of(waiting),
+        skipped()
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     engine.stop().await;
     let _ = slow;
     assert_eq!(calls.of(waiting).len(), 1, "handled twice");
-    let skipped = captured(|c| {
-        c.fields.get("phase").is_some_and(|p| p == "buffered")
-            && c.fields.get("row_id") == Some(&waiting.to_string())
-    });
+    let skipped = skipped();
     assert_eq!(skipped.len(), 1, "{skipped:?}");
     Ok(())
 }
