@@ -890,9 +890,10 @@ async fn notify_wakes_an_idle_subscriber_long_before_polling_would() -> R {
     e.stop().await;
     latencies.sort();
     println!("commit -> handler latencies: {latencies:?}");
-    // Polling would take at least 5 s (0.5 x the 10 s interval); NOTIFY takes milliseconds.
+    // Polling would take at least 5 s (0.5 x the 10 s interval); NOTIFY takes
+    // milliseconds, and well under a second on a loaded 2-core CI machine.
     assert!(
-        latencies[2] < Duration::from_millis(100),
+        latencies[2] < Duration::from_secs(1),
         "median {:?}",
         latencies[2]
     );

@@ -108,7 +108,9 @@ async fn the_seed_handler_relays_to_kafka_in_memory() -> R {
     assert!(kafka.is_closed(), "transports are closed at stop");
     let took = started.elapsed();
     println!("the seed handler test took {took:?}");
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Milliseconds in fact; the bound leaves room for a loaded CI machine and
+    // still rules out real-time waits (a 5-10 s poll, a lease, a drain).
+    assert!(took < Duration::from_secs(5), "{took:?}");
     Ok(())
 }
 

@@ -352,8 +352,8 @@ async fn the_lease_warning_fires_only_when_a_publish_can_outlast_the_lease() -> 
     Ok(())
 }
 
-/// The embedding API: publishes run concurrently (100 records with a 20 ms
-/// linger would take 2 s one after the other), each resolves on its own
+/// The embedding API: publishes run concurrently (100 records with a 50 ms
+/// linger would take 5 s one after the other), each resolves on its own
 /// delivery report, and `close` flushes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_transport_publishes_concurrently_and_flushes_on_close() -> R {
@@ -362,7 +362,7 @@ async fn the_transport_publishes_concurrently_and_flushes_on_close() -> R {
     let topic = support::unique_topic("direct");
     create_topic(&boot, &topic, 4).await?;
     let kafka = support::test_kafka(&boot)
-        .linger(Duration::from_millis(20))
+        .linger(Duration::from_millis(50))
         .connect_transport()
         .await?;
     assert_eq!(outbox_core::Transport::name(&kafka), "kafka");
@@ -382,8 +382,10 @@ async fn the_transport_publishes_concurrently_and_flushes_on_close() -> R {
         r.map_err(|e| anyhow::anyhow!(e))?;
     }
     let took = t0.elapsed();
+    // Concurrent: about one linger. The bound leaves a loaded CI machine room
+    // and is still well below 5 s of serialized publishes.
     assert!(
-        took < Duration::from_millis(1500),
+        took < Duration::from_secs(3),
         "100 publishes took {took:?}: are they serialized?"
     );
     outbox_core::Transport::close(&kafka)
