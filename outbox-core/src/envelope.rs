@@ -167,26 +167,6 @@ impl Passthrough {
         self
     }
 
-    /// The payload and content type of a delivered row, as stored (what a
-    /// `Passthrough` handler parameter receives).
-    ///
-    /// ```
-    /// use outbox_core::{Message, Passthrough};
-    ///
-    /// fn copy(msg: &Message) -> Passthrough {
-    ///     let p = Passthrough::from_message(msg);
-    ///     assert_eq!(p.payload(), msg.payload());
-    ///     assert_eq!(p.content_type(), msg.content_type());
-    ///     p
-    /// }
-    /// ```
-    pub fn from_message(msg: &crate::Message) -> Self {
-        Self {
-            payload: msg.payload().to_vec(),
-            content_type: msg.content_type().map(str::to_owned),
-        }
-    }
-
     /// The payload bytes.
     ///
     /// ```

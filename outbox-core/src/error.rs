@@ -1,4 +1,5 @@
-//! The crate's error type.
+//! The crate's error types. A leaf: it depends on no other module of the
+//! crate (every layer reports through it).
 
 use std::fmt;
 
@@ -82,7 +83,7 @@ pub enum Error {
     /// The live outbox (or dead-letter) table differs from what the engine
     /// needs; the value lists every problem and the DDL that fixes them.
     #[error("{0}")]
-    SchemaDrift(crate::store::SchemaDrift),
+    SchemaDrift(SchemaDrift),
 
     /// An operation did not finish within its time budget.
     #[error("{0} timed out")]
@@ -216,3 +217,32 @@ impl DecodeError {
         &self.reason
     }
 }
+
+/// Everything that differs between the live schema and what the engine needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaDrift {
+    /// One plain-words line per problem.
+    pub problems: Vec<String>,
+    /// DDL that fixes them (review it before running it).
+    pub fix: String,
+}
+
+impl fmt::Display for SchemaDrift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "outbox schema mismatch:")?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        write!(
+            f,
+            "fix (review, then run it or put it in a migration):\n{}",
+            self.fix
+        )
+    }
+}
+
+/// A handler panic, turned into an error (the engine catches it; the
+/// metrics label it `error_kind="panic"`).
+#[derive(Debug, thiserror::Error)]
+#[error("handler panicked: {0}")]
+pub(crate) struct HandlerPanic(pub(crate) String);

@@ -36,7 +36,10 @@ use std::time::Duration;
 
 use metrics::{Counter, Histogram, counter, histogram};
 
-use crate::error::{BoxError, DecodeError, Error};
+use crate::error::{BoxError, DecodeError, Error, HandlerPanic};
+// The engine samples the gauges (it runs the query); its one-shot sampler's
+// public path is here, next to the metrics it sets.
+pub use crate::engine::gauges::sample_gauges;
 
 /// Metric names (stable; part of the public contract).
 pub mod names {
@@ -86,7 +89,7 @@ pub(crate) fn error_kind(e: Option<&BoxError>) -> &'static str {
     if e.is::<DecodeError>() {
         return "decode";
     }
-    if e.is::<crate::engine::HandlerPanic>() {
+    if e.is::<HandlerPanic>() {
         return "panic";
     }
     match e.downcast_ref::<Error>() {
@@ -100,7 +103,7 @@ pub(crate) fn error_kind(e: Option<&BoxError>) -> &'static str {
 /// process-wide metrics recorder (feature `prometheus`). Call it once, from
 /// within the Tokio runtime, before the engine starts.
 #[cfg(feature = "prometheus")]
-pub fn install_prometheus(addr: std::net::SocketAddr) -> crate::Result<()> {
+pub fn install_prometheus(addr: std::net::SocketAddr) -> crate::error::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()
@@ -125,43 +128,23 @@ pub(crate) fn transport_duration(transport: &str, destination: &str, ok: bool, d
     .record(d.as_secs_f64());
 }
 
-/// Reads [`OutboxBroker::stats_for`](crate::OutboxBroker::stats_for) once
-/// and sets the per-queue gauges from it (what the engine does every
-/// [`gauge_interval`](crate::Engine::gauge_interval)); returns the stats.
-pub async fn sample_gauges(
-    broker: &crate::OutboxBroker,
-    queues: &[&str],
-) -> crate::Result<Vec<crate::ops::QueueStats>> {
-    let stats = broker.stats_for(queues).await?;
-    for s in &stats {
-        let q = s.queue.clone();
-        metrics::gauge!(READY_ROWS, "queue" => q.clone()).set(s.ready as f64);
-        metrics::gauge!(SCHEDULED_ROWS, "queue" => q.clone()).set(s.scheduled as f64);
-        metrics::gauge!(LEASED_ROWS, "queue" => q.clone()).set(s.leased as f64);
-        metrics::gauge!(OLDEST_READY_AGE, "queue" => q.clone())
-            .set(s.oldest_ready_age.map_or(0.0, |d| d.as_secs_f64()));
-        metrics::gauge!(DEAD_LETTER_ROWS, "queue" => q).set(s.dead_letters as f64);
-    }
-    Ok(stats)
-}
-
-/// The engine's sampling loop.
-pub(crate) async fn sample_gauges_every(
-    broker: crate::OutboxBroker,
-    queues: Vec<String>,
-    every: Duration,
-    stop: tokio_util::sync::CancellationToken,
+/// Sets the sampled gauges of `queue` (what the engine's sampler reads every
+/// [`gauge_interval`](crate::Engine::gauge_interval)).
+pub(crate) fn queue_gauges(
+    queue: &str,
+    ready: u64,
+    scheduled: u64,
+    leased: u64,
+    oldest_ready_age: Option<Duration>,
+    dead_letters: u64,
 ) {
-    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
-    loop {
-        if let Err(e) = sample_gauges(&broker, &names).await {
-            tracing::debug!("sampling the outbox gauges failed: {e}");
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-    }
+    let q = queue.to_owned();
+    metrics::gauge!(READY_ROWS, "queue" => q.clone()).set(ready as f64);
+    metrics::gauge!(SCHEDULED_ROWS, "queue" => q.clone()).set(scheduled as f64);
+    metrics::gauge!(LEASED_ROWS, "queue" => q.clone()).set(leased as f64);
+    metrics::gauge!(OLDEST_READY_AGE, "queue" => q.clone())
+        .set(oldest_ready_age.map_or(0.0, |d| d.as_secs_f64()));
+    metrics::gauge!(DEAD_LETTER_ROWS, "queue" => q).set(dead_letters as f64);
 }
 
 /// Pre-registered handles of one queue of one subscriber (the hot path).

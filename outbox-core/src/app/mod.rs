@@ -89,7 +89,7 @@ pub struct App {
     pending: Vec<Error>,
     signals: bool,
     watch: watch::Watch,
-    validate_schema: Option<crate::SchemaChecks>,
+    validate_schema: Option<crate::store::SchemaChecks>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
 }
@@ -234,14 +234,14 @@ impl App {
     /// Checks the live tables with [`OutboxBroker::validate_schema`] before
     /// anything runs; a drift aborts startup with the fix to apply.
     pub fn validate_schema_at_startup(self) -> Self {
-        self.validate_schema_at_startup_with(crate::SchemaChecks::new())
+        self.validate_schema_at_startup_with(crate::store::SchemaChecks::new())
     }
 
     /// [`validate_schema_at_startup`](Self::validate_schema_at_startup) with
     /// the optional checks of [`SchemaChecks`](crate::SchemaChecks), e.g.
     /// `SchemaChecks::new().autovacuum(true)` to refuse to start on an outbox
     /// table whose autovacuum is not tuned.
-    pub fn validate_schema_at_startup_with(mut self, checks: crate::SchemaChecks) -> Self {
+    pub fn validate_schema_at_startup_with(mut self, checks: crate::store::SchemaChecks) -> Self {
         self.validate_schema = Some(checks);
         self
     }

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::envelope::Headers;
+use crate::envelope::{Headers, Passthrough};
 use crate::error::DecodeError;
 use crate::store::OutboxRow;
 
@@ -238,5 +238,30 @@ impl Message {
     /// decision was already taken.
     pub fn reject(&self) -> bool {
         self.inner.decide(Decision::Reject)
+    }
+}
+
+// `Passthrough` is the envelope's (a leaf module); building one from a
+// delivered message belongs here, with the message.
+impl Passthrough {
+    /// The payload and content type of a delivered row, as stored (what a
+    /// `Passthrough` handler parameter receives).
+    ///
+    /// ```
+    /// use outbox_core::{Message, Passthrough};
+    ///
+    /// fn copy(msg: &Message) -> Passthrough {
+    ///     let p = Passthrough::from_message(msg);
+    ///     assert_eq!(p.payload(), msg.payload());
+    ///     assert_eq!(p.content_type(), msg.content_type());
+    ///     p
+    /// }
+    /// ```
+    pub fn from_message(msg: &Message) -> Self {
+        let p = Passthrough::new(msg.payload());
+        match msg.content_type() {
+            Some(ct) => p.with_content_type(ct),
+            None => p,
+        }
     }
 }

@@ -28,6 +28,7 @@ macro_rules! testing {
 
 mod backoff;
 mod fetch;
+pub(crate) mod gauges;
 pub(crate) mod handler;
 mod listen;
 pub(crate) mod message;
@@ -51,7 +52,6 @@ use crate::engine::subscriber::{Subscriber, SubscriberOptions};
 use crate::error::{Error, Result};
 use crate::store::conn as store;
 
-pub(crate) use worker::HandlerPanic;
 pub use worker::LAST_EXCEPTION_MAX_CHARS;
 
 /// Where the engine listens for NOTIFY wake-ups.
@@ -594,7 +594,7 @@ impl Engine {
                 .collect();
             queues.sort();
             queues.dedup();
-            let task = tokio::spawn(crate::telemetry::sample_gauges_every(
+            let task = tokio::spawn(gauges::sample_gauges_every(
                 self.broker.clone(),
                 queues,
                 every,

@@ -18,18 +18,13 @@ use super::SubShared;
 use super::backoff::Reconnect;
 use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
 use crate::engine::retry::RetryContext;
-use crate::error::BoxError;
+use crate::error::{BoxError, HandlerPanic};
 use crate::store::OutboxRow;
 use crate::store::conn::{self as store, Conn, Write, Written};
 
 /// Longest `last_exception` text kept, in characters.
 pub const LAST_EXCEPTION_MAX_CHARS: usize = 8192;
 const TRUNCATED: &str = "…[truncated]";
-
-/// A handler panic, turned into an error.
-#[derive(Debug, thiserror::Error)]
-#[error("handler panicked: {0}")]
-pub(crate) struct HandlerPanic(pub(crate) String);
 
 fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {

@@ -22,13 +22,12 @@
 //! println!("{} replayed, {} skipped", report.replayed.len(), report.skipped.len());
 //! # Ok(()) }
 //! ```
-//!
-//! The files: `stats` ([`OutboxBroker::stats`]), `dlq` (the
-//! [`DlqFilter`] and listing, counting and purging dead letters), `replay`
-//! (moving dead letters back into the outbox); the SQL they share (the
-//! filter's `WHERE` clause and its parameters) is here. The row types and
-//! the autovacuum DDL come from the storage layer. Nothing here depends on
-//! the engine or the App.
+
+// The files: `stats` (`OutboxBroker::stats`), `dlq` (the `DlqFilter` and
+// listing, counting and purging dead letters), `replay` (moving dead letters
+// back into the outbox); the SQL they share (the filter's `WHERE` clause and
+// its parameters) is here. The row types and the autovacuum DDL come from the
+// storage layer. Nothing here depends on the engine or the App.
 
 mod dlq;
 mod replay;

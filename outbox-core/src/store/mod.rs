@@ -37,6 +37,6 @@ pub(crate) mod table;
 pub use autovacuum::{AutovacuumOptions, autovacuum_sql};
 pub use dead_letter::DeadLetter;
 pub use row::OutboxRow;
-pub use schema::{SchemaChecks, SchemaDrift};
+pub use schema::SchemaChecks;
 pub use stats::QueueStats;
 pub use table::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxTable};

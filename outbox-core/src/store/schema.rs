@@ -1,14 +1,13 @@
 //! Schema-drift validation: does the live table match what the engine needs?
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use sqlx::{PgPool, Row};
 
 use super::autovacuum::{AutovacuumOptions, autovacuum_sql};
 use super::ident::quote;
 use super::table::{DlqTable, OutboxTable};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SchemaDrift};
 
 /// A column the engine needs: name, `format_type()` text, NOT NULL, needs a default.
 struct Col(&'static str, &'static str, bool, bool);
@@ -93,29 +92,6 @@ const DLQ_INDEXES: [Idx; 1] = [Idx {
 }];
 
 const LEASE_CHECK: &str = "acquired_token is null = acquired_at is null";
-
-/// Everything that differs between the live schema and what the engine needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchemaDrift {
-    /// One plain-words line per problem.
-    pub problems: Vec<String>,
-    /// DDL that fixes them (review it before running it).
-    pub fix: String,
-}
-
-impl fmt::Display for SchemaDrift {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "outbox schema mismatch:")?;
-        for p in &self.problems {
-            writeln!(f, "  - {p}")?;
-        }
-        write!(
-            f,
-            "fix (review, then run it or put it in a migration):\n{}",
-            self.fix
-        )
-    }
-}
 
 /// What [`OutboxBroker::validate_schema_with`](crate::OutboxBroker::validate_schema_with)
 /// checks besides the tables' structure.

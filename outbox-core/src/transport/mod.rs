@@ -1,12 +1,13 @@
-//! [`Transport`]: where handlers' results go (Kafka, RabbitMQ, NATS, …), the
-//! [`Outgoing`] message a transport receives and [`BusRejection`], a bus's
-//! permanent refusal; [`MemoryTransport`], an in-process transport that
-//! captures what it gets, and `OutboxTransport`, whose destinations are
-//! queues of an outbox.
-//!
-//! Transports sit above the producer side (`OutboxTransport` publishes
-//! through an `OutboxBroker`) and below the engine and the App, which
-//! depend on this module and not the other way round.
+//! [`Transport`]: where handlers' results go (Kafka, RabbitMQ, NATS, …), and
+//! [`MemoryTransport`], an in-process transport that captures what it gets.
+
+// This file: the `Transport` trait, the `Outgoing` message a transport
+// receives and `BusRejection`, a bus's permanent refusal. `memory.rs`:
+// `MemoryTransport`; `outbox.rs`: `OutboxTransport`, whose destinations are
+// queues of an outbox (public at the crate root only, as before).
+// Transports sit above the producer side (`OutboxTransport` publishes through
+// an `OutboxBroker`) and below the engine and the App: they depend on
+// neither.
 
 mod memory;
 pub(crate) mod outbox;
