@@ -40,7 +40,11 @@ pub(crate) async fn sample_gauges_every(
     let names: Vec<&str> = queues.iter().map(String::as_str).collect();
     loop {
         if let Err(e) = sample_gauges(&broker, &names).await {
-            tracing::debug!("sampling the outbox gauges failed: {e}");
+            // The log target this message has always had (RUST_LOG filters).
+            tracing::debug!(
+                target: "outbox_core::telemetry",
+                "sampling the outbox gauges failed: {e}"
+            );
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -523,7 +523,8 @@ impl SubscriberBuilder {
             return Err(Error::config("a subscriber name must not be empty"));
         }
         for w in &warnings {
-            tracing::warn!(subscriber = %name, "{w}");
+            // The log target this warning has always had (RUST_LOG filters).
+            tracing::warn!(target: "outbox_core::subscriber", subscriber = %name, "{w}");
         }
         Ok(Subscriber {
             name,

@@ -312,7 +312,8 @@ impl OutboxBroker {
             .execute(self.pool())
             .await?;
         let n = done.rows_affected();
-        tracing::info!(purged = n, "dead letters purged");
+        // The log target of every `ops` message (RUST_LOG filters).
+        tracing::info!(target: "outbox_core::ops", purged = n, "dead letters purged");
         Ok(n)
     }
 }

@@ -532,7 +532,9 @@ impl OutboxBroker {
             }
         }
         if !opts.dry_run {
+            // The log target of every `ops` message (RUST_LOG filters).
             tracing::info!(
+                target: "outbox_core::ops",
                 replayed = report.replayed.len(),
                 skipped = report.skipped.len(),
                 batches = report.batches,
