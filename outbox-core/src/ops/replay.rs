@@ -440,97 +440,37 @@ impl OutboxBroker {
             return Err(Error::arg("batch_size must be >= 1, got 0"));
         }
         let (total, upper) = self.dlq_count_and_max(filter, "dlq_replay").await?;
-        let mut report = ReplayReport {
-            dry_run: opts.dry_run,
-            ..ReplayReport::default()
-        };
+        let mut replay = Replay::new(opts);
         if total == 0 {
-            return Ok(report);
+            return Ok(replay.report);
         }
-        let keep_timers = opts.timers == ReplayTimers::Keep;
         let t = self.table().qualified_name();
         let d = dlq.qualified_name();
         let channel = (!opts.dry_run).then(|| self.channel().to_owned());
         let mut remaining = filter.get_limit().unwrap_or(u64::MAX);
-        let mut cursor = i64::MIN;
-        // (queue, timer_id) replayed by earlier batches of this call.
-        let mut timers_moved: HashSet<(String, String)> = HashSet::new();
         let mut done = 0u64;
         while remaining > 0 {
             let batch = opts.batch_size.min(remaining);
-            let mut c = filter.clause();
             let b = ReplayBatch {
                 t: &t,
                 d: &d,
-                cursor,
+                cursor: replay.cursor,
                 upper,
                 batch: i64::try_from(batch).unwrap_or(i64::MAX),
-                keep_timers,
+                keep_timers: replay.keep_timers,
                 channel: channel.as_deref(),
             };
-            let sql = replay_sql(&b, &mut c);
-            let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
-                .fetch_all(self.pool())
-                .await?;
-            report.batches += 1;
-            let batch_rows = BatchRows::read(&rows)?;
-            let n = u64::try_from(batch_rows.examined.len()).unwrap_or(u64::MAX);
-            for ex in batch_rows.examined {
-                cursor = cursor.max(ex.id);
-                let new_id = batch_rows.new_ids.get(&ex.id).copied();
-                let key = ex.timer_id.clone().map(|tid| (ex.queue.clone(), tid));
-                let seen_timer = key.as_ref().is_some_and(|k| timers_moved.contains(k));
-                let skip = match ex.verdict.as_str() {
-                    // In a dry run nothing was inserted: a timer "moved" by an
-                    // earlier batch is a duplicate, as the real run would find.
-                    // (A real run reports what its statement did.)
-                    "move" if opts.dry_run && keep_timers && seen_timer => {
-                        Some(SkipReason::DuplicateTimer)
-                    }
-                    "move" if !opts.dry_run && !batch_rows.deleted.contains(&ex.id) => {
-                        Some(SkipReason::Gone)
-                    }
-                    "move" => None,
-                    "duplicate_timer" => Some(SkipReason::DuplicateTimer),
-                    // A live row that this very replay created is a duplicate.
-                    _ if seen_timer => Some(SkipReason::DuplicateTimer),
-                    _ => Some(SkipReason::LiveTimer),
-                };
-                match skip {
-                    None => {
-                        if let Some(k) = key.filter(|_| keep_timers) {
-                            timers_moved.insert(k);
-                        }
-                        report.replayed.push(ReplayedRow {
-                            dead_letter_id: ex.id,
-                            original_id: ex.original_id,
-                            queue: ex.queue,
-                            timer_id: if keep_timers { ex.timer_id } else { None },
-                            new_id,
-                        });
-                    }
-                    Some(reason) => report.skipped.push(SkippedRow {
-                        dead_letter_id: ex.id,
-                        original_id: ex.original_id,
-                        queue: ex.queue,
-                        timer_id: ex.timer_id,
-                        reason,
-                    }),
-                }
-            }
+            let rows = self.replay_batch(filter, &b).await?;
+            replay.report.batches += 1;
+            let n = replay.record(rows);
             done += n;
             remaining = remaining.saturating_sub(n);
-            progress(&ReplayProgress {
-                batches: report.batches,
-                done,
-                replayed: u64::try_from(report.replayed.len()).unwrap_or(u64::MAX),
-                skipped: u64::try_from(report.skipped.len()).unwrap_or(u64::MAX),
-                total,
-            });
+            progress(&replay.progress(done, total));
             if n < batch {
                 break;
             }
         }
+        let report = replay.report;
         if !opts.dry_run {
             // The log target of every `ops` message (RUST_LOG filters).
             tracing::info!(
@@ -542,6 +482,109 @@ impl OutboxBroker {
             );
         }
         Ok(report)
+    }
+
+    /// Runs one batch's statement and reads its rows.
+    async fn replay_batch(&self, filter: &DlqFilter, b: &ReplayBatch<'_>) -> Result<BatchRows> {
+        let mut c = filter.clause();
+        let sql = replay_sql(b, &mut c);
+        let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(BatchRows::read(&rows)?)
+    }
+}
+
+/// What a replay carries from one batch to the next.
+struct Replay {
+    report: ReplayReport,
+    dry_run: bool,
+    keep_timers: bool,
+    /// The highest dead-letter id examined so far.
+    cursor: i64,
+    /// (queue, timer_id) replayed by earlier batches of this call.
+    timers_moved: HashSet<(String, String)>,
+}
+
+impl Replay {
+    fn new(opts: &ReplayOptions) -> Self {
+        Self {
+            report: ReplayReport {
+                dry_run: opts.dry_run,
+                ..ReplayReport::default()
+            },
+            dry_run: opts.dry_run,
+            keep_timers: opts.timers == ReplayTimers::Keep,
+            cursor: i64::MIN,
+            timers_moved: HashSet::new(),
+        }
+    }
+
+    /// Sorts one batch's dead letters into replayed and skipped; returns how
+    /// many it examined.
+    fn record(&mut self, rows: BatchRows) -> u64 {
+        let BatchRows {
+            examined,
+            deleted,
+            new_ids,
+        } = rows;
+        let n = u64::try_from(examined.len()).unwrap_or(u64::MAX);
+        for ex in examined {
+            self.cursor = self.cursor.max(ex.id);
+            let new_id = new_ids.get(&ex.id).copied();
+            let key = ex.timer_id.clone().map(|tid| (ex.queue.clone(), tid));
+            let seen_timer = key.as_ref().is_some_and(|k| self.timers_moved.contains(k));
+            match self.skip_reason(&ex, seen_timer, deleted.contains(&ex.id)) {
+                None => {
+                    if let Some(k) = key.filter(|_| self.keep_timers) {
+                        self.timers_moved.insert(k);
+                    }
+                    self.report.replayed.push(ReplayedRow {
+                        dead_letter_id: ex.id,
+                        original_id: ex.original_id,
+                        queue: ex.queue,
+                        timer_id: if self.keep_timers { ex.timer_id } else { None },
+                        new_id,
+                    });
+                }
+                Some(reason) => self.report.skipped.push(SkippedRow {
+                    dead_letter_id: ex.id,
+                    original_id: ex.original_id,
+                    queue: ex.queue,
+                    timer_id: ex.timer_id,
+                    reason,
+                }),
+            }
+        }
+        n
+    }
+
+    /// Why an examined dead letter was not replayed, if it was not.
+    fn skip_reason(&self, ex: &Examined, seen_timer: bool, deleted: bool) -> Option<SkipReason> {
+        match ex.verdict.as_str() {
+            // In a dry run nothing was inserted: a timer "moved" by an
+            // earlier batch is a duplicate, as the real run would find.
+            // (A real run reports what its statement did.)
+            "move" if self.dry_run && self.keep_timers && seen_timer => {
+                Some(SkipReason::DuplicateTimer)
+            }
+            "move" if !self.dry_run && !deleted => Some(SkipReason::Gone),
+            "move" => None,
+            "duplicate_timer" => Some(SkipReason::DuplicateTimer),
+            // A live row that this very replay created is a duplicate.
+            _ if seen_timer => Some(SkipReason::DuplicateTimer),
+            _ => Some(SkipReason::LiveTimer),
+        }
+    }
+
+    fn progress(&self, done: u64, total: u64) -> ReplayProgress {
+        ReplayProgress {
+            batches: self.report.batches,
+            done,
+            replayed: u64::try_from(self.report.replayed.len()).unwrap_or(u64::MAX),
+            skipped: u64::try_from(self.report.skipped.len()).unwrap_or(u64::MAX),
+            total,
+        }
     }
 }
 

@@ -210,96 +210,135 @@ struct Spec<'a> {
     full_ddl: String,
 }
 
+/// Where one table's problems and the statements that fix them are collected.
+struct Findings<'a> {
+    what: &'static str,
+    qualified: &'a str,
+    problems: &'a mut Vec<String>,
+    fix: &'a mut Vec<String>,
+}
+
+impl Findings<'_> {
+    fn problem(&mut self, text: String) {
+        self.problems.push(text);
+    }
+
+    fn fix(&mut self, sql: String) {
+        self.fix.push(sql);
+    }
+}
+
 async fn check_table(
     pool: &PgPool,
     spec: Spec<'_>,
     problems: &mut Vec<String>,
     fix: &mut Vec<String>,
 ) -> Result<()> {
-    let Spec {
-        what,
-        schema,
+    let qualified = spec.qualified.as_str();
+    let mut out = Findings {
+        what: spec.what,
         qualified,
-        base_name,
-        cols,
-        indexes,
-        lease_check,
-        autovacuum_fix,
-        full_ddl,
-    } = spec;
-    let qualified = qualified.as_str();
+        problems,
+        fix,
+    };
     let oid: Option<i64> = sqlx::query_scalar("SELECT to_regclass($1)::oid::int8")
         .bind(qualified)
         .fetch_one(pool)
         .await?;
     let Some(oid) = oid else {
-        problems.push(format!("{what} {qualified} does not exist"));
-        fix.push(full_ddl);
+        out.problem(format!("{} {qualified} does not exist", spec.what));
+        out.fix(spec.full_ddl);
         return Ok(());
     };
-    let live: BTreeMap<String, (String, bool, bool)> = sqlx::query(
+    let live = live_columns(pool, oid).await?;
+    check_columns(&mut out, spec.cols, &live);
+    let live_indexes = live_indexes(pool, oid).await?;
+    for idx in spec.indexes {
+        check_index(&mut out, &spec, idx, &live_indexes);
+    }
+    if spec.lease_check {
+        check_lease(pool, oid, &mut out, spec.base_name).await?;
+    }
+    if let Some(tune) = &spec.autovacuum_fix {
+        check_autovacuum(pool, oid, &mut out, tune).await?;
+    }
+    Ok(())
+}
+
+/// The live table's columns: name -> (type, NOT NULL, has a default).
+async fn live_columns(pool: &PgPool, oid: i64) -> Result<BTreeMap<String, (String, bool, bool)>> {
+    let rows = sqlx::query(
         "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.atthasdef \
          FROM pg_attribute a WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped",
     )
     .bind(oid)
     .fetch_all(pool)
-    .await?
-    .iter()
-    .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))))
-    .collect::<Result<_, sqlx::Error>>()?;
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?))))
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+fn check_columns(
+    out: &mut Findings<'_>,
+    cols: &[Col],
+    live: &BTreeMap<String, (String, bool, bool)>,
+) {
+    let (what, qualified) = (out.what, out.qualified);
     for Col(name, ty, not_null, default) in cols {
-        match live.get(*name) {
-            None => {
-                problems.push(format!("{what} {qualified} has no column {name} ({ty})"));
-                fix.push(format!(
-                    "ALTER TABLE {qualified} ADD COLUMN {name} {}{};",
-                    ty.to_uppercase(),
-                    if *not_null { " NOT NULL" } else { "" }
+        let Some((live_ty, live_nn, live_def)) = live.get(*name) else {
+            out.problem(format!("{what} {qualified} has no column {name} ({ty})"));
+            out.fix(format!(
+                "ALTER TABLE {qualified} ADD COLUMN {name} {}{};",
+                ty.to_uppercase(),
+                if *not_null { " NOT NULL" } else { "" }
+            ));
+            continue;
+        };
+        if live_ty != ty {
+            out.problem(format!(
+                "{what} {qualified} column {name} is {live_ty}, expected {ty}"
+            ));
+            out.fix(format!(
+                "ALTER TABLE {qualified} ALTER COLUMN {name} TYPE {};",
+                ty.to_uppercase()
+            ));
+        }
+        if live_nn != not_null {
+            let (state, cmd) = if *not_null {
+                ("nullable", "SET NOT NULL")
+            } else {
+                ("NOT NULL", "DROP NOT NULL")
+            };
+            out.problem(format!(
+                "{what} {qualified} column {name} is {state}, expected {}",
+                if *not_null { "NOT NULL" } else { "nullable" }
+            ));
+            out.fix(format!(
+                "ALTER TABLE {qualified} ALTER COLUMN {name} {cmd};"
+            ));
+        }
+        if *default && !live_def {
+            out.problem(format!(
+                "{what} {qualified} column {name} has no default (rows inserted without it \
+                 would fail or, for next_attempt_at, never become eligible)"
+            ));
+            let d = match *name {
+                "attempts_count" | "deliveries_count" => "'0'",
+                "id" => "", // a missing sequence needs a hand-written migration
+                _ => "now()",
+            };
+            if !d.is_empty() {
+                out.fix(format!(
+                    "ALTER TABLE {qualified} ALTER COLUMN {name} SET DEFAULT {d};"
                 ));
-            }
-            Some((live_ty, live_nn, live_def)) => {
-                if live_ty != ty {
-                    problems.push(format!(
-                        "{what} {qualified} column {name} is {live_ty}, expected {ty}"
-                    ));
-                    fix.push(format!(
-                        "ALTER TABLE {qualified} ALTER COLUMN {name} TYPE {};",
-                        ty.to_uppercase()
-                    ));
-                }
-                if live_nn != not_null {
-                    let (state, cmd) = if *not_null {
-                        ("nullable", "SET NOT NULL")
-                    } else {
-                        ("NOT NULL", "DROP NOT NULL")
-                    };
-                    problems.push(format!(
-                        "{what} {qualified} column {name} is {state}, expected {}",
-                        if *not_null { "NOT NULL" } else { "nullable" }
-                    ));
-                    fix.push(format!(
-                        "ALTER TABLE {qualified} ALTER COLUMN {name} {cmd};"
-                    ));
-                }
-                if *default && !live_def {
-                    problems.push(format!(
-                        "{what} {qualified} column {name} has no default (rows inserted without it \
-                         would fail or, for next_attempt_at, never become eligible)"
-                    ));
-                    let d = match *name {
-                        "attempts_count" | "deliveries_count" => "'0'",
-                        "id" => "", // a missing sequence needs a hand-written migration
-                        _ => "now()",
-                    };
-                    if !d.is_empty() {
-                        fix.push(format!(
-                            "ALTER TABLE {qualified} ALTER COLUMN {name} SET DEFAULT {d};"
-                        ));
-                    }
-                }
             }
         }
     }
+}
+
+async fn live_indexes(pool: &PgPool, oid: i64) -> Result<Vec<LiveIndex>> {
     let rows = sqlx::query(
         "SELECT c.relname::text, i.indisunique, pg_get_expr(i.indpred, i.indrelid), \
          ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
@@ -309,7 +348,7 @@ async fn check_table(
     .bind(oid)
     .fetch_all(pool)
     .await?;
-    let live_indexes: Vec<LiveIndex> = rows
+    Ok(rows
         .iter()
         .map(|r| {
             Ok(LiveIndex {
@@ -319,129 +358,148 @@ async fn check_table(
                 columns: r.try_get(3)?,
             })
         })
-        .collect::<Result<_, sqlx::Error>>()?;
-    for idx in indexes {
-        let same_cols = |l: &&LiveIndex| {
-            l.columns
+        .collect::<Result<_, sqlx::Error>>()?)
+}
+
+/// One required index: fine if a live index matches it; else the problem, and
+/// the DDL that drops the near miss (if any) and creates it.
+fn check_index(out: &mut Findings<'_>, spec: &Spec<'_>, idx: &Idx, live_indexes: &[LiveIndex]) {
+    let (what, qualified) = (out.what, out.qualified);
+    let (base_name, indexes) = (spec.base_name, spec.indexes);
+    let same_cols = |l: &&LiveIndex| {
+        l.columns
+            .iter()
+            .map(String::as_str)
+            .eq(idx.columns.iter().copied())
+    };
+    let exact = live_indexes
+        .iter()
+        .filter(same_cols)
+        .find(|l| l.predicate.as_deref() == idx.predicate && (l.unique || !idx.unique));
+    if exact.is_some() {
+        return;
+    }
+    let name = format!("{base_name}{}", idx.suffix);
+    let want = format!(
+        "{}index on ({}){}",
+        if idx.unique { "a unique " } else { "an " },
+        idx.columns.join(", "),
+        idx.predicate
+            .map(|p| format!(" WHERE {p}"))
+            .unwrap_or_default()
+    );
+    // The index meant to be this one: the one with its conventional name,
+    // else one over the same columns that no other requirement accepts.
+    let fits_other = |l: &LiveIndex| {
+        indexes.iter().any(|o| {
+            o.columns
                 .iter()
-                .map(String::as_str)
-                .eq(idx.columns.iter().copied())
-        };
-        let exact = live_indexes
+                .copied()
+                .eq(l.columns.iter().map(String::as_str))
+                && o.predicate == l.predicate.as_deref()
+                && (l.unique || !o.unique)
+        })
+    };
+    let named_for_other = |l: &LiveIndex| {
+        indexes
+            .iter()
+            .any(|o| o.suffix != idx.suffix && l.name == format!("{base_name}{}", o.suffix))
+    };
+    let near = live_indexes.iter().find(|l| l.name == name).or_else(|| {
+        live_indexes
             .iter()
             .filter(same_cols)
-            .find(|l| l.predicate.as_deref() == idx.predicate && (l.unique || !idx.unique));
-        if exact.is_some() {
-            continue;
-        }
-        let name = format!("{base_name}{}", idx.suffix);
-        let want = format!(
-            "{}index on ({}){}",
-            if idx.unique { "a unique " } else { "an " },
-            idx.columns.join(", "),
-            idx.predicate
-                .map(|p| format!(" WHERE {p}"))
-                .unwrap_or_default()
-        );
-        // The index meant to be this one: the one with its conventional name,
-        // else one over the same columns that no other requirement accepts.
-        let fits_other = |l: &LiveIndex| {
-            indexes.iter().any(|o| {
-                o.columns
-                    .iter()
-                    .copied()
-                    .eq(l.columns.iter().map(String::as_str))
-                    && o.predicate == l.predicate.as_deref()
-                    && (l.unique || !o.unique)
-            })
+            .find(|l| !fits_other(l) && !named_for_other(l))
+    });
+    let problem = match near {
+        Some(l) if l.predicate.as_deref() != idx.predicate => format!(
+            "{what} {qualified}: index {} has predicate {:?}, expected {want} ({})",
+            l.name,
+            l.predicate.as_deref().unwrap_or("none (not partial)"),
+            idx.why
+        ),
+        Some(l) => format!(
+            "{what} {qualified}: index {} is not UNIQUE, expected {want} ({})",
+            l.name, idx.why
+        ),
+        None => format!("{what} {qualified} is missing {want} ({})", idx.why),
+    };
+    out.problem(problem);
+    if let Some(l) = near {
+        let index = match spec.schema {
+            Some(sch) => format!("{}.{}", quote(sch), quote(&l.name)),
+            None => quote(&l.name),
         };
-        let named_for_other = |l: &LiveIndex| {
-            indexes
-                .iter()
-                .any(|o| o.suffix != idx.suffix && l.name == format!("{base_name}{}", o.suffix))
-        };
-        let near = live_indexes.iter().find(|l| l.name == name).or_else(|| {
-            live_indexes
-                .iter()
-                .filter(same_cols)
-                .find(|l| !fits_other(l) && !named_for_other(l))
-        });
-        let problem = match near {
-            Some(l) if l.predicate.as_deref() != idx.predicate => format!(
-                "{what} {qualified}: index {} has predicate {:?}, expected {want} ({})",
-                l.name,
-                l.predicate.as_deref().unwrap_or("none (not partial)"),
-                idx.why
-            ),
-            Some(l) => format!(
-                "{what} {qualified}: index {} is not UNIQUE, expected {want} ({})",
-                l.name, idx.why
-            ),
-            None => format!("{what} {qualified} is missing {want} ({})", idx.why),
-        };
-        problems.push(problem);
-        if let Some(l) = near {
-            let index = match schema {
-                Some(sch) => format!("{}.{}", quote(sch), quote(&l.name)),
-                None => quote(&l.name),
-            };
-            fix.push(format!("DROP INDEX {index};"));
-        }
-        fix.push(format!(
-            "CREATE {}INDEX {} ON {qualified} ({}){};",
-            if idx.unique { "UNIQUE " } else { "" },
-            quote(&name),
-            idx.columns.join(", "),
-            idx.sql_predicate
-                .map(|p| format!(" WHERE {p}"))
-                .unwrap_or_default()
+        out.fix(format!("DROP INDEX {index};"));
+    }
+    out.fix(format!(
+        "CREATE {}INDEX {} ON {qualified} ({}){};",
+        if idx.unique { "UNIQUE " } else { "" },
+        quote(&name),
+        idx.columns.join(", "),
+        idx.sql_predicate
+            .map(|p| format!(" WHERE {p}"))
+            .unwrap_or_default()
+    ));
+}
+
+async fn check_lease(
+    pool: &PgPool,
+    oid: i64,
+    out: &mut Findings<'_>,
+    base_name: &str,
+) -> Result<()> {
+    let defs: Vec<String> = sqlx::query_scalar(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'c'",
+    )
+    .bind(oid)
+    .fetch_all(pool)
+    .await?;
+    let found = defs
+        .iter()
+        .any(|d| normalize(d).trim_start_matches("check ").trim() == LEASE_CHECK);
+    if !found {
+        let (what, qualified) = (out.what, out.qualified);
+        out.problem(format!(
+            "{what} {qualified} has no CHECK enforcing (acquired_token IS NULL) = (acquired_at IS NULL): \
+             without it a half-set lease is possible and such a row would never be claimed"
+        ));
+        out.fix(format!(
+            "ALTER TABLE {qualified} ADD CONSTRAINT {} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL));",
+            quote(&format!("{base_name}_lease_ck"))
         ));
     }
-    if lease_check {
-        let defs: Vec<String> = sqlx::query_scalar(
-            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'c'",
-        )
-        .bind(oid)
-        .fetch_all(pool)
-        .await?;
-        let found = defs
-            .iter()
-            .any(|d| normalize(d).trim_start_matches("check ").trim() == LEASE_CHECK);
-        if !found {
-            problems.push(format!(
-                "{what} {qualified} has no CHECK enforcing (acquired_token IS NULL) = (acquired_at IS NULL): \
-                 without it a half-set lease is possible and such a row would never be claimed"
-            ));
-            fix.push(format!(
-                "ALTER TABLE {qualified} ADD CONSTRAINT {} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL));",
-                quote(&format!("{base_name}_lease_ck"))
-            ));
-        }
+    Ok(())
+}
+
+async fn check_autovacuum(
+    pool: &PgPool,
+    oid: i64,
+    out: &mut Findings<'_>,
+    tune: &str,
+) -> Result<()> {
+    let reloptions: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT reloptions::text[] FROM pg_class WHERE oid = $1::oid")
+            .bind(oid)
+            .fetch_one(pool)
+            .await?;
+    let findings = autovacuum_findings(&reloptions.unwrap_or_default());
+    if findings.is_empty() {
+        return Ok(());
     }
-    if let Some(tune) = autovacuum_fix {
-        let reloptions: Option<Vec<String>> =
-            sqlx::query_scalar("SELECT reloptions::text[] FROM pg_class WHERE oid = $1::oid")
-                .bind(oid)
-                .fetch_one(pool)
-                .await?;
-        let findings = autovacuum_findings(&reloptions.unwrap_or_default());
-        if !findings.is_empty() {
-            if findings
-                .iter()
-                .any(|f| f.starts_with("autovacuum is disabled"))
-            {
-                fix.push(format!(
-                    "ALTER TABLE {qualified} RESET (autovacuum_enabled);"
-                ));
-            }
-            problems.extend(
-                findings
-                    .into_iter()
-                    .map(|f| format!("{what} {qualified}: autovacuum not tuned: {f}")),
-            );
-            fix.push(format!("{tune};"));
-        }
+    let (what, qualified) = (out.what, out.qualified);
+    if findings
+        .iter()
+        .any(|f| f.starts_with("autovacuum is disabled"))
+    {
+        out.fix(format!(
+            "ALTER TABLE {qualified} RESET (autovacuum_enabled);"
+        ));
     }
+    for f in findings {
+        out.problem(format!("{what} {qualified}: autovacuum not tuned: {f}"));
+    }
+    out.fix(format!("{tune};"));
     Ok(())
 }
 
