@@ -3,10 +3,10 @@
 //! topic creation.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::{AppContext, BoxError, Hook};
+use outbox_core::transport::{BoxFuture, TransportBroker};
+use outbox_core::{BoxError, Hook, IntoHook};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -219,16 +219,15 @@ impl KafkaBroker {
     ///     .await
     /// # }
     /// ```
+    ///
+    /// This is [`TransportBroker::connect`], the registration step every
+    /// transport shares (here so that it needs no import): the hook is
+    /// named `kafka.connect` (after [`name`](Self::name)), and a failure
+    /// aborts `App::run` with `on_startup hook `kafka.connect` failed:
+    /// transport `kafka` could not connect: cannot reach the Kafka cluster
+    /// at <bootstrap> …`.
     pub fn connect(&self) -> Hook {
-        let this = self.clone();
-        Hook::new(
-            format!("{}.connect", self.settings.name),
-            move |ctx: AppContext| async move {
-                let transport = this.connect_transport().await?;
-                ctx.add_transport(Arc::new(transport))?;
-                Ok::<_, BoxError>(())
-            },
-        )
+        TransportBroker::connect(self).into_hook()
     }
 
     /// Creates the producer, checks that the cluster answers a metadata
@@ -334,6 +333,28 @@ impl KafkaBroker {
         replication: i32,
     ) -> Result<bool> {
         topic::ensure_topic(&self.settings, topic, partitions, replication).await
+    }
+}
+
+/// How the application connects and registers the Kafka transport: the
+/// provided [`TransportBroker::connect`] (also [`KafkaBroker::connect`]).
+impl TransportBroker for KafkaBroker {
+    type Transport = KafkaTransport;
+
+    fn transport_name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// [`KafkaBroker::connect_transport`], with the error boxed.
+    fn connect_transport(
+        &self,
+    ) -> BoxFuture<'static, std::result::Result<KafkaTransport, BoxError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            KafkaBroker::connect_transport(&this)
+                .await
+                .map_err(BoxError::from)
+        })
     }
 }
 

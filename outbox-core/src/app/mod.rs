@@ -28,7 +28,7 @@ use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
 use crate::error::{BoxError, Error, Result};
 use crate::transport::headers::OUTBOX_ID;
 use crate::transport::outbox::OutboxTransport;
-use crate::transport::{Outgoing, Transport};
+use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 
 /// An outbox application: routes, hooks, transports, one engine.
 ///
@@ -52,7 +52,9 @@ use crate::transport::{Outgoing, Transport};
 ///    transports (Kafka flushes), runs the `after_shutdown` hooks.
 ///
 /// Shutdown-hook errors are logged, shutdown goes on, and the first one is
-/// returned at the end.
+/// returned at the end. Mistakes made while building the App (a transport
+/// registered twice, a zero `outage_warning_after`) are reported by `run`
+/// before anything starts: the first one made.
 ///
 /// ```no_run
 /// use outbox_core::{App, AppContext, MemoryTransport, OutboxBroker, OutboxTable, Route, Response, Message, BoxError};
@@ -294,8 +296,9 @@ impl App {
     /// Runs until SIGINT/SIGTERM or [`AppHandle::shutdown`], then shuts down
     /// gracefully. See [`App`] for the exact order.
     pub async fn run(mut self) -> Result<()> {
-        if let Some(e) = self.pending.pop() {
-            return Err(e);
+        // The first mistake made while building the App, as written.
+        if !self.pending.is_empty() {
+            return Err(self.pending.swap_remove(0));
         }
         #[cfg(feature = "prometheus")]
         if let Some(addr) = self.prometheus {
@@ -484,6 +487,19 @@ async fn run_hook(stage: &'static str, hook: Hook, ctx: &AppContext) -> Result<(
         name,
         source,
     })
+}
+
+/// The one registration path of every transport: a [`TransportBroker`]'s
+/// [`connect`](TransportBroker::connect) step connects when the App starts,
+/// then registers the transport under its name.
+impl<B: TransportBroker> IntoHook for Connect<B> {
+    fn into_hook(self) -> Hook {
+        Hook::new(self.hook_name(), move |ctx: AppContext| async move {
+            let transport = self.open().await?;
+            ctx.add_transport(Arc::new(transport))?;
+            Ok::<_, BoxError>(())
+        })
+    }
 }
 
 async fn close_transports(ctx: &AppContext) {

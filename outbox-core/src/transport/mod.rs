@@ -1,23 +1,32 @@
-//! [`Transport`]: where handlers' results go (Kafka, RabbitMQ, NATS, …), and
-//! [`MemoryTransport`], an in-process transport that captures what it gets.
+//! [`Transport`]: where handlers' results go (Kafka, RabbitMQ, NATS, …);
+//! [`TransportBroker`], how a transport crate connects and registers one
+//! (`App::new(outbox).on_startup(kafka.connect())`); and [`MemoryTransport`],
+//! an in-process transport that captures what it gets.
+//!
+//! `docs/transports.md` explains how to write a transport crate, and the
+//! `outbox-conformance` crate checks one against its real server.
 
 // This file: the `Transport` trait, the `Outgoing` message a transport
-// receives and `BusRejection`, a bus's permanent refusal. `memory.rs`:
+// receives and `BusRejection`, a bus's permanent refusal. `connect.rs`:
+// `TransportBroker` (a transport's builder: name + connect) and `Connect`,
+// its startup step (the App registers what it connects). `memory.rs`:
 // `MemoryTransport`; `outbox.rs`: `OutboxTransport`, whose destinations are
 // queues of an outbox (public at the crate root only, as before).
 // Transports sit above the producer side (`OutboxTransport` publishes through
 // an `OutboxBroker`) and below the engine and the App: they depend on
 // neither.
 
+mod connect;
 mod memory;
 pub(crate) mod outbox;
 
 use std::fmt;
 
-use futures_util::future::BoxFuture;
-
 use crate::envelope::Headers;
 use crate::error::BoxError;
+pub use connect::{Connect, ConnectError, TransportBroker};
+/// The boxed future [`Transport`] and [`TransportBroker`] methods return.
+pub use futures_util::future::BoxFuture;
 pub use memory::{InjectedFailure, MemoryTransport};
 
 /// The header names the runtime sets on every [`Outgoing`] message besides
