@@ -109,9 +109,12 @@ pub use sqlx;
 // Not public API. Used by generated code and by the workspace's tests.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::app::RouteFactory;
+    pub use crate::app::{ROUTE_OPTION_NAMES, RouteFactory};
+    pub use crate::engine::subscriber::SUBSCRIBER_OPTION_NAMES;
     pub use futures_util::future::BoxFuture;
     pub use inventory;
+    #[cfg(feature = "macros")]
+    pub use outbox_macros::__subscriber_option_names;
 
     /// Identity with an `IntoReply` bound, emitted at the span of a handler's
     /// return type so an unserializable result is reported there.

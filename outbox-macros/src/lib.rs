@@ -391,3 +391,17 @@ pub fn subscriber(args: TokenStream, item: TokenStream) -> TokenStream {
 pub fn publish_to(args: TokenStream, item: TokenStream) -> TokenStream {
     publish_to::expand(args.into(), item.into()).into()
 }
+
+/// Not public API: the name of every `#[subscriber(..)]` option, as a
+/// `&[&str]` expression. The workspace's tests compare it with the runtime
+/// builders' options (`outbox_core::__private::SUBSCRIBER_OPTION_NAMES`), so
+/// an option added to one and not the other fails a test naming it.
+#[doc(hidden)]
+#[proc_macro]
+pub fn __subscriber_option_names(input: TokenStream) -> TokenStream {
+    if !input.is_empty() {
+        return quote::quote!(::core::compile_error!("takes no arguments")).into();
+    }
+    let names = symbol::OPTIONS;
+    quote::quote!(&[#(#names),*]).into()
+}

@@ -571,3 +571,46 @@ async fn a_destination_the_transport_refuses_fails_startup() -> R {
     assert_eq!(deliveries, 0);
     Ok(())
 }
+
+/// `App::run` reports the first error, not the last: of the mistakes made
+/// while building the App, and of the shutdown hooks.
+#[tokio::test]
+async fn run_reports_the_first_error_not_the_last() -> R {
+    let db = TestDb::new().await?;
+    let route = || fast(Route::builder(["q"])).handler(|_m: Message, _c| async {});
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route())
+        .transport(MemoryTransport::new("kafka"))
+        .transport(MemoryTransport::new("kafka"))
+        .outage_warning_after(Duration::ZERO)
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kafka"),
+        "the duplicate transport, first: {err}"
+    );
+    assert!(!err.contains("outage_warning_after"), "{err}");
+
+    let failing = |name: &'static str| {
+        Hook::new(name, move |_ctx: AppContext| async move {
+            Err::<(), BoxError>(format!("{name} broke").into())
+        })
+    };
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route())
+        .on_shutdown(failing("first"))
+        .on_shutdown(failing("second"))
+        .after_shutdown(failing("third"));
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    stop.shutdown();
+    let err = run.await?.unwrap_err().to_string();
+    assert_eq!(err, "on_shutdown hook `first` failed: first broke");
+    Ok(())
+}

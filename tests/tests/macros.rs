@@ -421,3 +421,38 @@ fn every_option_reaches_the_route() {
         "{list:?}"
     );
 }
+
+/// One source of truth for subscriber options: every option the runtime
+/// builders take is a `#[subscriber(..)]` option, and every attribute option
+/// is one the runtime takes (except `crate`, which only the macro has).
+#[test]
+fn the_attribute_takes_exactly_the_runtime_options() {
+    use outbox_core::__private::{ROUTE_OPTION_NAMES, SUBSCRIBER_OPTION_NAMES};
+    const MACRO_ONLY: &[&str] = &["crate"];
+    let attribute: &[&str] = outbox_core::__private::__subscriber_option_names!();
+    let runtime: Vec<&str> = SUBSCRIBER_OPTION_NAMES
+        .iter()
+        .chain(ROUTE_OPTION_NAMES)
+        .copied()
+        .collect();
+    let missing: Vec<&str> = runtime
+        .iter()
+        .copied()
+        .filter(|o| !attribute.contains(o))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "runtime options that #[subscriber(..)] does not take (add them to \
+         outbox-macros/src/symbol.rs, the parser and the expansion): {missing:?}"
+    );
+    let unknown: Vec<&str> = attribute
+        .iter()
+        .copied()
+        .filter(|o| !runtime.contains(o) && !MACRO_ONLY.contains(o))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "#[subscriber(..)] options no runtime builder takes: {unknown:?}"
+    );
+    assert!(runtime.contains(&"max_workers") && runtime.contains(&"retry"));
+}

@@ -19,7 +19,10 @@ pub use context::AppContext;
 pub use extract::{FromDelivery, Requirement, State};
 pub use hooks::{Hook, IntoHook};
 pub use reply::{IntoReply, Reply, Response};
-pub use route::{IntoRoute, Location, PublishTarget, Route, RouteBuilder, RouteCall, RouteFactory};
+pub use route::{
+    IntoRoute, Location, PublishTarget, ROUTE_OPTION_NAMES, Route, RouteBuilder, RouteCall,
+    RouteFactory,
+};
 
 use crate::broker::OutboxBroker;
 use crate::engine::Engine;

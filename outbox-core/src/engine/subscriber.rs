@@ -424,9 +424,19 @@ pub struct SubscriberBuilder {
 /// The setters of every [`SubscriberOptions`] knob, for a builder that holds
 /// its options in `self.options` ([`SubscriberBuilder`], and the App's
 /// `RouteBuilder`).
+///
+/// `option_setters!(names)` is the knobs' names: the list is written once,
+/// here, and [`SUBSCRIBER_OPTION_NAMES`] (which the `#[subscriber]` macro's
+/// option table is tested against) comes from it.
 macro_rules! option_setters {
     () => {
-        $crate::engine::subscriber::option_setters!(@knobs
+        $crate::engine::subscriber::option_setters!(@list @knobs);
+    };
+    (names) => {
+        $crate::engine::subscriber::option_setters!(@list @names)
+    };
+    (@list @$mode:ident) => {
+        $crate::engine::subscriber::option_setters! {@$mode
             /// See [`SubscriberOptions::max_workers`](crate::SubscriberOptions::max_workers).
             max_workers: usize,
             /// See [`SubscriberOptions::fetch_batch_size`](crate::SubscriberOptions::fetch_batch_size).
@@ -445,7 +455,7 @@ macro_rules! option_setters {
             terminal_flush_batch_size: usize,
             /// See [`SubscriberOptions::ack_policy`](crate::SubscriberOptions::ack_policy).
             ack_policy: $crate::engine::message::AckPolicy,
-        );
+        }
     };
     (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
         $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
@@ -453,8 +463,27 @@ macro_rules! option_setters {
             self
         })*
     };
+    (@names $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        &[$(::core::stringify!($name)),*]
+    };
 }
 pub(crate) use option_setters;
+
+/// The name of every option a subscriber's builders take (the
+/// `option_setters!` knobs, then `retry`): what `#[subscriber(..)]` must
+/// accept too (`tests/tests/macros.rs` compares the two lists).
+#[doc(hidden)]
+pub const SUBSCRIBER_OPTION_NAMES: &[&str] = &{
+    const KNOBS: &[&str] = option_setters!(names);
+    let mut all = [""; KNOBS.len() + 1];
+    let mut i = 0;
+    while i < KNOBS.len() {
+        all[i] = KNOBS[i];
+        i += 1;
+    }
+    all[KNOBS.len()] = "retry";
+    all
+};
 
 impl SubscriberBuilder {
     /// The queues given so far.
