@@ -76,8 +76,9 @@ pub mod testing;
 pub mod transport;
 
 pub use app::{
-    App, AppContext, AppHandle, FromDelivery, Hook, IntoHook, IntoReply, IntoRoute, Location,
-    PublishTarget, Reply, Requirement, Response, Route, RouteBuilder, RouteCall, State,
+    App, AppContext, AppHandle, FromDelivery, HandlerFn, Hook, IntoHook, IntoReply, IntoRoute,
+    Location, MessageHeaders, PublishTarget, Reply, Requirement, Response, Route, RouteBuilder,
+    RouteCall, State,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::handler::{Handler, IntoHandlerResult};

@@ -614,3 +614,110 @@ async fn run_reports_the_first_error_not_the_last() -> R {
     assert_eq!(err, "on_shutdown hook `first` failed: first broke");
     Ok(())
 }
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+struct Order {
+    id: i64,
+}
+
+#[derive(Debug)]
+struct Db {
+    name: &'static str,
+}
+
+/// The hand-written equivalent of a `#[subscriber]` with parameters.
+async fn one_line(
+    order: Order,
+    msg: Message,
+    headers: outbox_core::MessageHeaders,
+    db: State<Db>,
+) -> Response<Order> {
+    Response::new(order)
+        .header("x-db", db.name)
+        .header(
+            "x-seen-tenant",
+            headers.get("x-tenant").cloned().unwrap_or_default(),
+        )
+        .header("x-row", msg.id().to_string())
+}
+
+/// `.to(handle)`: every parameter extracted from the delivery, the
+/// `MessageHeaders` parameter given the row's headers (not the body), the
+/// result forwarded; the state its parameters need is checked at start.
+#[tokio::test]
+async fn a_route_is_one_line_with_to() -> R {
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    let route = fast(Route::builder(["orders"]))
+        .publish_to("kafka", "orders.kafka")
+        .to(one_line);
+    let err = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(MemoryTransport::new("kafka"))
+        .subscriber(route.clone())
+        .run()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("State<") && err.contains("Db"), "{err}");
+
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .state(Db { name: "main" })
+        .transport(kafka.clone())
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    db.broker
+        .publish_with(
+            &Order { id: 7 },
+            "orders",
+            &PublishOptions::new().header("x-tenant", "acme"),
+            &mut conn,
+        )
+        .await?;
+    let got = kafka.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].payload, br#"{"id":7}"#);
+    assert_eq!(got[0].headers["x-db"], "main");
+    assert_eq!(
+        got[0].headers["x-seen-tenant"], "acme",
+        "the headers, not the body"
+    );
+    assert_eq!(got[0].headers["x-row"], got[0].headers["outbox-id"]);
+    assert!(db.drained(Duration::from_secs(5)).await);
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}
+
+/// A parameter that cannot be extracted is a handler error: the row is
+/// retried, not lost.
+#[tokio::test]
+async fn a_failed_extraction_is_a_handler_error() -> R {
+    let db = TestDb::new().await?;
+    let calls = Arc::new(Mutex::new(0));
+    let seen = calls.clone();
+    let route = fast(Route::builder(["bad"]))
+        .max_deliveries(1)
+        .retry(outbox_core::retry::NoRetry)
+        .to(move |_order: Order| {
+            let seen = seen.clone();
+            async move { *seen.lock().unwrap() += 1 }
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route);
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish("not an order", "bad", &mut conn).await?;
+    assert!(db.drained(Duration::from_secs(10)).await, "went terminal");
+    assert_eq!(*calls.lock().unwrap(), 0, "the fn never ran");
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::context::AppContext;
 use crate::engine::message::Message;
-use crate::envelope::Passthrough;
+use crate::envelope::{Headers, Passthrough};
 use crate::error::{BoxError, Error};
 
 /// Something a handler parameter needs from the application, checked before
@@ -25,11 +25,17 @@ pub struct Requirement {
 /// Implemented for every `serde::de::DeserializeOwned` type (the body, decoded
 /// by content type), for [`Passthrough`] (the payload bytes and content type
 /// as stored, undecoded), for [`Message`] (the delivery handle: id, headers,
-/// ack/nack/reject) and for [`State<S>`] (shared application state).
+/// ack/nack/reject), for [`MessageHeaders`] (the row's headers) and for
+/// [`State<S>`] (shared application state).
+///
+/// [`Headers`](crate::Headers) is a map, so as a parameter type of a
+/// hand-written handler it would be the *body* decoded as a map: take
+/// [`MessageHeaders`] for the headers. (In a `#[subscriber]` fn a parameter
+/// written `Headers` is given the headers.)
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a `#[subscriber]` handler parameter",
     label = "this parameter",
-    note = "a parameter is the body (any type implementing `serde::Deserialize`), `outbox_core::Message` (the delivery handle) or `outbox_core::State<S>` (application state)"
+    note = "a parameter is the body (any type implementing `serde::Deserialize`), `outbox_core::Message` (the delivery handle), `outbox_core::Headers` (its headers) or `outbox_core::State<S>` (application state)"
 )]
 pub trait FromDelivery: Sized + Send + 'static {
     /// Extracts the parameter.
@@ -58,6 +64,48 @@ impl FromDelivery for Passthrough {
 impl FromDelivery for Message {
     fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
         Ok(msg.clone())
+    }
+}
+
+/// The row's headers (all of them, `content-type` and `correlation_id`
+/// included), as a parameter: `headers: MessageHeaders` (it dereferences to
+/// [`Headers`]). A `#[subscriber]` fn may write the parameter `headers: Headers`.
+///
+/// ```
+/// use outbox_core::{MessageHeaders, Route};
+///
+/// async fn audit(headers: MessageHeaders) {
+///     println!("tenant {:?}", headers.get("x-tenant"));
+/// }
+/// let route = Route::builder(["audit"]).to(audit);
+/// # let _ = route;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageHeaders(pub Headers);
+
+impl MessageHeaders {
+    /// The headers.
+    pub fn into_inner(self) -> Headers {
+        self.0
+    }
+}
+
+impl Deref for MessageHeaders {
+    type Target = Headers;
+    fn deref(&self) -> &Headers {
+        &self.0
+    }
+}
+
+impl From<MessageHeaders> for Headers {
+    fn from(h: MessageHeaders) -> Self {
+        h.0
+    }
+}
+
+impl FromDelivery for MessageHeaders {
+    fn from_delivery(msg: &Message, _: &AppContext) -> Result<Self, BoxError> {
+        Ok(Self(msg.headers().clone()))
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod context;
 mod extract;
+mod handler;
 mod hooks;
 mod reply;
 mod route;
@@ -16,7 +17,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 pub use context::AppContext;
-pub use extract::{FromDelivery, Requirement, State};
+pub use extract::{FromDelivery, MessageHeaders, Requirement, State};
+pub use handler::HandlerFn;
 pub use hooks::{Hook, IntoHook};
 pub use reply::{IntoReply, Reply, Response};
 pub use route::{

@@ -13,6 +13,7 @@ use futures_util::future::BoxFuture;
 
 use super::context::AppContext;
 use super::extract::{FromDelivery, Requirement};
+use super::handler::HandlerFn;
 use super::reply::{IntoReply, Reply};
 use crate::engine::message::Message;
 use crate::engine::retry::RetryStrategy;
@@ -65,17 +66,32 @@ impl fmt::Display for Location {
 /// written by hand:
 ///
 /// ```
-/// use outbox_core::{AppContext, BoxError, Message, Response, Route};
+/// use outbox_core::{Response, Route};
+///
+/// async fn handle(order_id: i64) -> Response<i64> {
+///     Response::new(order_id)
+/// }
 ///
 /// let route = Route::builder(["orders"])
 ///     .name("handle")
 ///     .max_workers(4)
 ///     .publish_to("kafka", "orders.kafka")
+///     .to(handle);
+/// assert_eq!(route.name(), Some("handle"));
+/// ```
+///
+/// or, extracting by hand, with a closure of the delivery and the context:
+///
+/// ```
+/// use outbox_core::{AppContext, BoxError, Message, Response, Route};
+///
+/// let route = Route::builder(["orders"])
+///     .publish_to("kafka", "orders.kafka")
 ///     .handler(|msg: Message, _ctx: AppContext| async move {
 ///         let order_id: i64 = msg.decode()?;
 ///         Ok::<_, BoxError>(Response::new(order_id))
 ///     });
-/// assert_eq!(route.name(), Some("handle"));
+/// # let _ = route;
 /// ```
 #[derive(Clone)]
 pub struct Route {
@@ -243,16 +259,56 @@ impl RouteBuilder {
         self
     }
 
+    /// Finishes the route with `handler`: an `async fn` (or closure) whose
+    /// parameters are extracted from the delivery and whose result is
+    /// forwarded, the hand-written equivalent of `#[subscriber]`. The
+    /// application state its parameters need is checked at start, as with
+    /// [`requires`](Self::requires). See [`HandlerFn`].
+    ///
+    /// ```
+    /// use outbox_core::{Message, Response, Route, State};
+    ///
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Order { id: i64 }
+    /// struct Db;
+    ///
+    /// async fn handle(order: Order, msg: Message, db: State<Db>) -> Response<Order> {
+    ///     let _ = (msg.id(), &*db);
+    ///     Response::new(order)
+    /// }
+    ///
+    /// let route = Route::builder(["orders"]).publish_to("kafka", "t").to(handle);
+    /// # let _ = route;
+    /// ```
+    pub fn to<H, Args>(mut self, handler: H) -> Route
+    where
+        H: HandlerFn<Args>,
+        Args: 'static,
+    {
+        for r in H::requirements() {
+            if !self.requirements.contains(&r) {
+                self.requirements.push(r);
+            }
+        }
+        let handler = Arc::new(handler);
+        self.finish(Arc::new(move |msg, ctx| handler.call(msg, ctx)))
+    }
+
     /// Finishes the route with a handler of the delivery and the context,
-    /// returning anything that implements [`IntoReply`].
+    /// returning anything that implements [`IntoReply`] (parameters are then
+    /// extracted by hand; [`to`](Self::to) does it for you).
     pub fn handler<F, Fut>(self, f: F) -> Route
     where
         F: Fn(Message, AppContext) -> Fut + Send + Sync + 'static,
         Fut: Future + Send + 'static,
         Fut::Output: IntoReply,
     {
-        let call: RouteCall =
-            Arc::new(move |msg, ctx| f(msg, ctx).map(IntoReply::into_reply).boxed());
+        self.finish(Arc::new(move |msg, ctx| {
+            f(msg, ctx).map(IntoReply::into_reply).boxed()
+        }))
+    }
+
+    fn finish(self, call: RouteCall) -> Route {
         Route {
             builder: Subscriber::builder(self.queues).options(self.options),
             name: self.name,
