@@ -11,8 +11,9 @@
 //                 [uses config, error]
 //   transport.rs  KafkaTransport, the outbox_core::Transport impl: publish, the
 //                 one deadline, BusRejection, close [uses config, context, error, topic]
-//   broker.rs     KafkaBroker: the typed builder, connect() (creates the producer,
-//                 registers the transport), ensure_topic()
+//   broker.rs     KafkaBroker: the typed builder, its TransportBroker impl
+//                 (connect_transport creates the producer; connect() is outbox-core's
+//                 shared registration step), ensure_topic()
 //                 [uses config, context, error, topic, transport]
 //   testing.rs    (feature testing) test_kafka(), a capturing stand-in [uses config]
 //   layering.rs   (tests only) the check of this map
@@ -54,6 +55,12 @@
 //! anything is consumed, with an error naming the bootstrap address and what
 //! to check. [`KafkaBroker::connect_transport`] gives a [`KafkaTransport`]
 //! without an `App` (tests, embedding).
+//!
+//! `KafkaBroker` is a
+//! [`TransportBroker`](outbox_core::transport::TransportBroker), like every
+//! transport: `connect` is the registration step all transports share, and
+//! the crate passes the transport conformance kit (`outbox-conformance`,
+//! `tests/tests/conformance_kafka.rs`) against a real broker.
 //!
 //! ## Delivery contract: at least once
 //!
