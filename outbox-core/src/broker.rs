@@ -4,16 +4,20 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{PgConnection, PgPool};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::publish::{self, PublishOptions};
-use crate::store::conn::{self, Conn};
+use crate::store::conn::{self, Conn, LocalStore};
 use crate::store::producer::{self, BatchInsert, Insert};
 use crate::store::sql::Statements;
-use crate::store::{DlqTable, OutboxRow, OutboxTable, QueueStats, SchemaChecks, stats};
+use crate::store::{
+    DlqTable, FailureReason, OutboxRow, OutboxTable, QueueStats, SchemaChecks, stats,
+};
 
 /// Turns a handler error into the text stored in the dead-letter table's
 /// `last_exception` column (`None` stores NULL). Replace it to redact PII.
@@ -45,7 +49,9 @@ pub struct OutboxBroker {
 
 #[derive(Clone)]
 struct Inner {
-    pool: PgPool,
+    backend: Backend,
+    /// Told what the engine does (the test harness; a no-op by default).
+    observer: Arc<dyn Observer>,
     table: OutboxTable,
     dlq: Option<DlqTable>,
     stmts: Arc<Statements>,
@@ -53,11 +59,188 @@ struct Inner {
     renderer: Option<ErrorRenderer>,
     graceful_timeout: Duration,
     sync_writes: bool,
-    /// The test harness attached to this broker (feature `testing`): the
-    /// in-memory storage backend, if any, and the journal of deliveries.
-    #[cfg(feature = "testing")]
-    harness: Option<Arc<crate::testing::Harness>>,
 }
+
+/// Where a broker's rows live: the one value every storage operation of the
+/// broker, the engine and `ops` goes through.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// PostgreSQL, through this pool (the product).
+    Postgres(PgPool),
+    /// A backend in the process: the test harness's in-memory store. Only the
+    /// harness (feature `testing`) builds one; everything else treats it as
+    /// one more value of this enum.
+    Local(Arc<dyn LocalStore>),
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Backend {
+    /// How the backend is named in [`Error::Unsupported`].
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Backend::Postgres(_) => "PostgreSQL",
+            Backend::Local(s) => s.name(),
+        }
+    }
+
+    /// The PostgreSQL pool, or [`Error::Unsupported`] naming `operation`.
+    pub(crate) fn pool_for(&self, operation: &'static str) -> Result<&PgPool> {
+        match self {
+            Backend::Postgres(pool) => Ok(pool),
+            Backend::Local(s) => Err(Error::unsupported(operation, s.name())),
+        }
+    }
+
+    /// Whether the rows live in the process (no database).
+    pub(crate) fn is_local(&self) -> bool {
+        matches!(self, Backend::Local(_))
+    }
+
+    /// The backend's clock: the wall clock on PostgreSQL (as the engine sees
+    /// it), the store's own clock in memory.
+    pub(crate) fn now(&self) -> DateTime<Utc> {
+        match self {
+            Backend::Postgres(_) => Utc::now(),
+            Backend::Local(s) => s.now(),
+        }
+    }
+
+    /// The options the engine's own connections start from (the pool's; on
+    /// an in-process backend, unused defaults).
+    pub(crate) fn connect_options(&self) -> PgConnectOptions {
+        match self {
+            Backend::Postgres(pool) => (*pool.connect_options()).clone(),
+            Backend::Local(_) => PgConnectOptions::new_without_pgpass(),
+        }
+    }
+}
+
+/// One thing the engine did with a row, as recorded by a test harness
+/// (public as `outbox_core::testing::Step`, feature `testing`).
+///
+/// Reported by the engine itself (the fetch loop, the workers, the acker, or
+/// synchronous dispatch) through [`Observer::step`], after the corresponding write landed, identically
+/// on the in-memory and the PostgreSQL backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+#[allow(
+    unreachable_pub,
+    reason = "public as outbox_core::testing::Step (feature `testing`)"
+)]
+pub enum Step {
+    /// A claim leased the row; `deliveries_count` is the row's count after it.
+    Claimed {
+        /// Claims so far, this one included.
+        deliveries_count: i64,
+    },
+    /// Handled: the row was deleted.
+    Acked,
+    /// Nacked: rescheduled `delay` later, lease released.
+    Retried {
+        /// The retry strategy's delay.
+        delay: Duration,
+    },
+    /// Failed for good and moved to the dead-letter table.
+    DeadLettered {
+        /// Why (`failure_reason`).
+        reason: FailureReason,
+        /// The rendered error (`last_exception`).
+        last_exception: Option<String>,
+    },
+    /// Failed for good and deleted (no dead-letter table configured).
+    Deleted {
+        /// Why.
+        reason: FailureReason,
+    },
+    /// The outcome's write found the lease taken by another claim (`phase`:
+    /// `retry` or `terminal`, which also covers acks): nothing was written.
+    LeaseLost {
+        /// Which write.
+        phase: &'static str,
+    },
+    /// Claimed but never started: the lease was given back at a graceful stop.
+    Released,
+    /// The outcome could not be written; the row is redelivered after its
+    /// lease expires.
+    Abandoned,
+}
+
+/// Compact and stable (no retry delay, no error text): `claimed(1)`,
+/// `acked`, `retried`, `dead_lettered(retry_terminal)`, `deleted(rejected)`,
+/// `lease_lost(retry)`, `released`, `abandoned`.
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Claimed { deliveries_count } => write!(f, "claimed({deliveries_count})"),
+            Step::Acked => f.write_str("acked"),
+            Step::Retried { .. } => f.write_str("retried"),
+            Step::DeadLettered { reason, .. } => write!(f, "dead_lettered({reason})"),
+            Step::Deleted { reason } => write!(f, "deleted({reason})"),
+            Step::LeaseLost { phase } => write!(f, "lease_lost({phase})"),
+            Step::Released => f.write_str("released"),
+            Step::Abandoned => f.write_str("abandoned"),
+        }
+    }
+}
+
+/// A running engine as an [`Observer`] sees it (the engine implements it):
+/// what the test harness needs to wake, count and drive the engine's
+/// subscribers without knowing the engine's types.
+#[allow(
+    dead_code,
+    reason = "called by an observer that drives the engine (the test harness, feature `testing`)"
+)]
+pub(crate) trait EngineHandle: Send + Sync {
+    /// Wakes the fetch loops serving `queue` (every one if `None`), as a
+    /// NOTIFY would.
+    fn wake(&self, queue: Option<&str>);
+    /// Claims running plus deliveries in flight.
+    fn busy(&self) -> usize;
+    /// The queues and lease of each subscriber.
+    fn subscriptions(&self) -> Vec<(Vec<String>, Duration)>;
+    /// One round of synchronous dispatch: each subscriber claims its due rows
+    /// and delivers them in the caller's task. Returns how many deliveries
+    /// ran (0: nothing was due).
+    fn dispatch_round(&self) -> BoxFuture<'_, Result<usize>>;
+}
+
+/// What the engine (and the producer path) tells whoever watches a broker:
+/// the test harness implements it; the default observer ignores everything.
+/// Every method has a no-op default.
+pub(crate) trait Observer: Send + Sync + fmt::Debug {
+    /// Whether the engine runs no loops: the observer delivers rows itself
+    /// with [`EngineHandle::dispatch_round`].
+    fn synchronous(&self) -> bool {
+        false
+    }
+    /// A publish on an in-process backend inserted (or extended) a row of
+    /// `queue`.
+    fn inserted(&self, _queue: &str) {}
+    /// An engine started on this broker; returns its registration.
+    fn engine_started(&self, _engine: std::sync::Weak<dyn EngineHandle>) -> u64 {
+        0
+    }
+    /// The engine registered as `id` is stopping.
+    fn engine_stopped(&self, _id: u64) {}
+    /// The engine did `step` with row `row_id` (a claim, or the delivery's
+    /// outcome); [`changed`](Self::changed) follows once per claim or outcome.
+    fn step(&self, _row_id: i64, _step: Step) {}
+    /// Something changed (a claim or an outcome was reported).
+    fn changed(&self) {}
+    /// The handler of `subscriber` is about to run for `row`.
+    fn handler_called(&self, _subscriber: &str, _row: &OutboxRow) {}
+}
+
+/// The default [`Observer`]: ignores everything.
+#[derive(Debug)]
+struct NoObserver;
+
+impl Observer for NoObserver {}
 
 impl fmt::Debug for OutboxBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -85,10 +268,15 @@ impl Inner {
 impl OutboxBroker {
     /// An outbox over `pool` and `table`, without a dead-letter table.
     pub fn new(pool: PgPool, table: OutboxTable) -> Self {
+        Self::on_backend(Backend::Postgres(pool), table)
+    }
+
+    fn on_backend(backend: Backend, table: OutboxTable) -> Self {
         let stmts = Arc::new(Statements::new(&table, None, false));
         Self {
             inner: Arc::new(Inner {
-                pool,
+                backend,
+                observer: Arc::new(NoObserver),
                 channel: table.channel(),
                 table,
                 dlq: None,
@@ -96,8 +284,6 @@ impl OutboxBroker {
                 renderer: None,
                 graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
                 sync_writes: false,
-                #[cfg(feature = "testing")]
-                harness: None,
             }),
         }
     }
@@ -152,9 +338,61 @@ impl OutboxBroker {
         self.edit(|i| i.renderer = Some(f))
     }
 
-    /// The pool.
+    /// The PostgreSQL pool.
+    ///
+    /// # Panics
+    ///
+    /// On the in-memory store of the test harness (feature `testing`), which
+    /// has no pool: use [`try_pool`](Self::try_pool) where the broker may be
+    /// one (a handler tested with `TestApp`).
     pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
+        match self.try_pool() {
+            Ok(pool) => pool,
+            Err(e) => panic!("OutboxBroker::pool: {e}"),
+        }
+    }
+
+    /// The PostgreSQL pool, or [`Error::Unsupported`] on the in-memory store
+    /// of the test harness.
+    ///
+    /// ```no_run
+    /// # async fn demo(outbox: outbox_core::OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// let mut tx = outbox.try_pool()?.begin().await?;
+    /// # let _ = &mut tx; Ok(()) }
+    /// ```
+    pub fn try_pool(&self) -> Result<&PgPool> {
+        self.inner.backend.pool_for("OutboxBroker::pool")
+    }
+
+    /// The storage backend.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    /// Whoever watches this broker (a no-op unless a test harness does).
+    pub(crate) fn observer(&self) -> &Arc<dyn Observer> {
+        &self.inner.observer
+    }
+
+    /// An outbox on the in-process store `store` and `table`, without a
+    /// dead-letter table. The test harness (feature `testing`) is the only
+    /// caller.
+    #[allow(
+        dead_code,
+        reason = "the test harness (feature `testing`) is the only caller"
+    )]
+    pub(crate) fn local(store: Arc<dyn LocalStore>, table: OutboxTable) -> Self {
+        Self::on_backend(Backend::Local(store), table)
+    }
+
+    /// This broker, reporting to `observer` (a test harness, feature
+    /// `testing`, the only caller).
+    #[allow(
+        dead_code,
+        reason = "the test harness (feature `testing`) is the only caller"
+    )]
+    pub(crate) fn observed_by(self, observer: Arc<dyn Observer>) -> Self {
+        self.edit(|i| i.observer = observer)
     }
 
     /// The outbox table definition.
@@ -184,33 +422,13 @@ impl OutboxBroker {
         self.inner.renderer.as_ref()
     }
 
-    /// Attaches a test harness (feature `testing`; see [`crate::testing`]).
-    #[cfg(feature = "testing")]
-    pub(crate) fn with_harness(self, harness: Arc<crate::testing::Harness>) -> Self {
-        self.edit(|i| i.harness = Some(harness))
-    }
-
-    /// The attached test harness, if any.
-    #[cfg(feature = "testing")]
-    pub(crate) fn harness(&self) -> Option<&Arc<crate::testing::Harness>> {
-        self.inner.harness.as_ref()
-    }
-
-    /// The in-memory storage backend, if this broker has one.
-    #[cfg(feature = "testing")]
-    pub(crate) fn memory(&self) -> Option<&Arc<crate::store::memory::MemoryStore>> {
-        self.inner.harness.as_ref().and_then(|h| h.store())
-    }
-
-    /// A connection for the engine's statements: the in-memory store when
-    /// this broker has one (feature `testing`), else a new PostgreSQL
-    /// connection made with `opts`.
+    /// A connection for the engine's statements: the in-process store, or a
+    /// new PostgreSQL connection made with `opts`.
     pub(crate) async fn store_conn(&self, opts: &PgConnectOptions) -> Result<Conn, sqlx::Error> {
-        #[cfg(feature = "testing")]
-        if let Some(store) = self.memory() {
-            return Ok(Conn::Memory(store.clone()));
+        match self.backend() {
+            Backend::Postgres(_) => conn::connect(opts).await,
+            Backend::Local(store) => Ok(Conn::Local(store.clone())),
         }
-        conn::connect(opts).await
     }
 
     /// The per-queue counts of [`stats`](Self::stats) (`None`: every queue)
@@ -225,7 +443,8 @@ impl OutboxBroker {
                 return Ok(Vec::new());
             }
         }
-        stats::collect(self.pool(), self.table(), self.dlq(), queues).await
+        let pool = self.backend().pool_for("stats")?;
+        stats::collect(pool, self.table(), self.dlq(), queues).await
     }
 
     /// Runs `f` (one of the `*_on` methods) where no caller's transaction
@@ -235,20 +454,25 @@ impl OutboxBroker {
         &self,
         f: impl AsyncFnOnce(Option<&mut PgConnection>) -> Result<T>,
     ) -> Result<T> {
-        #[cfg(feature = "testing")]
-        if self.memory().is_some() {
-            return f(None).await;
+        match self.backend() {
+            Backend::Local(_) => f(None).await,
+            Backend::Postgres(pool) => {
+                let mut conn = pool.acquire().await?;
+                f(Some(&mut *conn)).await
+            }
         }
-        let mut conn = self.pool().acquire().await?;
-        f(Some(&mut *conn)).await
     }
 
     /// Creates the outbox table (and the dead-letter table, if configured) where
-    /// missing. Idempotent.
+    /// missing. Idempotent. On the in-memory store of the test harness, whose
+    /// tables always exist, it does nothing.
     pub async fn migrate(&self) -> Result<()> {
-        self.inner.table.migrate(&self.inner.pool).await?;
+        let Backend::Postgres(pool) = self.backend() else {
+            return Ok(());
+        };
+        self.inner.table.migrate(pool).await?;
         if let Some(dlq) = &self.inner.dlq {
-            dlq.migrate(&self.inner.pool).await?;
+            dlq.migrate(pool).await?;
         }
         Ok(())
     }
@@ -260,8 +484,10 @@ impl OutboxBroker {
     /// configured. Extra columns and indexes are fine. Returns
     /// [`Error::SchemaDrift`](crate::Error::SchemaDrift) listing every problem
     /// with the DDL that fixes it. Not run by `migrate` or the engine: call it
-    /// from a startup hook or a health check.
+    /// from a startup hook or a health check. On the in-memory store of the
+    /// test harness: [`Error::Unsupported`].
     pub async fn validate_schema(&self) -> Result<()> {
+        self.backend().pool_for("validate_schema")?;
         self.validate_schema_with(SchemaChecks::new()).await
     }
 
@@ -283,7 +509,7 @@ impl OutboxBroker {
     /// ```
     pub async fn validate_schema_with(&self, checks: SchemaChecks) -> Result<()> {
         crate::store::schema::validate(
-            &self.inner.pool,
+            self.backend().pool_for("validate_schema_with")?,
             &self.inner.table,
             self.inner.dlq.as_ref(),
             checks,
@@ -348,13 +574,12 @@ impl OutboxBroker {
         insert: Insert,
         conn: Option<&mut PgConnection>,
     ) -> Result<Option<i64>> {
-        #[cfg(feature = "testing")]
-        if let Some(h) = self.harness()
-            && let Some(store) = h.store()
-        {
+        if let Backend::Local(store) = self.backend() {
             let queue = insert.queue.clone();
             let id = store.insert(insert);
-            h.inserted(&queue, id.is_some());
+            if id.is_some() {
+                self.observer().inserted(&queue);
+            }
             return Ok(id);
         }
         producer::insert_pg(self.stmts(), self.channel(), insert, require(conn)?).await
@@ -421,13 +646,12 @@ impl OutboxBroker {
         batch: BatchInsert,
         conn: Option<&mut PgConnection>,
     ) -> Result<u64> {
-        #[cfg(feature = "testing")]
-        if let Some(h) = self.harness()
-            && let Some(store) = h.store()
-        {
+        if let Backend::Local(store) = self.backend() {
             let queue = batch.queue.clone();
             let n = store.insert_batch(batch);
-            h.inserted(&queue, n > 0);
+            if n > 0 {
+                self.observer().inserted(&queue);
+            }
             return Ok(n);
         }
         producer::insert_batch_pg(self.stmts(), self.channel(), batch, require(conn)?).await
@@ -454,8 +678,7 @@ impl OutboxBroker {
         conn: Option<&mut PgConnection>,
     ) -> Result<bool> {
         publish::validate_cancel(queue, timer_id)?;
-        #[cfg(feature = "testing")]
-        if let Some(store) = self.memory() {
+        if let Backend::Local(store) = self.backend() {
             return Ok(store.cancel_timer(queue, timer_id));
         }
         producer::cancel_timer_pg(self.stmts(), queue, timer_id, require(conn)?).await
@@ -481,8 +704,7 @@ impl OutboxBroker {
         conn: Option<&mut PgConnection>,
     ) -> Result<Vec<OutboxRow>> {
         publish::validate_unprocessed(queue, limit)?;
-        #[cfg(feature = "testing")]
-        if let Some(store) = self.memory() {
+        if let Backend::Local(store) = self.backend() {
             return Ok(store.fetch_unprocessed(queue, limit));
         }
         producer::fetch_unprocessed_pg(self.stmts(), queue, limit, require(conn)?).await
@@ -492,7 +714,5 @@ impl OutboxBroker {
 /// The connection a PostgreSQL statement runs on; only the in-memory backend
 /// runs without one.
 fn require(conn: Option<&mut PgConnection>) -> Result<&mut PgConnection> {
-    conn.ok_or_else(|| {
-        crate::error::Error::config("this outbox has no in-memory backend; pass a connection")
-    })
+    conn.ok_or_else(|| Error::config("this outbox has no in-memory backend; pass a connection"))
 }

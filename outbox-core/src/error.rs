@@ -88,6 +88,17 @@ pub enum Error {
     /// An operation did not finish within its time budget.
     #[error("{0} timed out")]
     Timeout(String),
+
+    /// The broker's storage backend cannot run this operation (for example
+    /// `validate_schema` on the in-memory store of the test harness, which
+    /// has no schema). Run it against PostgreSQL.
+    #[error("{operation} is not supported by {backend}; run it against PostgreSQL")]
+    Unsupported {
+        /// The operation, as its method is named (`validate_schema`, `stats`, …).
+        operation: &'static str,
+        /// The backend that refused it (`the in-memory store`).
+        backend: &'static str,
+    },
 }
 
 impl Error {
@@ -96,7 +107,10 @@ impl Error {
     pub fn is_misuse(&self) -> bool {
         matches!(
             self,
-            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::InvalidConfig(_)
+            Error::InvalidName { .. }
+                | Error::InvalidArgument(_)
+                | Error::InvalidConfig(_)
+                | Error::Unsupported { .. }
         )
     }
 
@@ -110,6 +124,10 @@ impl Error {
 
     pub(crate) fn arg(msg: impl fmt::Display) -> Self {
         Error::InvalidArgument(msg.to_string())
+    }
+
+    pub(crate) fn unsupported(operation: &'static str, backend: &'static str) -> Self {
+        Error::Unsupported { operation, backend }
     }
 
     pub(crate) fn config(msg: impl fmt::Display) -> Self {

@@ -77,30 +77,12 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// Known edges against the layering, each with its reason: `(file, path
 /// prefix after crate::, why)`. Each must still occur (a stale entry fails),
 /// so an entry goes away with the code that needed it.
-const EXCEPTIONS: &[(&str, &str, &str)] = &[
-    (
-        "broker.rs",
-        "testing::Harness",
-        "the test harness attached to a broker (cfg feature \"testing\"); issue 13 item 2 \
-         replaces it with a storage backend value and an observer interface",
-    ),
-    (
-        "engine/mod.rs",
-        "testing::",
-        "engine events reported to the test harness (cfg feature \"testing\"); issue 13 item 2",
-    ),
-    (
-        "engine/worker.rs",
-        "testing::Step",
-        "engine events reported to the test harness (cfg feature \"testing\"); issue 13 item 2",
-    ),
-    (
-        "telemetry.rs",
-        "engine::gauges::sample_gauges",
-        "a `pub use` that keeps the public path outbox_core::telemetry::sample_gauges; the \
+const EXCEPTIONS: &[(&str, &str, &str)] = &[(
+    "telemetry.rs",
+    "engine::gauges::sample_gauges",
+    "a `pub use` that keeps the public path outbox_core::telemetry::sample_gauges; the \
          sampler itself is the engine's",
-    ),
-];
+)];
 
 fn allowed(layer: &str) -> Option<&'static [&'static str]> {
     LAYERS.iter().find(|(l, _)| *l == layer).map(|(_, a)| *a)

@@ -68,7 +68,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             if with_expired {
                 last_expired_scan = Some(Instant::now());
             }
-            testing!(shared.claim_begins());
+            shared.claim_begins();
             let claimed = store::claim(
                 shared.broker.stmts(),
                 &mut conn,
@@ -79,7 +79,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 with_expired,
             )
             .await;
-            testing!(shared.claim_ends(claimed.as_deref().unwrap_or_default()));
+            shared.claim_ends(claimed.as_deref().unwrap_or_default());
             match claimed {
                 Ok(rows) => {
                     // The connection works: a later incident starts its

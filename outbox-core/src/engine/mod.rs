@@ -11,20 +11,12 @@
 //! loop sleeps until a wake-up, its next poll, or the earliest row it knows
 //! to become due, whichever comes first.
 //!
-//! Storage goes through [`store`] (a PostgreSQL connection, or with the
-//! `testing` feature the in-memory store of a test harness); with a harness
-//! attached to the broker, the engine also reports what it did to it (see
-//! `crate::testing`), and can deliver rows synchronously (`dispatch_due`).
-
-/// Runs its statements only with the `testing` feature (harness reporting).
-macro_rules! testing {
-    ($($t:tt)*) => {
-        #[cfg(feature = "testing")]
-        {
-            $($t)*
-        }
-    };
-}
+//! Storage goes through [`store`] on the broker's backend value (a
+//! PostgreSQL connection, or an in-process store such as the test harness's).
+//! The engine reports what it does to the broker's [`Observer`] (a no-op
+//! unless a test harness watches), registers itself there as an
+//! [`EngineHandle`], and can deliver rows synchronously
+//! ([`EngineHandle::dispatch_round`]) when the observer asks for it.
 
 mod backoff;
 mod fetch;
@@ -32,11 +24,20 @@ pub(crate) mod gauges;
 pub(crate) mod handler;
 mod listen;
 pub(crate) mod message;
+// What only an observer that drives the engine (the test harness) uses:
+// without one, nothing calls it.
+#[allow(
+    dead_code,
+    reason = "used by an observer that drives the engine (the test harness, feature `testing`)"
+)]
+mod observe;
 pub mod retry;
 pub(crate) mod subscriber;
 mod worker;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -46,7 +47,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::OutboxBroker;
+use crate::broker::{EngineHandle, Observer, OutboxBroker, Step};
 use crate::engine::message::Delivery;
 use crate::engine::subscriber::{Subscriber, SubscriberOptions};
 use crate::error::{Error, Result};
@@ -109,19 +110,16 @@ struct Running {
     subs: Vec<SubRuntime>,
     listener: Option<(CancellationToken, JoinHandle<()>)>,
     sampler: Option<(CancellationToken, JoinHandle<()>)>,
-    /// The harness this engine reports to, and its registration there.
-    #[cfg(feature = "testing")]
-    attached: Option<(Arc<crate::testing::Harness>, u64)>,
+    /// This engine as its broker's observer sees it, and its registration
+    /// there.
+    attached: (Arc<observe::Attached>, u64),
 }
 
 impl Running {
-    /// Leaves the harness (no more synchronous dispatch or wake-ups).
+    /// Leaves the observer (no more synchronous dispatch or wake-ups).
     fn detach(&self) {
-        testing! {
-            if let Some((h, id)) = &self.attached {
-                h.detach(*id);
-            }
-        }
+        let (engine, id) = &self.attached;
+        engine.observer().engine_stopped(*id);
     }
 }
 
@@ -158,15 +156,12 @@ pub(crate) struct SubShared {
     /// The connections the workers share for their own writes.
     pub(crate) write_pool: worker::WritePool,
     pub(crate) metrics: crate::telemetry::SubMetrics,
-    /// The broker's test harness, if any.
-    #[cfg(feature = "testing")]
-    pub(crate) harness: Option<Arc<crate::testing::Harness>>,
-    /// Claims running now (harness only).
-    #[cfg(feature = "testing")]
-    claiming: std::sync::atomic::AtomicUsize,
-    /// Claimed rows whose outcome is not recorded yet (harness only).
-    #[cfg(feature = "testing")]
-    inflight: std::sync::atomic::AtomicUsize,
+    /// The broker's observer (a no-op unless a test harness watches).
+    observer: Arc<dyn Observer>,
+    /// Claims running now.
+    claiming: AtomicUsize,
+    /// Claimed rows whose outcome is not recorded yet.
+    inflight: AtomicUsize,
 }
 
 impl SubShared {
@@ -181,12 +176,9 @@ impl SubShared {
         let (tx, rx) = mpsc::channel(cap);
         Self {
             metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
-            #[cfg(feature = "testing")]
-            harness: broker.harness().cloned(),
-            #[cfg(feature = "testing")]
-            claiming: Default::default(),
-            #[cfg(feature = "testing")]
-            inflight: Default::default(),
+            observer: broker.observer().clone(),
+            claiming: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
             sub,
             broker,
             fetch_opts,
@@ -208,13 +200,9 @@ impl SubShared {
     }
 
     /// The storage clock as the worker sees it: the wall clock, or the
-    /// in-memory store's clock.
+    /// in-process store's clock.
     pub(crate) fn now(&self) -> DateTime<Utc> {
-        #[cfg(feature = "testing")]
-        if let Some(store) = self.broker.memory() {
-            return store.now();
-        }
-        Utc::now()
+        self.broker.backend().now()
     }
 
     /// Waits for a wake-up, `timeout`, or stop; `true` if stopping.
@@ -229,10 +217,9 @@ impl SubShared {
     /// Records that a row of these queues becomes due `after` from now, so
     /// an idle fetch loop claims it then instead of at its next poll.
     pub(crate) fn due_in(&self, after: Duration) {
-        // The in-memory store runs on the harness's clock, which wakes the
-        // subscribers itself when it moves.
-        #[cfg(feature = "testing")]
-        if self.broker.memory().is_some() {
+        // An in-process store runs on its own clock, whose owner (the test
+        // harness) wakes the subscribers itself when it moves.
+        if self.broker.backend().is_local() {
             return;
         }
         let Some(at) = Instant::now().checked_add(after) else {
@@ -292,115 +279,39 @@ impl SubShared {
     }
 }
 
-/// What the engine reports to a test harness.
-#[cfg(feature = "testing")]
+/// What the engine reports to the broker's [`Observer`], and the counts
+/// behind [`EngineHandle::busy`].
 impl SubShared {
     /// A claim is about to run.
     pub(crate) fn claim_begins(&self) {
-        if self.harness.is_some() {
-            self.claiming
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        self.claiming.fetch_add(1, SeqCst);
     }
 
     /// The claim that [`claim_begins`](Self::claim_begins) announced
     /// returned `rows` (now in flight until their outcome is recorded).
     pub(crate) fn claim_ends(&self, rows: &[crate::store::OutboxRow]) {
-        use std::sync::atomic::Ordering::SeqCst;
-        if let Some(h) = &self.harness {
-            self.inflight.fetch_add(rows.len(), SeqCst);
-            for r in rows {
-                h.record(
-                    r.id,
-                    crate::testing::Step::Claimed {
-                        deliveries_count: r.deliveries_count,
-                    },
-                );
-            }
-            self.claiming.fetch_sub(1, SeqCst);
-            h.changed();
+        self.inflight.fetch_add(rows.len(), SeqCst);
+        self.claiming.fetch_sub(1, SeqCst);
+        for r in rows {
+            let step = Step::Claimed {
+                deliveries_count: r.deliveries_count,
+            };
+            self.observer.step(r.id, step);
         }
+        self.observer.changed();
     }
 
     /// The handler is about to run for `row`.
     pub(crate) fn handler_called(&self, row: &crate::store::OutboxRow) {
-        if let Some(h) = &self.harness {
-            h.record_call(self.sub.name(), row);
-        }
+        self.observer.handler_called(self.sub.name(), row);
     }
 
     /// The delivery of `row_id` ended with `step` (its write landed, lost
     /// its lease, or could not be made).
-    pub(crate) fn finished(&self, row_id: i64, step: impl FnOnce() -> crate::testing::Step) {
-        if let Some(h) = &self.harness {
-            h.record(row_id, step());
-            self.inflight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            h.changed();
-        }
-    }
-
-    /// Claims running plus deliveries in flight.
-    pub(crate) fn busy(&self) -> usize {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.inflight.load(SeqCst) + self.claiming.load(SeqCst)
-    }
-}
-
-/// Synchronous dispatch (feature `testing`): claims the due rows of every
-/// subscriber, with the engine's claim, and delivers each one in the
-/// caller's task through the workers' per-delivery pipeline, until no
-/// subscriber claims anything. Returns how many deliveries ran.
-#[cfg(feature = "testing")]
-pub(crate) async fn dispatch_due(subs: &[Arc<SubShared>]) -> Result<usize> {
-    /// A guard against handlers that keep feeding their own queue.
-    const MAX_DELIVERIES: usize = 100_000;
-    let mut conns: Vec<Option<store::Conn>> = subs.iter().map(|_| None).collect();
-    let mut total = 0;
-    loop {
-        let mut progressed = false;
-        for (shared, slot) in subs.iter().zip(conns.iter_mut()) {
-            let mut conn = match slot.take() {
-                Some(c) => c,
-                None => shared.broker.store_conn(&shared.conn_opts).await?,
-            };
-            let token = uuid::Uuid::new_v4();
-            shared.claim_begins();
-            let claimed = store::claim(
-                shared.broker.stmts(),
-                &mut conn,
-                shared.sub.queues(),
-                shared.opts().get_fetch_batch_size(),
-                shared.opts().get_lease_ttl(),
-                token,
-                true,
-            )
-            .await;
-            shared.claim_ends(claimed.as_deref().unwrap_or_default());
-            let rows = claimed?;
-            shared.metrics.fetched(rows.len());
-            progressed |= !rows.is_empty();
-            let mut conn = Some(conn);
-            for row in rows {
-                total += 1;
-                worker::deliver(
-                    shared.clone(),
-                    Arc::new(Delivery::new(row, token)),
-                    &mut conn,
-                )
-                .await;
-            }
-            *slot = conn;
-        }
-        if !progressed {
-            return Ok(total);
-        }
-        if total >= MAX_DELIVERIES {
-            tracing::warn!(
-                "synchronous dispatch stopped after {total} deliveries: a handler keeps publishing due rows to the queues it serves"
-            );
-            return Ok(total);
-        }
+    pub(crate) fn finished(&self, row_id: i64, step: Step) {
+        self.inflight.fetch_sub(1, SeqCst);
+        self.observer.step(row_id, step);
+        self.observer.changed();
     }
 }
 
@@ -498,8 +409,9 @@ impl Engine {
     }
 
     fn conn_opts(&self, role: &str) -> PgConnectOptions {
-        (*self.broker.pool().connect_options())
-            .clone()
+        self.broker
+            .backend()
+            .connect_options()
             .application_name(&format!("{}-{role}", self.application_name))
     }
 
@@ -516,14 +428,8 @@ impl Engine {
                 "the engine has no subscribers; add one with Engine::subscriber",
             ));
         }
-        #[cfg(feature = "testing")]
-        let (memory, sync) = (
-            self.broker.memory().is_some(),
-            self.broker.harness().is_some_and(|h| h.is_sync()),
-        );
-        // Without the `testing` feature the engine always runs on PostgreSQL.
-        #[cfg(not(feature = "testing"))]
-        let (memory, sync) = (false, false);
+        let memory = self.broker.backend().is_local();
+        let sync = self.broker.observer().synchronous();
         let mut subs = Vec::with_capacity(self.subscribers.len());
         for sub in &self.subscribers {
             let shared = Arc::new(SubShared::new(
@@ -533,8 +439,8 @@ impl Engine {
                 self.conn_opts("worker"),
             ));
             if sync {
-                // Synchronous dispatch: the harness delivers in the caller's
-                // task (`dispatch_due`); no loop runs.
+                // Synchronous dispatch: the observer delivers in its caller's
+                // task (`EngineHandle::dispatch_round`); no loop runs.
                 subs.push(SubRuntime {
                     shared,
                     fetch: Vec::new(),
@@ -602,17 +508,18 @@ impl Engine {
             ));
             (token, task)
         });
-        #[cfg(feature = "testing")]
-        let attached = self.broker.harness().map(|h| {
-            let id = h.attach(subs.iter().map(|s| s.shared.clone()).collect());
-            (h.clone(), id)
-        });
+        let observer = self.broker.observer().clone();
+        let engine = Arc::new(observe::Attached::new(
+            subs.iter().map(|s| s.shared.clone()).collect(),
+            observer.clone(),
+        ));
+        let weak: Arc<dyn EngineHandle> = engine.clone();
+        let id = observer.engine_started(Arc::downgrade(&weak));
         *state = Some(Running {
             subs,
             listener,
             sampler,
-            #[cfg(feature = "testing")]
-            attached,
+            attached: (engine, id),
         });
         Ok(())
     }
@@ -641,11 +548,10 @@ impl Engine {
         if !alive {
             return false;
         }
-        #[cfg(feature = "testing")]
-        if self.broker.memory().is_some() {
-            return true;
-        }
-        let probe = sqlx::query("SELECT 1").execute(self.broker.pool());
+        let Ok(pool) = self.broker.backend().pool_for("ping") else {
+            return true; // an in-process store always answers
+        };
+        let probe = sqlx::query("SELECT 1").execute(pool);
         matches!(
             tokio::time::timeout(timeout.min(Duration::from_secs(5)), probe).await,
             Ok(Ok(_))
@@ -750,17 +656,10 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
             store::release(broker.stmts(), &mut conn, ids, tokens).await
         };
         let result = tokio::time::timeout(remaining().max(Duration::from_secs(1)), release).await;
-        testing! {
-            let ok = matches!(result, Ok(Ok(_)));
-            for d in &unstarted {
-                s.shared.finished(d.row.id, || {
-                    if ok {
-                        crate::testing::Step::Released
-                    } else {
-                        crate::testing::Step::Abandoned
-                    }
-                });
-            }
+        let ok = matches!(result, Ok(Ok(_)));
+        for d in &unstarted {
+            s.shared
+                .finished(d.row.id, if ok { Step::Released } else { Step::Abandoned });
         }
         match result {
             Ok(Ok(n)) => {

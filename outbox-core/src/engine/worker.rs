@@ -3,8 +3,8 @@
 //!
 //! The per-delivery pipeline ([`Worker::process`]: `max_deliveries`, the
 //! handler, the ack policy, the retry strategy, the outcome write) is also
-//! what synchronous dispatch runs (`deliver`, feature `testing`), with the
-//! delete written at once instead of through the acker.
+//! what synchronous dispatch runs ([`deliver`]), with the delete written at
+//! once instead of through the acker.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use tracing::Instrument;
 
 use super::SubShared;
 use super::backoff::Reconnect;
+use crate::broker::Step;
 use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
 use crate::engine::retry::RetryContext;
 use crate::error::{BoxError, HandlerPanic};
@@ -57,18 +58,13 @@ enum Landed {
     Failed,
 }
 
-#[cfg(feature = "testing")]
 impl Landed {
-    /// What the harness records: `landed` if the write landed.
-    fn step(
-        &self,
-        phase: &'static str,
-        landed: impl FnOnce() -> crate::testing::Step,
-    ) -> crate::testing::Step {
+    /// What the observer is told: `landed` if the write landed.
+    fn step(&self, phase: &'static str, landed: impl FnOnce() -> Step) -> Step {
         match self {
             Landed::Yes => landed(),
-            Landed::LeaseLost => crate::testing::Step::LeaseLost { phase },
-            Landed::Failed => crate::testing::Step::Abandoned,
+            Landed::LeaseLost => Step::LeaseLost { phase },
+            Landed::Failed => Step::Abandoned,
         }
     }
 }
@@ -149,7 +145,10 @@ pub(crate) async fn run(shared: Arc<SubShared>, acks: AckSender) {
 /// the same pipeline as a worker, with the delete written at once (no
 /// acker). `conn` is the connection to write on (made if `None`, left for
 /// the next call).
-#[cfg(feature = "testing")]
+#[allow(
+    dead_code,
+    reason = "synchronous dispatch, which only the test harness (feature `testing`) asks for"
+)]
 pub(crate) async fn deliver(
     shared: Arc<SubShared>,
     delivery: Arc<Delivery>,
@@ -201,13 +200,12 @@ impl Worker {
             return;
         };
         let q = p.delivery.row.queue.clone();
-        #[cfg(feature = "testing")]
         let id = p.delivery.row.id;
         if acks.send(p).await.is_err() {
             // The acker is gone (only while the engine is aborted): the row
             // stays leased and is redelivered after the lease expires.
             self.shared.metrics.abandoned(&q);
-            testing!(self.shared.finished(id, || crate::testing::Step::Abandoned));
+            self.shared.finished(id, Step::Abandoned);
         }
     }
 
@@ -218,9 +216,8 @@ impl Worker {
             // it now. Handling it would publish it twice; it is claimed
             // again instead.
             self.writer.lease_lost(&delivery, "buffered");
-            testing!(self.shared.finished(delivery.row.id, || {
-                crate::testing::Step::LeaseLost { phase: "buffered" }
-            }));
+            self.shared
+                .finished(delivery.row.id, Step::LeaseLost { phase: "buffered" });
             return;
         }
         let (outcome, error, duration) = self.dispatch(&delivery).await;
@@ -242,9 +239,8 @@ impl Worker {
                     delay,
                 };
                 let landed = self.writer.write_single(&delivery, &w, "retry").await;
-                testing!(self.shared.finished(row.id, || {
-                    landed.step("retry", || crate::testing::Step::Retried { delay })
-                }));
+                self.shared
+                    .finished(row.id, landed.step("retry", || Step::Retried { delay }));
                 if let Landed::Yes = landed {
                     // Wake the fetch loop when the retry is due, not at its
                     // next poll.
@@ -268,12 +264,13 @@ impl Worker {
                         last_exception: text.clone(),
                     };
                     let landed = self.writer.write_single(&delivery, &w, "terminal").await;
-                    testing!(self.shared.finished(row.id, || landed.step("terminal", || {
-                        crate::testing::Step::DeadLettered {
+                    self.shared.finished(
+                        row.id,
+                        landed.step("terminal", || Step::DeadLettered {
                             reason,
                             last_exception: text.clone(),
-                        }
-                    })));
+                        }),
+                    );
                     if let Landed::Yes = landed {
                         self.shared.metrics.terminal(
                             &row.queue,
@@ -353,7 +350,7 @@ impl Worker {
         #[cfg(feature = "otel")]
         crate::otel::continue_trace(&span, &row.headers, row.deliveries_count);
         let msg = Message::new(delivery.clone());
-        testing!(self.shared.handler_called(row));
+        self.shared.handler_called(row);
         self.shared.metrics.dispatched(&row.queue);
         let started = Instant::now();
         let fut = self.shared.sub.handler().call(msg);
@@ -705,9 +702,8 @@ impl Writer {
                 let q = &p.delivery.row.queue;
                 if !done.contains(&p.delivery.row.id) {
                     self.lease_lost(&p.delivery, "terminal");
-                    testing!(self.shared.finished(p.delivery.row.id, || {
-                        crate::testing::Step::LeaseLost { phase: "terminal" }
-                    }));
+                    self.shared
+                        .finished(p.delivery.row.id, Step::LeaseLost { phase: "terminal" });
                     continue;
                 }
                 let m = &self.shared.metrics;
@@ -717,19 +713,17 @@ impl Writer {
                         m.terminal(q, reason.as_str(), kind, p.duration, false)
                     }
                 }
-                testing!(self.shared.finished(p.delivery.row.id, || match p.kind {
-                    PendingKind::Ack => crate::testing::Step::Acked,
-                    PendingKind::Terminal(reason, _) => crate::testing::Step::Deleted { reason },
-                }));
+                let step = match p.kind {
+                    PendingKind::Ack => Step::Acked,
+                    PendingKind::Terminal(reason, _) => Step::Deleted { reason },
+                };
+                self.shared.finished(p.delivery.row.id, step);
             }
             tracing::debug!(count = batch.len(), "flushed batched deletes");
         } else {
             for p in &batch {
                 self.shared.metrics.abandoned(&p.delivery.row.queue);
-                testing!(
-                    self.shared
-                        .finished(p.delivery.row.id, || { crate::testing::Step::Abandoned })
-                );
+                self.shared.finished(p.delivery.row.id, Step::Abandoned);
             }
         }
     }

@@ -224,7 +224,7 @@ impl OutboxBroker {
             w = c.sql
         );
         let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
-            .fetch_all(self.pool())
+            .fetch_all(self.ops_pool("dlq_list")?)
             .await?;
         rows.iter()
             .map(|r| DeadLetter::from_pg(r).map_err(Error::from))
@@ -240,7 +240,7 @@ impl OutboxBroker {
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(id)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.ops_pool("dlq_get")?)
             .await?;
         row.as_ref()
             .map(DeadLetter::from_pg)
@@ -256,7 +256,7 @@ impl OutboxBroker {
     pub(super) async fn dlq_count_and_max(
         &self,
         filter: &DlqFilter,
-        op: &str,
+        op: &'static str,
     ) -> Result<(u64, i64)> {
         let dlq = self.require_dlq(op)?;
         filter.validate()?;
@@ -272,7 +272,7 @@ impl OutboxBroker {
             w = c.sql
         );
         let row = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
-            .fetch_one(self.pool())
+            .fetch_one(self.ops_pool(op)?)
             .await?;
         Ok((to_u64(row.try_get(0)?), row.try_get(1)?))
     }
@@ -309,7 +309,7 @@ impl OutboxBroker {
             None => format!("DELETE FROM {d} d WHERE {w}", w = c.sql),
         };
         let done = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
-            .execute(self.pool())
+            .execute(self.ops_pool("dlq_purge")?)
             .await?;
         let n = done.rows_affected();
         // The log target of every `ops` message (RUST_LOG filters).

@@ -3,7 +3,9 @@
 //!
 //! Everything here runs on the broker's pool (never on a caller's
 //! transaction), reads only through the validated table definitions, and binds
-//! every value as a parameter.
+//! every value as a parameter. On the in-memory store of the test harness,
+//! which has no SQL, every operation here returns
+//! [`Error::Unsupported`](crate::Error::Unsupported) naming itself.
 //!
 //! ```no_run
 //! use outbox_core::ops::{DlqFilter, ReplayOptions};
@@ -94,6 +96,12 @@ fn bind_all<'q>(
 }
 
 impl OutboxBroker {
+    /// The pool `op` runs on, or [`Error::Unsupported`] on a backend without
+    /// one (the in-memory store of the test harness).
+    fn ops_pool(&self, op: &'static str) -> Result<&sqlx::PgPool> {
+        self.backend().pool_for(op)
+    }
+
     fn require_dlq(&self, op: &str) -> Result<&DlqTable> {
         self.dlq().ok_or_else(|| {
             Error::config(format!(

@@ -489,7 +489,7 @@ impl OutboxBroker {
         let mut c = filter.clause();
         let sql = replay_sql(b, &mut c);
         let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
-            .fetch_all(self.pool())
+            .fetch_all(self.ops_pool("dlq_replay")?)
             .await?;
         Ok(BatchRows::read(&rows)?)
     }

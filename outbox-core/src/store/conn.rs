@@ -2,30 +2,71 @@
 //! token: the seam between the engine and its storage.
 //!
 //! Every operation takes a [`Conn`]: a PostgreSQL connection (the product),
-//! or, with the `testing` feature, the in-memory store of
-//! [`MemoryStore`](super::memory::MemoryStore), which implements the same
-//! contract (checked by the workspace's contract suite against real
+//! or a [`LocalStore`], a backend that lives in the process (the in-memory
+//! store of the test harness, `MemoryStore`, which implements the same
+//! contract, checked by the workspace's contract suite against real
 //! PostgreSQL). The fetch loop, the workers and the acker have one code path
-//! for both; [`OutboxBroker`](crate::OutboxBroker) picks the backend when it
-//! opens a connection.
+//! for both; the broker's backend value (`broker::Backend`) opens the
+//! connection.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection, Row};
 use uuid::Uuid;
 
+use super::producer::{BatchInsert, Insert};
 use super::row::OutboxRow;
 use super::sql::{self, Statements};
+
+/// A storage backend that lives in the process: no connection, no I/O, every
+/// statement a method call that cannot fail. The test harness's in-memory
+/// store (`MemoryStore`, feature `testing`) is the one implementation; the
+/// engine and the broker reach it only through this interface, so they
+/// compile and run the same with or without that feature.
+///
+/// Each method has the semantics of the PostgreSQL statement of the same
+/// name (see [`sql::Statements`]).
+pub(crate) trait LocalStore: Send + Sync + fmt::Debug {
+    /// How the backend names itself in [`Error::Unsupported`](crate::Error::Unsupported).
+    fn name(&self) -> &'static str {
+        "the in-memory store"
+    }
+    /// The backend's clock (what `now()` is in its statements).
+    fn now(&self) -> DateTime<Utc>;
+    /// The producer's insert; `None` for a timer no-op.
+    fn insert(&self, insert: Insert) -> Option<i64>;
+    /// The producer's batch insert; how many rows were inserted.
+    fn insert_batch(&self, batch: BatchInsert) -> u64;
+    /// `cancel_timer`.
+    fn cancel_timer(&self, queue: &str, timer_id: &str) -> bool;
+    /// `fetch_unprocessed`.
+    fn fetch_unprocessed(&self, queue: Option<&str>, limit: i64) -> Vec<OutboxRow>;
+    /// The engine's claim.
+    fn claim(
+        &self,
+        queues: &[String],
+        limit: usize,
+        lease_ttl: Duration,
+        token: Uuid,
+        with_expired: bool,
+    ) -> Vec<OutboxRow>;
+    /// A lease-guarded write after the claim.
+    fn execute(&self, write: &Write) -> Written;
+    /// Gives back the leases of unstarted rows.
+    fn release(&self, ids: &[i64], tokens: &[Uuid]) -> u64;
+}
 
 /// Where the engine's statements run.
 #[derive(Debug)]
 pub(crate) enum Conn {
     /// A dedicated PostgreSQL connection.
     Pg(PgConnection),
-    /// The in-memory store of a test harness.
-    #[cfg(feature = "testing")]
-    Memory(std::sync::Arc<super::memory::MemoryStore>),
+    /// An in-process backend (the in-memory store of a test harness).
+    Local(Arc<dyn LocalStore>),
 }
 
 /// A write after the claim. Every variant filters on `id AND acquired_token`.
@@ -69,8 +110,7 @@ pub(crate) async fn execute(
 ) -> Result<Written, sqlx::Error> {
     match conn {
         Conn::Pg(conn) => execute_pg(stmts, conn, write).await,
-        #[cfg(feature = "testing")]
-        Conn::Memory(store) => {
+        Conn::Local(store) => {
             if matches!(write, Write::DeadLetter { .. }) && stmts.dead_letter.is_none() {
                 return Err(no_dead_letter_table());
             }
@@ -145,8 +185,7 @@ pub(crate) async fn claim(
         Conn::Pg(conn) => {
             claim_pg(stmts, conn, queues, limit, lease_ttl, token, with_expired).await
         }
-        #[cfg(feature = "testing")]
-        Conn::Memory(store) => Ok(store.claim(queues, limit, lease_ttl, token, with_expired)),
+        Conn::Local(store) => Ok(store.claim(queues, limit, lease_ttl, token, with_expired)),
     }
 }
 
@@ -196,8 +235,7 @@ pub(crate) async fn next_due(
                 .await?;
             Ok(secs.map(|s| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)))
         }
-        #[cfg(feature = "testing")]
-        Conn::Memory(_) => Ok(None),
+        Conn::Local(_) => Ok(None),
     }
 }
 
@@ -211,8 +249,7 @@ pub(crate) async fn release(
 ) -> Result<u64, sqlx::Error> {
     match conn {
         Conn::Pg(conn) => release_pg(stmts, conn, ids, tokens).await,
-        #[cfg(feature = "testing")]
-        Conn::Memory(store) => Ok(store.release(&ids, &tokens)),
+        Conn::Local(store) => Ok(store.release(&ids, &tokens)),
     }
 }
 

@@ -1,5 +1,7 @@
 //! A row of the dead-letter table as read back from the database.
 
+use std::fmt;
+
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use sqlx::Row;
@@ -84,5 +86,38 @@ impl DeadLetter {
             self.id,
             &self.queue,
         )
+    }
+}
+
+/// Why a row left the outbox without being acknowledged. Stored verbatim in
+/// the dead-letter table's `failure_reason` column (a public contract shared
+/// with faststream-outbox).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The row was claimed more than `max_deliveries` times; the handler did
+    /// not run.
+    MaxDeliveries,
+    /// The retry strategy gave up (or failed).
+    RetryTerminal,
+    /// The handler rejected the row (`reject()`, `RejectOnError`, or a
+    /// `Manual` handler that returned without deciding).
+    Rejected,
+}
+
+impl FailureReason {
+    /// `max_deliveries`, `retry_terminal` or `rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::MaxDeliveries => "max_deliveries",
+            FailureReason::RetryTerminal => "retry_terminal",
+            FailureReason::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }

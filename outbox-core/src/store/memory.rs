@@ -482,3 +482,45 @@ fn new_row(
         timer_id,
     }
 }
+
+/// The engine's and the broker's view of the store (see [`LocalStore`]).
+impl super::conn::LocalStore for MemoryStore {
+    fn now(&self) -> DateTime<Utc> {
+        MemoryStore::now(self)
+    }
+
+    fn insert(&self, insert: Insert) -> Option<i64> {
+        MemoryStore::insert(self, insert)
+    }
+
+    fn insert_batch(&self, batch: BatchInsert) -> u64 {
+        MemoryStore::insert_batch(self, batch)
+    }
+
+    fn cancel_timer(&self, queue: &str, timer_id: &str) -> bool {
+        MemoryStore::cancel_timer(self, queue, timer_id)
+    }
+
+    fn fetch_unprocessed(&self, queue: Option<&str>, limit: i64) -> Vec<OutboxRow> {
+        MemoryStore::fetch_unprocessed(self, queue, limit)
+    }
+
+    fn claim(
+        &self,
+        queues: &[String],
+        limit: usize,
+        lease_ttl: Duration,
+        token: Uuid,
+        with_expired: bool,
+    ) -> Vec<OutboxRow> {
+        MemoryStore::claim(self, queues, limit, lease_ttl, token, with_expired)
+    }
+
+    fn execute(&self, write: &Write) -> Written {
+        MemoryStore::execute(self, write)
+    }
+
+    fn release(&self, ids: &[i64], tokens: &[Uuid]) -> u64 {
+        MemoryStore::release(self, ids, tokens)
+    }
+}

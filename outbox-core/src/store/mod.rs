@@ -35,7 +35,7 @@ pub(crate) mod stats;
 pub(crate) mod table;
 
 pub use autovacuum::{AutovacuumOptions, autovacuum_sql};
-pub use dead_letter::DeadLetter;
+pub use dead_letter::{DeadLetter, FailureReason};
 pub use row::OutboxRow;
 pub use schema::SchemaChecks;
 pub use stats::QueueStats;

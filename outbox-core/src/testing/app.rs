@@ -284,19 +284,19 @@ impl TestAppBuilder {
                 dead_letters,
             } => {
                 let store = Arc::new(MemoryStore::with_clock(clock));
-                let harness = Harness::new(Some(store), self.sync);
-                let broker = super::memory_broker(dead_letters)?.with_harness(harness.clone());
+                let harness = Harness::new(Some(store.clone()), self.sync);
+                let broker = super::memory_broker(store, harness.clone(), dead_letters)?;
                 (harness, broker)
             }
             Backend::Postgres(broker) => {
                 let harness = Harness::new(None, self.sync);
-                (harness.clone(), broker.with_harness(harness))
+                (harness.clone(), broker.observed_by(harness))
             }
             Backend::Scratch(url) => {
                 let (broker, schema) = super::scratch_broker(&url).await?;
                 scratch = Some(schema);
                 let harness = Harness::new(None, self.sync);
-                (harness.clone(), broker.with_harness(harness))
+                (harness.clone(), broker.observed_by(harness))
             }
         };
         let mut app = App::new(broker.clone()).without_signals();
@@ -474,8 +474,9 @@ impl TestApp {
         }
     }
 
-    /// The broker under test (on the in-memory backend its `pool()` is a
-    /// placeholder that never connects: publish with [`publish`](Self::publish)).
+    /// The broker under test (on the in-memory backend it has no pool:
+    /// `try_pool()` is [`Error::Unsupported`]; publish with
+    /// [`publish`](Self::publish)).
     ///
     /// ```
     /// # async fn demo(app: outbox_core::testing::TestApp) {
@@ -723,20 +724,14 @@ impl TestApp {
     }
 
     async fn has_due(&self) -> Result<bool> {
-        let subs = self.harness.subscribers();
+        let subs = self.harness.subscriptions();
         match self.harness.store() {
             Some(store) => Ok(subs
                 .iter()
-                .any(|s| store.has_claimable(s.sub.queues(), s.opts().get_lease_ttl()))),
+                .any(|(queues, lease)| store.has_claimable(queues, *lease))),
             None => {
-                for s in &subs {
-                    if super::postgres_has_claimable(
-                        &self.broker,
-                        s.sub.queues(),
-                        s.opts().get_lease_ttl(),
-                    )
-                    .await?
-                    {
+                for (queues, lease) in &subs {
+                    if super::postgres_has_claimable(&self.broker, queues, *lease).await? {
                         return Ok(true);
                     }
                 }

@@ -9,65 +9,12 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::engine::SubShared;
+pub use crate::broker::Step;
+use crate::broker::{EngineHandle, Observer};
 use crate::engine::message::FailureReason;
 use crate::error::Result;
 use crate::store::OutboxRow;
 use crate::store::memory::MemoryStore;
-
-/// One thing the engine did with a row, as recorded by a test harness.
-///
-/// Recorded by the engine itself (the fetch loop, the workers, the acker, or
-/// synchronous dispatch), after the corresponding write landed, identically
-/// on the in-memory and the PostgreSQL backend.
-///
-/// ```
-/// use outbox_core::FailureReason;
-/// use outbox_core::testing::Step;
-///
-/// let step = Step::DeadLettered { reason: FailureReason::RetryTerminal, last_exception: None };
-/// assert_eq!(step.to_string(), "dead_lettered(retry_terminal)");
-/// assert!(step.is_outcome());
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Step {
-    /// A claim leased the row; `deliveries_count` is the row's count after it.
-    Claimed {
-        /// Claims so far, this one included.
-        deliveries_count: i64,
-    },
-    /// Handled: the row was deleted.
-    Acked,
-    /// Nacked: rescheduled `delay` later, lease released.
-    Retried {
-        /// The retry strategy's delay.
-        delay: Duration,
-    },
-    /// Failed for good and moved to the dead-letter table.
-    DeadLettered {
-        /// Why (`failure_reason`).
-        reason: FailureReason,
-        /// The rendered error (`last_exception`).
-        last_exception: Option<String>,
-    },
-    /// Failed for good and deleted (no dead-letter table configured).
-    Deleted {
-        /// Why.
-        reason: FailureReason,
-    },
-    /// The outcome's write found the lease taken by another claim (`phase`:
-    /// `retry` or `terminal`, which also covers acks): nothing was written.
-    LeaseLost {
-        /// Which write.
-        phase: &'static str,
-    },
-    /// Claimed but never started: the lease was given back at a graceful stop.
-    Released,
-    /// The outcome could not be written; the row is redelivered after its
-    /// lease expires.
-    Abandoned,
-}
 
 impl Step {
     /// Whether this step ends a delivery (everything but [`Step::Claimed`]).
@@ -82,24 +29,6 @@ impl Step {
     }
 }
 
-/// Compact and stable (no retry delay, no error text): `claimed(1)`,
-/// `acked`, `retried`, `dead_lettered(retry_terminal)`, `deleted(rejected)`,
-/// `lease_lost(retry)`, `released`, `abandoned`.
-impl fmt::Display for Step {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Step::Claimed { deliveries_count } => write!(f, "claimed({deliveries_count})"),
-            Step::Acked => f.write_str("acked"),
-            Step::Retried { .. } => f.write_str("retried"),
-            Step::DeadLettered { reason, .. } => write!(f, "dead_lettered({reason})"),
-            Step::Deleted { reason } => write!(f, "deleted({reason})"),
-            Step::LeaseLost { phase } => write!(f, "lease_lost({phase})"),
-            Step::Released => f.write_str("released"),
-            Step::Abandoned => f.write_str("abandoned"),
-        }
-    }
-}
-
 /// What the engine did with one row, in order (see
 /// [`TestApp::history`](super::TestApp::history)).
 ///
@@ -107,7 +36,13 @@ impl fmt::Display for Step {
 /// well in an assertion:
 ///
 /// ```
+/// use outbox_core::FailureReason;
 /// use outbox_core::testing::{History, Step};
+///
+/// // A step prints compactly (no retry delay, no error text).
+/// let step = Step::DeadLettered { reason: FailureReason::RetryTerminal, last_exception: None };
+/// assert_eq!(step.to_string(), "dead_lettered(retry_terminal)");
+/// assert!(step.is_outcome() && !Step::Claimed { deliveries_count: 1 }.is_outcome());
 ///
 /// let h = History::new(7, vec![
 ///     Step::Claimed { deliveries_count: 1 },
@@ -258,7 +193,7 @@ pub(crate) struct Harness {
     store: Option<Arc<MemoryStore>>,
     sync: bool,
     journal: Mutex<Journal>,
-    engines: Mutex<Vec<(u64, Vec<Weak<SubShared>>)>>,
+    engines: Mutex<Vec<(u64, Weak<dyn EngineHandle>)>>,
     next_engine: AtomicU64,
     changed: Notify,
 }
@@ -298,46 +233,26 @@ impl Harness {
         self.sync
     }
 
-    /// Registers the subscribers of a starting engine.
-    pub(crate) fn attach(&self, subs: Vec<Arc<SubShared>>) -> u64 {
-        let id = self.next_engine.fetch_add(1, Ordering::SeqCst);
-        let weak = subs.iter().map(Arc::downgrade).collect();
-        lock(&self.engines).push((id, weak));
-        id
-    }
-
-    /// Forgets a stopping engine.
-    pub(crate) fn detach(&self, id: u64) {
-        lock(&self.engines).retain(|(e, _)| *e != id);
-        self.changed();
-    }
-
-    /// The subscribers of every running engine, in registration order.
-    pub(crate) fn subscribers(&self) -> Vec<Arc<SubShared>> {
+    /// Every running engine, in registration order.
+    fn engines(&self) -> Vec<Arc<dyn EngineHandle>> {
         lock(&self.engines)
             .iter()
-            .flat_map(|(_, subs)| subs.iter().filter_map(Weak::upgrade))
+            .filter_map(|(_, e)| e.upgrade())
             .collect()
     }
 
-    /// A row was inserted (or a timer extended) on the in-memory backend:
-    /// wakes the fetch loops serving `queue`, as a NOTIFY would.
-    pub(crate) fn inserted(&self, queue: &str, any: bool) {
-        if !any {
-            return;
-        }
-        for s in self.subscribers() {
-            if s.sub.queues().iter().any(|q| q == queue) {
-                s.wake.notify_one();
-            }
-        }
-        self.changed();
+    /// The queues and lease of every subscriber of every running engine.
+    pub(crate) fn subscriptions(&self) -> Vec<(Vec<String>, Duration)> {
+        self.engines()
+            .iter()
+            .flat_map(|e| e.subscriptions())
+            .collect()
     }
 
     /// Wakes every fetch loop (after the clock moved).
     pub(crate) fn wake_all(&self) {
-        for s in self.subscribers() {
-            s.wake.notify_one();
+        for e in self.engines() {
+            e.wake(None);
         }
     }
 
@@ -363,7 +278,7 @@ impl Harness {
 
     /// Claims running plus deliveries in flight, over every engine.
     pub(crate) fn busy(&self) -> usize {
-        self.subscribers().iter().map(|s| s.busy()).sum()
+        self.engines().iter().map(|e| e.busy()).sum()
     }
 
     pub(crate) fn history(&self, row_id: i64) -> History {
@@ -380,8 +295,67 @@ impl Harness {
         lock(&self.journal).calls.clone()
     }
 
-    /// Synchronous dispatch of everything due, in the caller's task.
+    /// Synchronous dispatch of everything due, in the caller's task: rounds
+    /// over every engine until none delivers anything. Returns how many
+    /// deliveries ran.
     pub(crate) async fn dispatch_due(&self) -> Result<usize> {
-        crate::engine::dispatch_due(&self.subscribers()).await
+        /// A guard against handlers that keep feeding their own queue.
+        const MAX_DELIVERIES: usize = 100_000;
+        let mut total = 0;
+        loop {
+            let mut round = 0;
+            for e in self.engines() {
+                round += e.dispatch_round().await?;
+            }
+            total += round;
+            if round == 0 {
+                return Ok(total);
+            }
+            if total >= MAX_DELIVERIES {
+                tracing::warn!(
+                    "synchronous dispatch stopped after {total} deliveries: a handler keeps publishing due rows to the queues it serves"
+                );
+                return Ok(total);
+            }
+        }
+    }
+}
+
+/// The engine reports to the harness.
+impl Observer for Harness {
+    fn synchronous(&self) -> bool {
+        self.sync
+    }
+
+    /// A row was inserted (or a timer extended) on the in-memory backend:
+    /// wakes the fetch loops serving `queue`, as a NOTIFY would.
+    fn inserted(&self, queue: &str) {
+        for e in self.engines() {
+            e.wake(Some(queue));
+        }
+        self.changed();
+    }
+
+    fn engine_started(&self, engine: Weak<dyn EngineHandle>) -> u64 {
+        let id = self.next_engine.fetch_add(1, Ordering::SeqCst);
+        lock(&self.engines).push((id, engine));
+        id
+    }
+
+    fn engine_stopped(&self, id: u64) {
+        lock(&self.engines).retain(|(e, _)| *e != id);
+        self.changed();
+    }
+
+    fn step(&self, row_id: i64, step: Step) {
+        self.record(row_id, step);
+    }
+
+    fn changed(&self) {
+        Harness::changed(self);
+    }
+
+    fn handler_called(&self, subscriber: &str, row: &OutboxRow) {
+        self.record_call(subscriber, row);
     }
 }

@@ -65,8 +65,11 @@
 //!   backend (the contract suite that keeps the two identical drives it).
 //!
 //! A handler that opens its own PostgreSQL transaction (to publish a
-//! follow-up row on `ctx.broker().pool()`) needs the PostgreSQL mode: on the
-//! in-memory backend the broker's pool is a placeholder that never connects.
+//! follow-up row on `ctx.broker().pool()`) needs the PostgreSQL mode: the
+//! in-memory backend has no pool (`OutboxBroker::try_pool` returns
+//! [`Error::Unsupported`](crate::Error::Unsupported), `pool()` panics), and
+//! what only PostgreSQL can do (`validate_schema`, `stats`, the `dlq_*`
+//! operations) returns that error too; `migrate` does nothing.
 //!
 //! See `docs/testing.md` for the guide.
 
@@ -75,9 +78,10 @@ mod ext;
 mod harness;
 mod ops;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 
 pub use app::{DEFAULT_SETTLE_TIMEOUT, TestApp, TestAppBuilder};
 pub use ext::OutgoingExt;
@@ -93,24 +97,15 @@ use crate::broker::OutboxBroker;
 use crate::error::Result;
 use crate::store::{DlqTable, OutboxTable};
 
-/// A broker for the in-memory backend: table `outbox` (and `outbox_dlq`),
-/// over a pool that never connects (`min_connections(0)`, no maintenance
-/// task, so it needs no runtime either). Attach the harness that holds the
-/// store with [`OutboxBroker::with_harness`].
-pub(crate) fn memory_broker(dead_letters: bool) -> Result<OutboxBroker> {
-    let opts = PgConnectOptions::new_without_pgpass()
-        .host("in-memory-outbox.invalid")
-        .database("outbox")
-        .username("outbox")
-        .application_name("outbox-in-memory");
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(0)
-        .idle_timeout(None)
-        .max_lifetime(None)
-        .acquire_timeout(Duration::from_millis(200))
-        .connect_lazy_with(opts);
-    let broker = OutboxBroker::new(pool, OutboxTable::new("outbox")?);
+/// A broker on the in-memory store `store`: table `outbox` (and
+/// `outbox_dlq`), reporting to `harness`. It has no pool: what needs
+/// PostgreSQL returns [`Error::Unsupported`](crate::Error::Unsupported).
+pub(crate) fn memory_broker(
+    store: Arc<MemoryStore>,
+    harness: Arc<Harness>,
+    dead_letters: bool,
+) -> Result<OutboxBroker> {
+    let broker = OutboxBroker::local(store, OutboxTable::new("outbox")?).observed_by(harness);
     Ok(if dead_letters {
         broker.dead_letter_table(DlqTable::new("outbox_dlq")?)
     } else {
@@ -193,4 +188,161 @@ pub(crate) async fn postgres_has_claimable(
     .fetch_one(broker.pool())
     .await?;
     Ok(found)
+}
+
+/// The in-memory backend: what it runs, and the clear error for what only
+/// PostgreSQL can run.
+#[cfg(test)]
+mod memory_backend {
+    use super::*;
+    use crate::error::Error;
+    use crate::ops::{DlqFilter, ReplayOptions};
+    use crate::publish::PublishOptions;
+    use crate::store::SchemaChecks;
+
+    fn broker() -> OutboxBroker {
+        let store = Arc::new(MemoryStore::new());
+        let harness = Harness::new(Some(store.clone()), true);
+        memory_broker(store, harness, true).expect("a memory broker")
+    }
+
+    /// `result` is `Error::Unsupported` naming `operation` and the store,
+    /// with a message that says to use PostgreSQL.
+    #[track_caller]
+    fn unsupported<T: std::fmt::Debug>(result: Result<T>, operation: &str) {
+        match result {
+            Err(
+                ref e @ Error::Unsupported {
+                    operation: op,
+                    backend,
+                },
+            ) => {
+                assert_eq!(op, operation);
+                assert_eq!(backend, "the in-memory store");
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "{operation} is not supported by the in-memory store; run it against PostgreSQL"
+                    )
+                );
+                assert!(e.is_misuse());
+            }
+            other => panic!("{operation}: expected Error::Unsupported, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn validate_schema_is_unsupported() {
+        unsupported(broker().validate_schema().await, "validate_schema");
+    }
+
+    #[tokio::test]
+    async fn validate_schema_with_is_unsupported() {
+        let checks = SchemaChecks::new().autovacuum(true);
+        unsupported(
+            broker().validate_schema_with(checks).await,
+            "validate_schema_with",
+        );
+    }
+
+    #[tokio::test]
+    async fn stats_are_unsupported() {
+        unsupported(broker().stats().await, "stats");
+        unsupported(broker().stats_for(&["orders"]).await, "stats");
+    }
+
+    #[tokio::test]
+    async fn stats_for_no_queue_need_no_backend() {
+        // No queue, no statement: an empty answer, as on PostgreSQL.
+        assert!(broker().stats_for(&[]).await.expect("empty").is_empty());
+    }
+
+    #[tokio::test]
+    async fn dlq_list_is_unsupported() {
+        unsupported(broker().dlq_list(&DlqFilter::all()).await, "dlq_list");
+    }
+
+    #[tokio::test]
+    async fn dlq_get_is_unsupported() {
+        unsupported(broker().dlq_get(1).await, "dlq_get");
+    }
+
+    #[tokio::test]
+    async fn dlq_count_is_unsupported() {
+        unsupported(broker().dlq_count(&DlqFilter::all()).await, "dlq_count");
+    }
+
+    #[tokio::test]
+    async fn dlq_purge_is_unsupported() {
+        unsupported(broker().dlq_purge(&DlqFilter::all()).await, "dlq_purge");
+    }
+
+    #[tokio::test]
+    async fn dlq_replay_is_unsupported() {
+        unsupported(broker().dlq_replay(&DlqFilter::all()).await, "dlq_replay");
+        let dry = ReplayOptions::new().dry_run(true);
+        unsupported(
+            broker()
+                .dlq_replay_with(&DlqFilter::all(), &dry, |_| {})
+                .await,
+            "dlq_replay",
+        );
+    }
+
+    #[test]
+    fn the_pool_is_unsupported() {
+        unsupported(broker().try_pool().map(|_| ()), "OutboxBroker::pool");
+    }
+
+    #[test]
+    #[should_panic(
+        expected = "OutboxBroker::pool is not supported by the in-memory store; run it against PostgreSQL"
+    )]
+    fn pool_panics_in_memory() {
+        let _ = broker().pool();
+    }
+
+    #[tokio::test]
+    async fn migrate_is_a_no_op() {
+        broker().migrate().await.expect("nothing to create");
+    }
+
+    #[tokio::test]
+    async fn producer_operations_run_in_memory() {
+        let b = broker();
+        let timer = PublishOptions::new().timer_id("t");
+        let id = b.publish_on(&1, "orders", &timer, None).await.unwrap();
+        assert!(id.is_some());
+        let again = b.publish_on(&2, "orders", &timer, None).await.unwrap();
+        assert_eq!(again, None, "the timer exists");
+        let n = b
+            .publish_batch_on([3, 4], "orders", &PublishOptions::new(), None)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let rows = b
+            .fetch_unprocessed_on(Some("orders"), 10, None)
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(b.cancel_timer_on("orders", "t", None).await.unwrap());
+        assert!(!b.cancel_timer_on("orders", "t", None).await.unwrap());
+        let rows = b.fetch_unprocessed_on(None, 10, None).await.unwrap();
+        assert_eq!(rows.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn engine_statements_run_in_memory() {
+        let store = Arc::new(MemoryStore::new());
+        let ops = StoreOps::memory(store.clone()).unwrap();
+        ops.publish(&1, "orders", &PublishOptions::new())
+            .await
+            .unwrap();
+        let claim = ops
+            .claim(&["orders"], 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(claim.rows.len(), 1);
+        assert_eq!(store.rows()[0].deliveries_count, 1);
+    }
 }

@@ -83,6 +83,8 @@ impl Claim {
 /// ```
 pub struct StoreOps {
     broker: OutboxBroker,
+    /// The in-memory store, on that backend.
+    store: Option<Arc<MemoryStore>>,
     conn: tokio::sync::Mutex<Option<Conn>>,
 }
 
@@ -90,7 +92,7 @@ impl fmt::Debug for StoreOps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StoreOps")
             .field("broker", &self.broker)
-            .field("memory", &self.broker.memory().is_some())
+            .field("memory", &self.broker.backend().is_local())
             .finish_non_exhaustive()
     }
 }
@@ -122,15 +124,18 @@ impl StoreOps {
     }
 
     fn on_memory(store: Arc<MemoryStore>, dead_letters: bool) -> Result<Self> {
-        let harness = Harness::new(Some(store), false);
-        Ok(Self::on(
-            super::memory_broker(dead_letters)?.with_harness(harness),
-        ))
+        let harness = Harness::new(Some(store.clone()), false);
+        let broker = super::memory_broker(store.clone(), harness, dead_letters)?;
+        Ok(Self {
+            store: Some(store),
+            ..Self::on(broker)
+        })
     }
 
     fn on(broker: OutboxBroker) -> Self {
         Self {
             broker,
+            store: None,
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -167,7 +172,7 @@ impl StoreOps {
         let conn = match &mut *slot {
             Some(c) => c,
             empty => {
-                let opts = (*self.broker.pool().connect_options()).clone();
+                let opts = self.broker.backend().connect_options();
                 empty.insert(self.broker.store_conn(&opts).await?)
             }
         };
@@ -417,7 +422,7 @@ impl StoreOps {
     /// # Ok(()) }
     /// ```
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>> {
-        if let Some(store) = self.broker.memory() {
+        if let Some(store) = &self.store {
             if self.broker.dlq().is_none() {
                 return Ok(Vec::new());
             }
