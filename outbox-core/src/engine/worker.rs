@@ -10,32 +10,20 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use tracing::Instrument;
 
 use super::SubShared;
 use super::backoff::Reconnect;
 use crate::broker::Step;
-use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Message, Outcome};
+use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Outcome};
 use crate::engine::retry::RetryContext;
-use crate::error::{BoxError, HandlerPanic};
+use crate::error::BoxError;
 use crate::store::OutboxRow;
 use crate::store::conn::{self as store, Conn, Write, Written};
 
 /// Longest `last_exception` text kept, in characters.
 pub const LAST_EXCEPTION_MAX_CHARS: usize = 8192;
 const TRUNCATED: &str = "…[truncated]";
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
 
 /// What a buffered delete records once it landed.
 #[derive(Debug, Clone, Copy)]
@@ -304,7 +292,8 @@ impl Worker {
         }
     }
 
-    /// Runs the handler (unless `max_deliveries` is exceeded) and decides the
+    /// Runs the handler (unless `max_deliveries` is exceeded) inside the
+    /// per-delivery layers of [`deliver`](super::deliver), and decides the
     /// outcome. Never panics: a panicking handler or strategy is an error.
     async fn dispatch(
         &self,
@@ -330,36 +319,9 @@ impl Worker {
                 );
             }
         }
-        let span = tracing::info_span!(
-            "outbox.deliver",
-            otel.name = %format_args!("{} process", row.queue),
-            otel.kind = "consumer",
-            messaging.system = "outbox",
-            messaging.operation.type = "process",
-            messaging.destination.name = %row.queue,
-            messaging.message.id = row.id,
-            messaging.message.conversation_id = %row.correlation_id(),
-            messaging.outbox.deliveries_count = row.deliveries_count,
-            messaging.consumer.group.name = %self.shared.sub.name(),
-            subscriber = %self.shared.sub.name(),
-            queue = %row.queue,
-            row_id = row.id,
-            correlation_id = %row.correlation_id(),
-            deliveries_count = row.deliveries_count,
-        );
-        #[cfg(feature = "otel")]
-        crate::otel::continue_trace(&span, &row.headers, row.deliveries_count);
-        let msg = Message::new(delivery.clone());
-        self.shared.handler_called(row);
-        self.shared.metrics.dispatched(&row.queue);
-        let started = Instant::now();
-        let fut = self.shared.sub.handler().call(msg);
-        let result = match AssertUnwindSafe(fut).catch_unwind().instrument(span).await {
-            Ok(r) => r,
-            Err(p) => Err(Box::new(HandlerPanic(panic_message(p))) as BoxError),
-        };
-        let (outcome, error) = self.resolve(delivery, result);
-        (outcome, error, Some(started.elapsed()))
+        let ran = super::deliver::run(&self.shared, delivery).await;
+        let (outcome, error) = self.resolve(delivery, ran.result);
+        (outcome, error, Some(ran.elapsed))
     }
 
     fn resolve(
@@ -459,7 +421,7 @@ impl Worker {
                 tracing::error!(
                     row_id = row.id,
                     "retry strategy {strategy:?} panicked: {}; giving up (retry_terminal)",
-                    panic_message(p)
+                    super::deliver::panic_message(p)
                 );
                 terminal
             }
@@ -776,12 +738,5 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let e = Outer(inner);
         assert_eq!(render_default(&e), "write failed: disk on fire");
-    }
-
-    #[test]
-    fn panic_payloads_become_text() {
-        assert_eq!(panic_message(Box::new("boom")), "boom");
-        assert_eq!(panic_message(Box::new(String::from("bang"))), "bang");
-        assert_eq!(panic_message(Box::new(3)), "non-string panic payload");
     }
 }
