@@ -22,6 +22,7 @@
 //! | [`killed_relay_redelivers`] | a relay aborted mid-stream (no graceful stop) and started again: every row arrives at least once |
 //! | [`invalid_destination_fails_startup`] | `App::run` fails before consuming anything, naming the destination |
 //! | [`oversized_message_is_not_lost`] | a payload over the bus's limit is a [`BusRejection`] naming the bus; its row is dead-lettered with that reason (or kept), never dropped |
+//! | [`unreachable_bus_fails_startup`] | a bus that cannot be reached fails `App::run` at startup, naming the transport; nothing is consumed |
 //!
 //! ```no_run
 //! # use outbox_core::OutboxBroker;
@@ -151,6 +152,14 @@ pub trait BusProbe: Send + Sync + 'static {
     /// mapping check compares it only then.
     fn carries_keys(&self) -> bool {
         true
+    }
+
+    /// A builder of the transport pointed at an address where no server
+    /// answers (or with credentials the server refuses), with a short
+    /// connect timeout, for [`unreachable_bus_fails_startup`]; `None` for a
+    /// bus that cannot be unreachable (in-process).
+    fn unreachable_broker(&self) -> Option<Self::Broker> {
+        None
     }
 }
 
@@ -664,4 +673,51 @@ pub async fn oversized_message_is_not_lost<P: BusProbe>(probe: &P, outbox: &Outb
         got.iter().all(|m| m.outbox_id() != Some(id)),
         "conformance: the oversized message arrived after all"
     );
+}
+
+/// A bus that cannot be reached ([`BusProbe::unreachable_broker`]) fails
+/// `App::run` at startup through the shared registration step, with an
+/// error naming the transport and its connect hook; no row is consumed.
+/// Returns the error text, for the bus's own assertions (such as the
+/// address it names).
+pub async fn unreachable_bus_fails_startup<P: BusProbe>(
+    probe: &P,
+    outbox: &OutboxBroker,
+) -> String {
+    let Some(broker) = probe.unreachable_broker() else {
+        panic!("conformance: this BusProbe gives no unreachable_broker()");
+    };
+    let name = broker.transport_name().to_owned();
+    let queue = unique("unreachable");
+    let ids = publish_rows(outbox, &queue, 1).await;
+    let route = Route::builder([queue.as_str()])
+        .publish_to(name.clone(), "anywhere")
+        .handler(
+            |msg: Message, ctx: AppContext| async move { Passthrough::from_delivery(&msg, &ctx) },
+        );
+    let app = App::new(outbox.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(broker.connect());
+    let res = must(
+        "App::run did not return",
+        tokio::time::timeout(WAIT, app.run()).await,
+    );
+    let err = match res {
+        Ok(()) => panic!("conformance: App::run started with an unreachable `{name}`"),
+        Err(e) => e.to_string(),
+    };
+    let hook = format!("{name}.connect");
+    let transport = format!("transport `{name}` could not connect");
+    assert!(
+        err.contains(&hook) && err.contains(&transport),
+        "conformance: the startup error must name the hook `{hook}` and say `{transport}`: {err}"
+    );
+    assert_eq!(
+        rows(outbox, &queue).await,
+        ids.len() as i64,
+        "conformance: a row was consumed"
+    );
+    err
 }

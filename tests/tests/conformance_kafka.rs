@@ -85,6 +85,14 @@ impl BusProbe for Kafka {
     fn oversized_len(&self) -> usize {
         2_000_000
     }
+
+    fn unreachable_broker(&self) -> Option<KafkaBroker> {
+        Some(
+            KafkaBroker::new("127.0.0.1:1")
+                .connect_timeout(Duration::from_secs(2))
+                .set("reconnect.backoff.max.ms", "200"),
+        )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,4 +135,14 @@ async fn kafka_oversized_message_is_not_lost() {
     let _lock = broker_lock(false).await.unwrap();
     let db = TestDb::new().await.unwrap();
     outbox_conformance::oversized_message_is_not_lost(&Kafka::new(), &db.broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_unreachable_bus_fails_startup() {
+    let db = TestDb::new().await.unwrap();
+    let err = outbox_conformance::unreachable_bus_fails_startup(&Kafka::new(), &db.broker).await;
+    assert!(
+        err.contains("127.0.0.1:1"),
+        "names the bootstrap address: {err}"
+    );
 }
