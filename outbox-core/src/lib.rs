@@ -117,19 +117,11 @@ pub mod __private {
     #[cfg(feature = "macros")]
     pub use outbox_macros::__subscriber_option_names;
 
-    /// Identity with an `IntoReply` bound, emitted at the span of a handler's
-    /// return type so an unserializable result is reported there.
-    pub fn reply<R: crate::IntoReply>(r: R) -> R {
-        r
-    }
-
-    /// `FromDelivery` for one handler parameter, emitted at the span of the
-    /// parameter's type.
-    pub fn extract<T: crate::FromDelivery>(
-        msg: &crate::Message,
-        ctx: &crate::AppContext,
-    ) -> Result<T, crate::BoxError> {
-        T::from_delivery(msg, ctx)
+    /// [`IntoReply::into_reply`](crate::IntoReply::into_reply), emitted at
+    /// the span of a handler's return type so an unserializable result is
+    /// reported there (and the route's handler returns a concrete type).
+    pub fn reply<R: crate::IntoReply>(r: R) -> Result<Option<crate::Reply>, crate::BoxError> {
+        r.into_reply()
     }
 
     /// One of the engine's statements for `table` (`claim`, `ack`,

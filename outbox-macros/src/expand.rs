@@ -64,8 +64,15 @@ pub(crate) fn subscriber(model: &Subscriber<'_>, item: TokenStream) -> TokenStre
 
         #(#cfgs)*
         const _: () = {
-            fn __outbox_assert_send<F: ::core::future::Future + ::core::marker::Send>(f: F) -> F {
-                f
+            fn __outbox_assert_send<F>(
+                f: F,
+            ) -> ::core::pin::Pin<
+                ::std::boxed::Box<dyn ::core::future::Future<Output = F::Output> + ::core::marker::Send>,
+            >
+            where
+                F: ::core::future::Future + ::core::marker::Send + 'static,
+            {
+                ::std::boxed::Box::pin(f)
             }
 
             #[allow(deprecated)]
@@ -187,77 +194,96 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
     if let Some(on) = &args.propagate_headers {
         chain.extend(quote_spanned!(at(on.span)=> .propagate_headers(#on)));
     }
-    for param in &model.params {
+    // The check of each parameter, at its type: `.to(..)` below collects
+    // the requirements itself.
+    for param in model.params.iter().filter(|p| !p.headers) {
         let ty = param.ty;
         chain.extend(quote_spanned!(at(ty.span())=> .requires::<#ty>()));
     }
     chain
 }
 
-/// `.handler(|msg, ctx| async move { .. })`: extract every parameter, call
-/// the user's fn, convert its return value.
+/// `.to::<_, (T1, ..)>(|arg0: T1, ..| async move { .. })`: the parameters
+/// are extracted by `RouteBuilder::to` (`HandlerFn`); the closure calls the
+/// user's fn and converts its return value into a reply. A parameter written
+/// `Headers` is taken as `MessageHeaders` and unwrapped.
 ///
-/// The closure is located at the return type (or the fn's name): the only
-/// bounds `RouteBuilder::handler` checks on it concern the return value.
+/// Every bound the closure must meet holds by construction except the
+/// parameters' `FromDelivery`, which `.requires::<T>()` reports at each type
+/// (and `.to` once more, at the fn's name): the fn's future is boxed by a
+/// `Send` check at the fn's name, the result converted by a check at the
+/// return type.
 fn handler(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
     let ident = model.ident;
-    let extracts = model.params.iter().map(|p| {
-        let (ty, binding) = (p.ty, &p.binding);
-        let span = at(ty.span());
-        let private = paths.private_at(span);
-        let (msg, ctx) = (name("__outbox_msg", span), name("__outbox_ctx", span));
-        quote_spanned!(span=> let #binding = #private::extract::<#ty>(&#msg, &#ctx)?;)
-    });
+    let (tys, bindings): (Vec<TokenStream>, Vec<&Ident>) = model
+        .params
+        .iter()
+        .map(|p| {
+            let (ty, binding) = (p.ty, &p.binding);
+            let span = at(ty.span());
+            let ty = if p.headers {
+                let root = paths.root_at(span);
+                quote_spanned!(span=> #root::MessageHeaders)
+            } else {
+                quote_spanned!(span=> #ty)
+            };
+            (ty, binding)
+        })
+        .unzip();
     // The call is located at the fn's name, where a non-`Send` future is
     // reported.
     let call = {
         let span = at(ident.span());
-        let args = model
-            .params
-            .iter()
-            .map(|p| name(&p.binding.to_string(), span));
+        let args = model.params.iter().map(|p| {
+            let arg = name(&p.binding.to_string(), span);
+            if p.headers {
+                quote_spanned!(span=> #arg.0)
+            } else {
+                quote!(#arg)
+            }
+        });
         let check = name("__outbox_assert_send", span);
         quote_spanned!(span=> #check(#ident(#(#args),*)).await)
     };
-    let (value, span) = match &model.output {
+    let value = match &model.output {
         Output::Discard => {
-            let root = paths.root();
-            let value = quote! {
+            let span = at(ident.span());
+            let private = paths.private_at(span);
+            quote_spanned! {span=>
                 let _ = #call;
-                ::core::result::Result::Ok::<(), #root::BoxError>(())
-            };
-            (value, at(ident.span()))
+                #private::reply(())
+            }
         }
         Output::ErrOnly { span } => {
             let span = at(*span);
-            let (root, private) = (paths.root_at(span), paths.private_at(span));
+            let private = paths.private_at(span);
             let ret = name("__outbox_ret", span);
-            let value = quote_spanned! {span=>
+            quote_spanned! {span=>
                 let #ret = #call;
-                ::core::result::Result::Ok::<_, #root::BoxError>(
-                    #private::reply(::core::result::Result::map(#ret, |_| ()))
-                )
-            };
-            (value, span)
+                #private::reply(::core::result::Result::map(#ret, |_| ()))
+            }
         }
         Output::Forward { conv: c, span } => {
             let span = at(*span);
-            let (root, private) = (paths.root_at(span), paths.private_at(span));
+            let private = paths.private_at(span);
             let ret = name("__outbox_ret", span);
             let converted = conv(c, quote!(#ret), paths, span);
-            let value = quote_spanned! {span=>
+            quote_spanned! {span=>
                 let #ret = #call;
-                ::core::result::Result::Ok::<_, #root::BoxError>(#private::reply(#converted))
-            };
-            (value, span)
+                #private::reply(#converted)
+            }
         }
     };
-    let (msg, ctx) = (name("__outbox_msg", span), name("__outbox_ctx", span));
-    // Parameter types come from `RouteBuilder::handler`'s `Fn(Message,
-    // AppContext)` bound.
+    let bindings = bindings
+        .iter()
+        .zip(&model.params)
+        .map(|(b, p)| Ident::new(&b.to_string(), at(p.ty.span())));
+    // Where `.to`'s own report of a parameter that is not `FromDelivery` goes
+    // (each such type is also reported at itself, by `.requires`): the fn.
+    let infer = quote_spanned!(at(ident.span())=> _);
+    let span = at(ident.span());
     quote_spanned! {span=>
-        .handler(|#msg, #ctx| async move {
-            #(#extracts)*
+        .to::<#infer, (#(#tys,)*)>(move |#(#bindings: #tys),*| async move {
             #value
         })
     }

@@ -115,7 +115,7 @@ use proc_macro::TokenStream;
 ///
 /// | position | requirement |
 /// |---|---|
-/// | each parameter `p: T` | `T: FromDelivery`: any `T: serde::de::DeserializeOwned` (the body, decoded by content type), `outbox_core::Message` (the delivery: id, headers, `ack`/`nack`/`reject`) or `outbox_core::State<S>` (state registered with `App::state`) |
+/// | each parameter `p: T` | `T: FromDelivery`: any `T: serde::de::DeserializeOwned` (the body, decoded by content type), `outbox_core::Message` (the delivery: id, headers, `ack`/`nack`/`reject`), `outbox_core::State<S>` (state registered with `App::state`); a type written `Headers` (`outbox_core::Headers`, …) is the row's headers (`outbox_core::MessageHeaders`), not the body decoded as a map |
 /// | the future of the fn | `Send + 'static` |
 /// | the return type, without `#[publish_to]` | anything; the value is dropped, except that the `Err` of a `Result<_, E>` is the handler error (`E: Into<BoxError>`) |
 /// | the return type, with `#[publish_to]` | see below |
@@ -150,9 +150,11 @@ use proc_macro::TokenStream;
 ///    on explicit registration only);
 /// 3. inside `const _: () = { .. };`, a factory `fn() -> Route` that builds the
 ///    route with `Route::builder` (queues, name, `file!()`/`line!()` location,
-///    the options, one `.publish_to(..)` per target, one `.requires::<T>()` per
-///    parameter) and a handler closure that extracts each parameter with
-///    `FromDelivery`, awaits the fn and converts its result (table above);
+///    the options, one `.publish_to(..)` per target, one `.requires::<T>()`
+///    per parameter, checking it at its type) finished by `.to(..)`
+///    (`outbox_core::HandlerFn`, which extracts each parameter with
+///    `FromDelivery`) with a closure of the same parameters that awaits the fn
+///    and converts its result (table above);
 /// 4. `inventory::submit!` of that factory: `App::run` discovers every
 ///    `#[subscriber]` linked into the binary. If the handlers live in another
 ///    crate, make sure the binary references that crate (`use my_handlers as
@@ -254,7 +256,7 @@ use proc_macro::TokenStream;
 /// The seed example above (with its `#[publish_to]`) is the same as:
 ///
 /// ```no_run
-/// use outbox_core::{AppContext, BoxError, FromDelivery, IntoRoute, Message, Response, Route};
+/// use outbox_core::{IntoRoute, Response, Route};
 ///
 /// async fn handle(order_id: i64) -> i64 {
 ///     println!("got order {order_id}");
@@ -270,12 +272,7 @@ use proc_macro::TokenStream;
 ///             .name(concat!(module_path!(), "::", "handle"))
 ///             .location(file!(), line!(), column!())
 ///             .publish_to("kafka", "orders.kafka")
-///             .requires::<i64>()
-///             .handler(|msg: Message, ctx: AppContext| async move {
-///                 let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
-///                 let ret = handle(order_id).await;
-///                 Ok::<_, BoxError>(Response::new(ret))
-///             })
+///             .to(|order_id: i64| async move { Response::new(handle(order_id).await) })
 ///     }
 /// }
 /// // Discovery: the macro also submits `|| handle {}.into_route()` to
@@ -376,15 +373,12 @@ pub fn subscriber(args: TokenStream, item: TokenStream) -> TokenStream {
 /// builder, and the return value wrapped in `Response::new`:
 ///
 /// ```no_run
-/// use outbox_core::{AppContext, BoxError, FromDelivery, Message, Response, Route};
+/// use outbox_core::{Response, Route};
 ///
 /// let route = Route::builder(["orders"])
 ///     .publish_to("kafka", "orders.shipped")
 ///     .publish_to("audit", "shipping")
-///     .handler(|msg: Message, ctx: AppContext| async move {
-///         let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
-///         Ok::<_, BoxError>(Response::new(order_id))
-///     });
+///     .to(|order_id: i64| async move { Response::new(order_id) });
 /// # let _ = route;
 /// ```
 #[proc_macro_attribute]

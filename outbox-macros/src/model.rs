@@ -41,6 +41,9 @@ pub(crate) struct Param<'a> {
     pub(crate) ty: &'a Type,
     /// The local holding the extracted value (`__outbox_arg0`).
     pub(crate) binding: Ident,
+    /// Written `Headers` (any path ending so, without arguments): given the
+    /// row's headers (`MessageHeaders`), not the body decoded as a map.
+    pub(crate) headers: bool,
 }
 
 /// What the generated handler does with the fn's return value.
@@ -90,6 +93,7 @@ impl<'a> Subscriber<'a> {
             .map(|(i, ty)| Param {
                 ty,
                 binding: format_ident!("__outbox_arg{}", i),
+                headers: is_headers(ty),
             })
             .collect();
         let forwards = !args.targets.is_empty();
@@ -170,6 +174,19 @@ fn shape(ty: &Type) -> Shape<'_> {
             }
         }
         _ => Shape::Other,
+    }
+}
+
+/// `Headers`, `outbox_core::Headers`, `envelope::Headers`…: the type the
+/// runtime names for a row's headers.
+fn is_headers(ty: &Type) -> bool {
+    match strip(ty) {
+        Type::Path(p) if p.qself.is_none() => p
+            .path
+            .segments
+            .last()
+            .is_some_and(|last| last.ident == "Headers" && last.arguments.is_none()),
+        _ => false,
     }
 }
 

@@ -93,6 +93,21 @@ async fn params(body: String, msg: Message, prefix: State<Prefix>) -> Response<S
         .header("x-explicit", "yes")
 }
 
+/// A `Headers` parameter is the row's headers, not the body decoded as a
+/// map; a map type written otherwise is the body.
+#[publish_to(kafka, "macros.headers.out")]
+#[subscriber("macros.headers")]
+async fn with_headers(
+    body: std::collections::BTreeMap<String, String>,
+    headers: outbox_core::Headers,
+) -> String {
+    format!(
+        "body {} / tenant {}",
+        body.get("k").map_or("-", String::as_str),
+        headers.get("x-tenant").map_or("-", String::as_str)
+    )
+}
+
 /// Every option.
 #[publish_to(kafka, "macros.options.out")]
 #[subscriber(
@@ -335,6 +350,28 @@ async fn message_and_state_parameters_and_a_response() -> R {
     assert_eq!(m.key.as_deref(), Some(&b"hi"[..]));
     assert_eq!(m.headers["x-explicit"], "yes");
     assert_eq!(m.headers["x-tenant"], "acme", "propagate_headers = true");
+    stop.shutdown();
+    run.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_headers_parameter_is_the_rows_headers() -> R {
+    let db = TestDb::new().await?;
+    let kafka = MemoryTransport::new("kafka");
+    let (stop, run) = start(explicit(&db, with_headers {}, &kafka));
+    let mut conn = db.pool.acquire().await?;
+    db.broker
+        .publish_with(
+            &serde_json::json!({"k": "v"}),
+            "macros.headers",
+            &PublishOptions::new().header("x-tenant", "acme"),
+            &mut conn,
+        )
+        .await?;
+    let got = kafka.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].payload, b"body v / tenant acme");
+    assert!(drained(&db).await);
     stop.shutdown();
     run.await??;
     Ok(())

@@ -35,7 +35,7 @@ pub struct Requirement {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a `#[subscriber]` handler parameter",
     label = "this parameter",
-    note = "a parameter is the body (any type implementing `serde::Deserialize`), `outbox_core::Message` (the delivery handle), `outbox_core::Headers` (its headers) or `outbox_core::State<S>` (application state)"
+    note = "a parameter is the body (any type implementing `serde::Deserialize`), `outbox_core::Message` (the delivery handle), `outbox_core::Headers` (its headers; `MessageHeaders` in a hand-written handler) or `outbox_core::State<S>` (application state)"
 )]
 pub trait FromDelivery: Sized + Send + 'static {
     /// Extracts the parameter.

@@ -155,6 +155,13 @@ impl IntoReply for Response<Passthrough> {
     }
 }
 
+/// Already encoded.
+impl IntoReply for Reply {
+    fn into_reply(self) -> Result<Option<Reply>, BoxError> {
+        Ok(Some(self))
+    }
+}
+
 impl<R: IntoReply> IntoReply for Option<R> {
     fn into_reply(self) -> Result<Option<Reply>, BoxError> {
         match self {
