@@ -36,12 +36,7 @@ impl IntoRoute for handle {
             .name(concat!(module_path!(), "::handle"))
             .location(file!(), line!(), column!())
             .publish_to("kafka", "orders.kafka")
-            .requires::<i64>()
-            .handler(|msg: Message, ctx: AppContext| async move {
-                let order_id = <i64 as FromDelivery>::from_delivery(&msg, &ctx)?;
-                let ret = handle(order_id).await;
-                Ok::<_, BoxError>(Response::new(ret))
-            })
+            .to(|order_id: i64| async move { Response::new(handle(order_id).await) })
     }
 }
 
