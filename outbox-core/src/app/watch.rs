@@ -12,8 +12,11 @@
 //! - **WARN**, once per outage, when the transport has confirmed nothing
 //!   for the threshold while messages wait for it (publishes in flight, or
 //!   publishes that failed recently and whose rows wait for their retry);
-//! - **INFO**, once, when it confirms again: how long the outage lasted, how
-//!   many publishes failed during it and how many were confirmed since.
+//! - **INFO**, once, when it confirms again a publish that began after the
+//!   warning (a late confirmation of an older one, e.g. a delivery report a
+//!   busy machine processed late, is no recovery): how long the outage
+//!   lasted, how many publishes failed during it and how many were
+//!   confirmed since.
 //!
 //! Transport-agnostic: it sees only what the [`Transport`](crate::Transport)
 //! trait reports. A permanent refusal
@@ -139,7 +142,12 @@ pub(crate) struct Tracker {
     quiet_since: AtomicU64,
     /// Set while an outage was reported and not yet over.
     in_outage: AtomicBool,
-    /// The first confirmation during a reported outage (0: none yet).
+    /// When the current outage was reported (0: none reported).
+    declared_at: AtomicU64,
+    /// The first confirmation, during a reported outage, of a publish that
+    /// began after the report (0: none yet). A late confirmation of a
+    /// publish that began before it (a delivery report the relay had not
+    /// processed yet, e.g. on a machine too busy to run it) is no recovery.
     recovered_at: AtomicU64,
     outage: Mutex<Option<Outage>>,
 }
@@ -212,6 +220,7 @@ impl Tracker {
             last_failure: AtomicU64::new(0),
             quiet_since: AtomicU64::new(0),
             in_outage: AtomicBool::new(false),
+            declared_at: AtomicU64::new(0),
             recovered_at: AtomicU64::new(0),
             outage: Mutex::new(None),
         }
@@ -224,9 +233,11 @@ impl Tracker {
     /// A publish starts; end it with [`InFlight::end`] (dropping it counts
     /// as neither a confirmation nor a failure).
     pub(crate) fn begin(self: &Arc<Self>) -> InFlight {
-        self.begin_at(self.now());
+        let began = self.now();
+        self.begin_at(began);
         InFlight {
             tracker: Some(self.clone()),
+            began,
         }
     }
 
@@ -239,7 +250,8 @@ impl Tracker {
         }
     }
 
-    fn end_at(&self, ended: Ended, now: u64) {
+    /// A publish that began at `began` ended at `now`.
+    fn end_at(&self, ended: Ended, began: u64, now: u64) {
         self.in_flight.fetch_sub(1, Relaxed);
         match ended {
             Ended::Confirmed => {
@@ -249,8 +261,9 @@ impl Tracker {
                 if self.failed_since_confirm.load(Relaxed) != 0 {
                     self.failed_since_confirm.store(0, Relaxed);
                 }
-                if self.in_outage.load(Relaxed) {
-                    // Only the first confirmation of a reported outage.
+                if self.in_outage.load(Relaxed) && began >= self.declared_at.load(Relaxed) {
+                    // Only the first confirmation of a publish that began
+                    // after the outage was reported.
                     let _ = self
                         .recovered_at
                         .compare_exchange(0, now.max(1), Relaxed, Relaxed);
@@ -291,6 +304,7 @@ impl Tracker {
                     failed_before: failed_total,
                 });
                 self.recovered_at.store(0, Relaxed);
+                self.declared_at.store(now.max(1), Relaxed);
                 self.in_outage.store(true, Relaxed);
                 Some(Event::Outage {
                     silent: Duration::from_millis(silent),
@@ -299,16 +313,13 @@ impl Tracker {
                 })
             }
             Some(o) => {
-                if confirmed == o.confirmed_before {
+                let recovered_at = self.recovered_at.load(Relaxed);
+                if recovered_at == 0 {
                     return None;
                 }
-                let recovered_at = match self.recovered_at.load(Relaxed) {
-                    // A confirmation that raced with the report itself.
-                    0 => self.last_confirm.load(Relaxed),
-                    at => at,
-                };
                 *outage = None;
                 self.in_outage.store(false, Relaxed);
+                self.declared_at.store(0, Relaxed);
                 self.recovered_at.store(0, Relaxed);
                 Some(Event::Recovered {
                     lasted: Duration::from_millis(recovered_at.saturating_sub(o.since)),
@@ -371,13 +382,14 @@ impl Event {
 #[derive(Debug)]
 pub(crate) struct InFlight {
     tracker: Option<Arc<Tracker>>,
+    began: u64,
 }
 
 impl InFlight {
     /// The publish ended with `result`.
     pub(crate) fn end(mut self, result: &Result<(), BoxError>) {
         if let Some(t) = self.tracker.take() {
-            t.end_at(Ended::of(result), t.now());
+            t.end_at(Ended::of(result), self.began, t.now());
         }
     }
 }
@@ -430,13 +442,13 @@ mod tests {
         let t = tracker();
         for now in (0..60_000).step_by(100) {
             t.begin_at(now);
-            t.end_at(Ended::Confirmed, now + 80);
+            t.end_at(Ended::Confirmed, now, now + 80);
             assert_eq!(t.check(AFTER, now + 90), None);
         }
         // Idle for a minute, then one slow publish: silent only since it began.
         t.begin_at(120_000);
         assert_eq!(t.check(AFTER, 124_000), None);
-        t.end_at(Ended::Confirmed, 124_500);
+        t.end_at(Ended::Confirmed, 120_000, 124_500);
         assert_eq!(t.check(AFTER, 200_000), None, "nothing waits");
     }
 
@@ -444,7 +456,7 @@ mod tests {
     fn one_warning_while_messages_wait_then_one_recovery() {
         let t = tracker();
         t.begin_at(1_000);
-        t.end_at(Ended::Confirmed, 1_010);
+        t.end_at(Ended::Confirmed, 1_000, 1_010);
         for i in 0..3 {
             t.begin_at(2_000 + i);
         }
@@ -462,15 +474,18 @@ mod tests {
             assert_eq!(t.check(AFTER, now), None);
         }
         // Two publishes time out and are retried; then the bus is back.
-        t.end_at(Ended::Failed, 30_000);
-        t.end_at(Ended::Failed, 30_000);
+        t.end_at(Ended::Failed, 2_000, 30_000);
+        t.end_at(Ended::Failed, 2_001, 30_000);
         t.begin_at(30_200);
-        t.end_at(Ended::Confirmed, 31_000);
-        t.end_at(Ended::Confirmed, 31_050);
+        // A late confirmation of a publish that began before the warning
+        // (its delivery report was not processed in time) is no recovery.
+        t.end_at(Ended::Confirmed, 2_002, 31_000);
+        assert_eq!(t.check(AFTER, 31_020), None);
+        t.end_at(Ended::Confirmed, 30_200, 31_050);
         assert_eq!(
             t.check(AFTER, 31_500),
             Some(Event::Recovered {
-                lasted: Duration::from_millis(29_000),
+                lasted: Duration::from_millis(29_050),
                 failed: 2,
                 confirmed: 2,
             })
@@ -491,7 +506,7 @@ mod tests {
         let t = tracker();
         for now in (0..7_000).step_by(500) {
             t.begin_at(now);
-            t.end_at(Ended::Failed, now + 10);
+            t.end_at(Ended::Failed, now, now + 10);
         }
         assert!(matches!(
             t.check(AFTER, 7_000),
@@ -505,13 +520,13 @@ mod tests {
         let t = tracker();
         for now in (0..7_000).step_by(500) {
             t.begin_at(now);
-            t.end_at(Ended::Rejected, now + 10);
+            t.end_at(Ended::Rejected, now, now + 10);
         }
         assert_eq!(t.check(AFTER, 7_000), None);
         // Old failures of rows that are gone since do not make a warning.
         let t = tracker();
         t.begin_at(0);
-        t.end_at(Ended::Failed, 10);
+        t.end_at(Ended::Failed, 0, 10);
         assert_eq!(t.check(AFTER, 60_000), None);
     }
 
