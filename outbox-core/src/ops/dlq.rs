@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{Arg, Clause, bind_all};
+use super::{Arg, Clause, bind_all, bind_all_as};
 use crate::broker::OutboxBroker;
 use crate::error::{Error, Result};
 use crate::publish::validate_queue;
@@ -223,12 +223,10 @@ impl OutboxBroker {
             d = dlq.qualified_name(),
             w = c.sql
         );
-        let rows = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql)), &c.args)
+        let rows = bind_all_as(sqlx::query_as(sqlx::AssertSqlSafe(sql)), &c.args)
             .fetch_all(self.ops_pool("dlq_list")?)
             .await?;
-        rows.iter()
-            .map(|r| DeadLetter::from_pg(r).map_err(Error::from))
-            .collect()
+        Ok(rows)
     }
 
     /// The dead letter with this id (the dead-letter table's `id`), if any.
@@ -238,14 +236,11 @@ impl OutboxBroker {
             "SELECT {DLQ_SELECT} FROM {d} d WHERE d.id = $1",
             d = dlq.qualified_name()
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(id)
             .fetch_optional(self.ops_pool("dlq_get")?)
             .await?;
-        row.as_ref()
-            .map(DeadLetter::from_pg)
-            .transpose()
-            .map_err(Error::from)
+        Ok(row)
     }
 
     /// How many dead letters `filter` selects (bounded by its limit).

@@ -95,6 +95,22 @@ fn bind_all<'q>(
     q
 }
 
+/// [`bind_all`] for a statement whose rows decode into `T`.
+fn bind_all_as<'q, T>(
+    mut q: sqlx::query::QueryAs<'q, sqlx::Postgres, T, PgArguments>,
+    args: &[Arg],
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, T, PgArguments> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s.clone()),
+            Arg::Time(t) => q.bind(*t),
+            Arg::Ids(v) => q.bind(v.clone()),
+            Arg::Int(n) => q.bind(*n),
+        };
+    }
+    q
+}
+
 impl OutboxBroker {
     /// The pool `op` runs on, or [`Error::Unsupported`] on a backend without
     /// one (the in-memory store of the test harness).

@@ -203,17 +203,13 @@ async fn claim_pg(
     } else {
         &stmts.claim_pending
     };
-    let rows = sql::q(sql)
+    let mut out = sql::q_as::<OutboxRow>(sql)
         .bind(queues)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .bind(lease_ttl.as_secs_f64())
         .bind(token)
         .fetch_all(&mut *conn)
         .await?;
-    let mut out = rows
-        .iter()
-        .map(OutboxRow::from_pg)
-        .collect::<Result<Vec<_>, _>>()?;
     // RETURNING is unordered; dispatch in claim order.
     out.sort_by_key(|r| (r.next_attempt_at, r.id));
     Ok(out)

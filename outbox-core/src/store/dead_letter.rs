@@ -40,30 +40,36 @@ pub struct DeadLetter {
     pub timer_id: Option<String>,
 }
 
-/// The dead-letter columns [`DeadLetter::from_pg`] reads, in its order
+/// The dead-letter columns its [`FromRow`](sqlx::FromRow) decoder reads
 /// (alias `d`).
 pub(crate) const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.headers, d.deliveries_count, \
      d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id";
 
-impl DeadLetter {
-    pub(crate) fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let id: i64 = row.try_get(0)?;
-        let headers = envelope::headers_column(row.try_get(4)?, "dead letter", id);
+/// The one decoder of a dead letter: by column name (the columns of
+/// [`DLQ_SELECT`]), as `query_as` uses it. The headers column is read
+/// leniently, as an outbox row's, so it is decoded by hand rather than
+/// derived.
+impl<'r> sqlx::FromRow<'r, PgRow> for DeadLetter {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let id: i64 = row.try_get("id")?;
+        let headers = envelope::headers_column(row.try_get("headers")?, "dead letter", id);
         Ok(Self {
             id,
-            original_id: row.try_get(1)?,
-            queue: row.try_get(2)?,
-            payload: row.try_get(3)?,
+            original_id: row.try_get("original_id")?,
+            queue: row.try_get("queue")?,
+            payload: row.try_get("payload")?,
             headers,
-            deliveries_count: row.try_get(5)?,
-            created_at: row.try_get(6)?,
-            failed_at: row.try_get(7)?,
-            failure_reason: row.try_get(8)?,
-            last_exception: row.try_get(9)?,
-            timer_id: row.try_get(10)?,
+            deliveries_count: row.try_get("deliveries_count")?,
+            created_at: row.try_get("created_at")?,
+            failed_at: row.try_get("failed_at")?,
+            failure_reason: row.try_get("failure_reason")?,
+            last_exception: row.try_get("last_exception")?,
+            timer_id: row.try_get("timer_id")?,
         })
     }
+}
 
+impl DeadLetter {
     /// The `content-type` header, if any.
     pub fn content_type(&self) -> Option<&str> {
         envelope::content_type(&self.headers)

@@ -14,7 +14,7 @@ use sqlx::{PgConnection, Row};
 use super::row::OutboxRow;
 use super::sql::{self, ScheduleKind, Statements, TimerKind};
 use crate::envelope::Headers;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// What a publish with a `timer_id` does when a live row with the same
 /// `(queue, timer_id)` already exists.
@@ -166,20 +166,18 @@ pub(crate) async fn fetch_unprocessed_pg(
 ) -> Result<Vec<OutboxRow>> {
     let rows = match queue {
         Some(q) => {
-            sql::q(&stmts.unprocessed_queue)
+            sql::q_as::<OutboxRow>(&stmts.unprocessed_queue)
                 .bind(q)
                 .bind(limit)
                 .fetch_all(&mut *conn)
                 .await?
         }
         None => {
-            sql::q(&stmts.unprocessed_all)
+            sql::q_as::<OutboxRow>(&stmts.unprocessed_all)
                 .bind(limit)
                 .fetch_all(&mut *conn)
                 .await?
         }
     };
-    rows.iter()
-        .map(|r| OutboxRow::from_pg(r).map_err(Error::from))
-        .collect()
+    Ok(rows)
 }

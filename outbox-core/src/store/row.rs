@@ -44,27 +44,34 @@ pub struct OutboxRow {
     pub timer_id: Option<String>,
 }
 
-impl OutboxRow {
-    pub(crate) fn from_pg(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let id: i64 = row.try_get(0)?;
-        let headers = envelope::headers_column(row.try_get(3)?, "outbox row", id);
+/// The one decoder of an outbox row: by column name, from any statement that
+/// returns the thirteen columns (`sql::ROW_COLUMNS`), as `query_as` uses it.
+/// The headers column is read leniently (a value that is not a JSON object
+/// is logged and read as no headers), so it is decoded by hand rather than
+/// derived.
+impl<'r> sqlx::FromRow<'r, PgRow> for OutboxRow {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        let id: i64 = row.try_get("id")?;
+        let headers = envelope::headers_column(row.try_get("headers")?, "outbox row", id);
         Ok(Self {
             id,
-            queue: row.try_get(1)?,
-            payload: row.try_get(2)?,
+            queue: row.try_get("queue")?,
+            payload: row.try_get("payload")?,
             headers,
-            attempts_count: row.try_get(4)?,
-            deliveries_count: row.try_get(5)?,
-            created_at: row.try_get(6)?,
-            next_attempt_at: row.try_get(7)?,
-            first_attempt_at: row.try_get(8)?,
-            last_attempt_at: row.try_get(9)?,
-            acquired_at: row.try_get(10)?,
-            acquired_token: row.try_get(11)?,
-            timer_id: row.try_get(12)?,
+            attempts_count: row.try_get("attempts_count")?,
+            deliveries_count: row.try_get("deliveries_count")?,
+            created_at: row.try_get("created_at")?,
+            next_attempt_at: row.try_get("next_attempt_at")?,
+            first_attempt_at: row.try_get("first_attempt_at")?,
+            last_attempt_at: row.try_get("last_attempt_at")?,
+            acquired_at: row.try_get("acquired_at")?,
+            acquired_token: row.try_get("acquired_token")?,
+            timer_id: row.try_get("timer_id")?,
         })
     }
+}
 
+impl OutboxRow {
     /// The `content-type` header, if any.
     pub fn content_type(&self) -> Option<&str> {
         envelope::content_type(&self.headers)

@@ -7,7 +7,8 @@ use sqlx::AssertSqlSafe;
 
 use super::table::{DlqTable, OutboxTable};
 
-/// Columns returned by claims and inspection reads, in [`crate::OutboxRow`] order.
+/// Columns returned by claims and inspection reads: those the [`crate::OutboxRow`]
+/// decoder (its `sqlx::FromRow`) reads by name.
 pub(crate) const ROW_COLUMNS: &str = "o.id, o.queue, o.payload, o.headers, o.attempts_count, \
      o.deliveries_count, o.created_at, o.next_attempt_at, o.first_attempt_at, o.last_attempt_at, \
      o.acquired_at, o.acquired_token, o.timer_id";
@@ -37,6 +38,16 @@ pub(crate) fn q(
     sql: &Sql,
 ) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
     sqlx::query(AssertSqlSafe(sql.clone()))
+}
+
+/// A statement whose rows decode into `T` with its [`sqlx::FromRow`].
+pub(crate) fn q_as<T>(
+    sql: &Sql,
+) -> sqlx::query::QueryAs<'static, sqlx::Postgres, T, sqlx::postgres::PgArguments>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    sqlx::query_as(AssertSqlSafe(sql.clone()))
 }
 
 #[derive(Debug)]
