@@ -30,11 +30,12 @@
 //! | `app/` | [`App`]: routes, extractors, replies, hooks, transports and an engine wired together | all of the above |
 //! | `testing` | `TestApp`, the test harness (feature `testing`) | everything |
 //!
-//! Known exceptions, listed in that test: under the `testing` feature,
-//! `broker` and `engine/` report to the test harness in `testing` (issue 13,
-//! item 2 replaces that with an observer interface); and [`telemetry`]
-//! re-exports the engine's [`sample_gauges`](telemetry::sample_gauges), so
-//! that its public path stays where the metrics are.
+//! One known exception, listed in that test: [`telemetry`] re-exports the
+//! engine's [`sample_gauges`](telemetry::sample_gauges), so that its public
+//! path stays where the metrics are. The test harness plugs in from above:
+//! the broker's storage backend is a value (PostgreSQL, or the harness's
+//! in-memory store), and the engine reports to the broker's observer, which
+//! the harness implements; `broker` and `engine/` never name `testing`.
 //!
 //! # Glossary
 //!
