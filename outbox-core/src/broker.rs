@@ -124,7 +124,7 @@ impl Backend {
 /// (public as `outbox_core::testing::Step`, feature `testing`).
 ///
 /// Reported by the engine itself (the fetch loop, the workers, the acker, or
-/// synchronous dispatch) through [`Observer::step`], after the corresponding write landed, identically
+/// synchronous dispatch) through the broker's observer, after the corresponding write landed, identically
 /// on the in-memory and the PostgreSQL backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

@@ -5,7 +5,7 @@
 //! transaction), reads only through the validated table definitions, and binds
 //! every value as a parameter. On the in-memory store of the test harness,
 //! which has no SQL, every operation here returns
-//! [`Error::Unsupported`](crate::Error::Unsupported) naming itself.
+//! [`Error::Unsupported`] naming itself.
 //!
 //! ```no_run
 //! use outbox_core::ops::{DlqFilter, ReplayOptions};

@@ -46,7 +46,7 @@ pub(crate) const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.
      d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id";
 
 /// The one decoder of a dead letter: by column name (the columns of
-/// [`DLQ_SELECT`]), as `query_as` uses it. The headers column is read
+/// `DLQ_SELECT`), as `query_as` uses it. The headers column is read
 /// leniently, as an outbox row's, so it is decoded by hand rather than
 /// derived.
 impl<'r> sqlx::FromRow<'r, PgRow> for DeadLetter {
