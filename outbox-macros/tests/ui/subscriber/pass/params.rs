@@ -1,6 +1,6 @@
 // Parameters: the body (any `DeserializeOwned`), the delivery handle, state,
 // with any irrefutable pattern.
-use outbox_core::{Message, State, subscriber};
+use outbox_core::{Headers, Message, State, subscriber};
 
 #[derive(serde::Deserialize)]
 struct Order {
@@ -23,6 +23,16 @@ async fn patterns(mut n: i64, State(db): State<Db>, _: Message) {
 
 #[subscriber("none")]
 async fn no_params() {}
+
+// A type written `Headers` is the row's headers; any other map is the body.
+#[subscriber("headers")]
+async fn headers(
+    h: outbox_core::Headers,
+    body: std::collections::BTreeMap<String, String>,
+    more: Headers,
+) {
+    let _ = (h, body, more);
+}
 
 #[subscriber("json")]
 async fn json(value: serde_json::Value) {
