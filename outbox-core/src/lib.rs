@@ -20,19 +20,18 @@
 //! | `error` | [`Error`], [`DecodeError`], [`SchemaDrift`]: how every layer reports | (nothing) |
 //! | [`envelope`] | body encoding and the headers a row carries | error |
 //! | `otel` | W3C trace context in the headers (feature `otel`) | envelope |
-//! | [`telemetry`] | metric names and their recording | error |
+//! | `instrument` | metric names and their recording (what every layer calls) | error |
 //! | `store/` | the storage layer: [`OutboxTable`] / [`DlqTable`], identifiers, statements, schema checks, row decoding ([`OutboxRow`]), the engine's connection seam, the in-memory backend | error, envelope |
 //! | `publish` | validating and encoding publishes ([`PublishOptions`]) into the rows the store inserts | store, otel |
-//! | `broker` | [`OutboxBroker`]: the handle producers publish through and the engine and `ops` run on | publish, store, telemetry |
-//! | [`transport`] | [`Transport`], where handler results go; [`MemoryTransport`]; [`OutboxTransport`] | broker, publish |
-//! | `engine/` | [`Engine`]: the relay (fetch loop, workers, acker, LISTEN, gauges) and the subscriber API it runs ([`Subscriber`], [`Message`], [`Handler`], [`retry`]) | transport, broker, publish, store, telemetry, otel |
+//! | `broker` | [`OutboxBroker`]: the handle producers publish through and the engine and `ops` run on | publish, store, instrument |
+//! | [`transport`] | [`Transport`], where handler results go, and [`TransportBroker`], the one way a transport registers (`kafka.connect()`); [`MemoryTransport`]; [`OutboxTransport`] | broker, publish |
+//! | `engine/` | [`Engine`]: the relay (fetch loop, workers, acker, LISTEN, gauges) and the subscriber API it runs ([`Subscriber`], [`Message`], [`Handler`], [`retry`]) | transport, broker, publish, store, instrument, otel |
 //! | [`ops`] | statistics, dead letters, replay, autovacuum DDL (what the CLI runs) | broker, publish, store |
 //! | `app/` | [`App`]: routes, extractors, replies, hooks, transports and an engine wired together | all of the above |
 //! | `testing` | `TestApp`, the test harness (feature `testing`) | everything |
+//! | [`telemetry`] | the public face of the metrics: `instrument`'s names and the engine's one-shot [`sample_gauges`](telemetry::sample_gauges) under one path | instrument, engine |
 //!
-//! One known exception, listed in that test: [`telemetry`] re-exports the
-//! engine's [`sample_gauges`](telemetry::sample_gauges), so that its public
-//! path stays where the metrics are. The test harness plugs in from above:
+//! There is no exception. The test harness plugs in from above:
 //! the broker's storage backend is a value (PostgreSQL, or the harness's
 //! in-memory store), and the engine reports to the broker's observer, which
 //! the harness implements; `broker` and `engine/` never name `testing`.
@@ -66,6 +65,7 @@ mod broker;
 mod engine;
 pub mod envelope;
 mod error;
+mod instrument;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
@@ -98,7 +98,9 @@ pub use store::producer::TimerConflict;
 pub use store::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks};
 pub use transport::headers::OUTBOX_ID;
 pub use transport::outbox::{OUTBOX_TRANSPORT, OutboxTransport};
-pub use transport::{BusRejection, MemoryTransport, Outgoing, Transport};
+pub use transport::{
+    BusRejection, Connect, ConnectError, MemoryTransport, Outgoing, Transport, TransportBroker,
+};
 
 #[cfg(feature = "macros")]
 pub use outbox_macros::{publish_to, subscriber};

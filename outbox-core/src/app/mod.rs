@@ -307,7 +307,7 @@ impl App {
         }
         #[cfg(feature = "prometheus")]
         if let Some(addr) = self.prometheus {
-            crate::telemetry::install_prometheus(addr)?;
+            crate::instrument::install_prometheus(addr)?;
         }
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
@@ -579,7 +579,7 @@ impl RouteHandler {
                 if let Some(f) = in_flight {
                     f.end(&res);
                 }
-                crate::telemetry::transport_duration(&name, &dest, res.is_ok(), started.elapsed());
+                crate::instrument::transport_duration(&name, &dest, res.is_ok(), started.elapsed());
                 res.map_err(|source| Error::Transport {
                     transport: name,
                     destination: dest,

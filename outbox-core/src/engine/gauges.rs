@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::OutboxBroker;
 use crate::error::Result;
+use crate::instrument;
 use crate::store::QueueStats;
-use crate::telemetry;
 
 /// Reads [`OutboxBroker::stats_for`] once
 /// and sets the per-queue gauges from it (what the engine does every
@@ -18,7 +18,7 @@ use crate::telemetry;
 pub async fn sample_gauges(broker: &OutboxBroker, queues: &[&str]) -> Result<Vec<QueueStats>> {
     let stats = broker.queue_stats(Some(queues)).await?;
     for s in &stats {
-        telemetry::queue_gauges(
+        instrument::queue_gauges(
             &s.queue,
             s.ready,
             s.scheduled,

@@ -156,7 +156,7 @@ pub(crate) struct SubShared {
     pub(crate) refill_at: usize,
     /// The connections the workers share for their own writes.
     pub(crate) write_pool: worker::WritePool,
-    pub(crate) metrics: crate::telemetry::SubMetrics,
+    pub(crate) metrics: crate::instrument::SubMetrics,
     /// The broker's observer (a no-op unless a test harness watches).
     observer: Arc<dyn Observer>,
     /// Claims running now.
@@ -176,7 +176,7 @@ impl SubShared {
         let workers = sub.options().get_max_workers();
         let (tx, rx) = mpsc::channel(cap);
         Self {
-            metrics: crate::telemetry::SubMetrics::new(sub.name(), sub.queues()),
+            metrics: crate::instrument::SubMetrics::new(sub.name(), sub.queues()),
             observer: broker.observer().clone(),
             claiming: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),

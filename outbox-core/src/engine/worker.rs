@@ -210,7 +210,7 @@ impl Worker {
         }
         let (outcome, error, duration) = self.dispatch(&delivery).await;
         let row = &delivery.row;
-        let kind = crate::telemetry::error_kind(error.as_ref());
+        let kind = crate::instrument::error_kind(error.as_ref());
         match outcome {
             Outcome::Ack => {
                 let p = Pending {
