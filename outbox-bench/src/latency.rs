@@ -158,10 +158,7 @@ async fn measure(
         tick.tick().await;
         let begin = Instant::now();
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let id = producer
-            .publish(&body, QUEUE, &mut *tx)
-            .await?
-            .context("publish returned no id")?;
+        let id = producer.publish(&body, QUEUE, &mut *tx).await?;
         let commit_sent = Instant::now();
         tx.commit().await?;
         commits.push((id, begin, commit_sent, Instant::now()));

@@ -183,7 +183,7 @@ async fn stats_match_a_known_table() -> R {
         &mut conn,
     )
     .await?;
-    let leased = b.publish(&4, "mail", &mut conn).await?.unwrap();
+    let leased = b.publish(&4, "mail", &mut conn).await?;
     db.exec(format!(
         "UPDATE {} SET acquired_token = gen_random_uuid(), acquired_at = now() WHERE id = {leased}",
         db.t()

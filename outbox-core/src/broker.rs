@@ -521,15 +521,18 @@ impl OutboxBroker {
     /// and returns its id. Never begins, flushes or commits anything: the row
     /// and its NOTIFY commit or roll back with the caller's transaction.
     ///
-    /// Returns `None` only for timer no-ops (see [`publish_with`](Self::publish_with)).
+    /// Only a timer publish can be a no-op, so only
+    /// [`publish_with`](Self::publish_with) returns an `Option`.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
         body: &T,
         queue: &str,
         conn: &mut PgConnection,
-    ) -> Result<Option<i64>> {
+    ) -> Result<i64> {
         self.publish_with(body, queue, &PublishOptions::default(), conn)
-            .await
+            .await?
+            // Without a timer id the INSERT always returns its row.
+            .ok_or(Error::Database(sqlx::Error::RowNotFound))
     }
 
     /// [`publish`](Self::publish) with headers, a correlation id, a delay or a
@@ -563,8 +566,8 @@ impl OutboxBroker {
             Err(e) => Err(e),
         };
         match &res {
-            Ok(id) => crate::telemetry::published(queue, "success", u64::from(id.is_some())),
-            Err(_) => crate::telemetry::published(queue, "error", 1),
+            Ok(id) => crate::instrument::published(queue, "success", u64::from(id.is_some())),
+            Err(_) => crate::instrument::published(queue, "error", 1),
         }
         res
     }
@@ -635,8 +638,8 @@ impl OutboxBroker {
             Err(e) => Err(e),
         };
         match &res {
-            Ok(n) => crate::telemetry::published(queue, "success", *n),
-            Err(_) => crate::telemetry::published(queue, "error", 1),
+            Ok(n) => crate::instrument::published(queue, "success", *n),
+            Err(_) => crate::instrument::published(queue, "error", 1),
         }
         res
     }

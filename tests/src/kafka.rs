@@ -317,7 +317,7 @@ pub async fn publish(
     let mut tx = db.pool.begin().await?;
     let mut ids = Vec::new();
     for v in values {
-        ids.push(db.broker.publish(&v, queue, &mut *tx).await?.unwrap());
+        ids.push(db.broker.publish(&v, queue, &mut *tx).await?);
     }
     tx.commit().await?;
     Ok(ids)

@@ -286,7 +286,7 @@ async fn state_and_message_parameters() -> R {
     let stop = app.handle();
     let run = tokio::spawn(app.run());
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish("hi", "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish("hi", "q", &mut conn).await?;
     let got = kafka.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got[0].payload, format!("> hi#{id}").into_bytes());
     assert_eq!(got[0].content_type(), Some("text/plain"));

@@ -916,7 +916,7 @@ async fn app_retries_on_schedule_then_dead_letters<B: Backend>(b: &B) -> R {
         .retry(ConstantRetry::new(Duration::from_secs(10)).max_attempts(3))
         .handler(always_failing(calls.clone()));
     let app = b.app().subscriber(route).start().await?;
-    let id = app.publish(&1, "q").await?.unwrap();
+    let id = app.publish(&1, "q").await?;
     assert_eq!(app.history(id).to_string(), "claimed(1), retried");
     let r = app.row(id).await?.unwrap();
     assert_eq!(r.attempts_count, 1);
@@ -956,7 +956,7 @@ async fn app_max_deliveries_stops_without_running_the_handler<B: Backend>(b: &B)
         .max_deliveries(2)
         .handler(always_failing(calls.clone()));
     let app = b.app().subscriber(route).start().await?;
-    let id = app.publish(&1, "q").await?.unwrap();
+    let id = app.publish(&1, "q").await?;
     app.advance(Duration::from_secs(1)).await?;
     app.advance(Duration::from_secs(1)).await?;
     assert_eq!(
@@ -1000,7 +1000,7 @@ async fn app_transport_failures_are_retried<B: Backend>(b: &B) -> R {
         .start()
         .await?;
     kafka.fail_next(2);
-    let id = app.publish(&7_i64, "orders").await?.unwrap();
+    let id = app.publish(&7_i64, "orders").await?;
     app.advance(Duration::from_secs(5)).await?;
     assert!(kafka.messages().is_empty());
     app.advance(Duration::from_secs(5)).await?;
@@ -1034,8 +1034,8 @@ async fn app_rejects_are_dead_lettered<B: Backend>(b: &B) -> R {
         .subscriber(strict)
         .start()
         .await?;
-    let a = app.publish(&1, "manual").await?.unwrap();
-    let s = app.publish(&2, "strict").await?.unwrap();
+    let a = app.publish(&1, "manual").await?;
+    let s = app.publish(&2, "strict").await?;
     assert_eq!(
         app.history(a).to_string(),
         "claimed(1), dead_lettered(rejected)"
@@ -1107,7 +1107,7 @@ async fn app_without_dead_letter_table_deletes_terminal_rows<B: Backend>(b: &B) 
         .subscriber(route)
         .start()
         .await?;
-    let id = app.publish(&1, "q").await?.unwrap();
+    let id = app.publish(&1, "q").await?;
     assert_eq!(app.history(id).to_string(), "claimed(1), deleted(rejected)");
     assert!(app.rows().await?.is_empty());
     assert!(app.dead_letters().await?.is_empty());
@@ -1174,7 +1174,7 @@ async fn app_loop_mode_lease_loss_is_a_no_op_write<B: Backend>(b: &B) -> R {
             }
         });
     let app = b.app().loop_mode().subscriber(route).start().await?;
-    let id = app.publish(&1, "q").await?.unwrap();
+    let id = app.publish(&1, "q").await?;
     assert!(
         tests::wait_until(Duration::from_secs(10), || async {
             app.handled("q").len() == 1

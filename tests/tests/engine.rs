@@ -144,7 +144,7 @@ async fn error_retries_with_the_strategy_on_the_database_clock() -> R {
     let e = engine(&db, vec![sub]);
     e.start().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     assert!(
         wait_until(Duration::from_secs(10), || async {
             db.scalar(format!(
@@ -196,7 +196,7 @@ async fn retries_then_dead_letters_with_the_last_error() -> R {
     let e = engine(&db, vec![sub]);
     e.start().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     assert!(
         wait_until(Duration::from_secs(10), || async {
             db.dlq_count().await.unwrap() == 1
@@ -283,7 +283,7 @@ async fn manual_policy_decisions_and_fallbacks() -> R {
     let mut conn = db.pool.acquire().await?;
     let mut ids = HashMap::new();
     for w in ["ack", "nack", "reject", "error", "ack-then-error", "silent"] {
-        ids.insert(w, db.broker.publish(&w, "q", &mut conn).await?.unwrap());
+        ids.insert(w, db.broker.publish(&w, "q", &mut conn).await?);
     }
     e.start().await?;
     // ack, reject, ack-then-error, silent leave the table; nack and error stay for retry.
@@ -329,14 +329,14 @@ async fn max_deliveries_goes_terminal_without_running_the_handler() -> R {
             async {}
         })?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     // Three claims already happened (crashes); the next one exceeds the cap.
     db.exec(format!(
         "UPDATE {} SET deliveries_count = 3 WHERE id = {id}",
         db.t()
     ))
     .await?;
-    let ok = db.broker.publish(&2, "q", &mut conn).await?.unwrap();
+    let ok = db.broker.publish(&2, "q", &mut conn).await?;
     let e = engine(&db, vec![sub]);
     e.start().await?;
     assert!(db.drained(Duration::from_secs(10)).await);
@@ -367,7 +367,7 @@ async fn a_failing_dead_letter_insert_rolls_back_the_delete() -> R {
     let e = engine(&db, vec![sub]);
     e.start().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     assert!(
         wait_until(Duration::from_secs(10), || async {
             !captured(|c| c.message.contains("failed") && c.message.contains("refuse_all"))
@@ -408,7 +408,7 @@ async fn a_panicking_handler_is_an_error_and_the_worker_survives() -> R {
         })?;
     let e = engine(&db, vec![sub]);
     let mut conn = db.pool.acquire().await?;
-    let bad = db.broker.publish(&0, "q", &mut conn).await?.unwrap();
+    let bad = db.broker.publish(&0, "q", &mut conn).await?;
     db.broker.publish_batch([1, 2, 3], "q", &mut conn).await?;
     e.start().await?;
     assert!(wait_until(Duration::from_secs(10), || async { seen.len() == 3 }).await);
@@ -490,13 +490,11 @@ async fn undecodable_payloads_fail_clearly_without_blocking_other_rows() -> R {
     let bad_json = db
         .broker
         .publish(&json!({"order_id": "seven"}), "orders", &mut conn)
-        .await?
-        .unwrap();
+        .await?;
     let not_json = db
         .broker
         .publish(&"plain text", "orders", &mut conn)
-        .await?
-        .unwrap();
+        .await?;
     db.broker
         .publish_batch(
             [json!({"order_id": 1}), json!({"order_id": 2})],
@@ -607,7 +605,7 @@ async fn lease_expiry_hands_the_row_to_another_engine_and_the_late_ack_is_a_no_o
             async {}
         })?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     let a = engine(&db, vec![slow]);
     a.start().await?;
     slow_started.notified().await;
@@ -871,7 +869,7 @@ async fn notify_wakes_an_idle_subscriber_long_before_polling_would() -> R {
     let mut latencies = Vec::new();
     for _ in 0..5 {
         let mut tx = db.pool.begin().await?;
-        let id = db.broker.publish(&1, "q", &mut *tx).await?.unwrap();
+        let id = db.broker.publish(&1, "q", &mut *tx).await?;
         tx.commit().await?;
         let committed = Instant::now();
         assert!(
@@ -1028,7 +1026,7 @@ async fn the_claim_uses_the_partial_indexes_at_200k_rows() -> R {
 async fn expired_leases_are_reclaimed_in_fifo_order_and_counted() -> R {
     let db = TestDb::new().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     // A crashed holder: leased ten minutes ago.
     db.exec(format!(
         "UPDATE {} SET acquired_token = gen_random_uuid(), acquired_at = now() - interval '10 minutes', \
@@ -1077,9 +1075,9 @@ async fn last_exception_renderer_redacts_and_long_errors_are_capped() -> R {
         })?;
     let e = Engine::new(redacting).subscriber(sub);
     let mut conn = db.pool.acquire().await?;
-    let pii = db.broker.publish("pii", "q", &mut conn).await?.unwrap();
-    let secret = db.broker.publish("secret", "q", &mut conn).await?.unwrap();
-    let long = db.broker.publish("long", "q", &mut conn).await?.unwrap();
+    let pii = db.broker.publish("pii", "q", &mut conn).await?;
+    let secret = db.broker.publish("secret", "q", &mut conn).await?;
+    let long = db.broker.publish("long", "q", &mut conn).await?;
     e.start().await?;
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -1187,7 +1185,7 @@ async fn token_guarded_writes_use_the_primary_key_even_when_statistics_say_nothi
 async fn relay_writes_commit_asynchronously_without_touching_other_transactions() -> R {
     let db = TestDb::new().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     let ack = outbox_core::__private::engine_sql(&db.table, "ack").unwrap();
     let mut tx = db.pool.begin().await?;
     let before: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")

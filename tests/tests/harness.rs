@@ -162,7 +162,7 @@ async fn a_failing_transport_is_retried_then_relayed() -> R {
         id: 1,
         sku: "cup".into(),
     };
-    let id = app.publish(&order, "harness.shipments").await?.unwrap();
+    let id = app.publish(&order, "harness.shipments").await?;
     assert_eq!(app.history(id).to_string(), "claimed(1), retried");
     let row = app.row(id).await?.unwrap();
     assert_eq!(row.attempts_count, 1);
@@ -194,7 +194,7 @@ async fn retried_twice_then_dead_lettered_with_retry_terminal() -> R {
         .clock(TestClock::frozen())
         .start()
         .await?;
-    let id = app.publish(&5_i64, "harness.failing").await?.unwrap();
+    let id = app.publish(&5_i64, "harness.failing").await?;
     app.advance(Duration::from_secs(10)).await?;
     app.advance(Duration::from_secs(10)).await?;
     let h = app.history(id);
@@ -294,7 +294,7 @@ async fn rows_of_unserved_queues_and_future_rows_stay() -> R {
         .clock(TestClock::frozen())
         .start()
         .await?;
-    let unserved = app.publish(&1, "nobody").await?.unwrap();
+    let unserved = app.publish(&1, "nobody").await?;
     let later = PublishOptions::new().activate_in(Duration::from_secs(3600));
     let reminder = app.publish_with(&2, "reminders", &later).await?.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 0);
@@ -331,8 +331,8 @@ async fn panics_and_undecodable_payloads_are_handler_errors() -> R {
         .subscriber(typed)
         .start()
         .await?;
-    let p = app.publish(&1, "panics").await?.unwrap();
-    let t = app.publish(&"not a number", "typed").await?.unwrap();
+    let p = app.publish(&1, "panics").await?;
+    let t = app.publish(&"not a number", "typed").await?;
     assert_eq!(
         app.history(p).failure_reason(),
         Some(FailureReason::RetryTerminal)
@@ -384,7 +384,7 @@ async fn manual_decisions_follow_the_ack_policy() -> R {
         .await?;
     let mut ids = Vec::new();
     for body in ["ack", "nack", "reject", "silent"] {
-        ids.push(app.publish(&body, "manual").await?.unwrap());
+        ids.push(app.publish(&body, "manual").await?);
     }
     let outcomes: Vec<String> = ids.iter().map(|id| app.history(*id).to_string()).collect();
     assert_eq!(

@@ -148,17 +148,11 @@ async fn rows_published_by_rust_are_handled_by_python() -> R {
         .await?
         .unwrap();
     expected.push((id, obj, Some("application/json")));
-    let id = b
-        .publish("hello from rust", queue, &mut *tx)
-        .await?
-        .unwrap();
+    let id = b.publish("hello from rust", queue, &mut *tx).await?;
     expected.push((id, json!("hello from rust"), Some("text/plain")));
-    let id = b.publish(&42_i64, queue, &mut *tx).await?.unwrap();
+    let id = b.publish(&42_i64, queue, &mut *tx).await?;
     expected.push((id, json!(42), Some("application/json")));
-    let id = b
-        .publish(&Raw(vec![0, 1, 2, 255]), queue, &mut *tx)
-        .await?
-        .unwrap();
+    let id = b.publish(&Raw(vec![0, 1, 2, 255]), queue, &mut *tx).await?;
     expected.push((id, json!({"base64": "AAEC/w=="}), None));
     let id = b
         .publish_with(
@@ -170,7 +164,7 @@ async fn rows_published_by_rust_are_handled_by_python() -> R {
         .await?
         .unwrap();
     expected.push((id, json!(["a", "b"]), Some("application/json")));
-    let id = b.publish(&(), queue, &mut *tx).await?.unwrap();
+    let id = b.publish(&(), queue, &mut *tx).await?;
     expected.push((id, json!({"base64": ""}), None));
     b.publish_batch([json!({"batch": 1}), json!({"batch": 2})], queue, &mut *tx)
         .await?;

@@ -465,7 +465,7 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
     let mut ids = BTreeSet::new();
     let mut tx = db.pool.begin().await?;
     for v in 0..N {
-        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?.unwrap());
+        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
     }
     tx.commit().await?;
 

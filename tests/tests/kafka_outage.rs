@@ -39,7 +39,7 @@ impl Stream {
             let mut ids = BTreeSet::new();
             for v in 0..N {
                 let mut tx = pool.begin().await.unwrap();
-                ids.insert(broker.publish(&v, queue, &mut *tx).await.unwrap().unwrap());
+                ids.insert(broker.publish(&v, queue, &mut *tx).await.unwrap());
                 tx.commit().await.unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(25)).await; // a steady stream

@@ -68,15 +68,11 @@ async fn publish_with_a_big_row(db: &TestDb, queue: &str) -> anyhow::Result<(BTr
     let mut tx = db.pool.begin().await?;
     let mut small = BTreeSet::new();
     for v in 0..5_i64 {
-        small.insert(db.broker.publish(&v, queue, &mut *tx).await?.unwrap());
+        small.insert(db.broker.publish(&v, queue, &mut *tx).await?);
     }
-    let big = db
-        .broker
-        .publish(&"x".repeat(BIG), queue, &mut *tx)
-        .await?
-        .unwrap();
+    let big = db.broker.publish(&"x".repeat(BIG), queue, &mut *tx).await?;
     for v in 5..10_i64 {
-        small.insert(db.broker.publish(&v, queue, &mut *tx).await?.unwrap());
+        small.insert(db.broker.publish(&v, queue, &mut *tx).await?);
     }
     tx.commit().await?;
     Ok((small, big))

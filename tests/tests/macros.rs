@@ -152,11 +152,7 @@ fn start(app: App) -> (AppHandle, Running) {
 
 async fn publish(db: &TestDb, body: &(impl serde::Serialize + ?Sized), queue: &str) -> i64 {
     let mut conn = db.pool.acquire().await.unwrap();
-    db.broker
-        .publish(body, queue, &mut conn)
-        .await
-        .unwrap()
-        .unwrap()
+    db.broker.publish(body, queue, &mut conn).await.unwrap()
 }
 
 async fn drained(db: &TestDb) -> bool {

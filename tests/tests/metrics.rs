@@ -77,7 +77,7 @@ async fn outcome_events_carry_their_labels() -> R {
         .publish_batch(["ok", "ok", "fail"], &q, &mut conn)
         .await?;
     db.broker.publish(&42, &q, &mut conn).await?; // not a String: a decode error
-    let exhausted = db.broker.publish("ok", &q, &mut conn).await?.unwrap();
+    let exhausted = db.broker.publish("ok", &q, &mut conn).await?;
     db.exec(format!(
         "UPDATE {} SET deliveries_count = 5 WHERE id = {exhausted}",
         db.t()

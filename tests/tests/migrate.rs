@@ -142,7 +142,7 @@ async fn concurrent_migrations_do_not_collide() -> R {
 async fn the_lease_check_rejects_a_half_set_lease() -> R {
     let db = TestDb::new().await?;
     let mut conn = db.pool.acquire().await?;
-    let id = db.broker.publish(&1, "q", &mut conn).await?.unwrap();
+    let id = db.broker.publish(&1, "q", &mut conn).await?;
     let res = db
         .exec(format!(
             "UPDATE {} SET acquired_at = now() WHERE id = {id}",

@@ -104,7 +104,7 @@ async fn stats_count_each_state_per_queue() -> R {
     let later = PublishOptions::new().activate_in(Duration::from_secs(3600));
     b.publish_with(&4, "a", &later, &mut conn).await?;
     b.publish_with(&5, "a", &later, &mut conn).await?;
-    let leased_a = b.publish(&6, "a", &mut conn).await?.unwrap();
+    let leased_a = b.publish(&6, "a", &mut conn).await?;
     // queue b: only a leased row (due long ago: a lease still counts as leased).
     let leased_b = b
         .publish_with(&7, "b", &ago(600), &mut conn)

@@ -77,11 +77,7 @@ async fn a_trace_crosses_the_outbox_into_the_transport() -> anyhow::Result<()> {
     let request = tracing::info_span!("http.request");
     let (row_id, request_trace) = async {
         let mut conn = db.pool.acquire().await?;
-        let id = db
-            .broker
-            .publish(&5_i64, "traced", &mut conn)
-            .await?
-            .unwrap();
+        let id = db.broker.publish(&5_i64, "traced", &mut conn).await?;
         Ok::<_, anyhow::Error>(id)
     }
     .instrument(request.clone())
@@ -179,7 +175,7 @@ async fn a_redelivery_links_to_the_original_trace() -> anyhow::Result<()> {
     let request = tracing::info_span!("job.enqueue");
     let row_id = async {
         let mut conn = db.pool.acquire().await?;
-        Ok::<_, anyhow::Error>(db.broker.publish(&1, "flaky", &mut conn).await?.unwrap())
+        Ok::<_, anyhow::Error>(db.broker.publish(&1, "flaky", &mut conn).await?)
     }
     .instrument(request.clone())
     .await?;

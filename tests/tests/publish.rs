@@ -98,7 +98,10 @@ async fn publish_works_on_a_plain_connection_in_autocommit() -> R {
     let db = TestDb::new().await?;
     let mut conn = db.pool.acquire().await?;
     let id = db.broker.publish(&1, "orders", &mut conn).await?;
-    assert!(id.is_some());
+    let stored = db
+        .scalar(format!("SELECT id FROM {} WHERE queue = 'orders'", db.t()))
+        .await?;
+    assert_eq!(id, stored, "publish returns the row id");
     assert_eq!(db.count().await?, 1);
     Ok(())
 }

@@ -91,7 +91,7 @@ async fn a_short_retry_is_handled_when_due_not_at_the_next_poll() -> R {
     let mut ids = Vec::new();
     for i in 0..3 {
         let mut conn = db.pool.acquire().await?;
-        ids.push(db.broker.publish(&i, "retry", &mut *conn).await?.unwrap());
+        ids.push(db.broker.publish(&i, "retry", &mut *conn).await?);
         // Spread the retries so each one finds the subscriber idle.
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
@@ -291,8 +291,8 @@ async fn a_row_that_waited_past_its_lease_in_the_buffer_is_not_handled_with_it()
             }
         })?;
     let mut conn = db.pool.acquire().await?;
-    let slow = db.broker.publish(&0, "slow", &mut *conn).await?.unwrap();
-    let waiting = db.broker.publish(&1, "slow", &mut *conn).await?.unwrap();
+    let slow = db.broker.publish(&0, "slow", &mut *conn).await?;
+    let waiting = db.broker.publish(&1, "slow", &mut *conn).await?;
     drop(conn);
     let engine = engine(&db, sub);
     engine.start().await?;

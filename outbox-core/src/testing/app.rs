@@ -409,7 +409,7 @@ impl TestAppBuilder {
 ///
 /// // The bus fails twice: retried twice, 5 s apart, then relayed.
 /// kafka.fail_next(2);
-/// let id = app.publish(&8_i64, "orders").await?.expect("inserted");
+/// let id = app.publish(&8_i64, "orders").await?;
 /// app.advance(Duration::from_secs(5)).await?;
 /// app.advance(Duration::from_secs(5)).await?;
 /// assert_eq!(app.history(id).to_string(),
@@ -543,13 +543,11 @@ impl TestApp {
     /// let id = app.publish(&serde_json::json!({"order_id": 1}), "orders").await?;
     /// # let _ = id; Ok(()) }
     /// ```
-    pub async fn publish<T: Serialize + ?Sized>(
-        &self,
-        body: &T,
-        queue: &str,
-    ) -> Result<Option<i64>> {
+    pub async fn publish<T: Serialize + ?Sized>(&self, body: &T, queue: &str) -> Result<i64> {
         self.publish_with(body, queue, &PublishOptions::default())
-            .await
+            .await?
+            // Without a timer id the insert always returns its row.
+            .ok_or(crate::error::Error::Database(sqlx::Error::RowNotFound))
     }
 
     /// [`publish`](Self::publish) with options (headers, correlation id,
