@@ -26,11 +26,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             Ok(c) => c,
             Err(e) => {
                 let wait = reconnect.failed();
-                tracing::error!(
-                    subscriber = %shared.sub.name(),
-                    "outbox fetch loop cannot connect: {e}; retrying in {wait:.1?}"
-                );
-                if shared.sleep_or_stop(wait).await {
+                if backs_off(&shared, wait, "cannot connect", &e, "retrying").await {
                     return;
                 }
                 continue 'connect;
@@ -108,11 +104,8 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                         Ok(None) => {}
                         Err(e) if store::is_connection_error(&e) => {
                             let wait = reconnect.failed();
-                            tracing::error!(
-                                subscriber = %shared.sub.name(),
-                                "outbox fetch loop lost its connection: {e}; reconnecting in {wait:.1?}"
-                            );
-                            if shared.sleep_or_stop(wait).await {
+                            let what = "lost its connection";
+                            if backs_off(&shared, wait, what, &e, "reconnecting").await {
                                 return;
                             }
                             continue 'connect;
@@ -139,11 +132,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                         // slow down, but keep trying.
                         reconnect.failed().max(Duration::from_secs(1))
                     };
-                    tracing::error!(
-                        subscriber = %shared.sub.name(),
-                        "outbox fetch loop error: {e}; reconnecting in {wait:.1?}"
-                    );
-                    if shared.sleep_or_stop(wait).await {
+                    if backs_off(&shared, wait, "error", &e, "reconnecting").await {
                         return;
                     }
                     continue 'connect;
@@ -151,4 +140,21 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             }
         }
     }
+}
+
+/// Logs why the fetch loop gives up its connection (`outbox fetch loop
+/// {what}: {error}; {then} in {wait}`) and waits `wait`; `true` if stopping
+/// meanwhile.
+async fn backs_off(
+    shared: &SubShared,
+    wait: Duration,
+    what: &str,
+    error: &(dyn std::fmt::Display + Sync),
+    then: &str,
+) -> bool {
+    tracing::error!(
+        subscriber = %shared.sub.name(),
+        "outbox fetch loop {what}: {error}; {then} in {wait:.1?}"
+    );
+    shared.sleep_or_stop(wait).await
 }
