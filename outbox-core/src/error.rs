@@ -264,3 +264,32 @@ impl fmt::Display for SchemaDrift {
 #[derive(Debug, thiserror::Error)]
 #[error("handler panicked: {0}")]
 pub(crate) struct HandlerPanic(pub(crate) String);
+
+/// How the engine renders an error for its logs and for `last_exception`:
+/// the error's text, then each source whose text the line does not already
+/// end with, `": "`-separated (so an error that prints its source is not
+/// repeated). Useful in an
+/// [`OutboxBroker::last_exception_renderer`](crate::OutboxBroker::last_exception_renderer)
+/// that redacts some errors and renders the rest as the engine would.
+///
+/// ```
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("write failed")]
+/// struct Outer(#[source] std::io::Error);
+///
+/// let e = Outer(std::io::Error::other("disk on fire"));
+/// assert_eq!(outbox_core::render_error_chain(&e), "write failed: disk on fire");
+/// ```
+pub fn render_error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -92,7 +92,7 @@ pub use engine::subscriber::{
 };
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Passthrough, Raw};
-pub use error::{BoxError, DecodeError, Error, Result, SchemaDrift};
+pub use error::{BoxError, DecodeError, Error, Result, SchemaDrift, render_error_chain};
 pub use publish::{MAX_NAME_CHARS, PublishOptions};
 pub use store::producer::TimerConflict;
 pub use store::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks};

@@ -312,21 +312,9 @@ mod tests {
         }
     }
 
-    /// What the runtime writes into logs and `last_exception`: the error,
-    /// then each source whose text the line does not already end with
-    /// (outbox-core's default renderer).
+    /// What the runtime writes into logs and `last_exception`.
     fn render_chain(e: &(dyn std::error::Error + 'static)) -> String {
-        let mut text = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            let s_text = s.to_string();
-            if !text.ends_with(&s_text) {
-                text.push_str(": ");
-                text.push_str(&s_text);
-            }
-            source = s.source();
-        }
-        text
+        outbox_core::render_error_chain(e)
     }
 
     #[test]

@@ -691,19 +691,10 @@ impl Writer {
     }
 }
 
-/// The error and its sources, `": "`-separated.
+/// The error and its sources, `": "`-separated (see
+/// [`render_error_chain`](crate::error::render_error_chain)).
 pub(crate) fn render_default(e: &(dyn std::error::Error + Send + Sync + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.ends_with(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
-    text
+    crate::error::render_error_chain(e)
 }
 
 /// Caps `last_exception` at [`LAST_EXCEPTION_MAX_CHARS`] characters.
