@@ -64,6 +64,28 @@ def make_table(table: str, schema: str | None) -> Any:
     return make_outbox_table(MetaData(schema=schema), table)
 
 
+async def add_stored(engine: Any, table: Any, results: list[dict[str, Any]]) -> None:
+    """Adds to each result (by its ``id``) what the table stores for that row:
+    ``queue``, ``stored_payload_base64`` and ``stored_headers`` (read-only)."""
+    from sqlalchemy import select
+
+    ids = [r["id"] for r in results]
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                select(table.c.id, table.c.queue, table.c.payload, table.c.headers).where(
+                    table.c.id.in_(ids)
+                )
+            )
+        ).all()
+    stored = {row.id: row for row in rows}
+    for r in results:
+        row = stored[r["id"]]
+        r["queue"] = row.queue
+        r["stored_payload_base64"] = b64(row.payload)
+        r["stored_headers"] = jsonable(row.headers)
+
+
 def jsonable(value: Any) -> Any:
     """A decoded body as JSON: bytes become ``{"base64": "..."}`` (also nested)."""
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -16,10 +16,10 @@ from typing import Any
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
 from _interop_common import (  # noqa: E402
+    add_stored,
     add_common_args,
     b64,
     emit,
-    jsonable,
     make_table,
     stderr_logger,
     take_stdout,
@@ -65,7 +65,6 @@ def _cases() -> list[tuple[str, Any, dict[str, str], str | None, Any, str | None
 
 
 async def run(args: argparse.Namespace, out: Any) -> int:
-    from sqlalchemy import select
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     from faststream_outbox import OutboxBroker
@@ -107,21 +106,7 @@ async def run(args: argparse.Namespace, out: Any) -> int:
             emit(out, [r["id"] for r in results])
             return 0
         # Committed: read back exactly what faststream-outbox stored (read-only).
-        ids = [r["id"] for r in results]
-        async with engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(table.c.id, table.c.queue, table.c.payload, table.c.headers).where(
-                        table.c.id.in_(ids)
-                    )
-                )
-            ).all()
-        stored = {row.id: row for row in rows}
-        for r in results:
-            row = stored[r["id"]]
-            r["queue"] = row.queue
-            r["stored_payload_base64"] = b64(row.payload)
-            r["stored_headers"] = jsonable(row.headers)
+        await add_stored(engine, table, results)
         emit(out, results)
         return 0
     finally:

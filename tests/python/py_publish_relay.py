@@ -25,8 +25,8 @@ from typing import Any
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
 from _interop_common import (  # noqa: E402
+    add_stored,
     add_common_args,
-    b64,
     emit,
     jsonable,
     make_table,
@@ -75,7 +75,6 @@ SETS = {"headers": _headers_cases, "bodies": _bodies_cases}
 
 
 async def run(args: argparse.Namespace, out: Any) -> int:
-    from sqlalchemy import select
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
     from faststream_outbox import OutboxBroker
@@ -108,21 +107,7 @@ async def run(args: argparse.Namespace, out: Any) -> int:
                     }
                 )
         # Committed: read back exactly what faststream-outbox stored (read-only).
-        ids = [r["id"] for r in results]
-        async with engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(table.c.id, table.c.queue, table.c.payload, table.c.headers).where(
-                        table.c.id.in_(ids)
-                    )
-                )
-            ).all()
-        stored = {row.id: row for row in rows}
-        for r in results:
-            row = stored[r["id"]]
-            r["queue"] = row.queue
-            r["stored_payload_base64"] = b64(row.payload)
-            r["stored_headers"] = jsonable(row.headers)
+        await add_stored(engine, table, results)
         emit(out, results)
         return 0
     finally:
