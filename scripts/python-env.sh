@@ -15,10 +15,20 @@ VENV=${OUTBOX_PY_VENV:-$REPO/.cache/py-venv}
 BASE_PY=${OUTBOX_BASE_PYTHON:-python3}
 
 # The complete, fully pinned set (faststream-outbox 0.19.0 and everything it pulls
-# in with the asyncpg driver), so every machine gets the same encoder/decoder.
+# in with the asyncpg driver, plus FastStream's RabbitMQ, NATS and Redis clients
+# for the transport interop tests), so every machine gets the same
+# encoder/decoder.
 REQUIREMENTS=(
   faststream-outbox==0.19.0
-  faststream==0.7.8
+  'faststream[rabbit,nats,redis]==0.7.8'
+  aio-pika==10.2.1
+  aiormq==7.2.4
+  pamqp==4.0.1
+  yarl==1.25.1
+  multidict==7.2.1
+  propcache==0.5.4
+  nats-py==2.16.0
+  redis==8.2.0
   fast-depends==3.0.9
   'sqlalchemy[asyncio]==2.1.9'
   greenlet==3.5.6
@@ -46,7 +56,7 @@ WANT="$(printf '%s\n' "${REQUIREMENTS[@]}")"
 is_current() {
   [ -x "$PY" ] && [ -f "$MARKER" ] && [ "$(cat "$MARKER")" = "$WANT" ] &&
     timeout 30 "$PY" -c 'import importlib.util as u, sys
-sys.exit(0 if all(u.find_spec(m) for m in ("faststream_outbox", "asyncpg", "sqlalchemy")) else 1)' \
+sys.exit(0 if all(u.find_spec(m) for m in ("faststream_outbox", "asyncpg", "sqlalchemy", "aio_pika", "nats", "redis")) else 1)' \
       >/dev/null 2>&1
 }
 
@@ -90,8 +100,8 @@ if ! timeout 600 "${PIP[@]}" install --disable-pip-version-check --no-input --qu
       --no-compile "${REQUIREMENTS[@]}" >&2; then
   die "pip install into $VENV failed (see the pip output above; PyPI reachable?)"
 fi
-timeout 60 "$PY" -c 'import faststream_outbox, faststream, asyncpg, sqlalchemy.ext.asyncio' >&2 ||
-  die "the venv at $VENV cannot import faststream_outbox/asyncpg after install"
+timeout 60 "$PY" -c 'import faststream_outbox, faststream, asyncpg, sqlalchemy.ext.asyncio, aio_pika, nats, redis' >&2 ||
+  die "the venv at $VENV cannot import faststream_outbox/asyncpg/aio_pika/nats/redis after install"
 printf '%s\n' "$WANT" >"$MARKER"
-log "ready: $("$PY" -V 2>&1), faststream-outbox 0.19.0"
+log "ready: $("$PY" -V 2>&1), faststream-outbox 0.19.0, faststream[rabbit,nats,redis] 0.7.8"
 echo "$PY"
