@@ -15,6 +15,7 @@ use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tracing_subscriber::Layer as _;
 
 pub mod kafka;
+pub mod proxy;
 
 /// The test database URL (`OUTBOX_TEST_DATABASE_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/outbox_test`).

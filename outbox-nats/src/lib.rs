@@ -1,0 +1,1 @@
+//! The NATS transport of [`outbox_core`] (under construction).

@@ -1,0 +1,1 @@
+//! The RabbitMQ transport of [`outbox_core`] (under construction).

@@ -1,0 +1,1 @@
+//! The Redis transport of [`outbox_core`] (under construction).
