@@ -1,0 +1,1 @@
+//! Helpers shared by the nats test binaries (`tests/tests/*nats*.rs`).

@@ -1,0 +1,1 @@
+//! Helpers shared by the rabbitmq test binaries (`tests/tests/*rabbitmq*.rs`).

@@ -1,0 +1,1 @@
+//! Helpers shared by the redis test binaries (`tests/tests/*redis*.rs`).
