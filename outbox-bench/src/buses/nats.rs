@@ -1,0 +1,1 @@
+//! The nats bus for the `bus` scenario.

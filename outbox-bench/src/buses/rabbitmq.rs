@@ -1,0 +1,1 @@
+//! The rabbitmq bus for the `bus` scenario.

@@ -1,0 +1,1 @@
+//! The redis bus for the `bus` scenario.
