@@ -92,3 +92,20 @@ bench_binary() {
   fi
   echo "$bin"
 }
+
+# need_server NAME URL HINT: fail loudly unless the server of URL
+# (scheme://[user[:pass]@]host[:port]/...) accepts TCP connections within 5 s.
+need_server() {
+  local name=$1 url=$2 hint=$3 hostport
+  hostport=$(python3 - "$url" <<'PYEOF'
+import sys
+from urllib.parse import urlsplit
+u = urlsplit(sys.argv[1] if "://" in sys.argv[1] else "x://" + sys.argv[1])
+ports = {"amqp": 5672, "amqps": 5671, "nats": 4222, "tls": 4222, "redis": 6379, "rediss": 6379}
+print(f"{u.hostname or '127.0.0.1'} {u.port or ports.get(u.scheme, 0)}")
+PYEOF
+) || die "cannot parse the $name URL $url"
+  local host=${hostport% *} port=${hostport#* }
+  timeout 5 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null ||
+    die "$name does not answer at $host:$port ($url). $hint"
+}

@@ -10,7 +10,11 @@
 #     is already set; stopped again at exit only if this script started it;
 #   * Python venv with faststream-outbox 0.19 (scripts/python-env.sh) for the
 #     interop tests.
-# Exported for the tests: OUTBOX_TEST_DATABASE_URL, KAFKA_BOOTSTRAP, OUTBOX_PYTHON
+#   * RabbitMQ, NATS (with JetStream) and Redis: the machine's servers, checked to
+#     answer (RABBITMQ_URL, NATS_URL, REDIS_URL; defaults below); the tests never
+#     stop them (outages go through an in-test TCP proxy). Fails loudly if one is down.
+# Exported for the tests: OUTBOX_TEST_DATABASE_URL, KAFKA_BOOTSTRAP, OUTBOX_PYTHON,
+# RABBITMQ_URL, NATS_URL, REDIS_URL
 # (plus OUTBOX_KAFKA_SH = path of scripts/kafka.sh, for pause/resume fault tests).
 #   * a private PostgreSQL with pg_stat_statements (scripts/bench-pg.sh, port 5433)
 #     for the benchmark gate; stopped again at exit only if this script started it.
@@ -66,7 +70,16 @@ OUTBOX_PYTHON=$(tail -n 1 <<<"$py_out")
 [ -x "$OUTBOX_PYTHON" ] || die "scripts/python-env.sh printed no usable python ($OUTBOX_PYTHON)"
 export OUTBOX_PYTHON
 
+# --- RabbitMQ, NATS, Redis (the machine's shared servers) --------------------
+export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+export REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
+need_server RabbitMQ "$RABBITMQ_URL" "Start it (Debian: service rabbitmq-server start) or set RABBITMQ_URL."
+need_server NATS "$NATS_URL" "Start nats-server with JetStream (-js) or set NATS_URL."
+need_server Redis "$REDIS_URL" "Start it (Debian: service redis-server start) or set REDIS_URL."
+
 log "OUTBOX_TEST_DATABASE_URL=$OUTBOX_TEST_DATABASE_URL"
+log "RABBITMQ_URL=$RABBITMQ_URL NATS_URL=$NATS_URL REDIS_URL=$REDIS_URL"
 log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP"
 log "OUTBOX_PYTHON=$OUTBOX_PYTHON"
 
