@@ -1,0 +1,317 @@
+//! [`RedisTransport`]: the [`Transport`] implementation: one command per
+//! message (`XADD`, `RPUSH` or `PUBLISH`), confirmed by its reply, within
+//! one deadline.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
+use redis::aio::ConnectionManager;
+use redis::{Cmd, RedisError};
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::destination::{Destination, Kind};
+use crate::error::{Error, Result};
+use crate::faststream::{self, DATA_FIELD};
+
+/// Wait between two attempts of a command whose connection failed (the
+/// connection manager reconnects meanwhile).
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What Redis answered to a confirmed publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Confirmed {
+    /// `XADD`: the new entry's id (`1700000000000-0`).
+    StreamEntry(String),
+    /// `RPUSH`: the list's length after the push.
+    ListLength(u64),
+    /// `PUBLISH`: how many subscribers received the message.
+    Receivers(u64),
+}
+
+/// A connected Redis transport: publishes each [`Outgoing`] as one
+/// FastStream message with one command, and resolves only on the command's
+/// successful reply.
+///
+/// Get one from [`RedisBroker::connect`](crate::RedisBroker::connect) (a
+/// startup hook that registers it in the application) or
+/// [`RedisBroker::connect_transport`](crate::RedisBroker::connect_transport).
+/// Cheap to clone: clones share one multiplexed connection (a
+/// [`ConnectionManager`] that reconnects after a failure); publishes run
+/// concurrently, pipelined on that connection, and none waits for another.
+#[derive(Clone)]
+pub struct RedisTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    url: String,
+    manager: ConnectionManager,
+    publish_timeout: Duration,
+    stream_maxlen: Option<u64>,
+    max_message_bytes: usize,
+    allow_no_subscribers: bool,
+}
+
+impl fmt::Debug for RedisTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("RedisTransport")
+            .field("name", &i.name)
+            .field("url", &i.url)
+            .field("publish_timeout", &i.publish_timeout)
+            .field("stream_maxlen", &i.stream_maxlen)
+            .field("max_message_bytes", &i.max_message_bytes)
+            .field("allow_no_subscribers", &i.allow_no_subscribers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisTransport {
+    pub(crate) fn new(settings: &Settings, manager: ConnectionManager) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                name: settings.name.clone(),
+                url: settings.redacted_url(),
+                manager,
+                publish_timeout: settings.publish_timeout,
+                stream_maxlen: settings.stream_maxlen,
+                max_message_bytes: settings.max_message_bytes,
+                allow_no_subscribers: settings.allow_no_subscribers,
+            }),
+        }
+    }
+
+    /// The server URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The longest one publish takes (the publish timeout, reconnecting
+    /// included): what [`Transport::max_publish_time`] reports.
+    pub fn max_publish_time(&self) -> Duration {
+        self.inner.publish_timeout
+    }
+
+    /// The connection the transport publishes on (a clone shares it): for
+    /// reading back in tests, or other commands.
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.manager.clone()
+    }
+
+    /// Sends one message and waits for Redis's reply (what
+    /// [`Transport::publish`] does, with this crate's error type and the
+    /// reply; a permanent refusal is not wrapped in a
+    /// [`BusRejection`](outbox_core::BusRejection) here).
+    ///
+    /// One deadline, the publish timeout, bounds the whole call: a command
+    /// whose connection fails is sent again on the reconnected connection
+    /// until then, and a command still unanswered then fails with
+    /// [`Error::Timeout`] (it may still have been executed: the row is
+    /// retried, so the message may arrive twice).
+    pub async fn send(&self, msg: Outgoing) -> Result<Confirmed> {
+        self.inner.send(msg).await
+    }
+}
+
+impl Inner {
+    async fn send(&self, msg: Outgoing) -> Result<Confirmed> {
+        let destination = Destination::parse(&msg.destination)?;
+        let frame = faststream::encode_outgoing(&msg).map_err(|e| match e {
+            Error::InvalidMessage { reason, .. } => Error::InvalidMessage {
+                destination: Some(msg.destination.clone()),
+                reason,
+            },
+            other => other,
+        })?;
+        if frame.len() > self.max_message_bytes {
+            return Err(Error::TooLarge {
+                destination: msg.destination,
+                size: frame.len(),
+                limit: self.max_message_bytes,
+            });
+        }
+        let cmd = self.command(&destination, frame);
+        let deadline = Instant::now() + self.publish_timeout;
+        let mut conn = self.manager.clone();
+        let mut last: Option<RedisError> = None;
+        loop {
+            let attempt =
+                tokio::time::timeout_at(deadline, query(&cmd, destination.kind(), &mut conn));
+            let err = match attempt.await {
+                Ok(Ok(reply)) => return self.confirmed(&msg.destination, &destination, reply),
+                Ok(Err(e)) => e,
+                Err(_elapsed) => {
+                    return Err(Error::Timeout {
+                        destination: msg.destination,
+                        timeout: self.publish_timeout,
+                        source: last.map(Box::new),
+                    });
+                }
+            };
+            // A connection that failed (refused, dropped, reset): the
+            // manager reconnects; try again within the deadline. A server
+            // reply is final.
+            let connection_failed = err.kind() == redis::ErrorKind::Io && err.code().is_none();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if connection_failed && left > RETRY_BACKOFF {
+                tracing::debug!(
+                    transport = %self.name,
+                    destination = %msg.destination,
+                    error = %err,
+                    "Redis command failed on its connection; retrying on a new one"
+                );
+                last = Some(err);
+                tokio::time::sleep(RETRY_BACKOFF).await;
+                continue;
+            }
+            return Err(self
+                .failed(&msg.destination, &destination, err, deadline)
+                .await);
+        }
+    }
+
+    /// The command for `frame`: `XADD key [MAXLEN ~ n] * __data__ frame`,
+    /// `RPUSH key frame` or `PUBLISH channel frame`.
+    fn command(&self, destination: &Destination, frame: Vec<u8>) -> Cmd {
+        let name = destination.name();
+        match destination.kind() {
+            Kind::Stream => {
+                let mut c = redis::cmd("XADD");
+                c.arg(name);
+                if let Some(n) = self.stream_maxlen {
+                    c.arg("MAXLEN").arg("~").arg(n);
+                }
+                c.arg("*").arg(DATA_FIELD).arg(frame);
+                c
+            }
+            Kind::List => {
+                let mut c = redis::cmd("RPUSH");
+                c.arg(name).arg(frame);
+                c
+            }
+            Kind::Channel => {
+                let mut c = redis::cmd("PUBLISH");
+                c.arg(name).arg(frame);
+                c
+            }
+        }
+    }
+
+    fn confirmed(
+        &self,
+        route: &str,
+        destination: &Destination,
+        reply: Confirmed,
+    ) -> Result<Confirmed> {
+        if reply == Confirmed::Receivers(0) && !self.allow_no_subscribers {
+            return Err(Error::NoSubscriber {
+                channel: route.to_owned(),
+            });
+        }
+        tracing::trace!(transport = %self.name, destination = destination.name(), ?reply, "confirmed");
+        Ok(reply)
+    }
+
+    /// Maps a failed command; for `WRONGTYPE`, asks the key's type (within
+    /// what is left of the deadline) to name it.
+    async fn failed(
+        &self,
+        route: &str,
+        destination: &Destination,
+        err: RedisError,
+        deadline: Instant,
+    ) -> Error {
+        if err.code() != Some("WRONGTYPE") {
+            return Error::Command {
+                destination: route.to_owned(),
+                source: Box::new(err),
+            };
+        }
+        let mut conn = self.manager.clone();
+        let mut type_cmd = redis::cmd("TYPE");
+        type_cmd.arg(destination.name());
+        let actual = tokio::time::timeout_at(deadline, type_cmd.query_async::<String>(&mut conn))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_else(|| "value of another type".to_owned());
+        Error::WrongType {
+            destination: route.to_owned(),
+            key: destination.name().to_owned(),
+            expected: destination.kind().redis_type(),
+            actual,
+            source: Box::new(err),
+        }
+    }
+
+    /// `e` as [`Transport::publish`] returns it: a permanent refusal (see
+    /// [`Error::is_retryable`]) wrapped in a [`BusRejection`] naming this
+    /// transport, with `e` as its source; a transient failure as it is.
+    fn publish_error(&self, e: Error) -> BoxError {
+        if e.is_retryable() {
+            Box::new(e)
+        } else {
+            Box::new(BusRejection::new(self.name.clone(), e))
+        }
+    }
+}
+
+/// Runs `cmd` and reads its reply as the kind's confirmation.
+async fn query(
+    cmd: &Cmd,
+    kind: Kind,
+    conn: &mut ConnectionManager,
+) -> redis::RedisResult<Confirmed> {
+    Ok(match kind {
+        Kind::Stream => Confirmed::StreamEntry(cmd.query_async::<String>(conn).await?),
+        Kind::List => Confirmed::ListLength(cmd.query_async::<u64>(conn).await?),
+        Kind::Channel => Confirmed::Receivers(cmd.query_async::<u64>(conn).await?),
+    })
+}
+
+impl Transport for RedisTransport {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Resolves `Ok` once Redis replied to the command: the `XADD` entry
+    /// id, the `RPUSH` length, or a `PUBLISH` count of at least one
+    /// subscriber (or any count with `allow_no_subscribers`). A permanent
+    /// refusal ([`Error::is_retryable`] false: `WRONGTYPE`, too large,
+    /// `NOPERM`…) comes wrapped in a [`BusRejection`] whose source is the
+    /// [`enum@Error`], so that the row is dead-lettered at once under the
+    /// default retry strategy.
+    fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.send(msg).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(inner.publish_error(e)),
+            }
+        })
+    }
+
+    /// The publish timeout: the one deadline of a publish, reconnects
+    /// included.
+    fn max_publish_time(&self) -> Option<Duration> {
+        Some(self.inner.publish_timeout)
+    }
+
+    /// [`check_destination`](crate::check_destination): `stream:<key>` (or
+    /// a bare key), `list:<key>`, `channel:<name>`, not empty.
+    fn check_destination(&self, destination: &str) -> Result<(), String> {
+        crate::destination::check_destination(destination)
+    }
+
+    /// Nothing to flush: every publish waited for its reply. The connection
+    /// closes when the last clone is dropped.
+    fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
