@@ -219,8 +219,13 @@ impl NatsBroker {
         let s = &self.settings;
         let client = connect_client(s).await?;
         if s.delivery == Delivery::JetStream {
-            let js = async_nats::jetstream::new(client.clone());
-            let answer = tokio::time::timeout(s.connect_timeout, js.query_account()).await;
+            // The account info request: answered by any JetStream-enabled
+            // server; "no responders" without JetStream.
+            let answer = tokio::time::timeout(
+                s.connect_timeout,
+                client.request("$JS.API.INFO", Default::default()),
+            )
+            .await;
             let failed: Option<crate::error::Source> = match answer {
                 Ok(Ok(_)) => None,
                 Ok(Err(e)) => Some(Box::new(e)),
