@@ -145,7 +145,7 @@ pub enum Error {
     /// down, paused, overloaded or unreachable). It may still have been
     /// executed: the row is retried, so the message may arrive twice.
     #[error(
-        "Redis did not answer the publish to {destination:?} within {timeout:?} (is the server \
+        "Redis did not confirm the publish to {destination:?} within {timeout:?} (is the server \
          reachable?){}",
         .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default()
     )]

@@ -154,12 +154,19 @@ impl Inner {
                     });
                 }
             };
-            // A connection that failed (refused, dropped, reset): the
-            // manager reconnects; try again within the deadline. A server
-            // reply is final.
+            // A connection that failed (refused, dropped, reset, timed
+            // out): the manager reconnects; try again within the deadline.
+            // A server reply is final.
             let connection_failed = err.kind() == redis::ErrorKind::Io && err.code().is_none();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if connection_failed && left > RETRY_BACKOFF {
+            if connection_failed {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left <= RETRY_BACKOFF {
+                    return Err(Error::Timeout {
+                        destination: msg.destination,
+                        timeout: self.publish_timeout,
+                        source: Some(Box::new(err)),
+                    });
+                }
                 tracing::debug!(
                     transport = %self.name,
                     destination = %msg.destination,
