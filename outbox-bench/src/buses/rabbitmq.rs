@@ -1,1 +1,176 @@
-//! The rabbitmq bus for the `bus` scenario.
+//! The rabbitmq bus for the `bus` scenario: the transport is
+//! `outbox-rabbitmq` with its defaults (confirm channel, `mandatory`,
+//! persistent, one connection and channel shared by all publishes); the
+//! ceiling is a plain lapin client doing the same (one confirm channel,
+//! `mandatory`, `delivery_mode = 2`, the same properties), with at most
+//! `in_flight` publisher confirms outstanding. Destinations are durable
+//! queues reached through the default exchange.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use outbox_core::Transport;
+use outbox_rabbitmq::RabbitBroker;
+
+use super::{Bus, CeilingRun};
+
+/// RabbitMQ at one AMQP URL.
+// Constructed by the `bus` scenario once it is wired.
+#[allow(dead_code)]
+pub(crate) struct RabbitBench {
+    url: String,
+}
+
+#[allow(dead_code)]
+impl RabbitBench {
+    /// The broker at `url` (`amqp://guest:guest@127.0.0.1:5672/%2f`).
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into() }
+    }
+
+    fn broker(&self) -> RabbitBroker {
+        RabbitBroker::new(self.url.clone()).connection_name("outbox-bench")
+    }
+
+    async fn connect(&self) -> anyhow::Result<Connection> {
+        let props =
+            ConnectionProperties::default().with_connection_name("outbox-bench-ceiling".into());
+        Connection::connect(&self.url, props)
+            .await
+            .with_context(|| format!("connecting to RabbitMQ at {}", self.broker().url()))
+    }
+
+    async fn ceiling_run(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> anyhow::Result<CeilingRun> {
+        let conn = self.connect().await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let in_flight = in_flight.max(1);
+        let mut pending = FuturesUnordered::new();
+        let mut latencies = Vec::with_capacity(n);
+        let start = Instant::now();
+        let mut sent = 0usize;
+        while sent < n || !pending.is_empty() {
+            while sent < n && pending.len() < in_flight {
+                // The transport's properties: content type, message id,
+                // persistent.
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/octet-stream".into())
+                    .with_message_id(sent.to_string().into());
+                let t0 = Instant::now();
+                let confirm = channel
+                    .basic_publish("".into(), destination.into(), options, payload, props)
+                    .await?;
+                pending.push(async move { (confirm.await, t0.elapsed()) });
+                sent += 1;
+            }
+            if let Some((confirmation, latency)) = pending.next().await {
+                match confirmation? {
+                    Confirmation::Ack(None) => latencies.push(latency),
+                    other => bail!("RabbitMQ did not confirm a ceiling publish: {other:?}"),
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        let _ = conn.close(200, "ceiling done".into()).await;
+        Ok(CeilingRun {
+            elapsed,
+            confirm_latencies: latencies,
+        })
+    }
+
+    async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {
+        let conn = self.connect().await?;
+        let channel = conn.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                destination.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("reading the length of queue {destination}"))?;
+        let _ = conn.close(200, "counted".into()).await;
+        Ok(u64::from(q.message_count()))
+    }
+
+    async fn delete(&self, destination: &str) {
+        let Ok(conn) = self.connect().await else {
+            return;
+        };
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                channel.queue_delete(destination.into(), QueueDeleteOptions::default()),
+            )
+            .await;
+        }
+        let _ = conn.close(200, "cleaned up".into()).await;
+    }
+}
+
+impl Bus for RabbitBench {
+    fn name(&self) -> &'static str {
+        outbox_rabbitmq::DEFAULT_NAME
+    }
+
+    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let destination = destination.to_owned();
+        Box::pin(async move {
+            self.broker().ensure_queue(&destination).await?;
+            Ok(())
+        })
+    }
+
+    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
+        Box::pin(async move {
+            let t = self.broker().connect_transport().await?;
+            Ok(Arc::new(t) as Arc<dyn Transport>)
+        })
+    }
+
+    fn ceiling(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
+        let (destination, payload) = (destination.to_owned(), payload.to_vec());
+        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
+    }
+
+    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.message_count(&destination).await })
+    }
+
+    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.delete(&destination).await })
+    }
+}
