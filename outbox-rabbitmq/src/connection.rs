@@ -55,6 +55,9 @@ pub(crate) async fn open(settings: &Settings, timeout: Duration) -> Result<Conne
             }
             Err(connect("the handshake failed".to_owned(), Some(e)))
         }
-        Err(_elapsed) => Err(connect("no answer in time".to_owned(), None)),
+        Err(_elapsed) => Err(connect(
+            format!("no AMQP handshake within {timeout:?}"),
+            None,
+        )),
     }
 }

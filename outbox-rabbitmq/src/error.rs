@@ -51,8 +51,8 @@ pub enum Error {
     /// No AMQP connection could be opened: the broker is down or
     /// unreachable, or did not complete the handshake in time.
     #[error(
-        "cannot connect to RabbitMQ at `{url}` (transport `{transport}`) within {timeout:?}: is \
-         the broker running and reachable from here? {reason}"
+        "cannot connect to RabbitMQ at `{url}` (transport `{transport}`): {reason}; is the broker \
+         running and reachable from here (connect_timeout {timeout:?})?"
     )]
     Connect {
         /// The transport's registered name.
@@ -271,6 +271,72 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As the engine renders an error: each text of the chain once.
+    fn render_chain(e: &(dyn std::error::Error + 'static)) -> String {
+        outbox_core::render_error_chain(e)
+    }
+
+    fn io(text: &str) -> Box<LapinError> {
+        Box::new(LapinError::from(std::io::Error::other(text.to_owned())))
+    }
+
+    /// Each variant leaves its source's text to the source, so a rendered
+    /// chain names every error text once.
+    #[test]
+    fn a_rendered_chain_names_each_error_text_once() {
+        let errors = [
+            Error::Connect {
+                transport: "rabbit".into(),
+                url: "amqp://u:***@h:5672/%2f".into(),
+                timeout: Duration::from_secs(10),
+                reason: "the handshake failed".into(),
+                source: Some(io("connection refused")),
+            },
+            Error::AccessRefused {
+                transport: "rabbit".into(),
+                url: "amqp://u:***@h:5672/%2f".into(),
+                source: io("ACCESS_REFUSED"),
+            },
+            Error::Publish {
+                destination: "orders".into(),
+                stage: "confirm",
+                source: io("connection reset"),
+            },
+            Error::Refused {
+                destination: "orders".into(),
+                reason: "403 ACCESS_REFUSED: no write access".into(),
+                source: None,
+            },
+        ];
+        for e in errors {
+            let outer = outbox_core::Error::Transport {
+                transport: "rabbit".into(),
+                destination: "orders".into(),
+                source: Box::new(e),
+            };
+            let line = render_chain(&outer);
+            let mut cur = std::error::Error::source(&outer);
+            while let Some(err) = cur {
+                let text = err.to_string();
+                assert_eq!(line.matches(&text).count(), 1, "{text:?} in {line:?}");
+                cur = err.source();
+            }
+        }
+        let line = render_chain(&Error::Connect {
+            transport: "rabbit".into(),
+            url: "amqp://u:***@h:5672/%2f".into(),
+            timeout: Duration::from_secs(10),
+            reason: "the handshake failed".into(),
+            source: Some(io("connection refused")),
+        });
+        assert_eq!(
+            line,
+            "cannot connect to RabbitMQ at `amqp://u:***@h:5672/%2f` (transport `rabbit`): the \
+             handshake failed; is the broker running and reachable from here (connect_timeout \
+             10s)?: IO error: connection refused"
+        );
+    }
 
     #[test]
     fn classifies_transient_and_permanent_errors() {

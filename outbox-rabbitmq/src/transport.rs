@@ -197,6 +197,14 @@ impl Inner {
             Ok::<_, LapinError>(ch)
         })
         .await;
+        if !matches!(channel, Ok(Ok(_)))
+            && let Some(o) = old
+                .as_ref()
+                .filter(|o| Arc::ptr_eq(&o.connection, &connection))
+        {
+            // A connection that cannot open a channel is replaced next time.
+            o.suspect.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let channel = match channel {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => {
@@ -271,14 +279,23 @@ impl Inner {
         let properties = properties(&destination, key, headers)?;
         let timeout = self.settings.publish_timeout;
         let deadline = Instant::now() + timeout;
-        let attempt = self.publish_once(deadline, &destination, address, &payload, properties);
-        match tokio::time::timeout_at(deadline, attempt).await {
+        let mut used = None;
+        let attempt = self.publish_once(
+            deadline,
+            &destination,
+            address,
+            &payload,
+            properties,
+            &mut used,
+        );
+        let done = tokio::time::timeout_at(deadline, attempt).await;
+        match done {
             Ok(r) => r,
             Err(_) => {
                 // The broker may hang while lapin still reports the link
-                // open: the next publish reconnects.
-                if let Some(l) = self.current() {
-                    l.suspect.store(true, std::sync::atomic::Ordering::Relaxed);
+                // open: the next publish replaces the link this one used.
+                if let Some(suspect) = used {
+                    suspect.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(Error::Timeout {
                     destination,
@@ -295,8 +312,10 @@ impl Inner {
         address: Address<'_>,
         payload: &[u8],
         properties: BasicProperties,
+        used: &mut Option<Arc<std::sync::atomic::AtomicBool>>,
     ) -> Result<()> {
         let link = self.link(deadline, destination).await?;
+        *used = Some(link.suspect.clone());
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
