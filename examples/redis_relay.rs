@@ -32,6 +32,9 @@ use outbox_redis::redis;
 
 const STREAM: &str = "orders.redis";
 
+/// One `XRANGE` entry: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 #[publish_to(redis, "stream:orders.redis")]
 #[subscriber("orders")]
 async fn handle(order_id: i64) -> i64 {
@@ -109,7 +112,7 @@ async fn read_stream(url: &str, wanted: &BTreeSet<String>) -> anyhow::Result<()>
     println!("reading {STREAM} back:");
     let mut seen = BTreeSet::new();
     loop {
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
             .arg(STREAM)
             .arg("-")
             .arg("+")

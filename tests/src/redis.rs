@@ -156,10 +156,13 @@ impl Msg {
     }
 }
 
+/// One `XRANGE` entry: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Every entry of the stream `key` (`XRANGE key - +`), decoded from the
 /// `__data__` field.
 pub async fn read_stream(c: &mut MultiplexedConnection, key: &str) -> anyhow::Result<Vec<Msg>> {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
         .arg("+")

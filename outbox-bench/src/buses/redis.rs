@@ -1,1 +1,189 @@
-//! The redis bus for the `bus` scenario.
+//! The redis bus for the `bus` scenario: the transport is `outbox-redis`
+//! with its defaults (one multiplexed connection shared by all publishes,
+//! `XADD key * __data__ <FastStream frame>`, no `MAXLEN`, confirmed by the
+//! entry id); the ceiling is a plain redis-rs client doing the same: `XADD`
+//! of the same FastStream-layout bytes (headers `correlation_id`,
+//! `outbox-id`, `message_id` and the payload) on one multiplexed
+//! connection, with at most `in_flight` commands outstanding, each
+//! confirmed by its reply. Destinations are stream keys (a bare name, or
+//! `stream:` / `list:` as the transport reads them; a `channel:` cannot be
+//! counted).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use outbox_core::Transport;
+use outbox_redis::faststream::{DATA_FIELD, encode};
+use outbox_redis::{Destination, Kind, RedisBroker};
+use redis::aio::MultiplexedConnection;
+
+use super::{Bus, CeilingRun};
+
+/// Redis at one URL.
+// Constructed by the `bus` scenario once it is wired.
+#[allow(dead_code)]
+pub(crate) struct RedisBench {
+    url: String,
+}
+
+#[allow(dead_code)]
+impl RedisBench {
+    /// The server at `url` (`redis://127.0.0.1:6379`).
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into() }
+    }
+
+    fn broker(&self) -> RedisBroker {
+        RedisBroker::new(self.url.clone())
+    }
+
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
+        let client = redis::Client::open(self.url.as_str())
+            .with_context(|| format!("opening Redis at {}", self.broker().url()))?;
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("connecting to Redis at {}", self.broker().url()))
+    }
+
+    async fn ceiling_run(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> anyhow::Result<CeilingRun> {
+        let dest = Destination::parse(destination)?;
+        let conn = self.connect().await?;
+        let in_flight = in_flight.max(1);
+        let mut pending = FuturesUnordered::new();
+        let mut latencies = Vec::with_capacity(n);
+        let start = Instant::now();
+        let mut sent = 0usize;
+        while sent < n || !pending.is_empty() {
+            while sent < n && pending.len() < in_flight {
+                // The transport's layout: a FastStream frame with the
+                // envelope headers, in the stream entry's __data__ field.
+                let id = sent.to_string();
+                let frame = encode(
+                    [
+                        ("correlation_id", id.as_str()),
+                        ("outbox-id", id.as_str()),
+                        ("message_id", id.as_str()),
+                    ],
+                    payload,
+                )?;
+                let cmd = match dest.kind() {
+                    Kind::List => {
+                        let mut c = redis::cmd("RPUSH");
+                        c.arg(dest.name()).arg(frame);
+                        c
+                    }
+                    _ => {
+                        let mut c = redis::cmd("XADD");
+                        c.arg(dest.name()).arg("*").arg(DATA_FIELD).arg(frame);
+                        c
+                    }
+                };
+                let mut conn = conn.clone();
+                let t0 = Instant::now();
+                pending.push(async move {
+                    let reply = cmd.query_async::<redis::Value>(&mut conn).await;
+                    (reply, t0.elapsed())
+                });
+                sent += 1;
+            }
+            if let Some((reply, latency)) = pending.next().await {
+                reply.context("Redis did not confirm a ceiling publish")?;
+                latencies.push(latency);
+            }
+        }
+        Ok(CeilingRun {
+            elapsed: start.elapsed(),
+            confirm_latencies: latencies,
+        })
+    }
+
+    async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {
+        let dest = Destination::parse(destination)?;
+        let command = match dest.kind() {
+            Kind::Stream => "XLEN",
+            Kind::List => "LLEN",
+            _ => bail!("messages on a Redis channel cannot be counted ({destination})"),
+        };
+        let mut conn = self.connect().await?;
+        redis::cmd(command)
+            .arg(dest.name())
+            .query_async(&mut conn)
+            .await
+            .with_context(|| format!("{command} {}", dest.name()))
+    }
+
+    async fn delete(&self, destination: &str) {
+        let Ok(dest) = Destination::parse(destination) else {
+            return;
+        };
+        if dest.kind() == Kind::Channel {
+            return;
+        }
+        let Ok(mut conn) = self.connect().await else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            redis::cmd("DEL")
+                .arg(dest.name())
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+    }
+}
+
+impl Bus for RedisBench {
+    fn name(&self) -> &'static str {
+        outbox_redis::DEFAULT_NAME
+    }
+
+    /// Streams and lists are created by their first write: deletes what a
+    /// previous run left under that key.
+    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let destination = destination.to_owned();
+        Box::pin(async move {
+            Destination::parse(&destination)?;
+            self.delete(&destination).await;
+            Ok(())
+        })
+    }
+
+    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
+        Box::pin(async move {
+            let t = self.broker().connect_transport().await?;
+            Ok(Arc::new(t) as Arc<dyn Transport>)
+        })
+    }
+
+    fn ceiling(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
+        let (destination, payload) = (destination.to_owned(), payload.to_vec());
+        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
+    }
+
+    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.message_count(&destination).await })
+    }
+
+    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.delete(&destination).await })
+    }
+}
