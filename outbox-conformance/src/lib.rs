@@ -36,6 +36,12 @@
 //! Every check uses its own queue and destination, so they can share one
 //! outbox table and run in parallel (except that [`outage_keeps_rows`] cuts
 //! the whole bus: keep other tests off it meanwhile).
+//!
+//! [`layering`] checks a transport crate's module map against its code
+//! (every transport crate keeps the same file layout, see
+//! `docs/transports.md`).
+
+pub mod layering;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

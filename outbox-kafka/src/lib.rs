@@ -1,7 +1,8 @@
 // Module map. Each file uses only files listed above it, so dependencies point
 // one way (no import cycle) and the list reads from the foundations up. The
-// `layering` test checks it against the code (`crate::` and `super::` paths,
-// tests included), the `[uses ..]` lists too.
+// `layering` test (tests/layering.rs: outbox_conformance::layering) checks it
+// against the code (`crate::` and `super::` paths, tests included), the
+// `[uses ..]` lists too.
 //
 //   error.rs      the crate's one error enum and its classification (is_retryable)
 //   context.rs    the librdkafka client context: logging, the version-guess rewrite
@@ -16,7 +17,6 @@
 //                 shared registration step), ensure_topic()
 //                 [uses config, context, error, topic, transport]
 //   testing.rs    (feature testing) test_kafka(), a capturing stand-in [uses config]
-//   layering.rs   (tests only) the check of this map
 //   lib.rs        these docs and the re-exports: the public API
 //
 // In short (A <- B: B uses A): error <- config <- topic <- transport <- broker
@@ -222,8 +222,6 @@ mod broker;
 mod config;
 mod context;
 mod error;
-#[cfg(test)]
-mod layering;
 mod topic;
 mod transport;
 

@@ -1,12 +1,26 @@
-//! The crate's layering, checked against its code (tests only): the files of
+//! The module-map check of a transport crate (`layering`): the files of its
 //! `src/` refer to each other without a cycle, and exactly as the module map
-//! at the top of `lib.rs` says.
+//! at the top of its `lib.rs` says. Each transport crate runs it from a test:
+//!
+//! ```no_run
+//! // outbox-<bus>/tests/layering.rs
+//! #[test]
+//! fn the_files_of_src_form_no_cycle_and_follow_the_module_map() {
+//!     outbox_conformance::layering::assert_module_map(env!("CARGO_MANIFEST_DIR"));
+//! }
+//! ```
+//!
+//! The map is the leading `//` comment of `lib.rs`: entries
+//! `//   name.rs  what it holds [uses a, b]`, each continued on the lines
+//! indented further below it, listed from the foundations up (a file uses
+//! only files above it).
 //!
 //! A file refers to another by `crate::<module>`, `super::<module>` (both
 //! also inside `use crate::{..}` groups), or `crate::<Item>` where `lib.rs`
 //! re-exports `Item` from that module. Any other `crate::<Item>` is an item of
-//! the crate root, and counts as a reference to `lib.rs`. Comments (doc
-//! comments and their examples included) and string literals are ignored.
+//! the crate root, and counts as a reference to `lib.rs`; `pub use
+//! <other crate>;` in `lib.rs` is not a file. Comments (doc comments and
+//! their examples included) and string literals are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -363,95 +377,122 @@ fn map_errors(map: &[(Module, BTreeSet<Module>)], graph: &Graph) -> Vec<String> 
     errors
 }
 
-#[test]
-fn the_files_of_src_form_no_cycle_and_follow_the_module_map() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// Checks the crate at `manifest_dir` (its `src/` files and the module map
+/// of its `lib.rs`); panics with every discrepancy, one per line, or with the
+/// cycle.
+///
+/// # Panics
+///
+/// When the files refer to each other in a cycle, when the code and the map
+/// disagree, or when `src/` cannot be read or holds a folder.
+pub fn assert_module_map(manifest_dir: impl AsRef<Path>) {
+    if let Err(e) = check_module_map(manifest_dir.as_ref()) {
+        panic!("{e}");
+    }
+}
+
+/// [`assert_module_map`]'s check, returning what is wrong instead of
+/// panicking.
+pub fn check_module_map(manifest_dir: &Path) -> Result<(), String> {
+    let src = manifest_dir.join("src");
     let mut sources = BTreeMap::new();
-    for entry in std::fs::read_dir(&src).expect("src/ is readable") {
-        let path = entry.expect("a directory entry").path();
-        assert!(
-            !path.is_dir(),
-            "{}: this check reads only the files directly in src/; extend it for folders",
-            path.display()
-        );
+    let entries = std::fs::read_dir(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    for entry in entries {
+        let path = entry.map_err(|e| format!("{}: {e}", src.display()))?.path();
+        if path.is_dir() {
+            return Err(format!(
+                "{}: this check reads only the files directly in src/; extend it for folders",
+                path.display()
+            ));
+        }
         if let Some(module) = path
             .file_stem()
             .filter(|_| path.extension().is_some_and(|e| e == "rs"))
         {
-            let text = std::fs::read_to_string(&path).expect("a source file is readable");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             sources.insert(module.to_string_lossy().into_owned(), text);
         }
     }
+    let Some(lib) = sources.get("lib") else {
+        return Err(format!("{}: no lib.rs", src.display()));
+    };
     let graph = graph(&sources);
     if let Err(cycle) = order(&graph) {
-        panic!(
+        return Err(format!(
             "the files of src/ refer to each other in a cycle: {} (see the module map in lib.rs)",
             cycle.join(" -> ")
-        );
+        ));
     }
-    let map = module_map(&sources["lib"]);
-    let errors = map_errors(&map, &graph);
-    assert!(
-        errors.is_empty(),
-        "update the code or the module map in lib.rs:\n{}",
-        errors.join("\n")
-    );
+    let errors = map_errors(&module_map(lib), &graph);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "update the code or the module map in lib.rs:\n{}",
+            errors.join("\n")
+        ))
+    }
 }
 
-#[test]
-fn the_check_sees_references_in_code_only_and_names_a_cycle() {
-    let files = |list: &[(&str, &str)]| -> BTreeMap<Module, String> {
-        list.iter()
-            .map(|(m, s)| ((*m).to_owned(), (*s).to_owned()))
-            .collect()
-    };
-    let sources = files(&[
-        (
-            "lib",
-            "mod a; mod b; mod c; pub use rdkafka; pub use c::{Thing, Other as O};
-             pub use crate::error::Fault;",
-        ),
-        ("a", "use crate::{b::X, error};\n// crate::c in a comment\n"),
-        (
-            "b",
-            "/* crate::a /* nested */ crate::a */ fn f() -> crate::Fault { crate::O::new() }",
-        ),
-        (
-            "c",
-            r##"const S: &str = "crate::a \" crate::a"; const R: &str = r#"crate::a"#;
-             const Q: char = '"'; fn g<'a>(_: &'a str) { crate::rdkafka::x(); super::error::y() }"##,
-        ),
-        ("error", "mod tests { use super::*; use super::Helper; }"),
-    ]);
-    let graph = graph(&sources);
-    let edges = |m: &str| graph[m].iter().map(String::as_str).collect::<Vec<_>>();
-    assert_eq!(edges("a"), ["b", "error"]);
-    assert_eq!(
-        edges("b"),
-        ["c", "error"],
-        "lib.rs re-exports O from c, Fault from error"
-    );
-    assert_eq!(edges("c"), ["error"]);
-    assert!(edges("error").is_empty());
-    assert_eq!(edges("lib"), ["a", "b", "c", "error"]);
-    let order = order(&graph).expect("no cycle");
-    assert_eq!(order, ["error", "c", "b", "a", "lib"]);
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    // c -> a closes a -> b -> c -> a; so does c -> lib (an item of the root).
-    let mut cyclic = sources.clone();
-    cyclic.insert("c".into(), "use crate::a::Y;".into());
-    assert_eq!(
-        self::order(&self::graph(&cyclic)),
-        Err(vec!["a".into(), "b".into(), "c".into(), "a".into()])
-    );
-    cyclic.insert("c".into(), "fn h() { crate::root_item() }".into());
-    let cycle = self::order(&self::graph(&cyclic)).expect_err("c uses the root");
-    assert_eq!(cycle.join(" -> "), "a -> b -> c -> lib -> a");
-}
+    #[test]
+    fn the_check_sees_references_in_code_only_and_names_a_cycle() {
+        let files = |list: &[(&str, &str)]| -> BTreeMap<Module, String> {
+            list.iter()
+                .map(|(m, s)| ((*m).to_owned(), (*s).to_owned()))
+                .collect()
+        };
+        let sources = files(&[
+            (
+                "lib",
+                "mod a; mod b; mod c; pub use rdkafka; pub use c::{Thing, Other as O};
+                 pub use crate::error::Fault;",
+            ),
+            ("a", "use crate::{b::X, error};\n// crate::c in a comment\n"),
+            (
+                "b",
+                "/* crate::a /* nested */ crate::a */ fn f() -> crate::Fault { crate::O::new() }",
+            ),
+            (
+                "c",
+                r##"const S: &str = "crate::a \" crate::a"; const R: &str = r#"crate::a"#;
+                 const Q: char = '"'; fn g<'a>(_: &'a str) { crate::rdkafka::x(); super::error::y() }"##,
+            ),
+            ("error", "mod tests { use super::*; use super::Helper; }"),
+        ]);
+        let graph = graph(&sources);
+        let edges = |m: &str| graph[m].iter().map(String::as_str).collect::<Vec<_>>();
+        assert_eq!(edges("a"), ["b", "error"]);
+        assert_eq!(
+            edges("b"),
+            ["c", "error"],
+            "lib.rs re-exports O from c, Fault from error"
+        );
+        assert_eq!(edges("c"), ["error"]);
+        assert!(edges("error").is_empty());
+        assert_eq!(edges("lib"), ["a", "b", "c", "error"]);
+        let order = order(&graph).expect("no cycle");
+        assert_eq!(order, ["error", "c", "b", "a", "lib"]);
 
-#[test]
-fn the_module_map_is_compared_with_the_code() {
-    let lib = "\
+        // c -> a closes a -> b -> c -> a; so does c -> lib (an item of the root).
+        let mut cyclic = sources.clone();
+        cyclic.insert("c".into(), "use crate::a::Y;".into());
+        assert_eq!(
+            super::order(&super::graph(&cyclic)),
+            Err(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+        );
+        cyclic.insert("c".into(), "fn h() { crate::root_item() }".into());
+        let cycle = super::order(&super::graph(&cyclic)).expect_err("c uses the root");
+        assert_eq!(cycle.join(" -> "), "a -> b -> c -> lib -> a");
+    }
+
+    #[test]
+    fn the_module_map_is_compared_with_the_code() {
+        let lib = "\
 // Module map:
 //
 //   c.rs   leaf
@@ -465,26 +506,27 @@ fn the_module_map_is_compared_with_the_code() {
 //! docs
 //   x.rs after the map
 ";
-    let map = module_map(lib);
-    let names: Vec<&str> = map.iter().map(|(m, _)| m.as_str()).collect();
-    assert_eq!(names, ["c", "b", "a", "lib"]);
-    let graph: Graph = [
-        ("a", vec!["b"]),
-        ("b", vec!["c"]),
-        ("c", vec!["b"]),
-        ("d", vec![]),
-        ("lib", vec!["a", "b", "c", "d"]),
-    ]
-    .into_iter()
-    .map(|(m, uses)| (m.to_owned(), uses.into_iter().map(str::to_owned).collect()))
-    .collect();
-    assert_eq!(
-        map_errors(&map, &graph),
-        [
-            "d.rs is missing from the module map",
-            "c.rs uses [b], the module map says []",
-            "c.rs uses b.rs, which the module map lists below it",
-            "a.rs uses [b], the module map says [b, c]",
+        let map = module_map(lib);
+        let names: Vec<&str> = map.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(names, ["c", "b", "a", "lib"]);
+        let graph: Graph = [
+            ("a", vec!["b"]),
+            ("b", vec!["c"]),
+            ("c", vec!["b"]),
+            ("d", vec![]),
+            ("lib", vec!["a", "b", "c", "d"]),
         ]
-    );
+        .into_iter()
+        .map(|(m, uses)| (m.to_owned(), uses.into_iter().map(str::to_owned).collect()))
+        .collect();
+        assert_eq!(
+            map_errors(&map, &graph),
+            [
+                "d.rs is missing from the module map",
+                "c.rs uses [b], the module map says []",
+                "c.rs uses b.rs, which the module map lists below it",
+                "a.rs uses [b], the module map says [b, c]",
+            ]
+        );
+    }
 }
