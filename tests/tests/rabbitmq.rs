@@ -505,6 +505,7 @@ async fn refused_credentials_fail_startup_clearly() -> R {
         text.contains("guest:***@") && !text.contains("hunter2"),
         "{text}"
     );
+    println!("{text}");
     Ok(())
 }
 
