@@ -99,7 +99,7 @@ impl Settings {
             // The client's error may quote the URL: leave it out.
             self.invalid(format!(
                 "cannot use the URL {} ({:?}): expected redis://[[user]:password@]host[:port][/db] \
-                 (rediss:// and unix sockets need the redis crate's TLS / unix features)",
+                 (rediss:// needs a TLS feature of the redis crate, e.g. tokio-rustls-comp)",
                 self.redacted_url(),
                 e.kind()
             ))

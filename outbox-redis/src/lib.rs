@@ -138,7 +138,9 @@
 //!
 //! The body is the handler's result encoded like a published body, byte for
 //! byte. Redis structures have no message key: the key is carried as the
-//! `outbox-key` header and does not affect where the message goes.
+//! `outbox-key` header and does not affect where the message goes. A header
+//! named `reply_to` is FastStream's reply address (a FastStream handler that
+//! returns a value publishes it there).
 //!
 //! ## Settings
 //!
@@ -152,7 +154,17 @@
 //! | [`max_message_bytes`](RedisBroker::max_message_bytes) | 512 MiB | Redis's default `proto-max-bulk-len`; a larger message is a permanent refusal |
 //! | [`allow_no_subscribers`](RedisBroker::allow_no_subscribers) | `false` | a `PUBLISH` that reached nobody fails |
 //!
-//! The password is redacted in `Debug` output and errors.
+//! The password is redacted in `Debug` output and errors. `rediss://` (TLS)
+//! needs a TLS feature of the re-exported [`redis`] crate in your own
+//! `Cargo.toml` (`redis = { version = "1.8", features = ["tokio-rustls-comp"] }`;
+//! cargo unifies features); unix sockets (`redis+unix:///path`) work as they
+//! are. Redis Cluster and Sentinel are not supported.
+//!
+//! `max_message_bytes` defaults to Redis's default `proto-max-bulk-len`: a
+//! larger bulk string makes the server drop the connection, which would look
+//! like an outage, so the transport refuses it before sending. It is a
+//! ceiling, not advice: Redis copies a large value while every other client
+//! waits; lower it to what your consumers and memory take.
 //!
 //! ## Outages
 //!
