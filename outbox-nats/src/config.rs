@@ -200,6 +200,9 @@ impl Settings {
                                  (up to publish_timeout)"
                             );
                         }
+                        async_nats::Event::Closed => {
+                            tracing::debug!(transport = %name, "NATS connection closed");
+                        }
                         other => tracing::warn!(transport = %name, "NATS client event: {other}"),
                     }
                 }

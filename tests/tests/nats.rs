@@ -1,0 +1,649 @@
+//! `outbox-nats` end to end against the real nats-server with JetStream
+//! (`NATS_URL`) and real PostgreSQL: a relay process killed with SIGKILL
+//! (every row arrives, and `Nats-Msg-Id` keeps the stream free of
+//! duplicates), server-side deduplication, a subject no stream captures,
+//! oversized messages, refused credentials, a hung server, core publishing,
+//! `ensure_stream`, and a FastStream `NatsBroker` subscriber decoding what
+//! the relay sent. The conformance kit runs in `conformance_nats.rs`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use outbox_core::retry::ConstantRetry;
+use outbox_core::{
+    App, BoxError, BusRejection, Message, OUTBOX_ID, Outgoing, PublishOptions, Response, Route,
+    Transport,
+};
+use outbox_nats::{Delivery, Error, NatsBroker};
+use tests::nats::{self as support, PrivateServer, Streams};
+use tests::proxy::TcpProxy;
+use tests::{TestDb, base64_decode, interop_python, wait_until};
+
+type R = anyhow::Result<()>;
+
+fn fast(b: outbox_core::RouteBuilder) -> outbox_core::RouteBuilder {
+    b.min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200))
+}
+
+/// A fresh stream and subject, deleted when `streams` drops.
+async fn stream(streams: &Streams, label: &str) -> anyhow::Result<(String, String)> {
+    let (stream, subject) = support::unique(label);
+    support::create_stream(&stream, &[&subject], None).await?;
+    streams.add(&stream);
+    Ok((stream, subject))
+}
+
+fn out(subject: &str, id: i64, body: &str) -> Outgoing {
+    let mut o = Outgoing::new(subject, body.as_bytes().to_vec());
+    o.headers.insert(OUTBOX_ID.to_owned(), id.to_string());
+    o
+}
+
+/// The `outbox_nats::Error` inside a publish error (through a BusRejection).
+fn nats_error(e: &BoxError) -> Option<&Error> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&**e);
+    while let Some(err) = cur {
+        if let Some(n) = err.downcast_ref::<Error>() {
+            return Some(n);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Publishing the same outbox id twice within the duplicate window stores
+/// one message: the second PubAck says `duplicate`, the transport counts it.
+/// A different `msg_id_prefix` (another outbox) is not a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn republishing_an_outbox_id_within_the_window_stores_one_message() -> R {
+    let streams = Streams::default();
+    let (name, subject) = stream(&streams, "dedup").await?;
+    let nats = NatsBroker::new(support::url()).connect_transport().await?;
+    let first = nats.send(out(&subject, 7, "seven")).await?.unwrap();
+    assert!(!first.duplicate);
+    let again = nats.send(out(&subject, 7, "seven again")).await?.unwrap();
+    assert!(again.duplicate, "the server must drop the second copy");
+    assert_eq!(again.sequence, first.sequence, "the ack names the stored copy");
+    nats.publish(out(&subject, 8, "eight")).await.unwrap();
+    assert_eq!(nats.duplicates(), 1);
+
+    let other = NatsBroker::new(support::url())
+        .msg_id_prefix("other-outbox:")
+        .connect_transport()
+        .await?;
+    let ack = other.send(out(&subject, 7, "another outbox's row 7")).await?;
+    assert!(!ack.unwrap().duplicate, "another prefix is another message");
+
+    let msgs = support::read_stream(&name, Duration::from_secs(5), |m| m.len() >= 3).await?;
+    let bodies: Vec<&[u8]> = msgs.iter().map(|m| m.payload.as_slice()).collect();
+    assert_eq!(
+        bodies,
+        [&b"seven"[..], b"eight", b"another outbox's row 7"],
+        "one message per id and prefix"
+    );
+    assert_eq!(msgs[0].header("Nats-Msg-Id"), Some("7"));
+    assert_eq!(msgs[2].header("Nats-Msg-Id"), Some("other-outbox:7"));
+    assert_eq!(support::stream_len(&name).await?, 3);
+    nats.close().await.unwrap();
+    other.close().await.unwrap();
+    Ok(())
+}
+
+/// Kills the child relay when dropped (a failing test leaves no process).
+struct Relay(Child);
+
+impl Relay {
+    /// A relay; its stderr (with `outbox_nats` at debug: the dropped
+    /// duplicates) goes to `log`.
+    fn spawn(db: &TestDb, subject: &str, log: &std::path::Path) -> anyhow::Result<Self> {
+        let child = Command::new(env!("CARGO_BIN_EXE_nats_relay"))
+            .env("RUST_LOG", "warn,outbox_nats=debug")
+            .stderr(std::fs::File::create(log)?)
+            .env("RELAY_SCHEMA", &db.schema)
+            .env("RELAY_TABLE", db.table.name())
+            .env("RELAY_DLQ", db.dlq.name())
+            .env("RELAY_QUEUE", "crash")
+            .env("RELAY_SUBJECT", subject)
+            .env("NATS_URL", support::url())
+            .env("RELAY_DELAY_MS", "15")
+            .env("RELAY_WORKERS", "4")
+            .env("RELAY_LEASE_MS", "3000")
+            .spawn()?;
+        Ok(Self(child))
+    }
+
+    fn sigkill(mut self) -> anyhow::Result<()> {
+        // std's Child::kill sends SIGKILL on Unix.
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+
+    fn sigterm(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.0.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        Ok(self.0.wait()?)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A relay process killed with SIGKILL mid-stream, then restarted: every row
+/// arrives, the outbox empties, and the stream holds each row exactly once:
+/// the rows that were in flight at the kill were published again (their
+/// leases ran out) with the same `Nats-Msg-Id`, within the duplicate window,
+/// and the server dropped those copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplicate() -> R {
+    let streams = Streams::default();
+    let (name, subject) = stream(&streams, "crash").await?;
+    let db = TestDb::new().await?;
+    const N: i64 = 400;
+    let mut ids = BTreeSet::new();
+    let mut tx = db.pool.begin().await?;
+    for v in 0..N {
+        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
+    }
+    tx.commit().await?;
+
+    // The crash window a SIGKILL rarely hits (the PubAck came, the row's
+    // delete did not): the first 20 rows are already on the stream, as a
+    // relay that died right after publishing them would have left them.
+    let earlier = NatsBroker::new(support::url()).connect_transport().await?;
+    for (v, id) in ids.iter().take(20).enumerate() {
+        let mut o = out(&subject, *id, &v.to_string());
+        o.headers.insert("outbox-key".into(), format!("k{v}"));
+        earlier.publish(o).await.unwrap();
+    }
+    let logs = std::env::temp_dir().join(format!("nats_relay_{}", tests::suffix()));
+    std::fs::create_dir_all(&logs)?;
+    let relay = Relay::spawn(&db, &subject, &logs.join("first.log"))?;
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            db.count().await.unwrap() <= N - 80
+        })
+        .await,
+        "the first relay did not make progress"
+    );
+    relay.sigkill()?;
+    let left = db.count().await?;
+    let leased = db
+        .scalar(format!(
+            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
+            db.t()
+        ))
+        .await?;
+    println!("killed the relay with {left} rows left ({leased} leased)");
+    assert!(left > 0, "the relay finished before the kill; raise N");
+
+    let relay = Relay::spawn(&db, &subject, &logs.join("second.log"))?;
+    assert!(
+        db.drained(Duration::from_secs(60)).await,
+        "rows left after the restart: {}",
+        db.count().await?
+    );
+    let status = relay.sigterm()?;
+    assert!(status.success(), "the relay exited with {status}");
+    assert_eq!(db.dlq_count().await?, 0);
+
+    let msgs = support::read_stream(&name, Duration::from_secs(30), |m| {
+        ids.is_subset(&m.iter().filter_map(|m| m.outbox_id()).collect())
+    })
+    .await?;
+    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
+    for m in &msgs {
+        let id = m.outbox_id().unwrap();
+        *per_id.entry(id).or_default() += 1;
+        let v: i64 = serde_json::from_slice(&m.payload)?;
+        assert_eq!(m.header("outbox-key"), Some(format!("k{v}").as_str()));
+        assert_eq!(m.header("Nats-Msg-Id"), Some(id.to_string().as_str()));
+    }
+    let seen: BTreeSet<i64> = per_id.keys().copied().collect();
+    assert_eq!(seen, ids, "every row, and only these rows, arrive");
+    let total = msgs.len();
+    let mut dropped = 0;
+    for log in ["first.log", "second.log"] {
+        let text = std::fs::read_to_string(logs.join(log))?;
+        dropped += text.matches("the redelivered copy was dropped").count();
+    }
+    let _ = std::fs::remove_dir_all(&logs);
+    println!(
+        "{total} stream messages for {N} rows, {} distinct; the server dropped {dropped} \
+         redelivered copies",
+        per_id.len()
+    );
+    assert_eq!(
+        total,
+        per_id.len(),
+        "Nats-Msg-Id: the redelivered rows must not be stored twice"
+    );
+    assert_eq!(support::stream_len(&name).await?, u64::try_from(N)?);
+    assert!(
+        dropped >= 20,
+        "the 20 rows already on the stream were published again and dropped: {dropped}"
+    );
+    Ok(())
+}
+
+/// No stream captures the subject: the server answers "no responders", a
+/// transient error (not a BusRejection) naming the subject and the fix.
+/// Through the App the row stays in the outbox, retried, and arrives once a
+/// stream is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> R {
+    let streams = Streams::default();
+    let (name, subject) = support::unique("nostream");
+    let nats = NatsBroker::new(support::url()).connect_transport().await?;
+    let err = nats.publish(out(&subject, 1, "x")).await.unwrap_err();
+    assert!(BusRejection::find(&*err).is_none(), "transient: {err}");
+    let e = nats_error(&err).unwrap();
+    assert!(matches!(e, Error::NoStream { .. }) && e.is_retryable(), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&subject) && text.contains("ensure_stream"),
+        "{text}"
+    );
+
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    let id = db.broker.publish(&1_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
+    let route = fast(Route::builder(["q"]))
+        .retry(ConstantRetry::new(Duration::from_millis(200)))
+        .publish_to("nats", subject.clone())
+        .handler(|msg: Message, _| async move {
+            Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(NatsBroker::new(support::url()).connect());
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let retried = wait_until(Duration::from_secs(30), || async {
+        db.scalar(format!("SELECT coalesce(max(attempts_count), 0)::bigint FROM {}", db.t()))
+            .await
+            .unwrap()
+            >= 2
+    })
+    .await;
+    assert!(retried, "the row was not retried");
+    assert_eq!(db.count().await?, 1, "the row stays while no stream exists");
+    assert_eq!(db.dlq_count().await?, 0);
+
+    support::create_stream(&name, &[&subject], None).await?;
+    streams.add(&name);
+    assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
+    stop.shutdown();
+    run.await??;
+    let msgs = support::read_stream(&name, Duration::from_secs(5), |m| !m.is_empty()).await?;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].outbox_id(), Some(id));
+    Ok(())
+}
+
+/// Over the server's `max_payload` (checked by the client from the server's
+/// INFO) and over the stream's `max_msg_size` (refused by JetStream, err_code
+/// 10054): both BusRejections naming the bus; through the App the row is
+/// dead-lettered as `rejected`, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_rejections_and_dead_lettered() -> R {
+    let streams = Streams::default();
+    let (name, subject) = support::unique("small");
+    support::create_stream(&name, &[&subject], Some(1000)).await?;
+    streams.add(&name);
+    let nats = NatsBroker::new(support::url()).connect_transport().await?;
+    let max = nats.max_payload();
+    assert!(max >= 1024, "max_payload from the server's INFO: {max}");
+
+    let big = Outgoing::new(&subject, vec![b'x'; max + 1]);
+    let err = nats.publish(big).await.unwrap_err();
+    assert_eq!(BusRejection::find(&*err).map(|r| r.bus()), Some("nats"));
+    assert!(
+        matches!(nats_error(&err), Some(Error::TooLarge { max: m, .. }) if *m == max),
+        "{err}"
+    );
+
+    let err = nats
+        .publish(Outgoing::new(&subject, vec![b'y'; 5000]))
+        .await
+        .unwrap_err();
+    assert_eq!(BusRejection::find(&*err).map(|r| r.bus()), Some("nats"));
+    match nats_error(&err) {
+        Some(Error::StreamRefused { err_code, .. }) => {
+            assert_eq!(*err_code, outbox_nats::JS_ERR_MESSAGE_SIZE);
+        }
+        other => panic!("expected the stream's refusal: {other:?}"),
+    }
+    // A small one still goes through. (An id no row of the table below
+    // has: the same id would make the row's publish a duplicate the server
+    // drops, see msg_id_prefix.)
+    nats.publish(out(&subject, -1, "small")).await.unwrap();
+
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    let id = db
+        .broker
+        .publish(&outbox_core::Raw(vec![b'z'; 5000]), "big", &mut *tx)
+        .await?;
+    tx.commit().await?;
+    let route = fast(Route::builder(["big"]))
+        .publish_to("nats", subject.clone())
+        .handler(|msg: Message, ctx| async move {
+            outbox_core::Passthrough::from_delivery(&msg, &ctx)
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(NatsBroker::new(support::url()).connect());
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    let dead = wait_until(Duration::from_secs(30), || async {
+        db.dlq_count().await.unwrap() == 1
+    })
+    .await;
+    stop.shutdown();
+    run.await??;
+    assert!(
+        dead,
+        "the oversized row was not dead-lettered: {} rows left, {} on the stream",
+        db.count().await?,
+        support::stream_len(&name).await?
+    );
+    let reason: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT failure_reason || ': ' || coalesce(last_exception, '') FROM {} WHERE original_id = $1",
+        db.d()
+    )))
+    .bind(id)
+    .fetch_one(&db.pool)
+    .await?;
+    assert!(
+        reason.starts_with("rejected") && reason.contains("nats") && reason.contains("10054"),
+        "{reason}"
+    );
+    assert_eq!(db.count().await?, 0);
+    assert_eq!(support::stream_len(&name).await?, 1, "only the small one");
+    Ok(())
+}
+
+use outbox_core::FromDelivery as _;
+
+/// A server that requires a password: a wrong one fails `App::run` at
+/// startup (refused credentials, the password redacted), the right one
+/// connects; that server has no JetStream, which fails startup too (with the
+/// fix), unless core publishing is opted in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_and_a_server_without_jetstream_fail_startup() -> R {
+    let server = PrivateServer::start(&["--user", "relay", "--pass", "right-pw"]).await?;
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&1_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
+    let run = |nats: NatsBroker| {
+        let route = fast(Route::builder(["q"]))
+            .publish_to("nats", "anywhere")
+            .handler(|msg: Message, _| async move {
+                Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+            });
+        App::new(db.broker.clone())
+            .without_discovery()
+            .without_signals()
+            .subscriber(route)
+            .on_startup(nats.connect())
+            .run()
+    };
+
+    let wrong = NatsBroker::new(format!("nats://relay:wrong-pw@{}", server.addr))
+        .connect_timeout(Duration::from_secs(5));
+    let err = tokio::time::timeout(Duration::from_secs(30), run(wrong))
+        .await?
+        .expect_err("wrong password")
+        .to_string();
+    assert!(
+        err.contains("nats.connect") && err.contains("refused the credentials"),
+        "{err}"
+    );
+    assert!(err.contains(&server.addr) && !err.contains("wrong-pw"), "{err}");
+    let typed_err = NatsBroker::new(format!("nats://{}", server.addr))
+        .token("not-a-token")
+        .connect_transport()
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(typed_err, Error::Refused { .. }) && !typed_err.is_retryable(),
+        "{typed_err:?}"
+    );
+
+    let right = NatsBroker::new(format!("nats://{}", server.addr)).user_password("relay", "right-pw");
+    let err = tokio::time::timeout(Duration::from_secs(30), run(right.clone()))
+        .await?
+        .expect_err("no JetStream")
+        .to_string();
+    assert!(err.contains("JetStream does not answer") && err.contains("-js"), "{err}");
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+    right.core_publish().connect_transport().await?.close().await.unwrap();
+    Ok(())
+}
+
+/// A server that hangs (the proxy holds every byte back): a publish fails
+/// with the publish timeout instead of hanging, and goes through once the
+/// server answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_makes_publish_fail_within_its_deadline() -> R {
+    let streams = Streams::default();
+    let (name, subject) = stream(&streams, "hung").await?;
+    let proxy = TcpProxy::start(&support::addr()).await?;
+    let nats = NatsBroker::new(format!("nats://{}", proxy.addr()))
+        .publish_timeout(Duration::from_secs(2))
+        .connect_transport()
+        .await?;
+    assert_eq!(nats.max_publish_time(), Duration::from_secs(2));
+    proxy.pause();
+    let res = tokio::time::timeout(Duration::from_secs(20), nats.publish(out(&subject, 1, "a")))
+        .await
+        .expect("the publish hung past its deadline");
+    let err = res.unwrap_err();
+    assert!(
+        matches!(nats_error(&err), Some(Error::Timeout { .. })),
+        "{err}"
+    );
+    assert!(BusRejection::find(&*err).is_none());
+    proxy.cut();
+    let res = tokio::time::timeout(Duration::from_secs(20), nats.publish(out(&subject, 2, "b")))
+        .await
+        .expect("the publish hung past its deadline");
+    assert!(res.is_err(), "Ok while the server was cut");
+    proxy.restore();
+    let back = wait_until(Duration::from_secs(30), || async {
+        nats.publish(out(&subject, 3, "c")).await.is_ok()
+    })
+    .await;
+    assert!(back, "no publish went through after the server came back");
+    // The timed-out publishes may have reached the server after all (at
+    // least once); each id at most once (Nats-Msg-Id).
+    let msgs = support::read_stream(&name, Duration::from_secs(5), |m| {
+        m.iter().any(|m| m.outbox_id() == Some(3))
+    })
+    .await?;
+    let ids: Vec<i64> = msgs.iter().filter_map(|m| m.outbox_id()).collect();
+    let distinct: BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), distinct.len(), "{ids:?}");
+    Ok(())
+}
+
+/// Core NATS, opted in: no stream, no ack; the subscriber online gets the
+/// message with its headers (no `Nats-Msg-Id`); a publish nobody listens to
+/// still resolves Ok: at most once, as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_publish_is_an_explicit_at_most_once_opt_in() -> R {
+    let (_, subject) = support::unique("core");
+    let nats = NatsBroker::new(support::url())
+        .core_publish()
+        .connect_transport()
+        .await?;
+    assert_eq!(nats.delivery(), Delivery::Core);
+    // Nobody listens: the message is gone, the publish is Ok anyway.
+    nats.publish(out(&subject, 1, "lost")).await.unwrap();
+
+    let client = support::connect().await;
+    let mut sub = client.subscribe(subject.clone()).await?;
+    client.flush().await?;
+    let mut o = out(&subject, 2, "{\"a\":1}");
+    o.headers
+        .insert("content-type".into(), "application/json".into());
+    o.headers.insert("correlation_id".into(), "c-2".into());
+    o.key = Some(b"k2".to_vec());
+    assert!(nats.send(o).await?.is_none(), "no PubAck in core mode");
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await?
+        .unwrap();
+    assert_eq!(&m.payload[..], b"{\"a\":1}");
+    let h = m.headers.unwrap();
+    let get = |n: &str| h.get(n).map(|v| v.as_str().to_owned());
+    assert_eq!(get("content-type").as_deref(), Some("application/json"));
+    assert_eq!(get("correlation_id").as_deref(), Some("c-2"));
+    assert_eq!(get("outbox-id").as_deref(), Some("2"));
+    assert_eq!(get("message_id").as_deref(), Some("2"));
+    assert_eq!(get("outbox-key").as_deref(), Some("k2"));
+    assert_eq!(get("Nats-Msg-Id"), None);
+    nats.close().await.unwrap();
+    Ok(())
+}
+
+/// `ensure_stream` creates a stream once (2 min duplicate window), checks its
+/// input before sending anything, and a publish to its subject is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_stream_creates_a_missing_stream_once_and_checks_its_input() -> R {
+    let streams = Streams::default();
+    let (name, subject) = support::unique("ensure");
+    streams.add(&name);
+    let nats = NatsBroker::new(support::url());
+    assert!(nats.ensure_stream(&name, [format!("{subject}.>")]).await?);
+    assert!(!nats.ensure_stream(&name, [format!("{subject}.>")]).await?);
+    let js = support::js().await;
+    let info = js.get_stream(&name).await?.get_info().await?;
+    assert_eq!(
+        info.config.duplicate_window,
+        outbox_nats::DEFAULT_DUPLICATE_WINDOW
+    );
+    for (bad, subjects) in [
+        ("a.b", vec!["x".to_owned()]),
+        ("", vec!["x".to_owned()]),
+        ("OK_NAME", vec![]),
+        ("OK_NAME", vec!["a..b".to_owned()]),
+    ] {
+        let e = nats.ensure_stream(bad, subjects).await.err();
+        assert!(matches!(e, Some(Error::Stream { .. })), "{bad}: {e:?}");
+    }
+    let t = nats.connect_transport().await?;
+    t.publish(out(&format!("{subject}.created"), 1, "x"))
+        .await
+        .unwrap();
+    assert_eq!(support::stream_len(&name).await?, 1);
+    Ok(())
+}
+
+/// A FastStream `NatsBroker` subscriber (Python, faststream 0.7.8) on the
+/// JetStream-captured subject decodes what the relay sent natively: body,
+/// content type, correlation id, message id (the outbox id) and headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faststream_decodes_what_the_relay_sent() -> R {
+    let streams = Streams::default();
+    let (name, subject) = stream(&streams, "faststream").await?;
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    let opts = PublishOptions::new().header("x-tenant", "acme");
+    let json_id = db
+        .broker
+        .publish_with(&serde_json::json!({"order": 1, "items": ["a"]}), "fs", &opts, &mut *tx)
+        .await?
+        .unwrap();
+    let text_id = db
+        .broker
+        .publish_with(&"héllo", "fs", &opts, &mut *tx)
+        .await?
+        .unwrap();
+    tx.commit().await?;
+    let route = fast(Route::builder(["fs"]))
+        .publish_to("nats", subject.clone())
+        .handler(|msg: Message, ctx| async move {
+            let body = outbox_core::Passthrough::from_delivery(&msg, &ctx)?;
+            Ok::<_, BoxError>(
+                Response::new(body)
+                    .correlation_id(format!("corr-{}", msg.id()))
+                    .header("x-explicit", "e")
+                    .key(format!("k{}", msg.id())),
+            )
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(NatsBroker::new(support::url()).connect());
+    let stop = app.handle();
+    let run = tokio::spawn(app.run());
+    assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
+    stop.shutdown();
+    run.await??;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/fs_nats_consume.py");
+    let output = Command::new(interop_python()?)
+        .arg(script)
+        .args(["--url", &support::url(), "--stream", &name, "--subject", &subject])
+        .args(["--expect", "2", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "fs_nats_consume failed: {stderr}");
+    let records: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(records.len(), 2, "{records:?}");
+    println!("{}", serde_json::to_string_pretty(&records)?);
+    let by_id: BTreeMap<String, &serde_json::Value> = records
+        .iter()
+        .map(|r| (r["message_id"].as_str().unwrap_or_default().to_owned(), r))
+        .collect();
+    for (id, content_type, body, decoded) in [
+        (
+            json_id,
+            "application/json",
+            serde_json::to_vec(&serde_json::json!({"order": 1, "items": ["a"]}))?,
+            serde_json::json!({"order": 1, "items": ["a"]}),
+        ),
+        (
+            text_id,
+            "text/plain",
+            "héllo".as_bytes().to_vec(),
+            serde_json::json!("héllo"),
+        ),
+    ] {
+        let r = by_id
+            .get(&id.to_string())
+            .unwrap_or_else(|| panic!("message_id {id} missing: {records:?}"));
+        assert_eq!(r["subject"], subject.as_str());
+        assert_eq!(base64_decode(r["payload_base64"].as_str().unwrap())?, body);
+        assert_eq!(r["decoded_body"], decoded, "FastStream's own decoding");
+        assert_eq!(r["content_type"], content_type);
+        assert_eq!(r["correlation_id"], format!("corr-{id}").as_str());
+        let h = &r["headers"];
+        assert_eq!(h["x-tenant"], "acme", "propagated");
+        assert_eq!(h["x-explicit"], "e", "explicit");
+        assert_eq!(h["outbox-id"], id.to_string().as_str());
+        assert_eq!(h["outbox-key"], format!("k{id}").as_str());
+        assert_eq!(h["Nats-Msg-Id"], id.to_string().as_str());
+    }
+    Ok(())
+}
