@@ -215,8 +215,8 @@ pub async fn read_queue(
             Ok(None) | Err(_) => break,
         }
     }
-    // Not acknowledged: closing puts every message back.
-    let _ = ch.close(200, "read".into()).await;
+    // Not acknowledged: closing the connection puts every message back.
+    drop(consumer);
     let _ = conn.close(200, "read".into()).await;
     Ok(got)
 }

@@ -155,7 +155,52 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
     let seen: BTreeSet<i64> = per_id.keys().copied().collect();
     assert_eq!(seen, ids, "every row, and only these rows, arrive");
     let dups: usize = per_id.values().map(|n| n - 1).sum();
+    // In flight at the kill: at most the claimed batch (fetch_batch_size 10)
+    // plus what the 4 workers held.
+    assert!(
+        i64::try_from(dups)? <= leased.max(14),
+        "{dups} duplicates, but only {leased} rows were leased at the kill"
+    );
     println!("{} messages for {N} rows ({dups} duplicates)", got.len());
+    delete_queue(&queue).await;
+    Ok(())
+}
+
+/// A queue that refuses more messages (`x-overflow = reject-publish`) makes
+/// the broker nack the publish: an error (retried), never an `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_is_an_error() -> R {
+    let queue = unique("full");
+    let conn = tests::rabbitmq::connect().await;
+    let ch = conn.create_channel().await?;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongInt(600_000),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await?;
+    let _ = conn.close(200, "declared".into()).await;
+    let t = test_rabbit(&url()).connect_transport().await?;
+    t.publish(outgoing(&queue, 1, "fits")).await.unwrap();
+    let err = t.publish(outgoing(&queue, 2, "full")).await.unwrap_err();
+    let e = rabbit_error(&*err).unwrap();
+    assert!(matches!(e, Error::Nacked { .. }), "{e:?}");
+    assert!(e.is_retryable() && BusRejection::find(&*err).is_none());
+    assert_eq!(queue_len(&queue).await?, 1);
+    t.close().await.unwrap();
     delete_queue(&queue).await;
     Ok(())
 }
