@@ -145,11 +145,15 @@
 //! the next publish opens a new connection and channel (within
 //! `connect_timeout`, inside its publish timeout; one reconnect at a time, no
 //! lock held while confirms are awaited). A publish that times out marks the
-//! connection suspect, so a hung broker is replaced as well. While the
-//! broker is down, every publish fails fast or at its deadline and the rows
-//! are retried by the subscriber's retry strategy; they survive an outage of
-//! about `max_attempts × publish_timeout + sum of the strategy's delays`,
-//! then go to the dead-letter table (`failure_reason = retry_terminal`).
+//! connection suspect, so a hung broker is replaced as well (a broker under
+//! a memory or disk alarm blocks publishers: their publishes time out and
+//! are retried like any outage). While the broker is down, every publish
+//! fails fast or at its deadline and the rows are retried by the
+//! subscriber's retry strategy; they survive an outage of about
+//! `max_attempts × publish_timeout + sum of the strategy's delays`, then go
+//! to the dead-letter table (`failure_reason = retry_terminal`). lapin logs
+//! lost connections itself at ERROR (targets `lapin::*`); the transport's
+//! own lines use the target `outbox_rabbitmq`.
 //!
 //! ## Permanent refusals
 //!
