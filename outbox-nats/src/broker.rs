@@ -339,7 +339,9 @@ impl TransportBroker for NatsBroker {
     }
 
     /// [`NatsBroker::connect_transport`], with the error boxed.
-    fn connect_transport(&self) -> BoxFuture<'static, std::result::Result<NatsTransport, BoxError>> {
+    fn connect_transport(
+        &self,
+    ) -> BoxFuture<'static, std::result::Result<NatsTransport, BoxError>> {
         let this = self.clone();
         Box::pin(async move {
             NatsBroker::connect_transport(&this)

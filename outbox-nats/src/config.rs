@@ -171,7 +171,9 @@ impl Settings {
         let opts = match &self.auth {
             Auth::None => ConnectOptions::new(),
             Auth::Token(t) => ConnectOptions::with_token(t.clone()),
-            Auth::UserPassword(u, p) => ConnectOptions::with_user_and_password(u.clone(), p.clone()),
+            Auth::UserPassword(u, p) => {
+                ConnectOptions::with_user_and_password(u.clone(), p.clone())
+            }
             Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
                 .await
                 .map_err(|e| {
@@ -200,8 +202,8 @@ impl Settings {
                                  (up to publish_timeout)"
                             );
                         }
-                        async_nats::Event::Closed => {
-                            tracing::debug!(transport = %name, "NATS connection closed");
+                        async_nats::Event::Closed | async_nats::Event::Draining => {
+                            tracing::debug!(transport = %name, "NATS connection {event}");
                         }
                         other => tracing::warn!(transport = %name, "NATS client event: {other}"),
                     }
@@ -244,7 +246,10 @@ mod tests {
             redact_url("nats://relay:s3cret@h:4222"),
             "nats://relay:<redacted>@h:4222"
         );
-        assert_eq!(redact_url("nats://t0ken@h:4222"), "nats://<redacted>@h:4222");
+        assert_eq!(
+            redact_url("nats://t0ken@h:4222"),
+            "nats://<redacted>@h:4222"
+        );
         assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
         assert_eq!(
             redact_url("nats://a:b@h1:1,nats://h2:2"),
@@ -255,7 +260,11 @@ mod tests {
 
     #[test]
     fn bad_settings_are_refused_early() {
-        assert!(Settings::new("nats://127.0.0.1:4222".into()).check().is_ok());
+        assert!(
+            Settings::new("nats://127.0.0.1:4222".into())
+                .check()
+                .is_ok()
+        );
         assert!(Settings::new(" ".into()).check().is_err());
         let mut s = Settings::new("nats://h:1".into());
         s.publish_timeout = Duration::ZERO;

@@ -129,8 +129,7 @@ pub enum Error {
 
     /// JetStream answered the publish with an API error (stream full,
     /// message larger than the stream's `max_msg_size`, …).
-    #[error(
-"JetStream refused the message for NATS subject {subject:?}: {detail}")]
+    #[error("JetStream refused the message for NATS subject {subject:?}: {detail}")]
     StreamRefused {
         /// The subject.
         subject: String,
@@ -256,7 +255,12 @@ mod tests {
             source: "big".into(),
         };
         assert!(!too_large.is_retryable());
-        assert!(Error::NoStream { subject: "s".into() }.is_retryable());
+        assert!(
+            Error::NoStream {
+                subject: "s".into()
+            }
+            .is_retryable()
+        );
         let timeout = Error::Timeout {
             subject: "orders".into(),
             timeout: Duration::from_secs(30),

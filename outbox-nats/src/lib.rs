@@ -174,13 +174,11 @@ mod transport;
 
 pub use broker::NatsBroker;
 pub use config::{
-    DEFAULT_CLIENT_NAME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DUPLICATE_WINDOW,
-    DEFAULT_FLUSH_TIMEOUT, DEFAULT_NAME, DEFAULT_PUBLISH_TIMEOUT, Delivery,
+    DEFAULT_CLIENT_NAME, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FLUSH_TIMEOUT,
+    DEFAULT_NAME, DEFAULT_PUBLISH_TIMEOUT, Delivery,
 };
 pub use error::{Error, JS_ERR_MESSAGE_SIZE, Result, Source};
-pub use transport::{
-    DUPLICATES_METRIC, KEY_HEADER, MESSAGE_ID_HEADER, NATS_MSG_ID, NatsTransport,
-};
+pub use transport::{DUPLICATES_METRIC, KEY_HEADER, MESSAGE_ID_HEADER, NATS_MSG_ID, NatsTransport};
 
 /// The `async-nats` crate this transport is built on (for JetStream stream
 /// configuration, consumers, headers).

@@ -54,9 +54,10 @@ pub(crate) fn check_stream_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() {
         return Err("the stream name is empty".to_owned());
     }
-    if let Some(bad) = name.chars().find(|c| {
-        c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\')
-    }) {
+    if let Some(bad) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
         return Err(format!(
             "the stream name contains {bad:?}; JetStream stream names have no whitespace, '.', \
              '*', '>', '/' or '\\'"

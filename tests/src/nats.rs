@@ -193,9 +193,7 @@ pub async fn read_stream(
                     headers: m
                         .headers
                         .iter()
-                        .filter_map(|(k, v)| {
-                            Some((k.to_string(), v.first()?.as_str().to_owned()))
-                        })
+                        .filter_map(|(k, v)| Some((k.to_string(), v.first()?.as_str().to_owned())))
                         .collect(),
                 }),
                 // A deleted sequence (interior gap): skip it.

@@ -68,7 +68,10 @@ async fn republishing_an_outbox_id_within_the_window_stores_one_message() -> R {
     assert!(!first.duplicate);
     let again = nats.send(out(&subject, 7, "seven again")).await?.unwrap();
     assert!(again.duplicate, "the server must drop the second copy");
-    assert_eq!(again.sequence, first.sequence, "the ack names the stored copy");
+    assert_eq!(
+        again.sequence, first.sequence,
+        "the ack names the stored copy"
+    );
     nats.publish(out(&subject, 8, "eight")).await.unwrap();
     assert_eq!(nats.duplicates(), 1);
 
@@ -76,7 +79,9 @@ async fn republishing_an_outbox_id_within_the_window_stores_one_message() -> R {
         .msg_id_prefix("other-outbox:")
         .connect_transport()
         .await?;
-    let ack = other.send(out(&subject, 7, "another outbox's row 7")).await?;
+    let ack = other
+        .send(out(&subject, 7, "another outbox's row 7"))
+        .await?;
     assert!(!ack.unwrap().duplicate, "another prefix is another message");
 
     let msgs = support::read_stream(&name, Duration::from_secs(5), |m| m.len() >= 3).await?;
@@ -247,7 +252,10 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
     let err = nats.publish(out(&subject, 1, "x")).await.unwrap_err();
     assert!(BusRejection::find(&*err).is_none(), "transient: {err}");
     let e = nats_error(&err).unwrap();
-    assert!(matches!(e, Error::NoStream { .. }) && e.is_retryable(), "{e:?}");
+    assert!(
+        matches!(e, Error::NoStream { .. }) && e.is_retryable(),
+        "{e:?}"
+    );
     let text = e.to_string();
     assert!(
         text.contains(&subject) && text.contains("ensure_stream"),
@@ -272,9 +280,12 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
     let stop = app.handle();
     let run = tokio::spawn(app.run());
     let retried = wait_until(Duration::from_secs(30), || async {
-        db.scalar(format!("SELECT coalesce(max(attempts_count), 0)::bigint FROM {}", db.t()))
-            .await
-            .unwrap()
+        db.scalar(format!(
+            "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
+            db.t()
+        ))
+        .await
+        .unwrap()
             >= 2
     })
     .await;
@@ -340,9 +351,9 @@ async fn oversized_messages_are_rejections_and_dead_lettered() -> R {
     tx.commit().await?;
     let route = fast(Route::builder(["big"]))
         .publish_to("nats", subject.clone())
-        .handler(|msg: Message, ctx| async move {
-            outbox_core::Passthrough::from_delivery(&msg, &ctx)
-        });
+        .handler(
+            |msg: Message, ctx| async move { outbox_core::Passthrough::from_delivery(&msg, &ctx) },
+        );
     let app = App::new(db.broker.clone())
         .without_discovery()
         .without_signals()
@@ -415,7 +426,10 @@ async fn refused_credentials_and_a_server_without_jetstream_fail_startup() -> R 
         err.contains("nats.connect") && err.contains("refused the credentials"),
         "{err}"
     );
-    assert!(err.contains(&server.addr) && !err.contains("wrong-pw"), "{err}");
+    assert!(
+        err.contains(&server.addr) && !err.contains("wrong-pw"),
+        "{err}"
+    );
     let typed_err = NatsBroker::new(format!("nats://{}", server.addr))
         .token("not-a-token")
         .connect_transport()
@@ -427,14 +441,24 @@ async fn refused_credentials_and_a_server_without_jetstream_fail_startup() -> R 
         "{typed_err:?}"
     );
 
-    let right = NatsBroker::new(format!("nats://{}", server.addr)).user_password("relay", "right-pw");
+    let right =
+        NatsBroker::new(format!("nats://{}", server.addr)).user_password("relay", "right-pw");
     let err = tokio::time::timeout(Duration::from_secs(30), run(right.clone()))
         .await?
         .expect_err("no JetStream")
         .to_string();
-    assert!(err.contains("JetStream does not answer") && err.contains("-js"), "{err}");
+    assert!(
+        err.contains("JetStream does not answer") && err.contains("-js"),
+        "{err}"
+    );
     assert_eq!(db.count().await?, 1, "nothing consumed");
-    right.core_publish().connect_transport().await?.close().await.unwrap();
+    right
+        .core_publish()
+        .connect_transport()
+        .await?
+        .close()
+        .await
+        .unwrap();
     Ok(())
 }
 
@@ -568,7 +592,12 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
     let opts = PublishOptions::new().header("x-tenant", "acme");
     let json_id = db
         .broker
-        .publish_with(&serde_json::json!({"order": 1, "items": ["a"]}), "fs", &opts, &mut *tx)
+        .publish_with(
+            &serde_json::json!({"order": 1, "items": ["a"]}),
+            "fs",
+            &opts,
+            &mut *tx,
+        )
         .await?
         .unwrap();
     let text_id = db
@@ -602,7 +631,14 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/fs_nats_consume.py");
     let output = Command::new(interop_python()?)
         .arg(script)
-        .args(["--url", &support::url(), "--stream", &name, "--subject", &subject])
+        .args([
+            "--url",
+            &support::url(),
+            "--stream",
+            &name,
+            "--subject",
+            &subject,
+        ])
         .args(["--expect", "2", "--timeout", "60"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,1 +1,179 @@
-//! The nats bus for the `bus` scenario.
+//! The nats bus for the `bus` scenario: the transport is `outbox-nats` with
+//! its defaults (JetStream publish awaiting the PubAck, `Nats-Msg-Id` from
+//! the `outbox-id`, one connection shared by all publishes, 30 s publish
+//! timeout); the ceiling is a plain async-nats JetStream context doing the
+//! same (publish with `Nats-Msg-Id` and the same headers, awaiting each
+//! PubAck), with at most `in_flight` acks outstanding. Each destination
+//! subject gets its own stream (`BENCH_<subject with '.' as '_'>`, the
+//! server's defaults: file storage, 2 min duplicate window).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use outbox_core::Transport;
+use outbox_nats::NatsBroker;
+
+use super::{Bus, CeilingRun};
+
+/// NATS (with JetStream) at one URL.
+// Constructed by the `bus` scenario once it is wired.
+#[allow(dead_code)]
+pub(crate) struct NatsBench {
+    url: String,
+}
+
+#[allow(dead_code)]
+impl NatsBench {
+    /// The server at `url` (`nats://127.0.0.1:4222`).
+    pub(crate) fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into() }
+    }
+
+    fn broker(&self) -> NatsBroker {
+        NatsBroker::new(self.url.clone()).client_name("outbox-bench")
+    }
+
+    /// The stream that captures `subject`.
+    fn stream_name(subject: &str) -> String {
+        let s: String = subject
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        format!("BENCH_{s}")
+    }
+
+    async fn connect(&self) -> anyhow::Result<jetstream::Context> {
+        let client = async_nats::ConnectOptions::new()
+            .name("outbox-bench-ceiling")
+            .connection_timeout(Duration::from_secs(10))
+            .connect(self.url.as_str())
+            .await
+            .with_context(|| format!("connecting to NATS at {}", self.broker().url()))?;
+        Ok(jetstream::ContextBuilder::new()
+            .timeout(outbox_nats::DEFAULT_PUBLISH_TIMEOUT)
+            .build(client))
+    }
+
+    async fn ceiling_run(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> anyhow::Result<CeilingRun> {
+        let js = self.connect().await?;
+        // Unique ids per run: the stream may hold an earlier run's ids
+        // within its duplicate window.
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let in_flight = in_flight.max(1);
+        let mut pending = FuturesUnordered::new();
+        let mut latencies = Vec::with_capacity(n);
+        let start = Instant::now();
+        let mut sent = 0usize;
+        while sent < n || !pending.is_empty() {
+            while sent < n && pending.len() < in_flight {
+                // The transport's headers: content type, outbox id, message
+                // id, and the dedup id.
+                let id = format!("{run}-{sent}");
+                let mut headers = HeaderMap::new();
+                headers.insert("content-type", "application/octet-stream");
+                headers.insert(outbox_core::OUTBOX_ID, id.as_str());
+                headers.insert(outbox_nats::MESSAGE_ID_HEADER, id.as_str());
+                let msg = PublishMessage::build()
+                    .payload(payload.to_vec().into())
+                    .headers(headers)
+                    .message_id(&id);
+                let t0 = Instant::now();
+                let ack = js
+                    .send_publish(destination.to_owned(), msg)
+                    .await
+                    .with_context(|| format!("ceiling publish to {destination}"))?;
+                pending.push(async move { (ack.await, t0.elapsed()) });
+                sent += 1;
+            }
+            if let Some((ack, latency)) = pending.next().await {
+                match ack {
+                    Ok(a) if !a.duplicate => latencies.push(latency),
+                    Ok(a) => bail!("JetStream took a ceiling publish as a duplicate: {a:?}"),
+                    Err(e) => bail!("JetStream did not acknowledge a ceiling publish: {e}"),
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        Ok(CeilingRun {
+            elapsed,
+            confirm_latencies: latencies,
+        })
+    }
+
+    async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {
+        let js = self.connect().await?;
+        let name = Self::stream_name(destination);
+        let stream = js
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("reading stream {name}"))?;
+        Ok(stream.get_info().await?.state.messages)
+    }
+
+    async fn delete(&self, destination: &str) {
+        let Ok(js) = self.connect().await else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            js.delete_stream(Self::stream_name(destination)),
+        )
+        .await;
+    }
+}
+
+impl Bus for NatsBench {
+    fn name(&self) -> &'static str {
+        outbox_nats::DEFAULT_NAME
+    }
+
+    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let destination = destination.to_owned();
+        Box::pin(async move {
+            self.broker()
+                .ensure_stream(&Self::stream_name(&destination), [destination.clone()])
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
+        Box::pin(async move {
+            let t = self.broker().connect_transport().await?;
+            Ok(Arc::new(t) as Arc<dyn Transport>)
+        })
+    }
+
+    fn ceiling(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
+        let (destination, payload) = (destination.to_owned(), payload.to_vec());
+        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
+    }
+
+    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.message_count(&destination).await })
+    }
+
+    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.delete(&destination).await })
+    }
+}
