@@ -219,13 +219,13 @@ impl RedisBroker {
         }
         let manager = tokio::time::timeout(
             timeout,
-            ConnectionManager::new_with_config(client, s.manager_config()),
+            ConnectionManager::new_with_config(client.clone(), s.manager_config()),
         )
         .await
         .map_err(|_| self.connect_error(None))?
         .map_err(|e| self.connect_error(Some(e)))?;
         tracing::info!(transport = %s.name, url = %s.redacted_url(), "connected to Redis");
-        Ok(RedisTransport::new(s, manager))
+        Ok(RedisTransport::new(s, client, manager))
     }
 
     fn connect_error(&self, e: Option<RedisError>) -> Error {

@@ -173,7 +173,9 @@
 //! whose connection fails (refused, reset) is retried on the new connection
 //! within the same deadline; a publish not confirmed within
 //! `publish_timeout` fails with [`Error::Timeout`], the row is nacked and the
-//! subscriber's retry strategy schedules the next attempt. Rows survive an
+//! subscriber's retry strategy schedules the next attempt. A timeout also
+//! replaces the connection, so that one that hangs without failing (a
+//! half-open TCP connection after a network partition) is not used again. Rows survive an
 //! outage of about `max_attempts × publish_timeout + the strategy's delays`
 //! (with the default `ExponentialRetry`, 10 attempts, about 10 minutes);
 //! then they are dead-lettered (`retry_terminal`). The App warns when a

@@ -3,13 +3,13 @@
 //! one deadline.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
-use redis::aio::ConnectionManager;
-use redis::{Cmd, RedisError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, RedisError};
 use tokio::time::Instant;
 
 use crate::config::Settings;
@@ -51,11 +51,20 @@ pub struct RedisTransport {
 struct Inner {
     name: String,
     url: String,
-    manager: ConnectionManager,
+    client: Client,
+    config: ConnectionManagerConfig,
+    current: RwLock<Current>,
     publish_timeout: Duration,
     stream_maxlen: Option<u64>,
     max_message_bytes: usize,
     allow_no_subscribers: bool,
+}
+
+/// The live connection and how many times it was replaced after timeouts.
+#[derive(Clone)]
+struct Current {
+    generation: u64,
+    manager: ConnectionManager,
 }
 
 impl fmt::Debug for RedisTransport {
@@ -73,12 +82,17 @@ impl fmt::Debug for RedisTransport {
 }
 
 impl RedisTransport {
-    pub(crate) fn new(settings: &Settings, manager: ConnectionManager) -> Self {
+    pub(crate) fn new(settings: &Settings, client: Client, manager: ConnectionManager) -> Self {
         Self {
             inner: Arc::new(Inner {
                 name: settings.name.clone(),
                 url: settings.redacted_url(),
-                manager,
+                client,
+                config: settings.manager_config(),
+                current: RwLock::new(Current {
+                    generation: 0,
+                    manager,
+                }),
                 publish_timeout: settings.publish_timeout,
                 stream_maxlen: settings.stream_maxlen,
                 max_message_bytes: settings.max_message_bytes,
@@ -101,7 +115,7 @@ impl RedisTransport {
     /// The connection the transport publishes on (a clone shares it): for
     /// reading back in tests, or other commands.
     pub fn connection(&self) -> ConnectionManager {
-        self.inner.manager.clone()
+        self.inner.current().manager
     }
 
     /// Sends one message and waits for Redis's reply (what
@@ -138,7 +152,10 @@ impl Inner {
         }
         let cmd = self.command(&destination, frame);
         let deadline = Instant::now() + self.publish_timeout;
-        let mut conn = self.manager.clone();
+        let Current {
+            generation,
+            manager: mut conn,
+        } = self.current();
         let mut last: Option<RedisError> = None;
         loop {
             let attempt =
@@ -146,13 +163,7 @@ impl Inner {
             let err = match attempt.await {
                 Ok(Ok(reply)) => return self.confirmed(&msg.destination, &destination, reply),
                 Ok(Err(e)) => e,
-                Err(_elapsed) => {
-                    return Err(Error::Timeout {
-                        destination: msg.destination,
-                        timeout: self.publish_timeout,
-                        source: last.map(Box::new),
-                    });
-                }
+                Err(_elapsed) => return Err(self.timed_out(generation, msg.destination, last)),
             };
             // A connection that failed (refused, dropped, reset, timed
             // out): the manager reconnects; try again within the deadline.
@@ -161,11 +172,7 @@ impl Inner {
             if connection_failed {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left <= RETRY_BACKOFF {
-                    return Err(Error::Timeout {
-                        destination: msg.destination,
-                        timeout: self.publish_timeout,
-                        source: Some(Box::new(err)),
-                    });
+                    return Err(self.timed_out(generation, msg.destination, Some(err)));
                 }
                 tracing::debug!(
                     transport = %self.name,
@@ -180,6 +187,49 @@ impl Inner {
             return Err(self
                 .failed(&msg.destination, &destination, err, deadline)
                 .await);
+        }
+    }
+
+    fn current(&self) -> Current {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A publish not confirmed by its deadline: the connection it used is
+    /// replaced (unless another publish already did), so that a connection
+    /// that hangs without failing (a half-open TCP connection after a
+    /// network partition, a server that stopped answering) is not used
+    /// again; commands still pending on it finish or fail on their own.
+    fn timed_out(&self, generation: u64, destination: String, last: Option<RedisError>) -> Error {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.generation == generation {
+            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            {
+                Ok(manager) => {
+                    tracing::warn!(
+                        transport = %self.name,
+                        destination = %destination,
+                        "a Redis publish was not confirmed within {:?}; replacing the connection",
+                        self.publish_timeout
+                    );
+                    *current = Current {
+                        generation: generation + 1,
+                        manager,
+                    };
+                }
+                Err(e) => tracing::warn!(
+                    transport = %self.name,
+                    error = %e,
+                    "could not replace the Redis connection after a timeout"
+                ),
+            }
+        }
+        Error::Timeout {
+            destination,
+            timeout: self.publish_timeout,
+            source: last.map(Box::new),
         }
     }
 
@@ -240,7 +290,7 @@ impl Inner {
                 source: Box::new(err),
             };
         }
-        let mut conn = self.manager.clone();
+        let mut conn = self.current().manager;
         let mut type_cmd = redis::cmd("TYPE");
         type_cmd.arg(destination.name());
         let actual = tokio::time::timeout_at(deadline, type_cmd.query_async::<String>(&mut conn))

@@ -454,6 +454,7 @@ async fn a_cut_or_hung_server_is_an_error_then_recovers() -> R {
     t.send(outgoing(&key, 1, "before")).await?;
 
     for (what, outage) in [("cut", Mode::Cut), ("paused", Mode::Pause)] {
+        let before = client_id(&t).await?;
         match outage {
             Mode::Cut => proxy.cut(),
             Mode::Pause => proxy.pause(),
@@ -478,6 +479,13 @@ async fn a_cut_or_hung_server_is_an_error_then_recovers() -> R {
             ok,
             "no publish went through after the server was {what} and restored"
         );
+        // A connection that failed or hung is not used again (a hung one is
+        // replaced after the timeout, though it would resume here).
+        let after = client_id(&t).await?;
+        assert_ne!(
+            before, after,
+            "still the connection from before the outage ({what})"
+        );
     }
     let got = read_stream_until(&key, Duration::from_secs(5), |m| m.len() >= 3).await?;
     assert!(got.iter().any(|m| m.payload == b"after"));
@@ -487,6 +495,12 @@ async fn a_cut_or_hung_server_is_an_error_then_recovers() -> R {
 enum Mode {
     Cut,
     Pause,
+}
+
+/// The server's id of the transport's current connection (`CLIENT ID`).
+async fn client_id(t: &outbox_redis::RedisTransport) -> anyhow::Result<i64> {
+    let mut c = t.connection();
+    Ok(redis::cmd("CLIENT").arg("ID").query_async(&mut c).await?)
 }
 
 // ---------------------------------------------------------------- FastStream
