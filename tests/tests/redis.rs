@@ -629,3 +629,40 @@ async fn faststream_subscribers_decode_the_messages() -> R {
         .await?;
     Ok(())
 }
+
+/// The frames the transport writes are byte for byte the frames FastStream's
+/// own publisher writes (`BinaryMessageFormatV1.encode`) for the same body
+/// and headers: text, JSON, raw bytes, non-ASCII text.
+#[test]
+fn frames_are_byte_identical_to_faststreams() -> R {
+    let out = Command::new(interop_python()?)
+        .arg(script("fs_redis_encode.py"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "fs_redis_encode failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cases: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(cases.len(), 4, "{cases:?}");
+    for case in cases {
+        let mut msg = Outgoing::new(
+            "stream:any",
+            base64_decode(case["body_b64"].as_str().unwrap())?,
+        );
+        msg.headers.insert(
+            "correlation_id".to_owned(),
+            case["correlation_id"].as_str().unwrap().to_owned(),
+        );
+        if let Some(ct) = case["content_type"].as_str() {
+            msg.headers.insert("content-type".to_owned(), ct.to_owned());
+        }
+        msg.headers
+            .insert(outbox_core::OUTBOX_ID.to_owned(), "7".to_owned());
+        msg.headers.insert("x".to_owned(), "1".to_owned());
+        let ours = outbox_redis::faststream::encode_outgoing(&msg)?;
+        let theirs = base64_decode(case["frame_b64"].as_str().unwrap())?;
+        assert_eq!(ours, theirs, "case {case}");
+    }
+    Ok(())
+}
