@@ -92,10 +92,10 @@ async fn read_back(app: AppContext) -> Result<(), BoxError> {
         if let Err(e) = &result {
             eprintln!("reading {STREAM} back failed: {e:#}");
         }
-        if let Some(outcome) = app.state::<Outcome>() {
-            if let Ok(mut g) = outcome.0.lock() {
-                *g = Some(result);
-            }
+        if let Some(outcome) = app.state::<Outcome>()
+            && let Ok(mut g) = outcome.0.lock()
+        {
+            *g = Some(result);
         }
         app.shutdown();
     });

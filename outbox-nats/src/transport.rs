@@ -201,22 +201,22 @@ fn nats_headers(
     for (k, v) in headers {
         put(k, v)?;
     }
-    if let Some(key) = key {
-        if !headers.contains_key(KEY_HEADER) {
-            let key = String::from_utf8(key).map_err(|_| {
-                invalid(format!(
-                    "the key is not UTF-8; NATS has no message key, this transport sends it as \
-                     the text header {KEY_HEADER:?}"
-                ))
-            })?;
-            put(KEY_HEADER, &key)?;
-        }
+    if let Some(key) = key
+        && !headers.contains_key(KEY_HEADER)
+    {
+        let key = String::from_utf8(key).map_err(|_| {
+            invalid(format!(
+                "the key is not UTF-8; NATS has no message key, this transport sends it as the \
+                 text header {KEY_HEADER:?}"
+            ))
+        })?;
+        put(KEY_HEADER, &key)?;
     }
     let id = headers.get(OUTBOX_ID);
-    if let Some(id) = id {
-        if !headers.contains_key(MESSAGE_ID_HEADER) {
-            put(MESSAGE_ID_HEADER, id)?;
-        }
+    if let Some(id) = id
+        && !headers.contains_key(MESSAGE_ID_HEADER)
+    {
+        put(MESSAGE_ID_HEADER, id)?;
     }
     let msg_id = id.map(|id| format!("{prefix}{id}"));
     Ok((map, msg_id))
