@@ -177,3 +177,37 @@ impl Bus for NatsBench {
         Box::pin(async move { self.delete(&destination).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outbox_core::Outgoing;
+
+    /// Against the real server (`NATS_URL`, default `nats://127.0.0.1:4222`):
+    /// the ceiling's publishes are all acknowledged and stored, the
+    /// transport's too, and the stream is deleted afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ceiling_and_the_transport_publish_to_a_prepared_stream() -> anyhow::Result<()> {
+        let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+        let bench = NatsBench::new(url);
+        let dest = format!(
+            "bench.test.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        bench
+            .prepare(&dest)
+            .await
+            .context("needs nats-server with JetStream at NATS_URL")?;
+        let run = bench.ceiling(&dest, 200, b"payload", 32).await;
+        let t = bench.transport().await?;
+        let sent = t.publish(Outgoing::new(&dest, b"x".to_vec())).await;
+        let count = bench.count(&dest).await;
+        bench.cleanup(&dest).await;
+        let run = run?;
+        assert_eq!(run.confirm_latencies.len(), 200);
+        sent.map_err(|e| anyhow::anyhow!("{e}"))?;
+        assert_eq!(count?, 201);
+        assert!(bench.count(&dest).await.is_err(), "the stream was deleted");
+        Ok(())
+    }
+}
