@@ -29,8 +29,8 @@ pub enum Error {
     /// The server did not answer the startup check (connect, `PING`) within
     /// the connect timeout, or refused the connection.
     #[error(
-        "cannot reach Redis at {url} within {timeout:?} (transport `{transport}`; is the server \
-         running and the address right?){}",
+        "cannot reach Redis at {url} within {timeout:?} (is the server running and the address \
+         right?){}",
         .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default()
     )]
     Unreachable {

@@ -372,3 +372,80 @@ impl Transport for RedisTransport {
         Box::pin(async { Ok(()) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A transport as `RedisBroker::connect_transport` makes it, without
+    /// the startup check: nothing listens at the address.
+    fn transport(configure: impl FnOnce(&mut Settings)) -> RedisTransport {
+        let mut settings = Settings::new("redis://relay:hunter2@127.0.0.1:1".into());
+        configure(&mut settings);
+        let client = settings.client().expect("valid settings");
+        let manager =
+            ConnectionManager::new_lazy_with_config(client.clone(), settings.manager_config())
+                .expect("a lazy manager needs no connection");
+        RedisTransport::new(&settings, client, manager)
+    }
+
+    fn rejection(e: &BoxError) -> Option<&Error> {
+        let r = BusRejection::find(&**e)?;
+        assert_eq!(r.bus(), "redis");
+        std::error::Error::source(r)?.downcast_ref::<Error>()
+    }
+
+    #[tokio::test]
+    async fn refusals_known_before_sending_are_rejections() {
+        let t = transport(|s| s.max_message_bytes = 64);
+        assert_eq!(
+            Transport::max_publish_time(&t),
+            Some(Duration::from_secs(10))
+        );
+        assert!(Transport::check_destination(&t, "list:").is_err());
+        assert!(Transport::check_destination(&t, "orders:eu").is_ok());
+
+        let err = Transport::publish(&t, Outgoing::new("orders", vec![b'x'; 100]))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(rejection(&err), Some(Error::TooLarge { limit: 64, .. })),
+            "{err}"
+        );
+
+        let mut bad_key = Outgoing::new("orders", b"x".to_vec());
+        bad_key.key = Some(vec![0xff, 0xfe]);
+        let err = Transport::publish(&t, bad_key).await.expect_err("bad key");
+        assert!(
+            matches!(rejection(&err), Some(Error::InvalidMessage { .. })),
+            "{err}"
+        );
+
+        let err = Transport::publish(&t, Outgoing::new("channel:", b"x".to_vec()))
+            .await
+            .expect_err("no channel name");
+        assert!(
+            matches!(rejection(&err), Some(Error::InvalidDestination { .. })),
+            "{err}"
+        );
+    }
+
+    /// Nothing listens: the publish retries its connection until the one
+    /// deadline, then fails with a retryable `Timeout` (no rejection) that
+    /// does not leak the password.
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_timeout_by_the_deadline() {
+        let t = transport(|s| s.publish_timeout = Duration::from_millis(800));
+        let err = t
+            .send(Outgoing::new("orders", b"x".to_vec()))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert!(err.is_retryable());
+        assert!(!format!("{err} {err:?} {t:?}").contains("hunter2"));
+        let boxed = Transport::publish(&t, Outgoing::new("orders", b"x".to_vec()))
+            .await
+            .expect_err("nothing listens");
+        assert!(BusRejection::find(&*boxed).is_none(), "{boxed}");
+    }
+}

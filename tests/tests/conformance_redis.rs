@@ -147,6 +147,7 @@ async fn redis_unreachable_bus_fails_startup() {
     let db = TestDb::new().await.unwrap();
     let err =
         outbox_conformance::unreachable_bus_fails_startup(&Redis::new().await, &db.broker).await;
+    println!("{err}");
     assert!(
         err.contains("redis://relay:***@127.0.0.1:1"),
         "names the URL, password redacted: {err}"
