@@ -219,15 +219,19 @@ impl NatsBroker {
         let s = &self.settings;
         let client = connect_client(s).await?;
         if s.delivery == Delivery::JetStream {
-            // The account info request: answered by any JetStream-enabled
-            // server; "no responders" without JetStream.
+            // The account info request: "no responders" from a server
+            // without JetStream, an API error for an account without it.
+            // (async-nats' query_account does not parse 2.9's answer.)
             let answer = tokio::time::timeout(
                 s.connect_timeout,
                 client.request("$JS.API.INFO", Default::default()),
             )
             .await;
             let failed: Option<crate::error::Source> = match answer {
-                Ok(Ok(_)) => None,
+                Ok(Ok(reply)) => {
+                    let body = String::from_utf8_lossy(&reply.payload);
+                    body.contains("\"error\"").then(|| body.into_owned().into())
+                }
                 Ok(Err(e)) => Some(Box::new(e)),
                 Err(e) => Some(Box::new(e)),
             };

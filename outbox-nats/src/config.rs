@@ -168,7 +168,20 @@ impl Settings {
     /// The client's options: name, timeouts, credentials, logging of
     /// connection events under the transport's name.
     pub(crate) async fn connect_options(&self) -> Result<ConnectOptions> {
-        let opts = match &self.auth {
+        // async-nats ignores credentials embedded in the URL: take them from
+        // there unless set explicitly (`user:password@` or `token@`).
+        let from_url = self.server_addrs()?.iter().find_map(|a| {
+            let user = a.username().filter(|u| !u.is_empty())?.to_owned();
+            Some(match a.password().filter(|p| !p.is_empty()) {
+                Some(p) => Auth::UserPassword(user, p.to_owned()),
+                None => Auth::Token(user),
+            })
+        });
+        let auth = match (&self.auth, from_url) {
+            (Auth::None, Some(url_auth)) => url_auth,
+            (auth, _) => auth.clone(),
+        };
+        let opts = match &auth {
             Auth::None => ConnectOptions::new(),
             Auth::Token(t) => ConnectOptions::with_token(t.clone()),
             Auth::UserPassword(u, p) => {

@@ -459,6 +459,14 @@ async fn refused_credentials_and_a_server_without_jetstream_fail_startup() -> R 
         .close()
         .await
         .unwrap();
+    // The credentials in the URL work too (async-nats itself ignores them).
+    NatsBroker::new(format!("nats://relay:right-pw@{}", server.addr))
+        .core_publish()
+        .connect_transport()
+        .await?
+        .close()
+        .await
+        .unwrap();
     Ok(())
 }
 
@@ -681,5 +689,41 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
         assert_eq!(h["outbox-key"], format!("k{id}").as_str());
         assert_eq!(h["Nats-Msg-Id"], id.to_string().as_str());
     }
+    Ok(())
+}
+
+/// A server with JetStream whose account has none: the JetStream check
+/// answers with an API error, and startup fails with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_without_jetstream_fails_startup() -> R {
+    let dir = std::env::temp_dir().join(format!("nats_nojs_{}", tests::suffix()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = dir.join("server.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "jetstream {{ store_dir: {:?} }}\naccounts {{ NOJS {{ users: [{{ user: a, password: b }}] }} }}\n",
+            dir.join("js")
+        ),
+    )?;
+    let server = PrivateServer::start(&["-c", &conf.to_string_lossy()]).await;
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    let err = NatsBroker::new(format!("nats://a:b@{}", server.addr))
+        .connect_transport()
+        .await
+        .err();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = err.expect("an account without JetStream must fail the connect");
+    assert!(matches!(err, Error::NoJetStream { .. }), "{err:?}");
+    let chain = outbox_core::render_error_chain(&err);
+    assert!(chain.contains("-js") && !chain.contains("a:b@"), "{chain}");
+    println!("{chain}");
     Ok(())
 }
