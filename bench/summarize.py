@@ -18,6 +18,8 @@ from typing import Any
 
 # Parameters that identify a point (others, like payload_bytes, are shown once).
 KEY_PARAMS = [
+    "bus",
+    "in_flight",
     "mode",
     "rows_per_tx",
     "concurrency",

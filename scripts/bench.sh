@@ -3,7 +3,9 @@
 # private PostgreSQL cluster, 3 repeats per point, then a median [min-max] table.
 #
 #   bash scripts/bench.sh                 # the whole suite (~40-60 min on 2 cores)
-#   bash scripts/bench.sh drain produce   # only these groups: produce drain relay latency
+#   bash scripts/bench.sh drain produce   # only these groups: produce drain relay latency buses
+#   bash scripts/bench.sh buses           # RabbitMQ, NATS, Redis: each bus's plain-client
+#                                         # ceiling, the relay and commit->confirm latency
 #
 # Environment:
 #   BENCH_BIN       use this prebuilt outbox-bench instead of building one
@@ -11,6 +13,7 @@
 #   BENCH_OUT       JSON-lines output (default bench/results/bench-<UTC time>.jsonl)
 #   KAFKA_BOOTSTRAP Kafka for relay / latency-kafka (default: the local broker,
 #                   started with scripts/kafka.sh if it is down; never stopped)
+#   RABBITMQ_URL, NATS_URL, REDIS_URL  the buses (defaults: the machine's servers)
 #   BENCH_PG_*      see scripts/bench-pg.sh
 #
 # Every point waits for a quiet machine first (no rustc, < 0.35 cores busy) and is
@@ -29,7 +32,7 @@ mkdir -p "$(dirname "$OUT")"
 GROUPS_WANTED=("$@")
 [ ${#GROUPS_WANTED[@]} -gt 0 ] || GROUPS_WANTED=(produce drain latency relay)
 for g in "${GROUPS_WANTED[@]}"; do
-  case "$g" in produce | drain | relay | latency) ;; *) die "unknown group '$g' (produce drain relay latency)" ;; esac
+  case "$g" in produce | drain | relay | latency | buses) ;; *) die "unknown group '$g' (produce drain relay latency buses)" ;; esac
 done
 want() { local g; for g in "${GROUPS_WANTED[@]}"; do [ "$g" = "$1" ] && return 0; done; return 1; }
 
@@ -76,6 +79,18 @@ if want relay; then
   run relay --backlog 100000 --workers 90 --fetch-batch-size 1000 --ack-batch 100 --linger-ms 0,1
   run relay --backlog 1000000 --workers 90 --fetch-batch-size 1000 --ack-batch 100 --linger-ms 1
   run relay --rate 5000,10000,15000 --workers 90 --linger-ms 1 --duration-secs 20
+fi
+if want buses; then
+  # Per bus, in one run: the plain client's confirmed-publish ceiling (256 in
+  # flight, as the relay's 256 workers), the README relay (relay defaults), the
+  # ceiling again (the machine drifts), then idle commit -> confirm latency.
+  for bus in rabbitmq nats redis; do
+    run ceiling --bus "$bus" --messages 50000 --in-flight 256
+    run relay --bus "$bus" --backlog 50000 --readme-defaults
+    run ceiling --bus "$bus" --messages 50000 --in-flight 256
+    run latency --bus "$bus" --samples 1000
+  done
+  python3 bench/buses.py "$OUT"
 fi
 python3 bench/summarize.py "$OUT"
 log "raw results: $OUT"

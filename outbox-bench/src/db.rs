@@ -463,7 +463,7 @@ impl Probe {
 }
 
 /// What PostgreSQL did between two snapshots, per message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Delta {
     /// Statement calls grouped by leading keyword (`None`: no pg_stat_statements).
     pub(crate) by_keyword: Option<Vec<(&'static str, i64)>>,

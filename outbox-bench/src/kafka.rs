@@ -1,5 +1,5 @@
-//! Kafka support: topics, and a [`Transport`] wrapper around outbox-kafka's
-//! `KafkaTransport` that timestamps every confirmed publish.
+//! Kafka support: topics, and a [`Transport`] wrapper (for every bus) that
+//! timestamps every confirmed publish.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,23 +91,32 @@ pub(crate) struct Confirms {
     pub(crate) log: Option<Mutex<Vec<Confirm>>>,
 }
 
-/// outbox-kafka's transport, timestamping each confirmation. Publishes are
-/// passed through untouched; the wrapper costs two clock reads and a counter.
-#[derive(Debug, Clone)]
+/// A transport (outbox-kafka's, or another bus's), timestamping each
+/// confirmation. Publishes are passed through untouched; the wrapper costs
+/// two clock reads and a counter.
+#[derive(Clone)]
 pub(crate) struct Timed {
-    inner: KafkaTransport,
+    inner: Arc<dyn Transport>,
     shared: Arc<Confirms>,
 }
 
+impl std::fmt::Debug for Timed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timed")
+            .field("inner", &self.inner.name())
+            .finish()
+    }
+}
+
 impl Timed {
-    pub(crate) fn new(inner: KafkaTransport, shared: Arc<Confirms>) -> Self {
+    pub(crate) fn new(inner: Arc<dyn Transport>, shared: Arc<Confirms>) -> Self {
         Self { inner, shared }
     }
 }
 
 impl Transport for Timed {
     fn name(&self) -> &str {
-        Transport::name(&self.inner)
+        self.inner.name()
     }
 
     fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
@@ -125,7 +134,7 @@ impl Transport for Timed {
                 .and_then(|v| v.parse::<i64>().ok());
             (id, created)
         });
-        let fut = Transport::publish(&self.inner, msg);
+        let fut = self.inner.publish(msg);
         Box::pin(async move {
             let res = fut.await;
             if res.is_ok() {
@@ -151,11 +160,11 @@ impl Transport for Timed {
     }
 
     fn max_publish_time(&self) -> Option<Duration> {
-        Transport::max_publish_time(&self.inner)
+        self.inner.max_publish_time()
     }
 
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
-        Transport::close(&self.inner)
+        self.inner.close()
     }
 }
 

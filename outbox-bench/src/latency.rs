@@ -1,6 +1,8 @@
 //! `latency`: single publishes spaced apart on an idle subscriber (default
 //! fetch intervals, LISTEN on). Commit returned → handler start, and, with
-//! `--kafka`, commit returned → Kafka delivery report.
+//! `--kafka` or `--bus`, commit returned → the bus's confirmation (Kafka's
+//! delivery report, RabbitMQ's publisher confirm, JetStream's ack, Redis's
+//! reply).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +14,7 @@ use outbox_core::{
 };
 use serde_json::{Map, Value, json};
 
+use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
 use crate::drain::Progress;
 use crate::kafka::{self, Confirms, Timed};
@@ -24,10 +27,8 @@ pub(crate) struct LatencyParams {
     pub(crate) warmup: u64,
     pub(crate) interval: Duration,
     pub(crate) payload_bytes: usize,
-    /// `Some(bootstrap)`: relay each row to Kafka and time the delivery report.
-    pub(crate) kafka: Option<String>,
-    pub(crate) linger: Option<Duration>,
-    pub(crate) partitions: i32,
+    /// `Some(bus)`: relay each row to the bus and time its confirmation.
+    pub(crate) relay: Option<Target>,
     pub(crate) listen: bool,
 }
 
@@ -42,16 +43,13 @@ fn stamp(stamps: &Stamps, id: i64) {
 
 pub(crate) async fn run(db: &Db, p: &LatencyParams) -> anyhow::Result<Finished> {
     db.with_fresh_table(async |table| {
-        let topic = format!(
-            "bench.lat.{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..10]
-        );
-        if let Some(boot) = &p.kafka {
-            kafka::create_topic(boot, &topic, p.partitions).await?;
+        let topic = Target::fresh_destination("bench.lat");
+        if let Some(t) = &p.relay {
+            t.prepare(&topic).await?;
         }
         let result = measure(db, table, p, &topic).await;
-        if let Some(boot) = &p.kafka {
-            kafka::delete_topic(boot, &topic).await;
+        if let Some(t) = &p.relay {
+            t.cleanup(&topic).await;
         }
         result
     })
@@ -91,7 +89,7 @@ async fn measure(
 
     // Default subscriber options on purpose (1 worker, fetch_batch_size 10,
     // fetch intervals 1 s / 10 s): the idle subscriber is woken by NOTIFY.
-    let (side, kafka_inner) = match &p.kafka {
+    let (side, bus_inner) = match &p.relay {
         None => {
             let (h, pr) = (handled.clone(), progress.clone());
             let sub = Subscriber::builder([QUEUE]).build(move |m: Message| {
@@ -108,26 +106,25 @@ async fn measure(
             }
             (Some(engine), None)
         }
-        Some(boot) => {
-            let k = kafka::broker(boot, p.linger);
-            (None, Some(kafka::connect_warm(&k, topic).await?))
-        }
+        Some(t) => (None, Some(t.connect_warm(topic, false).await?)),
     };
 
     let window = Window::open(db, table, 1).await?;
-    let side = match (side, kafka_inner) {
+    let side = match (side, bus_inner) {
         (Some(engine), _) => {
             engine.start().await.context("starting the engine")?;
             Side::Engine(engine)
         }
         (None, Some(inner)) => {
             let h = handled.clone();
-            let route = Route::builder([QUEUE]).publish_to("kafka", topic).handler(
-                move |m: Message, _ctx| {
-                    stamp(&h, m.id());
-                    async move { Ok::<_, BoxError>(Response::new(Raw(m.payload().to_vec()))) }
-                },
-            );
+            let bus = p.relay.as_ref().map_or("kafka", Target::name);
+            let route =
+                Route::builder([QUEUE])
+                    .publish_to(bus, topic)
+                    .handler(move |m: Message, _ctx| {
+                        stamp(&h, m.id());
+                        async move { Ok::<_, BoxError>(Response::new(Raw(m.payload().to_vec()))) }
+                    });
             let listen = p.listen;
             let app = App::new(sub_broker)
                 .without_discovery()
@@ -230,24 +227,37 @@ async fn measure(
         "commit_round_trip_ms".into(),
         percentiles_ms(&mut commit_ms),
     );
-    let latency = if p.kafka.is_some() {
-        extra.insert("kafka_publish_ms".into(), percentiles_ms(&mut publish_ms));
+    let bus = p.relay.as_ref().map(Target::name);
+    let latency = if let Some(bus) = bus {
+        extra.insert(format!("{bus}_publish_ms"), percentiles_ms(&mut publish_ms));
         percentiles_ms(&mut to_ack)
     } else {
         percentiles_ms(&mut to_handler)
     };
     window
         .close(Measured {
-            scenario: if p.kafka.is_some() { "latency-kafka" } else { "latency" },
-            params: json!({
-                "samples": p.samples,
-                "warmup": p.warmup,
-                "interval_ms": p.interval.as_secs_f64() * 1000.0,
-                "listen": p.listen,
-                "payload_bytes": p.payload_bytes,
-                "linger_ms": p.kafka.as_ref().map(|_| p.linger.map_or(5.0, |l| l.as_secs_f64() * 1000.0)),
-                "subscriber": "defaults (1 worker, fetch_batch_size 10, fetch 1 s / 10 s)",
-            }),
+            scenario: match bus {
+                None => "latency",
+                Some("kafka") => "latency-kafka",
+                Some(_) => "latency-bus",
+            },
+            params: {
+                let mut params = p.relay.as_ref().map(|t| t.json(false)).unwrap_or_default();
+                params.extend(
+                    json!({
+                    "samples": p.samples,
+                    "warmup": p.warmup,
+                    "interval_ms": p.interval.as_secs_f64() * 1000.0,
+                    "listen": p.listen,
+                    "payload_bytes": p.payload_bytes,
+                    "subscriber": "defaults (1 worker, fetch_batch_size 10, fetch 1 s / 10 s)",
+                    })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                );
+                params.into()
+            },
             messages: total,
             seconds,
             latency,
@@ -260,10 +270,9 @@ async fn measure(
             if let Value::Object(o) = &mut f.json {
                 o.insert(
                     "latency_what".into(),
-                    json!(if p.kafka.is_some() {
-                        "COMMIT returned -> Kafka delivery report"
-                    } else {
-                        "COMMIT returned -> handler start"
+                    json!(match bus {
+                        None => "COMMIT returned -> handler start".to_owned(),
+                        Some(b) => format!("COMMIT returned -> {b} confirmed the publish"),
                     }),
                 );
             }

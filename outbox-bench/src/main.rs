@@ -1,6 +1,6 @@
 //! `outbox-bench`: the benchmark harness of the outbox workspace.
 //!
-//! Runs one scenario (`produce`, `drain`, `relay`, `latency`) against its own
+//! Runs one scenario (`produce`, `drain`, `relay`, `latency`, `ceiling`) against its own
 //! database and prints ONE JSON object per measured point on stdout:
 //! throughput, latency percentiles, and what PostgreSQL did per message
 //! (statements and round trips from `pg_stat_statements`, WAL bytes, tuples,
@@ -13,9 +13,8 @@
 //! cargo run --release -p outbox-bench -- drain --backlog 100000 --workers 1,4 --ack-batch 1,1000
 //! ```
 
-// Wired into the `bus` scenario once the three buses are in.
-#[allow(dead_code)]
 mod buses;
+mod ceiling;
 mod check;
 mod db;
 mod drain;
@@ -30,11 +29,13 @@ mod sys;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+use crate::buses::{Bus, Target};
 use crate::db::Db;
 use crate::point::Finished;
 
@@ -94,10 +95,12 @@ enum Cmd {
     Produce(ProduceArgs),
     /// A prefilled backlog drained by a no-op handler through Engine/Subscriber.
     Drain(DrainArgs),
-    /// A backlog (or a steady producer) relayed to Kafka through App + outbox-kafka.
+    /// A backlog (or a steady producer) relayed to a bus (Kafka by default) through App.
     Relay(RelayArgs),
-    /// Idle latency: commit -> handler start (or -> Kafka delivery report with --kafka).
+    /// Idle latency: commit -> handler start (or -> the bus's confirmation with --bus / --kafka).
     Latency(LatencyArgs),
+    /// The bus's own confirmed-publish ceiling with its plain client (no outbox).
+    Ceiling(CeilingArgs),
     /// CI gate: statements, round trips and tuples per scenario vs a baseline.
     Check(CheckArgs),
     /// EXPLAIN (ANALYZE, BUFFERS) of the claim and the batched delete at several sizes.
@@ -194,8 +197,96 @@ impl FetchArgs {
     }
 }
 
+/// The buses the relay scenarios can forward to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BusKind {
+    Kafka,
+    /// outbox-core's in-process MemoryTransport (confirms at once): the
+    /// outbox side's ceiling for the same route settings.
+    Memory,
+    Rabbitmq,
+    Nats,
+    Redis,
+}
+
+/// Where the buses are.
+#[derive(Debug, Clone, Args)]
+struct BusUrls {
+    /// RabbitMQ URL (--bus rabbitmq).
+    #[arg(
+        long,
+        env = "RABBITMQ_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    rabbitmq_url: String,
+    /// NATS URL (--bus nats).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Redis URL (--bus redis).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+}
+
+impl BusUrls {
+    /// The benchmark side of a bus other than Kafka.
+    fn bus(&self, kind: BusKind) -> anyhow::Result<Arc<dyn Bus>> {
+        Ok(match kind {
+            BusKind::Kafka | BusKind::Memory => anyhow::bail!(
+                "no plain-client ceiling for {kind:?} here; use --bus rabbitmq, nats or redis"
+            ),
+            BusKind::Rabbitmq => Arc::new(buses::rabbitmq::RabbitBench::new(&self.rabbitmq_url)),
+            BusKind::Nats => Arc::new(buses::nats::NatsBench::new(&self.nats_url)),
+            BusKind::Redis => Arc::new(buses::redis::RedisBench::new(&self.redis_url)),
+        })
+    }
+
+    fn target(
+        &self,
+        kind: BusKind,
+        bootstrap: &str,
+        partitions: i32,
+        linger: Option<Duration>,
+    ) -> anyhow::Result<Target> {
+        Ok(match kind {
+            BusKind::Kafka => Target::Kafka {
+                bootstrap: bootstrap.to_owned(),
+                partitions,
+                linger,
+            },
+            BusKind::Memory => Target::Memory,
+            other => Target::Bus(self.bus(other)?),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct CeilingArgs {
+    /// The bus.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "rabbitmq,nats,redis"
+    )]
+    bus: Vec<BusKind>,
+    /// Messages per point.
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Unconfirmed publishes at once (the relay defaults have 256 workers,
+    /// one publish in flight each).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    in_flight: Vec<usize>,
+    #[command(flatten)]
+    urls: BusUrls,
+}
+
 #[derive(Debug, Args)]
 struct RelayArgs {
+    /// The bus to relay to.
+    #[arg(long, value_enum, default_value = "kafka")]
+    bus: BusKind,
+    #[command(flatten)]
+    urls: BusUrls,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     bootstrap: String,
@@ -253,9 +344,14 @@ struct LatencyArgs {
     /// Spacing of the publishes, ms.
     #[arg(long, default_value_t = 20.0)]
     interval_ms: f64,
-    /// Relay each row to Kafka and time the delivery report.
+    /// Relay each row to Kafka and time the delivery report (= --bus kafka).
     #[arg(long)]
     kafka: bool,
+    /// Relay each row to this bus and time its confirmation.
+    #[arg(long, value_enum, conflicts_with = "kafka")]
+    bus: Option<BusKind>,
+    #[command(flatten)]
+    urls: BusUrls,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     bootstrap: String,
@@ -450,7 +546,12 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                         for &fetch_batch_size in &a.fetch_batch_size {
                             for &ack_batch in &a.ack_batch {
                                 let p = relay::RelayParams {
-                                    bootstrap: a.bootstrap.clone(),
+                                    target: a.urls.target(
+                                        a.bus,
+                                        &a.bootstrap,
+                                        a.partitions,
+                                        linger.map(ms),
+                                    )?,
                                     backlog,
                                     knobs: a.fetch.knobs(
                                         workers,
@@ -458,8 +559,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                         ack_batch,
                                         a.fetch_concurrency,
                                     ),
-                                    partitions: a.partitions,
-                                    linger: linger.map(ms),
                                     payload_bytes: pb,
                                     rate,
                                     duration: Duration::from_secs_f64(a.duration_secs.max(0.1)),
@@ -467,12 +566,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                     keep_topic: a.keep_topic,
                                     readme_defaults: a.readme_defaults,
                                 };
+                                let bus = p.target.name();
                                 let label = match rate {
                                     None if a.readme_defaults => {
-                                        format!("relay/{backlog}/readme-defaults")
+                                        format!("relay/{bus}/{backlog}/readme-defaults")
                                     }
                                     Some(r) if a.readme_defaults => {
-                                        format!("relay-steady/{r}/readme-defaults")
+                                        format!("relay-steady/{bus}/{r}/readme-defaults")
                                     }
                                     None => format!(
                                         "relay/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/linger{linger:?}"
@@ -487,18 +587,39 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
         Cmd::Latency(a) => {
+            let bus = if a.kafka { Some(BusKind::Kafka) } else { a.bus };
+            let relay = bus
+                .map(|b| {
+                    a.urls
+                        .target(b, &a.bootstrap, a.partitions, a.linger_ms.map(ms))
+                })
+                .transpose()?;
+            let label = relay
+                .as_ref()
+                .map_or_else(|| "latency".to_owned(), |t| format!("latency-{}", t.name()));
             let p = latency::LatencyParams {
                 samples: a.samples.max(1),
                 warmup: a.warmup,
                 interval: ms(a.interval_ms),
                 payload_bytes: pb,
-                kafka: a.kafka.then(|| a.bootstrap.clone()),
-                linger: a.linger_ms.map(ms),
-                partitions: a.partitions,
+                relay,
                 listen: !a.no_listen,
             };
-            let label = if a.kafka { "latency-kafka" } else { "latency" };
-            ok &= points(c, label, || latency::run(&db, &p)).await;
+            ok &= points(c, &label, || latency::run(&db, &p)).await;
+        }
+        Cmd::Ceiling(a) => {
+            for &kind in &a.bus {
+                for &in_flight in &a.in_flight {
+                    let p = ceiling::CeilingParams {
+                        bus: a.urls.bus(kind)?,
+                        messages: a.messages.max(1),
+                        in_flight: in_flight.max(1),
+                        payload_bytes: pb,
+                    };
+                    let label = format!("ceiling/{}/if{in_flight}", p.bus.name());
+                    ok &= points(c, &label, || ceiling::run(&p)).await;
+                }
+            }
         }
         Cmd::Explain(a) => {
             let p = explain::ExplainParams {

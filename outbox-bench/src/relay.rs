@@ -1,5 +1,6 @@
-//! `relay`: rows relayed to Kafka through `App` + outbox-kafka, each row
-//! deleted only after Kafka acknowledged it. Two modes: drain a prefilled
+//! `relay`: rows relayed to a bus (Kafka through outbox-kafka by default;
+//! RabbitMQ, NATS, Redis with `--bus`) through `App`, each row deleted only
+//! after the bus acknowledged it. Two modes: drain a prefilled
 //! backlog, or a steady state with a producer publishing at a fixed rate.
 
 use std::sync::atomic::Ordering;
@@ -10,20 +11,20 @@ use anyhow::{Context as _, bail};
 use outbox_core::{App, BoxError, Message, OutboxTable, Raw, Response, Route, SubscriberOptions};
 use serde_json::{Map, Value, json};
 
+use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
 use crate::drain::{Knobs, Progress, timeout_for};
-use crate::kafka::{self, CREATED_HEADER, Confirms, Timed};
+use crate::kafka::{CREATED_HEADER, Confirms, Timed};
 use crate::point::{Finished, Measured, Window, percentiles_ms};
 use crate::sys::round;
 
 /// One relay point.
 #[derive(Debug, Clone)]
 pub(crate) struct RelayParams {
-    pub(crate) bootstrap: String,
+    /// The bus (Kafka: bootstrap, partitions, linger).
+    pub(crate) target: Target,
     pub(crate) backlog: u64,
     pub(crate) knobs: Knobs,
-    pub(crate) partitions: i32,
-    pub(crate) linger: Option<Duration>,
     pub(crate) payload_bytes: usize,
     /// Steady state: publish this many msg/s while relaying …
     pub(crate) rate: Option<u64>,
@@ -33,21 +34,16 @@ pub(crate) struct RelayParams {
     pub(crate) producer_batch: usize,
     pub(crate) keep_topic: bool,
     /// The README's relay: a route with no tuning at all (the relay
-    /// defaults) and outbox-kafka's default producer settings; `knobs` and
-    /// `linger` are ignored.
+    /// defaults) and the transport's default settings; `knobs` and the
+    /// Kafka linger are ignored.
     pub(crate) readme_defaults: bool,
 }
 
 impl RelayParams {
     fn json(&self) -> Value {
-        let mut params = Map::new();
+        let mut params = self.target.json(self.readme_defaults);
         for (k, v) in [
             ("backlog", json!(self.backlog)),
-            ("partitions", json!(self.partitions)),
-            (
-                "linger_ms",
-                json!(self.linger.map_or(5.0, |l| l.as_secs_f64() * 1000.0)),
-            ),
             ("payload_bytes", json!(self.payload_bytes)),
             ("rate", json!(self.rate)),
             (
@@ -70,10 +66,6 @@ impl RelayParams {
                 ("fetch_batch_size", json!(d.fetch_batch_size)),
                 ("ack_batch", json!(o.get_terminal_flush_batch_size())),
                 ("fetch_concurrency", json!(o.get_fetch_concurrency())),
-                (
-                    "linger_ms",
-                    json!(outbox_kafka::DEFAULT_LINGER.as_secs_f64() * 1000.0),
-                ),
             ] {
                 params.insert(k.to_owned(), v);
             }
@@ -96,18 +88,19 @@ fn app(
     if !p.readme_defaults {
         route = route.options(p.knobs.options());
     }
-    let route = route
-        .publish_to("kafka", topic)
-        .handler(move |msg: Message, _ctx| async move {
-            let mut r = Response::new(Raw(msg.payload().to_vec()));
-            if stamp_created {
-                r = r.header(
-                    CREATED_HEADER,
-                    msg.created_at().timestamp_micros().to_string(),
-                );
-            }
-            Ok::<_, BoxError>(r)
-        });
+    let route =
+        route
+            .publish_to(p.target.name(), topic)
+            .handler(move |msg: Message, _ctx| async move {
+                let mut r = Response::new(Raw(msg.payload().to_vec()));
+                if stamp_created {
+                    r = r.header(
+                        CREATED_HEADER,
+                        msg.created_at().timestamp_micros().to_string(),
+                    );
+                }
+                Ok::<_, BoxError>(r)
+            });
     App::new(broker.synchronous_relay_writes(p.knobs.durable_acks))
         .without_discovery()
         .without_signals()
@@ -118,8 +111,8 @@ fn app(
 
 pub(crate) async fn run(db: &Db, p: &RelayParams) -> anyhow::Result<Finished> {
     db.with_fresh_table(async |table| {
-        let topic = format!("bench.{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        kafka::create_topic(&p.bootstrap, &topic, p.partitions).await?;
+        let topic = Target::fresh_destination("bench");
+        p.target.prepare(&topic).await?;
         let result = async {
             let prefill = db::prefill(db, table, p.backlog, p.payload_bytes).await?;
             match p.rate {
@@ -129,7 +122,7 @@ pub(crate) async fn run(db: &Db, p: &RelayParams) -> anyhow::Result<Finished> {
         }
         .await;
         if !p.keep_topic {
-            kafka::delete_topic(&p.bootstrap, &topic).await;
+            p.target.cleanup(&topic).await;
         }
         result
     })
@@ -143,8 +136,7 @@ async fn backlog(
     topic: &str,
     prefill: Duration,
 ) -> anyhow::Result<Finished> {
-    let kafka = kafka::broker(&p.bootstrap, p.linger.filter(|_| !p.readme_defaults));
-    let inner = kafka::connect_warm(&kafka, topic).await?;
+    let inner = p.target.connect_warm(topic, p.readme_defaults).await?;
     let progress = Progress::new(p.backlog);
     let confirms = Arc::new(Confirms {
         progress: progress.clone(),
@@ -226,8 +218,7 @@ async fn steady(
     if rate == 0 {
         bail!("--rate must be > 0");
     }
-    let kafka = kafka::broker(&p.bootstrap, p.linger.filter(|_| !p.readme_defaults));
-    let inner = kafka::connect_warm(&kafka, topic).await?;
+    let inner = p.target.connect_warm(topic, p.readme_defaults).await?;
     // Counted without a target: the scenario decides when to stop.
     let progress = Progress::new(u64::MAX);
     let confirms = Arc::new(Confirms {

@@ -3,11 +3,16 @@
 //! ceiling, measured with the bus's plain client publishing the same
 //! payloads with the same confirm settings.
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures_util::future::BoxFuture;
-use outbox_core::Transport;
+use outbox_core::{Outgoing, Transport};
+use serde_json::{Map, Value, json};
+
+use crate::kafka;
 
 /// What the plain client achieved: `n` confirmed publishes.
 #[derive(Debug, Clone)]
@@ -45,6 +50,131 @@ pub(crate) trait Bus: Send + Sync {
 
     /// Deletes `destination`, best effort.
     fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()>;
+}
+
+/// Where the relay scenarios (`relay`, `latency --bus`) forward rows.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// Kafka through outbox-kafka.
+    Kafka {
+        bootstrap: String,
+        partitions: i32,
+        /// librdkafka linger.ms; `None`: outbox-kafka's default.
+        linger: Option<Duration>,
+    },
+    /// RabbitMQ, NATS or Redis through its transport crate.
+    Bus(Arc<dyn Bus>),
+    /// outbox-core's in-process `MemoryTransport`, which confirms at once:
+    /// the outbox side's own ceiling for the same route settings (the
+    /// reference of the bus relays).
+    Memory,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Kafka {
+                bootstrap,
+                partitions,
+                linger,
+            } => f
+                .debug_struct("Kafka")
+                .field("bootstrap", bootstrap)
+                .field("partitions", partitions)
+                .field("linger", linger)
+                .finish(),
+            Self::Bus(b) => f.debug_tuple("Bus").field(&b.name()).finish(),
+            Self::Memory => f.write_str("Memory"),
+        }
+    }
+}
+
+impl Target {
+    /// The transport name routes publish to.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Kafka { .. } => "kafka",
+            Self::Bus(b) => b.name(),
+            Self::Memory => "memory",
+        }
+    }
+
+    /// A fresh destination name (`<prefix>.<random>`), valid on every bus.
+    pub(crate) fn fresh_destination(prefix: &str) -> String {
+        format!(
+            "{prefix}.{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        )
+    }
+
+    /// Creates the destination.
+    pub(crate) async fn prepare(&self, destination: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Kafka {
+                bootstrap,
+                partitions,
+                ..
+            } => kafka::create_topic(bootstrap, destination, *partitions).await,
+            Self::Bus(b) => b
+                .prepare(destination)
+                .await
+                .with_context(|| format!("creating {destination} on {}", b.name())),
+            Self::Memory => Ok(()),
+        }
+    }
+
+    /// Connects the transport and sends one message to `destination`, so
+    /// that connection set-up is done before any clock starts. `defaults`:
+    /// the transport's own defaults (no linger override).
+    pub(crate) async fn connect_warm(
+        &self,
+        destination: &str,
+        defaults: bool,
+    ) -> anyhow::Result<Arc<dyn Transport>> {
+        match self {
+            Self::Kafka {
+                bootstrap, linger, ..
+            } => {
+                let k = kafka::broker(bootstrap, linger.filter(|_| !defaults));
+                Ok(Arc::new(kafka::connect_warm(&k, destination).await?))
+            }
+            Self::Bus(b) => {
+                let t = b.transport().await?;
+                t.publish(Outgoing::new(destination, b"warm-up".to_vec()))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("warm-up publish to {}: {e}", b.name()))?;
+                Ok(t)
+            }
+            Self::Memory => Ok(Arc::new(outbox_core::MemoryTransport::new("memory"))),
+        }
+    }
+
+    /// Deletes the destination, best effort.
+    pub(crate) async fn cleanup(&self, destination: &str) {
+        match self {
+            Self::Kafka { bootstrap, .. } => kafka::delete_topic(bootstrap, destination).await,
+            Self::Bus(b) => b.cleanup(destination).await,
+            Self::Memory => {}
+        }
+    }
+
+    /// The target's parameters for a result.
+    pub(crate) fn json(&self, defaults: bool) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("bus".into(), json!(self.name()));
+        if let Self::Kafka {
+            partitions, linger, ..
+        } = self
+        {
+            let linger = match linger {
+                Some(l) if !defaults => *l,
+                _ => outbox_kafka::DEFAULT_LINGER,
+            };
+            m.insert("partitions".into(), json!(partitions));
+            m.insert("linger_ms".into(), json!(linger.as_secs_f64() * 1000.0));
+        }
+        m
+    }
 }
 
 pub(crate) mod nats;

@@ -23,12 +23,10 @@ use super::{Bus, CeilingRun};
 
 /// NATS (with JetStream) at one URL.
 // Constructed by the `bus` scenario once it is wired.
-#[allow(dead_code)]
 pub(crate) struct NatsBench {
     url: String,
 }
 
-#[allow(dead_code)]
 impl NatsBench {
     /// The server at `url` (`nats://127.0.0.1:4222`).
     pub(crate) fn new(url: impl Into<String>) -> Self {

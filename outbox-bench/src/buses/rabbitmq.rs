@@ -25,12 +25,10 @@ use super::{Bus, CeilingRun};
 
 /// RabbitMQ at one AMQP URL.
 // Constructed by the `bus` scenario once it is wired.
-#[allow(dead_code)]
 pub(crate) struct RabbitBench {
     url: String,
 }
 
-#[allow(dead_code)]
 impl RabbitBench {
     /// The broker at `url` (`amqp://guest:guest@127.0.0.1:5672/%2f`).
     pub(crate) fn new(url: impl Into<String>) -> Self {

@@ -25,12 +25,10 @@ use super::{Bus, CeilingRun};
 
 /// Redis at one URL.
 // Constructed by the `bus` scenario once it is wired.
-#[allow(dead_code)]
 pub(crate) struct RedisBench {
     url: String,
 }
 
-#[allow(dead_code)]
 impl RedisBench {
     /// The server at `url` (`redis://127.0.0.1:6379`).
     pub(crate) fn new(url: impl Into<String>) -> Self {
