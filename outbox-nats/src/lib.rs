@@ -1,7 +1,8 @@
 // Module map. Each file uses only files listed above it, so dependencies point
 // one way (no import cycle) and the list reads from the foundations up. The
-// `layering` test checks it against the code (`crate::` and `super::` paths,
-// tests included), the `[uses ..]` lists too.
+// `layering` test (tests/layering.rs: outbox_conformance::layering) checks it
+// against the code (`crate::` and `super::` paths, tests included), the
+// `[uses ..]` lists too.
 //
 //   error.rs      the crate's one error enum and its classification (is_retryable)
 //   config.rs     settings and defaults, Delivery, the client's ConnectOptions,
@@ -16,7 +17,6 @@
 //                 registration step), ensure_stream()
 //                 [uses config, error, subject, transport]
 //   testing.rs    (feature testing) test_nats(), a capturing stand-in [uses config]
-//   layering.rs   (tests only) the check of this map
 //   lib.rs        these docs and the re-exports: the public API
 //
 // In short (A <- B: B uses A): error <- config <- subject <- transport <- broker
@@ -167,8 +167,6 @@
 mod broker;
 mod config;
 mod error;
-#[cfg(test)]
-mod layering;
 mod subject;
 mod transport;
 

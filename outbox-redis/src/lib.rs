@@ -1,7 +1,8 @@
 // Module map. Each file uses only files listed above it, so dependencies point
 // one way (no import cycle) and the list reads from the foundations up. The
-// `layering` test checks it against the code (`crate::` and `super::` paths,
-// tests included), the `[uses ..]` lists too.
+// `layering` test (tests/layering.rs: outbox_conformance::layering) checks it
+// against the code (`crate::` and `super::` paths, tests included), the
+// `[uses ..]` lists too.
 //
 //   error.rs        the crate's one error enum and its classification (is_retryable)
 //   faststream.rs   FastStream's binary Redis message format: encode, decode, the
@@ -17,7 +18,6 @@
 //                   (connect_transport checks the server; connect() is outbox-core's
 //                   shared registration step) [uses config, error, transport]
 //   testing.rs      (feature testing) test_redis(), a capturing stand-in [uses config]
-//   layering.rs     (tests only) the check of this map
 //   lib.rs          these docs and the re-exports: the public API
 //
 // In short (A <- B: B uses A): error <- faststream, config, destination <-
@@ -208,8 +208,6 @@ mod config;
 mod destination;
 mod error;
 pub mod faststream;
-#[cfg(test)]
-mod layering;
 mod transport;
 
 pub use broker::RedisBroker;
