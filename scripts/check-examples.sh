@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every example and checks what it prints (called by scripts/test.sh with
-# DATABASE_URL and, for the Kafka examples, KAFKA_BOOTSTRAP set).
+# DATABASE_URL and, for the Kafka examples, KAFKA_BOOTSTRAP set; the RabbitMQ,
+# NATS and Redis examples use RABBITMQ_URL, NATS_URL, REDIS_URL or their defaults).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
@@ -35,4 +36,21 @@ expect kafka_relay \
   'rolled back order 99' \
   'key=\(none\) value=1 headers: content-type=application/json correlation_id=order-1-[0-9a-f]+ outbox-id=[0-9]+' \
   'relayed 3 of 3 orders to orders.kafka' '^0 rows left in the outbox'
+# The other buses: the machine's servers (RABBITMQ_URL, NATS_URL, REDIS_URL or
+# their defaults, checked to answer by scripts/test.sh).
+expect rabbitmq_relay \
+  'published order 1 \(outbox row [0-9]+\)' 'got order 1' 'got order 2' 'got order 3' \
+  'rolled back order 99' \
+  'message_id=[0-9]+ correlation_id=order-1-[0-9a-f]+ content_type=application/json delivery_mode=2 body=1' \
+  'relayed 3 of 3 orders to orders.rabbit' '^0 rows left in the outbox'
+expect nats_relay \
+  'published order 1 \(outbox row [0-9]+\)' 'got order 1' 'got order 2' 'got order 3' \
+  'rolled back order 99' \
+  'payload=1 headers: Nats-Msg-Id=[^ ]+ content-type=application/json correlation_id=order-1-[0-9a-f]+' \
+  'relayed 3 of 3 orders to orders.created' '^0 rows left in the outbox'
+expect redis_relay \
+  'published order 1 \(outbox row [0-9]+\)' 'got order 1' 'got order 2' 'got order 3' \
+  'rolled back order 99' \
+  'body=1 headers: correlation_id=order-1-[0-9a-f]+ content-type=application/json outbox-id=[0-9]+ message_id=[0-9]+' \
+  'relayed 3 of 3 orders to orders.redis' '^0 rows left in the outbox'
 log "examples OK"
