@@ -14,11 +14,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tracing_subscriber::Layer as _;
 
+pub mod crash;
 pub mod kafka;
 pub mod nats;
 pub mod proxy;
 pub mod rabbitmq;
 pub mod redis;
+pub mod relay_child;
 
 /// The test database URL (`OUTBOX_TEST_DATABASE_URL`, default
 /// `postgres://postgres@127.0.0.1:5432/outbox_test`).

@@ -11,11 +11,11 @@
 use tests::kafka as support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use outbox_core::{App, BoxError, Message, PublishOptions, Response, Route};
 use support::{TopicReader, bootstrap, broker_lock, create_topic, has_all_ids};
+use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::{TestDb, wait_until};
 
 type R = anyhow::Result<()>;
@@ -410,46 +410,6 @@ async fn the_transport_publishes_concurrently_and_flushes_on_close() -> R {
     Ok(())
 }
 
-/// Kills the child relay when dropped (a failing test leaves no process).
-struct Relay(Child);
-
-impl Relay {
-    fn spawn(db: &TestDb, topic: &str, boot: &str) -> anyhow::Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_kafka_relay"))
-            .env("RELAY_SCHEMA", &db.schema)
-            .env("RELAY_TABLE", db.table.name())
-            .env("RELAY_DLQ", db.dlq.name())
-            .env("RELAY_QUEUE", "crash")
-            .env("RELAY_TOPIC", topic)
-            .env("KAFKA_BOOTSTRAP", boot)
-            .env("RELAY_DELAY_MS", "15")
-            .env("RELAY_WORKERS", "4")
-            .env("RELAY_LEASE_MS", "3000")
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    fn sigkill(mut self) -> anyhow::Result<()> {
-        // std's Child::kill sends SIGKILL on Unix.
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-
-    fn sigterm(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.0.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        Ok(self.0.wait()?)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A relay process killed with SIGKILL mid-stream, then restarted: every row
 /// arrives; duplicates only for rows that were in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,41 +422,15 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
     create_topic(&boot, &topic, 4).await?;
 
     const N: i64 = 400;
-    let mut ids = BTreeSet::new();
-    let mut tx = db.pool.begin().await?;
-    for v in 0..N {
-        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
-    }
-    tx.commit().await?;
-
-    let relay = Relay::spawn(&db, &topic, &boot)?;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() <= N - 80
-        })
-        .await,
-        "the first relay did not make progress"
-    );
-    relay.sigkill()?;
-    let left = db.count().await?;
-    let leased = db
-        .scalar(format!(
-            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
-            db.t()
-        ))
-        .await?;
-    println!("killed the relay with {left} rows left ({leased} leased)");
-    assert!(left > 0, "the relay finished before the kill; raise N");
-
-    let relay = Relay::spawn(&db, &topic, &boot)?;
-    assert!(
-        db.drained(Duration::from_secs(60)).await,
-        "rows left after the restart: {}",
-        db.count().await?
-    );
-    let status = relay.sigterm()?;
-    assert!(status.success(), "the relay exited with {status}");
-    assert_eq!(db.dlq_count().await?, 0);
+    let ids = crash::publish_rows(&db, N).await?;
+    let killed = crash::kill_and_restart(&db, N - 80, |_run| {
+        RelayChild::spawn(
+            RelayChild::command(env!("CARGO_BIN_EXE_kafka_relay"), &db)
+                .env("RELAY_TOPIC", &topic)
+                .env("KAFKA_BOOTSTRAP", &boot),
+        )
+    })
+    .await?;
 
     let mut reader = TopicReader::new(&boot, &topic).await?;
     assert!(
@@ -506,23 +440,19 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
         "missing ids after the restart"
     );
     reader.read_for(Duration::from_secs(1)).await?;
-    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
-    for r in &reader.records {
-        *per_id.entry(r.outbox_id()).or_default() += 1;
-        assert_eq!(r.key, Some(format!("k{}", r.value()).into_bytes()));
-    }
-    let seen: BTreeSet<i64> = per_id.keys().copied().collect();
-    assert_eq!(seen, ids, "every row, and only these rows, arrive");
-    let dups: usize = per_id.values().map(|n| n - 1).sum();
-    // In flight at the kill: at most the claimed batch (fetch_batch_size 10)
-    // plus what the 4 workers held.
-    assert!(
-        i64::try_from(dups)? <= leased.max(14),
-        "{dups} duplicates, but only {leased} rows were leased at the kill"
+    let arrivals = Arrivals::tally(
+        &ids,
+        reader.records.iter().map(|r| Arrived {
+            id: r.outbox_id(),
+            value: r.value(),
+            key: r.key.clone(),
+        }),
     );
+    arrivals.assert_duplicates_within(&killed);
     println!(
-        "{} records for {N} rows ({dups} duplicates) in {:?}",
+        "{} records for {N} rows ({} duplicates) in {:?}",
         reader.records.len(),
+        arrivals.duplicates(),
         t0.elapsed()
     );
     Ok(())

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -19,6 +19,7 @@ use outbox_core::{
     Transport,
 };
 use outbox_nats::{Delivery, Error, NatsBroker};
+use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::nats::{self as support, PrivateServer, Streams};
 use tests::proxy::TcpProxy;
 use tests::{TestDb, base64_decode, interop_python, wait_until};
@@ -99,50 +100,6 @@ async fn republishing_an_outbox_id_within_the_window_stores_one_message() -> R {
     Ok(())
 }
 
-/// Kills the child relay when dropped (a failing test leaves no process).
-struct Relay(Child);
-
-impl Relay {
-    /// A relay; its stderr (with `outbox_nats` at debug: the dropped
-    /// duplicates) goes to `log`.
-    fn spawn(db: &TestDb, subject: &str, log: &std::path::Path) -> anyhow::Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_nats_relay"))
-            .env("RUST_LOG", "warn,outbox_nats=debug")
-            .stderr(std::fs::File::create(log)?)
-            .env("RELAY_SCHEMA", &db.schema)
-            .env("RELAY_TABLE", db.table.name())
-            .env("RELAY_DLQ", db.dlq.name())
-            .env("RELAY_QUEUE", "crash")
-            .env("RELAY_SUBJECT", subject)
-            .env("NATS_URL", support::url())
-            .env("RELAY_DELAY_MS", "15")
-            .env("RELAY_WORKERS", "4")
-            .env("RELAY_LEASE_MS", "3000")
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    fn sigkill(mut self) -> anyhow::Result<()> {
-        // std's Child::kill sends SIGKILL on Unix.
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-
-    fn sigterm(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.0.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        Ok(self.0.wait()?)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A relay process killed with SIGKILL mid-stream, then restarted: every row
 /// arrives, the outbox empties, and the stream holds each row exactly once:
 /// the rows that were in flight at the kill were published again (their
@@ -154,12 +111,7 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     let (name, subject) = stream(&streams, "crash").await?;
     let db = TestDb::new().await?;
     const N: i64 = 400;
-    let mut ids = BTreeSet::new();
-    let mut tx = db.pool.begin().await?;
-    for v in 0..N {
-        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
-    }
-    tx.commit().await?;
+    let ids = crash::publish_rows(&db, N).await?;
 
     // The crash window a SIGKILL rarely hits (the PubAck came, the row's
     // delete did not): the first 20 rows are already on the stream, as a
@@ -172,64 +124,50 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     }
     let logs = std::env::temp_dir().join(format!("nats_relay_{}", tests::suffix()));
     std::fs::create_dir_all(&logs)?;
-    let relay = Relay::spawn(&db, &subject, &logs.join("first.log"))?;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() <= N - 80
-        })
-        .await,
-        "the first relay did not make progress"
-    );
-    relay.sigkill()?;
-    let left = db.count().await?;
-    let leased = db
-        .scalar(format!(
-            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
-            db.t()
-        ))
-        .await?;
-    println!("killed the relay with {left} rows left ({leased} leased)");
-    assert!(left > 0, "the relay finished before the kill; raise N");
-
-    let relay = Relay::spawn(&db, &subject, &logs.join("second.log"))?;
-    assert!(
-        db.drained(Duration::from_secs(60)).await,
-        "rows left after the restart: {}",
-        db.count().await?
-    );
-    let status = relay.sigterm()?;
-    assert!(status.success(), "the relay exited with {status}");
-    assert_eq!(db.dlq_count().await?, 0);
+    const LOGS: [&str; 2] = ["first.log", "second.log"];
+    // Each relay's stderr (with `outbox_nats` at debug: the dropped
+    // duplicates) goes to its log.
+    crash::kill_and_restart(&db, N - 80, |run| {
+        RelayChild::spawn(
+            RelayChild::command(env!("CARGO_BIN_EXE_nats_relay"), &db)
+                .env("RUST_LOG", "warn,outbox_nats=debug")
+                .stderr(std::fs::File::create(logs.join(LOGS[run]))?)
+                .env("RELAY_SUBJECT", &subject)
+                .env("NATS_URL", support::url()),
+        )
+    })
+    .await?;
 
     let msgs = support::read_stream(&name, Duration::from_secs(30), |m| {
         ids.is_subset(&m.iter().filter_map(|m| m.outbox_id()).collect())
     })
     .await?;
-    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
+    let mut arrived = Vec::new();
     for m in &msgs {
         let id = m.outbox_id().unwrap();
-        *per_id.entry(id).or_default() += 1;
-        let v: i64 = serde_json::from_slice(&m.payload)?;
-        assert_eq!(m.header("outbox-key"), Some(format!("k{v}").as_str()));
         assert_eq!(m.header("Nats-Msg-Id"), Some(id.to_string().as_str()));
+        arrived.push(Arrived {
+            id,
+            value: serde_json::from_slice(&m.payload)?,
+            key: m.header("outbox-key").map(|k| k.as_bytes().to_vec()),
+        });
     }
-    let seen: BTreeSet<i64> = per_id.keys().copied().collect();
-    assert_eq!(seen, ids, "every row, and only these rows, arrive");
-    let total = msgs.len();
+    let arrivals = Arrivals::tally(&ids, arrived);
     let mut dropped = 0;
-    for log in ["first.log", "second.log"] {
+    for log in LOGS {
         let text = std::fs::read_to_string(logs.join(log))?;
         dropped += text.matches("the redelivered copy was dropped").count();
     }
     let _ = std::fs::remove_dir_all(&logs);
     println!(
-        "{total} stream messages for {N} rows, {} distinct; the server dropped {dropped} \
+        "{} stream messages for {N} rows, {} distinct; the server dropped {dropped} \
          redelivered copies",
-        per_id.len()
+        arrivals.total,
+        arrivals.per_id.len()
     );
     assert_eq!(
-        total,
-        per_id.len(),
+        arrivals.total,
+        arrivals.per_id.len(),
         "Nats-Msg-Id: the redelivered rows must not be stored twice"
     );
     assert_eq!(support::stream_len(&name).await?, u64::try_from(N)?);

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use outbox_core::{
 };
 use outbox_rabbitmq::{Error, ExchangeKind, RabbitBroker};
 use serde_json::Value;
+use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::rabbitmq::{
     Msg, declare_queue, delete_queue, proxy, queue_len, read_queue, test_rabbit, unique, url,
 };
@@ -55,46 +56,6 @@ fn ids_of(msgs: &[Msg]) -> BTreeSet<i64> {
     msgs.iter().filter_map(Msg::outbox_id).collect()
 }
 
-/// Kills the child relay when dropped (a failing test leaves no process).
-struct Relay(Child);
-
-impl Relay {
-    fn spawn(db: &TestDb, destination: &str) -> anyhow::Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_rabbitmq_relay"))
-            .env("RELAY_SCHEMA", &db.schema)
-            .env("RELAY_TABLE", db.table.name())
-            .env("RELAY_DLQ", db.dlq.name())
-            .env("RELAY_QUEUE", "crash")
-            .env("RELAY_DESTINATION", destination)
-            .env("RABBITMQ_URL", url())
-            .env("RELAY_DELAY_MS", "15")
-            .env("RELAY_WORKERS", "4")
-            .env("RELAY_LEASE_MS", "3000")
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    fn sigkill(mut self) -> anyhow::Result<()> {
-        // std's Child::kill sends SIGKILL on Unix.
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-
-    fn sigterm(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.0.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        Ok(self.0.wait()?)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A relay process killed with SIGKILL mid-stream, then restarted: every
 /// row arrives at least once, the outbox ends empty, nothing is
 /// dead-lettered; duplicates only for rows that were in flight.
@@ -105,63 +66,35 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
     declare_queue(&queue).await?;
 
     const N: i64 = 400;
-    let mut ids = BTreeSet::new();
-    let mut tx = db.pool.begin().await?;
-    for v in 0..N {
-        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
-    }
-    tx.commit().await?;
-
-    let relay = Relay::spawn(&db, &queue)?;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() <= N - 80
-        })
-        .await,
-        "the first relay did not make progress"
-    );
-    relay.sigkill()?;
-    let left = db.count().await?;
-    let leased = db
-        .scalar(format!(
-            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
-            db.t()
-        ))
-        .await?;
-    println!("killed the relay with {left} rows left ({leased} leased)");
-    assert!(left > 0, "the relay finished before the kill; raise N");
-
-    let relay = Relay::spawn(&db, &queue)?;
-    assert!(
-        db.drained(Duration::from_secs(60)).await,
-        "rows left after the restart: {}",
-        db.count().await?
-    );
-    let status = relay.sigterm()?;
-    assert!(status.success(), "the relay exited with {status}");
-    assert_eq!(db.dlq_count().await?, 0);
+    let ids = crash::publish_rows(&db, N).await?;
+    let killed = crash::kill_and_restart(&db, N - 80, |_run| {
+        RelayChild::spawn(
+            RelayChild::command(env!("CARGO_BIN_EXE_rabbitmq_relay"), &db)
+                .env("RELAY_DESTINATION", &queue)
+                .env("RABBITMQ_URL", url()),
+        )
+    })
+    .await?;
 
     let want = ids.clone();
     let got = read_queue(&queue, Duration::from_secs(30), |m| {
         want.is_subset(&ids_of(m))
     })
     .await?;
-    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
-    for m in &got {
-        *per_id.entry(m.outbox_id().unwrap()).or_default() += 1;
-        let v = m.value().unwrap();
-        assert_eq!(m.key, Some(format!("k{v}").into_bytes()));
-    }
-    let seen: BTreeSet<i64> = per_id.keys().copied().collect();
-    assert_eq!(seen, ids, "every row, and only these rows, arrive");
-    let dups: usize = per_id.values().map(|n| n - 1).sum();
-    // In flight at the kill: at most the claimed batch (fetch_batch_size 10)
-    // plus what the 4 workers held.
-    assert!(
-        i64::try_from(dups)? <= leased.max(14),
-        "{dups} duplicates, but only {leased} rows were leased at the kill"
+    let arrivals = Arrivals::tally(
+        &ids,
+        got.iter().map(|m| Arrived {
+            id: m.outbox_id().unwrap(),
+            value: m.value().unwrap(),
+            key: m.key.clone(),
+        }),
     );
-    println!("{} messages for {N} rows ({dups} duplicates)", got.len());
+    arrivals.assert_duplicates_within(&killed);
+    println!(
+        "{} messages for {N} rows ({} duplicates)",
+        got.len(),
+        arrivals.duplicates()
+    );
     delete_queue(&queue).await;
     Ok(())
 }

@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use outbox_core::{
 };
 use outbox_redis::{Confirmed, Error, RedisBroker};
 use serde_json::{Value, json};
+use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::proxy::TcpProxy;
 use tests::redis::{
     Keys, Msg, addr, conn, read_list, read_stream, read_stream_until, test_redis, url, url_via,
@@ -128,46 +128,6 @@ fn check_three(got: &[Msg], ids: [i64; 3]) {
 
 // ---------------------------------------------------------------- crash
 
-/// Kills the child relay when dropped (a failing test leaves no process).
-struct Relay(Child);
-
-impl Relay {
-    fn spawn(db: &TestDb, dest: &str) -> anyhow::Result<Self> {
-        let child = Command::new(env!("CARGO_BIN_EXE_redis_relay"))
-            .env("RELAY_SCHEMA", &db.schema)
-            .env("RELAY_TABLE", db.table.name())
-            .env("RELAY_DLQ", db.dlq.name())
-            .env("RELAY_QUEUE", "crash")
-            .env("RELAY_DESTINATION", dest)
-            .env("REDIS_URL", url())
-            .env("RELAY_DELAY_MS", "15")
-            .env("RELAY_WORKERS", "4")
-            .env("RELAY_LEASE_MS", "3000")
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    fn sigkill(mut self) -> anyhow::Result<()> {
-        // std's Child::kill sends SIGKILL on Unix.
-        self.0.kill()?;
-        self.0.wait()?;
-        Ok(())
-    }
-
-    fn sigterm(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.0.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        Ok(self.0.wait()?)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A relay process killed with SIGKILL mid-batch, then restarted: every
 /// row arrives at least once, the outbox ends empty, nothing is
 /// dead-lettered; duplicates only for rows that were in flight.
@@ -180,58 +140,32 @@ async fn a_relay_killed_mid_stream_loses_nothing() -> R {
     let dest = format!("stream:{key}");
 
     const N: i64 = 300;
-    let mut ids = BTreeSet::new();
-    let mut tx = db.pool.begin().await?;
-    for v in 0..N {
-        ids.insert(db.broker.publish(&v, "crash", &mut *tx).await?);
-    }
-    tx.commit().await?;
-
-    let relay = Relay::spawn(&db, &dest)?;
-    assert!(
-        wait_until(Duration::from_secs(60), || async {
-            db.count().await.unwrap() <= N - 60
-        })
-        .await,
-        "the first relay did not make progress"
-    );
-    relay.sigkill()?;
-    let left = db.count().await?;
-    let leased = db
-        .scalar(format!(
-            "SELECT count(*) FROM {} WHERE acquired_token IS NOT NULL",
-            db.t()
-        ))
-        .await?;
-    println!("killed the relay with {left} rows left ({leased} leased)");
-    assert!(left > 0, "the relay finished before the kill; raise N");
-
-    let relay = Relay::spawn(&db, &dest)?;
-    assert!(
-        db.drained(Duration::from_secs(60)).await,
-        "rows left after the restart: {}",
-        db.count().await?
-    );
-    let status = relay.sigterm()?;
-    assert!(status.success(), "the relay exited with {status}");
-    assert_eq!(db.dlq_count().await?, 0);
+    let ids = crash::publish_rows(&db, N).await?;
+    let killed = crash::kill_and_restart(&db, N - 60, |_run| {
+        RelayChild::spawn(
+            RelayChild::command(env!("CARGO_BIN_EXE_redis_relay"), &db)
+                .env("RELAY_DESTINATION", &dest)
+                .env("REDIS_URL", url()),
+        )
+    })
+    .await?;
 
     let got = read_stream(&mut conn().await, &key).await?;
-    let mut per_id = std::collections::BTreeMap::<i64, usize>::new();
+    let mut arrived = Vec::new();
     for m in &got {
-        let id: i64 = m.header("outbox-id").unwrap().parse()?;
-        *per_id.entry(id).or_default() += 1;
-        let v: i64 = serde_json::from_slice(&m.payload)?;
-        assert_eq!(m.key, Some(format!("k{v}").into_bytes()));
+        arrived.push(Arrived {
+            id: m.header("outbox-id").unwrap().parse()?,
+            value: serde_json::from_slice(&m.payload)?,
+            key: m.key.clone(),
+        });
     }
-    let seen: BTreeSet<i64> = per_id.keys().copied().collect();
-    assert_eq!(seen, ids, "every row, and only these rows, arrive");
-    let dups: usize = per_id.values().map(|n| n - 1).sum();
-    assert!(
-        i64::try_from(dups)? <= leased.max(14),
-        "{dups} duplicates, but only {leased} rows were leased at the kill"
+    let arrivals = Arrivals::tally(&ids, arrived);
+    arrivals.assert_duplicates_within(&killed);
+    println!(
+        "{} entries for {N} rows ({} duplicates)",
+        got.len(),
+        arrivals.duplicates()
     );
-    println!("{} entries for {N} rows ({dups} duplicates)", got.len());
     Ok(())
 }
 

@@ -2,88 +2,25 @@
 //! that relays the JSON `i64` rows of one outbox queue to one Kafka topic
 //! (key `k<value>`), until SIGTERM/SIGINT, or until it is killed.
 //!
-//! Configuration, all from the environment:
+//! Configured from the environment: the variables of every relay child
+//! (`tests::relay_child`: `RELAY_SCHEMA`, `RELAY_TABLE`, `RELAY_DLQ`,
+//! `RELAY_QUEUE`, `RELAY_DELAY_MS`, `RELAY_WORKERS`, `RELAY_LEASE_MS`, ...),
+//! plus:
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `OUTBOX_TEST_DATABASE_URL` | PostgreSQL (default as in `tests::database_url`) |
-//! | `RELAY_SCHEMA`, `RELAY_TABLE`, `RELAY_DLQ` | the outbox and dead-letter tables |
-//! | `RELAY_QUEUE`, `RELAY_TOPIC` | what to relay where |
+//! | `RELAY_TOPIC` | the topic to relay to |
 //! | `KAFKA_BOOTSTRAP` | the Kafka bootstrap servers |
-//! | `RELAY_DELAY_MS` | handler sleep per row (default 0), to slow the stream down |
-//! | `RELAY_WORKERS` | `max_workers` (default 4) |
-//! | `RELAY_LEASE_MS` | `lease_ttl` (default 3000) |
 
-use std::time::Duration;
-
-use anyhow::Context as _;
-use outbox_core::retry::ConstantRetry;
-use outbox_core::{App, BoxError, DlqTable, Message, OutboxBroker, OutboxTable, Response, Route};
 use outbox_kafka::KafkaBroker;
-use sqlx::postgres::PgPoolOptions;
-
-fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("kafka_relay: {name} is not set"))
-}
-
-fn num(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("kafka_relay: {name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let schema = var("RELAY_SCHEMA")?;
-    let table = OutboxTable::new(&var("RELAY_TABLE")?)?.schema(&schema)?;
-    let dlq = DlqTable::new(&var("RELAY_DLQ")?)?.schema(&schema)?;
-    let queue = var("RELAY_QUEUE")?;
-    let topic = var("RELAY_TOPIC")?;
-    let bootstrap = var("KAFKA_BOOTSTRAP")?;
-    let delay = Duration::from_millis(num("RELAY_DELAY_MS", 0)?);
-    let workers = usize::try_from(num("RELAY_WORKERS", 4)?)?;
-    let lease = Duration::from_millis(num("RELAY_LEASE_MS", 3000)?);
-
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&tests::database_url())
-        .await
-        .context("kafka_relay: connecting to PostgreSQL")?;
-    let outbox = OutboxBroker::new(pool, table).dead_letter_table(dlq);
-    let kafka = KafkaBroker::new(bootstrap)
-        .client_id("outbox-tests-relay")
-        .message_timeout(lease / 2)
-        .set("reconnect.backoff.max.ms", "1000");
-    let route = Route::builder([queue])
-        .name("kafka_relay")
-        .max_workers(workers)
-        .lease_ttl(lease)
-        .min_fetch_interval(Duration::from_millis(20))
-        .max_fetch_interval(Duration::from_millis(200))
-        .retry(ConstantRetry::new(Duration::from_millis(200)))
-        .publish_to("kafka", topic)
-        .handler(move |msg: Message, _ctx| async move {
-            let v: i64 = msg.decode()?;
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            Ok::<_, BoxError>(Response::new(v).key(format!("k{v}")))
-        });
-    App::new(outbox)
-        .without_discovery()
-        .subscriber(route)
-        .on_startup(kafka.connect())
-        .run()
-        .await?;
-    Ok(())
+    tests::relay_child::run("kafka_relay", "RELAY_TOPIC", |env| {
+        Ok(KafkaBroker::new(env.var("KAFKA_BOOTSTRAP")?)
+            .client_id("outbox-tests-relay")
+            .message_timeout(env.lease / 2)
+            .set("reconnect.backoff.max.ms", "1000"))
+    })
+    .await
 }

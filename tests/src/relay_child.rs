@@ -1,0 +1,113 @@
+//! The relay processes of the crash tests (`src/bin/<bus>_relay`): an `App`
+//! that relays the JSON `i64` rows of one outbox queue to one destination of
+//! one bus (key `k<value>`), until SIGTERM/SIGINT, or until it is killed.
+//! Each binary only builds its bus's broker; the environment, the route and
+//! the `App` are here.
+//!
+//! Configuration, all from the environment (each binary documents its own
+//! destination and bus variables):
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `OUTBOX_TEST_DATABASE_URL` | PostgreSQL (default as in [`crate::database_url`]) |
+//! | `RELAY_SCHEMA`, `RELAY_TABLE`, `RELAY_DLQ` | the outbox and dead-letter tables |
+//! | `RELAY_QUEUE` | the outbox queue to relay |
+//! | `RELAY_DELAY_MS` | handler sleep per row (default 0), to slow the stream down |
+//! | `RELAY_WORKERS` | `max_workers` (default 4) |
+//! | `RELAY_LEASE_MS` | `lease_ttl` (default 3000) |
+//! | `RUST_LOG` | the stderr log filter (default `warn`) |
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use outbox_core::retry::ConstantRetry;
+use outbox_core::transport::TransportBroker;
+use outbox_core::{App, BoxError, DlqTable, Message, OutboxBroker, OutboxTable, Response, Route};
+use sqlx::postgres::PgPoolOptions;
+
+/// The environment of one relay binary (its name prefixes every error).
+#[derive(Debug, Clone)]
+pub struct RelayEnv {
+    bin: &'static str,
+    /// `RELAY_LEASE_MS`: the route's `lease_ttl`; brokers set their publish
+    /// deadline below it.
+    pub lease: Duration,
+}
+
+impl RelayEnv {
+    /// The variable `name`, required.
+    pub fn var(&self, name: &str) -> anyhow::Result<String> {
+        std::env::var(name).with_context(|| format!("{}: {name} is not set", self.bin))
+    }
+
+    /// The number in `name`, or `default` when it is not set.
+    pub fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
+        match std::env::var(name) {
+            Ok(v) => v
+                .parse()
+                .with_context(|| format!("{}: {name}={v:?} is not a number", self.bin)),
+            Err(_) => Ok(default),
+        }
+    }
+}
+
+/// Runs the relay binary `bin` (also the route's name): rows of
+/// `RELAY_QUEUE` go to the destination in the variable `destination_var`
+/// (`RELAY_TOPIC`, `RELAY_SUBJECT`, `RELAY_DESTINATION`) through the
+/// transport `broker` builds from the environment, registered under its
+/// own name. Returns when the `App` stops.
+pub async fn run<B, F>(bin: &'static str, destination_var: &str, broker: F) -> anyhow::Result<()>
+where
+    B: TransportBroker,
+    F: FnOnce(&RelayEnv) -> anyhow::Result<B>,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut env = RelayEnv {
+        bin,
+        lease: Duration::ZERO,
+    };
+    let schema = env.var("RELAY_SCHEMA")?;
+    let table = OutboxTable::new(&env.var("RELAY_TABLE")?)?.schema(&schema)?;
+    let dlq = DlqTable::new(&env.var("RELAY_DLQ")?)?.schema(&schema)?;
+    let queue = env.var("RELAY_QUEUE")?;
+    let destination = env.var(destination_var)?;
+    let delay = Duration::from_millis(env.num("RELAY_DELAY_MS", 0)?);
+    let workers = usize::try_from(env.num("RELAY_WORKERS", 4)?)?;
+    env.lease = Duration::from_millis(env.num("RELAY_LEASE_MS", 3000)?);
+    let broker = broker(&env)?;
+
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&crate::database_url())
+        .await
+        .with_context(|| format!("{bin}: connecting to PostgreSQL"))?;
+    let outbox = OutboxBroker::new(pool, table).dead_letter_table(dlq);
+    let route = Route::builder([queue])
+        .name(bin)
+        .max_workers(workers)
+        .lease_ttl(env.lease)
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200))
+        .retry(ConstantRetry::new(Duration::from_millis(200)))
+        .publish_to(broker.transport_name(), destination)
+        .handler(move |msg: Message, _ctx| async move {
+            let v: i64 = msg.decode()?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok::<_, BoxError>(Response::new(v).key(format!("k{v}")))
+        });
+    App::new(outbox)
+        .without_discovery()
+        .subscriber(route)
+        .on_startup(broker.connect())
+        .run()
+        .await?;
+    Ok(())
+}
