@@ -33,6 +33,8 @@
 //! # }
 //! ```
 //!
+//! [`conformance_tests!`] writes those tests: one invocation per bus.
+//!
 //! Every check uses its own queue and destination, so they can share one
 //! outbox table and run in parallel (except that [`outage_keeps_rows`] cuts
 //! the whole bus: keep other tests off it meanwhile).
@@ -726,4 +728,117 @@ pub async fn unreachable_bus_fails_startup<P: BusProbe>(
         "conformance: a row was consumed"
     );
     err
+}
+
+/// Generates the kit's tests for one bus: one test per check, in a module
+/// named by the first line (test names `<module>::publish_confirms`,
+/// `<module>::outage_keeps_rows`, ...), so that a bus's test file is its
+/// [`BusProbe`] and one invocation:
+///
+/// ```ignore
+/// outbox_conformance::conformance_tests! {
+///     mod rabbitmq;
+///     // The attribute every test gets.
+///     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///     // The probe, made afresh in each test (may `.await`).
+///     probe: Rabbit::new().await,
+///     // The outbox: anything `AsRef<OutboxBroker>`, kept alive for the
+///     // check (`tests::TestDb` drops its schema when dropped).
+///     outbox: TestDb::new().await.unwrap(),
+///     // Optional: awaited first with the check's name
+///     // ("outage_keeps_rows", ...), its result held until the test ends
+///     // (e.g. Kafka's broker lock, exclusive for the outage).
+///     guard: |check| lock(check),
+///     // Optional: runs `unreachable_bus_fails_startup` (which needs
+///     // `BusProbe::unreachable_broker`) and hands its error text here for
+///     // the bus's own assertions.
+///     unreachable: |err: String| assert!(err.contains("127.0.0.1:1"), "{err}"),
+/// }
+/// ```
+///
+/// The probe and the outbox are expressions evaluated inside each test, in
+/// the scope of the calling file (the generated module imports
+/// `super::*`); the guard comes first, then the outbox, then the probe.
+#[macro_export]
+macro_rules! conformance_tests {
+    (
+        mod $bus:ident;
+        #[$test:meta]
+        probe: $probe:expr,
+        outbox: $outbox:expr
+        $(, guard: $guard:expr)?
+        $(, unreachable: $unreachable:expr)?
+        $(,)?
+    ) => {
+        mod $bus {
+            #[allow(unused_imports)]
+            use super::*;
+
+            /// The guard of `check` (`()` when the bus has none).
+            #[allow(unused_variables)]
+            async fn guard(check: &'static str) -> impl Sized {
+                $(($guard)(check).await)?
+            }
+
+            #[$test]
+            async fn publish_confirms() {
+                let _guard = guard("publish_confirms").await;
+                $crate::publish_confirms(&$probe).await;
+            }
+
+            #[$test]
+            async fn messages_arrive_as_documented() {
+                let _guard = guard("messages_arrive_as_documented").await;
+                let outbox = $outbox;
+                $crate::messages_arrive_as_documented(&$probe, $crate::outbox_of(&outbox)).await;
+            }
+
+            #[$test]
+            async fn outage_keeps_rows() {
+                let _guard = guard("outage_keeps_rows").await;
+                let outbox = $outbox;
+                $crate::outage_keeps_rows(&$probe, $crate::outbox_of(&outbox)).await;
+            }
+
+            #[$test]
+            async fn killed_relay_redelivers() {
+                let _guard = guard("killed_relay_redelivers").await;
+                let outbox = $outbox;
+                $crate::killed_relay_redelivers(&$probe, $crate::outbox_of(&outbox)).await;
+            }
+
+            #[$test]
+            async fn invalid_destination_fails_startup() {
+                let _guard = guard("invalid_destination_fails_startup").await;
+                let outbox = $outbox;
+                $crate::invalid_destination_fails_startup(&$probe, $crate::outbox_of(&outbox))
+                    .await;
+            }
+
+            #[$test]
+            async fn oversized_message_is_not_lost() {
+                let _guard = guard("oversized_message_is_not_lost").await;
+                let outbox = $outbox;
+                $crate::oversized_message_is_not_lost(&$probe, $crate::outbox_of(&outbox)).await;
+            }
+
+            $(
+                #[$test]
+                async fn unreachable_bus_fails_startup() {
+                    let _guard = guard("unreachable_bus_fails_startup").await;
+                    let outbox = $outbox;
+                    let err =
+                        $crate::unreachable_bus_fails_startup(&$probe, $crate::outbox_of(&outbox))
+                            .await;
+                    ($unreachable)(err);
+                }
+            )?
+        }
+    };
+}
+
+/// The outbox of a [`conformance_tests!`] fixture.
+#[doc(hidden)]
+pub fn outbox_of<T: AsRef<OutboxBroker>>(fixture: &T) -> &OutboxBroker {
+    fixture.as_ref()
 }

@@ -174,6 +174,14 @@ impl TestDb {
     }
 }
 
+/// The outbox of the conformance kit's tests
+/// (`outbox_conformance::conformance_tests!`).
+impl AsRef<OutboxBroker> for TestDb {
+    fn as_ref(&self) -> &OutboxBroker {
+        &self.broker
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let schema = self.schema.clone();

@@ -24,6 +24,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use outbox_conformance::Cut;
+use outbox_core::BoxError;
+use outbox_core::transport::BoxFuture;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -133,6 +136,21 @@ impl TcpProxy {
         ProxyRemote {
             mode: Arc::clone(&self.mode),
         }
+    }
+
+    /// The conformance kit's outage through this proxy, as
+    /// [`BusProbe::cut`](outbox_conformance::BusProbe::cut) returns it: cuts
+    /// the proxy when awaited; the [`Cut`] restores it (also when dropped).
+    /// Only the probe's own connections are cut, never the shared server.
+    pub fn cut_until_restored(&self) -> BoxFuture<'static, Result<Cut, BoxError>> {
+        let remote = self.remote();
+        Box::pin(async move {
+            remote.cut();
+            Ok(Cut::new(move || {
+                remote.restore();
+                Ok(())
+            }))
+        })
     }
 }
 

@@ -95,54 +95,30 @@ impl BusProbe for Kafka {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_publish_confirms() {
-    let _lock = broker_lock(false).await.unwrap();
-    outbox_conformance::publish_confirms(&Kafka::new()).await;
+/// The Kafka test lock of `check`: exclusive for the outage (which pauses
+/// the broker), shared for the others; none for the unreachable bus (it
+/// does not use the broker).
+async fn lock(check: &str) -> Option<std::fs::File> {
+    match check {
+        "unreachable_bus_fails_startup" => None,
+        "outage_keeps_rows" => {
+            kafka_sh();
+            Some(broker_lock(true).await.unwrap())
+        }
+        _ => Some(broker_lock(false).await.unwrap()),
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_messages_arrive_as_documented() {
-    let _lock = broker_lock(false).await.unwrap();
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::messages_arrive_as_documented(&Kafka::new(), &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_outage_keeps_rows() {
-    kafka_sh();
-    let _lock = broker_lock(true).await.unwrap();
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::outage_keeps_rows(&Kafka::new(), &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_killed_relay_redelivers() {
-    let _lock = broker_lock(false).await.unwrap();
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::killed_relay_redelivers(&Kafka::new(), &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_invalid_destination_fails_startup() {
-    let _lock = broker_lock(false).await.unwrap();
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::invalid_destination_fails_startup(&Kafka::new(), &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_oversized_message_is_not_lost() {
-    let _lock = broker_lock(false).await.unwrap();
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::oversized_message_is_not_lost(&Kafka::new(), &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_unreachable_bus_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    let err = outbox_conformance::unreachable_bus_fails_startup(&Kafka::new(), &db.broker).await;
-    assert!(
-        err.contains("127.0.0.1:1"),
-        "names the bootstrap address: {err}"
-    );
+outbox_conformance::conformance_tests! {
+    mod kafka;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    probe: Kafka::new(),
+    outbox: TestDb::new().await.unwrap(),
+    guard: lock,
+    unreachable: |err: String| {
+        assert!(
+            err.contains("127.0.0.1:1"),
+            "names the bootstrap address: {err}"
+        );
+    },
 }

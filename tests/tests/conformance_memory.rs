@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_conformance::{BusProbe, Cut, Received, Until};
@@ -94,41 +93,9 @@ impl BusProbe for Memory {
     }
 }
 
-fn probe() -> Arc<Memory> {
-    Arc::new(Memory::new())
-}
-
-#[tokio::test]
-async fn memory_publish_confirms() {
-    outbox_conformance::publish_confirms(&*probe()).await;
-}
-
-#[tokio::test]
-async fn memory_messages_arrive_as_documented() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::messages_arrive_as_documented(&*probe(), &db.broker).await;
-}
-
-#[tokio::test]
-async fn memory_outage_keeps_rows() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::outage_keeps_rows(&*probe(), &db.broker).await;
-}
-
-#[tokio::test]
-async fn memory_killed_relay_redelivers() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::killed_relay_redelivers(&*probe(), &db.broker).await;
-}
-
-#[tokio::test]
-async fn memory_invalid_destination_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::invalid_destination_fails_startup(&*probe(), &db.broker).await;
-}
-
-#[tokio::test]
-async fn memory_oversized_message_is_not_lost() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::oversized_message_is_not_lost(&*probe(), &db.broker).await;
+outbox_conformance::conformance_tests! {
+    mod memory;
+    #[tokio::test]
+    probe: Memory::new(),
+    outbox: TestDb::new().await.unwrap(),
 }

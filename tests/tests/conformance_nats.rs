@@ -92,14 +92,7 @@ impl BusProbe for Nats {
     }
 
     fn cut(&self) -> BoxFuture<'static, Result<Cut, BoxError>> {
-        let remote = self.proxy.remote();
-        Box::pin(async move {
-            remote.cut();
-            Ok(Cut::new(move || {
-                remote.restore();
-                Ok(())
-            }))
-        })
+        self.proxy.cut_until_restored()
     }
 
     fn invalid_destination(&self) -> String {
@@ -115,45 +108,10 @@ impl BusProbe for Nats {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_publish_confirms() {
-    outbox_conformance::publish_confirms(&Nats::new().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_messages_arrive_as_documented() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::messages_arrive_as_documented(&Nats::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_outage_keeps_rows() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::outage_keeps_rows(&Nats::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_killed_relay_redelivers() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::killed_relay_redelivers(&Nats::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_invalid_destination_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::invalid_destination_fails_startup(&Nats::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_oversized_message_is_not_lost() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::oversized_message_is_not_lost(&Nats::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_unreachable_bus_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    let err =
-        outbox_conformance::unreachable_bus_fails_startup(&Nats::new().await, &db.broker).await;
-    assert!(err.contains("127.0.0.1:1"), "names the server URL: {err}");
+outbox_conformance::conformance_tests! {
+    mod nats;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    probe: Nats::new().await,
+    outbox: TestDb::new().await.unwrap(),
+    unreachable: |err: String| assert!(err.contains("127.0.0.1:1"), "names the server URL: {err}"),
 }

@@ -75,14 +75,7 @@ impl BusProbe for Rabbit {
     }
 
     fn cut(&self) -> BoxFuture<'static, Result<Cut, BoxError>> {
-        let remote = self.proxy.remote();
-        remote.cut();
-        Box::pin(async move {
-            Ok(Cut::new(move || {
-                remote.restore();
-                Ok(())
-            }))
-        })
+        self.proxy.cut_until_restored()
     }
 
     fn invalid_destination(&self) -> String {
@@ -101,49 +94,16 @@ impl BusProbe for Rabbit {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_publish_confirms() {
-    outbox_conformance::publish_confirms(&Rabbit::new().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_messages_arrive_as_documented() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::messages_arrive_as_documented(&Rabbit::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_outage_keeps_rows() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::outage_keeps_rows(&Rabbit::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_killed_relay_redelivers() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::killed_relay_redelivers(&Rabbit::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_invalid_destination_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::invalid_destination_fails_startup(&Rabbit::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_oversized_message_is_not_lost() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::oversized_message_is_not_lost(&Rabbit::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_unreachable_bus_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    let err =
-        outbox_conformance::unreachable_bus_fails_startup(&Rabbit::new().await, &db.broker).await;
-    assert!(
-        err.contains("amqp://guest:***@127.0.0.1:1/%2f"),
-        "names the URL, password redacted: {err}"
-    );
-    assert!(!err.contains("hunter2"), "leaks the password: {err}");
+outbox_conformance::conformance_tests! {
+    mod rabbitmq;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    probe: Rabbit::new().await,
+    outbox: TestDb::new().await.unwrap(),
+    unreachable: |err: String| {
+        assert!(
+            err.contains("amqp://guest:***@127.0.0.1:1/%2f"),
+            "names the URL, password redacted: {err}"
+        );
+        assert!(!err.contains("hunter2"), "leaks the password: {err}");
+    },
 }

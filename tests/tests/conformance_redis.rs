@@ -81,14 +81,7 @@ impl BusProbe for Redis {
     }
 
     fn cut(&self) -> BoxFuture<'static, Result<Cut, BoxError>> {
-        let remote = self.proxy.remote();
-        Box::pin(async move {
-            remote.cut();
-            Ok(Cut::new(move || {
-                remote.restore();
-                Ok(())
-            }))
-        })
+        self.proxy.cut_until_restored()
     }
 
     fn invalid_destination(&self) -> String {
@@ -107,50 +100,17 @@ impl BusProbe for Redis {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_publish_confirms() {
-    outbox_conformance::publish_confirms(&Redis::new().await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_messages_arrive_as_documented() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::messages_arrive_as_documented(&Redis::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_keeps_rows() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::outage_keeps_rows(&Redis::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_relay_redelivers() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::killed_relay_redelivers(&Redis::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_invalid_destination_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::invalid_destination_fails_startup(&Redis::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_oversized_message_is_not_lost() {
-    let db = TestDb::new().await.unwrap();
-    outbox_conformance::oversized_message_is_not_lost(&Redis::new().await, &db.broker).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_unreachable_bus_fails_startup() {
-    let db = TestDb::new().await.unwrap();
-    let err =
-        outbox_conformance::unreachable_bus_fails_startup(&Redis::new().await, &db.broker).await;
-    println!("{err}");
-    assert!(
-        err.contains("redis://relay:***@127.0.0.1:1"),
-        "names the URL, password redacted: {err}"
-    );
-    assert!(!err.contains("hunter2"), "leaks the password: {err}");
+outbox_conformance::conformance_tests! {
+    mod redis;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    probe: Redis::new().await,
+    outbox: TestDb::new().await.unwrap(),
+    unreachable: |err: String| {
+        println!("{err}");
+        assert!(
+            err.contains("redis://relay:***@127.0.0.1:1"),
+            "names the URL, password redacted: {err}"
+        );
+        assert!(!err.contains("hunter2"), "leaks the password: {err}");
+    },
 }
