@@ -59,6 +59,8 @@ struct Inner {
     renderer: Option<ErrorRenderer>,
     graceful_timeout: Duration,
     sync_writes: bool,
+    /// The explicit source identity ([`OutboxBroker::source_id`]).
+    source_id: Option<Arc<str>>,
 }
 
 /// Where a broker's rows live: the one value every storage operation of the
@@ -248,6 +250,7 @@ impl fmt::Debug for OutboxBroker {
             .field("table", &self.inner.table)
             .field("dlq", &self.inner.dlq)
             .field("graceful_timeout", &self.inner.graceful_timeout)
+            .field("source_id", &self.inner.source_id)
             .finish_non_exhaustive()
     }
 }
@@ -284,6 +287,7 @@ impl OutboxBroker {
                 renderer: None,
                 graceful_timeout: DEFAULT_GRACEFUL_TIMEOUT,
                 sync_writes: false,
+                source_id: None,
             }),
         }
     }
@@ -317,6 +321,79 @@ impl OutboxBroker {
             i.sync_writes = on;
             i.rebuild();
         })
+    }
+
+    /// Names this outbox's **source identity** yourself instead of reading it
+    /// from PostgreSQL: a short, stable, readable name, unique among the
+    /// outboxes that publish to the same bus (`"orders-service"`,
+    /// `"billing-eu"`).
+    ///
+    /// The source identity tells this outbox table's messages from another
+    /// table's: row ids are unique within one table only, so transports
+    /// combine the identity with the outbox id wherever the bus deduplicates
+    /// on an id (NATS: `Nats-Msg-Id` = `<source>:<outbox-id>`). `App::run`
+    /// resolves it once at startup ([`resolve_source`](Self::resolve_source))
+    /// and stamps it on every [`Outgoing`](crate::Outgoing) as
+    /// [`Outgoing::source`](crate::Outgoing::source).
+    ///
+    /// Without it the identity is read from PostgreSQL:
+    /// `<system_identifier>/<database oid>/<schema>.<table>`, unique per
+    /// cluster, database and table but not readable. Set it when you want
+    /// readable ids, when the relay's role may not run `pg_control_system()`
+    /// (the fallback logs a WARN), or when two clusters cloned from one
+    /// physical backup (they share a `system_identifier`) publish to the same
+    /// bus. Two different tables must never share one: their equal row ids
+    /// would be deduplicated against each other and messages lost. Changing
+    /// it while rows are in flight only lets a redelivery through as a
+    /// duplicate.
+    ///
+    /// Checked by `App::run` (and `resolve_source`): not empty, one line, at
+    /// most 255 bytes.
+    ///
+    /// ```
+    /// # fn demo(pool: sqlx::PgPool) -> Result<(), outbox_core::Error> {
+    /// use outbox_core::{OutboxBroker, OutboxTable};
+    /// let outbox = OutboxBroker::new(pool, OutboxTable::new("outbox")?).source_id("orders-service");
+    /// assert_eq!(outbox.get_source_id(), Some("orders-service"));
+    /// # Ok(()) }
+    /// ```
+    pub fn source_id(self, id: impl Into<String>) -> Self {
+        let id: String = id.into();
+        self.edit(|i| i.source_id = Some(Arc::from(id)))
+    }
+
+    /// The explicit source identity set with [`source_id`](Self::source_id),
+    /// if any.
+    pub fn get_source_id(&self) -> Option<&str> {
+        self.inner.source_id.as_deref()
+    }
+
+    /// This outbox's source identity, as `App::run` resolves it once at
+    /// startup: the explicit [`source_id`](Self::source_id) if set (checked),
+    /// else `memory/<schema>.<table>` on the in-memory store of the test
+    /// harness, else one statement on PostgreSQL:
+    /// `<system_identifier>/<database oid>/<schema>.<table>` (the cluster's
+    /// `pg_control_system()`, the database's oid, the table's schema as
+    /// configured or as the `search_path` resolves it).
+    ///
+    /// Where `pg_control_system()` is refused (managed services may revoke
+    /// it), it falls back to `<server address>:<port>/<database name>/<schema>.<table>`
+    /// and logs a WARN: two clusters reached at the same address, port and
+    /// database name would then share identities. Control characters and
+    /// `%` in names are percent-encoded.
+    ///
+    /// Fails with [`Error::SourceIdentity`] when PostgreSQL cannot be
+    /// reached, and with [`Error::InvalidConfig`] for an invalid explicit id.
+    pub async fn resolve_source(&self) -> Result<Arc<str>> {
+        if let Some(id) = &self.inner.source_id {
+            crate::store::source::check_explicit(id)?;
+            return Ok(id.clone());
+        }
+        let id = match self.backend() {
+            Backend::Local(_) => crate::store::source::memory(&self.inner.table),
+            Backend::Postgres(pool) => crate::store::source::read(pool, &self.inner.table).await?,
+        };
+        Ok(Arc::from(id))
     }
 
     /// How long a graceful stop waits for in-flight handlers (default 15 s).

@@ -89,6 +89,17 @@ pub enum Error {
     #[error("{0} timed out")]
     Timeout(String),
 
+    /// The outbox's source identity could not be read from PostgreSQL at
+    /// startup (the connection failed, or even the fallback statement was
+    /// refused). `App::run` needs it before relaying: transports combine it
+    /// with the outbox id into bus-side deduplication ids.
+    #[error(
+        "cannot read this outbox's source identity from PostgreSQL (needed before relaying, for \
+         bus-side deduplication ids such as NATS Nats-Msg-Id): {0}; check that the database is \
+         reachable, or set the identity yourself with OutboxBroker::source_id(\"orders-service\")"
+    )]
+    SourceIdentity(#[source] sqlx::Error),
+
     /// The broker's storage backend cannot run this operation (for example
     /// `validate_schema` on the in-memory store of the test harness, which
     /// has no schema). Run it against PostgreSQL.
@@ -117,7 +128,7 @@ impl Error {
     /// The underlying database error, if this is one.
     pub fn as_database_error(&self) -> Option<&sqlx::Error> {
         match self {
-            Error::Database(e) => Some(e),
+            Error::Database(e) | Error::SourceIdentity(e) => Some(e),
             _ => None,
         }
     }

@@ -24,7 +24,7 @@ use crate::transport::{NatsTransport, Options};
 /// | [`publish_timeout`](Self::publish_timeout) | 30 s: the one deadline of a publish |
 /// | [`connect_timeout`](Self::connect_timeout) | 10 s |
 /// | [`flush_timeout`](Self::flush_timeout) | 10 s (closing) |
-/// | [`msg_id_prefix`](Self::msg_id_prefix) | none: `Nats-Msg-Id` = the `outbox-id` |
+/// | [`msg_id_prefix`](Self::msg_id_prefix) | none: `Nats-Msg-Id` = `<source>:<outbox-id>` (the outbox's [source identity](outbox_core::Outgoing::source)) |
 /// | [`client_name`](Self::client_name) | `outbox-nats` |
 /// | credentials | none, or in the URL (`nats://user:password@host`, `nats://token@host`); [`token`](Self::token), [`user_password`](Self::user_password), [`credentials_file`](Self::credentials_file) |
 ///
@@ -113,13 +113,27 @@ impl NatsBroker {
         self
     }
 
-    /// A prefix for `Nats-Msg-Id` (default none: the id is the `outbox-id`).
-    /// JetStream deduplicates per stream: when several outbox tables (other
-    /// services, other databases) publish into one stream, give each its own
-    /// prefix (`"billing:"`), or a row of one could be dropped as a duplicate
-    /// of the same row id of another within the duplicate window.
+    /// An explicit prefix for `Nats-Msg-Id`, which then is `prefix` +
+    /// `outbox-id` and **replaces** the default `<source>:<outbox-id>`.
+    ///
+    /// By default (no prefix) the id combines the outbox's source identity
+    /// ([`Outgoing::source`](outbox_core::Outgoing::source): the cluster,
+    /// database and table, or [`OutboxBroker::source_id`](outbox_core::OutboxBroker::source_id))
+    /// with the outbox id, so the outbox tables that publish into one stream
+    /// never deduplicate each other's rows; that needs no setting. With a
+    /// prefix, **you** keep it unique per outbox table: JetStream
+    /// deduplicates per stream, and two tables under one prefix lose the
+    /// row of one whose id the other published within the duplicate window.
+    /// Use it to keep the ids of an existing deployment (`"billing:"`), or
+    /// prefer [`OutboxBroker::source_id`](outbox_core::OutboxBroker::source_id)
+    /// for readable ids.
+    ///
+    /// `msg_id_prefix("")` sends the bare `outbox-id` (the ids before the
+    /// source existed): only safe when a single outbox table publishes into
+    /// the stream. Messages without a source (not built by an `App`) always
+    /// get `prefix` + `outbox-id`, i.e. the bare id without a prefix.
     pub fn msg_id_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.settings.msg_id_prefix = prefix.into();
+        self.settings.msg_id_prefix = Some(prefix.into());
         self
     }
 

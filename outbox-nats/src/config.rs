@@ -78,7 +78,8 @@ pub(crate) struct Settings {
     pub(crate) publish_timeout: Duration,
     pub(crate) flush_timeout: Duration,
     pub(crate) auth: Auth,
-    pub(crate) msg_id_prefix: String,
+    /// The explicit `Nats-Msg-Id` prefix; `None`: the message's source.
+    pub(crate) msg_id_prefix: Option<String>,
 }
 
 impl fmt::Debug for Settings {
@@ -108,7 +109,7 @@ impl Settings {
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             auth: Auth::None,
-            msg_id_prefix: String::new(),
+            msg_id_prefix: None,
         }
     }
 
@@ -159,7 +160,9 @@ impl Settings {
                 return Err(self.invalid(format!("{what} is zero")));
             }
         }
-        if self.msg_id_prefix.contains(['\r', '\n']) {
+        if let Some(p) = &self.msg_id_prefix
+            && p.contains(['\r', '\n'])
+        {
             return Err(self.invalid("msg_id_prefix holds a line break"));
         }
         self.server_addrs().map(|_| ())

@@ -23,8 +23,10 @@ pub const KEY_HEADER: &str = "outbox-key";
 /// The header FastStream reads as the message id (`msg.message_id`): set to
 /// the `outbox-id` unless the message already has one.
 pub const MESSAGE_ID_HEADER: &str = "message_id";
-/// JetStream's deduplication header, set to the `outbox-id` (with the
-/// [`msg_id_prefix`](crate::NatsBroker::msg_id_prefix)).
+/// JetStream's deduplication header: `<source>:<outbox-id>` (the message's
+/// [`Outgoing::source`]); the [`msg_id_prefix`](crate::NatsBroker::msg_id_prefix)
+/// followed by the `outbox-id` when a prefix is set; the bare `outbox-id`
+/// for a message without a source. See [`NatsTransport::msg_id`].
 pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
 /// The counter of publishes JetStream acknowledged as duplicates (dropped
 /// within the stream's duplicate window), labelled `transport` and `subject`.
@@ -52,7 +54,7 @@ struct Inner {
     delivery: Delivery,
     publish_timeout: Duration,
     flush_timeout: Duration,
-    msg_id_prefix: String,
+    msg_id_prefix: Option<String>,
     duplicates: AtomicU64,
 }
 
@@ -78,7 +80,7 @@ pub(crate) struct Options {
     pub(crate) delivery: Delivery,
     pub(crate) publish_timeout: Duration,
     pub(crate) flush_timeout: Duration,
-    pub(crate) msg_id_prefix: String,
+    pub(crate) msg_id_prefix: Option<String>,
 }
 
 impl NatsTransport {
@@ -131,6 +133,30 @@ impl NatsTransport {
         self.inner.duplicates.load(Ordering::Relaxed)
     }
 
+    /// The `Nats-Msg-Id` this transport gives `msg` (JetStream only; `None`
+    /// without an `outbox-id` header). In order of precedence:
+    ///
+    /// 1. with a [`msg_id_prefix`](crate::NatsBroker::msg_id_prefix):
+    ///    `prefix` + `outbox-id` (the source is not used; `""` gives the bare
+    ///    id);
+    /// 2. with a [source](Outgoing::source) (every message the `App`
+    ///    relays): `<source>:<outbox-id>`, e.g.
+    ///    `7716180956082555048/16384/billing.outbox:42`;
+    /// 3. otherwise the bare `outbox-id`.
+    ///
+    /// JetStream drops a second message with the same id within the
+    /// stream's duplicate window, so the id must be unique across every
+    /// outbox table publishing into the stream: the outbox id is unique
+    /// within one table only.
+    pub fn msg_id(&self, msg: &Outgoing) -> Option<String> {
+        let id = msg.headers.get(OUTBOX_ID)?;
+        Some(msg_id(
+            self.inner.msg_id_prefix.as_deref(),
+            msg.source.as_deref(),
+            id,
+        ))
+    }
+
     /// The underlying client (shared by every clone of this transport).
     pub fn client(&self) -> &async_nats::Client {
         &self.inner.client
@@ -169,14 +195,25 @@ impl NatsTransport {
     }
 }
 
+/// The `Nats-Msg-Id` of outbox id `id` (see [`NatsTransport::msg_id`]):
+/// the explicit prefix wins, then the source, then the bare id.
+fn msg_id(prefix: Option<&str>, source: Option<&str>, id: &str) -> String {
+    match (prefix, source) {
+        (Some(prefix), _) => format!("{prefix}{id}"),
+        (None, Some(source)) => format!("{source}:{id}"),
+        (None, None) => id.to_owned(),
+    }
+}
+
 /// The NATS headers of `msg`: every header 1:1, the key in [`KEY_HEADER`],
 /// the `outbox-id` in [`MESSAGE_ID_HEADER`] (unless set), and the
-/// `Nats-Msg-Id` (returned, JetStream only).
+/// `Nats-Msg-Id` (returned, JetStream only; see [`msg_id`]).
 fn nats_headers(
     subject: &str,
     key: Option<Vec<u8>>,
     headers: &outbox_core::Headers,
-    prefix: &str,
+    prefix: Option<&str>,
+    source: Option<&str>,
 ) -> Result<(HeaderMap, Option<String>)> {
     let invalid = |reason: String| Error::InvalidMessage {
         subject: subject.to_owned(),
@@ -218,7 +255,14 @@ fn nats_headers(
     {
         put(MESSAGE_ID_HEADER, id)?;
     }
-    let msg_id = id.map(|id| format!("{prefix}{id}"));
+    let msg_id = id.map(|id| msg_id(prefix, source, id));
+    if let Some(m) = &msg_id
+        && m.parse::<HeaderValue>().is_err()
+    {
+        return Err(invalid(format!(
+            "the {NATS_MSG_ID} {m:?} holds a line break, which NATS headers cannot carry"
+        )));
+    }
     Ok((map, msg_id))
 }
 
@@ -229,13 +273,20 @@ impl Inner {
             key,
             payload,
             headers,
+            source,
             ..
         } = msg;
         check_subject(&subject).map_err(|reason| Error::InvalidSubject {
             subject: subject.clone(),
             reason,
         })?;
-        let (map, msg_id) = nats_headers(&subject, key, &headers, &self.msg_id_prefix)?;
+        let (map, msg_id) = nats_headers(
+            &subject,
+            key,
+            &headers,
+            self.msg_id_prefix.as_deref(),
+            source.as_deref(),
+        )?;
         let deadline = Instant::now() + self.publish_timeout;
         let timeout = || Error::Timeout {
             subject: subject.clone(),
@@ -358,7 +409,7 @@ impl Transport for NatsTransport {
 
     /// Publishes `msg` to the subject `msg.destination` (payload byte for
     /// byte, headers 1:1, the key in [`KEY_HEADER`], `Nats-Msg-Id` from the
-    /// `outbox-id`) and resolves once JetStream acknowledged it (or, with
+    /// source and the `outbox-id`: [`NatsTransport::msg_id`]) and resolves once JetStream acknowledged it (or, with
     /// [`Delivery::Core`], once it was flushed). A permanent refusal
     /// ([`Error::is_retryable`] false: over `max_payload` or the stream's
     /// `max_msg_size`, an invalid subject or header) comes wrapped in a
@@ -404,9 +455,13 @@ mod tests {
         h.insert("correlation_id".into(), "c-1".into());
         h.insert(OUTBOX_ID.into(), "42".into());
         h.insert("x-tenant".into(), "acme".into());
-        let (map, id) = nats_headers("s", Some(b"k1".to_vec()), &h, "billing:")
+        let (map, id) = nats_headers("s", Some(b"k1".to_vec()), &h, Some("billing:"), Some("src"))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(id.as_deref(), Some("billing:42"));
+        assert_eq!(
+            id.as_deref(),
+            Some("billing:42"),
+            "the explicit prefix wins"
+        );
         let get = |n: &str| map.get(n).map(|v| v.as_str().to_owned());
         assert_eq!(get("content-type").as_deref(), Some("application/json"));
         assert_eq!(get("correlation_id").as_deref(), Some("c-1"));
@@ -420,15 +475,66 @@ mod tests {
     fn headers_nats_cannot_carry_are_refused_permanently() {
         let mut h = outbox_core::Headers::new();
         h.insert("x".into(), "a\r\nb".into());
-        let e = nats_headers("s", None, &h, "").err();
+        let e = nats_headers("s", None, &h, None, None).err();
         assert!(matches!(&e, Some(Error::InvalidMessage { .. })), "{e:?}");
         let mut h = outbox_core::Headers::new();
         h.insert("bad name".into(), "v".into());
-        assert!(nats_headers("s", None, &h, "").is_err());
-        let e = nats_headers("s", Some(vec![0xff]), &outbox_core::Headers::new(), "").err();
+        assert!(nats_headers("s", None, &h, None, None).is_err());
+        let e = nats_headers(
+            "s",
+            Some(vec![0xff]),
+            &outbox_core::Headers::new(),
+            None,
+            None,
+        )
+        .err();
         assert!(
             e.as_ref().is_some_and(|e| !e.is_retryable()),
             "a non-UTF-8 key: {e:?}"
+        );
+    }
+
+    #[test]
+    fn the_msg_id_combines_the_source_with_the_outbox_id_unless_a_prefix_is_set() {
+        let src = Some("7716180956082555048/16384/billing.outbox");
+        assert_eq!(
+            msg_id(None, src, "42"),
+            "7716180956082555048/16384/billing.outbox:42",
+            "the default: unique across outbox tables"
+        );
+        assert_eq!(
+            msg_id(Some("billing:"), src, "42"),
+            "billing:42",
+            "explicit wins"
+        );
+        assert_eq!(
+            msg_id(Some(""), src, "42"),
+            "42",
+            "an empty prefix: the bare id"
+        );
+        assert_eq!(msg_id(None, None, "42"), "42", "no source, no prefix");
+        assert_eq!(msg_id(Some("p-"), None, "42"), "p-42");
+
+        let mut h = outbox_core::Headers::new();
+        h.insert(OUTBOX_ID.into(), "7".into());
+        let (map, id) = nats_headers("s", None, &h, None, Some("orders-service"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(id.as_deref(), Some("orders-service:7"));
+        assert_eq!(
+            map.get(MESSAGE_ID_HEADER)
+                .map(|v| v.as_str().to_owned())
+                .as_deref(),
+            Some("7"),
+            "FastStream's message_id stays the outbox id"
+        );
+        assert!(
+            map.get(NATS_MSG_ID).is_none(),
+            "set by the publish, not here"
+        );
+        let e = nats_headers("s", None, &h, Some("a\nb"), None).err();
+        assert!(
+            matches!(&e, Some(Error::InvalidMessage { .. })),
+            "a Nats-Msg-Id with a line break: {e:?}"
         );
     }
 }

@@ -3,7 +3,7 @@
 use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,8 @@ struct Inner {
     transports: RwLock<BTreeMap<String, Arc<dyn Transport>>>,
     state: RwLock<StateMap>,
     stop: CancellationToken,
+    /// The broker's source identity, set once by `App::run`.
+    source: OnceLock<Arc<str>>,
 }
 
 impl fmt::Debug for AppContext {
@@ -45,6 +47,7 @@ impl AppContext {
                 transports: RwLock::default(),
                 state: RwLock::default(),
                 stop: CancellationToken::new(),
+                source: OnceLock::new(),
             }),
         }
     }
@@ -130,6 +133,19 @@ impl AppContext {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&id)
+    }
+
+    /// The source identity of this App's outbox, as `App::run` resolved it
+    /// at startup ([`OutboxBroker::resolve_source`]) and stamps on every
+    /// [`Outgoing`](crate::Outgoing); `None` until then (in `on_startup`
+    /// hooks, it is resolved after them).
+    pub fn source(&self) -> Option<Arc<str>> {
+        self.inner.source.get().cloned()
+    }
+
+    /// Records the resolved source identity (once; `App::run`).
+    pub(crate) fn set_source(&self, source: Arc<str>) {
+        let _ = self.inner.source.set(source);
     }
 
     /// Asks the application to shut down gracefully (as SIGTERM does).

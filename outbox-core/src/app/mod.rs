@@ -49,6 +49,10 @@ use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 ///    themselves here, e.g. `kafka.connect()`); an error aborts startup;
 /// 3. checks that every `#[publish_to]` transport is registered and every
 ///    `State<S>` parameter has its state: nothing is consumed otherwise;
+///    then resolves the outbox's source identity
+///    ([`OutboxBroker::resolve_source`]: one statement on PostgreSQL, or the
+///    explicit [`OutboxBroker::source_id`]), stamped on every [`Outgoing`]
+///    for bus-side deduplication ids; failing to read it aborts startup;
 /// 4. starts the engine (all subscribers);
 /// 5. runs the `after_startup` hooks (an error stops the engine and aborts);
 /// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
@@ -318,6 +322,14 @@ impl App {
             run_hook("on_startup", hook, &ctx).await?;
         }
         let engine = self.build_engine(routes)?;
+        // Once, before anything is consumed: what transports combine with
+        // the outbox id into bus-side deduplication ids.
+        let source = ctx.broker().resolve_source().await?;
+        tracing::info!(
+            source = %source,
+            "outbox source identity (bus-side deduplication ids combine it with the outbox id)"
+        );
+        ctx.set_source(source);
         engine.start().await?;
         // Stops when dropped: at shutdown below, or on an early return.
         let watching = self.watch.start();
@@ -561,12 +573,14 @@ impl RouteHandler {
             return Ok(());
         }
         let headers = outgoing_headers(&msg, &reply, self.propagate)?;
+        let source = self.ctx.source();
         let sends = self.targets.iter().map(|(t, dest, watch)| {
             let out = Outgoing {
                 destination: dest.clone(),
                 key: reply.key.clone(),
                 payload: reply.payload.clone(),
                 headers: headers.clone(),
+                source: source.clone(),
             };
             let name = t.name().to_owned();
             let dest = dest.clone();

@@ -16,6 +16,8 @@
 //! - [`conn`]: the engine's seam, a connection ([`conn::Conn`]: PostgreSQL,
 //!   or the in-memory store) and the lease-guarded statements;
 //! - [`stats`]: per-queue counts ([`QueueStats`]);
+//! - [`source`]: the table's source identity (cluster, database, schema,
+//!   table), read once at startup for bus-side deduplication ids;
 //! - `memory` and `clock` (feature `testing`): the in-memory backend
 //!   (`MemoryStore`) and its clock (`TestClock`).
 
@@ -30,6 +32,7 @@ pub(crate) mod memory;
 pub(crate) mod producer;
 pub(crate) mod row;
 pub(crate) mod schema;
+pub(crate) mod source;
 pub(crate) mod sql;
 pub(crate) mod stats;
 pub(crate) mod table;

@@ -21,6 +21,7 @@ mod memory;
 pub(crate) mod outbox;
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::envelope::Headers;
 use crate::error::BoxError;
@@ -52,6 +53,25 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     /// Headers, all strings.
     pub headers: Headers,
+    /// The **source identity** of the outbox table the message came from,
+    /// resolved once when `App::run` starts
+    /// ([`OutboxBroker::resolve_source`](crate::OutboxBroker::resolve_source)):
+    /// `<system_identifier>/<database oid>/<schema>.<table>` read from
+    /// PostgreSQL, the explicit
+    /// [`OutboxBroker::source_id`](crate::OutboxBroker::source_id), or
+    /// `memory/<table>` in the test harness. `None` for messages not built
+    /// by the App ([`Outgoing::new`]).
+    ///
+    /// What it is for: the `outbox-id` header is unique within **one**
+    /// outbox table only. Two tables (two services, databases or schemas)
+    /// publishing to one bus produce the same ids, so a transport whose bus
+    /// deduplicates on an id (NATS JetStream's `Nats-Msg-Id`) must build that
+    /// id from this source **and** the outbox id (`outbox-nats`:
+    /// `<source>:<outbox-id>`); the outbox id alone makes the bus drop one
+    /// table's message as a duplicate of the other's, while its row is
+    /// deleted. One line of text (control characters are percent-encoded).
+    /// It is not sent as a header by the runtime.
+    pub source: Option<Arc<str>>,
 }
 
 impl Outgoing {
@@ -62,7 +82,22 @@ impl Outgoing {
             key: None,
             payload,
             headers: Headers::new(),
+            source: None,
         }
+    }
+
+    /// This message with [`source`](Self::source) set (for transport tests;
+    /// the App sets it itself).
+    ///
+    /// ```
+    /// use outbox_core::Outgoing;
+    ///
+    /// let m = Outgoing::new("orders", b"1".to_vec()).with_source("orders-service");
+    /// assert_eq!(m.source.as_deref(), Some("orders-service"));
+    /// ```
+    pub fn with_source(mut self, source: impl Into<Arc<str>>) -> Self {
+        self.source = Some(source.into());
+        self
     }
 
     /// The `content-type` header, if any.
