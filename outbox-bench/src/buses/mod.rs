@@ -4,11 +4,14 @@
 //! payloads with the same confirm settings.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use outbox_core::{Outgoing, Transport};
 use serde_json::{Map, Value, json};
 
@@ -21,6 +24,47 @@ pub(crate) struct CeilingRun {
     pub(crate) elapsed: Duration,
     /// Per message: publish call -> the bus's confirmation.
     pub(crate) confirm_latencies: Vec<Duration>,
+}
+
+/// The ceiling's publish loop, the same for every bus: publishes messages
+/// `0..n`, keeping at most `in_flight` unconfirmed, and records each one's
+/// latency from its send to its confirmation. `publish(i)` prepares message
+/// `i` when called (not timed) and returns the send, timed from its first
+/// poll: it resolves once the message is handed to the client, to the
+/// confirmation still to await (an error if the bus refused or did not
+/// confirm).
+pub(crate) async fn confirm_window<P, S, C>(
+    n: usize,
+    in_flight: usize,
+    mut publish: P,
+) -> anyhow::Result<CeilingRun>
+where
+    P: FnMut(usize) -> S,
+    S: Future<Output = anyhow::Result<C>>,
+    C: Future<Output = anyhow::Result<()>>,
+{
+    let in_flight = in_flight.max(1);
+    let mut pending = FuturesUnordered::new();
+    let mut latencies = Vec::with_capacity(n);
+    let start = Instant::now();
+    let mut sent = 0usize;
+    while sent < n || !pending.is_empty() {
+        while sent < n && pending.len() < in_flight {
+            let send = publish(sent);
+            let t0 = Instant::now();
+            let confirm = send.await?;
+            pending.push(async move { (confirm.await, t0.elapsed()) });
+            sent += 1;
+        }
+        if let Some((confirmation, latency)) = pending.next().await {
+            confirmation?;
+            latencies.push(latency);
+        }
+    }
+    Ok(CeilingRun {
+        elapsed: start.elapsed(),
+        confirm_latencies: latencies,
+    })
 }
 
 /// One bus in the benchmark harness.

@@ -8,18 +8,16 @@
 //! server's defaults: file storage, 2 min duplicate window).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
-use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use outbox_core::Transport;
 use outbox_nats::NatsBroker;
 
-use super::{Bus, CeilingRun};
+use super::{Bus, CeilingRun, confirm_window};
 
 /// NATS (with JetStream) at one URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -69,45 +67,34 @@ impl NatsBench {
         // Unique ids per run: the stream may hold an earlier run's ids
         // within its duplicate window.
         let run = uuid::Uuid::new_v4().simple().to_string();
-        let in_flight = in_flight.max(1);
-        let mut pending = FuturesUnordered::new();
-        let mut latencies = Vec::with_capacity(n);
-        let start = Instant::now();
-        let mut sent = 0usize;
-        while sent < n || !pending.is_empty() {
-            while sent < n && pending.len() < in_flight {
-                // The transport's headers: content type, outbox id, message
-                // id, and the dedup id.
-                let id = format!("{run}-{sent}");
-                let mut headers = HeaderMap::new();
-                headers.insert("content-type", "application/octet-stream");
-                headers.insert(outbox_core::OUTBOX_ID, id.as_str());
-                headers.insert(outbox_nats::MESSAGE_ID_HEADER, id.as_str());
-                let msg = PublishMessage::build()
-                    .payload(payload.to_vec().into())
-                    .headers(headers)
-                    .message_id(&id);
-                let t0 = Instant::now();
+        let js = &js;
+        confirm_window(n, in_flight, |i| {
+            // The transport's headers: content type, outbox id, message
+            // id, and the dedup id.
+            let id = format!("{run}-{i}");
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", "application/octet-stream");
+            headers.insert(outbox_core::OUTBOX_ID, id.as_str());
+            headers.insert(outbox_nats::MESSAGE_ID_HEADER, id.as_str());
+            let msg = PublishMessage::build()
+                .payload(payload.to_vec().into())
+                .headers(headers)
+                .message_id(&id);
+            async move {
                 let ack = js
                     .send_publish(destination.to_owned(), msg)
                     .await
                     .with_context(|| format!("ceiling publish to {destination}"))?;
-                pending.push(async move { (ack.await, t0.elapsed()) });
-                sent += 1;
+                Ok(async move {
+                    match ack.await {
+                        Ok(a) if !a.duplicate => Ok(()),
+                        Ok(a) => bail!("JetStream took a ceiling publish as a duplicate: {a:?}"),
+                        Err(e) => bail!("JetStream did not acknowledge a ceiling publish: {e}"),
+                    }
+                })
             }
-            if let Some((ack, latency)) = pending.next().await {
-                match ack {
-                    Ok(a) if !a.duplicate => latencies.push(latency),
-                    Ok(a) => bail!("JetStream took a ceiling publish as a duplicate: {a:?}"),
-                    Err(e) => bail!("JetStream did not acknowledge a ceiling publish: {e}"),
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        Ok(CeilingRun {
-            elapsed,
-            confirm_latencies: latencies,
         })
+        .await
     }
 
     async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {

@@ -7,12 +7,10 @@
 //! queues reached through the default exchange.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -21,7 +19,7 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use outbox_core::Transport;
 use outbox_rabbitmq::RabbitBroker;
 
-use super::{Bus, CeilingRun};
+use super::{Bus, CeilingRun, confirm_window};
 
 /// RabbitMQ at one AMQP URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -63,39 +61,29 @@ impl RabbitBench {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let in_flight = in_flight.max(1);
-        let mut pending = FuturesUnordered::new();
-        let mut latencies = Vec::with_capacity(n);
-        let start = Instant::now();
-        let mut sent = 0usize;
-        while sent < n || !pending.is_empty() {
-            while sent < n && pending.len() < in_flight {
-                // The transport's properties: content type, message id,
-                // persistent.
-                let props = BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/octet-stream".into())
-                    .with_message_id(sent.to_string().into());
-                let t0 = Instant::now();
+        let channel = &channel;
+        let run = confirm_window(n, in_flight, |i| {
+            // The transport's properties: content type, message id,
+            // persistent.
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/octet-stream".into())
+                .with_message_id(i.to_string().into());
+            async move {
                 let confirm = channel
                     .basic_publish("".into(), destination.into(), options, payload, props)
                     .await?;
-                pending.push(async move { (confirm.await, t0.elapsed()) });
-                sent += 1;
+                Ok(async move {
+                    match confirm.await? {
+                        Confirmation::Ack(None) => Ok(()),
+                        other => bail!("RabbitMQ did not confirm a ceiling publish: {other:?}"),
+                    }
+                })
             }
-            if let Some((confirmation, latency)) = pending.next().await {
-                match confirmation? {
-                    Confirmation::Ack(None) => latencies.push(latency),
-                    other => bail!("RabbitMQ did not confirm a ceiling publish: {other:?}"),
-                }
-            }
-        }
-        let elapsed = start.elapsed();
-        let _ = conn.close(200, "ceiling done".into()).await;
-        Ok(CeilingRun {
-            elapsed,
-            confirm_latencies: latencies,
         })
+        .await;
+        let _ = conn.close(200, "ceiling done".into()).await;
+        run
     }
 
     async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {

@@ -10,18 +10,16 @@
 //! counted).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
 use outbox_core::Transport;
 use outbox_redis::faststream::{DATA_FIELD, encode};
 use outbox_redis::{Destination, Kind, RedisBroker};
 use redis::aio::MultiplexedConnection;
 
-use super::{Bus, CeilingRun};
+use super::{Bus, CeilingRun, confirm_window};
 
 /// Redis at one URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -57,53 +55,45 @@ impl RedisBench {
     ) -> anyhow::Result<CeilingRun> {
         let dest = Destination::parse(destination)?;
         let conn = self.connect().await?;
-        let in_flight = in_flight.max(1);
-        let mut pending = FuturesUnordered::new();
-        let mut latencies = Vec::with_capacity(n);
-        let start = Instant::now();
-        let mut sent = 0usize;
-        while sent < n || !pending.is_empty() {
-            while sent < n && pending.len() < in_flight {
-                // The transport's layout: a FastStream frame with the
-                // envelope headers, in the stream entry's __data__ field.
-                let id = sent.to_string();
-                let frame = encode(
-                    [
-                        ("correlation_id", id.as_str()),
-                        ("outbox-id", id.as_str()),
-                        ("message_id", id.as_str()),
-                    ],
-                    payload,
-                )?;
-                let cmd = match dest.kind() {
-                    Kind::List => {
-                        let mut c = redis::cmd("RPUSH");
-                        c.arg(dest.name()).arg(frame);
-                        c
-                    }
-                    _ => {
-                        let mut c = redis::cmd("XADD");
-                        c.arg(dest.name()).arg("*").arg(DATA_FIELD).arg(frame);
-                        c
-                    }
-                };
-                let mut conn = conn.clone();
-                let t0 = Instant::now();
-                pending.push(async move {
-                    let reply = cmd.query_async::<redis::Value>(&mut conn).await;
-                    (reply, t0.elapsed())
-                });
-                sent += 1;
+        let (dest, conn) = (&dest, &conn);
+        confirm_window(n, in_flight, |i| {
+            // The transport's layout: a FastStream frame with the envelope
+            // headers, in the stream entry's __data__ field.
+            let id = i.to_string();
+            let cmd = encode(
+                [
+                    ("correlation_id", id.as_str()),
+                    ("outbox-id", id.as_str()),
+                    ("message_id", id.as_str()),
+                ],
+                payload,
+            )
+            .map(|frame| match dest.kind() {
+                Kind::List => {
+                    let mut c = redis::cmd("RPUSH");
+                    c.arg(dest.name()).arg(frame);
+                    c
+                }
+                _ => {
+                    let mut c = redis::cmd("XADD");
+                    c.arg(dest.name()).arg("*").arg(DATA_FIELD).arg(frame);
+                    c
+                }
+            });
+            let mut conn = conn.clone();
+            async move {
+                let cmd = cmd?;
+                // Sent when the confirmation is awaited: one command in
+                // flight per outstanding reply.
+                Ok(async move {
+                    cmd.query_async::<redis::Value>(&mut conn)
+                        .await
+                        .context("Redis did not confirm a ceiling publish")?;
+                    Ok(())
+                })
             }
-            if let Some((reply, latency)) = pending.next().await {
-                reply.context("Redis did not confirm a ceiling publish")?;
-                latencies.push(latency);
-            }
-        }
-        Ok(CeilingRun {
-            elapsed: start.elapsed(),
-            confirm_latencies: latencies,
         })
+        .await
     }
 
     async fn message_count(&self, destination: &str) -> anyhow::Result<u64> {
