@@ -72,8 +72,10 @@
 //! the outbox row only after that; any failure is an error and the row is
 //! retried.
 //!
-//! Each message carries **`Nats-Msg-Id` = the `outbox-id`** (the outbox row
-//! id, optionally behind a [`msg_id_prefix`](NatsBroker::msg_id_prefix)).
+//! Each message carries **`Nats-Msg-Id` = `<source>:<outbox-id>`**: the
+//! outbox's [source identity](outbox_core::Outgoing::source) and the outbox
+//! row id (see [below](#why-the-id-includes-the-source) and
+//! [`NatsTransport::msg_id`]).
 //! JetStream drops a second message with the same id within the stream's
 //! **duplicate window** (`duplicate_window`, 2 minutes by default and with
 //! [`ensure_stream`](NatsBroker::ensure_stream)), and acknowledges it with
@@ -88,10 +90,41 @@
 //! again: consumers that must never see a duplicate still deduplicate on
 //! `outbox-id`.
 //!
-//! The window is per stream: if several outbox tables (services, databases)
-//! publish into one stream, give each a [`msg_id_prefix`](NatsBroker::msg_id_prefix),
-//! or a row of one can be dropped as a "duplicate" of another's row with the
-//! same id.
+//! ### Why the id includes the source
+//!
+//! Row ids are unique within **one** outbox table only, and the window is per
+//! stream. With the bare row id, two outbox tables (two services, two
+//! databases, two schemas) publishing into one stream collide: row 42 of
+//! the second table, published within the window after row 42 of the first,
+//! is acknowledged as a duplicate and **not stored, while its row is
+//! deleted**: lost. So `App::run` resolves, once at startup, the identity of
+//! its outbox table
+//! ([`OutboxBroker::resolve_source`](outbox_core::OutboxBroker::resolve_source):
+//! `<system_identifier>/<database oid>/<schema>.<table>` read from
+//! PostgreSQL) and this transport sends
+//! `Nats-Msg-Id: 7716180956082555048/16384/billing.outbox:42`. It is stable
+//! across restarts (a redelivered row keeps its id and is still dropped)
+//! and differs between tables. Precedence:
+//!
+//! 1. an explicit [`msg_id_prefix`](NatsBroker::msg_id_prefix): `prefix` +
+//!    `outbox-id`, the source unused (you keep the prefix unique per outbox
+//!    table; `msg_id_prefix("")` restores the bare id);
+//! 2. the message's source (every message an `App` relays):
+//!    `<source>:<outbox-id>`; readable with
+//!    [`OutboxBroker::source_id`](outbox_core::OutboxBroker::source_id)
+//!    (`orders-service:42`);
+//! 3. neither (an [`Outgoing`](outbox_core::Outgoing) built by hand): the
+//!    bare `outbox-id`.
+//!
+//! A faststream-outbox (Python) relay of the same table publishes through
+//! FastStream, which sets no `Nats-Msg-Id` unless its handler does: its
+//! messages are never dropped and never collide with these ids, and a row
+//! handled by both relays (a lease taken over) is stored twice.
+//!
+//! The `outbox-id` and `message_id` headers stay the bare row id. Upgrading
+//! from the bare ids changes them once: a row published before the upgrade
+//! and redelivered after it within the window is stored twice (a duplicate,
+//! never a loss).
 //!
 //! ### Core NATS: an explicit opt-in, at most once
 //!
@@ -112,7 +145,7 @@
 //! | header `correlation_id` | the response's correlation id, else the inbound row's |
 //! | header `outbox-id` | the outbox row id |
 //! | header `message_id` | the `outbox-id` too (unless the handler set one): FastStream's `msg.message_id` |
-//! | header `Nats-Msg-Id` | JetStream only: [`msg_id_prefix`](NatsBroker::msg_id_prefix) + `outbox-id`, the deduplication id |
+//! | header `Nats-Msg-Id` | JetStream only, the deduplication id: `<source>:<outbox-id>`, or [`msg_id_prefix`](NatsBroker::msg_id_prefix) + `outbox-id` |
 //! | header `outbox-key` | [`Response::key`](outbox_core::Response::key), if any (NATS has no message key) |
 //! | other headers | explicit (`Response::header`) and propagated row headers, 1:1 |
 //!
@@ -130,7 +163,7 @@
 //! | [`connect_timeout`](NatsBroker::connect_timeout) | 10 s | startup connect and JetStream check |
 //! | [`flush_timeout`](NatsBroker::flush_timeout) | 10 s | closing |
 //! | [`delivery`](NatsBroker::delivery) | JetStream | [`core_publish`](NatsBroker::core_publish) opts in to at most once |
-//! | [`msg_id_prefix`](NatsBroker::msg_id_prefix) | none | namespaces `Nats-Msg-Id` per outbox |
+//! | [`msg_id_prefix`](NatsBroker::msg_id_prefix) | none: `<source>:` | replaces the source in `Nats-Msg-Id`; keep it unique per outbox table |
 //! | credentials | none | in the URL, [`token`](NatsBroker::token), [`user_password`](NatsBroker::user_password), [`credentials_file`](NatsBroker::credentials_file) |
 //!
 //! The stream's own settings matter too: `duplicate_window` (dedup horizon),
