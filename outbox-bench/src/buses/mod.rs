@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use outbox_core::transport::TransportBroker;
 use outbox_core::{Outgoing, Transport};
 use serde_json::{Map, Value, json};
 
@@ -94,6 +95,84 @@ pub(crate) trait Bus: Send + Sync {
 
     /// Deletes `destination`, best effort.
     fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()>;
+}
+
+/// What each bus file writes: its transport crate's builder and its plain
+/// client's steps; [`Bus`] follows from it (the same for every bus: the
+/// transport connected with `connect_transport`, the steps boxed).
+pub(crate) trait PlainClient: Send + Sync {
+    /// The transport crate's builder.
+    type Broker: TransportBroker;
+
+    /// The transport name (`rabbit`, `nats`, `redis`).
+    const NAME: &'static str;
+
+    /// The builder of the transport under test, with the crate's defaults.
+    fn broker(&self) -> Self::Broker;
+
+    /// As [`Bus::prepare`].
+    fn prepare_destination(
+        &self,
+        destination: &str,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// As [`Bus::ceiling`] (with [`confirm_window`]).
+    fn ceiling_run(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> impl Future<Output = anyhow::Result<CeilingRun>> + Send;
+
+    /// As [`Bus::count`].
+    fn message_count(&self, destination: &str) -> impl Future<Output = anyhow::Result<u64>> + Send;
+
+    /// As [`Bus::cleanup`].
+    fn delete(&self, destination: &str) -> impl Future<Output = ()> + Send;
+}
+
+impl<T: PlainClient> Bus for T {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.prepare_destination(&destination).await })
+    }
+
+    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
+        Box::pin(async move {
+            let t = self
+                .broker()
+                .connect_transport()
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            Ok(Arc::new(t) as Arc<dyn Transport>)
+        })
+    }
+
+    fn ceiling(
+        &self,
+        destination: &str,
+        n: usize,
+        payload: &[u8],
+        in_flight: usize,
+    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
+        let (destination, payload) = (destination.to_owned(), payload.to_vec());
+        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
+    }
+
+    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.message_count(&destination).await })
+    }
+
+    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
+        let destination = destination.to_owned();
+        Box::pin(async move { self.delete(&destination).await })
+    }
 }
 
 /// Where the relay scenarios (`relay`, `latency --bus`) forward rows.

@@ -7,17 +7,14 @@
 //! subject gets its own stream (`BENCH_<subject with '.' as '_'>`, the
 //! server's defaults: file storage, 2 min duplicate window).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
-use futures_util::future::BoxFuture;
-use outbox_core::Transport;
 use outbox_nats::NatsBroker;
 
-use super::{Bus, CeilingRun, confirm_window};
+use super::{CeilingRun, PlainClient, confirm_window};
 
 /// NATS (with JetStream) at one URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -29,10 +26,6 @@ impl NatsBench {
     /// The server at `url` (`nats://127.0.0.1:4222`).
     pub(crate) fn new(url: impl Into<String>) -> Self {
         Self { url: url.into() }
-    }
-
-    fn broker(&self) -> NatsBroker {
-        NatsBroker::new(self.url.clone()).client_name("outbox-bench")
     }
 
     /// The stream that captures `subject`.
@@ -54,6 +47,23 @@ impl NatsBench {
         Ok(jetstream::ContextBuilder::new()
             .timeout(outbox_nats::DEFAULT_PUBLISH_TIMEOUT)
             .build(client))
+    }
+}
+
+impl PlainClient for NatsBench {
+    type Broker = NatsBroker;
+
+    const NAME: &'static str = outbox_nats::DEFAULT_NAME;
+
+    fn broker(&self) -> NatsBroker {
+        NatsBroker::new(self.url.clone()).client_name("outbox-bench")
+    }
+
+    async fn prepare_destination(&self, destination: &str) -> anyhow::Result<()> {
+        self.broker()
+            .ensure_stream(&Self::stream_name(destination), [destination.to_owned()])
+            .await?;
+        Ok(())
     }
 
     async fn ceiling_run(
@@ -119,53 +129,10 @@ impl NatsBench {
     }
 }
 
-impl Bus for NatsBench {
-    fn name(&self) -> &'static str {
-        outbox_nats::DEFAULT_NAME
-    }
-
-    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
-        let destination = destination.to_owned();
-        Box::pin(async move {
-            self.broker()
-                .ensure_stream(&Self::stream_name(&destination), [destination.clone()])
-                .await?;
-            Ok(())
-        })
-    }
-
-    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
-        Box::pin(async move {
-            let t = self.broker().connect_transport().await?;
-            Ok(Arc::new(t) as Arc<dyn Transport>)
-        })
-    }
-
-    fn ceiling(
-        &self,
-        destination: &str,
-        n: usize,
-        payload: &[u8],
-        in_flight: usize,
-    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
-        let (destination, payload) = (destination.to_owned(), payload.to_vec());
-        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
-    }
-
-    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.message_count(&destination).await })
-    }
-
-    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.delete(&destination).await })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buses::Bus as _;
     use outbox_core::Outgoing;
 
     /// Against the real server (`NATS_URL`, default `nats://127.0.0.1:4222`):

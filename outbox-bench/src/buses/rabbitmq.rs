@@ -6,20 +6,17 @@
 //! `in_flight` publisher confirms outstanding. Destinations are durable
 //! queues reached through the default exchange.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures_util::future::BoxFuture;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
-use outbox_core::Transport;
 use outbox_rabbitmq::RabbitBroker;
 
-use super::{Bus, CeilingRun, confirm_window};
+use super::{CeilingRun, PlainClient, confirm_window};
 
 /// RabbitMQ at one AMQP URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -33,16 +30,27 @@ impl RabbitBench {
         Self { url: url.into() }
     }
 
-    fn broker(&self) -> RabbitBroker {
-        RabbitBroker::new(self.url.clone()).connection_name("outbox-bench")
-    }
-
     async fn connect(&self) -> anyhow::Result<Connection> {
         let props =
             ConnectionProperties::default().with_connection_name("outbox-bench-ceiling".into());
         Connection::connect(&self.url, props)
             .await
             .with_context(|| format!("connecting to RabbitMQ at {}", self.broker().url()))
+    }
+}
+
+impl PlainClient for RabbitBench {
+    type Broker = RabbitBroker;
+
+    const NAME: &'static str = outbox_rabbitmq::DEFAULT_NAME;
+
+    fn broker(&self) -> RabbitBroker {
+        RabbitBroker::new(self.url.clone()).connection_name("outbox-bench")
+    }
+
+    async fn prepare_destination(&self, destination: &str) -> anyhow::Result<()> {
+        self.broker().ensure_queue(destination).await?;
+        Ok(())
     }
 
     async fn ceiling_run(
@@ -116,47 +124,5 @@ impl RabbitBench {
             .await;
         }
         let _ = conn.close(200, "cleaned up".into()).await;
-    }
-}
-
-impl Bus for RabbitBench {
-    fn name(&self) -> &'static str {
-        outbox_rabbitmq::DEFAULT_NAME
-    }
-
-    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
-        let destination = destination.to_owned();
-        Box::pin(async move {
-            self.broker().ensure_queue(&destination).await?;
-            Ok(())
-        })
-    }
-
-    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
-        Box::pin(async move {
-            let t = self.broker().connect_transport().await?;
-            Ok(Arc::new(t) as Arc<dyn Transport>)
-        })
-    }
-
-    fn ceiling(
-        &self,
-        destination: &str,
-        n: usize,
-        payload: &[u8],
-        in_flight: usize,
-    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
-        let (destination, payload) = (destination.to_owned(), payload.to_vec());
-        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
-    }
-
-    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.message_count(&destination).await })
-    }
-
-    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.delete(&destination).await })
     }
 }

@@ -9,17 +9,14 @@
 //! `stream:` / `list:` as the transport reads them; a `channel:` cannot be
 //! counted).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use futures_util::future::BoxFuture;
-use outbox_core::Transport;
 use outbox_redis::faststream::{DATA_FIELD, encode};
 use outbox_redis::{Destination, Kind, RedisBroker};
 use redis::aio::MultiplexedConnection;
 
-use super::{Bus, CeilingRun, confirm_window};
+use super::{CeilingRun, PlainClient, confirm_window};
 
 /// Redis at one URL.
 // Constructed by the `bus` scenario once it is wired.
@@ -33,10 +30,6 @@ impl RedisBench {
         Self { url: url.into() }
     }
 
-    fn broker(&self) -> RedisBroker {
-        RedisBroker::new(self.url.clone())
-    }
-
     async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
         let client = redis::Client::open(self.url.as_str())
             .with_context(|| format!("opening Redis at {}", self.broker().url()))?;
@@ -44,6 +37,24 @@ impl RedisBench {
             .get_multiplexed_async_connection()
             .await
             .with_context(|| format!("connecting to Redis at {}", self.broker().url()))
+    }
+}
+
+impl PlainClient for RedisBench {
+    type Broker = RedisBroker;
+
+    const NAME: &'static str = outbox_redis::DEFAULT_NAME;
+
+    fn broker(&self) -> RedisBroker {
+        RedisBroker::new(self.url.clone())
+    }
+
+    /// Streams and lists are created by their first write: deletes what a
+    /// previous run left under that key.
+    async fn prepare_destination(&self, destination: &str) -> anyhow::Result<()> {
+        Destination::parse(destination)?;
+        self.delete(destination).await;
+        Ok(())
     }
 
     async fn ceiling_run(
@@ -128,50 +139,5 @@ impl RedisBench {
                 .query_async::<i64>(&mut conn),
         )
         .await;
-    }
-}
-
-impl Bus for RedisBench {
-    fn name(&self) -> &'static str {
-        outbox_redis::DEFAULT_NAME
-    }
-
-    /// Streams and lists are created by their first write: deletes what a
-    /// previous run left under that key.
-    fn prepare(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<()>> {
-        let destination = destination.to_owned();
-        Box::pin(async move {
-            Destination::parse(&destination)?;
-            self.delete(&destination).await;
-            Ok(())
-        })
-    }
-
-    fn transport(&self) -> BoxFuture<'_, anyhow::Result<Arc<dyn Transport>>> {
-        Box::pin(async move {
-            let t = self.broker().connect_transport().await?;
-            Ok(Arc::new(t) as Arc<dyn Transport>)
-        })
-    }
-
-    fn ceiling(
-        &self,
-        destination: &str,
-        n: usize,
-        payload: &[u8],
-        in_flight: usize,
-    ) -> BoxFuture<'_, anyhow::Result<CeilingRun>> {
-        let (destination, payload) = (destination.to_owned(), payload.to_vec());
-        Box::pin(async move { self.ceiling_run(&destination, n, &payload, in_flight).await })
-    }
-
-    fn count(&self, destination: &str) -> BoxFuture<'_, anyhow::Result<u64>> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.message_count(&destination).await })
-    }
-
-    fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
-        let destination = destination.to_owned();
-        Box::pin(async move { self.delete(&destination).await })
     }
 }
