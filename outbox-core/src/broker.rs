@@ -383,7 +383,8 @@ impl OutboxBroker {
     /// `%` in names are percent-encoded.
     ///
     /// Fails with [`Error::SourceIdentity`] when PostgreSQL cannot be
-    /// reached, and with [`Error::InvalidConfig`] for an invalid explicit id.
+    /// reached (`App::run` retries that, with a WARN, until it can) and with
+    /// [`Error::InvalidConfig`] for an invalid explicit id.
     pub async fn resolve_source(&self) -> Result<Arc<str>> {
         if let Some(id) = &self.inner.source_id {
             crate::store::source::check_explicit(id)?;

@@ -92,7 +92,9 @@ pub enum Error {
     /// The outbox's source identity could not be read from PostgreSQL at
     /// startup (the connection failed, or even the fallback statement was
     /// refused). `App::run` needs it before relaying: transports combine it
-    /// with the outbox id into bus-side deduplication ids.
+    /// with the outbox id into bus-side deduplication ids. It retries a
+    /// connection failure until the database answers or shutdown is
+    /// requested (then returns this).
     #[error(
         "cannot read this outbox's source identity from PostgreSQL (needed before relaying, for \
          bus-side deduplication ids such as NATS Nats-Msg-Id): {0}; check that the database is \

@@ -341,6 +341,51 @@ async fn a_refused_pg_control_system_falls_back_with_a_warning() -> R {
     Ok(())
 }
 
+/// A database that cannot be reached at startup: `App::run` keeps trying
+/// to read the source (a WARN per attempt, nothing consumed) instead of
+/// failing, as the engine's own loops would; a shutdown meanwhile returns
+/// `Error::SourceIdentity` naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_at_startup_is_retried_until_shutdown() -> R {
+    tests::init_tracing();
+    let mut opts: PgConnectOptions = database_url().parse()?;
+    opts = opts.host("127.0.0.1").port(1);
+    let pool = PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_lazy_with(opts);
+    let table = outbox_core::OutboxTable::new(&format!("ob_{}", tests::suffix()))?;
+    let broker = OutboxBroker::new(pool, table.clone());
+    let app = App::new(broker)
+        .without_discovery()
+        .without_signals()
+        .subscriber(Route::builder(["q"]).handler(|_: Message, _| async { Ok::<_, BoxError>(()) }));
+    let handle = app.handle();
+    let run = tokio::spawn(app.run());
+    let warned = tests::wait_until(Duration::from_secs(10), || async {
+        !captured(|c| {
+            c.level == tracing::Level::WARN
+                && c.message.contains("source identity")
+                && c.message.contains("Retrying")
+        })
+        .is_empty()
+    })
+    .await;
+    assert!(warned, "no WARN about the source identity");
+    assert!(!run.is_finished(), "App::run gave up instead of retrying");
+    assert!(handle.context().source().is_none());
+    handle.shutdown();
+    let err = tokio::time::timeout(Duration::from_secs(10), run)
+        .await??
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("source identity") && err.contains("OutboxBroker::source_id"),
+        "{err}"
+    );
+    Ok(())
+}
+
 /// A message without a source (not built by an App) and no prefix keeps
 /// the bare outbox id, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

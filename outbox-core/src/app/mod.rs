@@ -52,7 +52,8 @@ use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 ///    then resolves the outbox's source identity
 ///    ([`OutboxBroker::resolve_source`]: one statement on PostgreSQL, or the
 ///    explicit [`OutboxBroker::source_id`]), stamped on every [`Outgoing`]
-///    for bus-side deduplication ids; failing to read it aborts startup;
+///    for bus-side deduplication ids (while PostgreSQL cannot be reached it
+///    retries, with a WARN, until it answers or shutdown is requested);
 /// 4. starts the engine (all subscribers);
 /// 5. runs the `after_startup` hooks (an error stops the engine and aborts);
 /// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
@@ -324,7 +325,13 @@ impl App {
         let engine = self.build_engine(routes)?;
         // Once, before anything is consumed: what transports combine with
         // the outbox id into bus-side deduplication ids.
-        let source = ctx.broker().resolve_source().await?;
+        let source = match resolve_source(&ctx).await {
+            Ok(source) => source,
+            Err(e) => {
+                close_transports(&ctx).await;
+                return Err(e);
+            }
+        };
         tracing::info!(
             source = %source,
             "outbox source identity (bus-side deduplication ids combine it with the outbox id)"
@@ -493,6 +500,36 @@ impl Route {
         self.name
             .clone()
             .unwrap_or_else(|| self.builder.queues().join(","))
+    }
+}
+
+/// The broker's source identity ([`OutboxBroker::resolve_source`]). While
+/// PostgreSQL cannot be reached (a connection failure, not an answer), it
+/// retries with a backoff (1 s doubling to 30 s), a WARN per attempt, as
+/// the engine's loops would: a relay may start before its database. A
+/// shutdown request meanwhile returns the last error; anything else (an
+/// invalid explicit id, a refused statement) fails at once.
+async fn resolve_source(ctx: &AppContext) -> Result<Arc<str>> {
+    const FIRST: Duration = Duration::from_secs(1);
+    const CAP: Duration = Duration::from_secs(30);
+    let mut wait = FIRST;
+    loop {
+        let e = match ctx.broker().resolve_source().await {
+            Ok(source) => return Ok(source),
+            Err(Error::SourceIdentity(e)) if !matches!(e, sqlx::Error::Database(_)) => e,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(
+            retry_in = ?wait,
+            "cannot read this outbox's source identity from PostgreSQL yet ({e}); nothing is \
+             consumed until it is read. Retrying in {wait:?}. Check that the database is \
+             reachable, or set the identity with OutboxBroker::source_id(..)"
+        );
+        tokio::select! {
+            () = ctx.stop_token().cancelled() => return Err(Error::SourceIdentity(e)),
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(CAP);
     }
 }
 
