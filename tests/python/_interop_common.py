@@ -1,13 +1,16 @@
-"""Shared helpers for py_publish.py / py_consume.py (see README.md beside this file)."""
+"""Shared helpers of the interop scripts beside this file (see README.md)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -53,6 +56,47 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", required=True, help="outbox table name (must already exist)")
     p.add_argument("--schema", default=None, help="schema of the table (default: search_path)")
     p.add_argument("--queue", required=True, help="queue name")
+
+
+def add_consume_args(p: argparse.ArgumentParser, timeout: float, expect: str) -> None:
+    """``--expect N`` (help ``expect``), ``--timeout S`` (default ``timeout``) and
+    ``--verbose``: the arguments of every consumer that stops after N messages."""
+    p.add_argument("--expect", type=int, required=True, help=expect)
+    p.add_argument("--timeout", type=float, default=timeout, help="give up after S seconds (exit 1)")
+    p.add_argument("--verbose", action="store_true")
+
+
+def run_main(
+    p: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace, Any], Awaitable[int]],
+) -> int:
+    """Parses the arguments, reserves stdout for the JSON document (take_stdout)
+    and runs ``run(args, out)``; its exit status."""
+    args = p.parse_args()
+    out = take_stdout()
+    return asyncio.run(run(args, out))
+
+
+async def wait_for_messages(
+    done: asyncio.Event,
+    timeout: float,
+    log: logging.Logger | None = None,
+    progress: Callable[[], str] | None = None,
+) -> bool:
+    """Waits up to ``timeout`` seconds for ``done``; whether it was set. On a
+    timeout, logs ``progress()`` (e.g. "3 of 5 expected messages") to ``log``."""
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(done.wait(), timeout=timeout)
+        return True
+    except TimeoutError:
+        if log is not None:
+            log.error(
+                "timeout after %.1fs: %s",
+                time.monotonic() - started,
+                progress() if progress is not None else "not done",
+            )
+        return False
 
 
 def make_table(table: str, schema: str | None) -> Any:

@@ -18,12 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from typing import Any
 
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
-from _interop_common import b64, emit, jsonable, stderr_logger, take_stdout  # noqa: E402
+from _interop_common import (  # noqa: E402
+    add_consume_args,
+    b64,
+    emit,
+    jsonable,
+    run_main,
+    stderr_logger,
+    wait_for_messages,
+)
 
 
 async def run(args: argparse.Namespace, out: Any) -> int:
@@ -58,20 +65,12 @@ async def run(args: argparse.Namespace, out: Any) -> int:
         if len(records) >= args.expect:
             done.set()
 
-    started = time.monotonic()
     ok = False
     try:
         await broker.start()
-        try:
-            await asyncio.wait_for(done.wait(), timeout=args.timeout)
-            ok = True
-        except TimeoutError:
-            log.error(
-                "timeout after %.1fs: %d of %d expected messages",
-                time.monotonic() - started,
-                len(records),
-                args.expect,
-            )
+        ok = await wait_for_messages(
+            done, args.timeout, log, lambda: f"{len(records)} of {args.expect} expected messages"
+        )
     finally:
         await broker.stop()
     emit(out, records)
@@ -83,12 +82,8 @@ def main() -> int:
     p.add_argument("--url", required=True, help="nats://host:port")
     p.add_argument("--stream", required=True, help="the existing stream capturing --subject")
     p.add_argument("--subject", required=True)
-    p.add_argument("--expect", type=int, required=True, help="stop after N messages")
-    p.add_argument("--timeout", type=float, default=60.0, help="give up after S seconds (exit 1)")
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args()
-    out = take_stdout()
-    return asyncio.run(run(args, out))
+    add_consume_args(p, timeout=60.0, expect="stop after N messages")
+    return run_main(p, run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,15 @@ from typing import Any
 
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
-from _interop_common import b64, emit, jsonable, stderr_logger, take_stdout  # noqa: E402
+from _interop_common import (  # noqa: E402
+    add_consume_args,
+    b64,
+    emit,
+    jsonable,
+    run_main,
+    stderr_logger,
+    wait_for_messages,
+)
 
 
 async def run(args: argparse.Namespace, out: Any) -> int:
@@ -59,28 +67,24 @@ async def run(args: argparse.Namespace, out: Any) -> int:
         if len(records) >= args.expect:
             done.set()
 
-    await broker.start()
+    ok = False
     try:
-        await asyncio.wait_for(done.wait(), timeout=args.timeout)
-        code = 0
-    except asyncio.TimeoutError:
-        code = 1
+        await broker.start()
+        ok = await wait_for_messages(
+            done, args.timeout, log, lambda: f"{len(records)} of {args.expect} expected messages"
+        )
     finally:
         await broker.stop()
     emit(out, records)
-    return code
+    return 0 if ok else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--url", required=True, help="amqp://user:password@host:5672/%%2f")
     p.add_argument("--queue", required=True, help="an existing queue")
-    p.add_argument("--expect", type=int, required=True, help="messages to wait for")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args()
-    out = take_stdout()
-    return asyncio.run(run(args, out))
+    add_consume_args(p, timeout=30.0, expect="messages to wait for")
+    return run_main(p, run)
 
 
 if __name__ == "__main__":

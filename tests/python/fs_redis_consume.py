@@ -22,7 +22,7 @@ import base64
 import sys
 from typing import Any
 
-from _interop_common import emit, take_stdout
+from _interop_common import emit, take_stdout, wait_for_messages
 from faststream.redis import ListSub, RedisBroker, StreamSub
 from faststream.redis.annotations import RedisMessage
 
@@ -71,11 +71,8 @@ async def main() -> int:
 
     await broker.start()
     print("ready", file=sys.stderr, flush=True)
-    timed_out = False
     try:
-        await asyncio.wait_for(done.wait(), timeout=args.timeout)
-    except asyncio.TimeoutError:
-        timed_out = True
+        timed_out = not await wait_for_messages(done, args.timeout)
     finally:
         await broker.stop()
     emit(out, {"messages": got, "timed_out": timed_out})

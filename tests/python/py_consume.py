@@ -19,13 +19,15 @@ sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
 from _interop_common import (  # noqa: E402
     add_common_args,
+    add_consume_args,
     b64,
     emit,
     jsonable,
     make_table,
+    run_main,
     stderr_logger,
-    take_stdout,
     to_sqlalchemy_url,
+    wait_for_messages,
 )
 
 
@@ -101,20 +103,17 @@ async def run(args: argparse.Namespace, out: Any) -> int:
     ok = False
     try:
         await broker.start()
-        try:
-            await asyncio.wait_for(done.wait(), timeout=args.timeout)
-            ok = True
+        ok = await wait_for_messages(
+            done,
+            args.timeout,
+            log,
+            lambda: f"{len(seen)} of {args.expect} expected messages handled",
+        )
+        if ok:
             # Stopping within moments of start() cancels the subscriber's LISTEN-connection
             # setup mid-connect, which makes asyncpg print "Future exception was never
             # retrieved" noise (harmless): give the loops a moment to settle first.
             await asyncio.sleep(max(0.0, 0.3 - (time.monotonic() - started)))
-        except TimeoutError:
-            log.error(
-                "timeout after %.1fs: %d of %d expected messages handled",
-                time.monotonic() - started,
-                len(seen),
-                args.expect,
-            )
     finally:
         # Drains in-flight rows (their ack DELETEs land) before returning.
         await broker.stop()
@@ -126,15 +125,11 @@ async def run(args: argparse.Namespace, out: Any) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     add_common_args(p)
-    p.add_argument("--expect", type=int, required=True, help="stop after N distinct messages")
-    p.add_argument("--timeout", type=float, default=60.0, help="give up after S seconds (exit 1)")
+    add_consume_args(p, timeout=60.0, expect="stop after N distinct messages")
     p.add_argument("--min-fetch-interval", type=float, default=0.05)
     p.add_argument("--max-fetch-interval", type=float, default=0.2)
     p.add_argument("--fetch-batch-size", type=int, default=10)
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args()
-    out = take_stdout()
-    return asyncio.run(run(args, out))
+    return run_main(p, run)
 
 
 if __name__ == "__main__":

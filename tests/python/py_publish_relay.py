@@ -18,7 +18,6 @@ Never creates or drops tables.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
@@ -30,8 +29,8 @@ from _interop_common import (  # noqa: E402
     emit,
     jsonable,
     make_table,
+    run_main,
     stderr_logger,
-    take_stdout,
     to_sqlalchemy_url,
 )
 
@@ -120,9 +119,7 @@ def main() -> int:
     add_common_args(p)
     p.add_argument("--set", required=True, choices=sorted(SETS), help="which rows to publish")
     p.add_argument("--verbose", action="store_true")
-    args = p.parse_args()
-    out = take_stdout()
-    return asyncio.run(run(args, out))
+    return run_main(p, run)
 
 
 if __name__ == "__main__":
