@@ -786,40 +786,13 @@ macro_rules! conformance_tests {
                 $crate::publish_confirms(&$probe).await;
             }
 
-            #[$test]
-            async fn messages_arrive_as_documented() {
-                let _guard = guard("messages_arrive_as_documented").await;
-                let outbox = $outbox;
-                $crate::messages_arrive_as_documented(&$probe, $crate::outbox_of(&outbox)).await;
-            }
-
-            #[$test]
-            async fn outage_keeps_rows() {
-                let _guard = guard("outage_keeps_rows").await;
-                let outbox = $outbox;
-                $crate::outage_keeps_rows(&$probe, $crate::outbox_of(&outbox)).await;
-            }
-
-            #[$test]
-            async fn killed_relay_redelivers() {
-                let _guard = guard("killed_relay_redelivers").await;
-                let outbox = $outbox;
-                $crate::killed_relay_redelivers(&$probe, $crate::outbox_of(&outbox)).await;
-            }
-
-            #[$test]
-            async fn invalid_destination_fails_startup() {
-                let _guard = guard("invalid_destination_fails_startup").await;
-                let outbox = $outbox;
-                $crate::invalid_destination_fails_startup(&$probe, $crate::outbox_of(&outbox))
-                    .await;
-            }
-
-            #[$test]
-            async fn oversized_message_is_not_lost() {
-                let _guard = guard("oversized_message_is_not_lost").await;
-                let outbox = $outbox;
-                $crate::oversized_message_is_not_lost(&$probe, $crate::outbox_of(&outbox)).await;
+            $crate::conformance_tests! {
+                @checks #[$test] $outbox, $probe;
+                messages_arrive_as_documented
+                outage_keeps_rows
+                killed_relay_redelivers
+                invalid_destination_fails_startup
+                oversized_message_is_not_lost
             }
 
             $(
@@ -834,6 +807,17 @@ macro_rules! conformance_tests {
                 }
             )?
         }
+    };
+    // One test per check taking (probe, outbox): guard, outbox, probe, check.
+    (@checks #[$test:meta] $outbox:expr, $probe:expr; $($check:ident)*) => {
+        $(
+            #[$test]
+            async fn $check() {
+                let _guard = guard(stringify!($check)).await;
+                let outbox = $outbox;
+                $crate::$check(&$probe, $crate::outbox_of(&outbox)).await;
+            }
+        )*
     };
 }
 
