@@ -1,6 +1,6 @@
 //! The seed tutorial's relay, on NATS: orders written in Postgres
 //! transactions land on the JetStream subject `orders.created`, at least
-//! once, deduplicated by the server (`Nats-Msg-Id` = the outbox id).
+//! once, deduplicated by the server (`Nats-Msg-Id` = `<source>:<outbox id>`).
 //!
 //! The handler is the tutorial's: `#[publish_to(nats, "orders.created")]`
 //! stacked above `#[subscriber("orders")]`, returning the order id. A stream

@@ -116,9 +116,12 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     // The crash window a SIGKILL rarely hits (the PubAck came, the row's
     // delete did not): the first 20 rows are already on the stream, as a
     // relay that died right after publishing them would have left them.
+    // The relay's Nats-Msg-Id is `<source>:<outbox-id>`; the earlier
+    // publishes carry the same source, as the crashed relay's would.
+    let source = db.broker.resolve_source().await?;
     let earlier = NatsBroker::new(support::url()).connect_transport().await?;
     for (v, id) in ids.iter().take(20).enumerate() {
-        let mut o = out(&subject, *id, &v.to_string());
+        let mut o = out(&subject, *id, &v.to_string()).with_source(source.clone());
         o.headers.insert("outbox-key".into(), format!("k{v}"));
         earlier.publish(o).await.unwrap();
     }
@@ -145,7 +148,10 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     let mut arrived = Vec::new();
     for m in &msgs {
         let id = m.outbox_id().unwrap();
-        assert_eq!(m.header("Nats-Msg-Id"), Some(id.to_string().as_str()));
+        assert_eq!(
+            m.header("Nats-Msg-Id"),
+            Some(format!("{source}:{id}").as_str())
+        );
         arrived.push(Arrived {
             id,
             value: serde_json::from_slice(&m.payload)?,
@@ -573,6 +579,7 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
     assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
     stop.shutdown();
     run.await??;
+    let source = db.broker.resolve_source().await?;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/fs_nats_consume.py");
     let output = Command::new(interop_python()?)
@@ -625,7 +632,7 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
         assert_eq!(h["x-explicit"], "e", "explicit");
         assert_eq!(h["outbox-id"], id.to_string().as_str());
         assert_eq!(h["outbox-key"], format!("k{id}").as_str());
-        assert_eq!(h["Nats-Msg-Id"], id.to_string().as_str());
+        assert_eq!(h["Nats-Msg-Id"], format!("{source}:{id}").as_str());
     }
     Ok(())
 }
