@@ -99,6 +99,43 @@ async def wait_for_messages(
         return False
 
 
+class Collected:
+    """The records a bus consumer keeps until ``expect`` of them arrived."""
+
+    def __init__(self, expect: int) -> None:
+        self.expect = expect
+        self.records: list[dict[str, Any]] = []
+        self.done = asyncio.Event()
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Keeps ``record``; the last expected one sets ``done``."""
+        self.records.append(record)
+        if len(self.records) >= self.expect:
+            self.done.set()
+
+    async def consume(
+        self,
+        broker: Any,
+        timeout: float,
+        log: logging.Logger | None = None,
+        ready: Callable[[], None] | None = None,
+    ) -> bool:
+        """Starts ``broker`` (then calls ``ready``), waits up to ``timeout`` seconds
+        for the expected records and stops it; whether they all arrived."""
+        try:
+            await broker.start()
+            if ready is not None:
+                ready()
+            return await wait_for_messages(
+                self.done,
+                timeout,
+                log,
+                lambda: f"{len(self.records)} of {self.expect} expected messages",
+            )
+        finally:
+            await broker.stop()
+
+
 def make_table(table: str, schema: str | None) -> Any:
     from sqlalchemy import MetaData
 

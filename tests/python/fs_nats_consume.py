@@ -16,20 +16,19 @@ headers and subject.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
 from _interop_common import (  # noqa: E402
+    Collected,
     add_consume_args,
     b64,
     emit,
     jsonable,
     run_main,
     stderr_logger,
-    wait_for_messages,
 )
 
 
@@ -39,8 +38,7 @@ async def run(args: argparse.Namespace, out: Any) -> int:
 
     log = stderr_logger("fs_nats_consume", args.verbose)
     broker = NatsBroker(args.url, logger=log)
-    records: list[dict[str, Any]] = []
-    done = asyncio.Event()
+    got = Collected(args.expect)
 
     @broker.subscriber(
         args.subject,
@@ -49,7 +47,7 @@ async def run(args: argparse.Namespace, out: Any) -> int:
     )
     async def handle(msg: NatsMessage) -> None:
         decoded = await msg.decode()
-        records.append(
+        got.add(
             {
                 "subject": msg.raw_message.subject,
                 "payload_base64": b64(msg.body),
@@ -61,19 +59,10 @@ async def run(args: argparse.Namespace, out: Any) -> int:
                 "headers": dict(msg.headers),
             }
         )
-        log.debug("got %s (%d records)", msg.message_id, len(records))
-        if len(records) >= args.expect:
-            done.set()
+        log.debug("got %s (%d records)", msg.message_id, len(got.records))
 
-    ok = False
-    try:
-        await broker.start()
-        ok = await wait_for_messages(
-            done, args.timeout, log, lambda: f"{len(records)} of {args.expect} expected messages"
-        )
-    finally:
-        await broker.stop()
-    emit(out, records)
+    ok = await got.consume(broker, args.timeout, log)
+    emit(out, got.records)
     return 0 if ok else 1
 
 

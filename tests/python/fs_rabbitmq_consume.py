@@ -20,20 +20,19 @@ FastStream's RabbitMessage gives it:
 
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
 sys.dont_write_bytecode = True  # keep tests/python/ free of __pycache__
 
 from _interop_common import (  # noqa: E402
+    Collected,
     add_consume_args,
     b64,
     emit,
     jsonable,
     run_main,
     stderr_logger,
-    wait_for_messages,
 )
 
 
@@ -43,14 +42,13 @@ async def run(args: argparse.Namespace, out: Any) -> int:
 
     log = stderr_logger("fs_rabbitmq_consume", args.verbose)
     broker = RabbitBroker(args.url, logger=log)
-    records: list[dict[str, Any]] = []
-    done = asyncio.Event()
+    got = Collected(args.expect)
 
     @broker.subscriber(RabbitQueue(args.queue, declare=False))
     async def handle(body: Any, msg: RabbitMessage) -> None:
         decoded = await msg.decode()
         raw = msg.raw_message
-        records.append(
+        got.add(
             {
                 "body_base64": b64(msg.body),
                 "decoded": jsonable(decoded),
@@ -64,18 +62,9 @@ async def run(args: argparse.Namespace, out: Any) -> int:
                 "delivery_mode": int(raw.delivery_mode),
             }
         )
-        if len(records) >= args.expect:
-            done.set()
 
-    ok = False
-    try:
-        await broker.start()
-        ok = await wait_for_messages(
-            done, args.timeout, log, lambda: f"{len(records)} of {args.expect} expected messages"
-        )
-    finally:
-        await broker.stop()
-    emit(out, records)
+    ok = await got.consume(broker, args.timeout, log)
+    emit(out, got.records)
     return 0 if ok else 1
 
 

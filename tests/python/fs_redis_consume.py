@@ -22,7 +22,7 @@ import base64
 import sys
 from typing import Any
 
-from _interop_common import emit, take_stdout, wait_for_messages
+from _interop_common import Collected, emit, take_stdout
 from faststream.redis import ListSub, RedisBroker, StreamSub
 from faststream.redis.annotations import RedisMessage
 
@@ -44,8 +44,7 @@ async def main() -> int:
     out = take_stdout()
 
     broker = RedisBroker(args.url)
-    got: list[dict[str, Any]] = []
-    done = asyncio.Event()
+    got = Collected(args.count)
 
     if args.kind == "stream":
         sub = broker.subscriber(stream=StreamSub(args.name, last_id="0", polling_interval=50))
@@ -56,7 +55,7 @@ async def main() -> int:
 
     @sub
     async def handle(body: Any, msg: RedisMessage) -> None:
-        got.append(
+        got.add(
             {
                 "body_b64": base64.b64encode(bytes(msg.body)).decode(),
                 "decoded": jsonable(body),
@@ -66,16 +65,11 @@ async def main() -> int:
                 "headers": {str(k): str(v) for k, v in msg.headers.items()},
             }
         )
-        if len(got) >= args.count:
-            done.set()
 
-    await broker.start()
-    print("ready", file=sys.stderr, flush=True)
-    try:
-        timed_out = not await wait_for_messages(done, args.timeout)
-    finally:
-        await broker.stop()
-    emit(out, {"messages": got, "timed_out": timed_out})
+    timed_out = not await got.consume(
+        broker, args.timeout, ready=lambda: print("ready", file=sys.stderr, flush=True)
+    )
+    emit(out, {"messages": got.records, "timed_out": timed_out})
     return 1 if timed_out else 0
 
 
