@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_core::{DlqTable, OutboxBroker, OutboxTable};
+use outbox_core::{App, AppHandle, DlqTable, OutboxBroker, OutboxTable};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tracing_subscriber::Layer as _;
@@ -171,6 +171,39 @@ impl TestDb {
     /// A dedicated connection (not from the pool).
     pub async fn connect(&self) -> anyhow::Result<PgConnection> {
         Ok(PgConnection::connect(&database_url()).await?)
+    }
+
+    /// An `App` on this outbox as the tests run one: no route discovery, no
+    /// signal handling (stopped through its handle, see [`RunningApp`]).
+    pub fn app(&self) -> App {
+        App::new(self.broker.clone())
+            .without_discovery()
+            .without_signals()
+    }
+}
+
+/// An `App` running on a task of its own (from [`RunningApp::start`]);
+/// [`stop`](Self::stop) shuts it down and returns how `App::run` ended.
+#[derive(Debug)]
+pub struct RunningApp {
+    handle: AppHandle,
+    run: tokio::task::JoinHandle<outbox_core::Result<()>>,
+}
+
+impl RunningApp {
+    /// Spawns `app.run()`.
+    pub fn start(app: App) -> Self {
+        Self {
+            handle: app.handle(),
+            run: tokio::spawn(app.run()),
+        }
+    }
+
+    /// Shuts the app down and waits for `App::run`; its error, if any.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.handle.shutdown();
+        self.run.await??;
+        Ok(())
     }
 }
 

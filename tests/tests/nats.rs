@@ -15,14 +15,14 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use outbox_core::retry::ConstantRetry;
 use outbox_core::{
-    App, BoxError, BusRejection, Message, OUTBOX_ID, Outgoing, PublishOptions, Response, Route,
+    BoxError, BusRejection, Message, OUTBOX_ID, Outgoing, PublishOptions, Response, Route,
     Transport,
 };
 use outbox_nats::{Delivery, Error, NatsBroker};
 use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::nats::{self as support, PrivateServer, Streams};
 use tests::proxy::TcpProxy;
-use tests::{TestDb, base64_decode, interop_python, wait_until};
+use tests::{RunningApp, TestDb, base64_decode, interop_python, wait_until};
 
 type R = anyhow::Result<()>;
 
@@ -216,13 +216,11 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(NatsBroker::new(support::url()).connect());
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(
+        db.app()
+            .subscriber(route)
+            .on_startup(NatsBroker::new(support::url()).connect()),
+    );
     let retried = wait_until(Duration::from_secs(30), || async {
         db.scalar(format!(
             "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
@@ -240,8 +238,7 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
     support::create_stream(&name, &[&subject], None).await?;
     streams.add(&name);
     assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
-    stop.shutdown();
-    run.await??;
+    app.stop().await?;
     let msgs = support::read_stream(&name, Duration::from_secs(5), |m| !m.is_empty()).await?;
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].outbox_id(), Some(id));
@@ -298,19 +295,16 @@ async fn oversized_messages_are_rejections_and_dead_lettered() -> R {
         .handler(
             |msg: Message, ctx| async move { outbox_core::Passthrough::from_delivery(&msg, &ctx) },
         );
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(NatsBroker::new(support::url()).connect());
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(
+        db.app()
+            .subscriber(route)
+            .on_startup(NatsBroker::new(support::url()).connect()),
+    );
     let dead = wait_until(Duration::from_secs(30), || async {
         db.dlq_count().await.unwrap() == 1
     })
     .await;
-    stop.shutdown();
-    run.await??;
+    app.stop().await?;
     assert!(
         dead,
         "the oversized row was not dead-lettered: {} rows left, {} on the stream",
@@ -352,12 +346,7 @@ async fn refused_credentials_and_a_server_without_jetstream_fail_startup() -> R 
             .handler(|msg: Message, _| async move {
                 Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
             });
-        App::new(db.broker.clone())
-            .without_discovery()
-            .without_signals()
-            .subscriber(route)
-            .on_startup(nats.connect())
-            .run()
+        db.app().subscriber(route).on_startup(nats.connect()).run()
     };
 
     let wrong = NatsBroker::new(format!("nats://relay:wrong-pw@{}", server.addr))
@@ -569,16 +558,13 @@ async fn faststream_decodes_what_the_relay_sent() -> R {
                     .key(format!("k{}", msg.id())),
             )
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(NatsBroker::new(support::url()).connect());
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(
+        db.app()
+            .subscriber(route)
+            .on_startup(NatsBroker::new(support::url()).connect()),
+    );
     assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
-    stop.shutdown();
-    run.await??;
+    app.stop().await?;
     let source = db.broker.resolve_source().await?;
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/fs_nats_consume.py");

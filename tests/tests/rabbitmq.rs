@@ -16,7 +16,7 @@ use std::time::Duration;
 use outbox_core::retry::ConstantRetry;
 use outbox_core::transport::TransportBroker;
 use outbox_core::{
-    App, BoxError, BusRejection, Message, Outgoing, PublishOptions, Raw, Response, Route, Transport,
+    BoxError, BusRejection, Message, Outgoing, PublishOptions, Raw, Response, Route, Transport,
 };
 use outbox_rabbitmq::{Error, ExchangeKind, RabbitBroker};
 use serde_json::Value;
@@ -24,7 +24,7 @@ use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::rabbitmq::{
     Msg, declare_queue, delete_queue, proxy, queue_len, read_queue, test_rabbit, unique, url,
 };
-use tests::{TestDb, base64_decode, interop_python, wait_until};
+use tests::{RunningApp, TestDb, base64_decode, interop_python, wait_until};
 
 type R = anyhow::Result<()>;
 
@@ -172,13 +172,7 @@ async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(rabbit.connect());
-    let handle = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(db.app().subscriber(route).on_startup(rabbit.connect()));
     assert!(
         wait_until(Duration::from_secs(30), || async {
             db.dlq_count().await.unwrap() == 1
@@ -186,8 +180,7 @@ async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
         .await,
         "the unroutable row was not dead-lettered"
     );
-    handle.shutdown();
-    run.await??;
+    app.stop().await?;
     let (reason, last): (String, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT failure_reason, last_exception FROM {} WHERE original_id = $1",
         db.d()
@@ -356,10 +349,7 @@ async fn exchange_and_routing_key_destinations() -> R {
         ("to_fanout", format!("{fan_x}/")),
         ("to_slash", format!("/{q_slash}")),
     ];
-    let mut app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .on_startup(rabbit.connect());
+    let mut app = db.app().on_startup(rabbit.connect());
     for (name, dest) in &routes {
         // One route per destination, all on the same rows: each handler
         // republishes the row under its own name.
@@ -372,11 +362,9 @@ async fn exchange_and_routing_key_destinations() -> R {
                 }),
         );
     }
-    let handle = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(app);
     assert!(db.drained(Duration::from_secs(30)).await, "rows left");
-    handle.shutdown();
-    run.await??;
+    app.stop().await?;
     // The three routes share the rows: together they relayed each once.
     let total = queue_len(&q_topic).await? + queue_len(&q_fan).await? + queue_len(&q_slash).await?;
     assert_eq!(
@@ -466,9 +454,8 @@ async fn refused_credentials_fail_startup_clearly() -> R {
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
         });
-    let err = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
+    let err = db
+        .app()
         .subscriber(route)
         .on_startup(broker.connect())
         .run()
@@ -563,16 +550,9 @@ async fn faststream_reads_what_the_relay_published() -> R {
                     .correlation_id(format!("corr-{}", msg.id())),
             )
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(rabbit.connect());
-    let handle = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(db.app().subscriber(route).on_startup(rabbit.connect()));
     assert!(db.drained(Duration::from_secs(30)).await, "rows left");
-    handle.shutdown();
-    run.await??;
+    app.stop().await?;
 
     let out = Command::new(interop_python()?)
         .arg(format!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use outbox_core::{
-    App, AppContext, BoxError, BusRejection, FromDelivery, Message, Outgoing, Passthrough,
+    AppContext, BoxError, BusRejection, FromDelivery, Message, Outgoing, Passthrough,
     PublishOptions, Raw, Response, Route, Transport,
 };
 use outbox_redis::{Confirmed, Error, RedisBroker};
@@ -21,7 +21,7 @@ use tests::proxy::TcpProxy;
 use tests::redis::{
     Keys, Msg, addr, conn, read_list, read_stream, read_stream_until, test_redis, url, url_via,
 };
-use tests::{TestDb, base64_decode, interop_python, wait_until};
+use tests::{RunningApp, TestDb, base64_decode, interop_python, wait_until};
 
 type R = anyhow::Result<()>;
 
@@ -56,16 +56,9 @@ async fn relay_all(db: &TestDb, queue: &str, dest: &str, broker: RedisBroker) ->
                     .correlation_id(format!("corr-{}", msg.id())),
             )
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(broker.connect());
-    let handle = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(db.app().subscriber(route).on_startup(broker.connect()));
     let drained = db.drained(Duration::from_secs(60)).await;
-    handle.shutdown();
-    run.await??;
+    app.stop().await?;
     assert!(drained, "{} rows left in the outbox", db.count().await?);
     Ok(())
 }
@@ -307,19 +300,16 @@ async fn wrongtype_is_dead_lettered_as_rejected() -> R {
         .handler(
             |msg: Message, ctx: AppContext| async move { Passthrough::from_delivery(&msg, &ctx) },
         );
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(test_redis(&url()).connect());
-    let handle = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(
+        db.app()
+            .subscriber(route)
+            .on_startup(test_redis(&url()).connect()),
+    );
     let dead = wait_until(Duration::from_secs(30), || async {
         db.dlq_count().await.unwrap() == 1
     })
     .await;
-    handle.shutdown();
-    run.await??;
+    app.stop().await?;
     assert!(dead, "the row was not dead-lettered");
     assert_eq!(db.count().await?, 0);
     let reason: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
