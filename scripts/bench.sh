@@ -84,6 +84,9 @@ if want buses; then
   # Per bus, in one run: the plain client's confirmed-publish ceiling (256 in
   # flight, as the relay's 256 workers), the README relay (relay defaults), the
   # ceiling again (the machine drifts), then idle commit -> confirm latency.
+  # The outbox side's own ceiling for the same route: a transport that
+  # confirms at once (outbox-core's MemoryTransport).
+  run relay --bus memory --backlog 50000 --readme-defaults
   for bus in rabbitmq nats redis; do
     run ceiling --bus "$bus" --messages 50000 --in-flight 256
     run relay --bus "$bus" --backlog 50000 --readme-defaults
