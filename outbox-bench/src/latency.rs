@@ -76,7 +76,10 @@ async fn measure(
     let handled: Stamps = Arc::new(Mutex::new(Vec::with_capacity(
         usize::try_from(total).unwrap_or(0),
     )));
-    let sub_broker = db::broker(db.lazy_pool(), table.clone());
+    // Closed once the subscriber side stopped: App::run reads the outbox's
+    // source identity through it (see relay.rs).
+    let sub_pool = db.lazy_pool();
+    let sub_broker = db::broker(sub_pool.clone(), table.clone());
     let confirms = Arc::new(Confirms {
         progress: progress.clone(),
         failed: Default::default(),
@@ -176,6 +179,7 @@ async fn measure(
     }
     let cpu_end = window.cpu_now();
     pool.close().await;
+    sub_pool.close().await;
     waited?;
 
     let handled: HashMap<i64, Instant> = handled

@@ -74,7 +74,7 @@ struct Common {
     #[arg(long, default_value_t = 0.35, global = true)]
     quiet_cores: f64,
     /// A point is disturbed when a `rustc` ran during it or processes other
-    /// than PostgreSQL, the Kafka broker and this one used more cores than this.
+    /// than PostgreSQL, the bus servers and this one used more cores than this.
     #[arg(long, default_value_t = 0.35, global = true)]
     max_other_cores: f64,
     /// Let autovacuum work on the benchmark tables, tuned as `outbox

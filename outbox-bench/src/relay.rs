@@ -143,8 +143,12 @@ async fn backlog(
         failed: Default::default(),
         log: None,
     });
+    // Closed once the App stopped: App::run reads the outbox's source
+    // identity through it, and an idle connection left in it would outlive
+    // the point (the window waits for the workload's connections to go).
+    let app_pool = db.lazy_pool();
     let app = app(
-        db::broker(db.lazy_pool(), table.clone()),
+        db::broker(app_pool.clone(), table.clone()),
         p,
         topic,
         Timed::new(inner, confirms.clone()),
@@ -172,6 +176,7 @@ async fn backlog(
     .context("relay task")?;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_end = window.cpu_now();
+    app_pool.close().await;
     ran.context("the relay App failed")?;
     waited?;
     let mut extra = Map::new();
@@ -228,8 +233,9 @@ async fn steady(
     });
     let producer_pool = db.pool(2).await?;
     drop(producer_pool.acquire().await?);
+    let app_pool = db.lazy_pool(); // closed once the App stopped (see `backlog`)
     let app = app(
-        db::broker(db.lazy_pool(), table.clone()),
+        db::broker(app_pool.clone(), table.clone()),
         p,
         topic,
         Timed::new(inner, confirms.clone()),
@@ -307,6 +313,7 @@ async fn steady(
     let ran = run.await.context("relay task")?;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_end = window.cpu_now();
+    app_pool.close().await;
     producer_pool.close().await;
     ran.context("the relay App failed")?;
 

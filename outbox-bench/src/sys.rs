@@ -164,13 +164,20 @@ fn machine_cpu_secs() -> Option<(f64, f64)> {
     ))
 }
 
+/// The process names of the bus servers a point may drive (their CPU is
+/// part of the workload, not a disturbance): the local Kafka broker,
+/// RabbitMQ's Erlang VM, NATS, Redis.
+const BUS_SERVERS: [&str; 4] = ["tansu", "beam.smp", "nats-server", "redis-server"];
+
 /// CPU counters at one moment.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CpuSnap {
     at: Instant,
     bench: Option<f64>,
     postgres: Option<f64>,
-    kafka: Option<f64>,
+    /// The bus servers: the local Kafka broker (`tansu`), RabbitMQ
+    /// (`beam.smp`), `nats-server`, `redis-server`.
+    buses: Option<f64>,
     machine: Option<(f64, f64)>,
     disk_written: Option<u64>,
 }
@@ -181,7 +188,10 @@ impl CpuSnap {
             at: Instant::now(),
             bench: proc_stat("self").map(|(_, t, _)| t as f64 / TICKS_PER_SEC),
             postgres: postmaster.and_then(postgres_cpu_secs),
-            kafka: named_cpu_secs("tansu"),
+            buses: BUS_SERVERS
+                .iter()
+                .filter_map(|c| named_cpu_secs(c))
+                .reduce(|a, b| a + b),
             machine: machine_cpu_secs(),
             disk_written: disk_written_bytes(),
         }
@@ -210,14 +220,14 @@ impl CpuSnap {
         };
         let bench = d(self.bench, later.bench);
         let pg = d(self.postgres, later.postgres);
-        let kafka = d(self.kafka, later.kafka);
+        let buses = d(self.buses, later.buses);
         let (busy, total) = match (self.machine, later.machine) {
             (Some((b0, t0)), Some((b1, t1))) => (Some(b1 - b0), Some(t1 - t0)),
             _ => (None, None),
         };
         let cores = |x: Option<f64>| x.map(|v| round(v / wall, 3));
         let other = match (busy, bench, pg) {
-            (Some(b), Some(x), Some(p)) => Some((b - x - p - kafka.unwrap_or(0.0)).max(0.0)),
+            (Some(b), Some(x), Some(p)) => Some((b - x - p - buses.unwrap_or(0.0)).max(0.0)),
             _ => None,
         };
         let disk = match (self.disk_written, later.disk_written) {
@@ -228,12 +238,12 @@ impl CpuSnap {
             "wall_s": round(wall, 3),
             "bench_cpu_s": bench.map(|v| round(v, 3)),
             "postgres_cpu_s": pg.map(|v| round(v, 3)),
-            "kafka_broker_cpu_s": kafka.map(|v| round(v, 3)),
+            "bus_servers_cpu_s": buses.map(|v| round(v, 3)),
             "machine_busy_cpu_s": busy.map(|v| round(v, 3)),
             "other_cpu_s": other.map(|v| round(v, 3)),
             "bench_cores": cores(bench),
             "postgres_cores": cores(pg),
-            "kafka_broker_cores": cores(kafka),
+            "bus_servers_cores": cores(buses),
             "other_cores": cores(other),
             "disk_write_mb_s": disk,
             "machine_busy_cores": cores(busy),

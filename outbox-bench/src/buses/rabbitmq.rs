@@ -90,6 +90,9 @@ impl PlainClient for RabbitBench {
             }
         })
         .await;
+        // The channel first: closing a connection with a channel open makes
+        // lapin log an ERROR.
+        let _ = channel.close(200, "ceiling done".into()).await;
         let _ = conn.close(200, "ceiling done".into()).await;
         run
     }
@@ -108,6 +111,7 @@ impl PlainClient for RabbitBench {
             )
             .await
             .with_context(|| format!("reading the length of queue {destination}"))?;
+        let _ = channel.close(200, "counted".into()).await;
         let _ = conn.close(200, "counted".into()).await;
         Ok(u64::from(q.message_count()))
     }
@@ -122,6 +126,7 @@ impl PlainClient for RabbitBench {
                 channel.queue_delete(destination.into(), QueueDeleteOptions::default()),
             )
             .await;
+            let _ = channel.close(200, "cleaned up".into()).await;
         }
         let _ = conn.close(200, "cleaned up".into()).await;
     }
