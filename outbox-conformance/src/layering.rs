@@ -409,8 +409,8 @@ pub fn check_module_map(manifest_dir: &Path) -> Result<(), String> {
             .file_stem()
             .filter(|_| path.extension().is_some_and(|e| e == "rs"))
         {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             sources.insert(module.to_string_lossy().into_owned(), text);
         }
     }
