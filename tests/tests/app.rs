@@ -171,6 +171,115 @@ async fn an_unknown_transport_is_a_startup_error_and_nothing_is_consumed() -> R 
     Ok(())
 }
 
+/// A bus whose destinations exist only when listed, counting the checks
+/// and recording whether it was closed.
+struct Verifying {
+    existing: &'static [&'static str],
+    checks: Arc<Mutex<Vec<String>>>,
+    closed: Arc<Mutex<bool>>,
+}
+
+impl outbox_core::Transport for Verifying {
+    fn name(&self) -> &str {
+        "kafka"
+    }
+
+    fn publish(
+        &self,
+        _msg: outbox_core::Outgoing,
+    ) -> outbox_core::transport::BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn verify_destination(
+        &self,
+        destination: &str,
+    ) -> outbox_core::transport::BoxFuture<'static, Result<(), String>> {
+        self.checks.lock().unwrap().push(destination.to_owned());
+        let found = self.existing.contains(&destination);
+        let destination = destination.to_owned();
+        Box::pin(async move {
+            if found {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no topic `{destination}`; create it with ensure_topic"
+                ))
+            }
+        })
+    }
+
+    fn close(&self) -> outbox_core::transport::BoxFuture<'static, Result<(), BoxError>> {
+        *self.closed.lock().unwrap() = true;
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test]
+async fn a_destination_missing_on_the_bus_fails_startup_and_nothing_is_consumed() -> R {
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish(&1, "orders", &mut conn).await?;
+    let run = |existing: &'static [&'static str]| {
+        let checks = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(false));
+        let app = App::new(db.broker.clone())
+            .without_discovery()
+            .without_signals()
+            .transport(Verifying {
+                existing,
+                checks: checks.clone(),
+                closed: closed.clone(),
+            })
+            .subscriber(handle {})
+            // A second route to the same destination: checked once.
+            .subscriber(
+                fast(Route::builder(["refunds"]))
+                    .name("refunds")
+                    .publish_to("kafka", "orders.kafka")
+                    .to(|v: i64| async move { Response::new(v) }),
+            );
+        let handle = app.handle();
+        (app, handle, checks, closed)
+    };
+
+    let (app, _, checks, closed) = run(&[]);
+    let err = app.run().await.unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "publishes to `orders.kafka` on transport `kafka`, which is not ready for it: no \
+             topic `orders.kafka`; create it with ensure_topic"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("tests/tests/app.rs:"),
+        "names the declaration: {err}"
+    );
+    assert_eq!(
+        *checks.lock().unwrap(),
+        ["orders.kafka"],
+        "once per destination"
+    );
+    assert!(*closed.lock().unwrap(), "the transports are closed");
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+
+    // With the destination on the bus, the same App starts and relays.
+    let (app, stop, checks, _) = run(&["orders.kafka"]);
+    let running = tokio::spawn(app.run());
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            db.count().await.unwrap() == 0
+        })
+        .await,
+        "relayed"
+    );
+    stop.shutdown();
+    running.await??;
+    assert_eq!(*checks.lock().unwrap(), ["orders.kafka"]);
+    Ok(())
+}
+
 #[tokio::test]
 async fn registry_validation() -> R {
     let db = TestDb::new().await?;

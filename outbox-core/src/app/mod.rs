@@ -47,9 +47,12 @@ use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 ///    [`App::validate_schema_at_startup`], also checks the live tables;
 /// 2. runs the `on_startup` hooks in registration order (transports register
 ///    themselves here, e.g. `kafka.connect()`); an error aborts startup;
-/// 3. checks that every `#[publish_to]` transport is registered and every
-///    `State<S>` parameter has its state: nothing is consumed otherwise;
-///    then resolves the outbox's source identity
+/// 3. checks that every `#[publish_to]` transport is registered, accepts
+///    its destination's name ([`Transport::check_destination`]) and finds
+///    the destination on its bus ([`Transport::verify_destination`]: the
+///    RabbitMQ exchange or queue, the JetStream stream, the Redis key's
+///    type), and that every `State<S>` parameter has its state: nothing is
+///    consumed otherwise; then resolves the outbox's source identity
 ///    ([`OutboxBroker::resolve_source`]: one statement on PostgreSQL, or the
 ///    explicit [`OutboxBroker::source_id`]), stamped on every [`Outgoing`]
 ///    for bus-side deduplication ids (while PostgreSQL cannot be reached it
@@ -322,7 +325,11 @@ impl App {
         for hook in std::mem::take(&mut self.on_startup) {
             run_hook("on_startup", hook, &ctx).await?;
         }
-        let engine = self.build_engine(routes)?;
+        let (engine, destinations) = self.build_engine(routes)?;
+        if let Err(e) = verify_destinations(destinations).await {
+            close_transports(&ctx).await;
+            return Err(e);
+        }
         // Once, before anything is consumed: what transports combine with
         // the outbox id into bus-side deduplication ids.
         let source = match resolve_source(&ctx).await {
@@ -402,9 +409,12 @@ impl App {
         Ok(routes)
     }
 
-    fn build_engine(&mut self, routes: Vec<Route>) -> Result<Engine> {
+    /// The engine with every route, and the destinations to verify on
+    /// their buses before it starts.
+    fn build_engine(&mut self, routes: Vec<Route>) -> Result<(Engine, Vec<Destination>)> {
         let ctx = &self.ctx;
         let mut engine = Engine::new(ctx.broker().clone());
+        let mut destinations: Vec<Destination> = Vec::new();
         for mut route in routes {
             let mut targets = Vec::new();
             for t in &route.targets {
@@ -449,6 +459,16 @@ impl App {
                         t.transport
                     )));
                 }
+                let seen = destinations
+                    .iter()
+                    .any(|d| d.transport.name() == t.transport && d.destination == t.destination);
+                if !seen {
+                    destinations.push(Destination {
+                        subscriber: route.describe(),
+                        transport: transport.clone(),
+                        destination: t.destination.clone(),
+                    });
+                }
                 let watch = self.watch.tracker(&t.transport, &t.destination);
                 targets.push((transport, t.destination.clone(), watch));
             }
@@ -487,7 +507,7 @@ impl App {
         if let Some(f) = self.engine.take() {
             engine = f(engine);
         }
-        Ok(engine)
+        Ok((engine, destinations))
     }
 }
 
@@ -588,6 +608,47 @@ async fn wait_for_shutdown(token: &tokio_util::sync::CancellationToken, signals:
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
     }
+}
+
+/// A destination a route publishes to, verified on its bus at startup
+/// ([`Transport::verify_destination`]).
+struct Destination {
+    /// The first subscriber naming it (`describe()`), for the error.
+    subscriber: String,
+    transport: Arc<dyn Transport>,
+    destination: String,
+}
+
+/// How long the startup check of one destination may take, whatever the
+/// transport does.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Asks each transport whether its destinations exist
+/// ([`Transport::verify_destination`]), one at a time; the first refusal
+/// fails startup, naming the subscriber, the destination and the transport.
+async fn verify_destinations(destinations: Vec<Destination>) -> Result<()> {
+    for d in destinations {
+        let name = d.transport.name().to_owned();
+        let checked = tokio::time::timeout(
+            VERIFY_TIMEOUT,
+            d.transport.verify_destination(&d.destination),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the check did not finish within {VERIFY_TIMEOUT:?} (is the bus reachable?)"
+            ))
+        });
+        if let Err(reason) = checked {
+            return Err(Error::config(format!(
+                "subscriber {} publishes to `{}` on transport `{name}`, which is not ready for \
+                 it: {reason}",
+                d.subscriber, d.destination
+            )));
+        }
+        tracing::debug!(transport = %name, destination = %d.destination, "destination verified");
+    }
+    Ok(())
 }
 
 /// A transport, a destination on it, and the destination's outage tracker.

@@ -201,6 +201,25 @@ pub trait Transport: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Checks on the bus, when `App::run` starts (after the startup hooks
+    /// connected the transports, before anything is consumed), that a
+    /// destination named in `#[publish_to(name, "destination")]` exists and
+    /// can take messages: a RabbitMQ exchange or queue, a JetStream stream
+    /// capturing the subject, a Redis key of the right type. `Err(reason)`
+    /// fails startup, naming the handler, the destination and the
+    /// transport; the reason should say how to fix it (which `ensure_*`
+    /// creates it). The default accepts every destination (a bus that
+    /// creates destinations on first use, or cannot tell).
+    ///
+    /// The check must be bounded in time (the transport's connect or
+    /// publish timeout). It is called once per distinct destination. What
+    /// it cannot know (a RabbitMQ binding that routes the message) stays a
+    /// publish error, retried and then dead-lettered.
+    fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
+        let _ = destination;
+        Box::pin(async { Ok(()) })
+    }
+
     /// Flushes and closes; called once at shutdown, after the subscribers
     /// have drained.
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
