@@ -203,34 +203,119 @@ impl Inner {
     /// network partition, a server that stopped answering) is not used
     /// again; commands still pending on it finish or fail on their own.
     fn timed_out(&self, generation: u64, destination: String, last: Option<RedisError>) -> Error {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
-        if current.generation == generation {
-            match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
-            {
-                Ok(manager) => {
-                    tracing::warn!(
-                        transport = %self.name,
-                        destination = %destination,
-                        "a Redis publish was not confirmed within {:?}; replacing the connection",
-                        self.publish_timeout
-                    );
-                    *current = Current {
-                        generation: generation + 1,
-                        manager,
-                    };
-                }
-                Err(e) => tracing::warn!(
-                    transport = %self.name,
-                    error = %e,
-                    "could not replace the Redis connection after a timeout"
-                ),
-            }
-        }
+        self.replace_connection(
+            generation,
+            &destination,
+            "a Redis publish was not confirmed",
+        );
         Error::Timeout {
             destination,
             timeout: self.publish_timeout,
             source: last.map(Box::new),
         }
+    }
+
+    /// Replaces the connection of `generation` (unless another caller
+    /// already did) after `what` did not finish within the publish
+    /// timeout.
+    fn replace_connection(&self, generation: u64, destination: &str, what: &str) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if current.generation != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => {
+                tracing::warn!(
+                    transport = %self.name,
+                    destination = %destination,
+                    "{what} within {:?}; replacing the connection",
+                    self.publish_timeout
+                );
+                *current = Current {
+                    generation: generation + 1,
+                    manager,
+                };
+            }
+            Err(e) => tracing::warn!(
+                transport = %self.name,
+                error = %e,
+                "could not replace the Redis connection after a timeout"
+            ),
+        }
+    }
+
+    /// [`Transport::verify_destination`]: `TYPE <key>` for a stream or a
+    /// list, within the publish timeout (a failed connection is retried
+    /// on the reconnected one until then, as a publish is); a channel
+    /// has nothing to check.
+    async fn verify(&self, route: &str) -> std::result::Result<(), String> {
+        let destination = Destination::parse(route).map_err(|e| match e {
+            Error::InvalidDestination { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
+        let kind = destination.kind();
+        if kind == Kind::Channel {
+            // Pub/Sub channels are not keys: nothing exists before a
+            // PUBLISH, and whether anyone listens is a publish-time matter.
+            return Ok(());
+        }
+        let key = destination.name();
+        let mut cmd = redis::cmd("TYPE");
+        cmd.arg(key);
+        let deadline = Instant::now() + self.publish_timeout;
+        let Current {
+            generation,
+            manager: mut conn,
+        } = self.current();
+        let could_not = |cause: &dyn fmt::Display| {
+            format!(
+                "could not check the type of Redis key {key:?} on {} within {:?} (is the server \
+                 reachable? the check is bounded by publish_timeout): {cause}",
+                self.url, self.publish_timeout
+            )
+        };
+        let mut last: Option<RedisError> = None;
+        let actual = loop {
+            let attempt = tokio::time::timeout_at(deadline, cmd.query_async::<String>(&mut conn));
+            let err = match attempt.await {
+                Ok(Ok(actual)) => break actual,
+                Ok(Err(e)) => e,
+                Err(_elapsed) => {
+                    self.replace_connection(
+                        generation,
+                        route,
+                        "the startup check of a Redis key did not finish",
+                    );
+                    return Err(match last {
+                        Some(e) => could_not(&e),
+                        None => could_not(&"no reply"),
+                    });
+                }
+            };
+            if err.code() == Some("NOPERM") {
+                // An ACL that allows XADD/RPUSH but not TYPE: the check
+                // cannot tell; a key of another type stays a publish-time
+                // WRONGTYPE rejection.
+                tracing::warn!(
+                    transport = %self.name,
+                    destination = %route,
+                    error = %err,
+                    "cannot check the type of a Redis destination key at startup (TYPE denied)"
+                );
+                return Ok(());
+            }
+            // A failed connection, or a server still loading its dataset:
+            // try again within the deadline. Another reply is final.
+            let transient = (err.kind() == redis::ErrorKind::Io && err.code().is_none())
+                || err.code() == Some("LOADING");
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !transient || left <= RETRY_BACKOFF {
+                return Err(could_not(&err));
+            }
+            last = Some(err);
+            tokio::time::sleep(RETRY_BACKOFF).await;
+        };
+        wrong_type(key, kind, &actual).map_or(Ok(()), Err)
     }
 
     /// The command for `frame`: `XADD key [MAXLEN ~ n] * __data__ frame`,
@@ -319,6 +404,35 @@ impl Inner {
     }
 }
 
+/// Why a key of type `actual` (as `TYPE` names it) cannot take `kind`'s
+/// command, with the fix; `None` when it can (`none`: the first `XADD` or
+/// `RPUSH` creates the key).
+fn wrong_type(key: &str, kind: Kind, actual: &str) -> Option<String> {
+    let expected = kind.redis_type();
+    if actual == "none" || actual == expected {
+        return None;
+    }
+    let command = match kind {
+        Kind::List => "RPUSH",
+        _ => "XADD",
+    };
+    let other_kind = [Kind::Stream, Kind::List]
+        .into_iter()
+        .find(|k| k.redis_type() == actual)
+        .map(|k| {
+            format!(
+                ", or name the right kind in the route (`{}{key}`)",
+                k.prefix()
+            )
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "Redis key {key:?} holds a {actual}, not a {expected} ({command} would fail with \
+         WRONGTYPE): delete or rename the key (DEL / RENAME){other_kind}, or publish to \
+         another key"
+    ))
+}
+
 /// Runs `cmd` and reads its reply as the kind's confirmation.
 async fn query(
     cmd: &Cmd,
@@ -364,6 +478,21 @@ impl Transport for RedisTransport {
     /// a bare key), `list:<key>`, `channel:<name>`, not empty.
     fn check_destination(&self, destination: &str) -> Result<(), String> {
         crate::destination::check_destination(destination)
+    }
+
+    /// For a stream or a list, `TYPE <key>`: a missing key is fine (the
+    /// first `XADD` or `RPUSH` creates it), a key of the expected type too;
+    /// a key holding another type is refused, naming the key, both types
+    /// and the fix (delete or rename the key, or name the right kind). A
+    /// channel has nothing to check. The check is bounded by the publish
+    /// timeout; a server that does not answer by then is refused with
+    /// "could not check …: <cause>". An ACL denying `TYPE` (`NOPERM`)
+    /// skips the check, with a warning. A key whose type changes later is
+    /// still refused at publish ([`Error::WrongType`]).
+    fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
+        let inner = self.inner.clone();
+        let destination = destination.to_owned();
+        Box::pin(async move { inner.verify(&destination).await })
     }
 
     /// Nothing to flush: every publish waited for its reply. The connection
@@ -447,5 +576,48 @@ mod tests {
             .await
             .expect_err("nothing listens");
         assert!(BusRejection::find(&*boxed).is_none(), "{boxed}");
+    }
+
+    /// The startup check: a channel needs no server; a stream or a list
+    /// key on a server that does not answer is refused by the publish
+    /// timeout, saying it could not check and why, password redacted.
+    #[tokio::test]
+    async fn verify_destination_is_bounded_and_says_why_it_could_not_check() {
+        let t = transport(|s| s.publish_timeout = Duration::from_millis(800));
+        Transport::verify_destination(&t, "channel:events")
+            .await
+            .expect("a channel has nothing to check");
+        for dest in ["orders", "list:jobs"] {
+            let started = std::time::Instant::now();
+            let err = Transport::verify_destination(&t, dest)
+                .await
+                .expect_err("nothing listens");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(err.starts_with("could not check"), "{err}");
+            assert!(err.contains("redis://relay:***@127.0.0.1:1"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_both_types_and_the_fix() {
+        assert_eq!(wrong_type("k", Kind::Stream, "none"), None);
+        assert_eq!(wrong_type("k", Kind::Stream, "stream"), None);
+        assert_eq!(wrong_type("k", Kind::List, "list"), None);
+        let err = wrong_type("k", Kind::Stream, "list").expect("a list is not a stream");
+        assert!(
+            err.contains(r#"key "k" holds a list, not a stream"#),
+            "{err}"
+        );
+        assert!(err.contains("delete or rename the key"), "{err}");
+        assert!(err.contains("`list:k`"), "{err}");
+        let err = wrong_type("k", Kind::List, "string").expect("a string is not a list");
+        assert!(err.contains("holds a string, not a list"), "{err}");
+        assert!(err.contains("RPUSH would fail with WRONGTYPE"), "{err}");
+        assert!(!err.contains("`stream:"), "{err}");
     }
 }
