@@ -14,6 +14,8 @@ use crate::error::{Error, LapinError, Result};
 pub(crate) const ACCESS_REFUSED: u16 = 403;
 /// `404 NOT_FOUND`.
 pub(crate) const NOT_FOUND: u16 = 404;
+/// `405 RESOURCE_LOCKED` (e.g. an exclusive queue of another connection).
+pub(crate) const RESOURCE_LOCKED: u16 = 405;
 /// `406 PRECONDITION_FAILED`.
 pub(crate) const PRECONDITION_FAILED: u16 = 406;
 /// `530 NOT_ALLOWED` (e.g. an unknown virtual host).

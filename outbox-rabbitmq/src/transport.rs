@@ -6,14 +6,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
 use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
 use tokio::time::Instant;
 
 use crate::config::Settings;
-use crate::connection::{ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, amqp_reply, open};
+use crate::connection::{
+    ACCESS_REFUSED, NOT_FOUND, PRECONDITION_FAILED, RESOURCE_LOCKED, amqp_reply, open,
+};
 use crate::destination::{Address, check_destination, parse};
 use crate::error::{Error, LapinError, Result};
 
@@ -407,6 +411,74 @@ impl Inner {
         }
     }
 
+    /// [`Transport::verify_destination`]: a passive declare of the
+    /// destination's queue (default exchange) or exchange on a throwaway
+    /// channel of the current connection (a connection of its own when there
+    /// is no usable one), all within the connect timeout. A missing one makes
+    /// the broker close that channel (`404`); the confirm channel publishes
+    /// use is never involved.
+    async fn verify(&self, destination: &str) -> std::result::Result<(), String> {
+        let address = parse(destination)?;
+        let target = if address.exchange.is_empty() {
+            Target::Queue(address.routing_key)
+        } else {
+            Target::Exchange(address.exchange)
+        };
+        let timeout = self.settings.connect_timeout;
+        let deadline = Instant::now() + timeout;
+        let could_not = |cause: String| format!("could not check {target} on RabbitMQ: {cause}");
+        let shared = self.current().filter(|l| {
+            !l.suspect.load(std::sync::atomic::Ordering::Relaxed)
+                && l.connection.status().connected()
+        });
+        let (connection, shared) = match shared {
+            Some(l) => (l.connection.clone(), Some(l)),
+            None => {
+                let opened = open(&self.settings, timeout)
+                    .await
+                    .map_err(|e| could_not(outbox_core::render_error_chain(&e)))?;
+                (Arc::new(opened), None)
+            }
+        };
+        let checked = tokio::time::timeout_at(deadline, passive_declare(&connection, target)).await;
+        match &shared {
+            // The connection did not answer: the next publish replaces it.
+            Some(l) if checked.is_err() => {
+                l.suspect.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(_) => {}
+            None => {
+                let close = self.settings.close_timeout;
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(close, connection.close(200, "checked".into())).await;
+                });
+            }
+        }
+        let e = match checked {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(could_not(format!(
+                    "no answer from `{}` within {timeout:?} (connect_timeout)",
+                    self.settings.redacted_url()
+                )));
+            }
+        };
+        match amqp_reply(&e) {
+            Some((NOT_FOUND, _)) => Err(target.missing()),
+            // An exclusive queue of another connection: it exists, and the
+            // default exchange routes to it.
+            Some((RESOURCE_LOCKED, _)) if matches!(target, Target::Queue(_)) => Ok(()),
+            Some((ACCESS_REFUSED, text)) => Err(format!(
+                "RabbitMQ refused to let the user of `{}` check {target} ({text}): grant the \
+                 user access to it on the virtual host",
+                self.settings.redacted_url()
+            )),
+            _ => Err(could_not(outbox_core::render_error_chain(&e))),
+        }
+    }
+
     /// `e` as [`Transport::publish`] returns it: a permanent refusal wrapped
     /// in a [`BusRejection`] naming this transport.
     fn publish_error(&self, e: Error) -> BoxError {
@@ -416,6 +488,81 @@ impl Inner {
             Box::new(BusRejection::new(self.settings.name.clone(), e))
         }
     }
+}
+
+/// What [`Inner::verify`] looks for: the queue of a default-exchange
+/// destination, or the exchange of an `exchange/routing.key` one.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+impl fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Queue(q) => write!(f, "the queue `{q}`"),
+            Target::Exchange(x) => write!(f, "the exchange `{x}`"),
+        }
+    }
+}
+
+impl Target<'_> {
+    /// Why startup fails when the broker has no such queue or exchange, and
+    /// how to declare it.
+    fn missing(&self) -> String {
+        match self {
+            Target::Queue(q) => format!(
+                "RabbitMQ has no queue `{q}` (a destination without an exchange goes through \
+                 the default exchange to the queue of that name); declare it, e.g. \
+                 `rabbit.ensure_queue({q:?})` in an on_startup hook or before App::run"
+            ),
+            Target::Exchange(x) => format!(
+                "RabbitMQ has no exchange `{x}`; declare it, e.g. \
+                 `rabbit.ensure_exchange({x:?}, ExchangeKind::Topic)` (the kind your routing \
+                 needs) in an on_startup hook or before App::run, and bind queues to it with \
+                 `rabbit.ensure_binding(queue, {x:?}, routing_key)` (bindings are not checked \
+                 at startup: a message no queue is bound for fails its publish as unroutable)"
+            ),
+        }
+    }
+}
+
+/// A passive declare of `target` on a channel of its own, closed afterwards
+/// (the broker closes it itself when `target` does not exist).
+async fn passive_declare(connection: &Connection, target: Target<'_>) -> lapin::Result<()> {
+    let channel = connection.create_channel().await?;
+    let declared = match target {
+        Target::Queue(q) => channel
+            .queue_declare(
+                q.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|_| ()),
+        Target::Exchange(x) => {
+            channel
+                .exchange_declare(
+                    x.into(),
+                    // Ignored by a passive declare.
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        }
+    };
+    if channel.status().connected() {
+        let _ = channel.close(200, "checked".into()).await;
+    }
+    declared
 }
 
 /// The AMQP properties of a message: `content-type`, `correlation_id` and
@@ -490,6 +637,22 @@ impl Transport for RabbitTransport {
     /// `exchange/`, `/queue/with/slashes`) and AMQP's name rules.
     fn check_destination(&self, destination: &str) -> Result<(), String> {
         check_destination(destination)
+    }
+
+    /// Checks on the broker that the destination's queue (`orders`,
+    /// `/odd/queue`: the default exchange routes to the queue of that name)
+    /// or exchange (`billing/orders.created`) exists: a passive declare on a
+    /// throwaway channel of the transport's connection (or a connection of
+    /// its own when that one is gone), within the connect timeout. A missing
+    /// one fails startup naming it and the `ensure_queue` /
+    /// `ensure_exchange` call that declares it; a broker that cannot be
+    /// reached or does not answer fails it too (`could not check …`).
+    /// Bindings cannot be checked: a message no queue is bound for stays a
+    /// publish error ([`Error::Unroutable`], retried, then dead-lettered).
+    fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
+        let inner = self.inner.clone();
+        let destination = destination.to_owned();
+        Box::pin(async move { inner.verify(&destination).await })
     }
 
     /// Closes the connection (bounded by the close timeout).

@@ -1,6 +1,7 @@
 //! `outbox-rabbitmq` end to end against the real RabbitMQ over TCP
 //! (`RABBITMQ_URL`) and real PostgreSQL: a relay process killed with
-//! SIGKILL, unroutable messages, a missing exchange, a cut and a hung
+//! SIGKILL, unroutable messages, a missing exchange, the startup check of
+//! destinations (missing queue or exchange, the broker cut during it), a cut and a hung
 //! connection (through an in-test proxy, never the shared broker), the
 //! `exchange/routing-key` destinations, refused credentials, the broker's
 //! own size limit, and FastStream's `RabbitBroker` reading what the relay
@@ -140,7 +141,9 @@ async fn a_nack_is_an_error() -> R {
 
 /// A message no queue takes (mandatory, `basic.return`) is an error, not a
 /// silent drop: retried, then dead-lettered as `retry_terminal` with the
-/// broker's reason; the row never leaves without a trace.
+/// broker's reason; the row never leaves without a trace. Directly: a
+/// missing queue; through the App (whose startup refuses a missing queue):
+/// an exchange without a binding for the routing key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
     let nowhere = unique("no.such.queue");
@@ -162,13 +165,22 @@ async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
     t.publish(outgoing(&queue, 2, "y")).await.unwrap();
     t.close().await.unwrap();
 
+    // Through the App: a missing queue fails startup (see
+    // `a_missing_queue_or_exchange_fails_startup`), so the unroutable
+    // destination is an existing exchange no queue is bound to (bindings
+    // cannot be checked at startup).
+    let unbound = unique("unbound");
+    rabbit
+        .ensure_exchange(&unbound, ExchangeKind::Direct)
+        .await?;
+    let unbound_dest = format!("{unbound}/nowhere");
     let db = TestDb::new().await?;
     let mut tx = db.pool.begin().await?;
     let id = db.broker.publish(&1_i64, "unroutable", &mut *tx).await?;
     tx.commit().await?;
     let route = fast(Route::builder(["unroutable"]))
         .retry(ConstantRetry::new(Duration::from_millis(100)).max_attempts(3))
-        .publish_to("rabbit", nowhere.clone())
+        .publish_to("rabbit", unbound_dest.clone())
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
         });
@@ -190,11 +202,12 @@ async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
     .await?;
     assert_eq!(reason, "retry_terminal");
     assert!(
-        last.contains("NO_ROUTE") && last.contains(&nowhere),
+        last.contains("NO_ROUTE") && last.contains(&unbound_dest),
         "{last}"
     );
     assert_eq!(db.count().await?, 0);
     delete_queue(&queue).await;
+    delete_exchange(&unbound).await;
     Ok(())
 }
 
@@ -202,6 +215,9 @@ async fn an_unroutable_message_is_retried_then_dead_lettered() -> R {
 /// channel (`404 NOT_FOUND`); the error names the exchange and the fix, is
 /// retryable (the exchange may be declared later), and the next publish
 /// opens a new channel; once declared and bound, the same destination works.
+/// (Directly on the transport: `App::run` refuses a missing exchange at
+/// startup, see `a_missing_queue_or_exchange_fails_startup`; one deleted
+/// while the App runs is this case.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_exchange_is_named_and_the_channel_reopens() -> R {
     let exchange = unique("no-such-exchange");
@@ -253,6 +269,207 @@ async fn delete_exchange(exchange: &str) {
             .await;
     }
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// The startup check (`Transport::verify_destination`): a destination whose
+/// queue (default exchange, also `/odd/queue`) or exchange does not exist
+/// fails `App::run` before anything is consumed, naming the subscriber, the
+/// destination, the transport, the missing queue or exchange and the
+/// `ensure_*` call that declares it; the row stays in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_queue_or_exchange_fails_startup() -> R {
+    let rabbit = test_rabbit(&url());
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&1_i64, "verify", &mut *tx).await?;
+    tx.commit().await?;
+    let queue = unique("no.such.queue");
+    let slashed = format!("odd/{}", unique("no.such.queue"));
+    let exchange = unique("no-such-exchange");
+    let cases = [
+        (
+            queue.clone(),
+            vec![
+                format!("no queue `{queue}`"),
+                format!("rabbit.ensure_queue(\"{queue}\")"),
+            ],
+        ),
+        (
+            format!("/{slashed}"),
+            vec![
+                format!("no queue `{slashed}`"),
+                format!("rabbit.ensure_queue(\"{slashed}\")"),
+            ],
+        ),
+        (
+            format!("{exchange}/orders.created"),
+            vec![
+                format!("no exchange `{exchange}`"),
+                format!("rabbit.ensure_exchange(\"{exchange}\""),
+                "bindings are not checked".to_owned(),
+            ],
+        ),
+    ];
+    for (dest, wants) in cases {
+        let route = fast(Route::builder(["verify"]))
+            .name("to_missing")
+            .publish_to("rabbit", dest.clone())
+            .handler(|msg: Message, _| async move {
+                Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+            });
+        let run = db
+            .app()
+            .subscriber(route)
+            .on_startup(rabbit.connect())
+            .run();
+        let err = tokio::time::timeout(Duration::from_secs(30), run)
+            .await?
+            .unwrap_err();
+        let text = err.to_string();
+        println!("{text}");
+        assert!(
+            text.contains("`to_missing`")
+                && text.contains(&format!("`{dest}`"))
+                && text.contains("transport `rabbit`"),
+            "{text}"
+        );
+        for want in &wants {
+            assert!(text.contains(want.as_str()), "lacks {want:?}: {text}");
+        }
+        assert_eq!(db.count().await?, 1, "a row was consumed ({dest})");
+        assert_eq!(db.dlq_count().await?, 0);
+    }
+    Ok(())
+}
+
+/// Destinations that exist pass the check and the App relays to them: a
+/// queue, a queue with a `/` in its name, an exchange (bound here; the check
+/// looks at the exchange only). On the transport directly: a failed check
+/// (the broker closes the throwaway channel with `404`) leaves the publish
+/// channel alone (no reopened channel, the same link generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_destinations_pass_the_startup_check() -> R {
+    let rabbit = test_rabbit(&url());
+    let queue = unique("verified");
+    let slashed = format!("odd/{}", unique("verified"));
+    let exchange = unique("verified-x");
+    let bound = unique("verified-bound");
+    for q in [&queue, &slashed, &bound] {
+        declare_queue(q).await?;
+    }
+    rabbit
+        .ensure_exchange(&exchange, ExchangeKind::Topic)
+        .await?;
+    rabbit.ensure_binding(&bound, &exchange, "orders.*").await?;
+    let dests = [
+        queue.clone(),
+        format!("/{slashed}"),
+        format!("{exchange}/orders.created"),
+    ];
+
+    let t = rabbit.connect_transport().await?;
+    let generation = |t: &outbox_rabbitmq::RabbitTransport| {
+        let dbg = format!("{t:?}");
+        assert!(dbg.contains("generation: Some("), "{dbg}");
+        dbg.split("generation: ").nth(1).unwrap().to_owned()
+    };
+    let before = generation(&t);
+    for d in &dests {
+        t.verify_destination(d)
+            .await
+            .unwrap_or_else(|e| panic!("{d}: {e}"));
+    }
+    // The predeclared exchange `amq.topic` exists too.
+    t.verify_destination("amq.topic/anything").await.unwrap();
+    for _ in 0..3 {
+        let missing = unique("no.such.queue");
+        let err = t.verify_destination(&missing).await.unwrap_err();
+        assert!(err.contains(&format!("no queue `{missing}`")), "{err}");
+        let err = t
+            .verify_destination(&format!("{}/k", unique("no-such-x")))
+            .await
+            .unwrap_err();
+        assert!(err.contains("no exchange"), "{err}");
+        t.publish(outgoing(&queue, 1, "after a failed check"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(generation(&t), before, "the publish link was replaced");
+    t.close().await.unwrap();
+
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    for v in 0..3_i64 {
+        db.broker.publish(&v, "verified", &mut *tx).await?;
+    }
+    tx.commit().await?;
+    let mut app = db.app().on_startup(rabbit.connect());
+    for (i, d) in dests.iter().enumerate() {
+        app = app.subscriber(
+            fast(Route::builder(["verified"]))
+                .name(format!("to_{i}"))
+                .publish_to("rabbit", d.clone())
+                .handler(|msg: Message, _| async move {
+                    Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+                }),
+        );
+    }
+    let app = RunningApp::start(app);
+    assert!(db.drained(Duration::from_secs(30)).await, "rows left");
+    app.stop().await?;
+    let total = queue_len(&queue).await? + queue_len(&slashed).await? + queue_len(&bound).await?;
+    // `queue` also holds the 3 direct publishes above.
+    assert_eq!(total, 3 + 3, "each row relayed once");
+    for q in [&queue, &slashed, &bound] {
+        delete_queue(q).await;
+    }
+    delete_exchange(&exchange).await;
+    Ok(())
+}
+
+/// A broker that cannot be reached or does not answer during the check is a
+/// startup error too (`could not check …`), within the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_fails_when_the_broker_is_cut_or_hangs() -> R {
+    let (proxy, via) = proxy().await?;
+    let queue = unique("checked");
+    declare_queue(&queue).await?;
+    let t = test_rabbit(&via)
+        .connect_timeout(Duration::from_secs(1))
+        .connect_transport()
+        .await?;
+    t.verify_destination(&queue).await.unwrap();
+
+    proxy.pause();
+    let started = std::time::Instant::now();
+    let err = t.verify_destination(&queue).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "unbounded");
+    assert!(
+        err.contains(&format!("could not check the queue `{queue}`")) && err.contains("no answer"),
+        "{err}"
+    );
+    proxy.cut();
+    let err = t.verify_destination(&queue).await.unwrap_err();
+    assert!(
+        err.contains(&format!("could not check the queue `{queue}`"))
+            && err.contains("cannot connect"),
+        "{err}"
+    );
+    assert!(!err.contains(":guest@"), "leaks the password: {err}");
+    proxy.restore();
+    // Recovers: a fresh connection for the check, then the publish link.
+    let mut ok = false;
+    for _ in 0..10 {
+        if t.verify_destination(&queue).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "the check did not recover after the restore");
+    let _ = t.close().await;
+    delete_queue(&queue).await;
+    Ok(())
 }
 
 /// The connection is cut (proxy): publishes fail instead of resolving Ok;
