@@ -1,6 +1,7 @@
 //! The Redis transport against the real server (`REDIS_URL`): a relay
 //! process killed with SIGKILL, the list and Pub/Sub kinds, `MAXLEN`,
-//! `WRONGTYPE` dead-lettered, an unreachable server / refused credentials /
+//! a destination key of another type failing startup (missing keys start
+//! fine), `WRONGTYPE` after startup dead-lettered, an unreachable server / refused credentials /
 //! a cut or hung connection, and FastStream's own Redis subscriber reading
 //! what the transport wrote.
 
@@ -264,8 +265,10 @@ async fn stream_maxlen_trims_the_stream() -> R {
 // ---------------------------------------------------------------- refusals
 
 /// A destination key holding another type: `WRONGTYPE` is a permanent
-/// refusal naming the key, both types and the fix; through the App the row
-/// is dead-lettered as `rejected`, never dropped, and the key is untouched.
+/// refusal naming the key, both types and the fix. The startup check sees
+/// a key of another type (see below), so through the App this is a key
+/// whose type changed after startup: the row is dead-lettered as
+/// `rejected`, never dropped, and the key is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrongtype_is_dead_lettered_as_rejected() -> R {
     let db = TestDb::new().await?;
@@ -289,8 +292,10 @@ async fn wrongtype_is_dead_lettered_as_rejected() -> R {
     );
     assert!(text.contains("delete or rename the key"), "{text}");
 
+    // The App starts on the missing key; a first row creates the stream.
+    let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
     let mut tx = db.pool.begin().await?;
-    let id = db.broker.publish(&"x", "wrong", &mut *tx).await?;
+    db.broker.publish(&"first", "wrong", &mut *tx).await?;
     tx.commit().await?;
     // The default retry strategy: a rejection is terminal at once.
     let route = Route::builder(["wrong"])
@@ -305,6 +310,22 @@ async fn wrongtype_is_dead_lettered_as_rejected() -> R {
             .subscriber(route)
             .on_startup(test_redis(&url()).connect()),
     );
+    assert!(
+        db.drained(Duration::from_secs(30)).await,
+        "the first row was not relayed"
+    );
+    assert_eq!(read_stream(&mut c, &key).await?.len(), 1);
+
+    // The key becomes a list while the relay runs.
+    let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut c).await?;
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&key)
+        .arg("not a stream")
+        .query_async(&mut c)
+        .await?;
+    let mut tx = db.pool.begin().await?;
+    let id = db.broker.publish(&"x", "wrong", &mut *tx).await?;
+    tx.commit().await?;
     let dead = wait_until(Duration::from_secs(30), || async {
         db.dlq_count().await.unwrap() == 1
     })
@@ -325,6 +346,130 @@ async fn wrongtype_is_dead_lettered_as_rejected() -> R {
     );
     let len: i64 = redis::cmd("LLEN").arg(&key).query_async(&mut c).await?;
     assert_eq!(len, 1, "the list is untouched");
+    Ok(())
+}
+
+/// An App relaying `queue` to each of `dests` (a channel reached by
+/// nobody is confirmed).
+fn relay_app(db: &TestDb, queue: &str, dests: &[String]) -> outbox_core::App {
+    let mut route = Route::builder([queue])
+        .name(format!("relay-{queue}"))
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200));
+    for dest in dests {
+        route = route.publish_to("redis", dest.clone());
+    }
+    let route = route.handler(|msg: Message, ctx: AppContext| async move {
+        Passthrough::from_delivery(&msg, &ctx)
+    });
+    db.app()
+        .subscriber(route)
+        .on_startup(test_redis(&url()).allow_no_subscribers(true).connect())
+}
+
+/// The startup check (`verify_destination`): a stream or list destination
+/// whose key holds another type fails `App::run` before anything is
+/// consumed, naming the subscriber, the destination, the transport, the
+/// key, both types and the fix; the row stays in the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_key_of_another_type_fails_startup() -> R {
+    let db = TestDb::new().await?;
+    let mut keys = Keys::new();
+    let (string, stream) = (keys.key("is-a-string"), keys.key("is-a-stream"));
+    let mut c = conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(&string)
+        .arg("not a stream")
+        .query_async(&mut c)
+        .await?;
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query_async(&mut c)
+        .await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&"kept", "checked", &mut *tx).await?;
+    tx.commit().await?;
+
+    // A stream destination on a string key.
+    let dest = format!("stream:{string}");
+    let err = relay_app(&db, "checked", std::slice::from_ref(&dest))
+        .run()
+        .await
+        .expect_err("a string is not a stream")
+        .to_string();
+    println!("{err}");
+    assert!(err.contains("relay-checked"), "names the subscriber: {err}");
+    assert!(
+        err.contains(&format!("publishes to `{dest}` on transport `redis`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "Redis key {string:?} holds a string, not a stream"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("delete or rename the key"), "{err}");
+
+    // A list destination on a stream key: the fix names the stream kind.
+    let dest = format!("list:{stream}");
+    let err = relay_app(&db, "checked", &[dest.clone()])
+        .run()
+        .await
+        .expect_err("a stream is not a list")
+        .to_string();
+    println!("{err}");
+    assert!(
+        err.contains(&format!("publishes to `{dest}` on transport `redis`")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("Redis key {stream:?} holds a stream, not a list")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("`stream:{stream}`")), "{err}");
+
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+    assert_eq!(db.dlq_count().await?, 0);
+    let kept: String = redis::cmd("GET").arg(&string).query_async(&mut c).await?;
+    assert_eq!(kept, "not a stream", "the key is untouched");
+    Ok(())
+}
+
+/// Redis creates streams and lists on the first write: destinations whose
+/// keys do not exist yet (and channels, which are no keys) pass the
+/// startup check, and the relay creates them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_destination_keys_start_fine_and_are_created() -> R {
+    let db = TestDb::new().await?;
+    let mut keys = Keys::new();
+    let (stream, list) = (keys.key("missing-stream"), keys.key("missing-list"));
+    let channel = tests::redis::unique_key("missing-channel");
+    let mut c = conn().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&stream)
+        .arg(&list)
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(exists, 0);
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&"hello", "fresh", &mut *tx).await?;
+    tx.commit().await?;
+
+    let dests = [
+        format!("stream:{stream}"),
+        format!("list:{list}"),
+        format!("channel:{channel}"),
+    ];
+    let app = RunningApp::start(relay_app(&db, "fresh", &dests));
+    let drained = db.drained(Duration::from_secs(30)).await;
+    app.stop().await?;
+    assert!(drained, "{} rows left in the outbox", db.count().await?);
+    assert_eq!(read_stream(&mut c, &stream).await?.len(), 1);
+    assert_eq!(read_list(&mut c, &list).await?.len(), 1);
     Ok(())
 }
 
