@@ -173,8 +173,9 @@ impl RabbitBroker {
 
     /// Declares a durable queue (nothing happens if it exists with the same
     /// settings; a queue declared with other settings is an error). Plain
-    /// destinations (`"orders"`) need their queue: without it the message
-    /// is unroutable and the publish fails (retried).
+    /// destinations (`"orders"`) need their queue: without it `App::run`
+    /// fails at startup (the startup check of destinations), and a queue
+    /// deleted later makes the publish fail as unroutable (retried).
     ///
     /// ```no_run
     /// use outbox_core::{App, AppContext, BoxError, Hook, OutboxBroker};
@@ -198,7 +199,8 @@ impl RabbitBroker {
     }
 
     /// Declares a durable exchange of `kind` (nothing happens if it exists
-    /// with the same settings).
+    /// with the same settings). `exchange/routing.key` destinations need
+    /// their exchange: without it `App::run` fails at startup.
     ///
     /// ```no_run
     /// use outbox_rabbitmq::{ExchangeKind, RabbitBroker};

@@ -13,7 +13,8 @@
 //                   [uses config, connection, error]
 //   transport.rs    RabbitTransport, the outbox_core::Transport impl: publish with
 //                   mandatory + confirms, the one deadline, reconnecting,
-//                   BusRejection, close [uses config, connection, destination, error]
+//                   BusRejection, the startup check of destinations (passive
+//                   declares), close [uses config, connection, destination, error]
 //   broker.rs       RabbitBroker: the builder, its TransportBroker impl (connect()
 //                   is outbox-core's shared registration step), ensure_queue,
 //                   ensure_exchange, ensure_binding
@@ -54,10 +55,12 @@
 //! confirm channel within [`connect_timeout`](RabbitBroker::connect_timeout)
 //! (10 s) and registers the transport. When the broker cannot be reached or
 //! refuses the login, `App::run` fails before anything is consumed, naming
-//! the URL (password redacted) and what to check.
-//! [`RabbitBroker::connect_transport`] gives a [`RabbitTransport`] without an
-//! `App`. The crate passes the transport conformance kit
-//! (`tests/tests/conformance_rabbitmq.rs`) against a real RabbitMQ.
+//! the URL (password redacted) and what to check. Then `App::run` checks
+//! that every destination exists on the broker (see
+//! [Startup check](#startup-check)). [`RabbitBroker::connect_transport`]
+//! gives a [`RabbitTransport`] without an `App`. The crate passes the
+//! transport conformance kit (`tests/tests/conformance_rabbitmq.rs`) against
+//! a real RabbitMQ.
 //!
 //! ## Delivery contract: at least once
 //!
@@ -118,7 +121,42 @@
 //! transport does not declare anything by itself:
 //! [`RabbitBroker::ensure_queue`], [`RabbitBroker::ensure_exchange`] and
 //! [`RabbitBroker::ensure_binding`] declare durable ones (e.g. in a startup
-//! hook before [`RabbitBroker::connect`]).
+//! hook, or before `App::run`).
+//!
+//! ## Startup check
+//!
+//! After the startup hooks connected the transport and before anything is
+//! consumed, `App::run` asks it about each distinct destination
+//! ([`Transport::verify_destination`](outbox_core::Transport::verify_destination)):
+//! a **passive declare**, on a short-lived channel of the transport's
+//! connection (or on a connection of its own when that one is gone), within
+//! [`connect_timeout`](RabbitBroker::connect_timeout):
+//!
+//! - `orders`, `/odd/queue` (the default exchange): the queue `orders` /
+//!   `odd/queue` must exist;
+//! - `billing/orders.created`, `billing/`: the exchange `billing` must exist.
+//!
+//! A missing one fails startup, naming the subscriber, the destination, the
+//! transport, the queue or exchange, and the call that declares it:
+//!
+//! ```text
+//! subscriber `relay` publishes to `orders` on transport `rabbit`, which is not ready for it:
+//! RabbitMQ has no queue `orders` (a destination without an exchange goes through the default
+//! exchange to the queue of that name); declare it, e.g. `rabbit.ensure_queue("orders")` in an
+//! on_startup hook or before App::run
+//! ```
+//!
+//! A broker that cannot be reached or does not answer during the check fails
+//! startup too ("could not check …" and the cause). A failed passive
+//! declare makes RabbitMQ close its channel (`404 NOT_FOUND`, which lapin
+//! logs at ERROR); that channel is a throwaway one, closed after each check,
+//! and the confirm channel publishes use is never involved.
+//!
+//! **Bindings cannot be checked**: an existing exchange with no queue bound
+//! for the routing key passes, and its messages fail their publish as
+//! [`Error::Unroutable`] (retried, then dead-lettered). A queue or exchange
+//! deleted while the App runs is a publish error as well
+//! ([`Error::Unroutable`] / [`Error::ExchangeNotFound`], retried).
 //!
 //! ## Settings
 //!
@@ -164,7 +202,8 @@
 //! [`outbox_core::BusRejection`] naming the transport: under the default
 //! retry strategy its row goes to the dead-letter table at once
 //! (`failure_reason = rejected`). A missing queue or exchange is not
-//! permanent: it may be declared later.
+//! permanent: it may be declared later (missing at startup, it fails
+//! `App::run` instead: [Startup check](#startup-check)).
 
 mod broker;
 mod config;
