@@ -416,7 +416,7 @@ async fn a_destination_key_of_another_type_fails_startup() -> R {
 
     // A list destination on a stream key: the fix names the stream kind.
     let dest = format!("list:{stream}");
-    let err = relay_app(&db, "checked", &[dest.clone()])
+    let err = relay_app(&db, "checked", std::slice::from_ref(&dest))
         .run()
         .await
         .expect_err("a stream is not a list")
