@@ -1,6 +1,7 @@
 //! Subjects and streams: NATS's publish-subject rules ([`check_subject`]),
-//! JetStream's stream-name rules, and creating a stream that captures the
-//! destination subjects ([`ensure_stream`]).
+//! JetStream's stream-name rules, creating a stream that captures the
+//! destination subjects ([`ensure_stream`]), and the stream a startup error
+//! suggests for a subject no stream captures ([`suggested_stream`]).
 
 use async_nats::jetstream::{self, stream};
 
@@ -78,6 +79,31 @@ fn check_stream_subject(subject: &str) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The `(stream name, stream subject)` a startup error suggests for a
+/// subject no stream captures: the subject's first token, upper-cased, and
+/// everything under it (`orders.created` -> `("ORDERS", "orders.>")`); a
+/// one-token subject is captured as it is (`orders` -> `("ORDERS",
+/// "orders")`). Characters a stream name cannot hold become `_`.
+pub(crate) fn suggested_stream(subject: &str) -> (String, String) {
+    let (first, rest) = subject.split_once('.').unwrap_or((subject, ""));
+    let name: String = first
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let captured = if rest.is_empty() {
+        subject.to_owned()
+    } else {
+        format!("{first}.>")
+    };
+    (name, captured)
 }
 
 /// Creates the stream `name` capturing `subjects` unless a stream of that
@@ -204,5 +230,19 @@ mod tests {
         }
         assert!(check_stream_subject("orders.>").is_ok());
         assert!(check_stream_subject("orders..x").is_err());
+    }
+
+    #[test]
+    fn the_suggested_stream_captures_everything_under_the_first_token() {
+        let s = |subject: &str| suggested_stream(subject);
+        assert_eq!(
+            s("orders.created"),
+            ("ORDERS".to_owned(), "orders.>".to_owned())
+        );
+        assert_eq!(s("orders"), ("ORDERS".to_owned(), "orders".to_owned()));
+        assert_eq!(s("a*b.c.d"), ("A_B".to_owned(), "a*b.>".to_owned()));
+        let (name, captured) = s("$x.y");
+        assert_eq!(check_stream_name(&name), Ok(()), "{name}");
+        assert!(check_stream_subject(&captured).is_ok(), "{captured}");
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::config::Delivery;
 use crate::error::{Error, Result};
-use crate::subject::check_subject;
+use crate::subject::{check_subject, suggested_stream};
 
 /// The header that carries [`Response::key`](outbox_core::Response::key)
 /// (NATS messages have no key).
@@ -162,6 +162,28 @@ impl NatsTransport {
         &self.inner.client
     }
 
+    /// Checks that `subject` can take this transport's publishes: what
+    /// [`Transport::verify_destination`] does when `App::run` starts.
+    ///
+    /// With [`Delivery::JetStream`] it asks JetStream for the streams that
+    /// capture the subject (the `$JS.API.STREAM.NAMES` request with a
+    /// subject filter; a stream capturing `orders.>` captures
+    /// `orders.created`), bounded by the publish timeout. `Ok` names the
+    /// first such stream. `Err` is the reason, with the fix: no stream
+    /// captures the subject (create one: `nats.ensure_stream("ORDERS",
+    /// ["orders.>"])`), or the request failed or timed out (`could not
+    /// check ...`).
+    ///
+    /// With [`Delivery::Core`] there is nothing to check (core NATS has no
+    /// destination: a subject exists as soon as one publishes to it) and
+    /// the answer is `Ok(None)` without a request.
+    pub async fn verify_subject(
+        &self,
+        subject: &str,
+    ) -> std::result::Result<Option<String>, String> {
+        self.inner.verify_subject(subject).await
+    }
+
     /// Publishes one message and waits for its confirmation (what
     /// [`Transport::publish`] does, with this crate's error type; a
     /// permanent refusal is not wrapped in a [`BusRejection`] here).
@@ -193,6 +215,13 @@ impl NatsTransport {
             }),
         }
     }
+}
+
+/// `e` and its sources, outermost first.
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
 }
 
 /// The `Nats-Msg-Id` of outbox id `id` (see [`NatsTransport::msg_id`]):
@@ -358,6 +387,71 @@ impl Inner {
         }
     }
 
+    /// The body of [`NatsTransport::verify_subject`].
+    async fn verify_subject(&self, subject: &str) -> std::result::Result<Option<String>, String> {
+        if self.delivery == Delivery::Core {
+            return Ok(None);
+        }
+        let could_not = |cause: String| {
+            format!(
+                "could not check whether a JetStream stream captures the subject `{subject}`: \
+                 {cause}"
+            )
+        };
+        let no_answer = || {
+            could_not(format!(
+                "JetStream did not answer within {:?} (the publish timeout; is the server \
+                 reachable?)",
+                self.publish_timeout
+            ))
+        };
+        // async-nats sends `$JS.API.STREAM.NAMES` with `{"subject": ...}`
+        // and reads the first page (nats-server 2.9 answers it).
+        let lookup = self.js.stream_by_subject(subject);
+        let answer = match tokio::time::timeout(self.publish_timeout, lookup).await {
+            Err(_elapsed) => return Err(no_answer()),
+            Ok(answer) => answer,
+        };
+        match answer {
+            Ok(stream) => {
+                tracing::debug!(
+                    transport = %self.name,
+                    subject,
+                    stream = %stream,
+                    "a JetStream stream captures the subject"
+                );
+                Ok(Some(stream))
+            }
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                let (name, captured) = suggested_stream(subject);
+                Err(format!(
+                    "no JetStream stream captures the subject `{subject}`, so every publish to \
+                     it would fail (no responders); create a stream capturing it before App::run \
+                     or in an on_startup hook, e.g. \
+                     `nats.ensure_stream(\"{name}\", [\"{captured}\"])` \
+                     (NatsBroker::ensure_stream) or `nats stream add {name} --subjects \
+                     '{captured}'`"
+                ))
+            }
+            Err(e) => {
+                // The request's own kind lies under the page's `Other`.
+                let kind = chain(&e)
+                    .filter_map(|s| s.downcast_ref::<jetstream::context::RequestError>())
+                    .map(|r| r.kind())
+                    .find(|k| *k != jetstream::context::RequestErrorKind::Other);
+                Err(match kind {
+                    Some(jetstream::context::RequestErrorKind::TimedOut) => no_answer(),
+                    Some(jetstream::context::RequestErrorKind::NoResponders) => could_not(
+                        "JetStream does not answer (no responders: is JetStream enabled on the \
+                         server, nats-server -js?)"
+                            .to_owned(),
+                    ),
+                    _ => could_not(e.to_string()),
+                })
+            }
+        }
+    }
+
     fn js_error(&self, subject: &str, e: jetstream::context::PublishError) -> Error {
         let subject = subject.to_owned();
         match e.kind() {
@@ -431,10 +525,26 @@ impl Transport for NatsTransport {
 
     /// NATS's publish-subject rules (not empty, no whitespace, no empty or
     /// wildcard token): a bad subject in `#[publish_to]` fails `App::run`.
-    /// Whether a stream captures the subject is checked at publish
-    /// ([`Error::NoStream`], transient).
+    /// Whether a stream captures the subject is
+    /// [`verify_destination`](Transport::verify_destination)'s part.
     fn check_destination(&self, destination: &str) -> Result<(), String> {
         check_subject(destination)
+    }
+
+    /// [`NatsTransport::verify_subject`]: with JetStream, `App::run` fails
+    /// at startup, before anything is consumed, when no stream captures the
+    /// subject (the reason names the subject and the `ensure_stream` call
+    /// that fixes it), or when JetStream does not answer within the publish
+    /// timeout (`could not check ...`). With core NATS every subject is
+    /// accepted: there is no destination to check.
+    ///
+    /// A stream deleted after startup is still met at publish:
+    /// [`Error::NoStream`], transient, the row is retried until a stream
+    /// captures the subject again.
+    fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
+        let inner = self.inner.clone();
+        let subject = destination.to_owned();
+        Box::pin(async move { inner.verify_subject(&subject).await.map(|_| ()) })
     }
 
     /// Flushes the connection (bounded by the flush timeout).

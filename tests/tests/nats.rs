@@ -1,8 +1,8 @@
 //! `outbox-nats` end to end against the real nats-server with JetStream
 //! (`NATS_URL`) and real PostgreSQL: a relay process killed with SIGKILL
 //! (every row arrives, and `Nats-Msg-Id` keeps the stream free of
-//! duplicates), server-side deduplication, a subject no stream captures,
-//! oversized messages, refused credentials, a hung server, core publishing,
+//! duplicates), server-side deduplication, a subject no stream captures
+//! (refused at startup, retried at publish), oversized messages, refused credentials, a hung server, core publishing,
 //! `ensure_stream`, and a FastStream `NatsBroker` subscriber decoding what
 //! the relay sent. The conformance kit runs in `conformance_nats.rs`.
 
@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -23,6 +24,7 @@ use tests::crash::{self, Arrivals, Arrived, RelayChild};
 use tests::nats::{self as support, PrivateServer, Streams};
 use tests::proxy::TcpProxy;
 use tests::{RunningApp, TestDb, base64_decode, interop_python, wait_until};
+use tokio::sync::Notify;
 
 type R = anyhow::Result<()>;
 
@@ -184,10 +186,11 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     Ok(())
 }
 
-/// No stream captures the subject: the server answers "no responders", a
-/// transient error (not a BusRejection) naming the subject and the fix.
-/// Through the App the row stays in the outbox, retried, and arrives once a
-/// stream is created.
+/// No stream captures the subject at publish time (here: the stream was
+/// deleted after the App started; startup itself refuses such a subject,
+/// see below): the server answers "no responders", a transient error (not
+/// a BusRejection) naming the subject and the fix. Through the App the row
+/// stays in the outbox, retried, and arrives once a stream is created again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> R {
     let streams = Streams::default();
@@ -206,21 +209,31 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
         "{text}"
     );
 
+    // The App starts while the stream exists (startup checks it), then the
+    // stream goes away before the row is written.
+    support::create_stream(&name, &[&subject], None).await?;
+    streams.add(&name);
     let db = TestDb::new().await?;
-    let mut tx = db.pool.begin().await?;
-    let id = db.broker.publish(&1_i64, "q", &mut *tx).await?;
-    tx.commit().await?;
     let route = fast(Route::builder(["q"]))
         .retry(ConstantRetry::new(Duration::from_millis(200)))
         .publish_to("nats", subject.clone())
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
         });
+    let started = Arc::new(Notify::new());
     let app = RunningApp::start(
         db.app()
             .subscriber(route)
-            .on_startup(NatsBroker::new(support::url()).connect()),
+            .on_startup(NatsBroker::new(support::url()).connect())
+            .after_startup(notify_on_start(&started)),
     );
+    tokio::time::timeout(Duration::from_secs(30), started.notified())
+        .await
+        .expect("the App did not start while the stream existed");
+    support::delete_stream(&name).await;
+    let mut tx = db.pool.begin().await?;
+    let id = db.broker.publish(&1_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
     let retried = wait_until(Duration::from_secs(30), || async {
         db.scalar(format!(
             "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
@@ -236,12 +249,192 @@ async fn a_subject_no_stream_captures_keeps_its_rows_until_a_stream_exists() -> 
     assert_eq!(db.dlq_count().await?, 0);
 
     support::create_stream(&name, &[&subject], None).await?;
-    streams.add(&name);
     assert!(db.drained(Duration::from_secs(30)).await, "not relayed");
     app.stop().await?;
     let msgs = support::read_stream(&name, Duration::from_secs(5), |m| !m.is_empty()).await?;
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0].outbox_id(), Some(id));
+    Ok(())
+}
+
+/// An `after_startup` hook that wakes `started`.
+fn notify_on_start(started: &Arc<Notify>) -> outbox_core::Hook {
+    let started = started.clone();
+    outbox_core::Hook::new("started", move |_: outbox_core::AppContext| {
+        let started = started.clone();
+        async move {
+            started.notify_one();
+            Ok::<_, BoxError>(())
+        }
+    })
+}
+
+/// Relays one row of queue `q` to `subject` through `nats`, an App of its
+/// own: `App::run`'s result (`Ok` once the row is relayed and the App shut
+/// down), within 60 s.
+async fn run_relay(
+    db: &TestDb,
+    nats: impl Into<AppNats>,
+    subject: &str,
+) -> anyhow::Result<outbox_core::Result<()>> {
+    let route = fast(Route::builder(["q"]))
+        .publish_to("nats", subject.to_owned())
+        .handler(|msg: Message, _| async move {
+            Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+        });
+    let app = match nats.into() {
+        AppNats::Broker(b) => db.app().subscriber(route).on_startup(b.connect()),
+        AppNats::Transport(t) => db.app().subscriber(route).transport(t),
+    };
+    let handle = app.handle();
+    let run = tokio::spawn(app.run());
+    let stopper = {
+        let handle = handle.clone();
+        let db_t = db.t();
+        let pool = db.pool.clone();
+        tokio::spawn(async move {
+            let drained = wait_until(Duration::from_secs(30), || async {
+                sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*) FROM {db_t}"
+                )))
+                .fetch_one(&pool)
+                .await
+                .is_ok_and(|n| n == 0)
+            })
+            .await;
+            handle.shutdown();
+            drained
+        })
+    };
+    let res = tokio::time::timeout(Duration::from_secs(60), run).await??;
+    stopper.abort();
+    Ok(res)
+}
+
+/// How [`run_relay`]'s App gets its transport.
+enum AppNats {
+    Broker(NatsBroker),
+    Transport(outbox_nats::NatsTransport),
+}
+
+impl From<NatsBroker> for AppNats {
+    fn from(b: NatsBroker) -> Self {
+        Self::Broker(b)
+    }
+}
+
+impl From<outbox_nats::NatsTransport> for AppNats {
+    fn from(t: outbox_nats::NatsTransport) -> Self {
+        Self::Transport(t)
+    }
+}
+
+/// `App::run` checks at startup that a JetStream stream captures each
+/// subject: with none it fails before anything is consumed, naming the
+/// subscriber, the subject, the transport and the `ensure_stream` call
+/// that fixes it; once a stream captures the subject (through a wildcard
+/// here) the same App starts and relays. Core NATS has no destination to
+/// check: it starts without a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_refuses_a_subject_no_stream_captures() -> R {
+    let streams = Streams::default();
+    let (name, subject) = support::unique("verify");
+    let subject = format!("{subject}.created");
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&1_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
+
+    let err = run_relay(&db, NatsBroker::new(support::url()), &subject)
+        .await?
+        .expect_err("started without a stream")
+        .to_string();
+    println!("{err}");
+    let (first, _) = subject.split_once('.').unwrap();
+    assert!(
+        err.contains(&format!("publishes to `{subject}` on transport `nats`"))
+            && err.contains("no JetStream stream captures the subject")
+            && err.contains(&format!(
+                "nats.ensure_stream(\"{}\", [\"{first}.>\"])",
+                first.to_uppercase()
+            )),
+        "{err}"
+    );
+    assert_eq!(db.count().await?, 1, "nothing consumed");
+    assert_eq!(
+        db.scalar(format!(
+            "SELECT coalesce(max(attempts_count), 0)::bigint FROM {}",
+            db.t()
+        ))
+        .await?,
+        0,
+        "no attempt"
+    );
+
+    // A stream capturing everything under the subject's parent.
+    let parent = subject.trim_end_matches(".created");
+    support::create_stream(&name, &[&format!("{parent}.>")], None).await?;
+    streams.add(&name);
+    let t = NatsBroker::new(support::url()).connect_transport().await?;
+    assert_eq!(t.verify_subject(&subject).await, Ok(Some(name.clone())));
+    run_relay(&db, NatsBroker::new(support::url()), &subject).await??;
+    assert_eq!(db.count().await?, 0);
+    assert_eq!(support::stream_len(&name).await?, 1);
+
+    // Core NATS: no stream needed (nobody listens: at most once).
+    let (_, core_subject) = support::unique("verify_core");
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&2_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
+    let core = NatsBroker::new(support::url()).core_publish();
+    assert_eq!(
+        core.connect_transport()
+            .await?
+            .verify_subject(&core_subject)
+            .await,
+        Ok(None)
+    );
+    run_relay(&db, core, &core_subject).await??;
+    assert_eq!(db.count().await?, 0, "relayed with core NATS");
+    Ok(())
+}
+
+/// JetStream does not answer the startup check (the proxy holds every byte
+/// back): `App::run` fails within the publish timeout with `could not
+/// check ...`, nothing consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_check_nobody_answers_fails_within_the_publish_timeout() -> R {
+    let streams = Streams::default();
+    let (_, subject) = stream(&streams, "verify_hung").await?;
+    let db = TestDb::new().await?;
+    let mut tx = db.pool.begin().await?;
+    db.broker.publish(&1_i64, "q", &mut *tx).await?;
+    tx.commit().await?;
+    let proxy = TcpProxy::start(&support::addr()).await?;
+    let nats = NatsBroker::new(format!("nats://{}", proxy.addr()))
+        .publish_timeout(Duration::from_secs(2))
+        .flush_timeout(Duration::from_secs(1))
+        .connect_transport()
+        .await?;
+    proxy.pause();
+    let began = std::time::Instant::now();
+    let err = run_relay(&db, nats, &subject)
+        .await?
+        .expect_err("started though JetStream did not answer")
+        .to_string();
+    println!("{err}");
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(
+        err.contains(&subject)
+            && err.contains("could not check")
+            && err.contains("did not answer within 2s"),
+        "{err}"
+    );
+    assert_eq!(db.count().await?, 1, "nothing consumed");
     Ok(())
 }
 
