@@ -12,7 +12,7 @@
 //   destination.rs  destination syntax (stream:/list:/channel:) and name rules
 //                   [uses error]
 //   transport.rs    RedisTransport, the outbox_core::Transport impl: one command per
-//                   message, the one deadline, BusRejection
+//                   message, the one deadline, BusRejection; the startup TYPE check
 //                   [uses config, destination, error, faststream]
 //   broker.rs       RedisBroker: the typed builder, its TransportBroker impl
 //                   (connect_transport checks the server; connect() is outbox-core's
@@ -85,6 +85,32 @@
 //! `stream:list:…`. An empty name, surrounding whitespace or a control
 //! character fails `App::run` at startup
 //! ([`check_destination`](outbox_core::Transport::check_destination)).
+//!
+//! ## The startup check on the server
+//!
+//! After the startup hooks connected the transport, `App::run` asks the
+//! server about each distinct destination
+//! ([`verify_destination`](outbox_core::Transport::verify_destination))
+//! before anything is consumed. Redis creates a stream or a list on the
+//! first `XADD` or `RPUSH`, so a **missing key is fine**; the check sends
+//! `TYPE <key>` and refuses a key that holds **another type** (a string,
+//! a hash, a list where a stream is expected…), which every publish would
+//! fail with `WRONGTYPE`:
+//!
+//! ```text
+//! subscriber `relay` publishes to `stream:orders` on transport `redis`, which is not ready
+//! for it: Redis key "orders" holds a list, not a stream (XADD would fail with WRONGTYPE):
+//! delete or rename the key (DEL / RENAME), or name the right kind in the route
+//! (`list:orders`), or publish to another key
+//! ```
+//!
+//! A `channel:` destination has nothing to check (Pub/Sub channels are not
+//! keys; whether anyone listens is known only at `PUBLISH`). The check is
+//! bounded by [`publish_timeout`](RedisBroker::publish_timeout): a server
+//! that fails or does not answer by then fails startup with `could not
+//! check the type of Redis key …: <cause>`. An ACL that denies `TYPE`
+//! (`NOPERM`) skips the check with a warning. A key whose type changes
+//! after startup is still refused at publish (`WRONGTYPE`, below).
 //!
 //! ## Delivery contract
 //!
@@ -190,7 +216,9 @@
 //!
 //! - `WRONGTYPE`: the destination key holds another type (a list where a
 //!   stream is expected…): [`Error::WrongType`] names the key, both types and
-//!   the fix (delete or rename the key, or name the right kind);
+//!   the fix (delete or rename the key, or name the right kind). A key of
+//!   another type at startup fails `App::run` instead (see above); this is a
+//!   key whose type changed since;
 //! - a message over `max_message_bytes`: [`Error::TooLarge`];
 //! - a header FastStream's format cannot hold (over 65,535 bytes) or a
 //!   non-UTF-8 key: [`Error::InvalidMessage`];

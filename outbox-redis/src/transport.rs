@@ -1,6 +1,6 @@
 //! [`RedisTransport`]: the [`Transport`] implementation: one command per
 //! message (`XADD`, `RPUSH` or `PUBLISH`), confirmed by its reply, within
-//! one deadline.
+//! one deadline; the startup check of a destination key's type (`TYPE`).
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -486,7 +486,7 @@ impl Transport for RedisTransport {
     /// and the fix (delete or rename the key, or name the right kind). A
     /// channel has nothing to check. The check is bounded by the publish
     /// timeout; a server that does not answer by then is refused with
-    /// "could not check …: <cause>". An ACL denying `TYPE` (`NOPERM`)
+    /// `could not check …: <cause>`. An ACL denying `TYPE` (`NOPERM`)
     /// skips the check, with a warning. A key whose type changes later is
     /// still refused at publish ([`Error::WrongType`]).
     fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
