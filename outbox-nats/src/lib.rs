@@ -7,10 +7,12 @@
 //   error.rs      the crate's one error enum and its classification (is_retryable)
 //   config.rs     settings and defaults, Delivery, the client's ConnectOptions,
 //                 URL redaction [uses error]
-//   subject.rs    subject and stream-name rules; stream creation
+//   subject.rs    subject and stream-name rules; stream creation; the stream
+//                 a startup error suggests
 //                 [uses config, error]
 //   transport.rs  NatsTransport, the outbox_core::Transport impl: publish, the
-//                 header mapping, the one deadline, BusRejection, close
+//                 header mapping, the one deadline, BusRejection, the startup
+//                 stream check (verify_destination), close
 //                 [uses config, error, subject]
 //   broker.rs     NatsBroker: the typed builder, its TransportBroker impl
 //                 (connect_transport connects; connect() is outbox-core's shared
@@ -59,6 +61,20 @@
 //! `App`. The subjects need a JetStream stream that captures them:
 //! [`NatsBroker::ensure_stream`] creates one (`ensure_stream("ORDERS",
 //! ["orders.>"])`), or the `nats` CLI (`nats stream add`).
+//!
+//! `App::run` checks that before consuming anything
+//! ([`Transport::verify_destination`](outbox_core::Transport::verify_destination),
+//! i.e. [`NatsTransport::verify_subject`]): for each distinct subject of its
+//! routes it asks JetStream which streams capture it
+//! (`$JS.API.STREAM.NAMES` with a subject filter, answered by nats-server
+//! 2.9; a stream on `orders.>` captures `orders.created`), within the
+//! [`publish_timeout`](NatsBroker::publish_timeout). A subject no stream
+//! captures fails startup, naming the subscriber, the subject, the transport
+//! and the fix (`nats.ensure_stream("ORDERS", ["orders.>"])`); a check that
+//! gets no answer fails it with `could not check ...: <cause>`. With core
+//! NATS ([`NatsBroker::core_publish`]) every subject is accepted: core NATS
+//! has no destination to check. A stream deleted after startup is met at
+//! publish ([`Error::NoStream`], transient: the row is retried).
 //!
 //! `NatsBroker` is a
 //! [`TransportBroker`](outbox_core::transport::TransportBroker), like every
@@ -133,7 +149,8 @@
 //! flushed to the server's socket. The server delivers it to the subscribers
 //! online at that moment and forgets it: with no subscriber, a slow consumer
 //! or a server crash **the message is lost, and its row is already deleted**.
-//! Use it only for subjects where losing messages is acceptable.
+//! Use it only for subjects where losing messages is acceptable. Startup
+//! checks no stream in this mode.
 //!
 //! ## What a message looks like
 //!
@@ -159,7 +176,7 @@
 //!
 //! | setting | default | |
 //! |---|---|---|
-//! | [`publish_timeout`](NatsBroker::publish_timeout) | 30 s | the one deadline of a publish, reconnect waits included ([`max_publish_time`](outbox_core::Transport::max_publish_time)); keep `lease_ttl` above it |
+//! | [`publish_timeout`](NatsBroker::publish_timeout) | 30 s | the one deadline of a publish, reconnect waits included ([`max_publish_time`](outbox_core::Transport::max_publish_time)); keep `lease_ttl` above it; also bounds the startup stream check |
 //! | [`connect_timeout`](NatsBroker::connect_timeout) | 10 s | startup connect and JetStream check |
 //! | [`flush_timeout`](NatsBroker::flush_timeout) | 10 s | closing |
 //! | [`delivery`](NatsBroker::delivery) | JetStream | [`core_publish`](NatsBroker::core_publish) opts in to at most once |
@@ -186,7 +203,9 @@
 //! | server unreachable, credentials refused | startup | `App::run` fails: [`Error::Unreachable`], [`Error::Refused`] |
 //! | JetStream disabled | startup | [`Error::NoJetStream`] |
 //! | invalid subject (empty token, `*`/`>`, whitespace) | startup | `check_destination` fails `App::run` naming handler and subject |
-//! | no stream captures the subject ("no responders") | publish | [`Error::NoStream`], **transient**: the row is retried (a stream may be created); the row is never lost |
+//! | no stream captures the subject (JetStream) | startup | `verify_destination` fails `App::run`, naming the subscriber, the subject and the `ensure_stream` fix |
+//! | the startup check unanswered within the publish timeout | startup | `App::run` fails: `could not check ...: <cause>` |
+//! | no stream captures the subject any more (deleted after startup: "no responders") | publish | [`Error::NoStream`], **transient**: the row is retried until a stream captures it again; the row is never lost |
 //! | message over the server's `max_payload` (1 MiB default) | publish | [`Error::TooLarge`], a `BusRejection`: dead-lettered as `rejected` |
 //! | message over the stream's `max_msg_size` | publish | [`Error::StreamRefused`] (err_code 10054), a `BusRejection` |
 //! | other JetStream refusals (stream full, …) | publish | [`Error::StreamRefused`], transient |
