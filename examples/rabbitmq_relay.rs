@@ -213,8 +213,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let rabbit = RabbitBroker::new(rabbitmq_url());
-    // Without the queue, the default exchange could not route the messages:
-    // every publish would fail as unroutable (and be retried).
+    // Without the queue, App::run would refuse to start: it checks that each
+    // route's queue or exchange exists before consuming anything.
     rabbit.ensure_queue(QUEUE).await?;
 
     App::new(outbox.clone())
