@@ -39,6 +39,18 @@ async fn the_app_serves_prometheus_metrics() -> anyhow::Result<()> {
         .subscriber(route);
     let stop = app.handle();
     let run = tokio::spawn(app.run());
+    // App::run installs the exporter (the global recorder) when it starts;
+    // a publish counted before that goes to no recorder. Wait until it
+    // answers, so the publish below is counted.
+    let mut up = false;
+    for _ in 0..100 {
+        if scrape(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the exporter never answered on {addr}");
     let mut conn = db.pool.acquire().await?;
     db.broker.publish(&1, "prom", &mut conn).await?;
     assert!(db.drained(Duration::from_secs(10)).await);
