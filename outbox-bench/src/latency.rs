@@ -17,8 +17,8 @@ use serde_json::{Map, Value, json};
 use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
 use crate::drain::Progress;
-use crate::kafka::{self, Confirms, Timed};
 use crate::point::{Finished, Measured, Window, percentiles_ms};
+use crate::timed::{self, Confirms, Timed};
 
 /// One latency point.
 #[derive(Debug, Clone)]
@@ -189,7 +189,7 @@ async fn measure(
     let confirmed = confirms
         .log
         .as_ref()
-        .and_then(|l| l.lock().ok().map(|l| kafka::by_id(&l)))
+        .and_then(|l| l.lock().ok().map(|l| timed::by_id(&l)))
         .unwrap_or_default();
     let ms = |a: Instant, b: Instant| {
         if b >= a {

@@ -25,6 +25,7 @@ mod point;
 mod produce;
 mod relay;
 mod sys;
+mod timed;
 
 use std::future::Future;
 use std::path::PathBuf;

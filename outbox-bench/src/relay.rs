@@ -14,9 +14,9 @@ use serde_json::{Map, Value, json};
 use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
 use crate::drain::{Knobs, Progress, timeout_for};
-use crate::kafka::{CREATED_HEADER, Confirms, Timed};
 use crate::point::{Finished, Measured, Window, percentiles_ms};
 use crate::sys::round;
+use crate::timed::{CREATED_HEADER, Confirms, Timed};
 
 /// One relay point.
 #[derive(Debug, Clone)]
