@@ -117,17 +117,17 @@ impl TcpProxy {
 
     /// Closes every connection and drops new ones until [`restore`](Self::restore).
     pub fn cut(&self) {
-        self.mode.send_replace(Mode::Cut);
+        self.remote().cut();
     }
 
     /// Stops forwarding (connections stay open) until [`restore`](Self::restore).
     pub fn pause(&self) {
-        self.mode.send_replace(Mode::Paused);
+        self.remote().pause();
     }
 
     /// Forwards again (held-back bytes first); new connections go through.
     pub fn restore(&self) {
-        self.mode.send_replace(Mode::Open);
+        self.remote().restore();
     }
 
     /// A handle that can restore the proxy from elsewhere (e.g. the
@@ -156,7 +156,7 @@ impl TcpProxy {
 
 impl Drop for TcpProxy {
     fn drop(&mut self) {
-        self.mode.send_replace(Mode::Cut);
+        self.cut();
         self.accept.abort();
     }
 }
