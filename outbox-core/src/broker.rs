@@ -203,8 +203,8 @@ pub(crate) trait EngineHandle: Send + Sync {
     fn wake(&self, queue: Option<&str>);
     /// Claims running plus deliveries in flight.
     fn busy(&self) -> usize;
-    /// The queues and lease of each subscriber.
-    fn subscriptions(&self) -> Vec<(Vec<String>, Duration)>;
+    /// The queues, lease and ordering of each subscriber.
+    fn subscriptions(&self) -> Vec<(Vec<String>, Duration, bool)>;
     /// One round of synchronous dispatch: each subscriber claims its due rows
     /// and delivers them in the caller's task. Returns how many deliveries
     /// ran (0: nothing was due).

@@ -37,6 +37,7 @@ pub struct PublishOptions {
     activate_at: Option<DateTime<Utc>>,
     timer_id: Option<String>,
     timer_conflict: TimerConflict,
+    key: Option<String>,
 }
 
 impl PublishOptions {
@@ -94,6 +95,41 @@ impl PublishOptions {
         self
     }
 
+    /// Sets the row's **ordering key** (an order id, a user id: what the
+    /// events of one aggregate share; 1 to 255 characters), stored in the
+    /// `ordering_key` column. On a batch publish every row gets the key, in
+    /// the batch's order.
+    ///
+    /// - An [`ordered`](crate::SubscriberOptions::ordered) subscriber hands
+    ///   the rows of one key to its handler one at a time, in commit order.
+    /// - A relay sends the key as the message key unless the handler's
+    ///   [`Response::key`](crate::Response::key) sets another: the Kafka
+    ///   record key (so the partition follows it), the `outbox-key` header on
+    ///   the other buses.
+    ///
+    /// The publish first takes a transaction-scoped advisory lock on
+    /// `(table, queue, key)`, held until your transaction ends: two
+    /// transactions publishing the same key serialize, so the row ids of a
+    /// key follow commit order. Publish a transaction's keys in a consistent
+    /// order (or one key per transaction), as with row locks, to avoid
+    /// deadlocks.
+    ///
+    /// ```
+    /// use outbox_core::PublishOptions;
+    ///
+    /// let opts = PublishOptions::new().key("order-42");
+    /// assert_eq!(opts.get_key(), Some("order-42"));
+    /// ```
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The ordering key, if set.
+    pub fn get_key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// The headers set so far.
     pub fn get_headers(&self) -> &Headers {
         &self.headers
@@ -110,8 +146,16 @@ impl PublishOptions {
         }
     }
 
+    fn validate_key(&self) -> Result<()> {
+        match &self.key {
+            Some(k) => validate_name("key", k),
+            None => Ok(()),
+        }
+    }
+
     fn validate_single(&self) -> Result<Schedule> {
         let schedule = self.schedule()?;
+        self.validate_key()?;
         if let Some(id) = &self.timer_id {
             validate_name("timer_id", id)?;
         }
@@ -135,6 +179,7 @@ impl PublishOptions {
                 "timer_conflict is not supported for batch publishes (they cannot carry a timer_id)",
             ));
         }
+        self.validate_key()?;
         self.schedule()
     }
 }
@@ -180,6 +225,7 @@ pub(crate) fn prepare<T: Serialize + ?Sized>(
         headers,
         schedule,
         timer: opts.timer_id.clone().map(|id| (id, opts.timer_conflict)),
+        key: opts.key.clone(),
         notify: true,
     })
 }
@@ -213,6 +259,7 @@ where
         payloads,
         headers,
         schedule,
+        key: opts.key.clone(),
         notify: true,
     })
 }
@@ -272,6 +319,18 @@ mod tests {
         assert_eq!(err, "queue must be at most 255 characters (got 256)");
         let err = validate_queue("").unwrap_err().to_string();
         assert_eq!(err, "queue must be a non-empty string");
+        let err = PublishOptions::new()
+            .key("")
+            .validate_single()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "key must be a non-empty string");
+        let err = PublishOptions::new()
+            .key("k".repeat(256))
+            .validate_batch()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "key must be at most 255 characters (got 256)");
         let err = PublishOptions::new()
             .timer_id("t".repeat(256))
             .validate_single()

@@ -672,10 +672,15 @@ impl RouteHandler {
         }
         let headers = outgoing_headers(&msg, &reply, self.propagate)?;
         let source = self.ctx.source();
+        // The handler's key, else the row's ordering key.
+        let key = reply
+            .key
+            .clone()
+            .or_else(|| msg.ordering_key().map(|k| k.as_bytes().to_vec()));
         let sends = self.targets.iter().map(|(t, dest, watch)| {
             let out = Outgoing {
                 destination: dest.clone(),
-                key: reply.key.clone(),
+                key: key.clone(),
                 payload: reply.payload.clone(),
                 headers: headers.clone(),
                 source: source.clone(),

@@ -65,16 +65,16 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 last_expired_scan = Some(Instant::now());
             }
             shared.claim_begins();
-            let claimed = store::claim(
-                shared.broker.stmts(),
-                &mut conn,
-                shared.sub.queues(),
-                free,
-                shared.opts().get_lease_ttl(),
+            let cursor = shared.key_cursor();
+            let args = store::ClaimArgs {
+                queues: shared.sub.queues(),
+                limit: free,
+                lease_ttl: shared.opts().get_lease_ttl(),
                 token,
                 with_expired,
-            )
-            .await;
+                ordered: cursor.as_deref(),
+            };
+            let claimed = store::claim(shared.broker.stmts(), &mut conn, &args).await;
             shared.claim_ends(claimed.as_deref().unwrap_or_default());
             match claimed {
                 Ok(rows) => {

@@ -180,6 +180,12 @@ impl Message {
         self.inner.row.timer_id.as_deref()
     }
 
+    /// The row's ordering key, if it was published with one
+    /// ([`PublishOptions::key`](crate::PublishOptions::key)).
+    pub fn ordering_key(&self) -> Option<&str> {
+        self.row().ordering_key.as_deref()
+    }
+
     /// The whole row as claimed.
     pub fn row(&self) -> &OutboxRow {
         &self.inner.row

@@ -163,6 +163,9 @@ pub(crate) struct SubShared {
     claiming: AtomicUsize,
     /// Claimed rows whose outcome is not recorded yet.
     inflight: AtomicUsize,
+    /// An ordered subscriber's key cursor: the walk over the keys of the
+    /// next claim starts after it. `None` for an unordered subscriber.
+    key_cursor: Option<std::sync::Mutex<String>>,
 }
 
 impl SubShared {
@@ -180,6 +183,10 @@ impl SubShared {
             observer: broker.observer().clone(),
             claiming: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            key_cursor: sub
+                .options()
+                .get_ordered()
+                .then(|| std::sync::Mutex::new(String::new())),
             sub,
             broker,
             fetch_opts,
@@ -288,9 +295,27 @@ impl SubShared {
         self.claiming.fetch_add(1, SeqCst);
     }
 
+    /// Where an ordered claim starts its walk over the keys (`None`: the
+    /// subscriber is unordered).
+    pub(crate) fn key_cursor(&self) -> Option<String> {
+        self.key_cursor.as_ref().map(|c| {
+            c.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        })
+    }
+
     /// The claim that [`claim_begins`](Self::claim_begins) announced
     /// returned `rows` (now in flight until their outcome is recorded).
     pub(crate) fn claim_ends(&self, rows: &[crate::store::OutboxRow]) {
+        if let Some(cursor) = &self.key_cursor {
+            let mut cursor = cursor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(next) = next_cursor(&cursor, rows) {
+                *cursor = next;
+            }
+        }
         self.inflight.fetch_add(rows.len(), SeqCst);
         self.claiming.fetch_sub(1, SeqCst);
         for r in rows {
@@ -311,9 +336,29 @@ impl SubShared {
     /// its lease, or could not be made).
     pub(crate) fn finished(&self, row_id: i64, step: Step) {
         self.inflight.fetch_sub(1, SeqCst);
+        if self.key_cursor.is_some() {
+            // The key's next row may be its head now: claim again (an
+            // ordered claim can come back empty while every key with rows
+            // has one in flight, and must not wait for the idle poll).
+            self.wake.notify_one();
+        }
         self.observer.step(row_id, step);
         self.observer.changed();
     }
+}
+
+/// The cursor after an ordered claim that started after `cursor` and
+/// returned `rows`: the last key the walk took, in its order (the keys after
+/// the cursor, then those from the first key up to it). Keys compare as
+/// bytes, as the claim's `COLLATE "C"` walk does. `None`: no keyed row.
+fn next_cursor(cursor: &str, rows: &[crate::store::OutboxRow]) -> Option<String> {
+    let keys = rows.iter().filter_map(|r| r.ordering_key.as_deref());
+    let (wrapped, after): (Vec<&str>, Vec<&str>) = keys.partition(|k| *k <= cursor);
+    wrapped
+        .into_iter()
+        .max()
+        .or_else(|| after.into_iter().max())
+        .map(str::to_owned)
 }
 
 /// What the acker gets to write its last deletes at stop, even when the

@@ -39,10 +39,13 @@ impl EngineHandle for Attached {
         self.subs.iter().map(|s| s.busy()).sum()
     }
 
-    fn subscriptions(&self) -> Vec<(Vec<String>, Duration)> {
+    fn subscriptions(&self) -> Vec<(Vec<String>, Duration, bool)> {
         self.subs
             .iter()
-            .map(|s| (s.sub.queues().to_vec(), s.opts().get_lease_ttl()))
+            .map(|s| {
+                let o = s.opts();
+                (s.sub.queues().to_vec(), o.get_lease_ttl(), o.get_ordered())
+            })
             .collect()
     }
 
@@ -100,16 +103,16 @@ async fn dispatch_round(
         };
         let token = uuid::Uuid::new_v4();
         shared.claim_begins();
-        let claimed = store::claim(
-            shared.broker.stmts(),
-            &mut conn,
-            shared.sub.queues(),
-            shared.opts().get_fetch_batch_size(),
-            shared.opts().get_lease_ttl(),
+        let cursor = shared.key_cursor();
+        let args = store::ClaimArgs {
+            queues: shared.sub.queues(),
+            limit: shared.opts().get_fetch_batch_size(),
+            lease_ttl: shared.opts().get_lease_ttl(),
             token,
-            true,
-        )
-        .await;
+            with_expired: true,
+            ordered: cursor.as_deref(),
+        };
+        let claimed = store::claim(shared.broker.stmts(), &mut conn, &args).await;
         shared.claim_ends(claimed.as_deref().unwrap_or_default());
         let rows = claimed?;
         shared.metrics.fetched(rows.len());

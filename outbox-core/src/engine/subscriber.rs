@@ -72,6 +72,39 @@ pub struct SubscriberOptions {
     ack_policy: Option<AckPolicy>,
     retry: Option<Arc<dyn RetryStrategy>>,
     relay: bool,
+    ordered: bool,
+    poison_policy: PoisonPolicy,
+}
+
+/// What an [`ordered`](SubscriberOptions::ordered) subscriber does with a
+/// key whose head row fails.
+///
+/// Either way no later row of the key ever overtakes the failing one: the
+/// difference is whether the key waits for it.
+///
+/// ```
+/// use outbox_core::{PoisonPolicy, SubscriberOptions};
+///
+/// let opts = SubscriberOptions::new()
+///     .ordered(true)
+///     .poison_policy(PoisonPolicy::DeadLetterAndContinue);
+/// assert_eq!(opts.get_poison_policy(), PoisonPolicy::DeadLetterAndContinue);
+/// assert_eq!(PoisonPolicy::default(), PoisonPolicy::Block);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PoisonPolicy {
+    /// The failing row stays at the head of its key and is retried by the
+    /// subscriber's retry strategy; the key's later rows wait (other keys go
+    /// on). The key moves on when the row succeeds, or when the strategy
+    /// gives up and the row goes terminal (to the dead-letter table).
+    #[default]
+    Block,
+    /// The first failure moves the row to the dead-letter table at once
+    /// (reason `retry_terminal`, retry strategy not consulted) and the key's
+    /// next row is delivered: the key never waits, at the price of a gap
+    /// in its sequence that [`replay`](crate::ops::replay) can fill later.
+    DeadLetterAndContinue,
 }
 
 impl Default for SubscriberOptions {
@@ -88,6 +121,8 @@ impl Default for SubscriberOptions {
             ack_policy: None,
             retry: None,
             relay: false,
+            ordered: false,
+            poison_policy: PoisonPolicy::Block,
         }
     }
 }
@@ -106,6 +141,8 @@ impl fmt::Debug for SubscriberOptions {
             .field("ack_policy", &self.get_ack_policy())
             .field("retry", &self.retry)
             .field("relay_defaults", &self.relay)
+            .field("ordered", &self.ordered)
+            .field("poison_policy", &self.poison_policy)
             .finish()
     }
 }
@@ -206,6 +243,29 @@ impl SubscriberOptions {
         /// old: fewer statements, but an ungraceful crash then redelivers up
         /// to that many handled rows.
         terminal_flush_batch_size, get_terminal_flush_batch_size: usize
+    );
+
+    knob!(
+        /// Per-key FIFO (default off). Rows published with the same
+        /// [`PublishOptions::key`](crate::PublishOptions::key) are handled,
+        /// and relayed, one at a time in the order their transactions
+        /// committed; different keys run in parallel across workers and
+        /// replicas. Rows without a key are claimed as usual, in parallel.
+        ///
+        /// How it works: a claim takes only the **head** of each key (its
+        /// oldest row, leased or not), so at most one row per key is in
+        /// flight anywhere and a retrying head keeps its key's later rows
+        /// back; a keyed publish takes a transaction-scoped lock on its key
+        /// before its row gets an id, so id order within a key is commit
+        /// order. See the README's "Ordering" section for the guarantees and
+        /// their costs.
+        ordered, get_ordered: bool
+    );
+    knob!(
+        /// What an [`ordered`](Self::ordered) subscriber does when a key's
+        /// head row fails (default [`PoisonPolicy::Block`]). No effect on an
+        /// unordered subscriber, nor on rows without a key.
+        poison_policy, get_poison_policy: PoisonPolicy
     );
 
     /// Claims allowed per row (>= 1). A row claimed more often (crashes, lease
@@ -455,6 +515,10 @@ macro_rules! option_setters {
             terminal_flush_batch_size: usize,
             /// See [`SubscriberOptions::ack_policy`](crate::SubscriberOptions::ack_policy).
             ack_policy: $crate::engine::message::AckPolicy,
+            /// See [`SubscriberOptions::ordered`](crate::SubscriberOptions::ordered).
+            ordered: bool,
+            /// See [`SubscriberOptions::poison_policy`](crate::SubscriberOptions::poison_policy).
+            poison_policy: $crate::engine::subscriber::PoisonPolicy,
         }
     };
     (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {

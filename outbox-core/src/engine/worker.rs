@@ -17,6 +17,7 @@ use super::backoff::Reconnect;
 use crate::broker::Step;
 use crate::engine::message::{AckPolicy, Decision, Delivery, FailureReason, Outcome};
 use crate::engine::retry::RetryContext;
+use crate::engine::subscriber::PoisonPolicy;
 use crate::error::BoxError;
 use crate::store::OutboxRow;
 use crate::store::conn::{self as store, Conn, Write, Written};
@@ -396,6 +397,21 @@ impl Worker {
         row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> Outcome {
+        let opts = self.shared.opts();
+        if opts.get_ordered()
+            && row.ordering_key.is_some()
+            && opts.get_poison_policy() == PoisonPolicy::DeadLetterAndContinue
+        {
+            // Retrying would hold the key back; the policy says move on.
+            tracing::warn!(
+                queue = %row.queue, row_id = row.id, key = row.ordering_key.as_deref().unwrap_or(""),
+                "ordered subscriber: the head of its key failed; poison policy \
+                 DeadLetterAndContinue moves it to the dead-letter table and the key goes on"
+            );
+            return Outcome::Terminal {
+                reason: FailureReason::RetryTerminal,
+            };
+        }
         let now = self.shared.now();
         let ctx = RetryContext::new(
             u64::try_from(row.attempts_count).unwrap_or(0) + 1,

@@ -284,13 +284,13 @@ fn replay_sql(b: &ReplayBatch<'_>, clause: &mut Clause) -> String {
     format!(
         "{head}, \
          moved AS (DELETE FROM {d} x USING verdict v WHERE x.id = v.id AND v.verdict = 'move' \
-         RETURNING x.id, x.original_id, x.queue, x.payload, x.headers, x.timer_id), \
-         ins AS (INSERT INTO {t} (queue, payload, headers, timer_id) \
+         RETURNING x.id, x.original_id, x.queue, x.payload, x.headers, x.timer_id, x.ordering_key), \
+         ins AS (INSERT INTO {t} (queue, payload, headers, timer_id, ordering_key) \
          SELECT m.queue, m.payload, \
          jsonb_build_object('{cid}', m.original_id::text) \
          || CASE WHEN jsonb_typeof(m.headers) = 'object' THEN m.headers ELSE '{{}}'::jsonb END \
          || jsonb_build_object('{rf}', m.original_id::text), \
-         {timer_col} FROM moved m ORDER BY m.id \
+         {timer_col}, m.ordering_key FROM moved m ORDER BY m.id \
          RETURNING id, queue, headers ->> '{rf}' AS from_id), \
          notified AS (SELECT count(pg_notify({channel}, q.queue)) AS n FROM (SELECT DISTINCT i.queue FROM ins i) q) \
          SELECT 'v', v.id, v.original_id, v.queue::text, v.timer_id::text, v.verdict FROM verdict v \
@@ -610,7 +610,7 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains(r#"ins AS (INSERT INTO "s"."t" (queue, payload, headers, timer_id)"#),
+            sql.contains(r#"ins AS (INSERT INTO "s"."t" (queue, payload, headers, timer_id, ordering_key)"#),
             "{sql}"
         );
         assert!(

@@ -46,18 +46,30 @@ pub(crate) trait LocalStore: Send + Sync + fmt::Debug {
     /// `fetch_unprocessed`.
     fn fetch_unprocessed(&self, queue: Option<&str>, limit: i64) -> Vec<OutboxRow>;
     /// The engine's claim.
-    fn claim(
-        &self,
-        queues: &[String],
-        limit: usize,
-        lease_ttl: Duration,
-        token: Uuid,
-        with_expired: bool,
-    ) -> Vec<OutboxRow>;
+    fn claim(&self, args: &ClaimArgs<'_>) -> Vec<OutboxRow>;
     /// A lease-guarded write after the claim.
     fn execute(&self, write: &Write) -> Written;
     /// Gives back the leases of unstarted rows.
     fn release(&self, ids: &[i64], tokens: &[Uuid]) -> u64;
+}
+
+/// What one claim asks for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClaimArgs<'a> {
+    /// The subscriber's queues.
+    pub(crate) queues: &'a [String],
+    /// Most rows to claim.
+    pub(crate) limit: usize,
+    /// The lease TTL (for the expired-lease branch).
+    pub(crate) lease_ttl: Duration,
+    /// The fresh lease token.
+    pub(crate) token: Uuid,
+    /// Whether to look for expired leases too.
+    pub(crate) with_expired: bool,
+    /// An ordered claim: of the rows with a key, only each key's head. The
+    /// walk over the keys starts after this one (`""`: from the first), so
+    /// successive claims go round all keys.
+    pub(crate) ordered: Option<&'a str>,
 }
 
 /// Where the engine's statements run.
@@ -171,45 +183,60 @@ async fn execute_pg(
 }
 
 /// Claims up to `limit` rows of `queues` with a fresh token; expired leases
-/// too when `with_expired`.
+/// too when `with_expired`; only the heads of keys when `ordered`.
 pub(crate) async fn claim(
     stmts: &Statements,
     conn: &mut Conn,
-    queues: &[String],
-    limit: usize,
-    lease_ttl: Duration,
-    token: Uuid,
-    with_expired: bool,
+    args: &ClaimArgs<'_>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     match conn {
-        Conn::Pg(conn) => {
-            claim_pg(stmts, conn, queues, limit, lease_ttl, token, with_expired).await
-        }
-        Conn::Local(store) => Ok(store.claim(queues, limit, lease_ttl, token, with_expired)),
+        Conn::Pg(conn) => claim_pg(stmts, conn, args).await,
+        Conn::Local(store) => Ok(store.claim(args)),
     }
 }
 
 async fn claim_pg(
     stmts: &Statements,
     conn: &mut PgConnection,
-    queues: &[String],
-    limit: usize,
-    lease_ttl: Duration,
-    token: Uuid,
-    with_expired: bool,
+    args: &ClaimArgs<'_>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let sql = if with_expired {
-        &stmts.claim
+    let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
+    let ttl = args.lease_ttl.as_secs_f64();
+    let mut out = if let Some(cursor) = args.ordered {
+        // One statement per queue (the key walk is per queue), sharing the
+        // limit; the token is the same, so the acks do not care.
+        let sql = stmts.claim_ordered(args.with_expired);
+        let mut out: Vec<OutboxRow> = Vec::new();
+        for queue in args.queues {
+            let room = limit - i64::try_from(out.len()).unwrap_or(i64::MAX);
+            if room <= 0 {
+                break;
+            }
+            let rows = sql::q_as::<OutboxRow>(sql)
+                .bind(queue)
+                .bind(room)
+                .bind(ttl)
+                .bind(args.token)
+                .bind(cursor)
+                .fetch_all(&mut *conn)
+                .await?;
+            out.extend(rows);
+        }
+        out
     } else {
-        &stmts.claim_pending
+        let sql = if args.with_expired {
+            &stmts.claim
+        } else {
+            &stmts.claim_pending
+        };
+        sql::q_as::<OutboxRow>(sql)
+            .bind(args.queues)
+            .bind(limit)
+            .bind(ttl)
+            .bind(args.token)
+            .fetch_all(&mut *conn)
+            .await?
     };
-    let mut out = sql::q_as::<OutboxRow>(sql)
-        .bind(queues)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(lease_ttl.as_secs_f64())
-        .bind(token)
-        .fetch_all(&mut *conn)
-        .await?;
     // RETURNING is unordered; dispatch in claim order.
     out.sort_by_key(|r| (r.next_attempt_at, r.id));
     Ok(out)

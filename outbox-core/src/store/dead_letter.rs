@@ -10,7 +10,7 @@ use sqlx::postgres::PgRow;
 use crate::envelope::{self, Headers};
 use crate::error::DecodeError;
 
-/// One row of the dead-letter table, all eleven columns.
+/// One row of the dead-letter table, all twelve columns.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct DeadLetter {
@@ -38,12 +38,15 @@ pub struct DeadLetter {
     pub last_exception: Option<String>,
     /// The timer id, if the row was published with one.
     pub timer_id: Option<String>,
+    /// The ordering key, if the row was published with one (a replay
+    /// publishes it again with it).
+    pub ordering_key: Option<String>,
 }
 
 /// The dead-letter columns its [`FromRow`](sqlx::FromRow) decoder reads
 /// (alias `d`).
 pub(crate) const DLQ_SELECT: &str = "d.id, d.original_id, d.queue, d.payload, d.headers, d.deliveries_count, \
-     d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id";
+     d.created_at, d.failed_at, d.failure_reason, d.last_exception, d.timer_id, d.ordering_key";
 
 /// The one decoder of a dead letter: by column name (the columns of
 /// `DLQ_SELECT`), as `query_as` uses it. The headers column is read
@@ -65,6 +68,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for DeadLetter {
             failure_reason: row.try_get("failure_reason")?,
             last_exception: row.try_get("last_exception")?,
             timer_id: row.try_get("timer_id")?,
+            ordering_key: row.try_get("ordering_key")?,
         })
     }
 }

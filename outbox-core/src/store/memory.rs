@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::clock::{TestClock, interval_secs, micros};
-use super::conn::{Write, Written};
+use super::conn::{ClaimArgs, Write, Written};
 use super::dead_letter::DeadLetter;
 use super::producer::{BatchInsert, Insert, Schedule, TimerConflict};
 use super::row::OutboxRow;
@@ -238,6 +238,7 @@ impl MemoryStore {
                 now,
                 next_attempt_at,
                 ins.timer.map(|(t, _)| t),
+                ins.key,
             ),
         );
         Some(id)
@@ -260,6 +261,7 @@ impl MemoryStore {
                 now,
                 next_attempt_at,
                 None,
+                batch.key.clone(),
             );
             s.rows.insert(id, row);
             n += 1;
@@ -314,28 +316,20 @@ impl MemoryStore {
     }
 
     /// The claim (see the type's docs); returns the claimed rows in
-    /// `(next_attempt_at, id)` order.
-    pub(crate) fn claim(
-        &self,
-        queues: &[String],
-        limit: usize,
-        lease_ttl: Duration,
-        token: Uuid,
-        with_expired: bool,
-    ) -> Vec<OutboxRow> {
+    /// `(next_attempt_at, id)` order. An ordered claim takes, of the rows
+    /// with a key, only each `(queue, key)`'s head: its oldest row, leased
+    /// or not.
+    pub(crate) fn claim(&self, args: &ClaimArgs<'_>) -> Vec<OutboxRow> {
+        let (limit, token) = (args.limit, args.token);
         let now = self.now();
-        let expired_before = with_expired.then(|| now - interval_secs(lease_ttl.as_secs_f64()));
+        let expired_before = args
+            .with_expired
+            .then(|| now - interval_secs(args.lease_ttl.as_secs_f64()));
         let mut s = self.lock();
-        let mut ready: Vec<(DateTime<Utc>, i64)> = s
-            .rows
-            .values()
-            .filter(|r| Self::eligible(r, queues, now, expired_before))
-            .map(|r| (r.next_attempt_at, r.id))
-            .collect();
-        ready.sort_unstable();
-        ready.truncate(limit);
+        let ready = Self::claimable(&s, args, now, expired_before);
         ready
             .into_iter()
+            .take(limit)
             .filter_map(|(_, id)| {
                 let r = s.rows.get_mut(&id)?;
                 r.deliveries_count += 1;
@@ -346,14 +340,76 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Whether a claim for `queues` with `lease_ttl` would return a row now.
-    pub(crate) fn has_claimable(&self, queues: &[String], lease_ttl: Duration) -> bool {
+    /// What a claim would take, in `(next_attempt_at, id)` order, before
+    /// its limit. An unordered claim: every eligible row. An ordered one, as
+    /// the PostgreSQL statement: the heads of the keys (a key's oldest row,
+    /// leased or not) that are unleased and due, at most `limit` of them in
+    /// walk order (the keys after the cursor, then from the first key);
+    /// unleased due rows without a key by id; expired leases.
+    fn claimable(
+        s: &State,
+        args: &ClaimArgs<'_>,
+        now: DateTime<Utc>,
+        expired_before: Option<DateTime<Utc>>,
+    ) -> Vec<(DateTime<Utc>, i64)> {
+        let queues = args.queues;
+        let Some(cursor) = args.ordered else {
+            let mut ready: Vec<(DateTime<Utc>, i64)> = s
+                .rows
+                .values()
+                .filter(|r| Self::eligible(r, queues, now, expired_before))
+                .map(|r| (r.next_attempt_at, r.id))
+                .collect();
+            ready.sort_unstable();
+            return ready;
+        };
+        let limit = args.limit;
+        // `rows` is a BTreeMap by id: the first row seen of a key is its head.
+        let mut heads = std::collections::HashSet::new();
+        let (mut keyed, mut keyless, mut expired) = (Vec::new(), Vec::new(), Vec::new());
+        for r in s.rows.values().filter(|r| queues.contains(&r.queue)) {
+            if let Some(k) = &r.ordering_key
+                && !heads.insert((r.queue.as_str(), k.as_str()))
+            {
+                continue;
+            }
+            if !Self::eligible(r, queues, now, expired_before) {
+                continue;
+            }
+            let at = (r.next_attempt_at, r.id);
+            match (&r.ordering_key, r.acquired_token) {
+                (_, Some(_)) => expired.push(at),
+                (Some(k), None) => keyed.push(((k.as_str() <= cursor, k.as_str()), at)),
+                (None, None) => keyless.push(at),
+            }
+        }
+        keyed.sort_unstable();
+        expired.sort_unstable();
+        let mut ready: Vec<(DateTime<Utc>, i64)> = keyed
+            .into_iter()
+            .take(limit)
+            .map(|(_, at)| at)
+            .chain(keyless.into_iter().take(limit))
+            .chain(expired.into_iter().take(limit))
+            .collect();
+        ready.sort_unstable();
+        ready
+    }
+
+    /// Whether a claim for `queues` with `lease_ttl` (`ordered` or not)
+    /// would return a row now.
+    pub(crate) fn has_claimable(&self, queues: &[String], lease_ttl: Duration, ordered: bool) -> bool {
         let now = self.now();
         let before = now - interval_secs(lease_ttl.as_secs_f64());
-        self.lock()
-            .rows
-            .values()
-            .any(|r| Self::eligible(r, queues, now, Some(before)))
+        let args = ClaimArgs {
+            queues,
+            limit: 1,
+            lease_ttl,
+            token: Uuid::nil(),
+            with_expired: true,
+            ordered: ordered.then_some(""),
+        };
+        !Self::claimable(&self.lock(), &args, now, Some(before)).is_empty()
     }
 
     fn holds(s: &State, id: i64, token: Uuid) -> bool {
@@ -424,6 +480,7 @@ impl MemoryStore {
                     failure_reason: (*reason).to_owned(),
                     last_exception: last_exception.clone(),
                     timer_id: r.timer_id,
+                    ordering_key: r.ordering_key,
                 };
                 s.dead.push(dead);
                 Written::Rows(1)
@@ -465,6 +522,7 @@ fn new_row(
     now: DateTime<Utc>,
     next_attempt_at: DateTime<Utc>,
     timer_id: Option<String>,
+    ordering_key: Option<String>,
 ) -> OutboxRow {
     OutboxRow {
         id,
@@ -480,6 +538,7 @@ fn new_row(
         acquired_at: None,
         acquired_token: None,
         timer_id,
+        ordering_key,
     }
 }
 
@@ -505,15 +564,8 @@ impl super::conn::LocalStore for MemoryStore {
         MemoryStore::fetch_unprocessed(self, queue, limit)
     }
 
-    fn claim(
-        &self,
-        queues: &[String],
-        limit: usize,
-        lease_ttl: Duration,
-        token: Uuid,
-        with_expired: bool,
-    ) -> Vec<OutboxRow> {
-        MemoryStore::claim(self, queues, limit, lease_ttl, token, with_expired)
+    fn claim(&self, args: &ClaimArgs<'_>) -> Vec<OutboxRow> {
+        MemoryStore::claim(self, args)
     }
 
     fn execute(&self, write: &Write) -> Written {

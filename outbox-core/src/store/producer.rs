@@ -62,6 +62,8 @@ pub(crate) struct Insert {
     pub(crate) schedule: Schedule,
     /// The timer id and what to do on a conflict.
     pub(crate) timer: Option<(String, TimerConflict)>,
+    /// The ordering key (`ordering_key` column), if any.
+    pub(crate) key: Option<String>,
     /// Whether the insert wakes the relays. Future-dated rows notify too
     /// (faststream-outbox skips them): a relay that wakes looks up when the
     /// earliest one is due and claims it then, instead of at its next poll.
@@ -75,6 +77,8 @@ pub(crate) struct BatchInsert {
     pub(crate) payloads: Vec<Vec<u8>>,
     pub(crate) headers: Vec<Headers>,
     pub(crate) schedule: Schedule,
+    /// One ordering key for every row of the batch, if any.
+    pub(crate) key: Option<String>,
     pub(crate) notify: bool,
 }
 
@@ -94,7 +98,9 @@ pub(crate) async fn insert_pg(
         Some((_, TimerConflict::Extend)) => TimerKind::Extend,
     };
     let notify = insert.notify;
-    let mut query = sql::q(stmts.insert(schedule_kind(insert.schedule), timer, notify))
+    let keyed = insert.key.is_some();
+    let sql = stmts.insert(schedule_kind(insert.schedule), timer, notify, keyed);
+    let mut query = sql::q(sql)
         .bind(insert.queue)
         .bind(insert.payload)
         .bind(Json(insert.headers));
@@ -105,6 +111,9 @@ pub(crate) async fn insert_pg(
     }
     if let Some((id, _)) = insert.timer {
         query = query.bind(id);
+    }
+    if let Some(key) = insert.key {
+        query = query.bind(key);
     }
     if notify {
         query = query.bind(channel);
@@ -127,7 +136,8 @@ pub(crate) async fn insert_batch_pg(
     }
     let notify = batch.notify;
     let headers: Vec<Json<Headers>> = batch.headers.into_iter().map(Json).collect();
-    let mut query = sql::q(stmts.insert_batch(schedule_kind(batch.schedule), notify))
+    let sql = stmts.insert_batch(schedule_kind(batch.schedule), notify, batch.key.is_some());
+    let mut query = sql::q(sql)
         .bind(batch.queue)
         .bind(batch.payloads)
         .bind(headers);
@@ -135,6 +145,9 @@ pub(crate) async fn insert_batch_pg(
         Schedule::Now => {}
         Schedule::In(d) => query = query.bind(duration_secs(d)),
         Schedule::At(at) => query = query.bind(at),
+    }
+    if let Some(key) = batch.key {
+        query = query.bind(key);
     }
     if notify {
         query = query.bind(channel);

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use crate::envelope::{self, Headers};
 use crate::error::DecodeError;
 
-/// One outbox row, all thirteen columns.
+/// One outbox row, all fourteen columns.
 ///
 /// Returned by claims (inside a [`crate::Message`]) and by
 /// [`fetch_unprocessed`](crate::OutboxBroker::fetch_unprocessed).
@@ -42,10 +42,13 @@ pub struct OutboxRow {
     pub acquired_token: Option<Uuid>,
     /// The timer id, if the row was published with one.
     pub timer_id: Option<String>,
+    /// The ordering key, if the row was published with one
+    /// ([`PublishOptions::key`](crate::PublishOptions::key)).
+    pub ordering_key: Option<String>,
 }
 
 /// The one decoder of an outbox row: by column name, from any statement that
-/// returns the thirteen columns (`sql::ROW_COLUMNS`), as `query_as` uses it.
+/// returns the fourteen columns (`sql::ROW_COLUMNS`), as `query_as` uses it.
 /// The headers column is read leniently (a value that is not a JSON object
 /// is logged and read as no headers), so it is decoded by hand rather than
 /// derived.
@@ -67,6 +70,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for OutboxRow {
             acquired_at: row.try_get("acquired_at")?,
             acquired_token: row.try_get("acquired_token")?,
             timer_id: row.try_get("timer_id")?,
+            ordering_key: row.try_get("ordering_key")?,
         })
     }
 }

@@ -12,7 +12,7 @@ use crate::error::{Error, Result, SchemaDrift};
 /// A column the engine needs: name, `format_type()` text, NOT NULL, needs a default.
 struct Col(&'static str, &'static str, bool, bool);
 
-const OUTBOX: [Col; 13] = [
+const OUTBOX: [Col; 14] = [
     Col("id", "bigint", true, true),
     Col("queue", "character varying(255)", true, false),
     Col("payload", "bytea", true, false),
@@ -26,9 +26,10 @@ const OUTBOX: [Col; 13] = [
     Col("acquired_at", "timestamp with time zone", false, false),
     Col("acquired_token", "uuid", false, false),
     Col("timer_id", "character varying(255)", false, false),
+    Col("ordering_key", "character varying(255)", false, false),
 ];
 
-const DLQ: [Col; 11] = [
+const DLQ: [Col; 12] = [
     Col("id", "bigint", true, true),
     Col("original_id", "bigint", true, false),
     Col("queue", "character varying(255)", true, false),
@@ -40,6 +41,7 @@ const DLQ: [Col; 11] = [
     Col("failure_reason", "character varying(64)", true, false),
     Col("last_exception", "character varying", false, false),
     Col("timer_id", "character varying(255)", false, false),
+    Col("ordering_key", "character varying(255)", false, false),
 ];
 
 /// An index the engine needs, matched by columns, predicate and uniqueness
@@ -47,6 +49,8 @@ const DLQ: [Col; 11] = [
 struct Idx {
     suffix: &'static str,
     columns: &'static [&'static str],
+    /// The column list as it goes into DDL.
+    sql_columns: &'static str,
     /// As `pg_get_expr` prints it, normalized.
     predicate: Option<&'static str>,
     /// As it goes into DDL.
@@ -55,10 +59,11 @@ struct Idx {
     why: &'static str,
 }
 
-const OUTBOX_INDEXES: [Idx; 3] = [
+const OUTBOX_INDEXES: [Idx; 4] = [
     Idx {
         suffix: "_pending_idx",
         columns: &["queue", "next_attempt_at", "id"],
+        sql_columns: "queue, next_attempt_at, id",
         predicate: Some("acquired_token is null"),
         sql_predicate: Some("acquired_token IS NULL"),
         unique: false,
@@ -67,6 +72,7 @@ const OUTBOX_INDEXES: [Idx; 3] = [
     Idx {
         suffix: "_leased_idx",
         columns: &["queue", "next_attempt_at", "id"],
+        sql_columns: "queue, next_attempt_at, id",
         predicate: Some("acquired_token is not null"),
         sql_predicate: Some("acquired_token IS NOT NULL"),
         unique: false,
@@ -75,16 +81,27 @@ const OUTBOX_INDEXES: [Idx; 3] = [
     Idx {
         suffix: "_timer_id_uq",
         columns: &["queue", "timer_id"],
+        sql_columns: "queue, timer_id",
         predicate: Some("timer_id is not null"),
         sql_predicate: Some("timer_id IS NOT NULL"),
         unique: true,
         why: "the ON CONFLICT arbiter of timer publishes",
+    },
+    Idx {
+        suffix: "_key_idx",
+        columns: &["queue", "ordering_key", "id"],
+        sql_columns: "queue, ordering_key COLLATE \"C\", id",
+        predicate: None,
+        sql_predicate: None,
+        unique: false,
+        why: "ordered subscribers find the head of each key with it",
     },
 ];
 
 const DLQ_INDEXES: [Idx; 1] = [Idx {
     suffix: "_queue_failed_idx",
     columns: &["queue", "failed_at"],
+    sql_columns: "queue, failed_at",
     predicate: None,
     sql_predicate: None,
     unique: false,
@@ -436,7 +453,7 @@ fn check_index(out: &mut Findings<'_>, spec: &Spec<'_>, idx: &Idx, live_indexes:
         "CREATE {}INDEX {} ON {qualified} ({}){};",
         if idx.unique { "UNIQUE " } else { "" },
         quote(&name),
-        idx.columns.join(", "),
+        idx.sql_columns,
         idx.sql_predicate
             .map(|p| format!(" WHERE {p}"))
             .unwrap_or_default()

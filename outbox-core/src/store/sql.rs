@@ -11,7 +11,7 @@ use super::table::{DlqTable, OutboxTable};
 /// decoder (its `sqlx::FromRow`) reads by name.
 pub(crate) const ROW_COLUMNS: &str = "o.id, o.queue, o.payload, o.headers, o.attempts_count, \
      o.deliveries_count, o.created_at, o.next_attempt_at, o.first_attempt_at, o.last_attempt_at, \
-     o.acquired_at, o.acquired_token, o.timer_id";
+     o.acquired_at, o.acquired_token, o.timer_id, o.ordering_key";
 
 /// When a published row becomes eligible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +56,18 @@ pub(crate) struct Statements {
     insert: Vec<Sql>,
     /// Indexed by `schedule * 2 + notify`.
     insert_batch: Vec<Sql>,
+    /// The same with an ordering key (and its lock).
+    insert_keyed: Vec<Sql>,
+    insert_batch_keyed: Vec<Sql>,
     pub(crate) cancel_timer: Sql,
     pub(crate) unprocessed_all: Sql,
     pub(crate) unprocessed_queue: Sql,
     pub(crate) claim: Sql,
     /// The claim without the expired-lease branch (see [`crate::engine`]).
     pub(crate) claim_pending: Sql,
+    /// The ordered claims of one queue, without and with the expired-lease
+    /// branch (see [`claim_ordered_sql`]).
+    claim_ordered: [Sql; 2],
     pub(crate) ack: Sql,
     pub(crate) ack_batch: Sql,
     pub(crate) retry: Sql,
@@ -94,24 +100,46 @@ impl Statements {
         } else {
             " AND (SELECT set_config('synchronous_commit', 'off', true)) IS NOT NULL"
         };
+        let lock = key_lock_expr(table);
         let mut insert = Vec::with_capacity(18);
+        let mut insert_keyed = Vec::with_capacity(18);
         for schedule in SCHEDULES {
             for timer in TIMERS {
                 for notify in [false, true] {
                     debug_assert_eq!(insert.len(), insert_index(schedule, timer, notify));
-                    insert.push(Sql::from(insert_sql(&t, schedule, timer, notify)));
+                    insert.push(Sql::from(insert_sql(&t, schedule, timer, notify, None)));
+                    insert_keyed.push(Sql::from(insert_sql(
+                        &t,
+                        schedule,
+                        timer,
+                        notify,
+                        Some(&lock),
+                    )));
                 }
             }
         }
         let mut insert_batch = Vec::with_capacity(6);
+        let mut insert_batch_keyed = Vec::with_capacity(6);
         for schedule in SCHEDULES {
             for notify in [false, true] {
-                insert_batch.push(Sql::from(insert_batch_sql(&t, schedule, notify)));
+                insert_batch.push(Sql::from(insert_batch_sql(&t, schedule, notify, None)));
+                insert_batch_keyed.push(Sql::from(insert_batch_sql(
+                    &t,
+                    schedule,
+                    notify,
+                    Some(&lock),
+                )));
             }
         }
         Self {
             insert,
             insert_batch,
+            insert_keyed,
+            insert_batch_keyed,
+            claim_ordered: [
+                claim_ordered_sql(&t, false, g).into(),
+                claim_ordered_sql(&t, true, g).into(),
+            ],
             cancel_timer: format!(
                 "DELETE FROM {t} WHERE queue = $1 AND timer_id = $2 AND acquired_token IS NULL"
             )
@@ -163,10 +191,10 @@ impl Statements {
             dead_letter: dlq.map(|d| {
                 format!(
                     "WITH deleted AS (DELETE FROM {t} WHERE id = $1 AND acquired_token IS NOT DISTINCT FROM $2{g} \
-                     RETURNING id, queue, payload, headers, deliveries_count, created_at, timer_id) \
+                     RETURNING id, queue, payload, headers, deliveries_count, created_at, timer_id, ordering_key) \
                      INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
-                     created_at, timer_id, failure_reason, last_exception) \
-                     SELECT id, queue, payload, headers, deliveries_count, created_at, timer_id, $3, $4 \
+                     created_at, timer_id, ordering_key, failure_reason, last_exception) \
+                     SELECT id, queue, payload, headers, deliveries_count, created_at, timer_id, ordering_key, $3, $4 \
                      FROM deleted",
                     d = d.qualified_name()
                 )
@@ -175,19 +203,63 @@ impl Statements {
         }
     }
 
-    pub(crate) fn insert(&self, schedule: ScheduleKind, timer: TimerKind, notify: bool) -> &Sql {
-        &self.insert[insert_index(schedule, timer, notify)]
+    /// The single insert; `keyed`: with the `ordering_key` (the last
+    /// parameter but the NOTIFY channel) and its lock.
+    pub(crate) fn insert(
+        &self,
+        schedule: ScheduleKind,
+        timer: TimerKind,
+        notify: bool,
+        keyed: bool,
+    ) -> &Sql {
+        let all = if keyed {
+            &self.insert_keyed
+        } else {
+            &self.insert
+        };
+        &all[insert_index(schedule, timer, notify)]
     }
 
-    pub(crate) fn insert_batch(&self, schedule: ScheduleKind, notify: bool) -> &Sql {
+    pub(crate) fn insert_batch(&self, schedule: ScheduleKind, notify: bool, keyed: bool) -> &Sql {
         let s = SCHEDULES.iter().position(|x| *x == schedule).unwrap_or(0);
-        &self.insert_batch[s * 2 + usize::from(notify)]
+        let all = if keyed {
+            &self.insert_batch_keyed
+        } else {
+            &self.insert_batch
+        };
+        &all[s * 2 + usize::from(notify)]
+    }
+
+    /// The ordered claim of one queue (see [`claim_ordered_sql`]).
+    pub(crate) fn claim_ordered(&self, with_expired: bool) -> &Sql {
+        &self.claim_ordered[usize::from(with_expired)]
     }
 }
 
+/// The lock a keyed publish takes before its row gets an id:
+/// `pg_advisory_xact_lock` on a 64-bit hash of (table, queue, key), the key
+/// bound as the parameter `{key}` and the queue as `$1`. Held until the
+/// producer's transaction ends, so two transactions publishing one key
+/// serialize and the later one's id is drawn after the earlier one
+/// committed: within a key, id order is commit order. (A hash collision
+/// between two keys only makes them wait for each other.)
+fn key_lock_expr(table: &OutboxTable) -> String {
+    format!(
+        "pg_advisory_xact_lock(hashtextextended({} || chr(31) || $1 || chr(31) || {{key}}, 0))",
+        super::ident::literal(&table.qualified_name())
+    )
+}
+
 /// Parameters: `$1` queue, `$2` payload, `$3` headers, then the schedule (if
-/// any), the timer id (if any), the NOTIFY channel (if notifying).
-fn insert_sql(t: &str, schedule: ScheduleKind, timer: TimerKind, notify: bool) -> String {
+/// any), the timer id (if any), the ordering key (if `lock`: the
+/// [`key_lock_expr`]), the NOTIFY channel (if notifying).
+fn insert_sql(
+    t: &str,
+    schedule: ScheduleKind,
+    timer: TimerKind,
+    notify: bool,
+    lock: Option<&str>,
+) -> String {
     let mut cols = String::from("queue, payload, headers");
     let mut vals = String::from("$1, $2, $3");
     let mut n = 3;
@@ -209,6 +281,18 @@ fn insert_sql(t: &str, schedule: ScheduleKind, timer: TimerKind, notify: bool) -
         cols.push_str(", timer_id");
         vals.push_str(&format!(", ${n}"));
     }
+    // The key's lock is taken in a subquery the row is selected from, so it
+    // is held before the id default (nextval) is evaluated.
+    let from = match lock {
+        Some(lock) => {
+            n += 1;
+            cols.push_str(", ordering_key");
+            vals.push_str(&format!(", ${n}"));
+            let lock = lock.replace("{key}", &format!("${n}::text"));
+            format!(" FROM (SELECT {lock}) AS key_lock")
+        }
+        None => String::new(),
+    };
     let conflict = match timer {
         TimerKind::None => String::new(),
         TimerKind::Ignore => {
@@ -233,13 +317,18 @@ fn insert_sql(t: &str, schedule: ScheduleKind, timer: TimerKind, notify: bool) -
     } else {
         "RETURNING o.id".to_owned()
     };
-    format!("INSERT INTO {t} AS o ({cols}) VALUES ({vals}){conflict} {returning}")
+    if lock.is_some() {
+        format!("INSERT INTO {t} AS o ({cols}) SELECT {vals}{from}{conflict} {returning}")
+    } else {
+        format!("INSERT INTO {t} AS o ({cols}) VALUES ({vals}){conflict} {returning}")
+    }
 }
 
 /// Parameters: `$1` queue, `$2` payloads (`bytea[]`), `$3` headers (`jsonb[]`),
-/// then the schedule (if any), the NOTIFY channel (if notifying). Returns the
-/// number of rows inserted; one statement, one NOTIFY.
-fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool) -> String {
+/// then the schedule (if any), the ordering key of every row (if `lock`),
+/// the NOTIFY channel (if notifying). Returns the number of rows inserted;
+/// one statement, one NOTIFY, rows in the arrays' order.
+fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool, lock: Option<&str>) -> String {
     let (col, val, mut n) = match schedule {
         ScheduleKind::Now => ("", String::new(), 3),
         ScheduleKind::In => (
@@ -249,6 +338,27 @@ fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool) -> String {
         ),
         ScheduleKind::At => (", next_attempt_at", ", $4".to_owned(), 4),
     };
+    let (key_col, key_val, source) = match lock {
+        Some(lock) => {
+            n += 1;
+            let lock = lock.replace("{key}", &format!("${n}::text"));
+            (
+                ", ordering_key",
+                format!(", ${n}"),
+                // The lock is part of the rows' source, so it is taken
+                // before any row's id; the ids follow the arrays' order.
+                format!(
+                    "unnest($2::bytea[], $3::jsonb[]) WITH ORDINALITY AS u(payload, headers, ord) \
+                     CROSS JOIN (SELECT {lock}) AS key_lock ORDER BY u.ord"
+                ),
+            )
+        }
+        None => (
+            "",
+            String::new(),
+            "unnest($2::bytea[], $3::jsonb[]) AS u(payload, headers)".to_owned(),
+        ),
+    };
     let notify_expr = if notify {
         n += 1;
         format!(", pg_notify(${n}, $1)")
@@ -256,8 +366,8 @@ fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool) -> String {
         String::new()
     };
     format!(
-        "WITH ins AS (INSERT INTO {t} (queue, payload, headers{col}) \
-         SELECT $1, u.payload, u.headers{val} FROM unnest($2::bytea[], $3::jsonb[]) AS u(payload, headers) \
+        "WITH ins AS (INSERT INTO {t} (queue, payload, headers{col}{key_col}) \
+         SELECT $1, u.payload, u.headers{val}{key_val} FROM {source} \
          RETURNING 1) \
          SELECT count(*)::int8{notify_expr} FROM ins"
     )
@@ -304,6 +414,79 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
     )
 }
 
+/// The ordered claim of one queue. Parameters: `$1` queue, `$2` limit, `$3`
+/// lease TTL in seconds (used with `with_expired`), `$4` the fresh lease
+/// token, `$5` the key cursor (`''`: from the first key).
+///
+/// - **Keyed rows, heads only.** A skip scan over `<t>_key_idx` walks the
+///   queue's distinct keys in byte order (`COLLATE "C"`, as the index),
+///   starting after the cursor and wrapping round to it, so successive
+///   claims serve every key in turn and none starves. For each key it takes
+///   the **head**, the key's oldest row *leased or not*, and keeps it only if
+///   it is unleased and due, locking that exact row with `SKIP LOCKED`: a
+///   head that another claim holds is skipped, never replaced by the key's
+///   second row (which would put two rows of a key in flight), and a head
+///   waiting for its retry keeps the whole key back. The walk stops at `$2`
+///   heads; with K keys a claim reads at most K index entries twice.
+/// - **Rows without a key** (faststream-outbox's, or published without
+///   one) are claimed as usual, in id order from the same index.
+/// - **Expired leases**, with `with_expired`: only heads are ever leased, so
+///   a reclaim keeps the order.
+fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
+    let next = |after: &str| {
+        format!(
+            "(SELECT c.ordering_key COLLATE \"C\" FROM {t} c \
+             WHERE c.queue = $1 AND c.ordering_key COLLATE \"C\" > {after} \
+             ORDER BY c.ordering_key COLLATE \"C\" LIMIT 1)"
+        )
+    };
+    let first = format!(
+        "(SELECT c.ordering_key COLLATE \"C\" FROM {t} c \
+         WHERE c.queue = $1 AND c.ordering_key IS NOT NULL \
+         ORDER BY c.ordering_key COLLATE \"C\" LIMIT 1)"
+    );
+    let (expired, expired_union) = if with_expired {
+        (
+            format!(
+                "expired AS (SELECT c.id, c.next_attempt_at FROM {t} c \
+                 WHERE c.queue = $1 AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
+                 AND c.acquired_at < now() - make_interval(secs => $3) \
+                 ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED), "
+            ),
+            " UNION ALL SELECT id, next_attempt_at FROM expired",
+        )
+    } else {
+        (String::new(), "")
+    };
+    format!(
+        "WITH RECURSIVE \
+         fwd(k) AS (SELECT {from_cursor} UNION ALL SELECT {after_fwd} FROM fwd WHERE fwd.k IS NOT NULL), \
+         wrap(k) AS (SELECT {first} UNION ALL SELECT {after_wrap} FROM wrap \
+           WHERE wrap.k IS NOT NULL AND wrap.k <= $5::text COLLATE \"C\"), \
+         keyed AS (SELECT o.id, o.next_attempt_at FROM \
+           (SELECT fwd.k FROM fwd UNION ALL SELECT wrap.k FROM wrap WHERE wrap.k <= $5::text COLLATE \"C\") ks \
+           CROSS JOIN LATERAL (SELECT h.id FROM {t} h \
+             WHERE h.queue = $1 AND h.ordering_key COLLATE \"C\" = ks.k \
+             ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh \
+           JOIN {t} o ON o.id = hh.id \
+           WHERE ks.k IS NOT NULL AND o.acquired_token IS NULL AND o.next_attempt_at <= now() \
+           LIMIT $2 FOR UPDATE OF o SKIP LOCKED), \
+         keyless AS (SELECT c.id, c.next_attempt_at FROM {t} c \
+           WHERE c.queue = $1 AND c.ordering_key IS NULL AND c.acquired_token IS NULL \
+           AND c.next_attempt_at <= now() ORDER BY c.id LIMIT $2 FOR UPDATE SKIP LOCKED), \
+         {expired}\
+         ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM keyed \
+           UNION ALL SELECT id, next_attempt_at FROM keyless{expired_union}) r \
+           ORDER BY r.next_attempt_at, r.id LIMIT $2) \
+         UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
+         WHERE o.id IN (SELECT id FROM ready){g} \
+         RETURNING {ROW_COLUMNS}",
+        from_cursor = next("$5::text COLLATE \"C\""),
+        after_fwd = next("fwd.k"),
+        after_wrap = next("wrap.k"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,12 +502,12 @@ mod tests {
     #[test]
     fn single_publish_folds_notify_into_returning() {
         let s = stmts();
-        let sql = s.insert(ScheduleKind::Now, TimerKind::None, true);
+        let sql = s.insert(ScheduleKind::Now, TimerKind::None, true, false);
         assert_eq!(
             &**sql,
             r#"INSERT INTO "outbox" AS o (queue, payload, headers) VALUES ($1, $2, $3) RETURNING o.id, pg_notify($4, o.queue)"#
         );
-        let sql = s.insert(ScheduleKind::In, TimerKind::Extend, false);
+        let sql = s.insert(ScheduleKind::In, TimerKind::Extend, false, false);
         assert!(
             sql.contains("now() + make_interval(secs => $4), $5)"),
             "{sql}"
@@ -334,7 +517,7 @@ mod tests {
             "{sql}"
         );
         assert!(!sql.contains("pg_notify"));
-        let sql = s.insert(ScheduleKind::At, TimerKind::Ignore, true);
+        let sql = s.insert(ScheduleKind::At, TimerKind::Ignore, true, false);
         assert!(
             sql.contains("DO NOTHING RETURNING o.id, pg_notify($6, o.queue)"),
             "{sql}"
@@ -353,12 +536,50 @@ mod tests {
     #[test]
     fn batch_insert_is_one_statement_with_one_notify() {
         let s = stmts();
-        let sql = s.insert_batch(ScheduleKind::Now, true);
+        let sql = s.insert_batch(ScheduleKind::Now, true, false);
         assert!(sql.contains("unnest($2::bytea[], $3::jsonb[])"), "{sql}");
         assert!(
             sql.ends_with("SELECT count(*)::int8, pg_notify($4, $1) FROM ins"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn keyed_inserts_lock_the_key_before_the_id_is_drawn() {
+        let s = stmts();
+        let sql = s.insert(ScheduleKind::Now, TimerKind::None, true, true);
+        assert_eq!(
+            &**sql,
+            r#"INSERT INTO "outbox" AS o (queue, payload, headers, ordering_key) SELECT $1, $2, $3, $4 FROM (SELECT pg_advisory_xact_lock(hashtextextended('"outbox"' || chr(31) || $1 || chr(31) || $4::text, 0))) AS key_lock RETURNING o.id, pg_notify($5, o.queue)"#
+        );
+        let sql = s.insert(ScheduleKind::In, TimerKind::Extend, false, true);
+        assert!(sql.contains("$4), $5, $6 FROM (SELECT pg_advisory_xact_lock("), "{sql}");
+        assert!(sql.contains(" AS key_lock ON CONFLICT (queue, timer_id)"), "{sql}");
+        let sql = s.insert_batch(ScheduleKind::Now, true, true);
+        assert!(
+            sql.contains("WITH ORDINALITY AS u(payload, headers, ord) CROSS JOIN (SELECT pg_advisory_xact_lock("),
+            "{sql}"
+        );
+        assert!(sql.contains("ORDER BY u.ord RETURNING 1"), "{sql}");
+        assert!(sql.ends_with("SELECT count(*)::int8, pg_notify($5, $1) FROM ins"), "{sql}");
+        let mut all: Vec<&str> = s.insert_keyed.iter().map(|x| &**x).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 18);
+    }
+
+    #[test]
+    fn ordered_claims_lock_exact_heads() {
+        let s = stmts();
+        for with_expired in [false, true] {
+            let sql = s.claim_ordered(with_expired);
+            // The head is taken among all rows of the key (leased too), then
+            // that exact row is locked: never the key's second row.
+            assert!(sql.contains("ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh"), "{sql}");
+            assert!(sql.contains("JOIN \"outbox\" o ON o.id = hh.id"), "{sql}");
+            assert!(sql.contains("LIMIT $2 FOR UPDATE OF o SKIP LOCKED"), "{sql}");
+            assert_eq!(sql.contains("expired AS"), with_expired, "{sql}");
+        }
     }
 
     #[test]

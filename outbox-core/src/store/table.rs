@@ -9,8 +9,9 @@ use sqlx::{Executor, PgPool};
 use super::ident;
 use crate::error::Result;
 
-const OUTBOX_SUFFIXES: [&str; 6] = [
+const OUTBOX_SUFFIXES: [&str; 7] = [
     "_pending_idx",
+    "_key_idx",
     "_leased_idx",
     "_timer_id_uq",
     "_lease_ck",
@@ -20,7 +21,7 @@ const OUTBOX_SUFFIXES: [&str; 6] = [
 const DLQ_SUFFIXES: [&str; 3] = ["_queue_failed_idx", "_pkey", "_id_seq"];
 
 /// The columns of the outbox table, in declaration order.
-pub const OUTBOX_COLUMNS: [&str; 13] = [
+pub const OUTBOX_COLUMNS: [&str; 14] = [
     "id",
     "queue",
     "payload",
@@ -34,10 +35,11 @@ pub const OUTBOX_COLUMNS: [&str; 13] = [
     "acquired_at",
     "acquired_token",
     "timer_id",
+    "ordering_key",
 ];
 
 /// The columns of the dead-letter table, in declaration order.
-pub const DLQ_COLUMNS: [&str; 11] = [
+pub const DLQ_COLUMNS: [&str; 12] = [
     "id",
     "original_id",
     "queue",
@@ -49,6 +51,7 @@ pub const DLQ_COLUMNS: [&str; 11] = [
     "failure_reason",
     "last_exception",
     "timer_id",
+    "ordering_key",
 ];
 
 /// A validated, possibly schema-qualified table name.
@@ -88,10 +91,14 @@ fn validate_schema(schema: &str) -> Result<()> {
 
 /// The outbox table: where producers insert rows and subscribers claim them.
 ///
-/// Thirteen columns, no state column: a row is pending while
+/// The thirteen columns of faststream-outbox 0.19 plus `ordering_key`
+/// (nullable: its rows have none), no state column: a row is pending while
 /// `acquired_token IS NULL`, leased while it is set (the lease expires
 /// `lease_ttl` after `acquired_at`), and gone once handled. Indexes:
 /// `<t>_pending_idx` and `<t>_leased_idx` (partial, on `(queue, next_attempt_at, id)`),
+/// `<t>_key_idx` (on `(queue, ordering_key, id)`, the key in byte order: the
+/// head of each key, for
+/// [ordered](crate::SubscriberOptions::ordered) subscribers),
 /// `<t>_timer_id_uq` (partial unique, the `timer_id` conflict arbiter) and the CHECK
 /// `<t>_lease_ck` that makes a half-set lease unrepresentable.
 ///
@@ -184,6 +191,7 @@ impl OutboxTable {
              \x20   acquired_at TIMESTAMP WITH TIME ZONE,\n\
              \x20   acquired_token UUID,\n\
              \x20   timer_id VARCHAR(255),\n\
+             \x20   ordering_key VARCHAR(255),\n\
              \x20   CONSTRAINT {pk} PRIMARY KEY (id),\n\
              \x20   CONSTRAINT {ck} CHECK ((acquired_token IS NULL) = (acquired_at IS NULL))\n\
              )",
@@ -204,15 +212,35 @@ impl OutboxTable {
                 "CREATE INDEX {ine}{} ON {t} (queue, next_attempt_at, id) WHERE acquired_token IS NOT NULL",
                 self.index("_leased_idx")
             ),
+            format!(
+                "CREATE INDEX {ine}{} ON {t} (queue, ordering_key COLLATE \"C\", id)",
+                self.index("_key_idx")
+            ),
         ]
     }
 
-    /// Creates whatever is missing (schema, table, indexes, the lease CHECK) and
-    /// leaves what exists alone. Safe to run at every start and from several
-    /// processes at once (serialized by an advisory lock).
+    /// The column added after faststream-outbox 0.19's layout, for tables
+    /// created before it.
+    fn added_columns(&self) -> Vec<String> {
+        vec![format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS ordering_key VARCHAR(255)",
+            self.qualified_name()
+        )]
+    }
+
+    /// Creates whatever is missing (schema, table, the `ordering_key` column
+    /// of a table created by faststream-outbox or an older version, indexes,
+    /// the lease CHECK) and leaves what exists alone. Safe to run at every
+    /// start and from several processes at once (serialized by an advisory
+    /// lock).
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
         let mut stmts: Vec<String> = self.name.schema_ddl().into_iter().collect();
-        stmts.extend(self.statements(true));
+        let mut create = self.statements(true);
+        // The table first, then the column (indexes may use it).
+        let rest = create.split_off(1);
+        stmts.extend(create);
+        stmts.extend(self.added_columns());
+        stmts.extend(rest);
         // A table created before the CHECK existed gets it added.
         let ck_name = format!("{}_lease_ck", self.name.name);
         stmts.push(format!(
@@ -303,6 +331,7 @@ impl DlqTable {
                  \x20   failure_reason VARCHAR(64) NOT NULL,\n\
                  \x20   last_exception VARCHAR,\n\
                  \x20   timer_id VARCHAR(255),\n\
+                 \x20   ordering_key VARCHAR(255),\n\
                  \x20   CONSTRAINT {pk} PRIMARY KEY (id)\n\
                  )",
                 pk = ident::quote(&format!("{n}_pkey")),
@@ -314,10 +343,18 @@ impl DlqTable {
         ]
     }
 
-    /// Creates whatever is missing; idempotent, like [`OutboxTable::migrate`].
+    /// Creates whatever is missing (the `ordering_key` column too);
+    /// idempotent, like [`OutboxTable::migrate`].
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
         let mut stmts: Vec<String> = self.name.schema_ddl().into_iter().collect();
-        stmts.extend(self.statements(true));
+        let mut create = self.statements(true);
+        let rest = create.split_off(1);
+        stmts.extend(create);
+        stmts.push(format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS ordering_key VARCHAR(255)",
+            self.qualified_name()
+        ));
+        stmts.extend(rest);
         run_migration(pool, &self.qualified_name(), stmts).await
     }
 }
@@ -363,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn dlq_ddl_has_eleven_columns() {
+    fn dlq_ddl_has_twelve_columns() {
         let sql = DlqTable::new("outbox_dlq").expect("valid").create_sql();
         for col in DLQ_COLUMNS {
             assert!(sql.contains(&format!("    {col} ")), "missing column {col}");

@@ -726,10 +726,11 @@ impl TestApp {
         match self.harness.store() {
             Some(store) => Ok(subs
                 .iter()
-                .any(|(queues, lease)| store.has_claimable(queues, *lease))),
+                .any(|(queues, lease, ordered)| store.has_claimable(queues, *lease, *ordered))),
             None => {
-                for (queues, lease) in &subs {
-                    if super::postgres_has_claimable(&self.broker, queues, *lease).await? {
+                for (queues, lease, ordered) in &subs {
+                    if super::postgres_has_claimable(&self.broker, queues, *lease, *ordered).await?
+                    {
                         return Ok(true);
                     }
                 }

@@ -242,7 +242,7 @@ impl Harness {
     }
 
     /// The queues and lease of every subscriber of every running engine.
-    pub(crate) fn subscriptions(&self) -> Vec<(Vec<String>, Duration)> {
+    pub(crate) fn subscriptions(&self) -> Vec<(Vec<String>, Duration, bool)> {
         self.engines()
             .iter()
             .flat_map(|e| e.subscriptions())

@@ -172,19 +172,23 @@ pub(crate) async fn shift_postgres(broker: &OutboxBroker, by: Duration) -> Resul
 }
 
 /// Whether the engine's claim for `queues` would return a row now (on
-/// PostgreSQL).
+/// PostgreSQL); `ordered`: of the keyed rows, heads only.
 pub(crate) async fn postgres_has_claimable(
     broker: &OutboxBroker,
     queues: &[String],
     lease_ttl: Duration,
+    ordered: bool,
 ) -> Result<bool> {
     let t = broker.table().qualified_name();
     let found: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM {t} WHERE queue = ANY($1) AND next_attempt_at <= now() \
-         AND (acquired_token IS NULL OR acquired_at < now() - make_interval(secs => $2)))"
+        "SELECT EXISTS (SELECT 1 FROM {t} o WHERE queue = ANY($1) AND next_attempt_at <= now() \
+         AND (acquired_token IS NULL OR acquired_at < now() - make_interval(secs => $2)) \
+         AND (NOT $3 OR o.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} p \
+           WHERE p.queue = o.queue AND p.ordering_key = o.ordering_key AND p.id < o.id)))"
     )))
     .bind(queues)
     .bind(lease_ttl.as_secs_f64())
+    .bind(ordered)
     .fetch_one(broker.pool())
     .await?;
     Ok(found)

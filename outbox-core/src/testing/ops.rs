@@ -258,7 +258,7 @@ impl StoreOps {
     /// # let _ = claim; Ok(()) }
     /// ```
     pub async fn claim(&self, queues: &[&str], limit: usize, lease_ttl: Duration) -> Result<Claim> {
-        self.claim_inner(queues, limit, lease_ttl, true).await
+        self.claim_inner(queues, limit, lease_ttl, true, None).await
     }
 
     /// The engine's claim without the expired-lease branch (what a busy
@@ -270,7 +270,29 @@ impl StoreOps {
     /// # let _ = claim; Ok(()) }
     /// ```
     pub async fn claim_pending(&self, queues: &[&str], limit: usize) -> Result<Claim> {
-        self.claim_inner(queues, limit, Duration::from_secs(60), false)
+        self.claim_inner(queues, limit, Duration::from_secs(60), false, None)
+            .await
+    }
+
+    /// The claim of an [ordered](crate::SubscriberOptions::ordered)
+    /// subscriber: of the rows with a key, only each key's head (its oldest
+    /// row, leased or not) when it is unleased and due; rows without a key
+    /// and expired leases as in [`claim`](Self::claim). The walk over the
+    /// keys starts after `cursor` (`""`: the first key) and wraps round.
+    ///
+    /// ```
+    /// # async fn demo(ops: outbox_core::testing::StoreOps) -> Result<(), outbox_core::Error> {
+    /// let claim = ops.claim_ordered(&["orders"], 10, std::time::Duration::from_secs(60), "").await?;
+    /// # let _ = claim; Ok(()) }
+    /// ```
+    pub async fn claim_ordered(
+        &self,
+        queues: &[&str],
+        limit: usize,
+        lease_ttl: Duration,
+        cursor: &str,
+    ) -> Result<Claim> {
+        self.claim_inner(queues, limit, lease_ttl, true, Some(cursor))
             .await
     }
 
@@ -280,14 +302,21 @@ impl StoreOps {
         limit: usize,
         lease_ttl: Duration,
         with_expired: bool,
+        ordered: Option<&str>,
     ) -> Result<Claim> {
         let token = Uuid::new_v4();
         let queues = queues(q);
         let stmts = self.broker.stmts();
+        let args = store::ClaimArgs {
+            queues: &queues,
+            limit,
+            lease_ttl,
+            token,
+            with_expired,
+            ordered,
+        };
         let rows = self
-            .with_conn(async |c| {
-                store::claim(stmts, c, &queues, limit, lease_ttl, token, with_expired).await
-            })
+            .with_conn(async |c| store::claim(stmts, c, &args).await)
             .await?;
         Ok(Claim { token, rows })
     }

@@ -6,7 +6,7 @@ use super::headers::OUTBOX_ID;
 use super::{Outgoing, Transport};
 use crate::broker::OutboxBroker;
 use crate::envelope::Raw;
-use crate::error::BoxError;
+use crate::error::{BoxError, Error};
 use crate::publish::{PublishOptions, validate_queue};
 
 /// The default name of an [`OutboxTransport`].
@@ -92,10 +92,21 @@ impl Transport for OutboxTransport {
                 destination,
                 payload,
                 mut headers,
+                key,
                 ..
             } = msg;
             headers.remove(OUTBOX_ID);
-            let opts = PublishOptions::new().headers(headers);
+            let mut opts = PublishOptions::new().headers(headers);
+            // The key carries on as the follow-on row's ordering key.
+            if let Some(key) = key {
+                let key = String::from_utf8(key).map_err(|_| {
+                    Error::arg(
+                        "the message key is not UTF-8 text; an outbox row's ordering key \
+                         must be (set a text key with Response::key)",
+                    )
+                })?;
+                opts = opts.key(key);
+            }
             broker
                 .on_own_conn(async |conn| {
                     broker
