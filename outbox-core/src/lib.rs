@@ -87,8 +87,8 @@ pub use engine::message::{AckPolicy, FailureReason, Message, Outcome};
 pub use engine::retry;
 pub use engine::retry::RetryStrategy;
 pub use engine::subscriber::{
-    KnobDefaults, PoisonPolicy, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber,
-    SubscriberBuilder, SubscriberOptions,
+    KnobDefaults, PoisonPolicy, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder,
+    SubscriberOptions,
 };
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Passthrough, Raw};
@@ -138,6 +138,8 @@ pub mod __private {
             "ack_batch" => &s.ack_batch,
             "retry" => &s.retry,
             "release" => &s.release,
+            "claim_ordered" => s.claim_ordered(true),
+            "claim_ordered_pending" => s.claim_ordered(false),
             _ => return None,
         };
         Some(sql.to_string())

@@ -207,6 +207,15 @@ contract!(
     app_without_dead_letter_table_deletes_terminal_rows,
     app_loop_mode_drains_and_retries,
     app_loop_mode_lease_loss_is_a_no_op_write,
+    keys_are_stored_and_batches_keep_their_order,
+    ordered_claims_take_only_the_head_of_each_key,
+    ordered_claims_walk_the_keys_from_the_cursor,
+    a_retrying_head_keeps_its_key_back,
+    an_expired_head_is_reclaimed_before_its_successor,
+    dead_letters_keep_the_key,
+    app_ordered_block_policy_waits_for_the_head,
+    app_ordered_dead_letter_and_continue_moves_on,
+    app_relays_the_row_key_as_the_message_key,
 );
 
 // ---------------------------------------------------------------------------
@@ -1197,6 +1206,299 @@ async fn app_loop_mode_lease_loss_is_a_no_op_write<B: Backend>(b: &B) -> R {
         "claimed(1), claimed(2), acked, lease_lost(terminal)"
     );
     assert!(app.rows().await?.is_empty());
+    app.stop().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Ordering keys and ordered claims
+
+fn keyed(key: &str) -> PublishOptions {
+    opts().key(key)
+}
+
+/// `(body, key)` of each claimed row, in claim order.
+fn bodies_and_keys(c: &outbox_core::testing::Claim) -> Vec<(String, Option<String>)> {
+    c.rows
+        .iter()
+        .map(|r| (body(r), r.ordering_key.clone()))
+        .collect()
+}
+
+fn s(x: &str) -> String {
+    x.to_owned()
+}
+
+async fn keys_are_stored_and_batches_keep_their_order<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let plain = publish(b, "plain", "q", &opts()).await?;
+    let one = publish(b, "one", "q", &keyed("k1")).await?;
+    let n = ops
+        .publish_batch(["b1", "b2", "b3"].map(s), "q", &keyed("k2"))
+        .await?;
+    assert_eq!(n, 3);
+    let rows = ops.rows().await?;
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| (body(r), r.ordering_key.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (s("plain"), None),
+            (s("one"), Some("k1")),
+            (s("b1"), Some("k2")),
+            (s("b2"), Some("k2")),
+            (s("b3"), Some("k2")),
+        ],
+        "ids follow the batch's order"
+    );
+    assert!(rows[0].id == plain && rows[1].id == one);
+    // An unordered claim ignores keys: every due row.
+    let claim = ops.claim(&["q"], 10, TTL).await?;
+    assert_eq!(claim.rows.len(), 5);
+    Ok(())
+}
+
+async fn ordered_claims_take_only_the_head_of_each_key<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a1 = publish(b, "a1", "q", &keyed("a")).await?;
+    publish(b, "a2", "q", &keyed("a")).await?;
+    publish(b, "b1", "q", &keyed("b")).await?;
+    publish(b, "n1", "q", &opts()).await?;
+    publish(b, "n2", "q", &opts()).await?;
+    publish(b, "other", "q2", &keyed("a")).await?;
+    let first = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert_eq!(
+        bodies_and_keys(&first),
+        [
+            (s("a1"), Some(s("a"))),
+            (s("b1"), Some(s("b"))),
+            (s("n1"), None),
+            (s("n2"), None),
+        ],
+        "one head per key (keys are per queue), every row without a key"
+    );
+    let again = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert!(
+        again.rows.is_empty(),
+        "a leased head keeps its key back: {:?}",
+        bodies_and_keys(&again)
+    );
+    assert!(ops.ack(a1, first.token).await?);
+    let next = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert_eq!(bodies_and_keys(&next), [(s("a2"), Some(s("a")))]);
+    let q2 = ops.claim_ordered(&["q2"], 10, TTL, "").await?;
+    assert_eq!(bodies_and_keys(&q2), [(s("other"), Some(s("a")))]);
+    Ok(())
+}
+
+async fn ordered_claims_walk_the_keys_from_the_cursor<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    // Keys compare as bytes ("B" < "a" < "b" < "é").
+    for k in ["b", "a", "é", "B"] {
+        publish(b, k, "q", &keyed(k)).await?;
+    }
+    let take = async |cursor: &str| -> anyhow::Result<String> {
+        let c = ops.claim_ordered(&["q"], 1, TTL, cursor).await?;
+        let [r] = &c.rows[..] else {
+            panic!("one row, got {:?}", bodies_and_keys(&c))
+        };
+        // Give it back, so the next walk sees every key again.
+        assert_eq!(ops.release(&c.pairs()).await?, 1);
+        Ok(body(r))
+    };
+    assert_eq!(take("").await?, "B");
+    assert_eq!(take("B").await?, "a");
+    assert_eq!(take("a").await?, "b");
+    assert_eq!(take("b").await?, "é");
+    assert_eq!(
+        take("é").await?,
+        "B",
+        "past the last key the walk wraps round"
+    );
+    assert_eq!(take("c").await?, "é");
+    Ok(())
+}
+
+async fn a_retrying_head_keeps_its_key_back<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a1 = publish(b, "a1", "q", &keyed("a")).await?;
+    publish(b, "a2", "q", &keyed("a")).await?;
+    let first = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert_eq!(first.ids(), [a1]);
+    assert!(ops.retry(a1, first.token, Duration::from_secs(30)).await?);
+    assert!(
+        ops.claim_ordered(&["q"], 10, TTL, "")
+            .await?
+            .rows
+            .is_empty(),
+        "a2 is due but must not overtake its retrying head"
+    );
+    b.advance(Duration::from_secs(31)).await?;
+    let retried = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert_eq!(bodies_and_keys(&retried), [(s("a1"), Some(s("a")))]);
+    assert_eq!(retried.rows[0].attempts_count, 1);
+    Ok(())
+}
+
+async fn an_expired_head_is_reclaimed_before_its_successor<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let ttl = Duration::from_secs(10);
+    let a1 = publish(b, "a1", "q", &keyed("a")).await?;
+    publish(b, "a2", "q", &keyed("a")).await?;
+    let old = ops.claim_ordered(&["q"], 10, ttl, "").await?;
+    assert_eq!(old.ids(), [a1]);
+    b.advance(Duration::from_secs(11)).await?;
+    let new = ops.claim_ordered(&["q"], 10, ttl, "").await?;
+    assert_eq!(
+        bodies_and_keys(&new),
+        [(s("a1"), Some(s("a")))],
+        "the dead relay's head is handed over; its successor still waits"
+    );
+    assert_ne!(new.token, old.token);
+    assert!(!ops.ack(a1, old.token).await?, "the old lease lost");
+    Ok(())
+}
+
+async fn dead_letters_keep_the_key<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let id = publish(b, "a1", "q", &keyed("a")).await?;
+    let c = ops.claim_ordered(&["q"], 10, TTL, "").await?;
+    assert!(
+        ops.dead_letter(id, c.token, FailureReason::RetryTerminal, None)
+            .await?
+    );
+    let dead = ops.dead_letters().await?;
+    assert_eq!(dead[0].ordering_key.as_deref(), Some("a"));
+    Ok(())
+}
+
+/// An ordered route on `q` whose handler fails every attempt of `poison`
+/// and records the bodies it handled successfully.
+fn ordered_route(
+    policy: outbox_core::PoisonPolicy,
+    handled: Arc<std::sync::Mutex<Vec<String>>>,
+) -> Route {
+    Route::builder(["q"])
+        .ordered(true)
+        .poison_policy(policy)
+        .max_workers(4)
+        .retry(ConstantRetry::new(Duration::from_secs(10)).max_attempts(3))
+        .handler(move |msg: Message, _| {
+            let handled = handled.clone();
+            async move {
+                let body: String = msg.decode()?;
+                if body == "poison" {
+                    return Err::<(), BoxError>("poisoned".into());
+                }
+                handled.lock().unwrap().push(body);
+                Ok(())
+            }
+        })
+}
+
+async fn app_ordered_block_policy_waits_for_the_head<B: Backend>(b: &B) -> R {
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = b
+        .app()
+        .subscriber(ordered_route(
+            outbox_core::PoisonPolicy::Block,
+            handled.clone(),
+        ))
+        .start()
+        .await?;
+    for (body, key) in [
+        ("poison", "a"),
+        ("a2", "a"),
+        ("b1", "b"),
+        ("a3", "a"),
+        ("b2", "b"),
+    ] {
+        app.publish_with(&s(body), "q", &keyed(key)).await?;
+    }
+    app.settle().await?;
+    assert_eq!(
+        *handled.lock().unwrap(),
+        ["b1", "b2"],
+        "key a waits for its failing head; key b goes on"
+    );
+    // Two more attempts (10 s apart), then the strategy gives up: the head
+    // is dead-lettered and key a resumes, in order.
+    for _ in 0..2 {
+        app.advance(Duration::from_secs(11)).await?;
+        app.settle().await?;
+    }
+    assert_eq!(*handled.lock().unwrap(), ["b1", "b2", "a2", "a3"]);
+    let dead = app.dead_letters().await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].failure_reason.as_str(),
+            dead[0].ordering_key.as_deref()
+        ),
+        ("retry_terminal", Some("a"))
+    );
+    assert!(app.rows().await?.is_empty());
+    app.stop().await?;
+    Ok(())
+}
+
+async fn app_ordered_dead_letter_and_continue_moves_on<B: Backend>(b: &B) -> R {
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = b
+        .app()
+        .subscriber(ordered_route(
+            outbox_core::PoisonPolicy::DeadLetterAndContinue,
+            handled.clone(),
+        ))
+        .start()
+        .await?;
+    for (body, key) in [("poison", "a"), ("a2", "a"), ("a3", "a")] {
+        app.publish_with(&s(body), "q", &keyed(key)).await?;
+    }
+    app.settle().await?;
+    assert_eq!(*handled.lock().unwrap(), ["a2", "a3"]);
+    let dead = app.dead_letters().await?;
+    assert_eq!(dead.len(), 1, "dead-lettered at the first failure");
+    assert_eq!(dead[0].deliveries_count, 1);
+    assert!(app.rows().await?.is_empty());
+    app.stop().await?;
+    Ok(())
+}
+
+async fn app_relays_the_row_key_as_the_message_key<B: Backend>(b: &B) -> R {
+    let kafka = MemoryTransport::new("kafka");
+    let explicit = Route::builder(["explicit"])
+        .publish_to("kafka", "explicit.kafka")
+        .handler(|msg: Message, _| async move {
+            Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?).key("mine"))
+        });
+    let app = b
+        .app()
+        .subscriber(seed_route())
+        .subscriber(explicit)
+        .transport(kafka.clone())
+        .start()
+        .await?;
+    app.publish_with(&1_i64, "orders", &keyed("order-1"))
+        .await?;
+    app.publish_with(&2_i64, "orders", &opts()).await?;
+    app.publish_with(&3_i64, "explicit", &keyed("order-3"))
+        .await?;
+    app.settle().await?;
+    let keys: Vec<Option<Vec<u8>>> = kafka
+        .messages_to("orders.kafka")
+        .iter()
+        .map(|m| m.key.clone())
+        .collect();
+    assert_eq!(keys, [Some(b"order-1".to_vec()), None]);
+    let sent = kafka.messages_to("explicit.kafka");
+    assert_eq!(
+        sent[0].key.as_deref(),
+        Some(&b"mine"[..]),
+        "the handler's key wins"
+    );
     app.stop().await?;
     Ok(())
 }

@@ -1023,6 +1023,54 @@ async fn the_claim_uses_the_partial_indexes_at_200k_rows() -> R {
 }
 
 #[tokio::test]
+async fn the_ordered_claim_walks_the_key_index_at_200k_rows() -> R {
+    let db = TestDb::new().await?;
+    // 1,000 keys interleaved in id order, every tenth row leased, a tenth
+    // of the rows without a key.
+    db.exec(format!(
+        "INSERT INTO {} (queue, payload, headers, next_attempt_at, acquired_token, acquired_at, ordering_key) \
+         SELECT CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, '\\x00'::bytea, '{{}}'::jsonb, \
+         now() - (g || ' seconds')::interval, \
+         CASE WHEN g % 10 = 0 THEN gen_random_uuid() END, CASE WHEN g % 10 = 0 THEN now() END, \
+         CASE WHEN g % 10 <> 3 THEN 'k' || (g % 1000) END \
+         FROM generate_series(1, 200000) g",
+        db.t()
+    ))
+    .await?;
+    db.exec(format!("ANALYZE {}", db.t())).await?;
+    for which in ["claim_ordered", "claim_ordered_pending"] {
+        let claim = outbox_core::__private::engine_sql(&db.table, which).unwrap();
+        let sql = claim
+            .replace("$1", "'a'::varchar")
+            .replace("$2", "100")
+            .replace("$3", "60")
+            .replace("$4", "gen_random_uuid()")
+            .replace("$5::text", "'k5'::text");
+        let mut tx = db.pool.begin().await?;
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+            .fetch_all(&mut *tx)
+            .await?;
+        // And it runs: heads only, at most one per key.
+        let keys: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "WITH c AS ({sql}) SELECT ordering_key FROM c"
+        )))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan"), "{which}: {plan}");
+        assert!(plan.contains("_key_idx"), "{which}: {plan}");
+        assert!(!keys.is_empty() && keys.len() <= 100, "{which}: {keys:?}");
+        let mut keyed: Vec<&String> = keys.iter().flatten().collect();
+        let n = keyed.len();
+        keyed.sort();
+        keyed.dedup();
+        assert_eq!(keyed.len(), n, "{which}: one row per key: {keys:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn expired_leases_are_reclaimed_in_fifo_order_and_counted() -> R {
     let db = TestDb::new().await?;
     let mut conn = db.pool.acquire().await?;

@@ -51,11 +51,11 @@ async fn migrate_matches_create_sql_and_is_idempotent() -> R {
     let name = db.table.name().to_owned();
     let dlq_name = db.dlq.name().to_owned();
     let migrated = catalog(&db.pool, &db.schema, &name).await?;
-    assert_eq!(migrated.iter().filter(|l| l.starts_with("col")).count(), 13);
+    assert_eq!(migrated.iter().filter(|l| l.starts_with("col")).count(), 14);
     assert_eq!(
         migrated.iter().filter(|l| l.starts_with("idx")).count(),
-        4,
-        "pkey + 3 partial indexes: {migrated:#?}"
+        5,
+        "pkey + 3 partial indexes + the key index: {migrated:#?}"
     );
     let dlq_migrated = catalog(&db.pool, &db.schema, &dlq_name).await?;
 
@@ -79,6 +79,45 @@ async fn migrate_matches_create_sql_and_is_idempotent() -> R {
     db.broker.migrate().await?;
     assert_eq!(catalog(&db.pool, &db.schema, &name).await?, migrated);
     assert_eq!(db.count().await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn migrate_adds_the_ordering_key_to_a_faststream_outbox_table() -> R {
+    let db = TestDb::new().await?;
+    let name = db.table.name().to_owned();
+    let dlq_name = db.dlq.name().to_owned();
+    let want = catalog(&db.pool, &db.schema, &name).await?;
+    let want_dlq = catalog(&db.pool, &db.schema, &dlq_name).await?;
+    // The tables as faststream-outbox 0.19 creates them: no ordering_key,
+    // no key index; one of its rows.
+    for stmt in [
+        format!("DROP INDEX \"{}\".\"{name}_key_idx\"", db.schema),
+        format!("ALTER TABLE {} DROP COLUMN ordering_key", db.t()),
+        format!("ALTER TABLE {} DROP COLUMN ordering_key", db.d()),
+        format!(
+            "INSERT INTO {} (queue, payload, headers) VALUES ('q', '1', '{{}}')",
+            db.t()
+        ),
+    ] {
+        db.exec(stmt).await?;
+    }
+    let err = db.broker.validate_schema().await.unwrap_err().to_string();
+    assert!(
+        err.contains("has no column ordering_key") && err.contains("_key_idx"),
+        "{err}"
+    );
+    db.broker.migrate().await?;
+    assert_eq!(catalog(&db.pool, &db.schema, &name).await?, want);
+    assert_eq!(catalog(&db.pool, &db.schema, &dlq_name).await?, want_dlq);
+    db.broker.validate_schema().await?;
+    let keys: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT ordering_key FROM {}",
+        db.t()
+    )))
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(keys, [None], "the old row is kept, without a key");
     Ok(())
 }
 

@@ -610,7 +610,9 @@ mod tests {
             "{sql}"
         );
         assert!(
-            sql.contains(r#"ins AS (INSERT INTO "s"."t" (queue, payload, headers, timer_id, ordering_key)"#),
+            sql.contains(
+                r#"ins AS (INSERT INTO "s"."t" (queue, payload, headers, timer_id, ordering_key)"#
+            ),
             "{sql}"
         );
         assert!(

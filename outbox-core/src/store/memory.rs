@@ -398,7 +398,12 @@ impl MemoryStore {
 
     /// Whether a claim for `queues` with `lease_ttl` (`ordered` or not)
     /// would return a row now.
-    pub(crate) fn has_claimable(&self, queues: &[String], lease_ttl: Duration, ordered: bool) -> bool {
+    pub(crate) fn has_claimable(
+        &self,
+        queues: &[String],
+        lease_ttl: Duration,
+        ordered: bool,
+    ) -> bool {
         let now = self.now();
         let before = now - interval_secs(lease_ttl.as_secs_f64());
         let args = ClaimArgs {

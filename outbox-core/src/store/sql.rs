@@ -427,7 +427,9 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
 ///   head that another claim holds is skipped, never replaced by the key's
 ///   second row (which would put two rows of a key in flight), and a head
 ///   waiting for its retry keeps the whole key back. The walk stops at `$2`
-///   heads; with K keys a claim reads at most K index entries twice.
+///   claimable heads; with K keys a claim reads at most K index entries
+///   twice. The heads are chosen in the walk's order (the lateral lookup
+///   keeps the walk on the outside of the join), then locked.
 /// - **Rows without a key** (faststream-outbox's, or published without
 ///   one) are claimed as usual, in id order from the same index.
 /// - **Expired leases**, with `with_expired`: only heads are ever leased, so
@@ -463,14 +465,16 @@ fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
          fwd(k) AS (SELECT {from_cursor} UNION ALL SELECT {after_fwd} FROM fwd WHERE fwd.k IS NOT NULL), \
          wrap(k) AS (SELECT {first} UNION ALL SELECT {after_wrap} FROM wrap \
            WHERE wrap.k IS NOT NULL AND wrap.k <= $5::text COLLATE \"C\"), \
-         keyed AS (SELECT o.id, o.next_attempt_at FROM \
+         heads AS (SELECT hh.id FROM \
            (SELECT fwd.k FROM fwd UNION ALL SELECT wrap.k FROM wrap WHERE wrap.k <= $5::text COLLATE \"C\") ks \
-           CROSS JOIN LATERAL (SELECT h.id FROM {t} h \
+           CROSS JOIN LATERAL (SELECT h.id, h.acquired_token, h.next_attempt_at FROM {t} h \
              WHERE h.queue = $1 AND h.ordering_key COLLATE \"C\" = ks.k \
              ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh \
-           JOIN {t} o ON o.id = hh.id \
-           WHERE ks.k IS NOT NULL AND o.acquired_token IS NULL AND o.next_attempt_at <= now() \
-           LIMIT $2 FOR UPDATE OF o SKIP LOCKED), \
+           WHERE ks.k IS NOT NULL AND hh.acquired_token IS NULL AND hh.next_attempt_at <= now() \
+           LIMIT $2), \
+         keyed AS (SELECT o.id, o.next_attempt_at FROM {t} o \
+           WHERE o.id IN (SELECT heads.id FROM heads) AND o.acquired_token IS NULL \
+           AND o.next_attempt_at <= now() FOR UPDATE SKIP LOCKED), \
          keyless AS (SELECT c.id, c.next_attempt_at FROM {t} c \
            WHERE c.queue = $1 AND c.ordering_key IS NULL AND c.acquired_token IS NULL \
            AND c.next_attempt_at <= now() ORDER BY c.id LIMIT $2 FOR UPDATE SKIP LOCKED), \
@@ -553,15 +557,24 @@ mod tests {
             r#"INSERT INTO "outbox" AS o (queue, payload, headers, ordering_key) SELECT $1, $2, $3, $4 FROM (SELECT pg_advisory_xact_lock(hashtextextended('"outbox"' || chr(31) || $1 || chr(31) || $4::text, 0))) AS key_lock RETURNING o.id, pg_notify($5, o.queue)"#
         );
         let sql = s.insert(ScheduleKind::In, TimerKind::Extend, false, true);
-        assert!(sql.contains("$4), $5, $6 FROM (SELECT pg_advisory_xact_lock("), "{sql}");
-        assert!(sql.contains(" AS key_lock ON CONFLICT (queue, timer_id)"), "{sql}");
+        assert!(
+            sql.contains("$4), $5, $6 FROM (SELECT pg_advisory_xact_lock("),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(" AS key_lock ON CONFLICT (queue, timer_id)"),
+            "{sql}"
+        );
         let sql = s.insert_batch(ScheduleKind::Now, true, true);
         assert!(
             sql.contains("WITH ORDINALITY AS u(payload, headers, ord) CROSS JOIN (SELECT pg_advisory_xact_lock("),
             "{sql}"
         );
         assert!(sql.contains("ORDER BY u.ord RETURNING 1"), "{sql}");
-        assert!(sql.ends_with("SELECT count(*)::int8, pg_notify($5, $1) FROM ins"), "{sql}");
+        assert!(
+            sql.ends_with("SELECT count(*)::int8, pg_notify($5, $1) FROM ins"),
+            "{sql}"
+        );
         let mut all: Vec<&str> = s.insert_keyed.iter().map(|x| &**x).collect();
         all.sort_unstable();
         all.dedup();
@@ -575,9 +588,20 @@ mod tests {
             let sql = s.claim_ordered(with_expired);
             // The head is taken among all rows of the key (leased too), then
             // that exact row is locked: never the key's second row.
-            assert!(sql.contains("ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh"), "{sql}");
-            assert!(sql.contains("JOIN \"outbox\" o ON o.id = hh.id"), "{sql}");
-            assert!(sql.contains("LIMIT $2 FOR UPDATE OF o SKIP LOCKED"), "{sql}");
+            assert!(
+                sql.contains("ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh"),
+                "{sql}"
+            );
+            assert!(
+                sql.contains(
+                    "WHERE o.id IN (SELECT heads.id FROM heads) AND o.acquired_token IS NULL"
+                ),
+                "{sql}"
+            );
+            assert!(
+                sql.contains("<= now() FOR UPDATE SKIP LOCKED), keyless"),
+                "{sql}"
+            );
             assert_eq!(sql.contains("expired AS"), with_expired, "{sql}");
         }
     }
