@@ -31,6 +31,7 @@ use crate::transport::KafkaTransport;
 /// | [`idempotence`](Self::idempotence) | `enable.idempotence` | `true` |
 /// | [`compression`](Self::compression) | `compression.type` | `none` |
 /// | [`linger`](Self::linger) | `linger.ms` | 5 ms |
+/// | [`set`](Self::set)`("partitioner", ..)` | `partitioner` | `murmur2_random` (Java's) |
 /// | [`message_timeout`](Self::message_timeout) | `message.timeout.ms` | 30 s |
 /// | [`name`](Self::name) | (transport name) | `kafka` |
 /// | [`connect_timeout`](Self::connect_timeout) | (startup metadata check) | 10 s |
@@ -111,7 +112,14 @@ impl KafkaBroker {
     }
 
     /// `enable.idempotence` (default `true`): the producer's own retries never
-    /// duplicate or reorder records within a partition. Needs `acks=all`.
+    /// duplicate or reorder records within a partition. Needs `acks=all`;
+    /// librdkafka then also caps `max.in.flight.requests.per.connection` at 5
+    /// and retries until `message.timeout.ms`.
+    ///
+    /// Turned off (here or with `set("enable.idempotence", "false")`), a
+    /// retried record can be written twice or after a record sent later to
+    /// the same partition; [`connect`](Self::connect) logs a WARN saying so,
+    /// unless `max.in.flight.requests.per.connection` is 1.
     pub fn idempotence(mut self, on: bool) -> Self {
         self.settings.idempotence = on;
         self
@@ -248,6 +256,15 @@ impl KafkaBroker {
     pub async fn connect_transport(&self) -> Result<KafkaTransport> {
         let s = &self.settings;
         let config = s.producer_config()?;
+        if s.retries_may_reorder() {
+            tracing::warn!(
+                transport = %s.name,
+                "enable.idempotence is off: librdkafka's internal retries can duplicate records \
+                 and write them out of order within a partition, so ordered delivery per \
+                 partition is not guaranteed across retries (keep idempotence on, or set \
+                 max.in.flight.requests.per.connection=1)"
+            );
+        }
         let context = KafkaContext::new(&s.name);
         let producer: FutureProducer<KafkaContext> = config
             .create_with_context(context)
@@ -372,6 +389,7 @@ mod tests {
         assert_eq!(c.get("message.timeout.ms"), Some("30000"));
         assert_eq!(c.get("linger.ms"), Some("5"));
         assert_eq!(c.get("client.id"), Some("outbox-kafka"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
         assert_eq!(k.get_name(), "kafka");
         assert_eq!(k.get_connect_timeout(), Duration::from_secs(10));
     }
@@ -386,6 +404,45 @@ mod tests {
         assert_eq!(c.get("message.timeout.ms"), Some("1500"));
         assert_eq!(c.get("reconnect.backoff.max.ms"), Some("1000"));
         assert_eq!(k.get_message_timeout(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_partitioner_can_be_overridden() {
+        let c = KafkaBroker::new("b:1")
+            .set("partitioner", "consistent_random")
+            .client_config()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.get("partitioner"), Some("consistent_random"));
+    }
+
+    #[test]
+    fn retries_may_reorder_only_without_idempotence() {
+        let reorder = |k: KafkaBroker| k.settings.retries_may_reorder();
+        assert!(!reorder(KafkaBroker::new("b:1")));
+        assert!(reorder(KafkaBroker::new("b:1").idempotence(false)));
+        assert!(reorder(
+            KafkaBroker::new("b:1").set("enable.idempotence", "False")
+        ));
+        assert!(!reorder(
+            KafkaBroker::new("b:1")
+                .idempotence(false)
+                .set("enable.idempotence", "true")
+        ));
+        assert!(!reorder(
+            KafkaBroker::new("b:1")
+                .idempotence(false)
+                .set("max.in.flight.requests.per.connection", "1")
+        ));
+        assert!(!reorder(
+            KafkaBroker::new("b:1")
+                .set("enable.idempotence", "0")
+                .set("max.in.flight", "1")
+        ));
+        assert!(reorder(
+            KafkaBroker::new("b:1")
+                .idempotence(false)
+                .set("max.in.flight", "5")
+        ));
     }
 
     #[test]

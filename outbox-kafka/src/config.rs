@@ -16,6 +16,14 @@ use crate::error::{Error, Result};
 pub const DEFAULT_NAME: &str = "kafka";
 /// The default `client.id`.
 pub const DEFAULT_CLIENT_ID: &str = "outbox-kafka";
+/// The default `partitioner`: librdkafka's `murmur2_random`, the Java
+/// client's default partitioner for keyed records
+/// (`toPositive(murmur2(key)) % partitions`), so a key lands on the same
+/// partition whichever client (Java, kafka-python / aiokafka, librdkafka
+/// with this setting, Kafka Streams) produced it; records without a key go
+/// to a random partition. librdkafka's own default (`consistent_random`,
+/// CRC32) places keys differently.
+pub const DEFAULT_PARTITIONER: &str = "murmur2_random";
 /// The default `linger.ms`.
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(5);
 /// The default `message.timeout.ms`: below the subscribers' default
@@ -130,6 +138,15 @@ impl fmt::Debug for Redacted<'_> {
     }
 }
 
+/// A librdkafka boolean (`true`/`false`, `t`/`f`, `1`/`0`, any case).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" => Some(true),
+        "false" | "f" | "0" => Some(false),
+        _ => None,
+    }
+}
+
 fn ms(d: Duration) -> String {
     d.as_millis().to_string()
 }
@@ -161,6 +178,30 @@ impl Settings {
             .map_or(self.message_timeout, Duration::from_millis)
     }
 
+    /// The effective `enable.idempotence` (a `set("enable.idempotence")`
+    /// wins over the typed setting; a value librdkafka would refuse counts
+    /// as the typed one, the producer's creation then fails anyway).
+    pub(crate) fn effective_idempotence(&self) -> bool {
+        self.extra
+            .get("enable.idempotence")
+            .and_then(|v| parse_bool(v))
+            .unwrap_or(self.idempotence)
+    }
+
+    /// True when librdkafka may reorder records within a partition on its
+    /// internal retries: idempotence off and more than one request in flight
+    /// per connection (`max.in.flight.requests.per.connection`, alias
+    /// `max.in.flight`, librdkafka's default 1000000).
+    pub(crate) fn retries_may_reorder(&self) -> bool {
+        if self.effective_idempotence() {
+            return false;
+        }
+        let in_flight = ["max.in.flight.requests.per.connection", "max.in.flight"]
+            .iter()
+            .find_map(|k| self.extra.get(*k)?.trim().parse::<u64>().ok());
+        in_flight != Some(1)
+    }
+
     fn invalid(&self, reason: impl Into<String>) -> Error {
         Error::InvalidConfig {
             transport: self.name.clone(),
@@ -184,6 +225,7 @@ impl Settings {
         Ok(self.config_with(|c| {
             c.set("acks", self.acks.as_str())
                 .set("enable.idempotence", self.idempotence.to_string())
+                .set("partitioner", DEFAULT_PARTITIONER)
                 .set("compression.type", self.compression.as_str())
                 .set("linger.ms", ms(self.linger))
                 .set("message.timeout.ms", ms(self.message_timeout));

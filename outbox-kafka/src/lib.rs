@@ -78,17 +78,45 @@
 //! copy. The idempotent producer (default) rules out duplicates caused by
 //! librdkafka's own internal retries.
 //!
-//! Ordering: records with the same key go to the same partition. Rows are
-//! handled concurrently (`max_workers`) and retried independently, so the
-//! order of the rows in the outbox is not preserved on the topic; use
-//! `max_workers(1)` and a retry strategy that blocks if you need it.
+//! ## Keys, partitions and order
+//!
+//! - **Key.** A record's key is the handler's
+//!   [`Response::key`](outbox_core::Response::key), else the row's
+//!   **ordering key** ([`PublishOptions::key`](outbox_core::PublishOptions::key)),
+//!   as UTF-8 bytes; a row without either gives a record without a key.
+//! - **Partition.** The producer uses librdkafka's `murmur2_random`
+//!   partitioner ([`DEFAULT_PARTITIONER`]), which is the Java client's
+//!   default partitioner for keyed records: partition =
+//!   `(murmur2(key) & 0x7fffffff) % partitions`. A key lands on the same
+//!   partition as when Java, kafka-python / aiokafka or Kafka Streams
+//!   produce it, so their consumers, joins and co-partitioned topics agree.
+//!   Records without a key go to a random partition. librdkafka's own
+//!   default (`consistent_random`, CRC32) would place keys elsewhere; set
+//!   it back with `.set("partitioner", "consistent_random")`.
+//! - **Order.** The idempotent producer (`enable.idempotence=true`, the
+//!   default; librdkafka then uses `acks=all`, at most 5 requests in flight
+//!   per connection and retries until `message.timeout.ms`) keeps
+//!   per-partition order across its internal retries. Combined with an
+//!   [`ordered`](outbox_core::SubscriberOptions::ordered) subscriber, which
+//!   relays one row per key at a time in commit order and publishes the next
+//!   only after Kafka acknowledged the previous one, the records of one key
+//!   reach their partition in commit order (a row retried after an
+//!   uncertain failure can appear twice, as everywhere: deduplicate on
+//!   `outbox-id`). Keep `lease_ttl` above the publish time (see below), or
+//!   another relay may take over a key while a record is still on its way.
+//!   An unordered subscriber handles rows concurrently (`max_workers`) and
+//!   retries them independently, so the outbox order is not preserved on
+//!   the topic. `idempotence(false)` gives up the per-partition guarantee
+//!   (connect logs a WARN unless `max.in.flight.requests.per.connection` is
+//!   1).
 //!
 //! ## What a record looks like
 //!
 //! | record part | value |
 //! |---|---|
 //! | topic | the route's destination (`publish_to("kafka", "orders.kafka")`) |
-//! | key | [`Response::key`](outbox_core::Response::key), or none (then librdkafka's partitioner spreads records) |
+//! | key | [`Response::key`](outbox_core::Response::key), else the row's ordering key, else none (a random partition) |
+//! | partition | `murmur2(key)`, as the Java client's default partitioner (see above) |
 //! | value | the handler's result, encoded like a published body (JSON by default) |
 //! | headers | exactly the headers the runtime assembled, one Kafka header each, UTF-8 values |
 //!
@@ -114,6 +142,7 @@
 //! | `client.id` | `outbox-kafka` | |
 //! | `acks` | `all` | a record acknowledged only by a leader that then dies is lost, though its row is gone |
 //! | `enable.idempotence` | `true` | librdkafka's internal retries cannot duplicate or reorder |
+//! | `partitioner` | `murmur2_random` | the Java client's partition for a key (see above) |
 //! | `compression.type` | `none` | |
 //! | `linger.ms` | `5` | librdkafka's default; each row waits up to that long |
 //! | `message.timeout.ms` | `30000` | with the 1 s margin, below the default `lease_ttl` (60 s) of subscribers, see below |
@@ -228,7 +257,7 @@ mod transport;
 pub use broker::KafkaBroker;
 pub use config::{
     Acks, Compression, DEFAULT_CLIENT_ID, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FLUSH_TIMEOUT,
-    DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME,
+    DEFAULT_LINGER, DEFAULT_MESSAGE_TIMEOUT, DEFAULT_NAME, DEFAULT_PARTITIONER,
 };
 pub use error::{Error, Result};
 pub use transport::{DELIVERY_REPORT_MARGIN, KafkaTransport};
