@@ -132,6 +132,7 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                         // slow down, but keep trying.
                         reconnect.failed().max(Duration::from_secs(1))
                     };
+                    let e = with_schema_hint(e);
                     if backs_off(&shared, wait, "error", &e, "reconnecting").await {
                         return;
                     }
@@ -157,4 +158,20 @@ async fn backs_off(
         "outbox fetch loop {what}: {error}; {then} in {wait:.1?}"
     );
     shared.sleep_or_stop(wait).await
+}
+
+/// A claim refused because the table predates a column (a faststream-outbox
+/// table, or one created by an older version): says what to run.
+fn with_schema_hint(e: sqlx::Error) -> String {
+    let undefined_column =
+        matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42703"));
+    if undefined_column && e.to_string().contains("ordering_key") {
+        format!(
+            "{e} (the outbox table has no ordering_key column yet: run OutboxTable::migrate, \
+             or `outbox migrate`, which adds it and its index; OutboxBroker::validate_schema \
+             prints the DDL)"
+        )
+    } else {
+        e.to_string()
+    }
 }

@@ -230,16 +230,18 @@ impl MemoryStore {
         }
         s.rows.insert(
             id,
-            new_row(
-                id,
-                ins.queue,
-                ins.payload,
-                ins.headers,
-                now,
-                next_attempt_at,
-                ins.timer.map(|(t, _)| t),
-                ins.key,
-            ),
+            OutboxRow {
+                timer_id: ins.timer.map(|(t, _)| t),
+                ordering_key: ins.key,
+                ..new_row(
+                    id,
+                    ins.queue,
+                    ins.payload,
+                    ins.headers,
+                    now,
+                    next_attempt_at,
+                )
+            },
         );
         Some(id)
     }
@@ -253,16 +255,17 @@ impl MemoryStore {
         for (payload, headers) in batch.payloads.into_iter().zip(batch.headers) {
             s.last_id += 1;
             let id = s.last_id;
-            let row = new_row(
-                id,
-                batch.queue.clone(),
-                payload,
-                headers,
-                now,
-                next_attempt_at,
-                None,
-                batch.key.clone(),
-            );
+            let row = OutboxRow {
+                ordering_key: batch.key.clone(),
+                ..new_row(
+                    id,
+                    batch.queue.clone(),
+                    payload,
+                    headers,
+                    now,
+                    next_attempt_at,
+                )
+            };
             s.rows.insert(id, row);
             n += 1;
         }
@@ -526,8 +529,6 @@ fn new_row(
     headers: Headers,
     now: DateTime<Utc>,
     next_attempt_at: DateTime<Utc>,
-    timer_id: Option<String>,
-    ordering_key: Option<String>,
 ) -> OutboxRow {
     OutboxRow {
         id,
@@ -542,8 +543,8 @@ fn new_row(
         last_attempt_at: None,
         acquired_at: None,
         acquired_token: None,
-        timer_id,
-        ordering_key,
+        timer_id: None,
+        ordering_key: None,
     }
 }
 
