@@ -361,6 +361,13 @@ impl SubscriberOptions {
             return err(format!("invalid retry strategy {retry:?}: {e}"));
         }
         let mut warnings = Vec::new();
+        if !self.ordered && self.poison_policy != PoisonPolicy::Block {
+            warnings.push(format!(
+                "poison_policy {:?} has no effect on an unordered subscriber; set ordered(true) \
+                 or drop it",
+                self.poison_policy
+            ));
+        }
         let no_retry = retry.never_retries();
         if self.ack_policy == Some(AckPolicy::RejectOnError) && self.retry.is_some() && !no_retry {
             warnings.push(format!(
@@ -737,6 +744,18 @@ mod tests {
                     .retry(NoRetry)
             )
             .contains("NackOnError with NoRetry")
+        );
+        assert!(
+            warns(Subscriber::builder(["q"]).poison_policy(PoisonPolicy::DeadLetterAndContinue))
+                .contains("no effect on an unordered subscriber")
+        );
+        assert!(
+            warns(
+                Subscriber::builder(["q"])
+                    .ordered(true)
+                    .poison_policy(PoisonPolicy::DeadLetterAndContinue)
+            )
+            .is_empty()
         );
         // A short lease is sane (fast redelivery after a crash): no warning.
         assert!(warns(Subscriber::builder(["q"]).lease_ttl(Duration::from_secs(5))).is_empty());
