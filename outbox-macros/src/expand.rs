@@ -16,7 +16,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, Visibility};
 
 use crate::model::{Conv, Output, Subscriber};
-use crate::parse::AckPolicyArg;
+use crate::parse::VariantArg;
 use crate::paths::Paths;
 
 /// Call-site hygiene (generated names resolve among themselves) at `span`'s
@@ -170,16 +170,25 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
             .#setter(::core::time::Duration::new(#secs, #nanos))
         ));
     }
-    match &args.ack_policy {
-        Some(AckPolicyArg::Variant(variant)) => {
-            let span = variant.span();
-            let root = paths.root_at(at(span));
-            chain.extend(quote_spanned!(at(span)=> .ack_policy(#root::AckPolicy::#variant)));
+    let variants = [
+        ("ack_policy", "AckPolicy", &args.ack_policy),
+        ("poison_policy", "PoisonPolicy", &args.poison_policy),
+    ];
+    for (setter, ty, value) in variants {
+        match value {
+            Some(VariantArg::Variant(variant)) => {
+                let span = variant.span();
+                let root = paths.root_at(at(span));
+                let (setter, ty) = (name(setter, span), name(ty, span));
+                chain.extend(quote_spanned!(at(span)=> .#setter(#root::#ty::#variant)));
+            }
+            Some(VariantArg::Path(path)) => {
+                let span = path.span();
+                let setter = name(setter, span);
+                chain.extend(quote_spanned!(at(span)=> .#setter(#path)));
+            }
+            None => {}
         }
-        Some(AckPolicyArg::Path(path)) => {
-            chain.extend(quote_spanned!(at(path.span())=> .ack_policy(#path)));
-        }
-        None => {}
     }
     if let Some(retry) = &args.retry {
         chain.extend(quote_spanned!(at(retry.span())=> .retry(#retry)));
@@ -191,8 +200,14 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
             .publish_to(#transport, #destination)
         ));
     }
-    if let Some(on) = &args.propagate_headers {
-        chain.extend(quote_spanned!(at(on.span)=> .propagate_headers(#on)));
+    let bools = [
+        ("propagate_headers", &args.propagate_headers),
+        ("ordered", &args.ordered),
+    ];
+    for (setter, on) in bools {
+        let Some(on) = on else { continue };
+        let setter = name(setter, on.span);
+        chain.extend(quote_spanned!(at(on.span)=> .#setter(#on)));
     }
     // The check of each parameter, at its type: `.to(..)` below collects
     // the requirements itself.

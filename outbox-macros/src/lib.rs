@@ -69,6 +69,8 @@ use proc_macro::TokenStream;
 ///             | 'ack_policy' '=' ('NackOnError' | 'RejectOnError' | 'Manual')
 ///             | 'retry' '=' EXPR
 ///             | 'propagate_headers' '=' BOOL
+///             | 'ordered' ('=' BOOL)?
+///             | 'poison_policy' '=' ('Block' | 'DeadLetterAndContinue')
 ///             | 'crate' '=' STRING
 /// DURATION   := STRING of one or more parts NUMBER UNIT, added up:
 ///               "10s", "500ms", "1m", "1h", "2m30s", "1.5s"
@@ -95,6 +97,8 @@ use proc_macro::TokenStream;
 /// | `ack_policy` | `NackOnError`, `RejectOnError` or `Manual` | `NackOnError` | `.ack_policy(AckPolicy::..)` |
 /// | `retry` | any expression whose type implements `RetryStrategy` | `ExponentialRetry::default()`: 1 s ×2 up to 300 s, 10 attempts, jitter 0.2 | `.retry(expr)` |
 /// | `propagate_headers` | `true` / `false` | `true`: the row's own headers go along (opt out with `propagate_headers = false`) | `.propagate_headers(b)` |
+/// | `ordered` | none (a flag), or `true` / `false` | off: rows are claimed in parallel regardless of their key | `.ordered(true)` |
+/// | `poison_policy` | `Block` or `DeadLetterAndContinue`; only with `ordered` | `Block` | `.poison_policy(PoisonPolicy::..)` |
 /// | `crate` | a path, as a string | `"::outbox_core"` | (where generated code finds `outbox_core`) |
 ///
 /// The macro checks the *kind* of each value (an integer where an integer is
@@ -104,6 +108,19 @@ use proc_macro::TokenStream;
 /// `max_fetch_interval` make `App::run` fail with a message naming the
 /// subscriber and where it was declared. The `retry` expression is evaluated
 /// in the scope of the fn, each time the route is built.
+///
+/// `ack_policy` and `poison_policy` take the variant's name (`Manual`), or a
+/// path to it through its enum (`AckPolicy::Manual`,
+/// `outbox_core::PoisonPolicy::Block`), used as written.
+///
+/// **Ordered subscribers.** `ordered` (the same as `ordered = true`) makes
+/// the subscriber deliver the rows of each ordering key
+/// (`PublishOptions::key`) one at a time, in commit order, with different
+/// keys in parallel (see `SubscriberOptions::ordered`). `poison_policy`
+/// chooses what a key does when its oldest row fails: wait for it (`Block`,
+/// the default) or dead-letter it and go on (`DeadLetterAndContinue`).
+/// It means nothing to an unordered subscriber, so `poison_policy` without
+/// `ordered` (or with `ordered = false`) is a compile error at the option.
 ///
 /// **Deprecated spellings.** `lease_ttl_secs = 30` (seconds, integer or
 /// float), `min_fetch_interval_ms = 500` and `max_fetch_interval_ms = 5000`
@@ -205,6 +222,19 @@ use proc_macro::TokenStream;
 /// # fn main() {}
 /// ```
 ///
+/// Per-key FIFO, where a failing row goes to the dead-letter table at once
+/// instead of holding its key back:
+///
+/// ```no_run
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders", ordered, poison_policy = DeadLetterAndContinue, max_workers = 8)]
+/// async fn apply(event: String) {
+///     println!("{event}");
+/// }
+/// # fn main() {}
+/// ```
+///
 /// Registering explicitly and running the application:
 ///
 /// ```no_run
@@ -239,6 +269,14 @@ use proc_macro::TokenStream;
 /// use outbox_core::subscriber;
 ///
 /// #[subscriber("orders", lease_ttl = "10")] // `10` has no unit: `"10s"` or `"10ms"`
+/// async fn handle(order_id: i64) {}
+/// # fn main() {}
+/// ```
+///
+/// ```compile_fail
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders", poison_policy = Block)] // only applies to `ordered` subscribers
 /// async fn handle(order_id: i64) {}
 /// # fn main() {}
 /// ```

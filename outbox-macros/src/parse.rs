@@ -80,9 +80,18 @@ pub(crate) struct SubscriberArgs {
     pub(crate) max_fetch_interval: Option<DurationArg>,
     pub(crate) max_deliveries: Option<LitInt>,
     pub(crate) terminal_flush_batch_size: Option<LitInt>,
-    pub(crate) ack_policy: Option<AckPolicyArg>,
+    pub(crate) ack_policy: Option<VariantArg>,
     pub(crate) retry: Option<Expr>,
     pub(crate) propagate_headers: Option<LitBool>,
+    /// `ordered` (a bare flag, read as `true`) or `ordered = BOOL`.
+    pub(crate) ordered: Option<LitBool>,
+    /// Whether `ordered` was written at all, even with a wrong value: then
+    /// "`poison_policy` needs `ordered`" would only add noise.
+    pub(crate) ordered_seen: bool,
+    pub(crate) poison_policy: Option<VariantArg>,
+    /// The whole `poison_policy = ..` argument, if written (even with a
+    /// wrong value): where "it needs `ordered`" is reported.
+    pub(crate) poison_policy_seen: Option<TokenStream>,
     pub(crate) krate: Option<syn::Path>,
     /// Targets handed over by `#[publish_to]`, top-down.
     pub(crate) targets: Vec<PublishToArgs>,
@@ -90,9 +99,11 @@ pub(crate) struct SubscriberArgs {
     pub(crate) deprecated: Vec<Deprecated>,
 }
 
-/// An `ack_policy` value.
-pub(crate) enum AckPolicyArg {
-    /// `Manual`: a variant of `outbox_core::AckPolicy`.
+/// The value of an option naming an enum variant of the runtime
+/// (`ack_policy = Manual`, `poison_policy = Block`).
+pub(crate) enum VariantArg {
+    /// `Manual`: a variant of the enum (`outbox_core::AckPolicy`), which the
+    /// expansion qualifies.
     Variant(Ident),
     /// `AckPolicy::Manual`, `outbox_core::AckPolicy::Manual`: used as written
     /// (so the user's import is used).
@@ -206,10 +217,12 @@ fn parse_one(
             if OPTIONS.contains(&k) {
                 let mut whole = key.to_token_stream();
                 paren.surround(&mut whole, |t| t.extend(tokens));
-                cx.error_spanned_by(
-                    whole,
-                    format!("expected `{k} = ...`, e.g. `{}`", example(k)),
-                );
+                let msg = if FLAGS.contains(&k) {
+                    format!("expected `{k}` or `{k} = true` / `{k} = false`, not `{k}(..)`")
+                } else {
+                    format!("expected `{k} = ...`, e.g. `{}`", example(k))
+                };
+                cx.error_spanned_by(whole, msg);
             } else {
                 unknown_option(&key, cx);
             }
@@ -217,14 +230,26 @@ fn parse_one(
         return Ok(());
     }
     let value: Expr = input.parse()?;
-    positional(value, index, out, cx);
+    positional(value, index, out, seen, cx);
     Ok(())
 }
 
-/// A bare argument: the queue(s), or a mistake.
-fn positional(value: Expr, index: usize, out: &mut SubscriberArgs, cx: &Ctxt) {
-    out.positional_seen = true;
+/// A bare argument: the queue(s), a flag (`ordered`), or a mistake.
+fn positional(value: Expr, index: usize, out: &mut SubscriberArgs, seen: &mut Seen, cx: &Ctxt) {
     let bare = unwrap_groups(&value);
+    if let Expr::Path(p) = bare
+        && let Some(ident) = p.path.get_ident()
+        && FLAGS.contains(&ident.unraw().to_string().as_str())
+    {
+        // `ordered` is `ordered = true`, at the flag.
+        let on = Expr::Lit(syn::ExprLit {
+            attrs: Vec::new(),
+            lit: Lit::Bool(LitBool::new(true, ident.span())),
+        });
+        option(ident, &on, out, seen, cx);
+        return;
+    }
+    out.positional_seen = true;
     if let Expr::Path(p) = bare
         && let Some(ident) = p.path.get_ident()
     {
@@ -361,6 +386,16 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         return;
     }
     seen.push((option, k.clone()));
+    match option {
+        ORDERED => out.ordered_seen = true,
+        POISON_POLICY => {
+            let mut whole = key.to_token_stream();
+            whole.extend(quote!(=));
+            value.to_tokens(&mut whole);
+            out.poison_policy_seen = Some(whole);
+        }
+        _ => {}
+    }
     if option != k {
         out.deprecated_option(key, &k, option, value, cx);
         return;
@@ -376,9 +411,13 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         MAX_FETCH_INTERVAL => out.max_fetch_interval = duration_value(k, value, cx),
         MAX_DELIVERIES => out.max_deliveries = int(k, value, cx),
         TERMINAL_FLUSH_BATCH_SIZE => out.terminal_flush_batch_size = int(k, value, cx),
-        ACK_POLICY => out.ack_policy = ack_policy(value, cx),
+        ACK_POLICY => out.ack_policy = variant(k, "AckPolicy", ACK_POLICIES, value, cx),
         RETRY => out.retry = Some(value.clone()),
         PROPAGATE_HEADERS => out.propagate_headers = boolean(k, value, cx),
+        ORDERED => out.ordered = boolean(k, value, cx),
+        POISON_POLICY => {
+            out.poison_policy = variant(k, "PoisonPolicy", POISON_POLICIES, value, cx);
+        }
         CRATE => out.krate = krate(value, cx),
         _ => unknown_option(key, cx),
     }
@@ -642,8 +681,16 @@ fn boolean(key: &str, value: &Expr, cx: &Ctxt) -> Option<LitBool> {
     None
 }
 
-fn ack_policy(value: &Expr, cx: &Ctxt) -> Option<AckPolicyArg> {
-    let expected = list(ACK_POLICIES);
+/// An option naming a variant of the runtime's enum `ty` (`ack_policy =
+/// Manual`): the bare variant, or a path to it through `ty`
+/// (`AckPolicy::Manual`, `outbox_core::AckPolicy::Manual`).
+fn variant(key: &str, ty: &str, variants: &[&str], value: &Expr, cx: &Ctxt) -> Option<VariantArg> {
+    let expected = list(variants);
+    let a = if ty.starts_with(['A', 'E', 'I', 'O', 'U']) {
+        "an"
+    } else {
+        "a"
+    };
     match unwrap_groups(value) {
         Expr::Path(p) if p.qself.is_none() => {
             let segments = &p.path.segments;
@@ -653,35 +700,46 @@ fn ack_policy(value: &Expr, cx: &Ctxt) -> Option<AckPolicyArg> {
                 || segments
                     .iter()
                     .nth(segments.len().wrapping_sub(2))
-                    .is_some_and(|s| s.ident == "AckPolicy");
-            if let Some(last) = last
+                    .is_some_and(|s| s.ident == ty);
+            let known = last.filter(|l| variants.iter().any(|v| *l == v));
+            if let Some(last) = known
                 && prefix_ok
-                && ACK_POLICIES.iter().any(|v| last == v)
             {
                 return Some(if segments.len() == 1 {
-                    AckPolicyArg::Variant(last.clone())
+                    VariantArg::Variant(last.clone())
                 } else {
-                    AckPolicyArg::Path(p.path.clone())
+                    VariantArg::Path(p.path.clone())
                 });
+            }
+            if let Some(last) = known {
+                // A known variant through another path (`AckPolicy::Block`
+                // for `poison_policy`).
+                cx.error_spanned_by(
+                    value,
+                    format!(
+                        "`{key}` takes {a} `{ty}` variant: write `{key} = {last}` (or `{ty}::{last}`)"
+                    ),
+                );
+                return None;
             }
             let shown = last.map_or_else(String::new, |l| format!(" `{l}`"));
             cx.error_spanned_by(
                 value,
-                format!("unknown `ack_policy`{shown}; expected one of: {expected}"),
+                format!("unknown `{key}`{shown}; expected one of: {expected}"),
             );
             None
         }
         _ => {
             let fix = match str_lit(value) {
-                Some(s) if ACK_POLICIES.contains(&s.value().as_str()) => {
-                    format!("remove the quotes, `ack_policy = {}`", s.value())
+                Some(s) if variants.contains(&s.value().as_str()) => {
+                    format!("remove the quotes, `{key} = {}`", s.value())
                 }
                 _ => format!("expected one of: {expected}"),
             };
             cx.error_spanned_by(
                 value,
                 format!(
-                    "expected an `AckPolicy` variant name for `ack_policy`, found {}: {fix}",
+                    "expected {a} `{ty}` variant name for `{key}`, found {}: {fix}",
                     describe(value)
                 ),
             );

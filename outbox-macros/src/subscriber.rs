@@ -25,6 +25,7 @@ pub(crate) fn expand(args: TokenStream, item: TokenStream) -> TokenStream {
         }
     };
     valid::queues(&parsed, &cx);
+    valid::options(&parsed, &cx);
     valid::attrs(&func, &cx);
     valid::signature(&func, &cx);
     if let Err(e) = cx.check() {
@@ -161,6 +162,74 @@ mod tests {
         );
         assert_eq!(out.matches("compile_error").count(), 1, "{out}");
         assert!(!out.contains("deprecated"), "{out}");
+    }
+
+    #[test]
+    fn ordered_and_poison_policy_reach_the_builder() {
+        let out = expand(
+            quote!("orders", ordered, poison_policy = DeadLetterAndContinue),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches(". ordered (true)").count(), 1, "{out}");
+        assert_eq!(
+            out.matches(
+                ". poison_policy (:: outbox_core :: PoisonPolicy :: DeadLetterAndContinue)"
+            )
+            .count(),
+            1,
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+
+        let out = expand(
+            quote!(
+                "orders",
+                ordered = false,
+                poison_policy = outbox_core::PoisonPolicy::Block,
+                ordered = true
+            ),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 2, "{out}");
+        assert!(
+            out.contains("duplicate `#[subscriber]` argument `ordered`"),
+            "{out}"
+        );
+        assert!(out.contains("this one is `ordered = false`"), "{out}");
+
+        let out = expand(
+            quote!(
+                "orders",
+                ordered = true,
+                poison_policy = PoisonPolicy::Block
+            ),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert!(out.contains(". ordered (true)"), "{out}");
+        assert!(
+            out.contains(". poison_policy (PoisonPolicy :: Block)"),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn poison_policy_needs_ordered() {
+        let out = expand(
+            quote!("orders", poison_policy = Block),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(out.contains("only applies to ordered subscribers"), "{out}");
+        assert!(!out.contains("submit"), "{out}");
     }
 
     #[test]

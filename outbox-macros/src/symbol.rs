@@ -19,6 +19,8 @@ pub(crate) const TERMINAL_FLUSH_BATCH_SIZE: &str = "terminal_flush_batch_size";
 pub(crate) const ACK_POLICY: &str = "ack_policy";
 pub(crate) const RETRY: &str = "retry";
 pub(crate) const PROPAGATE_HEADERS: &str = "propagate_headers";
+pub(crate) const ORDERED: &str = "ordered";
+pub(crate) const POISON_POLICY: &str = "poison_policy";
 pub(crate) const CRATE: &str = "crate";
 
 /// Every named `#[subscriber]` option, in documentation order.
@@ -35,8 +37,14 @@ pub(crate) const OPTIONS: &[&str] = &[
     ACK_POLICY,
     RETRY,
     PROPAGATE_HEADERS,
+    ORDERED,
+    POISON_POLICY,
     CRATE,
 ];
+
+/// The options that may be written bare, as a flag: `ordered` is
+/// `ordered = true`.
+pub(crate) const FLAGS: &[&str] = &[ORDERED];
 
 /// Deprecated: `lease_ttl_secs = 30` (seconds, integer or float).
 pub(crate) const LEASE_TTL_SECS: &str = "lease_ttl_secs";
@@ -81,6 +89,8 @@ pub(crate) fn example(option: &str) -> &'static str {
         ACK_POLICY => "ack_policy = RejectOnError",
         RETRY => "retry = ConstantRetry::new(Duration::from_secs(5))",
         PROPAGATE_HEADERS => "propagate_headers = false",
+        ORDERED => "ordered = true",
+        POISON_POLICY => "poison_policy = DeadLetterAndContinue",
         CRATE => "crate = \"my_app::outbox\"",
         _ => "",
     }
@@ -119,6 +129,8 @@ pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
         "ack" | "ack_mode" | "ackpolicy" => ACK_POLICY,
         "retry_strategy" | "retries" | "backoff" => RETRY,
         "propagate" | "forward_headers" => PROPAGATE_HEADERS,
+        "fifo" | "ordering" | "in_order" | "sequential" | "keyed" | "per_key" => ORDERED,
+        "poison" | "on_poison" | "poison_pill" => POISON_POLICY,
         "krate" | "outbox_crate" => CRATE,
         _ => return None,
     })
@@ -126,6 +138,9 @@ pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
 
 /// The three `AckPolicy` variants.
 pub(crate) const ACK_POLICIES: &[&str] = &["NackOnError", "RejectOnError", "Manual"];
+
+/// The two `PoisonPolicy` variants.
+pub(crate) const POISON_POLICIES: &[&str] = &["Block", "DeadLetterAndContinue"];
 
 /// Longest queue name the runtime accepts (`outbox_core::MAX_NAME_CHARS`).
 pub(crate) const MAX_QUEUE_CHARS: usize = 255;

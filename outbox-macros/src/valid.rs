@@ -97,6 +97,30 @@ pub(crate) fn signature(func: &ItemFn, cx: &Ctxt) {
     }
 }
 
+/// Option combinations the runtime would accept but ignore: a
+/// `poison_policy` on a subscriber that is not `ordered` (the policy is what
+/// an ordered subscriber does with a failing head of a key; an unordered
+/// one retries each row on its own, by its `retry` strategy).
+pub(crate) fn options(args: &SubscriberArgs, cx: &Ctxt) {
+    let Some(poison) = &args.poison_policy_seen else {
+        return;
+    };
+    match &args.ordered {
+        None if !args.ordered_seen => cx.error_spanned_by(
+            poison,
+            "`poison_policy` only applies to ordered subscribers (what a key does when its \
+             oldest row fails); add `ordered`: `#[subscriber(\"orders\", ordered, \
+             poison_policy = DeadLetterAndContinue)]`",
+        ),
+        Some(on) if !on.value => cx.error_spanned_by(
+            poison,
+            "`poison_policy` only applies to ordered subscribers, and this one is \
+             `ordered = false`: write `ordered` (or `ordered = true`), or remove `poison_policy`",
+        ),
+        _ => {}
+    }
+}
+
 /// Queue rules: at least one, each 1..=255 characters, no duplicates.
 pub(crate) fn queues(args: &SubscriberArgs, cx: &Ctxt) {
     let Some(queues) = &args.queues else {

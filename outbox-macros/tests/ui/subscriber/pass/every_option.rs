@@ -18,6 +18,8 @@ use outbox_core::{AckPolicy, subscriber};
     ack_policy = NackOnError,
     retry = ConstantRetry::new(Duration::from_secs(5)).max_attempts(3),
     propagate_headers = true,
+    ordered = true,
+    poison_policy = DeadLetterAndContinue,
     crate = "::outbox_core",
 )]
 async fn handle(order_id: i64) {
