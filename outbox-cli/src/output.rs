@@ -354,6 +354,7 @@ pub(crate) fn row_json(r: &OutboxRow, now: DateTime<Utc>) -> Value {
         "deliveries_count": r.deliveries_count,
         "acquired_at": r.acquired_at.map(ts),
         "timer_id": r.timer_id,
+        "ordering_key": r.ordering_key,
         "correlation_id": r.correlation_id(),
         "content_type": r.content_type(),
         "headers": r.headers,
@@ -379,7 +380,7 @@ pub(crate) fn print_peek(
         }
         outln!(
             s,
-            "row {} [{}]  next attempt {}  attempts {}  deliveries {}{}",
+            "row {} [{}]  next attempt {}  attempts {}  deliveries {}{}{}",
             r.id,
             row_state(r, now),
             ts(r.next_attempt_at),
@@ -388,6 +389,10 @@ pub(crate) fn print_peek(
             r.timer_id
                 .as_deref()
                 .map(|t| format!("  timer {t:?}"))
+                .unwrap_or_default(),
+            r.ordering_key
+                .as_deref()
+                .map(|k| format!("  key {k:?}"))
                 .unwrap_or_default()
         );
         outln!(s, "headers:");
@@ -414,6 +419,7 @@ pub(crate) fn dead_letter_json(d: &DeadLetter) -> Value {
         "created_at": ts(d.created_at),
         "deliveries_count": d.deliveries_count,
         "timer_id": d.timer_id,
+        "ordering_key": d.ordering_key,
         "correlation_id": d.correlation_id(),
         "content_type": d.content_type(),
         "headers": d.headers,
@@ -473,6 +479,10 @@ pub(crate) fn print_dead_letter(s: &mut String, d: &DeadLetter) {
         ("created at", ts(d.created_at)),
         ("deliveries", d.deliveries_count.to_string()),
         ("timer id", d.timer_id.clone().unwrap_or_else(|| "-".into())),
+        (
+            "ordering key",
+            d.ordering_key.clone().unwrap_or_else(|| "-".into()),
+        ),
         ("correlation id", d.correlation_id()),
         (
             "content type",

@@ -418,7 +418,7 @@ async fn every_read_command_prints_one_json_document() -> R {
         .publish_with(
             &json!({"order": 7}),
             "orders",
-            &PublishOptions::new().correlation_id("req-7"),
+            &PublishOptions::new().correlation_id("req-7").key("order-7"),
             &mut conn,
         )
         .await?;
@@ -434,7 +434,9 @@ async fn every_read_command_prints_one_json_document() -> R {
     assert_eq!(rows[0]["correlation_id"], "req-7");
     assert_eq!(rows[0]["state"], "ready");
     assert_eq!(rows[0]["headers"]["content-type"], "application/json");
+    assert_eq!(rows[0]["ordering_key"], "order-7");
     assert_eq!(rows[1]["body"], "plain text");
+    assert_eq!(rows[1]["ordering_key"], Value::Null);
     assert_eq!(
         db.count().await?,
         2,
@@ -472,6 +474,7 @@ async fn every_read_command_prints_one_json_document() -> R {
     let o = run(&db, &["peek", "orders", "--limit", "1"]).await?;
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(stdout(&o).contains("\"order\": 7"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("key \"order-7\""), "{}", stdout(&o));
     assert!(
         stdout(&o).contains("correlation_id: req-7"),
         "{}",

@@ -415,6 +415,32 @@ async fn replay_resets_the_row_and_keeps_the_envelope() -> R {
     Ok(())
 }
 
+/// A keyed row dead-lettered by an ordered subscriber comes back with its
+/// key (at the end of its key: a new id).
+#[tokio::test]
+async fn replay_keeps_the_ordering_key() -> R {
+    let db = TestDb::new().await?;
+    db.exec(format!(
+        "INSERT INTO {} (original_id, queue, payload, headers, deliveries_count, created_at, \
+         failure_reason, ordering_key) VALUES (5, 'orders', '1', '{{}}', 1, now(), 'retry_terminal', 'order-5')",
+        db.d()
+    ))
+    .await?;
+    let report = db
+        .broker
+        .dlq_replay(&DlqFilter::new().queue("orders"))
+        .await?;
+    assert_eq!(report.replayed.len(), 1);
+    let keys: Vec<Option<String>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT ordering_key FROM {}",
+        db.t()
+    )))
+    .fetch_all(&db.pool)
+    .await?;
+    assert_eq!(keys, [Some("order-5".to_owned())]);
+    Ok(())
+}
+
 /// A foreign writer may have archived two rows with the same original id:
 /// the report still pairs each dead letter with its own new row.
 #[tokio::test]
