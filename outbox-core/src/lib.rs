@@ -58,6 +58,11 @@
 //!   older than `lease_ttl` has expired and the row can be claimed again.
 //! - **relay**: a process running the engine: it claims rows, runs their
 //!   handlers, forwards the results and deletes the rows.
+//! - **ordering key**: what the rows of one aggregate share
+//!   ([`PublishOptions::key`]); an **ordered** subscriber
+//!   ([`SubscriberOptions::ordered`]) handles a key's rows one at a time, in
+//!   commit order, claiming only each key's **head** (its oldest row); a
+//!   [`PoisonPolicy`] says what a failing head does to its key.
 
 // The modules; the map above gives their layers.
 mod app;
