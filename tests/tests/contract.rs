@@ -1254,6 +1254,15 @@ async fn keys_are_stored_and_batches_keep_their_order<B: Backend>(b: &B) -> R {
         "ids follow the batch's order"
     );
     assert!(rows[0].id == plain && rows[1].id == one);
+    // Keys combine with timers and schedules.
+    let timer = keyed("k3")
+        .timer_id("t")
+        .timer_conflict(TimerConflict::Extend)
+        .activate_in(Duration::from_secs(60));
+    let t = ops.publish(&s("timer"), "q", &timer).await?.unwrap();
+    let later = timer.clone().activate_in(Duration::from_secs(120));
+    assert_eq!(ops.publish(&s("timer2"), "q", &later).await?, Some(t));
+    assert_eq!(row(b, t).await?.ordering_key.as_deref(), Some("k3"));
     // An unordered claim ignores keys: every due row.
     let claim = ops.claim(&["q"], 10, TTL).await?;
     assert_eq!(claim.rows.len(), 5);
