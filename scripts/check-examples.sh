@@ -30,12 +30,20 @@ expect standalone_outbox \
 expect first_outbox_app \
   'published order 1' 'got order 1' 'the outbox is empty; stopping'
 
-: "${KAFKA_BOOTSTRAP:?KAFKA_BOOTSTRAP must be set for the kafka_relay example}"
+: "${KAFKA_BOOTSTRAP:?KAFKA_BOOTSTRAP must be set for the kafka_relay and ordered_relay examples}"
 expect kafka_relay \
   'published order 1 \(outbox row [0-9]+\)' 'got order 1' 'got order 2' 'got order 3' \
   'rolled back order 99' \
   'key=\(none\) value=1 headers: content-type=application/json correlation_id=order-1-[0-9a-f]+ outbox-id=[0-9]+' \
   'relayed 3 of 3 orders to orders.kafka' '^0 rows left in the outbox'
+expect ordered_relay \
+  'publishing order-1 created \(outbox row [0-9]+\), its transaction open 300 ms' \
+  'committed order-1 created' 'published order-1 paid \(outbox row [0-9]+\)' \
+  'handled order-1 shipped' 'handled order-2 shipped' 'handled order-3 shipped' \
+  '^  order-1 \(partition [0-9]+\): created -> paid -> shipped$' \
+  '^  order-2 \(partition [0-9]+\): created -> paid -> shipped$' \
+  '^  order-3 \(partition [0-9]+\): created -> paid -> shipped$' \
+  'per-key order held for 3 of 3 orders' '^0 rows left in the outbox'
 # The other buses: the machine's servers (RABBITMQ_URL, NATS_URL, REDIS_URL or
 # their defaults, checked to answer by scripts/test.sh).
 expect rabbitmq_relay \
