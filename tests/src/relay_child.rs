@@ -35,6 +35,43 @@ pub struct RelayEnv {
 }
 
 impl RelayEnv {
+    /// The environment of the binary `bin`, with `lease` from
+    /// `RELAY_LEASE_MS` (or `default_lease_ms`).
+    pub fn new(bin: &'static str, default_lease_ms: u64) -> anyhow::Result<Self> {
+        let mut env = Self {
+            bin,
+            lease: Duration::ZERO,
+        };
+        env.lease = Duration::from_millis(env.num("RELAY_LEASE_MS", default_lease_ms)?);
+        Ok(env)
+    }
+
+    /// The stderr log of a child (`RUST_LOG`, default `warn`).
+    pub fn init_tracing() {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+
+    /// The test's outbox (`RELAY_SCHEMA`, `RELAY_TABLE`, `RELAY_DLQ`, on a
+    /// pool of 4 connections) and the queue to relay (`RELAY_QUEUE`).
+    pub async fn outbox(&self) -> anyhow::Result<(OutboxBroker, String)> {
+        let schema = self.var("RELAY_SCHEMA")?;
+        let table = OutboxTable::new(&self.var("RELAY_TABLE")?)?.schema(&schema)?;
+        let dlq = DlqTable::new(&self.var("RELAY_DLQ")?)?.schema(&schema)?;
+        let queue = self.var("RELAY_QUEUE")?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&crate::database_url())
+            .await
+            .with_context(|| format!("{}: connecting to PostgreSQL", self.bin))?;
+        Ok((OutboxBroker::new(pool, table).dead_letter_table(dlq), queue))
+    }
+
     /// The variable `name`, required.
     pub fn var(&self, name: &str) -> anyhow::Result<String> {
         std::env::var(name).with_context(|| format!("{}: {name} is not set", self.bin))
@@ -61,33 +98,14 @@ where
     B: TransportBroker,
     F: FnOnce(&RelayEnv) -> anyhow::Result<B>,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let mut env = RelayEnv {
-        bin,
-        lease: Duration::ZERO,
-    };
-    let schema = env.var("RELAY_SCHEMA")?;
-    let table = OutboxTable::new(&env.var("RELAY_TABLE")?)?.schema(&schema)?;
-    let dlq = DlqTable::new(&env.var("RELAY_DLQ")?)?.schema(&schema)?;
-    let queue = env.var("RELAY_QUEUE")?;
+    RelayEnv::init_tracing();
+    let env = RelayEnv::new(bin, 3000)?;
+    let (outbox, queue) = env.outbox().await?;
     let destination = env.var(destination_var)?;
     let delay = Duration::from_millis(env.num("RELAY_DELAY_MS", 0)?);
     let workers = usize::try_from(env.num("RELAY_WORKERS", 4)?)?;
-    env.lease = Duration::from_millis(env.num("RELAY_LEASE_MS", 3000)?);
     let broker = broker(&env)?;
 
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&crate::database_url())
-        .await
-        .with_context(|| format!("{bin}: connecting to PostgreSQL"))?;
-    let outbox = OutboxBroker::new(pool, table).dead_letter_table(dlq);
     let route = Route::builder([queue])
         .name(bin)
         .max_workers(workers)

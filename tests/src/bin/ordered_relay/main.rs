@@ -30,64 +30,34 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use outbox_core::retry::ConstantRetry;
-use outbox_core::{
-    App, BoxError, DlqTable, Message, OutboxBroker, OutboxTable, PoisonPolicy, Response, Route,
-};
+use outbox_core::{App, BoxError, Message, PoisonPolicy, Response, Route};
 use outbox_kafka::KafkaBroker;
 use rand::Rng as _;
-use sqlx::postgres::PgPoolOptions;
+use tests::relay_child::RelayEnv;
 
 const BIN: &str = "ordered_relay";
 
-fn var(name: &str) -> anyhow::Result<String> {
-    std::env::var(name).with_context(|| format!("{BIN}: {name} is not set"))
-}
-
-fn num(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("{BIN}: {name}={v:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let schema = var("RELAY_SCHEMA")?;
-    let table = OutboxTable::new(&var("RELAY_TABLE")?)?.schema(&schema)?;
-    let dlq = DlqTable::new(&var("RELAY_DLQ")?)?.schema(&schema)?;
-    let queue = var("RELAY_QUEUE")?;
-    let topic = var("RELAY_TOPIC")?;
-    let workers = usize::try_from(num("RELAY_WORKERS", 4)?)?;
-    let lease = Duration::from_millis(num("RELAY_LEASE_MS", 2000)?);
-    let max_delay = num("ORDERED_MAX_DELAY_MS", 5)?;
-    let fail_permille = num("ORDERED_FAIL_PERMILLE", 30)?;
-    let retry = Duration::from_millis(num("ORDERED_RETRY_MS", 20)?);
-    let fetch_batch = usize::try_from(num("ORDERED_FETCH_BATCH", 16)?)?;
-    let ordered = num("RELAY_ORDERED", 1)? != 0;
-    let linger = Duration::from_millis(num("ORDERED_LINGER_MS", 1)?);
+    RelayEnv::init_tracing();
+    let env = RelayEnv::new(BIN, 2000)?;
+    let (outbox, queue) = env.outbox().await?;
+    let topic = env.var("RELAY_TOPIC")?;
+    let workers = usize::try_from(env.num("RELAY_WORKERS", 4)?)?;
+    let lease = env.lease;
+    let max_delay = env.num("ORDERED_MAX_DELAY_MS", 5)?;
+    let fail_permille = env.num("ORDERED_FAIL_PERMILLE", 30)?;
+    let retry = Duration::from_millis(env.num("ORDERED_RETRY_MS", 20)?);
+    let fetch_batch = usize::try_from(env.num("ORDERED_FETCH_BATCH", 16)?)?;
+    let ordered = env.num("RELAY_ORDERED", 1)? != 0;
+    let linger = Duration::from_millis(env.num("ORDERED_LINGER_MS", 1)?);
 
-    let kafka = KafkaBroker::new(var("KAFKA_BOOTSTRAP")?)
+    let kafka = KafkaBroker::new(env.var("KAFKA_BOOTSTRAP")?)
         .client_id("outbox-tests-ordered-relay")
         .message_timeout(lease / 2)
         .linger(linger)
         .set("reconnect.backoff.max.ms", "1000");
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&tests::database_url())
-        .await
-        .with_context(|| format!("{BIN}: connecting to PostgreSQL"))?;
-    let outbox = OutboxBroker::new(pool, table).dead_letter_table(dlq);
     let route = Route::builder([queue])
         .name(BIN)
         .ordered(ordered)
