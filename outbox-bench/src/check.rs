@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::db::{Db, Delta};
+use crate::db::{Db, Delta, Hold};
 use crate::drain::{self, DrainParams, Knobs};
 use crate::latency::{self, LatencyParams};
 use crate::point::Finished;
@@ -75,9 +75,11 @@ fn cases(payload_bytes: usize) -> Vec<(&'static str, Case)> {
             messages,
             concurrency: 1,
             payload_bytes,
+            keys: 0,
+            drop_key_index: false,
         })
     };
-    let drain = |backlog, workers, fetch_batch_size, ack_batch| {
+    let drain = |backlog, workers, fetch_batch_size, ack_batch, keys: u64| {
         Case::Drain(DrainParams {
             backlog,
             knobs: Knobs {
@@ -88,19 +90,30 @@ fn cases(payload_bytes: usize) -> Vec<(&'static str, Case)> {
                 max_fetch: Duration::from_millis(10),
                 fetch_concurrency: 1,
                 durable_acks: false,
+                // A keyed backlog is drained by an ordered subscriber.
+                ordered: keys > 0,
             },
             listen: true,
             payload_bytes,
+            keys,
+            hold: Hold::None,
+            poison: false,
         })
     };
     vec![
         ("produce/single", produce(Mode::Single, 1, 2_000)),
         ("produce/autocommit", produce(Mode::Autocommit, 1, 1_000)),
         ("produce/batch100", produce(Mode::Batch, 100, 5_000)),
-        ("drain/w1/b100/ack1", drain(2_000, 1, 100, 1)),
-        ("drain/w4/b100/ack1", drain(2_000, 4, 100, 1)),
-        ("drain/w1/b1000/ack100", drain(5_000, 1, 1_000, 100)),
-        ("drain/w4/b1000/ack1000", drain(5_000, 4, 1_000, 1_000)),
+        ("drain/w1/b100/ack1", drain(2_000, 1, 100, 1, 0)),
+        ("drain/w4/b100/ack1", drain(2_000, 4, 100, 1, 0)),
+        ("drain/w1/b1000/ack100", drain(5_000, 1, 1_000, 100, 0)),
+        ("drain/w4/b1000/ack1000", drain(5_000, 4, 1_000, 1_000, 0)),
+        // The ordered claim (head of each of 100 keys, key walk): one lease
+        // UPDATE and one DELETE per row, as the unordered claim.
+        (
+            "drain/ordered/k100/w4/b1000/ack100",
+            drain(5_000, 4, 1_000, 100, 100),
+        ),
         (
             "latency/idle",
             Case::Latency(LatencyParams {
@@ -110,6 +123,8 @@ fn cases(payload_bytes: usize) -> Vec<(&'static str, Case)> {
                 payload_bytes,
                 relay: None,
                 listen: true,
+                ordered: false,
+                keys: 0,
             }),
         ),
     ]

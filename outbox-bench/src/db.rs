@@ -205,26 +205,64 @@ pub(crate) async fn prefill(
     n: u64,
     payload_bytes: usize,
 ) -> anyhow::Result<Duration> {
+    prefill_keyed(db, table, n, payload_bytes, 0).await
+}
+
+/// The ordering key of the `i`-th row (1-based) of a backlog over `keys`
+/// keys: `k<i mod keys>`, so the keys interleave in id order (each key's rows
+/// are `keys` ids apart), as in the research's experiment 3.
+pub(crate) fn key_of(i: u64, keys: u64) -> String {
+    format!("k{}", i % keys.max(1))
+}
+
+/// Rows of a `n`-row backlog over `keys` keys that carry the key `k0`
+/// (see [`key_of`]): the rows of the poisoned key.
+pub(crate) fn rows_of_k0(n: u64, keys: u64) -> u64 {
+    n.checked_div(keys).unwrap_or(0)
+}
+
+/// [`prefill`] with an `ordering_key` on every row when `keys > 0`: row `i`
+/// gets [`key_of`]`(i, keys)`. Written server-side, as the keyless backlog:
+/// the table then holds exactly what `publish_with(.., PublishOptions::key(..))`
+/// would have written (the key lock a keyed publish takes leaves nothing
+/// behind once its transaction ended).
+pub(crate) async fn prefill_keyed(
+    db: &Db,
+    table: &OutboxTable,
+    n: u64,
+    payload_bytes: usize,
+    keys: u64,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     let mut conn = db.opts.connect().await?;
+    let (key_col, key_val) = if keys > 0 {
+        (", ordering_key", ", 'k' || ((g + $4) % $5)::text")
+    } else {
+        ("", "")
+    };
     let sql = format!(
-        "INSERT INTO {} (queue, payload, headers) \
+        "INSERT INTO {} (queue, payload, headers{key_col}) \
          SELECT $1, convert_to('{{\"payload\":\"' || repeat('x', $2) || '\"}}', 'UTF8'), \
-         jsonb_build_object('content-type', 'application/json', 'correlation_id', gen_random_uuid()::text) \
-         FROM generate_series(1, $3)",
+         jsonb_build_object('content-type', 'application/json', 'correlation_id', gen_random_uuid()::text){key_val} \
+         FROM generate_series(1, $3) AS g",
         table.qualified_name()
     );
     let mut left = n;
+    let mut done = 0u64;
     while left > 0 {
         let chunk = left.min(100_000);
-        sqlx::query(AssertSqlSafe(sql.clone()))
+        let mut q = sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(QUEUE)
             .bind(i32::try_from(payload_bytes.saturating_sub(14)).unwrap_or(i32::MAX))
-            .bind(i64::try_from(chunk)?)
-            .execute(&mut conn)
+            .bind(i64::try_from(chunk)?);
+        if keys > 0 {
+            q = q.bind(i64::try_from(done)?).bind(i64::try_from(keys)?);
+        }
+        q.execute(&mut conn)
             .await
             .context("prefilling the backlog")?;
         left -= chunk;
+        done += chunk;
     }
     sqlx::query(AssertSqlSafe(format!(
         "VACUUM ANALYZE {}",
@@ -234,6 +272,98 @@ pub(crate) async fn prefill(
     .await?;
     conn.close().await.ok();
     Ok(t0.elapsed())
+}
+
+/// A long transaction held open in another session for a whole point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Hold {
+    /// No other session.
+    None,
+    /// `BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1;`, then idle in
+    /// transaction: an old snapshot (it holds back the xmin horizon that
+    /// VACUUM and page pruning respect) but no transaction id.
+    Snapshot,
+    /// `BEGIN; SELECT txid_current();`, then idle in transaction: a running
+    /// transaction id, as any writing transaction has. Besides the horizon,
+    /// it holds back every snapshot's `xmin` (what an xmin fence reads).
+    Xid,
+}
+
+/// The session of a [`Hold`] (its statements carry the probe marker, so they
+/// are not counted).
+#[derive(Debug)]
+pub(crate) struct Holder {
+    conn: PgConnection,
+}
+
+impl Holder {
+    /// Opens the long transaction; `None` for [`Hold::None`].
+    pub(crate) async fn open(db: &Db, hold: Hold) -> anyhow::Result<Option<Self>> {
+        let (begin, first) = match hold {
+            Hold::None => return Ok(None),
+            Hold::Snapshot => ("BEGIN ISOLATION LEVEL REPEATABLE READ", "SELECT 1"),
+            Hold::Xid => ("BEGIN", "SELECT txid_current()"),
+        };
+        let mut conn = db
+            .opts
+            .clone()
+            .application_name("outbox-bench-long-tx")
+            .connect()
+            .await?;
+        for sql in [begin, first] {
+            sqlx::query(AssertSqlSafe(format!("{PROBE} {sql}")))
+                .execute(&mut conn)
+                .await
+                .with_context(|| format!("long transaction: {sql}"))?;
+        }
+        Ok(Some(Self { conn }))
+    }
+
+    /// Ends the transaction (COMMIT) and the session.
+    pub(crate) async fn end(mut self) -> anyhow::Result<()> {
+        sqlx::query(AssertSqlSafe(format!("{PROBE} COMMIT")))
+            .execute(&mut self.conn)
+            .await?;
+        self.conn.close().await.ok();
+        Ok(())
+    }
+}
+
+/// What an xmin-fence reader (Watermill's PostgreSQL subscriber reads only
+/// rows whose inserting transaction is older than every running one) would
+/// see of `table` now: (rows passing the fence, rows).
+pub(crate) async fn xmin_fence(db: &Db, table: &OutboxTable) -> anyhow::Result<(i64, i64)> {
+    let mut conn = db.opts.connect().await?;
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {PROBE} count(*) FILTER (WHERE xmin::text::bigint < \
+         txid_snapshot_xmin(txid_current_snapshot())), count(*) FROM {}",
+        table.qualified_name()
+    )))
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await.ok();
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Drops `<t>_key_idx` (the index an ordered claim walks), for the baseline
+/// of its insert cost.
+pub(crate) async fn drop_key_index(db: &Db, table: &OutboxTable) -> anyhow::Result<()> {
+    let mut conn = db.opts.connect().await?;
+    let idx = format!("{}_key_idx", table.name());
+    let schema = table
+        .schema_name()
+        .map(|s| format!("\"{}\".", s.replace('"', "\"\"")))
+        .unwrap_or_default();
+    sqlx::query(AssertSqlSafe(format!(
+        "{PROBE} DROP INDEX {schema}\"{}\"",
+        idx.replace('"', "\"\"")
+    )))
+    .execute(&mut conn)
+    .await
+    .with_context(|| format!("DROP INDEX {idx}"))?;
+    conn.close().await.ok();
+    Ok(())
 }
 
 /// One statement's counters in `pg_stat_statements`.
@@ -581,6 +711,17 @@ mod tests {
         assert_eq!(keyword("COMMIT"), "commit");
         assert_eq!(keyword("listen \"x\""), "listen");
         assert_eq!(keyword("VACUUM t"), "other");
+    }
+
+    #[test]
+    fn keys_interleave_and_k0_is_counted() {
+        assert_eq!(key_of(1, 1000), "k1");
+        assert_eq!(key_of(1000, 1000), "k0");
+        // Rows 1..=n: k0 is every keys-th row.
+        let n = 100_000;
+        let k0 = (1..=n).filter(|i| key_of(*i, 1000) == "k0").count() as u64;
+        assert_eq!(rows_of_k0(n, 1000), k0);
+        assert_eq!(rows_of_k0(10, 0), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use outbox_core::{Engine, Message, Subscriber, SubscriberOptions};
 use serde_json::{Map, json};
 use tokio::sync::Notify;
 
-use crate::db::{self, Db, QUEUE};
+use crate::db::{self, Db, Hold, Holder, QUEUE};
 use crate::point::{Finished, Measured, Window};
 use crate::sys::round;
 
@@ -26,6 +26,8 @@ pub(crate) struct Knobs {
     pub(crate) fetch_concurrency: usize,
     /// Acks commit synchronously (`OutboxBroker::synchronous_relay_writes`).
     pub(crate) durable_acks: bool,
+    /// An ordered subscriber (`SubscriberOptions::ordered`): per-key FIFO.
+    pub(crate) ordered: bool,
 }
 
 impl Knobs {
@@ -38,6 +40,7 @@ impl Knobs {
             .fetch_concurrency(self.fetch_concurrency)
             .min_fetch_interval(self.min_fetch)
             .max_fetch_interval(self.max_fetch)
+            .ordered(self.ordered)
     }
 
     /// The knobs as result parameters, added to `params`.
@@ -51,6 +54,7 @@ impl Knobs {
             ("max_fetch_ms", json!(ms(self.max_fetch))),
             ("fetch_concurrency", json!(self.fetch_concurrency)),
             ("durable_acks", json!(self.durable_acks)),
+            ("ordered", json!(self.ordered)),
         ] {
             params.insert(k.to_owned(), v);
         }
@@ -64,6 +68,14 @@ pub(crate) struct DrainParams {
     pub(crate) knobs: Knobs,
     pub(crate) listen: bool,
     pub(crate) payload_bytes: usize,
+    /// Distinct ordering keys of the backlog (`k0`, `k1`, …, interleaved in
+    /// id order); 0: rows without a key.
+    pub(crate) keys: u64,
+    /// A long transaction in another session for the whole point.
+    pub(crate) hold: Hold,
+    /// The handler always fails for the rows of key `k0` (retried every
+    /// 10 ms, without limit): the other keys' rows are the workload.
+    pub(crate) poison: bool,
 }
 
 /// Counts handled rows and timestamps each tenth of the drain.
@@ -158,8 +170,16 @@ pub(crate) fn timeout_for(n: u64) -> Duration {
 
 pub(crate) async fn run(db: &Db, p: &DrainParams) -> anyhow::Result<Finished> {
     db.with_fresh_table(async |table| {
-        let prefill = db::prefill(db, table, p.backlog, p.payload_bytes).await?;
-        measure(db, table, p, prefill).await
+        // The long transaction begins before the backlog is written: every
+        // row is younger than it.
+        let holder = Holder::open(db, p.hold).await?;
+        let prefill = db::prefill_keyed(db, table, p.backlog, p.payload_bytes, p.keys).await?;
+        let fence = if p.hold != Hold::None || p.knobs.ordered {
+            Some(db::xmin_fence(db, table).await?)
+        } else {
+            None
+        };
+        measure(db, table, p, prefill, fence, holder).await
     })
     .await
 }
@@ -169,16 +189,34 @@ async fn measure(
     table: &outbox_core::OutboxTable,
     p: &DrainParams,
     prefill: Duration,
+    fence: Option<(i64, i64)>,
+    mut holder: Option<Holder>,
 ) -> anyhow::Result<Finished> {
     let broker =
         db::broker(db.lazy_pool(), table.clone()).synchronous_relay_writes(p.knobs.durable_acks);
-    let progress = Progress::new(p.backlog);
+    let poisoned = if p.poison {
+        db::rows_of_k0(p.backlog, p.keys)
+    } else {
+        0
+    };
+    let target = p.backlog - poisoned;
+    let progress = Progress::new(target);
     let pr = progress.clone();
+    let poison = p.poison;
+    let mut opts = p.knobs.options();
+    if poison {
+        opts = opts.retry(outbox_core::retry::ConstantRetry::new(
+            Duration::from_millis(10),
+        ));
+    }
     let sub = Subscriber::builder([QUEUE])
-        .options(p.knobs.options())
-        .build(move |_m: Message| {
-            pr.hit();
-            std::future::ready(())
+        .options(opts)
+        .build(move |m: Message| {
+            let fail = poison && m.ordering_key() == Some("k0");
+            if !fail {
+                pr.hit();
+            }
+            std::future::ready(if fail { Err("poisoned key k0") } else { Ok(()) })
         })?;
     let mut engine = Engine::new(broker)
         .gauge_interval(None)
@@ -187,7 +225,7 @@ async fn measure(
     if !p.listen {
         engine = engine.without_listen();
     }
-    let window = Window::open(db, table, 0).await?;
+    let window = Window::open(db, table, usize::from(holder.is_some())).await?;
     let t0 = Instant::now();
     let start = t0.duration_since(progress.base).as_secs_f64();
     engine.start().await.context("starting the engine")?;
@@ -196,6 +234,9 @@ async fn measure(
     let report = engine.stop().await;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_end = window.cpu_now();
+    if let Some(h) = holder.take() {
+        h.end().await?;
+    }
     waited?;
     let mut extra = Map::new();
     extra.insert("slices".into(), json!(progress.slices(start)));
@@ -213,6 +254,17 @@ async fn measure(
         "prefill_seconds".into(),
         json!(round(prefill.as_secs_f64(), 2)),
     );
+    if let Some((visible, rows)) = fence {
+        // What a reader fenced on the oldest running transaction id would
+        // have seen of the backlog when the drain started.
+        extra.insert(
+            "xmin_fence".into(),
+            json!({"visible_rows": visible, "rows": rows}),
+        );
+    }
+    if poisoned > 0 {
+        extra.insert("poisoned_rows".into(), json!(poisoned));
+    }
     window
         .close(Measured {
             scenario: "drain",
@@ -221,15 +273,19 @@ async fn measure(
                 params.insert("backlog".into(), json!(p.backlog));
                 params.insert("listen".into(), json!(p.listen));
                 params.insert("payload_bytes".into(), json!(p.payload_bytes));
+                params.insert("keys".into(), json!(p.keys));
+                params.insert("hold".into(), json!(p.hold));
+                params.insert("poison".into(), json!(p.poison));
                 p.knobs.add_json(&mut params);
                 params.into()
             },
-            messages: p.backlog,
+            // The rows handled (a poisoned key's rows stay).
+            messages: target,
             seconds,
             latency: serde_json::Value::Null,
             extra,
             cpu_end,
-            expect_rows: Some(0),
+            expect_rows: Some(i64::try_from(poisoned)?),
         })
         .await
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use outbox_core::{
-    App, BoxError, Engine, Message, OutboxBroker, OutboxTable, Raw, Response, Route, Subscriber,
+    App, BoxError, Engine, Message, OutboxBroker, OutboxTable, PublishOptions, Raw, Response,
+    Route, Subscriber,
 };
 use serde_json::{Map, Value, json};
 
@@ -30,6 +31,11 @@ pub(crate) struct LatencyParams {
     /// `Some(bus)`: relay each row to the bus and time its confirmation.
     pub(crate) relay: Option<Target>,
     pub(crate) listen: bool,
+    /// An ordered subscriber (or route).
+    pub(crate) ordered: bool,
+    /// Publish each row with an ordering key, round robin over this many
+    /// (`PublishOptions::key`: the key lock is taken); 0: no key.
+    pub(crate) keys: u64,
 }
 
 type Stamps = Arc<Mutex<Vec<(i64, Instant)>>>;
@@ -95,11 +101,14 @@ async fn measure(
     let (side, bus_inner) = match &p.relay {
         None => {
             let (h, pr) = (handled.clone(), progress.clone());
-            let sub = Subscriber::builder([QUEUE]).build(move |m: Message| {
-                stamp(&h, m.id());
-                pr.hit();
-                std::future::ready(())
-            })?;
+            let sub =
+                Subscriber::builder([QUEUE])
+                    .ordered(p.ordered)
+                    .build(move |m: Message| {
+                        stamp(&h, m.id());
+                        pr.hit();
+                        std::future::ready(())
+                    })?;
             let mut engine = Engine::new(sub_broker.clone())
                 .gauge_interval(None)
                 .application_name("outbox-bench")
@@ -121,13 +130,13 @@ async fn measure(
         (None, Some(inner)) => {
             let h = handled.clone();
             let bus = p.relay.as_ref().map_or("kafka", Target::name);
-            let route =
-                Route::builder([QUEUE])
-                    .publish_to(bus, topic)
-                    .handler(move |m: Message, _ctx| {
-                        stamp(&h, m.id());
-                        async move { Ok::<_, BoxError>(Response::new(Raw(m.payload().to_vec()))) }
-                    });
+            let route = Route::builder([QUEUE])
+                .ordered(p.ordered)
+                .publish_to(bus, topic)
+                .handler(move |m: Message, _ctx| {
+                    stamp(&h, m.id());
+                    async move { Ok::<_, BoxError>(Response::new(Raw(m.payload().to_vec()))) }
+                });
             let listen = p.listen;
             let app = App::new(sub_broker)
                 .without_discovery()
@@ -154,11 +163,19 @@ async fn measure(
     let mut conn = pool.acquire().await?;
     let mut tick = tokio::time::interval(p.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for _ in 0..total {
+    for i in 0..total {
         tick.tick().await;
+        let opts = if p.keys > 0 {
+            PublishOptions::new().key(db::key_of(i, p.keys))
+        } else {
+            PublishOptions::new()
+        };
         let begin = Instant::now();
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let id = producer.publish(&body, QUEUE, &mut *tx).await?;
+        let id = producer
+            .publish_with(&body, QUEUE, &opts, &mut *tx)
+            .await?
+            .context("publish_with returned no row id")?;
         let commit_sent = Instant::now();
         tx.commit().await?;
         commits.push((id, begin, commit_sent, Instant::now()));
@@ -254,6 +271,8 @@ async fn measure(
                     "interval_ms": p.interval.as_secs_f64() * 1000.0,
                     "listen": p.listen,
                     "payload_bytes": p.payload_bytes,
+                    "ordered": p.ordered,
+                    "keys": p.keys,
                     "subscriber": "defaults (1 worker, fetch_batch_size 10, fetch 1 s / 10 s)",
                     })
                     .as_object()

@@ -138,6 +138,41 @@ struct ProduceArgs {
     /// Concurrent producers (one connection each).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     concurrency: Vec<usize>,
+    /// Publish with `PublishOptions::key`, round robin over this many keys (a
+    /// batch: one key); 0 = no key. A list sweeps.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    keys: Vec<u64>,
+    /// keep: the table's `<t>_key_idx` as `migrate` made it; drop: dropped
+    /// first (the baseline of its insert cost). A list sweeps.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "keep")]
+    key_index: Vec<produce::KeyIndex>,
+}
+
+/// Unordered or ordered (`SubscriberOptions::ordered`) subscribers / routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Order {
+    Unordered,
+    Ordered,
+}
+
+/// `--poison`: whether key `k0`'s handler always fails (Block policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Poison {
+    Off,
+    /// Every row of key `k0` fails (retried every 10 ms, never terminal).
+    Block,
+}
+
+/// The backlog's keys for `--keys` (a list) and `--order`: as given, else
+/// 1,000 keys when any point is ordered and none (0) otherwise.
+fn keys_for(keys: &[u64], order: &[Order]) -> Vec<u64> {
+    if !keys.is_empty() {
+        keys.to_vec()
+    } else if order.contains(&Order::Ordered) {
+        vec![1000]
+    } else {
+        vec![0]
+    }
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +197,23 @@ struct DrainArgs {
     /// Subscriber fetch_concurrency (claim statements in flight at once).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     fetch_concurrency: Vec<usize>,
+    /// unordered, ordered, or both (same backlog each; a list runs each
+    /// configuration in both orders, side by side).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "unordered")]
+    order: Vec<Order>,
+    /// Distinct ordering keys of the backlog (row i gets `k<i mod K>`); 0 =
+    /// rows without a key. Default: 1000 when an ordered point runs, else 0.
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<u64>,
+    /// A long transaction held open in another session from before the
+    /// prefill to the end of the point: none, snapshot (REPEATABLE READ +
+    /// SELECT 1, no xid), xid (BEGIN + txid_current()). A list sweeps.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none")]
+    hold: Vec<db::Hold>,
+    /// off, or block: key k0's handler always fails (Block policy), the other
+    /// keys' rows are the workload. A list sweeps.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "off")]
+    poison: Vec<Poison>,
 }
 
 /// The knobs drain and relay share.
@@ -185,6 +237,7 @@ impl FetchArgs {
         fetch_batch_size: usize,
         ack_batch: usize,
         fetch_concurrency: usize,
+        order: Order,
     ) -> drain::Knobs {
         drain::Knobs {
             workers,
@@ -194,6 +247,7 @@ impl FetchArgs {
             max_fetch: ms(self.max_fetch_ms),
             fetch_concurrency,
             durable_acks: self.durable_acks,
+            ordered: order == Order::Ordered,
         }
     }
 }
@@ -332,6 +386,13 @@ struct RelayArgs {
     /// linger flags are ignored.
     #[arg(long)]
     readme_defaults: bool,
+    /// unordered, ordered, or both (same backlog each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "unordered")]
+    order: Vec<Order>,
+    /// Distinct ordering keys of the backlog (the Kafka record key); 0 = no
+    /// key. Default: 1000 when an ordered point runs, else 0.
+    #[arg(long, value_delimiter = ',')]
+    keys: Vec<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -365,6 +426,14 @@ struct LatencyArgs {
     /// Poll only (no LISTEN connection).
     #[arg(long)]
     no_listen: bool,
+    /// unordered, ordered, or both (one point each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "unordered")]
+    order: Vec<Order>,
+    /// Publish each row with `PublishOptions::key`, round robin over this
+    /// many keys; 0 = no key. Default: 1000 for ordered points, 0 for
+    /// unordered ones.
+    #[arg(long)]
+    keys: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -475,19 +544,29 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 };
                 for &batch_size in &sizes {
                     for &concurrency in &a.concurrency {
-                        let messages = a.messages.unwrap_or(match mode {
-                            produce::Mode::Batch => (batch_size as u64 * 2_000).max(200_000),
-                            _ => 10_000,
-                        });
-                        let p = produce::ProduceParams {
-                            mode,
-                            batch_size,
-                            messages,
-                            concurrency,
-                            payload_bytes: pb,
-                        };
-                        let label = format!("produce/{mode:?}/{batch_size}/c{concurrency}");
-                        ok &= points(c, &label, || produce::run(&db, &p)).await;
+                        for (&keys, &key_index) in a
+                            .keys
+                            .iter()
+                            .flat_map(|k| a.key_index.iter().map(move |i| (k, i)))
+                        {
+                            let messages = a.messages.unwrap_or(match mode {
+                                produce::Mode::Batch => (batch_size as u64 * 2_000).max(200_000),
+                                _ => 10_000,
+                            });
+                            let p = produce::ProduceParams {
+                                mode,
+                                batch_size,
+                                messages,
+                                concurrency,
+                                payload_bytes: pb,
+                                keys,
+                                drop_key_index: key_index == produce::KeyIndex::Drop,
+                            };
+                            let label = format!(
+                                "produce/{mode:?}/{batch_size}/c{concurrency}/keys{keys}/index-{key_index:?}"
+                            );
+                            ok &= points(c, &label, || produce::run(&db, &p)).await;
+                        }
                     }
                 }
             }
@@ -501,21 +580,34 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                             .iter()
                             .flat_map(|b| a.fetch_concurrency.iter().map(move |c| (b, c)))
                         {
-                            let p = drain::DrainParams {
-                                backlog,
-                                knobs: a.fetch.knobs(
-                                    workers,
-                                    fetch_batch_size,
-                                    ack_batch,
-                                    fetch_concurrency,
-                                ),
-                                listen: !a.no_listen,
-                                payload_bytes: pb,
-                            };
-                            let label = format!(
-                                "drain/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/fc{fetch_concurrency}"
-                            );
-                            ok &= points(c, &label, || drain::run(&db, &p)).await;
+                            for &keys in &keys_for(&a.keys, &a.order) {
+                                for &hold in &a.hold {
+                                    for &poison in &a.poison {
+                                        // Innermost: the two orders of one configuration run back to back.
+                                        for &order in &a.order {
+                                            let p = drain::DrainParams {
+                                                backlog,
+                                                knobs: a.fetch.knobs(
+                                                    workers,
+                                                    fetch_batch_size,
+                                                    ack_batch,
+                                                    fetch_concurrency,
+                                                    order,
+                                                ),
+                                                listen: !a.no_listen,
+                                                payload_bytes: pb,
+                                                keys,
+                                                hold,
+                                                poison: poison == Poison::Block,
+                                            };
+                                            let label = format!(
+                                                "drain/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/fc{fetch_concurrency}/{order:?}/keys{keys}/hold-{hold:?}/poison-{poison:?}"
+                                            );
+                                            ok &= points(c, &label, || drain::run(&db, &p)).await;
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -545,7 +637,15 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 for &backlog in &backlogs {
                     for &workers in &a.workers {
                         for &fetch_batch_size in &a.fetch_batch_size {
-                            for &ack_batch in &a.ack_batch {
+                            let mut combos: Vec<(usize, u64, Order)> = Vec::new();
+                            for &ab in &a.ack_batch {
+                                for k in keys_for(&a.keys, &a.order) {
+                                    for &o in &a.order {
+                                        combos.push((ab, k, o));
+                                    }
+                                }
+                            }
+                            for (ack_batch, keys, order) in combos {
                                 let p = relay::RelayParams {
                                     target: a.urls.target(
                                         a.bus,
@@ -559,6 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                         fetch_batch_size,
                                         ack_batch,
                                         a.fetch_concurrency,
+                                        order,
                                     ),
                                     payload_bytes: pb,
                                     rate,
@@ -566,8 +667,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                     producer_batch: a.producer_batch.max(1),
                                     keep_topic: a.keep_topic,
                                     readme_defaults: a.readme_defaults,
+                                    keys,
                                 };
                                 let bus = p.target.name();
+                                let suffix = if keys > 0 || order == Order::Ordered {
+                                    format!("/{order:?}/keys{keys}")
+                                } else {
+                                    String::new()
+                                };
                                 let label = match rate {
                                     None if a.readme_defaults => {
                                         format!("relay/{bus}/{backlog}/readme-defaults")
@@ -579,7 +686,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                         "relay/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/linger{linger:?}"
                                     ),
                                     Some(r) => format!("relay-steady/{r}/w{workers}"),
-                                };
+                                } + &suffix;
                                 ok &= points(c, &label, || relay::run(&db, &p)).await;
                             }
                         }
@@ -598,15 +705,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let label = relay
                 .as_ref()
                 .map_or_else(|| "latency".to_owned(), |t| format!("latency-{}", t.name()));
-            let p = latency::LatencyParams {
-                samples: a.samples.max(1),
-                warmup: a.warmup,
-                interval: ms(a.interval_ms),
-                payload_bytes: pb,
-                relay,
-                listen: !a.no_listen,
-            };
-            ok &= points(c, &label, || latency::run(&db, &p)).await;
+            for &order in &a.order {
+                let ordered = order == Order::Ordered;
+                let keys = a.keys.unwrap_or(if ordered { 1000 } else { 0 });
+                let p = latency::LatencyParams {
+                    samples: a.samples.max(1),
+                    warmup: a.warmup,
+                    interval: ms(a.interval_ms),
+                    payload_bytes: pb,
+                    relay: relay.clone(),
+                    listen: !a.no_listen,
+                    ordered,
+                    keys,
+                };
+                let label = format!("{label}/{order:?}/keys{keys}");
+                ok &= points(c, &label, || latency::run(&db, &p)).await;
+            }
         }
         Cmd::Ceiling(a) => {
             for &kind in &a.bus {

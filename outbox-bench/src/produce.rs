@@ -8,6 +8,7 @@ use serde_json::{Map, json};
 
 use crate::db::{self, Body, Db, QUEUE};
 use crate::point::{Finished, Measured, Window, percentiles_ms};
+use outbox_core::PublishOptions;
 
 /// How rows are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -29,11 +30,28 @@ pub(crate) struct ProduceParams {
     pub(crate) messages: u64,
     pub(crate) concurrency: usize,
     pub(crate) payload_bytes: usize,
+    /// Publish with `PublishOptions::key`, round robin over this many keys
+    /// (a batch: one key for all its rows); 0: no key.
+    pub(crate) keys: u64,
+    /// Drop `<t>_key_idx` first (the baseline of its insert cost).
+    pub(crate) drop_key_index: bool,
+}
+
+/// `--key-index`: whether the fresh table keeps the ordering-key index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum KeyIndex {
+    Keep,
+    Drop,
 }
 
 pub(crate) async fn run(db: &Db, p: &ProduceParams) -> anyhow::Result<Finished> {
-    db.with_fresh_table(async |table| measure(db, table, p).await)
-        .await
+    db.with_fresh_table(async |table| {
+        if p.drop_key_index {
+            db::drop_key_index(db, table).await?;
+        }
+        measure(db, table, p).await
+    })
+    .await
 }
 
 async fn measure(
@@ -65,25 +83,31 @@ async fn measure(
         let (broker, body) = (broker.clone(), body.clone());
         let mine = txs / conc as u64 + u64::from(w < txs % conc as u64);
         let mode = p.mode;
+        let keys = p.keys;
         tasks.push(tokio::spawn(async move {
             let mut conn = broker.pool().acquire().await?;
             let mut lat = Vec::with_capacity(usize::try_from(mine).unwrap_or(0));
             let batch: Vec<&Body> = (0..per_tx).map(|_| &*body).collect();
-            for _ in 0..mine {
+            for j in 0..mine {
+                let opts = if keys > 0 {
+                    PublishOptions::new().key(db::key_of(j * conc as u64 + w, keys))
+                } else {
+                    PublishOptions::new()
+                };
                 let t = Instant::now();
                 match mode {
                     Mode::Single => {
                         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                        broker.publish(&*body, QUEUE, &mut *tx).await?;
+                        broker.publish_with(&*body, QUEUE, &opts, &mut *tx).await?;
                         tx.commit().await?;
                     }
                     Mode::Autocommit => {
-                        broker.publish(&*body, QUEUE, &mut conn).await?;
+                        broker.publish_with(&*body, QUEUE, &opts, &mut conn).await?;
                     }
                     Mode::Batch => {
                         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                         broker
-                            .publish_batch(batch.iter().copied(), QUEUE, &mut *tx)
+                            .publish_batch_with(batch.iter().copied(), QUEUE, &opts, &mut *tx)
                             .await?;
                         tx.commit().await?;
                     }
@@ -110,6 +134,8 @@ async fn measure(
                 "rows_per_tx": per_tx,
                 "concurrency": conc,
                 "payload_bytes": p.payload_bytes,
+                "keys": p.keys,
+                "key_index": !p.drop_key_index,
             }),
             messages,
             seconds,

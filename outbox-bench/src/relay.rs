@@ -37,6 +37,9 @@ pub(crate) struct RelayParams {
     /// defaults) and the transport's default settings; `knobs` and the
     /// Kafka linger are ignored.
     pub(crate) readme_defaults: bool,
+    /// Distinct ordering keys of the backlog (see `drain`); 0: no key. The
+    /// key is the Kafka record key.
+    pub(crate) keys: u64,
 }
 
 impl RelayParams {
@@ -54,6 +57,8 @@ impl RelayParams {
                 "producer_batch",
                 json!(self.rate.map(|_| self.producer_batch)),
             ),
+            ("keys", json!(self.keys)),
+            ("ordered", json!(self.knobs.ordered)),
         ] {
             params.insert(k.to_owned(), v);
         }
@@ -85,7 +90,9 @@ fn app(
     stamp_created: bool,
 ) -> App {
     let mut route = Route::builder([QUEUE]);
-    if !p.readme_defaults {
+    if p.readme_defaults {
+        route = route.ordered(p.knobs.ordered);
+    } else {
         route = route.options(p.knobs.options());
     }
     let route =
@@ -114,7 +121,7 @@ pub(crate) async fn run(db: &Db, p: &RelayParams) -> anyhow::Result<Finished> {
         let topic = Target::fresh_destination("bench");
         p.target.prepare(&topic).await?;
         let result = async {
-            let prefill = db::prefill(db, table, p.backlog, p.payload_bytes).await?;
+            let prefill = db::prefill_keyed(db, table, p.backlog, p.payload_bytes, p.keys).await?;
             match p.rate {
                 None => backlog(db, table, p, &topic, prefill).await,
                 Some(rate) => steady(db, table, p, &topic, rate).await,
