@@ -6,6 +6,9 @@
 #   bash scripts/bench.sh drain produce   # only these groups: produce drain relay latency buses
 #   bash scripts/bench.sh buses           # RabbitMQ, NATS, Redis: each bus's plain-client
 #                                         # ceiling, the relay and commit->confirm latency
+#   bash scripts/bench.sh ordering        # ordered vs unordered drains, relays, latency, the
+#                                         # key's insert cost, a long transaction, a poisoned
+#                                         # key (bench/ordering.sh; not part of the default set)
 #
 # Environment:
 #   BENCH_BIN       use this prebuilt outbox-bench instead of building one
@@ -32,7 +35,7 @@ mkdir -p "$(dirname "$OUT")"
 GROUPS_WANTED=("$@")
 [ ${#GROUPS_WANTED[@]} -gt 0 ] || GROUPS_WANTED=(produce drain latency relay)
 for g in "${GROUPS_WANTED[@]}"; do
-  case "$g" in produce | drain | relay | latency | buses) ;; *) die "unknown group '$g' (produce drain relay latency buses)" ;; esac
+  case "$g" in produce | drain | relay | latency | buses | ordering) ;; *) die "unknown group '$g' (produce drain relay latency buses ordering)" ;; esac
 done
 want() { local g; for g in "${GROUPS_WANTED[@]}"; do [ "$g" = "$1" ] && return 0; done; return 1; }
 
@@ -41,7 +44,7 @@ export BENCH_DATABASE_URL=$URL
 BIN=$(bench_binary "$OUT")
 trap 'rm -f "$BIN"' EXIT
 
-if want relay || want latency; then
+if want relay || want latency || want ordering; then
   if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
     bash scripts/kafka.sh start >&2 || die "could not start the local Kafka broker (scripts/kafka.sh start)"
     export KAFKA_BOOTSTRAP=127.0.0.1:9092
@@ -94,6 +97,11 @@ if want buses; then
     run latency --bus "$bus" --samples 1000
   done
   python3 bench/buses.py "$OUT"
+fi
+if want ordering; then
+  # Its own rounds (ordered and unordered in each invocation, interleaved).
+  BIN=$BIN OUT=$OUT REPEATS=$REPEATS bash bench/ordering.sh
+  python3 bench/ordering.py "$OUT"
 fi
 python3 bench/summarize.py "$OUT"
 log "raw results: $OUT"
