@@ -431,7 +431,9 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
 ///   twice. The heads are chosen in the walk's order (the lateral lookup
 ///   keeps the walk on the outside of the join), then locked.
 /// - **Rows without a key** (faststream-outbox's, or published without
-///   one) are claimed as usual, in id order from the same index.
+///   one) are claimed as usual, in id order from the same index. This is
+///   why `<t>_key_idx` is not partial: on the pending index, finding them
+///   would mean walking past every blocked keyed row of the queue.
 /// - **Expired leases**, with `with_expired`: only heads are ever leased, so
 ///   a reclaim keeps the order.
 fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
