@@ -334,24 +334,42 @@ pub fn retries_of(queue: &str) -> Vec<String> {
     .collect()
 }
 
+/// Every record of `topic`, read until each id of `ids` arrived (panics
+/// after `timeout` otherwise), then for `quiet` more (late duplicates).
+pub async fn read_ids(
+    bootstrap: &str,
+    topic: &str,
+    ids: &BTreeSet<i64>,
+    timeout: Duration,
+    quiet: Duration,
+) -> anyhow::Result<Vec<Record>> {
+    let mut reader = TopicReader::new(bootstrap, topic).await?;
+    assert!(
+        reader.read_until(timeout, has_all_ids(ids)).await?,
+        "records missing: got {} for {} rows",
+        reader.records.len(),
+        ids.len()
+    );
+    reader.read_for(quiet).await?;
+    Ok(reader.records)
+}
+
 /// Records per outbox id; panics if an id of `ids` is missing.
 pub async fn read_back(
     bootstrap: &str,
     topic: &str,
     ids: &BTreeSet<i64>,
 ) -> anyhow::Result<BTreeMap<i64, usize>> {
-    let mut reader = TopicReader::new(bootstrap, topic).await?;
-    assert!(
-        reader
-            .read_until(Duration::from_secs(30), has_all_ids(ids))
-            .await?,
-        "records missing: got {} for {} rows",
-        reader.records.len(),
-        ids.len()
-    );
-    reader.read_for(Duration::from_millis(500)).await?;
+    let records = read_ids(
+        bootstrap,
+        topic,
+        ids,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await?;
     let mut per_id = BTreeMap::new();
-    for r in &reader.records {
+    for r in &records {
         assert_eq!(r.key, Some(format!("k{}", r.value()).into_bytes()));
         *per_id.entry(r.outbox_id()).or_insert(0) += 1;
     }

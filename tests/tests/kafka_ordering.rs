@@ -22,7 +22,7 @@ use outbox_core::retry::ConstantRetry;
 use outbox_core::{App, BoxError, Message, PublishOptions, Response, Route};
 use outbox_kafka::KafkaBroker;
 use serde::{Deserialize, Serialize};
-use support::{Record, TopicReader, bootstrap, broker_lock, create_topic, has_all_ids};
+use support::{Record, bootstrap, broker_lock, create_topic};
 use tests::TestDb;
 
 type R = anyhow::Result<()>;
@@ -175,17 +175,14 @@ async fn publish(db: &TestDb, queue: &str, ev: &Event) -> anyhow::Result<i64> {
 
 /// Reads `topic` until every row of `ids` arrived, then 1 s more.
 async fn read_all(boot: &str, topic: &str, ids: &BTreeSet<i64>) -> anyhow::Result<Vec<Record>> {
-    let mut reader = TopicReader::new(boot, topic).await?;
-    assert!(
-        reader
-            .read_until(Duration::from_secs(60), has_all_ids(ids))
-            .await?,
-        "records missing: {} records for {} rows",
-        reader.records.len(),
-        ids.len()
-    );
-    reader.read_for(Duration::from_secs(1)).await?;
-    Ok(reader.records)
+    support::read_ids(
+        boot,
+        topic,
+        ids,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await
 }
 
 /// Keyed rows are relayed with their ordering key as the record key, on the

@@ -83,6 +83,24 @@ impl TableName {
             .as_ref()
             .map(|s| format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(s)))
     }
+
+    /// What `migrate` runs for a table whose `IF NOT EXISTS` DDL is `create`
+    /// (the table first): the schema, the table, then the `ordering_key`
+    /// column that both tables gained after faststream-outbox 0.19's layout
+    /// (for tables created before it; indexes may use it), then the rest.
+    fn migration(&self, mut create: Vec<String>) -> Vec<String> {
+        let rest = create.split_off(1.min(create.len()));
+        let added = format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS ordering_key VARCHAR(255)",
+            self.qualified()
+        );
+        self.schema_ddl()
+            .into_iter()
+            .chain(create)
+            .chain([added])
+            .chain(rest)
+            .collect()
+    }
 }
 
 fn validate_schema(schema: &str) -> Result<()> {
@@ -219,28 +237,13 @@ impl OutboxTable {
         ]
     }
 
-    /// The column added after faststream-outbox 0.19's layout, for tables
-    /// created before it.
-    fn added_columns(&self) -> Vec<String> {
-        vec![format!(
-            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS ordering_key VARCHAR(255)",
-            self.qualified_name()
-        )]
-    }
-
     /// Creates whatever is missing (schema, table, the `ordering_key` column
     /// of a table created by faststream-outbox or an older version, indexes,
     /// the lease CHECK) and leaves what exists alone. Safe to run at every
     /// start and from several processes at once (serialized by an advisory
     /// lock).
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
-        let mut stmts: Vec<String> = self.name.schema_ddl().into_iter().collect();
-        let mut create = self.statements(true);
-        // The table first, then the column (indexes may use it).
-        let rest = create.split_off(1);
-        stmts.extend(create);
-        stmts.extend(self.added_columns());
-        stmts.extend(rest);
+        let mut stmts = self.name.migration(self.statements(true));
         // A table created before the CHECK existed gets it added.
         let ck_name = format!("{}_lease_ck", self.name.name);
         stmts.push(format!(
@@ -346,15 +349,7 @@ impl DlqTable {
     /// Creates whatever is missing (the `ordering_key` column too);
     /// idempotent, like [`OutboxTable::migrate`].
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
-        let mut stmts: Vec<String> = self.name.schema_ddl().into_iter().collect();
-        let mut create = self.statements(true);
-        let rest = create.split_off(1);
-        stmts.extend(create);
-        stmts.push(format!(
-            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS ordering_key VARCHAR(255)",
-            self.qualified_name()
-        ));
-        stmts.extend(rest);
+        let stmts = self.name.migration(self.statements(true));
         run_migration(pool, &self.qualified_name(), stmts).await
     }
 }
