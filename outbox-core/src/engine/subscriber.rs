@@ -48,6 +48,8 @@ pub const RELAY_DEFAULTS: KnobDefaults = KnobDefaults {
 /// | `min_fetch_interval` | 1 s | 1 s | idle backoff base |
 /// | `max_fetch_interval` | 10 s | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
 /// | `lease_ttl` | 60 s | 60 s | a claimed row is reclaimable after this |
+/// | `claim_mode` | [`ClaimMode::Lease`] | [`ClaimMode::Transaction`] | lease write per claim, or rows locked in a transaction held until their outcomes commit |
+/// | `max_hold` | 5 s | 5 s | `Transaction` mode: longest a claim's transaction stays open |
 /// | `max_deliveries` | none | none | claims allowed before a row goes terminal unhandled |
 /// | `terminal_flush_batch_size` | 1 | 1 | deletes (acks) held to share one `DELETE`; 1: none held, concurrent ones still coalesce |
 /// | `ack_policy` | [`AckPolicy::NackOnError`] | same | |
@@ -74,6 +76,52 @@ pub struct SubscriberOptions {
     relay: bool,
     ordered: bool,
     poison_policy: PoisonPolicy,
+    claim_mode: Option<ClaimMode>,
+    max_hold: Duration,
+}
+
+/// How a subscriber claims rows and records their outcomes.
+///
+/// ```
+/// use std::time::Duration;
+/// use outbox_core::{ClaimMode, SubscriberOptions};
+///
+/// // A plain subscriber leases; a relay holds a transaction (see the table
+/// // on `SubscriberOptions`); either can be chosen explicitly.
+/// assert_eq!(SubscriberOptions::new().get_claim_mode(), ClaimMode::Lease);
+/// assert_eq!(SubscriberOptions::new().relay_defaults(true).get_claim_mode(), ClaimMode::Transaction);
+/// let opts = SubscriberOptions::new()
+///     .claim_mode(ClaimMode::Transaction)
+///     .max_hold(Duration::from_secs(2));
+/// assert_eq!(opts.get_max_hold(), Duration::from_secs(2));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ClaimMode {
+    /// faststream-outbox's design: a claim writes a lease (token, time,
+    /// `deliveries_count + 1`) and commits; each outcome is a later write
+    /// guarded by the token. Handlers may run for as long as the lease
+    /// (`lease_ttl`) lasts; a crashed relay's rows wait for the lease to
+    /// expire. Two writes (two dead tuples) per row.
+    Lease,
+    /// A claim locks its rows (`FOR UPDATE SKIP LOCKED`) in a transaction
+    /// that stays open while their handlers run and the bus confirms; the
+    /// outcomes (deletes, retries, dead-letter moves) are written in that
+    /// transaction and commit together. No lease write: one write (one dead
+    /// tuple) per delivered row, about half the WAL, and a crashed relay's
+    /// rows are claimable again the moment its connection is gone. The
+    /// handlers of a claimed batch run concurrently (up to `max_workers`),
+    /// so a relay has the whole batch in flight on its bus. For short
+    /// handlers (relays): the transaction is held at most
+    /// [`max_hold`](SubscriberOptions::max_hold), and an open transaction
+    /// holds back vacuum on the whole database while it lasts.
+    ///
+    /// Differences from [`Lease`](Self::Lease): `deliveries_count` is
+    /// written with the outcome, not at the claim, so a delivery that
+    /// crashes the whole process is not counted and `max_deliveries` cannot
+    /// stop it; a graceful stop lets the open batches finish (their
+    /// transactions commit) instead of releasing leases.
+    Transaction,
 }
 
 /// What an [`ordered`](SubscriberOptions::ordered) subscriber does with a
@@ -123,9 +171,14 @@ impl Default for SubscriberOptions {
             relay: false,
             ordered: false,
             poison_policy: PoisonPolicy::Block,
+            claim_mode: None,
+            max_hold: DEFAULT_MAX_HOLD,
         }
     }
 }
+
+/// Default [`SubscriberOptions::max_hold`].
+pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for SubscriberOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -143,6 +196,8 @@ impl fmt::Debug for SubscriberOptions {
             .field("relay_defaults", &self.relay)
             .field("ordered", &self.ordered)
             .field("poison_policy", &self.poison_policy)
+            .field("claim_mode", &self.get_claim_mode())
+            .field("max_hold", &self.max_hold)
             .finish()
     }
 }
@@ -268,6 +323,34 @@ impl SubscriberOptions {
         poison_policy, get_poison_policy: PoisonPolicy
     );
 
+    /// How rows are claimed and their outcomes recorded (see [`ClaimMode`]).
+    /// Default: [`ClaimMode::Transaction`] with the relay defaults (an App
+    /// route with a `#[publish_to]` target), else [`ClaimMode::Lease`].
+    pub fn claim_mode(mut self, mode: ClaimMode) -> Self {
+        self.claim_mode = Some(mode);
+        self
+    }
+
+    /// The effective claim mode.
+    pub fn get_claim_mode(&self) -> ClaimMode {
+        self.claim_mode.unwrap_or(if self.relay {
+            ClaimMode::Transaction
+        } else {
+            ClaimMode::Lease
+        })
+    }
+
+    knob!(
+        /// [`ClaimMode::Transaction`] only: the longest a claim's transaction
+        /// stays open (> 0, default [`DEFAULT_MAX_HOLD`]). When it is up, the
+        /// rows whose handlers are still running get a lease
+        /// ([`lease_ttl`](Self::lease_ttl)) in the transaction, which then
+        /// commits with the outcomes recorded so far; those rows finish
+        /// under their lease, as in [`ClaimMode::Lease`]. Bounds how long a
+        /// slow bus or a wedged handler holds back vacuum.
+        max_hold, get_max_hold: Duration
+    );
+
     /// Claims allowed per row (>= 1). A row claimed more often (crashes, lease
     /// expiries) goes terminal with reason `max_deliveries` without running the
     /// handler. Default: unlimited.
@@ -335,6 +418,7 @@ impl SubscriberOptions {
             ("min_fetch_interval", self.min_fetch_interval),
             ("max_fetch_interval", self.max_fetch_interval),
             ("lease_ttl", self.lease_ttl),
+            ("max_hold", self.max_hold),
         ] {
             if v.is_zero() {
                 return err(format!("{name} must be > 0"));
@@ -526,6 +610,10 @@ macro_rules! option_setters {
             ordered: bool,
             /// See [`SubscriberOptions::poison_policy`](crate::SubscriberOptions::poison_policy).
             poison_policy: $crate::engine::subscriber::PoisonPolicy,
+            /// See [`SubscriberOptions::claim_mode`](crate::SubscriberOptions::claim_mode).
+            claim_mode: $crate::engine::subscriber::ClaimMode,
+            /// See [`SubscriberOptions::max_hold`](crate::SubscriberOptions::max_hold).
+            max_hold: ::std::time::Duration,
         }
     };
     (@knobs $($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
