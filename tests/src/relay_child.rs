@@ -15,6 +15,9 @@
 //! | `RELAY_DELAY_MS` | handler sleep per row (default 0), to slow the stream down |
 //! | `RELAY_WORKERS` | `max_workers` (default 4) |
 //! | `RELAY_LEASE_MS` | `lease_ttl` (default 3000) |
+//! | `RELAY_BATCH` | `fetch_batch_size` (default 10) |
+//! | `RELAY_CLAIM` | `lease` or `transaction` (default: the relay default, `transaction`) |
+//! | `RELAY_MAX_HOLD_MS` | `max_hold` (default: the default, 5 s) |
 //! | `RUST_LOG` | the stderr log filter (default `warn`) |
 
 use std::time::Duration;
@@ -22,7 +25,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use outbox_core::retry::ConstantRetry;
 use outbox_core::transport::TransportBroker;
-use outbox_core::{App, BoxError, DlqTable, Message, OutboxBroker, OutboxTable, Response, Route};
+use outbox_core::{
+    App, BoxError, ClaimMode, DlqTable, Message, OutboxBroker, OutboxTable, Response, Route,
+};
 use sqlx::postgres::PgPoolOptions;
 
 /// The environment of one relay binary (its name prefixes every error).
@@ -77,6 +82,19 @@ impl RelayEnv {
         std::env::var(name).with_context(|| format!("{}: {name} is not set", self.bin))
     }
 
+    /// `RELAY_CLAIM`: the claim mode asked for, if any.
+    pub fn claim_mode(&self) -> anyhow::Result<Option<ClaimMode>> {
+        match std::env::var("RELAY_CLAIM").as_deref() {
+            Err(_) => Ok(None),
+            Ok("lease") => Ok(Some(ClaimMode::Lease)),
+            Ok("transaction") => Ok(Some(ClaimMode::Transaction)),
+            Ok(other) => anyhow::bail!(
+                "{}: RELAY_CLAIM={other:?}: expected lease or transaction",
+                self.bin
+            ),
+        }
+    }
+
     /// The number in `name`, or `default` when it is not set.
     pub fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
         match std::env::var(name) {
@@ -106,10 +124,19 @@ where
     let workers = usize::try_from(env.num("RELAY_WORKERS", 4)?)?;
     let broker = broker(&env)?;
 
-    let route = Route::builder([queue])
+    let batch = usize::try_from(env.num("RELAY_BATCH", 10)?)?;
+    let mut route = Route::builder([queue])
         .name(bin)
         .max_workers(workers)
-        .lease_ttl(env.lease)
+        .fetch_batch_size(batch)
+        .lease_ttl(env.lease);
+    if let Some(mode) = env.claim_mode()? {
+        route = route.claim_mode(mode);
+    }
+    if let Ok(ms) = std::env::var("RELAY_MAX_HOLD_MS") {
+        route = route.max_hold(Duration::from_millis(ms.parse()?));
+    }
+    let route = route
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(200))
         .retry(ConstantRetry::new(Duration::from_millis(200)))

@@ -16,130 +16,198 @@ use crate::store::conn as store;
 const MAX_EXPIRED_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(shared: Arc<SubShared>) {
-    let mut reconnect = Reconnect::default();
-    let stop = shared.stop_fetch.clone();
-    'connect: loop {
-        if stop.is_cancelled() {
-            return;
+    let mut c = Claimer::new(shared.clone());
+    loop {
+        match c.ready().await {
+            Flow::Go => {}
+            Flow::Again => continue,
+            Flow::Stop => return,
         }
-        let mut conn = match shared.broker.store_conn(&shared.fetch_opts).await {
-            Ok(c) => c,
-            Err(e) => {
-                let wait = reconnect.failed();
-                if backs_off(&shared, wait, "cannot connect", &e, "retrying").await {
-                    return;
-                }
-                continue 'connect;
-            }
+        let free = shared.tx.capacity();
+        // Reserve the slots this claim may fill, so that a concurrent
+        // fetch loop of the same subscriber cannot claim them too.
+        let permits = if free >= shared.refill_at {
+            shared.tx.try_reserve_many(free).ok()
+        } else {
+            None
         };
-        let mut idle: u32 = 0;
-        // Expired leases can only appear `lease_ttl` after a claim, so the
-        // claim looks for them (a scan of the leased index, which holds every
-        // in-flight row) at most every quarter lease while rows keep coming,
-        // and on every poll once the queue is idle.
-        let expired_every = (shared.opts().get_lease_ttl() / 4).min(MAX_EXPIRED_SCAN_INTERVAL);
-        let mut last_expired_scan: Option<Instant> = None;
-        loop {
-            if stop.is_cancelled() {
+        let Some(permits) = permits else {
+            // Workers wake us as soon as enough slots are free.
+            if shared.wait(shared.opts().get_min_fetch_interval()).await {
                 return;
             }
-            let free = shared.tx.capacity();
-            // Reserve the slots this claim may fill, so that a concurrent
-            // fetch loop of the same subscriber cannot claim them too.
-            let permits = if free >= shared.refill_at {
-                shared.tx.try_reserve_many(free).ok()
-            } else {
-                None
-            };
-            let Some(permits) = permits else {
-                // Workers wake us as soon as enough slots are free.
-                if shared.wait(shared.opts().get_min_fetch_interval()).await {
+            continue;
+        };
+        let token = Uuid::new_v4();
+        let with_expired = c.scan_expired();
+        shared.claim_begins();
+        let cursor = shared.key_cursor();
+        let args = store::ClaimArgs {
+            token,
+            ordered: cursor.as_deref(),
+            ..shared.claim_args(free, with_expired)
+        };
+        let Some(conn) = c.conn.as_mut() else {
+            continue;
+        };
+        let claimed = store::claim(shared.broker.stmts(), conn, &args).await;
+        shared.claim_ends(claimed.as_deref().unwrap_or_default());
+        match claimed {
+            Ok(rows) => {
+                let n = rows.len();
+                shared.metrics.fetched(n);
+                // `rows.len() <= free`: a permit for each; unused ones
+                // return to the buffer when dropped.
+                for (row, permit) in rows.into_iter().zip(permits) {
+                    permit.send(Arc::new(Delivery::new(row, token)));
+                }
+                if n > 0 {
+                    tracing::debug!(subscriber = %shared.sub.name(), count = n, "claimed");
+                    c.worked();
+                    continue;
+                }
+                if c.empty().await {
                     return;
                 }
-                continue;
-            };
-            let token = Uuid::new_v4();
-            let with_expired =
-                idle > 0 || last_expired_scan.is_none_or(|t| t.elapsed() >= expired_every);
-            if with_expired {
-                last_expired_scan = Some(Instant::now());
             }
-            shared.claim_begins();
-            let cursor = shared.key_cursor();
-            let args = store::ClaimArgs {
-                queues: shared.sub.queues(),
-                limit: free,
-                lease_ttl: shared.opts().get_lease_ttl(),
-                token,
-                with_expired,
-                ordered: cursor.as_deref(),
-            };
-            let claimed = store::claim(shared.broker.stmts(), &mut conn, &args).await;
-            shared.claim_ends(claimed.as_deref().unwrap_or_default());
-            match claimed {
-                Ok(rows) => {
-                    // The connection works: a later incident starts its
-                    // reconnect backoff from the minimum again.
-                    reconnect.worked();
-                    let n = rows.len();
-                    shared.metrics.fetched(n);
-                    // `rows.len() <= free`: a permit for each; unused ones
-                    // return to the buffer when dropped.
-                    for (row, permit) in rows.into_iter().zip(permits) {
-                        permit.send(Arc::new(Delivery::new(row, token)));
-                    }
-                    if n > 0 {
-                        tracing::debug!(subscriber = %shared.sub.name(), count = n, "claimed");
-                        idle = 0;
-                        continue;
-                    }
-                    idle = (idle + 1).min(30);
-                    // Wake up when the earliest future-dated row becomes due
-                    // (a delayed publish, another relay's retry), not only at
-                    // the next poll.
-                    match store::next_due(shared.broker.stmts(), &mut conn, shared.sub.queues())
-                        .await
-                    {
-                        Ok(Some(after)) => shared.due_in(after),
-                        Ok(None) => {}
-                        Err(e) if store::is_connection_error(&e) => {
-                            let wait = reconnect.failed();
-                            let what = "lost its connection";
-                            if backs_off(&shared, wait, what, &e, "reconnecting").await {
-                                return;
-                            }
-                            continue 'connect;
-                        }
-                        Err(e) => tracing::warn!(
-                            subscriber = %shared.sub.name(),
-                            "outbox fetch loop cannot look up the next due row ({e}); polling instead"
-                        ),
-                    }
-                    let wait = backoff::compute(
-                        idle,
-                        shared.opts().get_min_fetch_interval(),
-                        shared.opts().get_max_fetch_interval(),
-                    );
-                    if shared.wait_idle(wait).await {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let wait = if store::is_connection_error(&e) {
-                        reconnect.failed()
-                    } else {
-                        // A refused statement (schema drift, permissions):
-                        // slow down, but keep trying.
-                        reconnect.failed().max(Duration::from_secs(1))
-                    };
-                    let e = with_schema_hint(e);
-                    if backs_off(&shared, wait, "error", &e, "reconnecting").await {
-                        return;
-                    }
-                    continue 'connect;
+            Err(e) => {
+                if c.failed(e).await {
+                    return;
                 }
             }
         }
+    }
+}
+
+/// What a claim loop does next.
+pub(super) enum Flow {
+    /// Claim now (connected).
+    Go,
+    /// Loop again (after a backoff or a wait).
+    Again,
+    /// The subscriber stops claiming.
+    Stop,
+}
+
+/// What the claim loops (the fetch loop, the lot loops) share: their own
+/// connection with its reconnect backoff, the idle backoff with its wake-ups,
+/// and when to look for expired leases.
+pub(super) struct Claimer {
+    shared: Arc<SubShared>,
+    pub(super) conn: Option<store::Conn>,
+    reconnect: Reconnect,
+    idle: u32,
+    /// Expired leases can only appear `lease_ttl` after a claim, so the
+    /// claim looks for them (a scan of the leased index, which holds every
+    /// in-flight row) at most every quarter lease while rows keep coming,
+    /// and on every poll once the queue is idle.
+    expired_every: Duration,
+    last_expired_scan: Option<Instant>,
+}
+
+impl Claimer {
+    pub(super) fn new(shared: Arc<SubShared>) -> Self {
+        let expired_every = (shared.opts().get_lease_ttl() / 4).min(MAX_EXPIRED_SCAN_INTERVAL);
+        Self {
+            shared,
+            conn: None,
+            reconnect: Reconnect::default(),
+            idle: 0,
+            expired_every,
+            last_expired_scan: None,
+        }
+    }
+
+    /// Connects if needed (backing off after a failure).
+    pub(super) async fn ready(&mut self) -> Flow {
+        if self.shared.stop_fetch.is_cancelled() {
+            return Flow::Stop;
+        }
+        if self.conn.is_some() {
+            return Flow::Go;
+        }
+        match self.shared.broker.store_conn(&self.shared.fetch_opts).await {
+            Ok(c) => {
+                self.conn = Some(c);
+                Flow::Go
+            }
+            Err(e) => {
+                let wait = self.reconnect.failed();
+                if backs_off(&self.shared, wait, "cannot connect", &e, "retrying").await {
+                    Flow::Stop
+                } else {
+                    Flow::Again
+                }
+            }
+        }
+    }
+
+    /// Whether this claim looks for expired leases too.
+    pub(super) fn scan_expired(&mut self) -> bool {
+        let with_expired = self.idle > 0
+            || self
+                .last_expired_scan
+                .is_none_or(|t| t.elapsed() >= self.expired_every);
+        if with_expired {
+            self.last_expired_scan = Some(Instant::now());
+        }
+        with_expired
+    }
+
+    /// A claim returned rows (or a lot committed): the connection works and
+    /// the queue is busy.
+    pub(super) fn worked(&mut self) {
+        // A later incident starts its reconnect backoff from the minimum.
+        self.reconnect.worked();
+        self.idle = 0;
+    }
+
+    /// A claim came back empty: waits (until a wake-up, the earliest row
+    /// known to become due, or the next poll); `true` if stopping.
+    pub(super) async fn empty(&mut self) -> bool {
+        let shared = self.shared.clone();
+        self.reconnect.worked();
+        self.idle = (self.idle + 1).min(30);
+        // Wake up when the earliest future-dated row becomes due (a delayed
+        // publish, another relay's retry), not only at the next poll.
+        if let Some(conn) = self.conn.as_mut() {
+            match store::next_due(shared.broker.stmts(), conn, shared.sub.queues()).await {
+                Ok(Some(after)) => shared.due_in(after),
+                Ok(None) => {}
+                Err(e) if store::is_connection_error(&e) => {
+                    self.conn = None;
+                    let wait = self.reconnect.failed();
+                    return backs_off(&shared, wait, "lost its connection", &e, "reconnecting")
+                        .await;
+                }
+                Err(e) => tracing::warn!(
+                    subscriber = %shared.sub.name(),
+                    "outbox fetch loop cannot look up the next due row ({e}); polling instead"
+                ),
+            }
+        }
+        let opts = shared.opts();
+        let wait = backoff::compute(
+            self.idle,
+            opts.get_min_fetch_interval(),
+            opts.get_max_fetch_interval(),
+        );
+        shared.wait_idle(wait).await
+    }
+
+    /// A statement failed: drops the connection and backs off; `true` if
+    /// stopping.
+    pub(super) async fn failed(&mut self, e: sqlx::Error) -> bool {
+        let wait = if store::is_connection_error(&e) {
+            self.reconnect.failed()
+        } else {
+            // A refused statement (schema drift, permissions): slow down,
+            // but keep trying.
+            self.reconnect.failed().max(Duration::from_secs(1))
+        };
+        self.conn = None;
+        let e = with_schema_hint(e);
+        backs_off(&self.shared, wait, "error", &e, "reconnecting").await
     }
 }
 

@@ -24,6 +24,7 @@ mod fetch;
 pub(crate) mod gauges;
 pub(crate) mod handler;
 mod listen;
+mod lot;
 pub(crate) mod message;
 // What only an observer that drives the engine (the test harness) uses:
 // without one, nothing calls it.
@@ -50,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{EngineHandle, Observer, OutboxBroker, Step};
 use crate::engine::message::Delivery;
-use crate::engine::subscriber::{Subscriber, SubscriberOptions};
+use crate::engine::subscriber::{ClaimMode, Subscriber, SubscriberOptions};
 use crate::error::{Error, Result};
 use crate::store::conn as store;
 
@@ -166,6 +167,12 @@ pub(crate) struct SubShared {
     /// An ordered subscriber's key cursor: the walk over the keys of the
     /// next claim starts after it. `None` for an unordered subscriber.
     key_cursor: Option<std::sync::Mutex<String>>,
+    /// [`ClaimMode::Transaction`]: the `max_workers` handler slots the
+    /// subscriber's lots share.
+    pub(crate) slots: tokio::sync::Semaphore,
+    /// [`ClaimMode::Transaction`]: rows of lots that were never started
+    /// (the subscriber was stopping), released by their lot's commit.
+    pub(crate) released: AtomicUsize,
 }
 
 impl SubShared {
@@ -200,7 +207,27 @@ impl SubShared {
             rx: Mutex::new(rx),
             refill_at: (cap / 2).max(1),
             write_pool: worker::WritePool::new(workers),
+            slots: tokio::sync::Semaphore::new(workers),
+            released: AtomicUsize::new(0),
         }
+    }
+
+    /// A claim of up to `limit` rows of this subscriber's queues (a nil
+    /// token, unordered: the caller sets them).
+    pub(crate) fn claim_args(&self, limit: usize, with_expired: bool) -> store::ClaimArgs<'_> {
+        store::ClaimArgs {
+            queues: self.sub.queues(),
+            limit,
+            lease_ttl: self.opts().get_lease_ttl(),
+            token: uuid::Uuid::nil(),
+            with_expired,
+            ordered: None,
+        }
+    }
+
+    /// Whether this subscriber claims in lots ([`ClaimMode::Transaction`]).
+    pub(crate) fn in_lots(&self) -> bool {
+        self.opts().get_claim_mode() == ClaimMode::Transaction
     }
 
     pub(crate) fn opts(&self) -> &SubscriberOptions {
@@ -495,6 +522,26 @@ impl Engine {
                 });
                 continue;
             }
+            if shared.in_lots() {
+                // Each lot loop claims, handles and commits its own lots.
+                let lots = (0..sub.options().get_fetch_concurrency())
+                    .map(|_| tokio::spawn(lot::run(shared.clone())))
+                    .collect();
+                tracing::info!(
+                    subscriber = %sub.name(),
+                    queues = ?sub.queues(),
+                    workers = sub.options().get_max_workers(),
+                    lots = sub.options().get_fetch_concurrency(),
+                    "outbox subscriber started (claim mode: transaction)"
+                );
+                subs.push(SubRuntime {
+                    shared,
+                    fetch: lots,
+                    workers: Vec::new(),
+                    acker: None,
+                });
+                continue;
+            }
             let fetch = (0..sub.options().get_fetch_concurrency())
                 .map(|_| tokio::spawn(fetch::run(shared.clone())))
                 .collect();
@@ -671,10 +718,48 @@ impl Engine {
     }
 }
 
+/// Drains a subscriber of lots: each lot loop lets its lot's started
+/// handlers finish and commits (rows not started yet are released by that
+/// commit), then exits. A lot still open at the deadline is aborted: its
+/// connection closes and the server rolls it back, so its rows are
+/// claimable again at once.
+async fn drain_lots(
+    s: SubRuntime,
+    deadline: Instant,
+    broker: &OutboxBroker,
+) -> (usize, Option<String>) {
+    let name = s.shared.sub.name().to_owned();
+    let mut timed_out = false;
+    for mut lot in s.fetch {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(remaining, &mut lot).await.is_err() {
+            lot.abort();
+            let _ = lot.await;
+            timed_out = true;
+        }
+    }
+    s.shared.stop_workers.cancel();
+    if timed_out {
+        s.shared.metrics.drain_timeout();
+        tracing::warn!(
+            event = "drain_timeout",
+            subscriber = %name,
+            "outbox drain timed out after {:?}; the open lots were rolled back and their rows \
+             are claimable again",
+            broker.get_graceful_timeout()
+        );
+    }
+    let released = s.shared.released.load(SeqCst);
+    (released, timed_out.then_some(name))
+}
+
 /// Drains one subscriber; returns (rows released, name if timed out).
 async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize, Option<String>) {
     let name = s.shared.sub.name().to_owned();
     let remaining = || deadline.saturating_duration_since(Instant::now());
+    if s.shared.in_lots() {
+        return drain_lots(s, deadline, &broker).await;
+    }
     // 1. The fetch loop finishes an in-progress claim (its rows land in the
     //    buffer), then exits.
     for mut fetch in s.fetch {

@@ -101,6 +101,12 @@ async fn dispatch_round(
             Some(c) => c,
             None => shared.broker.store_conn(&shared.conn_opts).await?,
         };
+        if shared.in_lots() {
+            let ran = super::lot::dispatch_round(shared, &mut conn).await;
+            *slot = Some(conn);
+            total += ran?;
+            continue;
+        }
         let token = uuid::Uuid::new_v4();
         shared.claim_begins();
         let cursor = shared.key_cursor();

@@ -154,6 +154,43 @@ pub(crate) async fn deliver(
     *conn = w.writer.conn.take();
 }
 
+/// Writes the outcome of a lot's row that outlived `max_hold` and got a
+/// lease (guarded by its token, as a leased delivery's).
+pub(crate) async fn record_leased(shared: Arc<SubShared>, handled: Handled) {
+    let mut w = Worker {
+        writer: Writer::pooled(shared.clone()),
+        shared,
+        acks: None,
+    };
+    w.record(handled).await;
+}
+
+/// Gives back the lease of a lot's row that outlived `max_hold` without
+/// starting (the subscriber was stopping).
+pub(crate) async fn release_leased(shared: &SubShared, d: &Delivery) {
+    let release = async {
+        let mut conn = shared.broker.store_conn(&shared.conn_opts).await?;
+        store::release(
+            shared.broker.stmts(),
+            &mut conn,
+            vec![d.row.id],
+            vec![d.token],
+        )
+        .await
+    };
+    let step = match release.await {
+        Ok(_) => Step::Released,
+        Err(e) => {
+            tracing::warn!(
+                row_id = d.row.id,
+                "could not release an unstarted row ({e}); it is redelivered after its lease expires"
+            );
+            Step::Abandoned
+        }
+    };
+    shared.finished(d.row.id, step);
+}
+
 impl Worker {
     async fn run(&mut self) {
         let stop = self.shared.stop_workers.clone();
@@ -209,7 +246,18 @@ impl Worker {
                 .finished(delivery.row.id, Step::LeaseLost { phase: "buffered" });
             return;
         }
-        let (outcome, error, duration) = self.dispatch(&delivery).await;
+        let handled = Handled::run(&self.shared, delivery).await;
+        self.record(handled).await;
+    }
+
+    /// Writes the outcome of a leased delivery (guarded by its token).
+    pub(super) async fn record(&mut self, handled: Handled) {
+        let Handled {
+            delivery,
+            outcome,
+            error,
+            duration,
+        } = handled;
         let row = &delivery.row;
         let kind = crate::instrument::error_kind(error.as_ref());
         match outcome {
@@ -231,20 +279,12 @@ impl Worker {
                 self.shared
                     .finished(row.id, landed.step("retry", || Step::Retried { delay }));
                 if let Landed::Yes = landed {
-                    // Wake the fetch loop when the retry is due, not at its
-                    // next poll.
-                    self.shared.due_in(delay);
-                    self.shared.metrics.retried(&row.queue, kind, duration);
-                    tracing::warn!(
-                        queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
-                        attempt = row.attempts_count + 1,
-                        "outbox handler failed; retrying in {delay:.3?}: {}",
-                        error.as_deref().map(render_default).unwrap_or_else(|| "nacked".into())
-                    );
+                    self.shared
+                        .retried(row, delay, kind, duration, error.as_deref());
                 }
             }
             Outcome::Terminal { reason } => {
-                let text = error.as_deref().and_then(|e| self.render(e));
+                let text = error.as_deref().and_then(|e| self.shared.render(e));
                 if self.shared.broker.dlq().is_some() {
                     let w = Write::DeadLetter {
                         id: row.id,
@@ -261,27 +301,11 @@ impl Worker {
                         }),
                     );
                     if let Landed::Yes = landed {
-                        self.shared.metrics.terminal(
-                            &row.queue,
-                            reason.as_str(),
-                            kind,
-                            duration,
-                            true,
-                        );
-                        tracing::error!(
-                            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
-                            reason = reason.as_str(),
-                            "outbox row failed for good; moved to the dead-letter table: {}",
-                            text.as_deref().unwrap_or("-")
-                        );
+                        self.shared
+                            .dead_lettered(row, reason, kind, duration, text.as_deref());
                     }
                 } else {
-                    tracing::error!(
-                        queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
-                        reason = reason.as_str(),
-                        "outbox row failed for good; deleting it (no dead-letter table configured): {}",
-                        text.as_deref().unwrap_or("-")
-                    );
+                    self.shared.deleting_terminal(row, reason, text.as_deref());
                     let p = Pending {
                         delivery: delivery.clone(),
                         kind: PendingKind::Terminal(reason, kind),
@@ -292,16 +316,92 @@ impl Worker {
             }
         }
     }
+}
 
-    /// Runs the handler (unless `max_deliveries` is exceeded) inside the
-    /// per-delivery layers of [`deliver`](super::deliver), and decides the
-    /// outcome. Never panics: a panicking handler or strategy is an error.
-    async fn dispatch(
+/// What one delivery came to, before anything is written: its outcome, the
+/// handler's error, and how long the handler ran (`None`: it did not run).
+pub(crate) struct Handled {
+    pub(crate) delivery: Arc<Delivery>,
+    pub(crate) outcome: Outcome,
+    pub(crate) error: Option<BoxError>,
+    pub(crate) duration: Option<Duration>,
+}
+
+impl Handled {
+    /// Runs the handler for `delivery` (unless `max_deliveries` is
+    /// exceeded) and decides the outcome; writes nothing.
+    pub(crate) async fn run(shared: &SubShared, delivery: Arc<Delivery>) -> Self {
+        let (outcome, error, duration) = shared.dispatch(&delivery).await;
+        Self {
+            delivery,
+            outcome,
+            error,
+            duration,
+        }
+    }
+}
+
+/// What the handlers' outcomes mean once their writes landed: logs and
+/// metrics, the same for leased deliveries and lots.
+impl SubShared {
+    pub(super) fn retried(
+        &self,
+        row: &OutboxRow,
+        delay: Duration,
+        kind: &'static str,
+        duration: Option<Duration>,
+        error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
+    ) {
+        // Wake the fetch loop when the retry is due, not at its next poll.
+        self.due_in(delay);
+        self.metrics.retried(&row.queue, kind, duration);
+        tracing::warn!(
+            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+            attempt = row.attempts_count + 1,
+            "outbox handler failed; retrying in {delay:.3?}: {}",
+            error.map(render_default).unwrap_or_else(|| "nacked".into())
+        );
+    }
+
+    pub(super) fn dead_lettered(
+        &self,
+        row: &OutboxRow,
+        reason: FailureReason,
+        kind: &'static str,
+        duration: Option<Duration>,
+        text: Option<&str>,
+    ) {
+        self.metrics
+            .terminal(&row.queue, reason.as_str(), kind, duration, true);
+        tracing::error!(
+            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+            reason = reason.as_str(),
+            "outbox row failed for good; moved to the dead-letter table: {}",
+            text.unwrap_or("-")
+        );
+    }
+
+    /// A terminal row is about to be deleted (no dead-letter table).
+    pub(super) fn deleting_terminal(
+        &self,
+        row: &OutboxRow,
+        reason: FailureReason,
+        text: Option<&str>,
+    ) {
+        tracing::error!(
+            queue = %row.queue, row_id = row.id, correlation_id = %row.correlation_id(),
+            reason = reason.as_str(),
+            "outbox row failed for good; deleting it (no dead-letter table configured): {}",
+            text.unwrap_or("-")
+        );
+    }
+
+    pub(super) async fn dispatch(
         &self,
         delivery: &Arc<Delivery>,
     ) -> (Outcome, Option<BoxError>, Option<Duration>) {
         let row = &delivery.row;
-        let opts = self.shared.opts();
+        let opts = self.opts();
         if let Some(max) = opts.get_max_deliveries()
             && u64::try_from(row.deliveries_count).unwrap_or(0) > max
         {
@@ -320,7 +420,7 @@ impl Worker {
                 );
             }
         }
-        let ran = super::deliver::run(&self.shared, delivery).await;
+        let ran = super::deliver::run(self, delivery).await;
         let (outcome, error) = self.resolve(delivery, ran.result);
         (outcome, error, Some(ran.elapsed))
     }
@@ -331,7 +431,7 @@ impl Worker {
         result: Result<(), BoxError>,
     ) -> (Outcome, Option<BoxError>) {
         let row = &delivery.row;
-        let policy = self.shared.opts().get_ack_policy();
+        let policy = self.opts().get_ack_policy();
         let decision = match (delivery.decision(), &result, policy) {
             (Some(d), _, _) => d,
             (None, Ok(()), AckPolicy::Manual) => {
@@ -374,7 +474,7 @@ impl Worker {
         row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> bool {
-        if self.shared.opts().has_custom_retry() {
+        if self.opts().has_custom_retry() {
             return false;
         }
         let Some(e) = error else { return false };
@@ -397,7 +497,7 @@ impl Worker {
         row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,
     ) -> Outcome {
-        let opts = self.shared.opts();
+        let opts = self.opts();
         if opts.get_ordered()
             && row.ordering_key.is_some()
             && opts.get_poison_policy() == PoisonPolicy::DeadLetterAndContinue
@@ -412,14 +512,14 @@ impl Worker {
                 reason: FailureReason::RetryTerminal,
             };
         }
-        let now = self.shared.now();
+        let now = self.now();
         let ctx = RetryContext::new(
             u64::try_from(row.attempts_count).unwrap_or(0) + 1,
             row.first_attempt_at.unwrap_or(now),
             now,
             error,
         );
-        let strategy = self.shared.sub.retry();
+        let strategy = self.sub.retry();
         let terminal = Outcome::Terminal {
             reason: FailureReason::RetryTerminal,
         };
@@ -444,8 +544,11 @@ impl Worker {
         }
     }
 
-    fn render(&self, e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<String> {
-        let text = match self.shared.broker.renderer() {
+    pub(super) fn render(
+        &self,
+        e: &(dyn std::error::Error + Send + Sync + 'static),
+    ) -> Option<String> {
+        let text = match self.broker.renderer() {
             Some(r) => r(e)?,
             None => render_default(e),
         };

@@ -51,6 +51,185 @@ pub(crate) trait LocalStore: Send + Sync + fmt::Debug {
     fn execute(&self, write: &Write) -> Written;
     /// Gives back the leases of unstarted rows.
     fn release(&self, ids: &[i64], tokens: &[Uuid]) -> u64;
+    /// A lot's claim: the claim's rows, locked by `lot` (no lease written).
+    fn claim_locked(&self, args: &ClaimArgs<'_>, lot: u64) -> Vec<OutboxRow>;
+    /// Ends `lot`: with `Some(writes)` they are applied (commit), with
+    /// `None` nothing is (rollback); either way its locks are gone.
+    fn end_lot(&self, lot: u64, writes: Option<&LotWrites>);
+}
+
+/// What a lot's transaction writes before it commits (see
+/// [`ClaimMode::Transaction`](crate::ClaimMode::Transaction)); its rows are
+/// locked by the lot, so no write needs a token.
+#[derive(Debug, Default)]
+pub(crate) struct LotWrites {
+    /// Acks, and terminal failures without a dead-letter table.
+    pub(crate) delete: Vec<i64>,
+    /// Retries and their delays.
+    pub(crate) retry: Vec<(i64, Duration)>,
+    /// Dead-letter moves: id, reason, last exception.
+    pub(crate) dead_letter: Vec<(i64, &'static str, Option<String>)>,
+    /// Rows still running at `max_hold`: leased with `token`, to finish as
+    /// leased rows after the commit.
+    pub(crate) lease: Vec<i64>,
+    /// The lease token of [`lease`](Self::lease).
+    pub(crate) token: Uuid,
+}
+
+/// Lot ids of in-process stores (PostgreSQL needs none: a lot is the
+/// transaction of its connection).
+static NEXT_LOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Starts a lot on `conn`: opens a transaction and claims rows into it,
+/// locked, without a lease. On an error the transaction is rolled back when
+/// the connection still works. Returns the lot's id and rows (none: the
+/// transaction is already over).
+pub(crate) async fn lot_claim(
+    stmts: &Statements,
+    conn: &mut Conn,
+    args: &ClaimArgs<'_>,
+) -> Result<(u64, Vec<OutboxRow>), sqlx::Error> {
+    let lot = NEXT_LOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let rows = match conn {
+        Conn::Local(store) => store.claim_locked(args, lot),
+        Conn::Pg(pg) => {
+            sqlx::raw_sql("BEGIN").execute(&mut *pg).await?;
+            match lot_claim_pg(stmts, pg, args).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    if !is_connection_error(&e) {
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if rows.is_empty() {
+        lot_end(stmts, conn, lot, None).await?;
+    }
+    Ok((lot, rows))
+}
+
+async fn lot_claim_pg(
+    stmts: &Statements,
+    conn: &mut PgConnection,
+    args: &ClaimArgs<'_>,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
+    let ttl = args.lease_ttl.as_secs_f64();
+    let sql = stmts.claim_locked(args.with_expired, args.ordered.is_some());
+    let mut out = if let Some(cursor) = args.ordered {
+        let mut out: Vec<OutboxRow> = Vec::new();
+        for queue in args.queues {
+            let room = limit - i64::try_from(out.len()).unwrap_or(i64::MAX);
+            if room <= 0 {
+                break;
+            }
+            let rows = sql::q_as::<OutboxRow>(sql)
+                .bind(queue)
+                .bind(room)
+                .bind(ttl)
+                .bind(args.token)
+                .bind(cursor)
+                .fetch_all(&mut *conn)
+                .await?;
+            out.extend(rows);
+        }
+        out
+    } else {
+        sql::q_as::<OutboxRow>(sql)
+            .bind(args.queues)
+            .bind(limit)
+            .bind(ttl)
+            .bind(args.token)
+            .fetch_all(&mut *conn)
+            .await?
+    };
+    out.sort_by_key(|r| (r.next_attempt_at, r.id));
+    Ok(out)
+}
+
+/// Ends a lot: with `Some(writes)`, writes them and commits; with `None`,
+/// rolls back. A failed write rolls everything back (when the connection
+/// still works; a broken one is rolled back by the server).
+pub(crate) async fn lot_end(
+    stmts: &Statements,
+    conn: &mut Conn,
+    lot: u64,
+    writes: Option<&LotWrites>,
+) -> Result<(), sqlx::Error> {
+    let pg = match conn {
+        Conn::Local(store) => {
+            if let Some(w) = writes
+                && !w.dead_letter.is_empty()
+                && stmts.lot.dead_letter.is_none()
+            {
+                store.end_lot(lot, None);
+                return Err(no_dead_letter_table());
+            }
+            store.end_lot(lot, writes);
+            return Ok(());
+        }
+        Conn::Pg(pg) => pg,
+    };
+    let Some(writes) = writes else {
+        return sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await.map(drop);
+    };
+    match lot_write_pg(stmts, pg, writes).await {
+        Ok(()) => sqlx::raw_sql("COMMIT").execute(&mut *pg).await.map(drop),
+        Err(e) => {
+            if !is_connection_error(&e) {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn lot_write_pg(
+    stmts: &Statements,
+    pg: &mut PgConnection,
+    w: &LotWrites,
+) -> Result<(), sqlx::Error> {
+    let lot = &stmts.lot;
+    if !w.delete.is_empty() {
+        sql::q(&lot.delete)
+            .bind(&w.delete)
+            .execute(&mut *pg)
+            .await?;
+    }
+    if !w.retry.is_empty() {
+        let ids: Vec<i64> = w.retry.iter().map(|(id, _)| *id).collect();
+        let delays: Vec<f64> = w.retry.iter().map(|(_, d)| d.as_secs_f64()).collect();
+        sql::q(&lot.retry)
+            .bind(ids)
+            .bind(delays)
+            .execute(&mut *pg)
+            .await?;
+    }
+    if !w.dead_letter.is_empty() {
+        let Some(dl) = &lot.dead_letter else {
+            return Err(no_dead_letter_table());
+        };
+        let ids: Vec<i64> = w.dead_letter.iter().map(|(id, _, _)| *id).collect();
+        let reasons: Vec<&str> = w.dead_letter.iter().map(|(_, r, _)| *r).collect();
+        let texts: Vec<Option<&str>> = w.dead_letter.iter().map(|(_, _, t)| t.as_deref()).collect();
+        sql::q(dl)
+            .bind(ids)
+            .bind(reasons)
+            .bind(texts)
+            .execute(&mut *pg)
+            .await?;
+    }
+    if !w.lease.is_empty() {
+        sql::q(&lot.lease)
+            .bind(&w.lease)
+            .bind(w.token)
+            .execute(&mut *pg)
+            .await?;
+    }
+    Ok(())
 }
 
 /// What one claim asks for.

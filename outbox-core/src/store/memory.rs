@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::clock::{TestClock, interval_secs, micros};
-use super::conn::{ClaimArgs, Write, Written};
+use super::conn::{ClaimArgs, LotWrites, Write, Written};
 use super::dead_letter::DeadLetter;
 use super::producer::{BatchInsert, Insert, Schedule, TimerConflict};
 use super::row::OutboxRow;
@@ -73,6 +73,9 @@ struct State {
     last_dlq_id: i64,
     rows: BTreeMap<i64, OutboxRow>,
     dead: Vec<DeadLetter>,
+    /// Rows locked by an open lot (row id -> lot id): what `FOR UPDATE`
+    /// holds in a lot's transaction on PostgreSQL. Claims skip them.
+    locks: std::collections::HashMap<i64, u64>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -360,6 +363,7 @@ impl MemoryStore {
             let mut ready: Vec<(DateTime<Utc>, i64)> = s
                 .rows
                 .values()
+                .filter(|r| !s.locks.contains_key(&r.id))
                 .filter(|r| Self::eligible(r, queues, now, expired_before))
                 .map(|r| (r.next_attempt_at, r.id))
                 .collect();
@@ -376,7 +380,8 @@ impl MemoryStore {
             {
                 continue;
             }
-            if !Self::eligible(r, queues, now, expired_before) {
+            // A locked head is skipped, its key's later rows wait.
+            if s.locks.contains_key(&r.id) || !Self::eligible(r, queues, now, expired_before) {
                 continue;
             }
             let at = (r.next_attempt_at, r.id);
@@ -475,25 +480,98 @@ impl MemoryStore {
                 let Some(r) = s.rows.remove(id) else {
                     return Written::Rows(0);
                 };
-                s.last_dlq_id += 1;
-                let dead = DeadLetter {
-                    id: s.last_dlq_id,
-                    original_id: r.id,
-                    queue: r.queue,
-                    payload: r.payload,
-                    headers: r.headers,
-                    deliveries_count: r.deliveries_count,
-                    created_at: r.created_at,
-                    failed_at: now,
-                    failure_reason: (*reason).to_owned(),
-                    last_exception: last_exception.clone(),
-                    timer_id: r.timer_id,
-                    ordering_key: r.ordering_key,
-                };
-                s.dead.push(dead);
+                Self::bury(&mut s, r, reason, last_exception.clone(), now);
                 Written::Rows(1)
             }
         }
+    }
+
+    /// A lot's claim: what [`claim`](Self::claim) would take, locked by
+    /// `lot` instead of leased (nothing on the rows changes).
+    pub(crate) fn claim_locked(&self, args: &ClaimArgs<'_>, lot: u64) -> Vec<OutboxRow> {
+        let now = self.now();
+        let expired_before = args
+            .with_expired
+            .then(|| now - interval_secs(args.lease_ttl.as_secs_f64()));
+        let mut s = self.lock();
+        let ready = Self::claimable(&s, args, now, expired_before);
+        let rows: Vec<OutboxRow> = ready
+            .into_iter()
+            .take(args.limit)
+            .filter_map(|(_, id)| s.rows.get(&id).cloned())
+            .collect();
+        for r in &rows {
+            s.locks.insert(r.id, lot);
+        }
+        rows
+    }
+
+    /// Ends a lot: applies `writes` (its commit) or nothing (rollback), and
+    /// drops its locks. The writes touch only rows the lot locked.
+    pub(crate) fn end_lot(&self, lot: u64, writes: Option<&LotWrites>) {
+        let now = self.now();
+        let mut s = self.lock();
+        let mine: std::collections::HashSet<i64> = s
+            .locks
+            .iter()
+            .filter(|(_, l)| **l == lot)
+            .map(|(id, _)| *id)
+            .collect();
+        s.locks.retain(|_, l| *l != lot);
+        let Some(w) = writes else { return };
+        for id in w.delete.iter().filter(|id| mine.contains(id)) {
+            s.rows.remove(id);
+        }
+        for (id, delay) in w.retry.iter().filter(|(id, _)| mine.contains(id)) {
+            if let Some(r) = s.rows.get_mut(id) {
+                r.attempts_count += 1;
+                r.deliveries_count += 1;
+                r.next_attempt_at = now + interval_secs(delay.as_secs_f64());
+                r.first_attempt_at = Some(r.first_attempt_at.unwrap_or(now));
+                r.last_attempt_at = Some(now);
+                r.acquired_at = None;
+                r.acquired_token = None;
+            }
+        }
+        for (id, reason, text) in w.dead_letter.iter().filter(|(id, ..)| mine.contains(id)) {
+            if let Some(mut r) = s.rows.remove(id) {
+                r.deliveries_count += 1;
+                Self::bury(&mut s, r, reason, text.clone(), now);
+            }
+        }
+        for id in w.lease.iter().filter(|id| mine.contains(id)) {
+            if let Some(r) = s.rows.get_mut(id) {
+                r.deliveries_count += 1;
+                r.acquired_at = Some(now);
+                r.acquired_token = Some(w.token);
+            }
+        }
+    }
+
+    /// Appends `r` to the dead letters.
+    fn bury(
+        s: &mut State,
+        r: OutboxRow,
+        reason: &str,
+        last_exception: Option<String>,
+        now: DateTime<Utc>,
+    ) {
+        s.last_dlq_id += 1;
+        let dead = DeadLetter {
+            id: s.last_dlq_id,
+            original_id: r.id,
+            queue: r.queue,
+            payload: r.payload,
+            headers: r.headers,
+            deliveries_count: r.deliveries_count,
+            created_at: r.created_at,
+            failed_at: now,
+            failure_reason: reason.to_owned(),
+            last_exception,
+            timer_id: r.timer_id,
+            ordering_key: r.ordering_key,
+        };
+        s.dead.push(dead);
     }
 
     /// Releases the leases of `(id, token)` pairs and gives their claims back.
@@ -580,5 +658,13 @@ impl super::conn::LocalStore for MemoryStore {
 
     fn release(&self, ids: &[i64], tokens: &[Uuid]) -> u64 {
         MemoryStore::release(self, ids, tokens)
+    }
+
+    fn claim_locked(&self, args: &ClaimArgs<'_>, lot: u64) -> Vec<OutboxRow> {
+        MemoryStore::claim_locked(self, args, lot)
+    }
+
+    fn end_lot(&self, lot: u64, writes: Option<&LotWrites>) {
+        MemoryStore::end_lot(self, lot, writes);
     }
 }

@@ -68,6 +68,13 @@ pub(crate) struct Statements {
     /// The ordered claims of one queue, without and with the expired-lease
     /// branch (see [`claim_ordered_sql`]).
     claim_ordered: [Sql; 2],
+    /// [`ClaimMode::Transaction`](crate::ClaimMode::Transaction): the same
+    /// claims, locking the rows without a lease write (see [`Lot`]);
+    /// indexed by `with_expired`.
+    claim_locked: [Sql; 2],
+    claim_ordered_locked: [Sql; 2],
+    /// What a lot's transaction writes before it commits (see [`Lot`]).
+    pub(crate) lot: Lot,
     pub(crate) ack: Sql,
     pub(crate) ack_batch: Sql,
     pub(crate) retry: Sql,
@@ -137,9 +144,18 @@ impl Statements {
             insert_keyed,
             insert_batch_keyed,
             claim_ordered: [
-                claim_ordered_sql(&t, false, g).into(),
-                claim_ordered_sql(&t, true, g).into(),
+                claim_ordered_sql(&t, false, g, Hold::Lease).into(),
+                claim_ordered_sql(&t, true, g, Hold::Lease).into(),
             ],
+            claim_locked: [
+                claim_sql(&t, false, g, Hold::Transaction).into(),
+                claim_sql(&t, true, g, Hold::Transaction).into(),
+            ],
+            claim_ordered_locked: [
+                claim_ordered_sql(&t, false, g, Hold::Transaction).into(),
+                claim_ordered_sql(&t, true, g, Hold::Transaction).into(),
+            ],
+            lot: Lot::new(&t, dlq, g),
             cancel_timer: format!(
                 "DELETE FROM {t} WHERE queue = $1 AND timer_id = $2 AND acquired_token IS NULL"
             )
@@ -150,8 +166,8 @@ impl Statements {
                 "SELECT {ROW_COLUMNS} FROM {t} o WHERE o.queue = $1 ORDER BY o.id LIMIT $2"
             )
             .into(),
-            claim: claim_sql(&t, true, g).into(),
-            claim_pending: claim_sql(&t, false, g).into(),
+            claim: claim_sql(&t, true, g, Hold::Lease).into(),
+            claim_pending: claim_sql(&t, false, g, Hold::Lease).into(),
             // Token guards use IS NOT DISTINCT FROM (the bound token is never
             // NULL, so it means `=`): a strict `=` implies `acquired_token IS
             // NOT NULL`, which lets the planner pick `<t>_leased_idx` and scan
@@ -233,6 +249,114 @@ impl Statements {
     /// The ordered claim of one queue (see [`claim_ordered_sql`]).
     pub(crate) fn claim_ordered(&self, with_expired: bool) -> &Sql {
         &self.claim_ordered[usize::from(with_expired)]
+    }
+
+    /// The claim of a lot (rows locked, no lease), ordered or not.
+    pub(crate) fn claim_locked(&self, with_expired: bool, ordered: bool) -> &Sql {
+        let all = if ordered {
+            &self.claim_ordered_locked
+        } else {
+            &self.claim_locked
+        };
+        &all[usize::from(with_expired)]
+    }
+}
+
+/// The statements of a lot: a claim's transaction in
+/// [`ClaimMode::Transaction`](crate::ClaimMode::Transaction). Its rows are
+/// locked by the claim (`FOR UPDATE SKIP LOCKED`), so the writes need no
+/// token guard; each takes every row of one kind at once, and the
+/// transaction commits after them. `deliveries_count` rises with the
+/// outcome (the claim wrote nothing).
+#[derive(Debug)]
+pub(crate) struct Lot {
+    /// Acks (and terminal failures without a dead-letter table): `$1` ids.
+    pub(crate) delete: Sql,
+    /// Retries: `$1` ids, `$2` delays in seconds (`float8[]`).
+    pub(crate) retry: Sql,
+    /// Rows whose handlers outlive `max_hold`: a lease (`$2` token) so they
+    /// finish as leased rows after the commit. `$1` ids.
+    pub(crate) lease: Sql,
+    /// Dead-letter moves: `$1` ids, `$2` reasons, `$3` last exceptions.
+    pub(crate) dead_letter: Option<Sql>,
+}
+
+impl Lot {
+    fn new(t: &str, dlq: Option<&DlqTable>, g: &str) -> Self {
+        Self {
+            delete: format!("DELETE FROM {t} WHERE id = ANY($1::int8[]){g}").into(),
+            retry: format!(
+                "UPDATE {t} o SET attempts_count = o.attempts_count + 1, \
+                 deliveries_count = o.deliveries_count + 1, \
+                 next_attempt_at = now() + make_interval(secs => w.delay), \
+                 first_attempt_at = COALESCE(o.first_attempt_at, now()), last_attempt_at = now(), \
+                 acquired_at = NULL, acquired_token = NULL \
+                 FROM unnest($1::int8[], $2::float8[]) AS w(id, delay) WHERE o.id = w.id{g}"
+            )
+            .into(),
+            lease: format!(
+                "UPDATE {t} SET deliveries_count = deliveries_count + 1, acquired_at = now(), \
+                 acquired_token = $2 WHERE id = ANY($1::int8[]){g}"
+            )
+            .into(),
+            dead_letter: dlq.map(|d| {
+                format!(
+                    "WITH deleted AS (DELETE FROM {t} o USING unnest($1::int8[], $2::text[], $3::text[]) \
+                     AS w(id, reason, exc) WHERE o.id = w.id{g} \
+                     RETURNING o.id, o.queue, o.payload, o.headers, o.deliveries_count, o.created_at, \
+                     o.timer_id, o.ordering_key, w.reason, w.exc) \
+                     INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
+                     created_at, timer_id, ordering_key, failure_reason, last_exception) \
+                     SELECT id, queue, payload, headers, deliveries_count + 1, created_at, timer_id, \
+                     ordering_key, reason, exc FROM deleted",
+                    d = d.qualified_name()
+                )
+                .into()
+            }),
+        }
+    }
+}
+
+/// What a claim leaves on its rows: a lease it writes (and commits), or
+/// the row locks of the transaction it runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Lease,
+    Transaction,
+}
+
+impl Hold {
+    /// What the claim's branches select from a candidate `c`: the id and
+    /// the sort key to lease, or the whole row to return as it is locked.
+    fn picked(self) -> String {
+        match self {
+            Hold::Lease => "c.id, c.next_attempt_at".to_owned(),
+            Hold::Transaction => ROW_COLUMNS.replace("o.", "c."),
+        }
+    }
+
+    /// `ready`, the claim's rows in `(next_attempt_at, id)` order up to the
+    /// limit, from `branches` (each selecting [`picked`](Self::picked)).
+    fn ready(self, branches: &str) -> String {
+        let cols = match self {
+            Hold::Lease => "r.id",
+            Hold::Transaction => "r.*",
+        };
+        format!(
+            "ready AS (SELECT {cols} FROM ({branches}) r ORDER BY r.next_attempt_at, r.id LIMIT $2)"
+        )
+    }
+
+    /// The statement's end: the lease write, or the locked rows themselves.
+    fn finish(self, t: &str, g: &str) -> String {
+        match self {
+            Hold::Lease => format!(
+                "UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
+                 WHERE o.id IN (SELECT id FROM ready){g} \
+                 RETURNING {ROW_COLUMNS}"
+            ),
+            Hold::Transaction => "SELECT * FROM ready".to_owned(),
+        }
     }
 }
 
@@ -379,21 +503,22 @@ fn insert_batch_sql(t: &str, schedule: ScheduleKind, notify: bool, lock: Option<
 /// `(next_attempt_at, id)` order. Parameters: `$1` queues (`varchar[]`),
 /// `$2` limit, `$3` lease TTL in seconds, `$4` the fresh lease token.
 /// Without `with_expired`, only the pending branch (`$3` is then unused).
-fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
+/// `hold`: the claim writes a lease, or (a lot's claim) returns the rows it
+/// locked and writes nothing (`$4` is then unused).
+fn claim_sql(t: &str, with_expired: bool, g: &str, hold: Hold) -> String {
+    let picked = hold.picked();
+    // Each LATERAL branch is limited per queue: with several queues the
+    // overall limit is applied in `ready` too (the buffer has room for `$2`
+    // rows only).
     let ready = if with_expired {
-        "ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM pending \
-           UNION ALL SELECT id, next_attempt_at FROM expired) r \
-           ORDER BY r.next_attempt_at, r.id LIMIT $2)"
+        hold.ready("SELECT * FROM pending UNION ALL SELECT * FROM expired")
     } else {
-        // Each LATERAL branch is limited per queue: with several queues the
-        // overall limit must be applied here too (the buffer has room for
-        // `$2` rows only).
-        "ready AS (SELECT id FROM pending ORDER BY next_attempt_at, id LIMIT $2)"
+        hold.ready("SELECT * FROM pending")
     };
     let expired = if with_expired {
         format!(
-            "expired AS (SELECT e.id, e.next_attempt_at FROM queues CROSS JOIN LATERAL (\
-               SELECT c.id, c.next_attempt_at FROM {t} c \
+            "expired AS (SELECT e.* FROM queues CROSS JOIN LATERAL (\
+               SELECT {picked} FROM {t} c \
                WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
                AND c.acquired_at < now() - make_interval(secs => $3) \
                ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) e), "
@@ -403,14 +528,12 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
     };
     format!(
         "WITH queues AS (SELECT DISTINCT unnest($1::varchar[]) AS name), \
-         pending AS (SELECT p.id, p.next_attempt_at FROM queues CROSS JOIN LATERAL (\
-           SELECT c.id, c.next_attempt_at FROM {t} c \
+         pending AS (SELECT p.* FROM queues CROSS JOIN LATERAL (\
+           SELECT {picked} FROM {t} c \
            WHERE c.queue = queues.name AND c.next_attempt_at <= now() AND c.acquired_token IS NULL \
            ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED) p), \
-         {expired}{ready} \
-         UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
-         WHERE o.id IN (SELECT id FROM ready){g} \
-         RETURNING {ROW_COLUMNS}"
+         {expired}{ready} {finish}",
+        finish = hold.finish(t, g)
     )
 }
 
@@ -436,7 +559,9 @@ fn claim_sql(t: &str, with_expired: bool, g: &str) -> String {
 ///   would mean walking past every blocked keyed row of the queue.
 /// - **Expired leases**, with `with_expired`: only heads are ever leased, so
 ///   a reclaim keeps the order.
-fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
+fn claim_ordered_sql(t: &str, with_expired: bool, g: &str, hold: Hold) -> String {
+    let picked = hold.picked();
+    let lock_picked = picked.replace("c.", "o.");
     let next = |after: &str| {
         format!(
             "(SELECT c.ordering_key COLLATE \"C\" FROM {t} c \
@@ -452,12 +577,12 @@ fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
     let (expired, expired_union) = if with_expired {
         (
             format!(
-                "expired AS (SELECT c.id, c.next_attempt_at FROM {t} c \
+                "expired AS (SELECT {picked} FROM {t} c \
                  WHERE c.queue = $1 AND c.next_attempt_at <= now() AND c.acquired_token IS NOT NULL \
                  AND c.acquired_at < now() - make_interval(secs => $3) \
                  ORDER BY c.next_attempt_at, c.id LIMIT $2 FOR UPDATE SKIP LOCKED), "
             ),
-            " UNION ALL SELECT id, next_attempt_at FROM expired",
+            " UNION ALL SELECT * FROM expired",
         )
     } else {
         (String::new(), "")
@@ -474,19 +599,17 @@ fn claim_ordered_sql(t: &str, with_expired: bool, g: &str) -> String {
              ORDER BY h.ordering_key COLLATE \"C\", h.id LIMIT 1) hh \
            WHERE ks.k IS NOT NULL AND hh.acquired_token IS NULL AND hh.next_attempt_at <= now() \
            LIMIT $2), \
-         keyed AS (SELECT o.id, o.next_attempt_at FROM {t} o \
+         keyed AS (SELECT {lock_picked} FROM {t} o \
            WHERE o.id IN (SELECT heads.id FROM heads) AND o.acquired_token IS NULL \
            AND o.next_attempt_at <= now() FOR UPDATE SKIP LOCKED), \
-         keyless AS (SELECT c.id, c.next_attempt_at FROM {t} c \
+         keyless AS (SELECT {picked} FROM {t} c \
            WHERE c.queue = $1 AND c.ordering_key IS NULL AND c.acquired_token IS NULL \
            AND c.next_attempt_at <= now() ORDER BY c.id LIMIT $2 FOR UPDATE SKIP LOCKED), \
-         {expired}\
-         ready AS (SELECT r.id FROM (SELECT id, next_attempt_at FROM keyed \
-           UNION ALL SELECT id, next_attempt_at FROM keyless{expired_union}) r \
-           ORDER BY r.next_attempt_at, r.id LIMIT $2) \
-         UPDATE {t} o SET deliveries_count = o.deliveries_count + 1, acquired_at = now(), acquired_token = $4 \
-         WHERE o.id IN (SELECT id FROM ready){g} \
-         RETURNING {ROW_COLUMNS}",
+         {expired}{ready} {finish}",
+        ready = hold.ready(&format!(
+            "SELECT * FROM keyed UNION ALL SELECT * FROM keyless{expired_union}"
+        )),
+        finish = hold.finish(t, g),
         from_cursor = next("$5::text COLLATE \"C\""),
         after_fwd = next("fwd.k"),
         after_wrap = next("wrap.k"),

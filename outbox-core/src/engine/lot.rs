@@ -1,0 +1,341 @@
+//! [`ClaimMode::Transaction`](crate::ClaimMode::Transaction): lots.
+//!
+//! A lot is one claim's transaction. Its loop (`fetch_concurrency` of them
+//! per subscriber, each on its own connection) opens a transaction, claims
+//! up to `fetch_batch_size` rows locked `FOR UPDATE SKIP LOCKED` without
+//! writing a lease, runs all their handlers concurrently (each takes one of
+//! the subscriber's `max_workers` slots), and writes every outcome (one
+//! statement per kind: deletes, retries, dead-letter moves) in the same
+//! transaction before committing. Nothing is written before the commit, so
+//! a crash, a killed backend or a lost connection rolls the lot back and its
+//! rows are claimable again at once.
+//!
+//! The transaction stays open at most `max_hold`: then the rows whose
+//! handlers still run get a lease in it, it commits with the outcomes known
+//! so far, and those rows finish as leased rows (their outcomes are written
+//! under the lease token, as in [`ClaimMode::Lease`](crate::ClaimMode::Lease)).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use super::SubShared;
+use super::fetch::{Claimer, Flow};
+use super::message::{Delivery, Outcome};
+use super::worker::{self, Handled};
+use crate::broker::Step;
+use crate::error::Result;
+use crate::store::OutboxRow;
+use crate::store::conn::{self as store, Conn, LotWrites};
+
+/// What one handler task of a lot gave.
+enum Done {
+    Handled(Handled),
+    /// Never started: the subscriber is stopping.
+    Unstarted(Arc<Delivery>),
+}
+
+/// One lot loop: claims, handles and commits lots until the subscriber
+/// stops claiming.
+pub(crate) async fn run(shared: Arc<SubShared>) {
+    let mut c = Claimer::new(shared.clone());
+    let limit = shared.opts().get_fetch_batch_size();
+    loop {
+        match c.ready().await {
+            Flow::Go => {}
+            Flow::Again => continue,
+            Flow::Stop => return,
+        }
+        let with_expired = c.scan_expired();
+        let Some(conn) = c.conn.as_mut() else {
+            continue;
+        };
+        let claimed = claim(&shared, conn, limit, with_expired).await;
+        match claimed {
+            Ok((_, rows)) if rows.is_empty() => {
+                if c.empty().await {
+                    return;
+                }
+            }
+            Ok((lot, rows)) => {
+                if rows.len() >= limit {
+                    // More may be waiting: another lot loop claims now,
+                    // while this one's handlers run.
+                    shared.wake.notify_one();
+                }
+                tracing::debug!(subscriber = %shared.sub.name(), count = rows.len(), "claimed a lot");
+                match handle_lot(&shared, conn, lot, rows).await {
+                    Ok(()) => c.worked(),
+                    Err(e) => {
+                        if c.failed(e).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if c.failed(e).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Opens a lot on `conn` and claims its rows (none: the transaction is
+/// already over), reporting the claim.
+async fn claim(
+    shared: &SubShared,
+    conn: &mut Conn,
+    limit: usize,
+    with_expired: bool,
+) -> std::result::Result<(u64, Vec<OutboxRow>), sqlx::Error> {
+    shared.claim_begins();
+    let cursor = shared.key_cursor();
+    let args = store::ClaimArgs {
+        ordered: cursor.as_deref(),
+        ..shared.claim_args(limit, with_expired)
+    };
+    let claimed = store::lot_claim(shared.broker.stmts(), conn, &args).await;
+    match claimed {
+        Ok((lot, mut rows)) => {
+            counted(&mut rows);
+            shared.claim_ends(&rows);
+            shared.metrics.fetched(rows.len());
+            Ok((lot, rows))
+        }
+        Err(e) => {
+            shared.claim_ends(&[]);
+            Err(e)
+        }
+    }
+}
+
+/// One round of synchronous dispatch for a lot subscriber: one lot on
+/// `conn`, its handlers run one after the other in the caller's task.
+/// Returns how many deliveries ran.
+pub(crate) async fn dispatch_round(shared: &Arc<SubShared>, conn: &mut Conn) -> Result<usize> {
+    let limit = shared.opts().get_fetch_batch_size();
+    let (lot, rows) = claim(shared, conn, limit, true).await?;
+    let n = rows.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let token = Uuid::new_v4();
+    let mut done = Vec::with_capacity(n);
+    for row in rows {
+        let d = Arc::new(Delivery::new(row, token));
+        done.push(Handled::run(shared, d).await);
+    }
+    settle(shared, conn, lot, done, Vec::new(), Vec::new(), token).await?;
+    Ok(n)
+}
+
+/// The claim did not count this delivery (a lot writes `deliveries_count`
+/// with the outcome): the handler sees the count including it, as a leased
+/// row's handler does.
+pub(super) fn counted(rows: &mut [OutboxRow]) {
+    for r in rows {
+        r.deliveries_count += 1;
+    }
+}
+
+/// Runs a claimed lot's handlers and ends its transaction. An error means
+/// the lot could not commit (it was rolled back) and the connection is
+/// suspect.
+async fn handle_lot(
+    shared: &Arc<SubShared>,
+    conn: &mut Conn,
+    lot: u64,
+    rows: Vec<OutboxRow>,
+) -> std::result::Result<(), sqlx::Error> {
+    let token = Uuid::new_v4();
+    let deadline = tokio::time::Instant::now() + shared.opts().get_max_hold();
+    let mut tasks = JoinSet::new();
+    let mut ids = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id = row.id;
+        let delivery = Arc::new(Delivery::new(row, token));
+        let sh = shared.clone();
+        let task = tasks.spawn(async move {
+            // One of the subscriber's `max_workers` slots.
+            let Ok(_slot) = sh.slots.acquire().await else {
+                return Done::Unstarted(delivery); // never closed
+            };
+            if sh.stop_fetch.is_cancelled() {
+                return Done::Unstarted(delivery);
+            }
+            Done::Handled(Handled::run(&sh, delivery).await)
+        });
+        ids.insert(task.id(), id);
+    }
+    let mut done = Vec::with_capacity(ids.len());
+    let mut unstarted = Vec::new();
+    let overdue = loop {
+        tokio::select! {
+            joined = tasks.join_next_with_id() => match joined {
+                None => break false,
+                Some(Ok((task, out))) => {
+                    ids.remove(&task);
+                    match out {
+                        Done::Handled(h) => done.push(h),
+                        Done::Unstarted(d) => unstarted.push(d),
+                    }
+                }
+                Some(Err(e)) => {
+                    // Not the handler (its panics are caught): the task
+                    // itself failed. The row stays in the lot unwritten, so
+                    // the commit releases it and it is delivered again.
+                    if let Some(id) = ids.remove(&e.id()) {
+                        tracing::error!(row_id = id, "outbox lot task failed: {e}; the row is delivered again");
+                        shared.finished(id, Step::Abandoned);
+                    }
+                }
+            },
+            () = tokio::time::sleep_until(deadline) => break true,
+        }
+    };
+    let leased: Vec<i64> = if overdue {
+        ids.values().copied().collect()
+    } else {
+        Vec::new()
+    };
+    if !leased.is_empty() {
+        tracing::warn!(
+            subscriber = %shared.sub.name(),
+            rows = leased.len(),
+            "outbox lot reached max_hold={:?} with handlers still running: their rows get a \
+             lease (lease_ttl={:?}) and finish under it; the transaction commits now",
+            shared.opts().get_max_hold(),
+            shared.opts().get_lease_ttl(),
+        );
+    }
+    let result = settle(shared, conn, lot, done, unstarted, leased.clone(), token).await;
+    if leased.is_empty() {
+        return result;
+    }
+    if result.is_err() {
+        // Rolled back: the rows are claimable again without a lease, so
+        // their late outcomes must not be written. Stop the handlers.
+        tasks.abort_all();
+        for id in leased {
+            shared.finished(id, Step::Abandoned);
+        }
+        return result;
+    }
+    // The rest finish under their lease, like a leased row.
+    let sh = shared.clone();
+    tokio::spawn(async move {
+        let mut tasks = tasks;
+        while let Some(joined) = tasks.join_next_with_id().await {
+            match joined {
+                Ok((_, Done::Handled(h))) => worker::record_leased(sh.clone(), h).await,
+                Ok((_, Done::Unstarted(d))) => worker::release_leased(&sh, &d).await,
+                Err(e) => {
+                    if let Some(id) = ids.remove(&e.id()) {
+                        tracing::error!(
+                            row_id = id,
+                            "outbox lot task failed: {e}; the row is delivered again after its lease"
+                        );
+                        sh.finished(id, Step::Abandoned);
+                    }
+                }
+            }
+        }
+    });
+    result
+}
+
+/// Writes a lot's outcomes and commits (or, with nothing to write, ends the
+/// transaction), then reports each row: its step, metrics and logs.
+async fn settle(
+    shared: &SubShared,
+    conn: &mut Conn,
+    lot: u64,
+    done: Vec<Handled>,
+    unstarted: Vec<Arc<Delivery>>,
+    leased: Vec<i64>,
+    token: Uuid,
+) -> std::result::Result<(), sqlx::Error> {
+    let dlq = shared.broker.dlq().is_some();
+    let mut writes = LotWrites {
+        lease: leased,
+        token,
+        ..LotWrites::default()
+    };
+    // The rendered error of each terminal row (its dead letter's text).
+    let mut texts: Vec<Option<String>> = Vec::with_capacity(done.len());
+    for h in &done {
+        let id = h.delivery.row.id;
+        let text = match h.outcome {
+            Outcome::Terminal { .. } => h.error.as_deref().and_then(|e| shared.render(e)),
+            _ => None,
+        };
+        match h.outcome {
+            Outcome::Ack => writes.delete.push(id),
+            Outcome::Retry { delay } => writes.retry.push((id, delay)),
+            Outcome::Terminal { reason } if dlq => {
+                writes.dead_letter.push((id, reason.as_str(), text.clone()));
+            }
+            Outcome::Terminal { .. } => writes.delete.push(id),
+        }
+        texts.push(text);
+    }
+    let ended = store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes)).await;
+    if let Err(e) = &ended {
+        tracing::error!(
+            subscriber = %shared.sub.name(),
+            "outbox lot could not commit ({e}); it was rolled back: its {} rows are claimable \
+             again (those already handled are delivered again)",
+            done.len() + unstarted.len() + writes.lease.len()
+        );
+        for h in &done {
+            shared.metrics.abandoned(&h.delivery.row.queue);
+            shared.finished(h.delivery.row.id, Step::Abandoned);
+        }
+        for d in &unstarted {
+            shared.finished(d.row.id, Step::Released);
+        }
+        return ended;
+    }
+    for (h, text) in done.into_iter().zip(texts) {
+        let row = &h.delivery.row;
+        let kind = crate::instrument::error_kind(h.error.as_ref());
+        let step = match h.outcome {
+            Outcome::Ack => {
+                shared.metrics.acked(&row.queue, h.duration);
+                Step::Acked
+            }
+            Outcome::Retry { delay } => {
+                shared.retried(row, delay, kind, h.duration, h.error.as_deref());
+                Step::Retried { delay }
+            }
+            Outcome::Terminal { reason } if dlq => {
+                shared.dead_lettered(row, reason, kind, h.duration, text.as_deref());
+                Step::DeadLettered {
+                    reason,
+                    last_exception: text,
+                }
+            }
+            Outcome::Terminal { reason } => {
+                shared.deleting_terminal(row, reason, text.as_deref());
+                shared
+                    .metrics
+                    .terminal(&row.queue, reason.as_str(), kind, h.duration, false);
+                Step::Deleted { reason }
+            }
+        };
+        shared.finished(row.id, step);
+    }
+    if !unstarted.is_empty() {
+        shared.released.fetch_add(unstarted.len(), SeqCst);
+        tracing::info!(subscriber = %shared.sub.name(), released = unstarted.len(), "released unstarted rows");
+    }
+    for d in &unstarted {
+        shared.finished(d.row.id, Step::Released);
+    }
+    Ok(())
+}
