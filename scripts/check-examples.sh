@@ -61,4 +61,7 @@ expect redis_relay \
   'rolled back order 99' \
   'body=1 headers: correlation_id=order-1-[0-9a-f]+ content-type=application/json outbox-id=[0-9]+ message_id=[0-9]+' \
   'relayed 3 of 3 orders to orders.redis' '^0 rows left in the outbox'
+# The tutorial (docs/tutorial/): its code blocks against examples/tutorial/,
+# its Cargo.toml as a crate of its own, its programs run.
+bash "$REPO/scripts/check-tutorial.sh"
 log "examples OK"
