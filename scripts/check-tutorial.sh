@@ -2,7 +2,7 @@
 # Checks the tutorial (docs/tutorial/*.md) against code that CI builds and runs
 # (called by scripts/check-examples.sh, hence by scripts/test.sh):
 #
-#   bash scripts/check-tutorial.sh [--static]
+#   bash scripts/check-tutorial.sh [--static | --write]
 #
 # 1. Every ```rust block of docs/tutorial/*.md is a copy of a file, or of a
 #    region of one, under examples/tutorial/: the line right before the block
@@ -20,7 +20,8 @@
 #    and examples/tutorial/app.rs as src/main.rs; `cargo test` runs its tests
 #    (in memory: no services needed). So the dependencies and features the
 #    install page lists are the ones the tutorial's code needs.
-# (--static: only 1 and 2.)
+# (--static: only 1 and 2. --write: copy every included source region into
+# its block of the markdown first, after changing examples/tutorial/, then 1 and 2.)
 # 4. The three programs run against PostgreSQL (a fresh database
 #    `outbox_tutorial` on the server of DATABASE_URL) and the Kafka broker at
 #    KAFKA_BOOTSTRAP, each until it printed what the tutorial shows, then
@@ -34,21 +35,23 @@ cd "$REPO"
 need cargo python3 timeout
 
 static_only=0
+write=0
 case "${1:-}" in
   --static) static_only=1 ;;
+  --write) static_only=1 write=1 ;;
   "") ;;
-  *) die "usage: $0 [--static]" ;;
+  *) die "usage: $0 [--static | --write]" ;;
 esac
 
 # --- 1 and 2: the markdown against its sources ----------------------------------
 log "docs/tutorial: code blocks against examples/tutorial/"
-python3 - "$REPO" <<'EOF' || die "docs/tutorial does not match examples/tutorial (see above)"
+python3 - "$REPO" "$write" <<'EOF' || die "docs/tutorial does not match examples/tutorial (see above; --write copies the sources in)"
 import difflib
 import re
 import sys
 from pathlib import Path
 
-repo = Path(sys.argv[1])
+repo, write = Path(sys.argv[1]), sys.argv[2] == "1"
 pages = sorted((repo / "docs" / "tutorial").glob("*.md"))
 if not pages:
     sys.exit("no docs/tutorial/*.md")
@@ -97,6 +100,12 @@ for page in pages:
                 except (OSError, ValueError) as e:
                     errors.append(f"{rel}:{i}: {e}")
                 else:
+                    if body != want and write:
+                        lines[i + 1 : end] = [indent + l if l else l for l in want]
+                        page.write_text("\n".join(lines) + "\n")
+                        print(f"{rel}:{i + 1}: rewritten from {m.group(0)}", file=sys.stderr)
+                        blocks -= 1  # checked again on the next pass over the same fence
+                        continue
                     if body != want:
                         diff = "\n".join(difflib.unified_diff(want, body, m.group(0), str(rel), lineterm=""))
                         errors.append(f"{rel}:{i + 1}: differs from {m.group(1)}#{m.group(2)}:\n{diff}")
