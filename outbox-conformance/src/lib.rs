@@ -279,12 +279,16 @@ struct RelayOptions {
     lease_ttl: Duration,
     retry: bool,
     handler_delay: Duration,
+    /// `fetch_batch_size`: small, so that a relay's progress (rows leaving
+    /// the outbox as each claim's transaction commits) shows mid-stream.
+    batch: usize,
 }
 
 const RELAY: RelayOptions = RelayOptions {
     lease_ttl: Duration::from_secs(60),
     retry: true,
     handler_delay: Duration::ZERO,
+    batch: 10,
 };
 
 fn relay_app<P: BusProbe>(
@@ -298,6 +302,7 @@ fn relay_app<P: BusProbe>(
     let name = broker.transport_name().to_owned();
     let mut b = Route::builder([queue])
         .max_workers(4)
+        .fetch_batch_size(o.batch)
         .lease_ttl(o.lease_ttl)
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(200))

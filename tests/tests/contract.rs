@@ -31,8 +31,8 @@ use outbox_core::testing::{
     MemoryStore, OutgoingExt, StoreOps, TestApp, TestAppBuilder, TestClock,
 };
 use outbox_core::{
-    AckPolicy, BoxError, FailureReason, MemoryTransport, Message, OutboxBroker, PublishOptions,
-    Response, Route, TimerConflict,
+    AckPolicy, BoxError, ClaimMode, FailureReason, MemoryTransport, Message, OutboxBroker,
+    PublishOptions, Response, Route, RouteBuilder, TimerConflict,
 };
 use tests::TestDb;
 use uuid::Uuid;
@@ -58,20 +58,32 @@ trait Backend {
     fn app(&self) -> TestAppBuilder;
     /// The same, without a dead-letter table.
     fn app_without_dead_letters(&self) -> TestAppBuilder;
+    /// How the engine scenarios' subscribers claim.
+    fn claim(&self) -> ClaimMode;
+    /// A route on `queues` in this run's claim mode.
+    fn route<const N: usize>(&self, queues: [&str; N]) -> RouteBuilder {
+        Route::builder(queues).claim_mode(self.claim())
+    }
 }
 
 struct Memory {
     clock: TestClock,
     store: Arc<MemoryStore>,
     ops: StoreOps,
+    claim: ClaimMode,
 }
 
 impl Memory {
-    fn new() -> anyhow::Result<Self> {
+    fn new(claim: ClaimMode) -> anyhow::Result<Self> {
         let clock = TestClock::frozen();
         let store = Arc::new(MemoryStore::with_clock(clock.clone()));
         let ops = StoreOps::memory(store.clone())?;
-        Ok(Self { clock, store, ops })
+        Ok(Self {
+            clock,
+            store,
+            ops,
+            claim,
+        })
     }
 }
 
@@ -97,18 +109,22 @@ impl Backend for Memory {
     fn app_without_dead_letters(&self) -> TestAppBuilder {
         self.app().without_dead_letter_table()
     }
+    fn claim(&self) -> ClaimMode {
+        self.claim
+    }
 }
 
 struct Postgres {
     db: TestDb,
     ops: StoreOps,
+    claim: ClaimMode,
 }
 
 impl Postgres {
-    async fn new() -> anyhow::Result<Self> {
+    async fn new(claim: ClaimMode) -> anyhow::Result<Self> {
         let db = TestDb::new().await?;
         let ops = StoreOps::postgres(db.broker.clone());
-        Ok(Self { db, ops })
+        Ok(Self { db, ops, claim })
     }
 }
 
@@ -158,26 +174,61 @@ impl Backend for Postgres {
                 self.db.table.clone(),
             ))
     }
+    fn claim(&self) -> ClaimMode {
+        self.claim
+    }
 }
 
-/// Each scenario becomes `scenario::memory` and `scenario::postgres`.
+/// Each scenario becomes `scenario::memory` and `scenario::postgres`
+/// (engine scenarios in [`ClaimMode::Lease`]).
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
+                use outbox_core::ClaimMode::Lease;
                 #[tokio::test]
                 async fn memory() -> super::R {
-                    super::$name(&super::Memory::new()?).await
+                    super::$name(&super::Memory::new(Lease)?).await
                 }
                 #[tokio::test]
                 async fn postgres() -> super::R {
-                    super::$name(&super::Postgres::new().await?).await
+                    super::$name(&super::Postgres::new(Lease).await?).await
                 }
             }
         )*
     };
 }
 
+/// An engine scenario whose result is the same in both claim modes: it
+/// also runs as `scenario::memory_lots` and `scenario::postgres_lots`, its
+/// subscribers in [`ClaimMode::Transaction`].
+macro_rules! both_modes {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use outbox_core::ClaimMode::{Lease, Transaction};
+                #[tokio::test]
+                async fn memory() -> super::R {
+                    super::$name(&super::Memory::new(Lease)?).await
+                }
+                #[tokio::test]
+                async fn postgres() -> super::R {
+                    super::$name(&super::Postgres::new(Lease).await?).await
+                }
+                #[tokio::test]
+                async fn memory_lots() -> super::R {
+                    super::$name(&super::Memory::new(Transaction)?).await
+                }
+                #[tokio::test]
+                async fn postgres_lots() -> super::R {
+                    super::$name(&super::Postgres::new(Transaction).await?).await
+                }
+            }
+        )*
+    };
+}
+
+// Storage scenarios, and engine scenarios particular to leases.
 contract!(
     publish_then_claim_leases_the_row,
     claims_follow_next_attempt_then_id_within_the_limit,
@@ -197,6 +248,22 @@ contract!(
     invalid_arguments_fail_the_same_way,
     unprocessed_reads_by_id_including_future_rows,
     timestamps_are_kept_to_the_microsecond,
+    keys_are_stored_and_batches_keep_their_order,
+    ordered_claims_take_only_the_head_of_each_key,
+    ordered_claims_walk_the_keys_from_the_cursor,
+    a_retrying_head_keeps_its_key_back,
+    an_expired_head_is_reclaimed_before_its_successor,
+    dead_letters_keep_the_key,
+    app_loop_mode_lease_loss_is_a_no_op_write,
+    lot_claims_lock_rows_without_writing_a_lease,
+    a_rolled_back_lot_leaves_its_rows_as_they_were,
+    lot_dead_letters_count_the_delivery,
+    ordered_lots_skip_locked_heads,
+    lot_leases_hand_overdue_rows_to_the_lease_writes,
+);
+
+// Engine scenarios that hold in both claim modes.
+both_modes!(
     app_acks_and_relays,
     app_retries_on_schedule_then_dead_letters,
     app_max_deliveries_stops_without_running_the_handler,
@@ -206,13 +273,6 @@ contract!(
     app_batch_publish_delivers_every_row,
     app_without_dead_letter_table_deletes_terminal_rows,
     app_loop_mode_drains_and_retries,
-    app_loop_mode_lease_loss_is_a_no_op_write,
-    keys_are_stored_and_batches_keep_their_order,
-    ordered_claims_take_only_the_head_of_each_key,
-    ordered_claims_walk_the_keys_from_the_cursor,
-    a_retrying_head_keeps_its_key_back,
-    an_expired_head_is_reclaimed_before_its_successor,
-    dead_letters_keep_the_key,
     app_ordered_block_policy_waits_for_the_head,
     app_ordered_dead_letter_and_continue_moves_on,
     app_relays_the_row_key_as_the_message_key,
@@ -859,8 +919,8 @@ async fn timestamps_are_kept_to_the_microsecond<B: Backend>(b: &B) -> R {
 // ---------------------------------------------------------------------------
 // The engine on top of it (TestApp)
 
-fn seed_route() -> Route {
-    Route::builder(["orders"])
+fn seed_route<B: Backend>(b: &B) -> Route {
+    b.route(["orders"])
         .publish_to("kafka", "orders.kafka")
         .handler(|msg: Message, _| async move {
             let order_id: i64 = msg.decode()?;
@@ -886,7 +946,7 @@ async fn app_acks_and_relays<B: Backend>(b: &B) -> R {
     let kafka = MemoryTransport::new("kafka");
     let app = b
         .app()
-        .subscriber(seed_route())
+        .subscriber(seed_route(b))
         .transport(kafka.clone())
         .start()
         .await?;
@@ -921,7 +981,8 @@ async fn app_acks_and_relays<B: Backend>(b: &B) -> R {
 
 async fn app_retries_on_schedule_then_dead_letters<B: Backend>(b: &B) -> R {
     let calls = Arc::new(AtomicUsize::new(0));
-    let route = Route::builder(["q"])
+    let route = b
+        .route(["q"])
         .retry(ConstantRetry::new(Duration::from_secs(10)).max_attempts(3))
         .handler(always_failing(calls.clone()));
     let app = b.app().subscriber(route).start().await?;
@@ -960,7 +1021,8 @@ async fn app_retries_on_schedule_then_dead_letters<B: Backend>(b: &B) -> R {
 
 async fn app_max_deliveries_stops_without_running_the_handler<B: Backend>(b: &B) -> R {
     let calls = Arc::new(AtomicUsize::new(0));
-    let route = Route::builder(["q"])
+    let route = b
+        .route(["q"])
         .retry(ConstantRetry::new(Duration::from_secs(1)))
         .max_deliveries(2)
         .handler(always_failing(calls.clone()));
@@ -992,7 +1054,8 @@ async fn app_max_deliveries_stops_without_running_the_handler<B: Backend>(b: &B)
 
 async fn app_transport_failures_are_retried<B: Backend>(b: &B) -> R {
     let kafka = MemoryTransport::new("kafka");
-    let route = Route::builder(["orders"])
+    let route = b
+        .route(["orders"])
         .retry(ConstantRetry::new(Duration::from_secs(5)))
         .publish_to("kafka", "orders.kafka")
         .handler(|msg: Message, _| async move {
@@ -1029,12 +1092,14 @@ async fn app_transport_failures_are_retried<B: Backend>(b: &B) -> R {
 }
 
 async fn app_rejects_are_dead_lettered<B: Backend>(b: &B) -> R {
-    let manual = Route::builder(["manual"])
-        .ack_policy(AckPolicy::Manual)
-        .handler(|msg: Message, _| async move {
-            msg.reject();
-        });
-    let strict = Route::builder(["strict"])
+    let manual =
+        b.route(["manual"])
+            .ack_policy(AckPolicy::Manual)
+            .handler(|msg: Message, _| async move {
+                msg.reject();
+            });
+    let strict = b
+        .route(["strict"])
         .ack_policy(AckPolicy::RejectOnError)
         .handler(|_msg: Message, _| async move { Err::<(), BoxError>("invalid order".into()) });
     let app = b
@@ -1061,7 +1126,7 @@ async fn app_rejects_are_dead_lettered<B: Backend>(b: &B) -> R {
 }
 
 async fn app_timers_fire_when_due_and_cancel<B: Backend>(b: &B) -> R {
-    let route = Route::builder(["reminders"]).handler(|_m: Message, _| async {});
+    let route = b.route(["reminders"]).handler(|_m: Message, _| async {});
     let app = b.app().subscriber(route).start().await?;
     let ext = |secs: u64| {
         opts()
@@ -1096,7 +1161,8 @@ async fn app_timers_fire_when_due_and_cancel<B: Backend>(b: &B) -> R {
 }
 
 async fn app_batch_publish_delivers_every_row<B: Backend>(b: &B) -> R {
-    let route = Route::builder(["q"])
+    let route = b
+        .route(["q"])
         .fetch_batch_size(2)
         .handler(|_m: Message, _| async {});
     let app = b.app().subscriber(route).start().await?;
@@ -1108,7 +1174,8 @@ async fn app_batch_publish_delivers_every_row<B: Backend>(b: &B) -> R {
 }
 
 async fn app_without_dead_letter_table_deletes_terminal_rows<B: Backend>(b: &B) -> R {
-    let route = Route::builder(["q"])
+    let route = b
+        .route(["q"])
         .ack_policy(AckPolicy::RejectOnError)
         .handler(|_m: Message, _| async { Err::<(), BoxError>("no".into()) });
     let app = b
@@ -1126,7 +1193,8 @@ async fn app_without_dead_letter_table_deletes_terminal_rows<B: Backend>(b: &B) 
 
 async fn app_loop_mode_drains_and_retries<B: Backend>(b: &B) -> R {
     let kafka = MemoryTransport::new("kafka");
-    let route = Route::builder(["orders"])
+    let route = b
+        .route(["orders"])
         .max_workers(4)
         .retry(ConstantRetry::new(Duration::from_secs(30)))
         .min_fetch_interval(Duration::from_millis(20))
@@ -1168,7 +1236,8 @@ async fn app_loop_mode_drains_and_retries<B: Backend>(b: &B) -> R {
 async fn app_loop_mode_lease_loss_is_a_no_op_write<B: Backend>(b: &B) -> R {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
-    let route = Route::builder(["q"])
+    let route = b
+        .route(["q"])
         .max_workers(2)
         .lease_ttl(Duration::from_secs(30))
         .min_fetch_interval(Duration::from_millis(20))
@@ -1207,6 +1276,150 @@ async fn app_loop_mode_lease_loss_is_a_no_op_write<B: Backend>(b: &B) -> R {
     );
     assert!(app.rows().await?.is_empty());
     app.stop().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Lots: the claims of ClaimMode::Transaction
+
+async fn lot_claims_lock_rows_without_writing_a_lease<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a = publish(b, "1", "q", &opts()).await?;
+    let c = publish(b, "2", "q", &opts()).await?;
+    let e = publish(b, "3", "q", &opts()).await?;
+    let before = ops.rows().await?;
+    let lot = ops.claim_lot(&["q"], 2, None).await?;
+    assert_eq!(lot.ids(), [a, c]);
+    assert_eq!(ops.rows().await?, before, "a lot's claim writes nothing");
+    assert!(
+        lot.rows
+            .iter()
+            .all(|r| r.acquired_token.is_none() && r.deliveries_count == 0)
+    );
+    // Its rows are locked: other claims skip them.
+    assert_eq!(ops.claim(&["q"], 10, TTL).await?.ids(), [e]);
+    assert!(ops.claim_lot(&["q"], 10, None).await?.rows.is_empty());
+    // (No `advance` while a lot is open: on PostgreSQL it would wait for
+    // the lot's row locks.)
+    lot.ack(a).retry(c, Duration::from_secs(5)).commit().await?;
+    assert!(
+        !ops.rows().await?.iter().any(|r| r.id == a),
+        "acked: deleted"
+    );
+    let r = row(b, c).await?;
+    assert_eq!((r.attempts_count, r.deliveries_count), (1, 1));
+    assert_eq!(
+        r.next_attempt_at - r.last_attempt_at.unwrap(),
+        TimeDelta::seconds(5)
+    );
+    assert!(r.acquired_token.is_none());
+    b.advance(Duration::from_secs(5)).await?;
+    let again = ops.claim_lot(&["q"], 10, None).await?;
+    assert_eq!(again.ids(), [c], "unlocked and due after the commit");
+    again.rollback().await?;
+    Ok(())
+}
+
+async fn a_rolled_back_lot_leaves_its_rows_as_they_were<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a = publish(b, "1", "q", &opts()).await?;
+    let before = ops.rows().await?;
+    let lot = ops.claim_lot(&["q"], 10, None).await?;
+    lot.ack(a).rollback().await?;
+    assert_eq!(ops.rows().await?, before);
+    // Dropped without an end (a crashed relay): the same.
+    let lot = ops.claim_lot(&["q"], 10, None).await?;
+    assert_eq!(lot.ids(), [a], "claimable again at once");
+    drop(lot);
+    assert!(
+        tests::wait_until(Duration::from_secs(5), || async {
+            ops.claim_lot(&["q"], 10, None)
+                .await
+                .is_ok_and(|l| l.ids() == [a])
+        })
+        .await,
+        "a dropped lot's rows are claimable again"
+    );
+    assert_eq!(ops.rows().await?, before);
+    Ok(())
+}
+
+async fn lot_dead_letters_count_the_delivery<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a = publish(b, "1", "q", &opts().key("k")).await?;
+    let lot = ops.claim_lot(&["q"], 10, None).await?;
+    lot.dead_letter(a, FailureReason::Rejected, Some("bad"))
+        .commit()
+        .await?;
+    assert!(ops.rows().await?.is_empty());
+    let dead = ops.dead_letters().await?;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(
+        (
+            d.original_id,
+            d.failure_reason.as_str(),
+            d.last_exception.as_deref()
+        ),
+        (a, "rejected", Some("bad"))
+    );
+    assert_eq!(
+        (d.deliveries_count, d.ordering_key.as_deref()),
+        (1, Some("k"))
+    );
+    // Without a dead-letter table the move is refused, and nothing is lost.
+    let bare = b.ops_without_dead_letters();
+    bare.publish(&2_i64, "q", &opts()).await?;
+    let c = bare.rows().await?[0].id;
+    let lot = bare.claim_lot(&["q"], 10, None).await?;
+    assert!(
+        lot.dead_letter(c, FailureReason::Rejected, None)
+            .commit()
+            .await
+            .is_err()
+    );
+    assert_eq!(bare.rows().await?.len(), 1);
+    Ok(())
+}
+
+async fn ordered_lots_skip_locked_heads<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a1 = publish(b, "a1", "q", &keyed("a")).await?;
+    let a2 = publish(b, "a2", "q", &keyed("a")).await?;
+    let b1 = publish(b, "b1", "q", &keyed("b")).await?;
+    let first = ops.claim_lot(&["q"], 10, Some("")).await?;
+    assert_eq!(first.ids(), [a1, b1], "the heads");
+    let second = ops.claim_lot(&["q"], 10, Some("")).await?;
+    assert!(
+        second.rows.is_empty(),
+        "locked heads keep their keys back: {:?}",
+        second.ids()
+    );
+    first.ack(a1).commit().await?;
+    let third = ops.claim_lot(&["q"], 10, Some("")).await?;
+    assert_eq!(third.ids(), [a2, b1], "a's next row is its head now");
+    third.rollback().await?;
+    Ok(())
+}
+
+async fn lot_leases_hand_overdue_rows_to_the_lease_writes<B: Backend>(b: &B) -> R {
+    let ops = b.ops();
+    let a = publish(b, "1", "q", &opts()).await?;
+    let token = Uuid::new_v4();
+    ops.claim_lot(&["q"], 10, None)
+        .await?
+        .lease(a, token)
+        .commit()
+        .await?;
+    let r = row(b, a).await?;
+    assert_eq!((r.acquired_token, r.deliveries_count), (Some(token), 1));
+    assert!(
+        ops.claim_lot(&["q"], 10, None).await?.rows.is_empty(),
+        "leased"
+    );
+    assert!(!ops.ack(a, Uuid::new_v4()).await?);
+    assert!(ops.ack(a, token).await?);
+    assert!(ops.rows().await?.is_empty());
     Ok(())
 }
 
@@ -1385,11 +1598,12 @@ async fn dead_letters_keep_the_key<B: Backend>(b: &B) -> R {
 
 /// An ordered route on `q` whose handler fails every attempt of `poison`
 /// and records the bodies it handled successfully.
-fn ordered_route(
+fn ordered_route<B: Backend>(
+    b: &B,
     policy: outbox_core::PoisonPolicy,
     handled: Arc<std::sync::Mutex<Vec<String>>>,
 ) -> Route {
-    Route::builder(["q"])
+    b.route(["q"])
         .ordered(true)
         .poison_policy(policy)
         .max_workers(4)
@@ -1412,6 +1626,7 @@ async fn app_ordered_block_policy_waits_for_the_head<B: Backend>(b: &B) -> R {
     let app = b
         .app()
         .subscriber(ordered_route(
+            b,
             outbox_core::PoisonPolicy::Block,
             handled.clone(),
         ))
@@ -1458,6 +1673,7 @@ async fn app_ordered_dead_letter_and_continue_moves_on<B: Backend>(b: &B) -> R {
     let app = b
         .app()
         .subscriber(ordered_route(
+            b,
             outbox_core::PoisonPolicy::DeadLetterAndContinue,
             handled.clone(),
         ))
@@ -1478,14 +1694,15 @@ async fn app_ordered_dead_letter_and_continue_moves_on<B: Backend>(b: &B) -> R {
 
 async fn app_relays_the_row_key_as_the_message_key<B: Backend>(b: &B) -> R {
     let kafka = MemoryTransport::new("kafka");
-    let explicit = Route::builder(["explicit"])
+    let explicit = b
+        .route(["explicit"])
         .publish_to("kafka", "explicit.kafka")
         .handler(|msg: Message, _| async move {
             Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?).key("mine"))
         });
     let app = b
         .app()
-        .subscriber(seed_route())
+        .subscriber(seed_route(b))
         .subscriber(explicit)
         .transport(kafka.clone())
         .start()

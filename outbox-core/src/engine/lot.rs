@@ -15,11 +15,13 @@
 //! so far, and those rows finish as leased rows (their outcomes are written
 //! under the lease token, as in [`ClaimMode::Lease`](crate::ClaimMode::Lease)).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 
-use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::SubShared;
@@ -154,52 +156,49 @@ async fn handle_lot(
 ) -> std::result::Result<(), sqlx::Error> {
     let token = Uuid::new_v4();
     let deadline = tokio::time::Instant::now() + shared.opts().get_max_hold();
-    let mut tasks = JoinSet::new();
-    let mut ids = HashMap::with_capacity(rows.len());
-    for row in rows {
-        let id = row.id;
-        let delivery = Arc::new(Delivery::new(row, token));
-        let sh = shared.clone();
-        let task = tasks.spawn(async move {
-            // One of the subscriber's `max_workers` slots.
-            let Ok(_slot) = sh.slots.acquire().await else {
-                return Done::Unstarted(delivery); // never closed
-            };
-            if sh.stop_fetch.is_cancelled() {
-                return Done::Unstarted(delivery);
+    let mut pending: HashSet<i64> = rows.iter().map(|r| r.id).collect();
+    // The handlers run as futures of this task, started in claim order (a
+    // relay's publishes are queued on the bus client in that order), each
+    // after taking one of the subscriber's `max_workers` slots (a fair
+    // semaphore: in order too).
+    let mut running: FuturesUnordered<_> = rows
+        .into_iter()
+        .map(|row| {
+            let delivery = Arc::new(Delivery::new(row, token));
+            let sh = shared.clone();
+            async move {
+                let Ok(_slot) = sh.slots.acquire().await else {
+                    return Done::Unstarted(delivery); // never closed
+                };
+                if sh.stop_fetch.is_cancelled() {
+                    return Done::Unstarted(delivery);
+                }
+                Done::Handled(Handled::run(&sh, delivery).await)
             }
-            Done::Handled(Handled::run(&sh, delivery).await)
-        });
-        ids.insert(task.id(), id);
-    }
-    let mut done = Vec::with_capacity(ids.len());
+        })
+        .collect();
+    let mut done = Vec::with_capacity(pending.len());
     let mut unstarted = Vec::new();
+    let sleep = tokio::time::sleep_until(deadline);
+    tokio::pin!(sleep);
     let overdue = loop {
         tokio::select! {
-            joined = tasks.join_next_with_id() => match joined {
+            next = running.next() => match next {
                 None => break false,
-                Some(Ok((task, out))) => {
-                    ids.remove(&task);
-                    match out {
-                        Done::Handled(h) => done.push(h),
-                        Done::Unstarted(d) => unstarted.push(d),
-                    }
+                Some(Done::Handled(h)) => {
+                    pending.remove(&h.delivery.row.id);
+                    done.push(h);
                 }
-                Some(Err(e)) => {
-                    // Not the handler (its panics are caught): the task
-                    // itself failed. The row stays in the lot unwritten, so
-                    // the commit releases it and it is delivered again.
-                    if let Some(id) = ids.remove(&e.id()) {
-                        tracing::error!(row_id = id, "outbox lot task failed: {e}; the row is delivered again");
-                        shared.finished(id, Step::Abandoned);
-                    }
+                Some(Done::Unstarted(d)) => {
+                    pending.remove(&d.row.id);
+                    unstarted.push(d);
                 }
             },
-            () = tokio::time::sleep_until(deadline) => break true,
+            () = &mut sleep => break true,
         }
     };
     let leased: Vec<i64> = if overdue {
-        ids.values().copied().collect()
+        pending.into_iter().collect()
     } else {
         Vec::new()
     };
@@ -220,29 +219,19 @@ async fn handle_lot(
     if result.is_err() {
         // Rolled back: the rows are claimable again without a lease, so
         // their late outcomes must not be written. Stop the handlers.
-        tasks.abort_all();
+        drop(running);
         for id in leased {
             shared.finished(id, Step::Abandoned);
         }
         return result;
     }
-    // The rest finish under their lease, like a leased row.
+    // The rest finish under their lease, like leased rows.
     let sh = shared.clone();
     tokio::spawn(async move {
-        let mut tasks = tasks;
-        while let Some(joined) = tasks.join_next_with_id().await {
-            match joined {
-                Ok((_, Done::Handled(h))) => worker::record_leased(sh.clone(), h).await,
-                Ok((_, Done::Unstarted(d))) => worker::release_leased(&sh, &d).await,
-                Err(e) => {
-                    if let Some(id) = ids.remove(&e.id()) {
-                        tracing::error!(
-                            row_id = id,
-                            "outbox lot task failed: {e}; the row is delivered again after its lease"
-                        );
-                        sh.finished(id, Step::Abandoned);
-                    }
-                }
+        while let Some(next) = running.next().await {
+            match next {
+                Done::Handled(h) => worker::record_leased(sh.clone(), h).await,
+                Done::Unstarted(d) => worker::release_leased(&sh, &d).await,
             }
         }
     });

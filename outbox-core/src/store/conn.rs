@@ -260,6 +260,17 @@ pub(crate) enum Conn {
     Local(Arc<dyn LocalStore>),
 }
 
+impl Conn {
+    /// Forgets an open lot without writing (what closing a PostgreSQL
+    /// connection does to its transaction); a no-op on PostgreSQL, where
+    /// the connection's drop closes it.
+    pub(crate) fn abandon_lot(&self, lot: u64) {
+        if let Conn::Local(store) = self {
+            store.end_lot(lot, None);
+        }
+    }
+}
+
 /// A write after the claim. Every variant filters on `id AND acquired_token`.
 #[derive(Debug)]
 pub(crate) enum Write {

@@ -87,7 +87,7 @@ pub use app::{DEFAULT_SETTLE_TIMEOUT, TestApp, TestAppBuilder};
 pub use ext::OutgoingExt;
 pub(crate) use harness::Harness;
 pub use harness::{Call, History, Step};
-pub use ops::{Claim, StoreOps};
+pub use ops::{Claim, Lot, StoreOps};
 
 pub use crate::store::clock::TestClock;
 pub use crate::store::memory::MemoryStore;

@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::ops::{DeadLetter, DlqFilter};
 use crate::publish::PublishOptions;
 use crate::store::OutboxRow;
-use crate::store::conn::{self as store, Conn, Write, Written};
+use crate::store::conn::{self as store, Conn, LotWrites, Write, Written};
 use crate::store::memory::MemoryStore;
 
 /// What a claim returned: the lease token and the claimed rows, in
@@ -50,6 +50,97 @@ impl Claim {
     /// ```
     pub fn pairs(&self) -> Vec<(i64, Uuid)> {
         self.rows.iter().map(|r| (r.id, self.token)).collect()
+    }
+}
+
+/// An open lot of [`StoreOps::claim_lot`]: its rows stay locked until
+/// [`commit`](Self::commit) writes the recorded outcomes, or
+/// [`rollback`](Self::rollback) (or a drop) gives them back unchanged.
+#[derive(Debug)]
+pub struct Lot {
+    broker: OutboxBroker,
+    conn: Option<Conn>,
+    id: u64,
+    ended: bool,
+    /// The claimed rows, in `(next_attempt_at, id)` order, as stored (the
+    /// claim wrote nothing on them).
+    pub rows: Vec<OutboxRow>,
+    writes: LotWrites,
+}
+
+impl Lot {
+    /// The ids of the claimed rows, in claim order.
+    pub fn ids(&self) -> Vec<i64> {
+        self.rows.iter().map(|r| r.id).collect()
+    }
+
+    /// Deletes `id` at the commit.
+    pub fn ack(mut self, id: i64) -> Self {
+        self.writes.delete.push(id);
+        self
+    }
+
+    /// Reschedules `id` `delay` from now at the commit (one more attempt and
+    /// delivery).
+    pub fn retry(mut self, id: i64, delay: Duration) -> Self {
+        self.writes.retry.push((id, delay));
+        self
+    }
+
+    /// Moves `id` to the dead-letter table at the commit.
+    pub fn dead_letter(
+        mut self,
+        id: i64,
+        reason: FailureReason,
+        last_exception: Option<&str>,
+    ) -> Self {
+        self.writes
+            .dead_letter
+            .push((id, reason.as_str(), last_exception.map(str::to_owned)));
+        self
+    }
+
+    /// Leases `id` with `token` at the commit (what `max_hold` does to a row
+    /// whose handler still runs).
+    pub fn lease(mut self, id: i64, token: Uuid) -> Self {
+        self.writes.lease.push(id);
+        self.writes.token = token;
+        self
+    }
+
+    /// Writes the recorded outcomes and commits.
+    pub async fn commit(mut self) -> Result<()> {
+        self.end(true).await
+    }
+
+    /// Ends the lot without writing anything: its rows are claimable again.
+    pub async fn rollback(mut self) -> Result<()> {
+        self.end(false).await
+    }
+
+    async fn end(&mut self, commit: bool) -> Result<()> {
+        if self.ended {
+            return Ok(());
+        }
+        self.ended = true;
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let writes = commit.then_some(&self.writes);
+        store::lot_end(self.broker.stmts(), conn, self.id, writes).await?;
+        Ok(())
+    }
+}
+
+impl Drop for Lot {
+    fn drop(&mut self) {
+        // PostgreSQL rolls back when the connection closes; an in-process
+        // store is told.
+        if !self.ended
+            && let Some(conn) = &self.conn
+        {
+            conn.abandon_lot(self.id);
+        }
     }
 }
 
@@ -319,6 +410,41 @@ impl StoreOps {
             .with_conn(async |c| store::claim(stmts, c, &args).await)
             .await?;
         Ok(Claim { token, rows })
+    }
+
+    /// The claim of a lot ([`ClaimMode::Transaction`](crate::ClaimMode::Transaction)),
+    /// on a connection of its own: the rows the engine's claim would take
+    /// (only the heads of keys with `ordered`, walking from that cursor),
+    /// locked until the lot ends, with nothing written on them.
+    ///
+    /// ```
+    /// # async fn demo(ops: outbox_core::testing::StoreOps) -> Result<(), outbox_core::Error> {
+    /// let lot = ops.claim_lot(&["orders"], 10, None).await?;
+    /// let first = lot.ids()[0];
+    /// lot.ack(first).commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn claim_lot(&self, q: &[&str], limit: usize, ordered: Option<&str>) -> Result<Lot> {
+        let queues = queues(q);
+        let args = store::ClaimArgs {
+            queues: &queues,
+            limit,
+            lease_ttl: Duration::from_secs(60),
+            token: Uuid::nil(),
+            with_expired: true,
+            ordered,
+        };
+        let opts = self.broker.backend().connect_options();
+        let mut conn = self.broker.store_conn(&opts).await?;
+        let (id, rows) = store::lot_claim(self.broker.stmts(), &mut conn, &args).await?;
+        Ok(Lot {
+            broker: self.broker.clone(),
+            conn: Some(conn),
+            id,
+            ended: rows.is_empty(),
+            rows,
+            writes: LotWrites::default(),
+        })
     }
 
     /// The ack: deletes `id` if it holds `token`; `false` means the lease
