@@ -81,6 +81,8 @@ pub mod telemetry;
 pub mod testing;
 pub mod transport;
 
+pub use app::asyncapi;
+pub use app::asyncapi::AsyncApi;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, HandlerFn, Hook, IntoHook, IntoReply, IntoRoute,
     Location, MessageHeaders, PublishTarget, Reply, Requirement, Response, Route, RouteBuilder,
@@ -115,9 +117,15 @@ pub use outbox_macros::{publish_to, subscriber};
 /// the types `publish` takes.
 pub use sqlx;
 
+/// The `schemars` the AsyncAPI payload schemas are built with (feature
+/// `schemars`): derive `JsonSchema` on your payload types with it.
+#[cfg(feature = "schemars")]
+pub use schemars;
+
 // Not public API. Used by generated code and by the workspace's tests.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::app::asyncapi::{ProbeJsonSchema, ProbeNotBody, ProbePlaceholder, SchemaProbe};
     pub use crate::app::{ROUTE_OPTION_NAMES, RouteFactory};
     pub use crate::engine::subscriber::SUBSCRIBER_OPTION_NAMES;
     pub use futures_util::future::BoxFuture;

@@ -358,6 +358,12 @@ impl KafkaBroker {
 impl TransportBroker for KafkaBroker {
     type Transport = KafkaTransport;
 
+    fn server(&self) -> Option<outbox_core::transport::ServerInfo> {
+        let s = &self.settings;
+        let security = s.extra.get("security.protocol").map(String::as_str);
+        Some(crate::transport::server_info(&s.bootstrap, security))
+    }
+
     fn transport_name(&self) -> &str {
         &self.settings.name
     }

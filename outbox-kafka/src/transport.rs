@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use outbox_core::transport::ServerInfo;
 use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
@@ -334,9 +335,26 @@ fn drop_off_runtime(producer: KafkaProducer) {
     }
 }
 
+/// Where the cluster is, for the AsyncAPI document: the bootstrap servers
+/// (never credentials); `kafka-secure` when `security.protocol` is SSL or
+/// SASL.
+pub(crate) fn server_info(bootstrap: &str, security_protocol: Option<&str>) -> ServerInfo {
+    let secure = security_protocol
+        .is_some_and(|p| !p.trim().eq_ignore_ascii_case("plaintext") && !p.trim().is_empty());
+    let s = ServerInfo::from_url(if secure { "kafka-secure" } else { "kafka" }, bootstrap);
+    s.description("Kafka cluster (bootstrap servers)")
+}
+
 impl Transport for KafkaTransport {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        Some(server_info(
+            &self.inner.bootstrap,
+            self.inner.config.get("security.protocol"),
+        ))
     }
 
     /// Produces `msg` to the topic `msg.destination` (payload, optional key,

@@ -352,6 +352,10 @@ async fn connect_client(s: &Settings) -> Result<async_nats::Client> {
 impl TransportBroker for NatsBroker {
     type Transport = NatsTransport;
 
+    fn server(&self) -> Option<outbox_core::transport::ServerInfo> {
+        Some(crate::transport::server_info(&self.settings.url))
+    }
+
     fn transport_name(&self) -> &str {
         &self.settings.name
     }

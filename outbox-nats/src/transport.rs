@@ -10,6 +10,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, publish::PublishAck};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::future::BoxFuture;
+use outbox_core::transport::ServerInfo;
 use outbox_core::{BoxError, BusRejection, OUTBOX_ID, Outgoing, Transport};
 use tokio::time::Instant;
 
@@ -496,9 +497,19 @@ impl Inner {
     }
 }
 
+/// Where the servers are, for the AsyncAPI document: every host of the
+/// URL list (never user, password or token).
+pub(crate) fn server_info(url: &str) -> ServerInfo {
+    ServerInfo::from_url("nats", url).description("NATS server (JetStream)")
+}
+
 impl Transport for NatsTransport {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        Some(server_info(&self.inner.url))
     }
 
     /// Publishes `msg` to the subject `msg.destination` (payload byte for

@@ -241,6 +241,10 @@ impl RabbitBroker {
 impl TransportBroker for RabbitBroker {
     type Transport = RabbitTransport;
 
+    fn server(&self) -> Option<outbox_core::transport::ServerInfo> {
+        Some(crate::transport::server_info(&self.settings.url))
+    }
+
     fn transport_name(&self) -> &str {
         &self.settings.name
     }

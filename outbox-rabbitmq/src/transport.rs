@@ -11,6 +11,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+use outbox_core::transport::ServerInfo;
 use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
 use tokio::time::Instant;
 
@@ -608,9 +609,19 @@ fn properties(
     Ok(props.with_headers(table))
 }
 
+/// Where the broker is, for the AsyncAPI document: host, port and vhost of
+/// the AMQP URL (never the user or password).
+pub(crate) fn server_info(url: &str) -> ServerInfo {
+    ServerInfo::from_url("amqp", url).description("RabbitMQ broker (AMQP 0-9-1)")
+}
+
 impl Transport for RabbitTransport {
     fn name(&self) -> &str {
         &self.inner.settings.name
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        Some(server_info(&self.inner.settings.url))
     }
 
     /// Publishes `msg` to the destination's exchange and routing key with

@@ -251,6 +251,10 @@ impl RedisBroker {
 impl TransportBroker for RedisBroker {
     type Transport = RedisTransport;
 
+    fn server(&self) -> Option<outbox_core::transport::ServerInfo> {
+        Some(crate::transport::server_info(&self.settings.url))
+    }
+
     fn transport_name(&self) -> &str {
         &self.settings.name
     }

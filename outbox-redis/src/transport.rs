@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use outbox_core::transport::ServerInfo;
 use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Cmd, RedisError};
@@ -446,9 +447,19 @@ async fn query(
     })
 }
 
+/// Where the server is, for the AsyncAPI document: host, port and
+/// database of the URL (never the password).
+pub(crate) fn server_info(url: &str) -> ServerInfo {
+    ServerInfo::from_url("redis", url).description("Redis server")
+}
+
 impl Transport for RedisTransport {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        Some(server_info(&self.inner.url))
     }
 
     /// Resolves `Ok` once Redis replied to the command: the `XADD` entry

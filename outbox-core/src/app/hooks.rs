@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use super::context::AppContext;
 use crate::engine::handler::IntoHandlerResult;
 use crate::error::BoxError;
+use crate::transport::ServerInfo;
 
 type HookFn = Box<dyn FnOnce(AppContext) -> BoxFuture<'static, Result<(), BoxError>> + Send>;
 
@@ -20,6 +21,9 @@ type HookFn = Box<dyn FnOnce(AppContext) -> BoxFuture<'static, Result<(), BoxErr
 pub struct Hook {
     name: String,
     f: HookFn,
+    /// The transport this hook registers (a `TransportBroker`'s connect
+    /// step): its name and bus, for the AsyncAPI document.
+    registers: Option<(String, Option<ServerInfo>)>,
 }
 
 impl fmt::Debug for Hook {
@@ -39,7 +43,19 @@ impl Hook {
         Self {
             name: name.into(),
             f: Box::new(move |ctx| f(ctx).map(IntoHandlerResult::into_handler_result).boxed()),
+            registers: None,
         }
+    }
+
+    /// Marks the hook as the one registering transport `name` (at `server`).
+    pub(crate) fn registering(mut self, name: String, server: Option<ServerInfo>) -> Self {
+        self.registers = Some((name, server));
+        self
+    }
+
+    /// The transport the hook registers, if it is a transport's connect step.
+    pub(crate) fn registers(&self) -> Option<&(String, Option<ServerInfo>)> {
+        self.registers.as_ref()
     }
 
     /// The hook's name (for logs and errors).

@@ -1,6 +1,7 @@
 //! The application runtime: [`App`] wires routes (from `#[subscriber]` or by
 //! hand), lifecycle hooks, transports and the subscriber engine together.
 
+pub mod asyncapi;
 mod context;
 mod extract;
 mod handler;
@@ -105,6 +106,11 @@ pub struct App {
     signals: bool,
     watch: watch::Watch,
     validate_schema: Option<crate::store::SchemaChecks>,
+    /// Transports registered through startup hooks (name, bus), for the
+    /// AsyncAPI document.
+    hook_transports: Vec<(String, Option<crate::transport::ServerInfo>)>,
+    /// The AsyncAPI `info`: title, version, description.
+    doc_info: (String, String, Option<String>),
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
 }
@@ -153,6 +159,8 @@ impl App {
             signals: true,
             watch: watch::Watch::new(Some(Self::DEFAULT_OUTAGE_WARNING_AFTER)),
             validate_schema: None,
+            hook_transports: Vec::new(),
+            doc_info: (default_title(), "unversioned".to_owned(), None),
             #[cfg(feature = "prometheus")]
             prometheus: None,
         }
@@ -272,7 +280,11 @@ impl App {
 
     /// Runs before the subscribers start; an error aborts startup.
     pub fn on_startup(mut self, hook: impl IntoHook) -> Self {
-        self.on_startup.push(hook.into_hook());
+        let hook = hook.into_hook();
+        if let Some(t) = hook.registers() {
+            self.hook_transports.push(t.clone());
+        }
+        self.on_startup.push(hook);
         self
     }
 
@@ -306,13 +318,158 @@ impl App {
         &self.ctx
     }
 
+    /// The title, version and description of the AsyncAPI document
+    /// ([`asyncapi`](Self::asyncapi)). Default: the executable's name,
+    /// `unversioned`, a generated description.
+    ///
+    /// ```
+    /// # fn demo(outbox: outbox_core::OutboxBroker) {
+    /// let app = outbox_core::App::new(outbox)
+    ///     .asyncapi_info("orders-relay", env!("CARGO_PKG_VERSION"), Some("Relays orders to Kafka"));
+    /// # let _ = app;
+    /// # }
+    /// ```
+    pub fn asyncapi_info(
+        mut self,
+        title: impl Into<String>,
+        version: impl Into<String>,
+        description: Option<&str>,
+    ) -> Self {
+        self.doc_info = (title.into(), version.into(), description.map(str::to_owned));
+        self
+    }
+
+    /// The application's [AsyncAPI 3.0.0](https://www.asyncapi.com/docs/reference/specification/v3.0.0)
+    /// document, built from its routes (the registered ones and, unless
+    /// [`without_discovery`](Self::without_discovery), every `#[subscriber]`
+    /// linked in) and its transports, without connecting anything: the
+    /// outbox queues consumed and the destinations relayed to as channels,
+    /// a `receive` and a `send` operation per route and target, the servers
+    /// (the outbox's PostgreSQL host and database, each transport's bus;
+    /// never credentials), messages with the envelope headers
+    /// (`content-type`, `correlation_id`, `outbox-id`) and the payloads'
+    /// JSON Schemas (feature `schemars`; a placeholder naming the Rust type
+    /// otherwise), and an `x-outbox` extension with the table and each
+    /// subscriber's options. See [`asyncapi`](crate::asyncapi) for the
+    /// layout.
+    ///
+    /// Fails like [`run`](Self::run) would on the routes: none, or two with
+    /// one name.
+    ///
+    /// Without writing code, `OUTBOX_ASYNCAPI=json` (or `yaml`) makes
+    /// [`run`](Self::run) print it and exit, which `outbox docs gen -- <your
+    /// program>` uses.
+    ///
+    /// ```
+    /// use outbox_core::{App, MemoryTransport, OutboxBroker, OutboxTable, Response, Route};
+    ///
+    /// # async fn demo() -> Result<(), outbox_core::Error> {
+    /// // A lazy pool: nothing connects to build the document.
+    /// let pool = outbox_core::sqlx::PgPool::connect_lazy("postgres://db.internal:5432/shop")?;
+    /// let outbox = OutboxBroker::new(pool, OutboxTable::new("outbox")?);
+    /// let route = Route::builder(["orders"])
+    ///     .name("relay_orders")
+    ///     .publish_to("kafka", "orders.kafka")
+    ///     .to(|order_id: i64| async move { Response::new(order_id) });
+    /// let doc = App::new(outbox)
+    ///     .without_discovery()
+    ///     .subscriber(route)
+    ///     .transport(MemoryTransport::new("kafka"))
+    ///     .asyncapi()?;
+    /// let v = doc.as_value();
+    /// assert_eq!(v["asyncapi"], "3.0.0");
+    /// assert_eq!(v["channels"]["outbox.orders"]["address"], "orders");
+    /// assert_eq!(v["channels"]["kafka.orders.kafka"]["address"], "orders.kafka");
+    /// assert_eq!(v["operations"]["relay_orders.receive"]["action"], "receive");
+    /// assert_eq!(v["operations"]["relay_orders.send.0"]["action"], "send");
+    /// assert_eq!(v["servers"]["outbox"]["host"], "db.internal:5432");
+    /// println!("{}", doc.to_json_pretty());
+    /// # Ok(()) }
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub fn asyncapi(&self) -> Result<asyncapi::AsyncApi> {
+        let routes = self.routes_for_doc()?;
+        let mut transports = self.hook_transports.clone();
+        for t in self.ctx.transports() {
+            if !transports.iter().any(|(n, _)| n == t.name()) {
+                transports.push((t.name().to_owned(), t.server()));
+            }
+        }
+        asyncapi::build(&asyncapi::Source {
+            broker: self.ctx.broker(),
+            routes: &routes,
+            transports,
+            title: &self.doc_info.0,
+            version: &self.doc_info.1,
+            description: self.doc_info.2.as_deref(),
+        })
+    }
+
+    /// The routes `run` would collect, without taking them.
+    fn routes_for_doc(&self) -> Result<Vec<Route>> {
+        let mut copy = Self {
+            ctx: self.ctx.clone(),
+            routes: self.routes.clone(),
+            discover: self.discover,
+            engine: None,
+            on_startup: Vec::new(),
+            after_startup: Vec::new(),
+            on_shutdown: Vec::new(),
+            after_shutdown: Vec::new(),
+            pending: Vec::new(),
+            signals: false,
+            watch: watch::Watch::new(None),
+            validate_schema: None,
+            hook_transports: Vec::new(),
+            doc_info: self.doc_info.clone(),
+            #[cfg(feature = "prometheus")]
+            prometheus: None,
+        };
+        copy.collect_routes()
+    }
+
+    /// `OUTBOX_ASYNCAPI=json|yaml`: writes the document (to
+    /// `OUTBOX_ASYNCAPI_OUT`, else standard output) and exits the process.
+    fn asyncapi_from_env(&self) -> Result<()> {
+        let Some(format) = std::env::var_os(asyncapi::ASYNCAPI_ENV) else {
+            return Ok(());
+        };
+        let format = format.to_string_lossy().into_owned();
+        let text = self.asyncapi()?.render(&format)?;
+        match std::env::var_os(asyncapi::ASYNCAPI_OUT_ENV) {
+            Some(path) => std::fs::write(&path, text.as_bytes()).map_err(|e| {
+                Error::config(format!(
+                    "cannot write the AsyncAPI document to {}: {e}",
+                    std::path::Path::new(&path).display()
+                ))
+            })?,
+            None => {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                out.write_all(text.as_bytes())
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.flush())
+                    .map_err(|e| {
+                        Error::config(format!("cannot write the AsyncAPI document: {e}"))
+                    })?;
+            }
+        }
+        std::process::exit(0)
+    }
+
     /// Runs until SIGINT/SIGTERM or [`AppHandle::shutdown`], then shuts down
     /// gracefully. See [`App`] for the exact order.
+    ///
+    /// With the environment variable `OUTBOX_ASYNCAPI` set to `json` or
+    /// `yaml`, it writes the [AsyncAPI document](Self::asyncapi) instead (to
+    /// the file `OUTBOX_ASYNCAPI_OUT`, else standard output) and exits the
+    /// process with status 0, before any hook runs.
     pub async fn run(mut self) -> Result<()> {
         // The first mistake made while building the App, as written.
         if !self.pending.is_empty() {
             return Err(self.pending.swap_remove(0));
         }
+        self.asyncapi_from_env()?;
         #[cfg(feature = "prometheus")]
         if let Some(addr) = self.prometheus {
             crate::instrument::install_prometheus(addr)?;
@@ -523,6 +680,14 @@ impl Route {
     }
 }
 
+/// The executable's file name, the default AsyncAPI title.
+fn default_title() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "outbox application".to_owned())
+}
+
 /// The broker's source identity ([`OutboxBroker::resolve_source`]). While
 /// PostgreSQL cannot be reached (a connection failure, not an answer), it
 /// retries with a backoff (1 s doubling to 30 s), a WARN per attempt, as
@@ -568,11 +733,14 @@ async fn run_hook(stage: &'static str, hook: Hook, ctx: &AppContext) -> Result<(
 /// then registers the transport under its name.
 impl<B: TransportBroker> IntoHook for Connect<B> {
     fn into_hook(self) -> Hook {
+        let b = self.broker();
+        let (name, server) = (b.transport_name().to_owned(), b.server());
         Hook::new(self.hook_name(), move |ctx: AppContext| async move {
             let transport = self.open().await?;
             ctx.add_transport(Arc::new(transport))?;
             Ok::<_, BoxError>(())
         })
+        .registering(name, server)
     }
 }
 

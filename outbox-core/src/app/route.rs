@@ -11,6 +11,7 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
+use super::asyncapi::PayloadSchema;
 use super::context::AppContext;
 use super::extract::{FromDelivery, Requirement};
 use super::handler::HandlerFn;
@@ -102,6 +103,16 @@ pub struct Route {
     pub(crate) propagate_headers: bool,
     pub(crate) requirements: Vec<Requirement>,
     pub(crate) location: Option<Location>,
+    pub(crate) schemas: RouteSchemas,
+}
+
+/// The payload types a route documents in its AsyncAPI messages.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RouteSchemas {
+    /// The consumed row's body.
+    pub(crate) payload: Option<PayloadSchema>,
+    /// The relayed result.
+    pub(crate) reply: Option<PayloadSchema>,
 }
 
 impl fmt::Debug for Route {
@@ -131,6 +142,7 @@ impl Route {
             propagate_headers: true,
             requirements: Vec::new(),
             location: None,
+            schemas: RouteSchemas::default(),
         }
     }
 
@@ -180,6 +192,7 @@ pub struct RouteBuilder {
     propagate_headers: bool,
     requirements: Vec<Requirement>,
     location: Option<Location>,
+    schemas: RouteSchemas,
 }
 
 impl RouteBuilder {
@@ -253,6 +266,26 @@ impl RouteBuilder {
         self
     }
 
+    /// Documents the consumed rows' body type in the AsyncAPI document
+    /// ([`App::asyncapi`](super::App::asyncapi)); the first `Some` wins
+    /// (`#[subscriber]` passes one per parameter, `None` for the ones that
+    /// are not the body).
+    pub fn payload_schema(mut self, schema: impl Into<Option<PayloadSchema>>) -> Self {
+        if self.schemas.payload.is_none() {
+            self.schemas.payload = schema.into();
+        }
+        self
+    }
+
+    /// Documents the relayed result's type in the AsyncAPI document; the
+    /// first `Some` wins.
+    pub fn reply_schema(mut self, schema: impl Into<Option<PayloadSchema>>) -> Self {
+        if self.schemas.reply.is_none() {
+            self.schemas.reply = schema.into();
+        }
+        self
+    }
+
     /// Records where the route was declared.
     pub fn location(mut self, file: &'static str, line: u32, column: u32) -> Self {
         self.location = Some(Location { file, line, column });
@@ -317,6 +350,7 @@ impl RouteBuilder {
             propagate_headers: self.propagate_headers,
             requirements: self.requirements,
             location: self.location,
+            schemas: self.schemas,
         }
     }
 }

@@ -81,6 +81,14 @@ pub trait TransportBroker: Clone + Send + Sync + 'static {
     /// embedding).
     fn connect_transport(&self) -> BoxFuture<'static, Result<Self::Transport, BoxError>>;
 
+    /// Where the bus is (host, protocol; never credentials), known before
+    /// connecting: the AsyncAPI document (`App::asyncapi`) lists it under
+    /// `servers` for a transport registered with [`connect`](Self::connect).
+    /// Default: none.
+    fn server(&self) -> Option<super::ServerInfo> {
+        None
+    }
+
     /// The startup step that connects and registers the transport: pass it
     /// to [`App::on_startup`](crate::App::on_startup). The hook is named
     /// `<name>.connect`.

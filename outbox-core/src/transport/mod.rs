@@ -19,6 +19,7 @@
 mod connect;
 mod memory;
 pub(crate) mod outbox;
+mod server;
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use connect::{Connect, ConnectError, TransportBroker};
 /// The boxed future [`Transport`] and [`TransportBroker`] methods return.
 pub use futures_util::future::BoxFuture;
 pub use memory::{InjectedFailure, MemoryTransport};
+pub use server::ServerInfo;
 
 /// The header names the runtime sets on every [`Outgoing`] message besides
 /// the envelope's (`content-type`, `correlation_id`). Their public path is
@@ -218,6 +220,12 @@ pub trait Transport: Send + Sync + 'static {
     fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
         let _ = destination;
         Box::pin(async { Ok(()) })
+    }
+
+    /// Where the bus is (host, protocol; never credentials), for the
+    /// `servers` of the AsyncAPI document (`App::asyncapi`). Default: none.
+    fn server(&self) -> Option<ServerInfo> {
+        None
     }
 
     /// Flushes and closes; called once at shutdown, after the subscribers
