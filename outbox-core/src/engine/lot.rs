@@ -3,8 +3,7 @@
 //! A lot is one claim's transaction. Its loop (`fetch_concurrency` of them
 //! per subscriber, each on its own connection) opens a transaction, claims
 //! up to `fetch_batch_size` rows locked `FOR UPDATE SKIP LOCKED` without
-//! writing a lease, runs all their handlers concurrently (each takes one of
-//! the subscriber's `max_workers` slots), and writes every outcome (one
+//! writing a lease, runs all their handlers at once, and writes every outcome (one
 //! statement per kind: deletes, retries, dead-letter moves) in the same
 //! transaction before committing. Nothing is written before the commit, so
 //! a crash, a killed backend or a lost connection rolls the lot back and its
@@ -157,19 +156,15 @@ async fn handle_lot(
     let token = Uuid::new_v4();
     let deadline = tokio::time::Instant::now() + shared.opts().get_max_hold();
     let mut pending: HashSet<i64> = rows.iter().map(|r| r.id).collect();
-    // The handlers run as futures of this task, started in claim order (a
-    // relay's publishes are queued on the bus client in that order), each
-    // after taking one of the subscriber's `max_workers` slots (a fair
-    // semaphore: in order too).
+    // Every handler of the lot runs at once, as a future of this task,
+    // started in claim order: a relay's publishes are all in flight
+    // together, queued on the bus client in that order.
     let mut running: FuturesUnordered<_> = rows
         .into_iter()
         .map(|row| {
             let delivery = Arc::new(Delivery::new(row, token));
             let sh = shared.clone();
             async move {
-                let Ok(_slot) = sh.slots.acquire().await else {
-                    return Done::Unstarted(delivery); // never closed
-                };
                 if sh.stop_fetch.is_cancelled() {
                     return Done::Unstarted(delivery);
                 }

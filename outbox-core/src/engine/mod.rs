@@ -167,9 +167,6 @@ pub(crate) struct SubShared {
     /// An ordered subscriber's key cursor: the walk over the keys of the
     /// next claim starts after it. `None` for an unordered subscriber.
     key_cursor: Option<std::sync::Mutex<String>>,
-    /// [`ClaimMode::Transaction`]: the `max_workers` handler slots the
-    /// subscriber's lots share.
-    pub(crate) slots: tokio::sync::Semaphore,
     /// [`ClaimMode::Transaction`]: rows of lots that were never started
     /// (the subscriber was stopping), released by their lot's commit.
     pub(crate) released: AtomicUsize,
@@ -207,7 +204,6 @@ impl SubShared {
             rx: Mutex::new(rx),
             refill_at: (cap / 2).max(1),
             write_pool: worker::WritePool::new(workers),
-            slots: tokio::sync::Semaphore::new(workers),
             released: AtomicUsize::new(0),
         }
     }
@@ -530,8 +526,8 @@ impl Engine {
                 tracing::info!(
                     subscriber = %sub.name(),
                     queues = ?sub.queues(),
-                    workers = sub.options().get_max_workers(),
                     lots = sub.options().get_fetch_concurrency(),
+                    batch = sub.options().get_fetch_batch_size(),
                     "outbox subscriber started (claim mode: transaction)"
                 );
                 subs.push(SubRuntime {
@@ -601,6 +597,23 @@ impl Engine {
             ));
             (token, task)
         });
+        if !memory && !sync {
+            // A table without autovacuum tuning works, slower and slower as
+            // dead tuples pile up: say so once, without delaying the start.
+            let broker = self.broker.clone();
+            tokio::spawn(async move {
+                let Ok(pool) = broker.backend().pool_for("autovacuum check") else {
+                    return;
+                };
+                match crate::store::schema::autovacuum_warning(pool, broker.table()).await {
+                    Ok(Some(w)) => tracing::warn!(event = "autovacuum_not_tuned", "{w}"),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!("cannot read the outbox table's autovacuum settings: {e}")
+                    }
+                }
+            });
+        }
         let observer = self.broker.observer().clone();
         let engine = Arc::new(observe::Attached::new(
             subs.iter().map(|s| s.shared.clone()).collect(),

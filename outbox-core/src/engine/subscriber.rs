@@ -110,8 +110,9 @@ pub enum ClaimMode {
     /// transaction and commit together. No lease write: one write (one dead
     /// tuple) per delivered row, about half the WAL, and a crashed relay's
     /// rows are claimable again the moment its connection is gone. The
-    /// handlers of a claimed batch run concurrently (up to `max_workers`),
-    /// so a relay has the whole batch in flight on its bus. For short
+    /// handlers of a claimed batch all run at once (`max_workers` does not
+    /// apply: `fetch_batch_size` × `fetch_concurrency` bounds the rows in
+    /// flight), so a relay has the whole batch in flight on its bus. For short
     /// handlers (relays): the transaction is held at most
     /// [`max_hold`](SubscriberOptions::max_hold), and an open transaction
     /// holds back vacuum on the whole database while it lasts.
@@ -445,6 +446,13 @@ impl SubscriberOptions {
             return err(format!("invalid retry strategy {retry:?}: {e}"));
         }
         let mut warnings = Vec::new();
+        if self.max_workers.is_some() && self.get_claim_mode() == ClaimMode::Transaction {
+            warnings.push(
+                "max_workers has no effect with claim_mode Transaction: every handler of a claimed \
+                 batch runs at once; size the batches with fetch_batch_size and fetch_concurrency"
+                    .into(),
+            );
+        }
         if !self.ordered && self.poison_policy != PoisonPolicy::Block {
             warnings.push(format!(
                 "poison_policy {:?} has no effect on an unordered subscriber; set ordered(true) \

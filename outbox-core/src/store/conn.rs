@@ -264,6 +264,10 @@ impl Conn {
     /// Forgets an open lot without writing (what closing a PostgreSQL
     /// connection does to its transaction); a no-op on PostgreSQL, where
     /// the connection's drop closes it.
+    #[cfg_attr(
+        not(feature = "testing"),
+        allow(dead_code, reason = "only testing::Lot abandons a lot by hand")
+    )]
     pub(crate) fn abandon_lot(&self, lot: u64) {
         if let Conn::Local(store) = self {
             store.end_lot(lot, None);

@@ -520,6 +520,38 @@ async fn check_autovacuum(
     Ok(())
 }
 
+/// What the engine warns about at start when the outbox table's autovacuum
+/// is not tuned for a queue table (its findings and the DDL that fixes
+/// them); `None` when it is tuned, or the table is not there (the engine's
+/// first claim reports that).
+pub(crate) async fn autovacuum_warning(
+    pool: &PgPool,
+    table: &OutboxTable,
+) -> Result<Option<String>> {
+    let qualified = table.qualified_name();
+    let reloptions: Option<Option<Vec<String>>> = sqlx::query_scalar(
+        "SELECT c.reloptions::text[] FROM pg_class c WHERE c.oid = to_regclass($1)",
+    )
+    .bind(&qualified)
+    .fetch_optional(pool)
+    .await?;
+    let Some(reloptions) = reloptions else {
+        return Ok(None);
+    };
+    let findings = autovacuum_findings(&reloptions.unwrap_or_default());
+    if findings.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "autovacuum is not tuned for the outbox table {qualified} ({}): dead tuples pile up \
+         between vacuums and claims slow down as the backlog drains (a 1M-row drain fell from \
+         41k to 22k msg/s in our benchmark). Tune it with: {}; (`outbox autovacuum` prints the \
+         same; `outbox validate --autovacuum` checks it)",
+        findings.join("; "),
+        autovacuum_sql(table, AutovacuumOptions::default())
+    )))
+}
+
 /// Checks the outbox table (and the dead-letter table, if given).
 pub(crate) async fn validate(
     pool: &PgPool,
