@@ -3,7 +3,11 @@
 //! Creates and checks the tables, shows per-queue statistics, peeks at the
 //! next rows, and lists, shows, replays and purges dead letters. Built on
 //! [`outbox_core::ops`]; see `docs/operations.md` and `outbox --help`.
+//! `outbox docs gen|serve` writes and serves an application's AsyncAPI
+//! document (`docs.rs`, `html.rs`).
 
+mod docs;
+mod html;
 mod output;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -110,6 +114,11 @@ enum Command {
     /// needed). Every message is an insert, a non-HOT lease update and a
     /// delete: the default scale factors let a busy outbox bloat.
     Autovacuum(AutovacuumArgs),
+    /// The AsyncAPI 3.0 document of an application built on outbox_core::App
+    /// (its binary runs with OUTBOX_ASYNCAPI set, writes it and exits): write
+    /// it as JSON or YAML, or serve it as an HTML page (no database needed).
+    #[command(subcommand)]
+    Docs(docs::DocsCommand),
 }
 
 // The settings `outbox autovacuum` prints (the variant documents the command).
@@ -450,8 +459,12 @@ fn broker(pool: PgPool, t: &Tables, with_dlq: bool) -> OutboxBroker {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    if let Command::Docs(cmd) = &cli.command {
+        return docs::run(cmd).await;
+    }
     let t = tables(&cli)?;
     match &cli.command {
+        Command::Docs(cmd) => docs::run(cmd).await,
         Command::Sql => sql(&cli, &t),
         Command::Autovacuum(args) => autovacuum(&cli, &t, args),
         Command::Migrate => migrate(&cli, &t).await,
