@@ -65,6 +65,7 @@ async fn measure(p: &CeilingParams, dest: &str, payload: &[u8]) -> anyhow::Resul
             "bus": p.bus.name(),
             "in_flight": p.in_flight,
             "payload_bytes": p.payload_bytes,
+            "settings": p.bus.settings(),
         }),
     );
     out.insert("messages".into(), json!(p.messages));

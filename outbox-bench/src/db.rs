@@ -84,6 +84,16 @@ impl Db {
                  counts will be missing"
             );
         }
+        // The WAL split into records and full-page images (PostgreSQL 15+,
+        // contrib); without it those fields are null.
+        if let Err(e) = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+            .execute(&mut conn)
+            .await
+        {
+            eprintln!(
+                "outbox-bench: note: CREATE EXTENSION pg_walinspect failed ({e}); the WAL's                  full-page-image share (wal_fpi_bytes_*) will be missing"
+            );
+        }
         if autovacuum {
             let on: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
                 .fetch_one(&mut conn)
@@ -205,7 +215,22 @@ pub(crate) async fn prefill(
     n: u64,
     payload_bytes: usize,
 ) -> anyhow::Result<Duration> {
-    prefill_keyed(db, table, n, payload_bytes, 0).await
+    Ok(prefill_keyed(db, table, n, payload_bytes, 0).await?.took)
+}
+
+/// What writing a backlog cost.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Prefilled {
+    /// Rows written.
+    pub(crate) rows: u64,
+    /// Wall time, including the `VACUUM ANALYZE`.
+    pub(crate) took: Duration,
+    /// WAL the `INSERT`s wrote (`pg_current_wal_lsn()` before the first and
+    /// after the last commit; the `VACUUM ANALYZE` after them is left out):
+    /// the producer's share of a backlog's WAL.
+    pub(crate) wal_bytes: u64,
+    /// Of which full-page images (`pg_walinspect`; `None` without it).
+    pub(crate) wal_fpi_bytes: Option<u64>,
 }
 
 /// The ordering key of the `i`-th row (1-based) of a backlog over `keys`
@@ -232,9 +257,13 @@ pub(crate) async fn prefill_keyed(
     n: u64,
     payload_bytes: usize,
     keys: u64,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Prefilled> {
     let t0 = Instant::now();
     let mut conn = db.opts.connect().await?;
+    let lsn_sql = format!("SELECT {PROBE} pg_current_wal_lsn()::text");
+    let lsn_before: String = sqlx::query_scalar(AssertSqlSafe(lsn_sql.clone()))
+        .fetch_one(&mut conn)
+        .await?;
     let (key_col, key_val) = if keys > 0 {
         (", ordering_key", ", 'k' || ((g + $4) % $5)::text")
     } else {
@@ -264,6 +293,14 @@ pub(crate) async fn prefill_keyed(
         left -= chunk;
         done += chunk;
     }
+    let lsn_after: String = sqlx::query_scalar(AssertSqlSafe(lsn_sql))
+        .fetch_one(&mut conn)
+        .await?;
+    let (lsn_before, lsn_after) = (parse_lsn(&lsn_before)?, parse_lsn(&lsn_after)?);
+    let wal_bytes = lsn_after.saturating_sub(lsn_before);
+    let wal_fpi_bytes = wal_stats(&mut conn, lsn_before, lsn_after)
+        .await
+        .map(|w| w.fpi_bytes());
     sqlx::query(AssertSqlSafe(format!(
         "VACUUM ANALYZE {}",
         table.qualified_name()
@@ -271,7 +308,53 @@ pub(crate) async fn prefill_keyed(
     .execute(&mut conn)
     .await?;
     conn.close().await.ok();
-    Ok(t0.elapsed())
+    Ok(Prefilled {
+        rows: n,
+        took: t0.elapsed(),
+        wal_bytes,
+        wal_fpi_bytes,
+    })
+}
+
+/// The WAL between two LSNs by resource manager (`pg_walinspect`'s
+/// `pg_get_wal_stats`): name -> (records, record bytes, full-page-image
+/// bytes).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WalStats(pub(crate) Vec<(String, i64, i64, i64)>);
+
+impl WalStats {
+    pub(crate) fn fpi_bytes(&self) -> u64 {
+        u64::try_from(self.0.iter().map(|r| r.3).sum::<i64>()).unwrap_or(0)
+    }
+}
+
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// [`WalStats`] of `[from, to)`; `None` without `pg_walinspect`, or when
+/// the range's WAL files were already recycled (a long point).
+pub(crate) async fn wal_stats(conn: &mut PgConnection, from: u64, to: u64) -> Option<WalStats> {
+    if to <= from {
+        return Some(WalStats::default());
+    }
+    let rows = sqlx::query_as::<_, (String, i64, i64, i64)>(AssertSqlSafe(format!(
+        "SELECT {PROBE} \"resource_manager/record_type\", count, record_size::int8, \
+         fpi_size::int8 FROM pg_get_wal_stats($1::pg_lsn, $2::pg_lsn) WHERE count > 0"
+    )))
+    .bind(lsn_text(from))
+    .bind(lsn_text(to))
+    .fetch_all(conn)
+    .await;
+    match rows {
+        Ok(r) => Some(WalStats(r)),
+        Err(e) => {
+            if !e.to_string().contains("pg_get_wal_stats") {
+                eprintln!("outbox-bench: note: no WAL detail: {e}");
+            }
+            None
+        }
+    }
 }
 
 /// A long transaction held open in another session for a whole point.
@@ -390,6 +473,8 @@ struct TableStats {
 pub(crate) struct Snapshot {
     stmts: Option<HashMap<(i64, i64), Stmt>>,
     lsn: u64,
+    /// `pg_stat_wal` (cluster-wide): WAL records and full-page images.
+    wal_stat: Option<(i64, i64)>,
     table: TableStats,
     cpu: CpuSnap,
 }
@@ -560,6 +645,15 @@ impl Probe {
         )))
         .fetch_one(&mut self.conn)
         .await?;
+        // PostgreSQL 14+; backends flush it at exit, and the window waits
+        // for the workload's connections to be gone first.
+        let wal_stat = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(format!(
+            "SELECT {PROBE} wal_records, wal_fpi FROM pg_stat_wal"
+        )))
+        .fetch_optional(&mut self.conn)
+        .await
+        .ok()
+        .flatten();
         let t = sqlx::query(AssertSqlSafe(format!(
             "SELECT {PROBE} n_tup_ins, n_tup_upd, n_tup_hot_upd, n_tup_del, n_dead_tup \
              FROM pg_stat_user_tables WHERE relid = $1::regclass"
@@ -580,9 +674,19 @@ impl Probe {
         Ok(Snapshot {
             stmts,
             lsn: parse_lsn(&lsn)?,
+            wal_stat,
             table,
             cpu: CpuSnap::take(self.postmaster),
         })
+    }
+
+    /// [`wal_stats`] between two snapshots.
+    pub(crate) async fn wal_between(
+        &mut self,
+        before: &Snapshot,
+        after: &Snapshot,
+    ) -> Option<WalStats> {
+        wal_stats(&mut self.conn, before.lsn, after.lsn).await
     }
 
     /// CPU counters only (for the measurement window's end, taken before the
@@ -599,6 +703,9 @@ pub(crate) struct Delta {
     pub(crate) by_keyword: Option<Vec<(&'static str, i64)>>,
     pub(crate) calls: Option<i64>,
     pub(crate) wal_bytes: u64,
+    /// WAL records and full-page images (`pg_stat_wal`), when available.
+    pub(crate) wal_records: Option<i64>,
+    pub(crate) wal_fpi: Option<i64>,
     pub(crate) tup_ins: i64,
     pub(crate) tup_upd: i64,
     pub(crate) tup_hot_upd: i64,
@@ -645,6 +752,8 @@ impl Delta {
             by_keyword,
             calls,
             wal_bytes: after.lsn.saturating_sub(before.lsn),
+            wal_records: before.wal_stat.zip(after.wal_stat).map(|(b, a)| a.0 - b.0),
+            wal_fpi: before.wal_stat.zip(after.wal_stat).map(|(b, a)| a.1 - b.1),
             tup_ins: after.table.ins - before.table.ins,
             tup_upd: after.table.upd - before.table.upd,
             tup_hot_upd: after.table.hot_upd - before.table.hot_upd,
@@ -678,11 +787,14 @@ impl Delta {
             }),
             "wal_bytes_per_msg": round(self.wal_bytes as f64 / m, 1),
             "wal_bytes": self.wal_bytes,
+            "wal_records_per_msg": self.wal_records.map(per),
+            "wal_fpi_per_msg": self.wal_fpi.map(per),
             "tuples": {
                 "inserted": self.tup_ins, "updated": self.tup_upd,
                 "hot_updated": self.tup_hot_upd, "deleted": self.tup_del,
             },
             "dead_tuples": self.dead_tuples,
+            "dead_tuples_per_msg": per(self.dead_tuples),
             "pg_exec_ms_per_msg": self.exec_ms.map(|ms| round(ms / m, 5)),
             "cpu": self.cpu,
             "top_statements": self.statements.iter().take(top).map(|(q, c, ms, rows)| json!({
@@ -722,6 +834,14 @@ mod tests {
         let k0 = (1..=n).filter(|i| key_of(*i, 1000) == "k0").count() as u64;
         assert_eq!(rows_of_k0(n, 1000), k0);
         assert_eq!(rows_of_k0(10, 0), 0);
+    }
+
+    #[test]
+    fn lsn_prints_as_postgres_reads_it() {
+        for lsn in [0x16B3748u64, 1 << 32, (5 << 32) | 0xAB] {
+            assert_eq!(parse_lsn(&lsn_text(lsn)).ok(), Some(lsn));
+        }
+        assert_eq!(lsn_text(0x16B3748), "0/16B3748");
     }
 
     #[test]

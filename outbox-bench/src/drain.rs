@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use outbox_core::{Engine, Message, Subscriber, SubscriberOptions};
+use outbox_core::{ClaimMode, Engine, Message, Subscriber, SubscriberOptions};
 use serde_json::{Map, json};
 use tokio::sync::Notify;
 
 use crate::db::{self, Db, Hold, Holder, QUEUE};
-use crate::point::{Finished, Measured, Window};
+use crate::point::{Finished, Measured, WalScope, Window};
 use crate::sys::round;
 
 /// The subscriber knobs a drain or relay point sets.
@@ -28,23 +28,33 @@ pub(crate) struct Knobs {
     pub(crate) durable_acks: bool,
     /// An ordered subscriber (`SubscriberOptions::ordered`): per-key FIFO.
     pub(crate) ordered: bool,
+    /// `SubscriberOptions::claim_mode`; `None`: the engine's default
+    /// (`Lease` for a subscriber, `Transaction` for a relay route).
+    pub(crate) claim: Option<ClaimMode>,
 }
 
 impl Knobs {
     /// The subscriber options these knobs stand for.
     pub(crate) fn options(&self) -> SubscriberOptions {
-        SubscriberOptions::default()
+        let o = SubscriberOptions::default()
             .max_workers(self.workers)
             .fetch_batch_size(self.fetch_batch_size)
             .terminal_flush_batch_size(self.ack_batch)
             .fetch_concurrency(self.fetch_concurrency)
             .min_fetch_interval(self.min_fetch)
             .max_fetch_interval(self.max_fetch)
-            .ordered(self.ordered)
+            .ordered(self.ordered);
+        match self.claim {
+            Some(mode) => o.claim_mode(mode),
+            None => o,
+        }
     }
 
-    /// The knobs as result parameters, added to `params`.
-    pub(crate) fn add_json(&self, params: &mut Map<String, serde_json::Value>) {
+    /// The knobs as result parameters, added to `params`. `relay`: the
+    /// options go to an App route with a bus target (which gets the relay
+    /// defaults for what is not set), for the effective claim mode.
+    pub(crate) fn add_json(&self, params: &mut Map<String, serde_json::Value>, relay: bool) {
+        let effective = self.options().relay_defaults(relay);
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         for (k, v) in [
             ("workers", json!(self.workers)),
@@ -55,9 +65,24 @@ impl Knobs {
             ("fetch_concurrency", json!(self.fetch_concurrency)),
             ("durable_acks", json!(self.durable_acks)),
             ("ordered", json!(self.ordered)),
+            (
+                "claim_mode",
+                json!(claim_mode_name(effective.get_claim_mode())),
+            ),
+            ("claim_mode_set", json!(self.claim.is_some())),
+            ("max_hold_ms", json!(ms(effective.get_max_hold()))),
         ] {
             params.insert(k.to_owned(), v);
         }
+    }
+}
+
+/// A claim mode's name in results and labels: `lease`, `transaction`.
+pub(crate) fn claim_mode_name(mode: ClaimMode) -> &'static str {
+    match mode {
+        ClaimMode::Lease => "lease",
+        ClaimMode::Transaction => "transaction",
+        _ => "other",
     }
 }
 
@@ -188,12 +213,16 @@ async fn measure(
     db: &Db,
     table: &outbox_core::OutboxTable,
     p: &DrainParams,
-    prefill: Duration,
+    prefill: db::Prefilled,
     fence: Option<(i64, i64)>,
     mut holder: Option<Holder>,
 ) -> anyhow::Result<Finished> {
+    // Closed once the engine stopped: the engine may read through it (the
+    // table's settings at start), and an idle connection left in it would
+    // outlive the point (the window waits for the workload's connections).
+    let pool = db.lazy_pool();
     let broker =
-        db::broker(db.lazy_pool(), table.clone()).synchronous_relay_writes(p.knobs.durable_acks);
+        db::broker(pool.clone(), table.clone()).synchronous_relay_writes(p.knobs.durable_acks);
     let poisoned = if p.poison {
         db::rows_of_k0(p.backlog, p.keys)
     } else {
@@ -234,6 +263,7 @@ async fn measure(
     let report = engine.stop().await;
     let seconds = t0.elapsed().as_secs_f64();
     let cpu_end = window.cpu_now();
+    pool.close().await;
     if let Some(h) = holder.take() {
         h.end().await?;
     }
@@ -252,7 +282,7 @@ async fn measure(
     extra.insert("released_at_stop".into(), json!(report.released));
     extra.insert(
         "prefill_seconds".into(),
-        json!(round(prefill.as_secs_f64(), 2)),
+        json!(round(prefill.took.as_secs_f64(), 2)),
     );
     if let Some((visible, rows)) = fence {
         // What a reader fenced on the oldest running transaction id would
@@ -276,7 +306,7 @@ async fn measure(
                 params.insert("keys".into(), json!(p.keys));
                 params.insert("hold".into(), json!(p.hold));
                 params.insert("poison".into(), json!(p.poison));
-                p.knobs.add_json(&mut params);
+                p.knobs.add_json(&mut params, false);
                 params.into()
             },
             // The rows handled (a poisoned key's rows stay).
@@ -286,6 +316,7 @@ async fn measure(
             extra,
             cpu_end,
             expect_rows: Some(i64::try_from(poisoned)?),
+            wal: WalScope::Prefilled(prefill),
         })
         .await
 }

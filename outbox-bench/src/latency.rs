@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use outbox_core::{
-    App, BoxError, Engine, Message, OutboxBroker, OutboxTable, PublishOptions, Raw, Response,
-    Route, Subscriber,
+    App, BoxError, ClaimMode, Engine, Message, OutboxBroker, OutboxTable, PublishOptions, Raw,
+    Response, Route, Subscriber, SubscriberOptions,
 };
 use serde_json::{Map, Value, json};
 
 use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
 use crate::drain::Progress;
-use crate::point::{Finished, Measured, Window, percentiles_ms};
+use crate::point::{Finished, Measured, WalScope, Window, percentiles_ms};
 use crate::timed::{self, Confirms, Timed};
 
 /// One latency point.
@@ -36,6 +36,9 @@ pub(crate) struct LatencyParams {
     /// Publish each row with an ordering key, round robin over this many
     /// (`PublishOptions::key`: the key lock is taken); 0: no key.
     pub(crate) keys: u64,
+    /// `SubscriberOptions::claim_mode`; `None`: the default (`Lease` for
+    /// the bare subscriber, `Transaction` for the relay route).
+    pub(crate) claim: Option<ClaimMode>,
 }
 
 type Stamps = Arc<Mutex<Vec<(i64, Instant)>>>;
@@ -101,14 +104,15 @@ async fn measure(
     let (side, bus_inner) = match &p.relay {
         None => {
             let (h, pr) = (handled.clone(), progress.clone());
-            let sub =
-                Subscriber::builder([QUEUE])
-                    .ordered(p.ordered)
-                    .build(move |m: Message| {
-                        stamp(&h, m.id());
-                        pr.hit();
-                        std::future::ready(())
-                    })?;
+            let mut b = Subscriber::builder([QUEUE]).ordered(p.ordered);
+            if let Some(mode) = p.claim {
+                b = b.claim_mode(mode);
+            }
+            let sub = b.build(move |m: Message| {
+                stamp(&h, m.id());
+                pr.hit();
+                std::future::ready(())
+            })?;
             let mut engine = Engine::new(sub_broker.clone())
                 .gauge_interval(None)
                 .application_name("outbox-bench")
@@ -130,8 +134,11 @@ async fn measure(
         (None, Some(inner)) => {
             let h = handled.clone();
             let bus = p.relay.as_ref().map_or("kafka", Target::name);
-            let route = Route::builder([QUEUE])
-                .ordered(p.ordered)
+            let mut route = Route::builder([QUEUE]).ordered(p.ordered);
+            if let Some(mode) = p.claim {
+                route = route.claim_mode(mode);
+            }
+            let route = route
                 .publish_to(bus, topic)
                 .handler(move |m: Message, _ctx| {
                     stamp(&h, m.id());
@@ -255,6 +262,12 @@ async fn measure(
     } else {
         percentiles_ms(&mut to_handler)
     };
+    // The options as the engine sees them (a relay route gets the relay
+    // defaults for what it does not set).
+    let mut effective = SubscriberOptions::default().relay_defaults(p.relay.is_some());
+    if let Some(mode) = p.claim {
+        effective = effective.claim_mode(mode);
+    }
     window
         .close(Measured {
             scenario: match bus {
@@ -274,6 +287,9 @@ async fn measure(
                     "ordered": p.ordered,
                     "keys": p.keys,
                     "subscriber": "defaults (1 worker, fetch_batch_size 10, fetch 1 s / 10 s)",
+                    "claim_mode": crate::drain::claim_mode_name(effective.get_claim_mode()),
+                    "claim_mode_set": p.claim.is_some(),
+                    "max_hold_ms": effective.get_max_hold().as_secs_f64() * 1000.0,
                     })
                     .as_object()
                     .cloned()
@@ -287,6 +303,7 @@ async fn measure(
             extra,
             cpu_end,
             expect_rows: Some(0),
+            wal: WalScope::ProducerInWindow(None),
         })
         .await
         .map(|mut f| {

@@ -155,6 +155,42 @@ enum Order {
     Ordered,
 }
 
+/// `--claim`: `SubscriberOptions::claim_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Claim {
+    /// `ClaimMode::Lease`: a lease write per claimed row, outcomes later.
+    Lease,
+    /// `ClaimMode::Transaction`: rows locked in a transaction held across
+    /// the handlers (and the bus confirmation); outcomes commit in it.
+    Transaction,
+}
+
+impl Claim {
+    fn mode(self) -> outbox_core::ClaimMode {
+        match self {
+            Self::Lease => outbox_core::ClaimMode::Lease,
+            Self::Transaction => outbox_core::ClaimMode::Transaction,
+        }
+    }
+}
+
+/// The claim modes of a `--claim` list: each one set explicitly, or (an
+/// empty list) the engine's default only.
+fn claims_for(claim: &[Claim]) -> Vec<Option<outbox_core::ClaimMode>> {
+    if claim.is_empty() {
+        vec![None]
+    } else {
+        claim.iter().map(|c| Some(c.mode())).collect()
+    }
+}
+
+/// A label part naming the claim mode (empty for the default).
+fn claim_label(claim: Option<outbox_core::ClaimMode>) -> String {
+    claim.map_or_else(String::new, |m| {
+        format!("/claim-{}", drain::claim_mode_name(m))
+    })
+}
+
 /// `--poison`: whether key `k0`'s handler always fails (Block policy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Poison {
@@ -214,6 +250,12 @@ struct DrainArgs {
     /// keys' rows are the workload. A list sweeps.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "off")]
     poison: Vec<Poison>,
+    /// Claim modes (`SubscriberOptions::claim_mode`): lease, transaction,
+    /// or both (a list runs each configuration in every mode, back to back).
+    /// Default: the engine's default (lease for a subscriber, transaction
+    /// for a relay route); results name the effective mode (`claim_mode`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    claim: Vec<Claim>,
 }
 
 /// The knobs drain and relay share.
@@ -238,6 +280,7 @@ impl FetchArgs {
         ack_batch: usize,
         fetch_concurrency: usize,
         order: Order,
+        claim: Option<outbox_core::ClaimMode>,
     ) -> drain::Knobs {
         drain::Knobs {
             workers,
@@ -248,6 +291,7 @@ impl FetchArgs {
             fetch_concurrency,
             durable_acks: self.durable_acks,
             ordered: order == Order::Ordered,
+            claim,
         }
     }
 }
@@ -287,7 +331,7 @@ impl BusUrls {
     fn bus(&self, kind: BusKind) -> anyhow::Result<Arc<dyn Bus>> {
         Ok(match kind {
             BusKind::Kafka | BusKind::Memory => anyhow::bail!(
-                "no plain-client ceiling for {kind:?} here; use --bus rabbitmq, nats or redis"
+                "no plain-client ceiling for {kind:?} here; use --bus kafka, rabbitmq, nats or redis"
             ),
             BusKind::Rabbitmq => Arc::new(buses::rabbitmq::RabbitBench::new(&self.rabbitmq_url)),
             BusKind::Nats => Arc::new(buses::nats::NatsBench::new(&self.nats_url)),
@@ -333,6 +377,16 @@ struct CeilingArgs {
     in_flight: Vec<usize>,
     #[command(flatten)]
     urls: BusUrls,
+    /// Kafka bootstrap servers (--bus kafka).
+    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    /// Partitions of the (fresh) Kafka topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// librdkafka linger.ms for --bus kafka (default: outbox-kafka's, which
+    /// is librdkafka's own default, 5 ms).
+    #[arg(long)]
+    linger_ms: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -389,10 +443,29 @@ struct RelayArgs {
     /// unordered, ordered, or both (same backlog each).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "unordered")]
     order: Vec<Order>,
+    /// Kafka only: before the relay points of each linger setting, measure
+    /// the broker's own ingest ceiling (`ceiling --bus kafka`, a plain
+    /// producer with the same librdkafka settings) in the same run; each
+    /// relay point then reports `broker_ceiling_msg_s` (the median) and
+    /// `ratio_to_ceiling`.
+    #[arg(long)]
+    ceiling: bool,
+    /// With --ceiling: records without a delivery report at once.
+    #[arg(long, default_value_t = 10_000)]
+    ceiling_in_flight: usize,
+    /// With --ceiling: records per ceiling point.
+    #[arg(long, default_value_t = 100_000)]
+    ceiling_messages: u64,
     /// Distinct ordering keys of the backlog (the Kafka record key); 0 = no
     /// key. Default: 1000 when an ordered point runs, else 0.
     #[arg(long, value_delimiter = ',')]
     keys: Vec<u64>,
+    /// Claim modes (`SubscriberOptions::claim_mode`): lease, transaction,
+    /// or both (a list runs each configuration in every mode, back to back).
+    /// Default: the engine's default (lease for a subscriber, transaction
+    /// for a relay route); results name the effective mode (`claim_mode`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    claim: Vec<Claim>,
 }
 
 #[derive(Debug, Args)]
@@ -434,6 +507,12 @@ struct LatencyArgs {
     /// unordered ones.
     #[arg(long)]
     keys: Option<u64>,
+    /// Claim modes (`SubscriberOptions::claim_mode`): lease, transaction,
+    /// or both (a list runs each configuration in every mode, back to back).
+    /// Default: the engine's default (lease for a subscriber, transaction
+    /// for a relay route); results name the effective mode (`claim_mode`).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    claim: Vec<Claim>,
 }
 
 #[derive(Debug, Args)]
@@ -470,7 +549,32 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = anyhow::Result<Finished>>,
 {
+    points_collect(c, label, f).await.0
+}
+
+/// The median of `v` (`None` when empty).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// [`points`], also returning the throughput of every undisturbed run
+/// without an error.
+async fn points_collect<F, Fut>(c: &Common, label: &str, f: F) -> (bool, Vec<f64>)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<Finished>>,
+{
     let mut ok = true;
+    let mut rates = Vec::new();
     for repeat in 0..c.repeats.max(1) {
         let mut attempt = 0;
         loop {
@@ -506,6 +610,10 @@ where
                         o.insert("attempt".into(), json!(attempt));
                         if o.contains_key("error") {
                             ok = false;
+                        } else if !disturbed
+                            && let Some(r) = o.get("throughput_msg_s").and_then(Value::as_f64)
+                        {
+                            rates.push(r);
                         }
                     }
                     println!("{}", done.json);
@@ -526,7 +634,7 @@ where
             break;
         }
     }
-    ok
+    (ok, rates)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
@@ -583,8 +691,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                             for &keys in &keys_for(&a.keys, &a.order) {
                                 for &hold in &a.hold {
                                     for &poison in &a.poison {
-                                        // Innermost: the two orders of one configuration run back to back.
-                                        for &order in &a.order {
+                                        // Innermost: the two orders (and the claim
+                                        // modes) of one configuration run back to back.
+                                        for (&order, claim) in a.order.iter().flat_map(|o| {
+                                            claims_for(&a.claim).into_iter().map(move |c| (o, c))
+                                        }) {
                                             let p = drain::DrainParams {
                                                 backlog,
                                                 knobs: a.fetch.knobs(
@@ -593,6 +704,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                                     ack_batch,
                                                     fetch_concurrency,
                                                     order,
+                                                    claim,
                                                 ),
                                                 listen: !a.no_listen,
                                                 payload_bytes: pb,
@@ -601,7 +713,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                                 poison: poison == Poison::Block,
                                             };
                                             let label = format!(
-                                                "drain/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/fc{fetch_concurrency}/{order:?}/keys{keys}/hold-{hold:?}/poison-{poison:?}"
+                                                "drain/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/fc{fetch_concurrency}/{order:?}/keys{keys}/hold-{hold:?}/poison-{poison:?}{}",
+                                                claim_label(claim)
                                             );
                                             ok &= points(c, &label, || drain::run(&db, &p)).await;
                                         }
@@ -625,6 +738,38 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             } else {
                 a.linger_ms.iter().map(|l| Some(*l)).collect()
             };
+            // The broker's ceiling per linger setting (same run, same
+            // librdkafka settings as the relay's transport).
+            let mut ceilings: Vec<(Option<f64>, Option<f64>)> = Vec::new();
+            if a.ceiling {
+                anyhow::ensure!(
+                    a.bus == BusKind::Kafka,
+                    "--ceiling is for --bus kafka (the other buses: `ceiling --bus ...`)"
+                );
+                for &linger in &lingers {
+                    let linger_eff = linger.filter(|_| !a.readme_defaults);
+                    let cp = ceiling::CeilingParams {
+                        bus: Arc::new(kafka::KafkaBench::new(
+                            &a.bootstrap,
+                            a.partitions,
+                            linger_eff.map(ms),
+                        )),
+                        messages: a.ceiling_messages.max(1),
+                        in_flight: a.ceiling_in_flight.max(1),
+                        payload_bytes: pb,
+                    };
+                    let label = format!("ceiling/kafka/if{}/linger{linger_eff:?}", cp.in_flight);
+                    let (good, got) = points_collect(c, &label, || ceiling::run(&cp)).await;
+                    ok &= good;
+                    ceilings.push((linger, median(got)));
+                }
+            }
+            let ceiling_of = |linger: Option<f64>| {
+                ceilings
+                    .iter()
+                    .find(|(l, _)| *l == linger)
+                    .and_then(|(_, m)| *m)
+            };
             for (rate, linger) in rates
                 .iter()
                 .flat_map(|r| lingers.iter().map(move |l| (*r, *l)))
@@ -637,15 +782,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 for &backlog in &backlogs {
                     for &workers in &a.workers {
                         for &fetch_batch_size in &a.fetch_batch_size {
-                            let mut combos: Vec<(usize, u64, Order)> = Vec::new();
+                            let mut combos = Vec::new();
                             for &ab in &a.ack_batch {
                                 for k in keys_for(&a.keys, &a.order) {
                                     for &o in &a.order {
-                                        combos.push((ab, k, o));
+                                        for c in claims_for(&a.claim) {
+                                            combos.push((ab, k, o, c));
+                                        }
                                     }
                                 }
                             }
-                            for (ack_batch, keys, order) in combos {
+                            for (ack_batch, keys, order, claim) in combos {
                                 let p = relay::RelayParams {
                                     target: a.urls.target(
                                         a.bus,
@@ -660,6 +807,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                         ack_batch,
                                         a.fetch_concurrency,
                                         order,
+                                        claim,
                                     ),
                                     payload_bytes: pb,
                                     rate,
@@ -668,6 +816,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                     keep_topic: a.keep_topic,
                                     readme_defaults: a.readme_defaults,
                                     keys,
+                                    ceiling_msg_s: ceiling_of(linger),
                                 };
                                 let bus = p.target.name();
                                 let suffix = if keys > 0 || order == Order::Ordered {
@@ -686,7 +835,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                                         "relay/{backlog}/w{workers}/b{fetch_batch_size}/ack{ack_batch}/linger{linger:?}"
                                     ),
                                     Some(r) => format!("relay-steady/{r}/w{workers}"),
-                                } + &suffix;
+                                } + &suffix
+                                    + &claim_label(claim);
                                 ok &= points(c, &label, || relay::run(&db, &p)).await;
                             }
                         }
@@ -705,7 +855,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let label = relay
                 .as_ref()
                 .map_or_else(|| "latency".to_owned(), |t| format!("latency-{}", t.name()));
-            for &order in &a.order {
+            for (&order, claim) in a
+                .order
+                .iter()
+                .flat_map(|o| claims_for(&a.claim).into_iter().map(move |c| (o, c)))
+            {
                 let ordered = order == Order::Ordered;
                 let keys = a.keys.unwrap_or(if ordered { 1000 } else { 0 });
                 let p = latency::LatencyParams {
@@ -717,16 +871,26 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                     listen: !a.no_listen,
                     ordered,
                     keys,
+                    claim,
                 };
-                let label = format!("{label}/{order:?}/keys{keys}");
+                let label = format!("{label}/{order:?}/keys{keys}{}", claim_label(claim));
                 ok &= points(c, &label, || latency::run(&db, &p)).await;
             }
         }
         Cmd::Ceiling(a) => {
             for &kind in &a.bus {
                 for &in_flight in &a.in_flight {
+                    let bus: Arc<dyn Bus> = if kind == BusKind::Kafka {
+                        Arc::new(kafka::KafkaBench::new(
+                            &a.bootstrap,
+                            a.partitions,
+                            a.linger_ms.map(ms),
+                        ))
+                    } else {
+                        a.urls.bus(kind)?
+                    };
                     let p = ceiling::CeilingParams {
-                        bus: a.urls.bus(kind)?,
+                        bus,
                         messages: a.messages.max(1),
                         in_flight: in_flight.max(1),
                         payload_bytes: pb,

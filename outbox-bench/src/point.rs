@@ -6,7 +6,7 @@ use std::time::Duration;
 use outbox_core::OutboxTable;
 use serde_json::{Map, Value, json};
 
-use crate::db::{Db, Delta, Probe, Snapshot};
+use crate::db::{Db, Delta, Prefilled, Probe, Snapshot, WalStats};
 use crate::sys::{self, CpuSnap, LoadWatch, round};
 
 /// Latency percentiles (nearest rank) of `samples`, in milliseconds.
@@ -42,6 +42,56 @@ pub(crate) struct Window {
     rss_reset: bool,
 }
 
+/// Where a point's producer wrote its rows, for the WAL split of the result
+/// (`wal_bytes_per_msg_produce` / `_drain` / `_total`, `wal_scope`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WalScope {
+    /// A backlog written before the window (server-side `INSERT … SELECT`,
+    /// see `db::prefill_keyed`): its WAL is the producer's share, the
+    /// window's the consumer's (claims and outcomes).
+    Prefilled(Prefilled),
+    /// The producer ran inside the window (latency, steady relay): the
+    /// window's WAL is the total; no split. A backlog written before the
+    /// window as well (steady relay with `--backlog`) is added to the total.
+    ProducerInWindow(Option<Prefilled>),
+    /// The window is the producer alone (`produce`).
+    ProducerOnly,
+}
+
+impl WalScope {
+    /// (produce, drain, total) WAL bytes per message, and what they cover.
+    fn split(self, window_bytes: u64, messages: u64) -> (Value, Value, Value, &'static str) {
+        let per = |b: u64, n: u64| b as f64 / n.max(1) as f64;
+        let window = per(window_bytes, messages);
+        match self {
+            Self::Prefilled(p) => {
+                let produce = per(p.wal_bytes, p.rows);
+                (
+                    json!(round(produce, 1)),
+                    json!(round(window, 1)),
+                    json!(round(produce + window, 1)),
+                    "produce: the backlog's INSERTs (server-side INSERT ... SELECT before the                      window, the same rows publish_batch writes, VACUUM excluded) / its rows;                      drain: the measured window (claims, outcomes; full-page images after its                      CHECKPOINT included) / messages; total: their sum",
+                )
+            }
+            Self::ProducerInWindow(pre) => (
+                Value::Null,
+                Value::Null,
+                json!(round(
+                    per(window_bytes + pre.map_or(0, |p| p.wal_bytes), messages),
+                    1
+                )),
+                "total: the measured window, with the producer's INSERTs and the consumer                  inside it (full-page images after its CHECKPOINT included) / messages; no split",
+            ),
+            Self::ProducerOnly => (
+                json!(round(window, 1)),
+                Value::Null,
+                json!(round(window, 1)),
+                "produce = total: the producer's window / messages",
+            ),
+        }
+    }
+}
+
 /// What a scenario measured, before PostgreSQL's side is added.
 #[derive(Debug)]
 pub(crate) struct Measured {
@@ -57,6 +107,8 @@ pub(crate) struct Measured {
     pub(crate) cpu_end: CpuSnap,
     /// Rows the table must hold afterwards.
     pub(crate) expect_rows: Option<i64>,
+    /// Where the producer's WAL is (the WAL split).
+    pub(crate) wal: WalScope,
 }
 
 /// The finished result: one JSON object, plus whether a compile ran during it.
@@ -114,6 +166,7 @@ impl Window {
         let cpu_end = m.cpu_end.with_postgres_from(&self.probe.cpu());
         let after = self.probe.snapshot(&self.table).await?;
         let delta = Delta::between(&self.before, &after, &cpu_end);
+        let wal_detail = self.probe.wal_between(&self.before, &after).await;
         let rows_left = self.probe.count(&self.table).await?;
         let mut out = Map::new();
         out.insert("scenario".into(), json!(m.scenario));
@@ -128,6 +181,68 @@ impl Window {
         out.insert("latency_ms".into(), m.latency);
         if let Value::Object(pg) = delta.to_json(m.messages, 8) {
             out.extend(pg);
+        }
+        let (produce, drain, total, scope) = m.wal.split(delta.wal_bytes, m.messages);
+        out.insert("wal_bytes_per_msg_produce".into(), produce);
+        out.insert("wal_bytes_per_msg_drain".into(), drain);
+        let total_f = total.as_f64();
+        out.insert("wal_bytes_per_msg_total".into(), total);
+        out.insert("wal_scope".into(), json!(scope));
+        // Full-page images: the first change of each page after a
+        // CHECKPOINT (the window starts with one) writes the whole page. A
+        // backlog drained right after a CHECKPOINT pays one per heap page; a
+        // steady relay, whose rows are deleted soon after their INSERT,
+        // rarely does.
+        let msgs = m.messages.max(1) as f64;
+        let window_fpi = wal_detail.as_ref().map(WalStats::fpi_bytes);
+        out.insert(
+            "wal_fpi_bytes_per_msg_window".into(),
+            json!(window_fpi.map(|b| round(b as f64 / msgs, 1))),
+        );
+        let produce_fpi = match m.wal {
+            WalScope::Prefilled(p) => p
+                .wal_fpi_bytes
+                .map(|b| json!(round(b as f64 / p.rows.max(1) as f64, 1))),
+            _ => None,
+        };
+        out.insert(
+            "wal_fpi_bytes_per_msg_produce".into(),
+            produce_fpi.unwrap_or(Value::Null),
+        );
+        out.insert(
+            "wal_bytes_per_msg_total_without_fpi".into(),
+            match (total_f, window_fpi, &m.wal) {
+                (Some(t), Some(w), WalScope::Prefilled(p)) => {
+                    p.wal_fpi_bytes.map_or(Value::Null, |pf| {
+                        json!(round(
+                            t - w as f64 / msgs - pf as f64 / p.rows.max(1) as f64,
+                            1
+                        ))
+                    })
+                }
+                (Some(t), Some(w), WalScope::ProducerInWindow(None) | WalScope::ProducerOnly) => {
+                    json!(round(t - w as f64 / msgs, 1))
+                }
+                (Some(t), Some(w), WalScope::ProducerInWindow(Some(p))) => {
+                    p.wal_fpi_bytes.map_or(Value::Null, |pf| {
+                        json!(round(t - (w + pf) as f64 / msgs, 1))
+                    })
+                }
+                _ => Value::Null,
+            },
+        );
+        if let Some(w) = &wal_detail {
+            // By resource manager: [records, record bytes, FPI bytes] per message.
+            let per = |v: i64| round(v as f64 / msgs, 2);
+            out.insert(
+                "wal_by_rmgr_per_msg".into(),
+                w.0.iter()
+                    .map(|(name, n, rec, fpi)| {
+                        (name.clone(), json!([per(*n), per(*rec), per(*fpi)]))
+                    })
+                    .collect::<Map<_, _>>()
+                    .into(),
+            );
         }
         out.insert("rows_left".into(), json!(rows_left));
         out.insert(

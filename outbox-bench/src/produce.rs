@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde_json::{Map, json};
 
 use crate::db::{self, Body, Db, QUEUE};
-use crate::point::{Finished, Measured, Window, percentiles_ms};
+use crate::point::{Finished, Measured, WalScope, Window, percentiles_ms};
 use outbox_core::PublishOptions;
 
 /// How rows are published.
@@ -144,6 +144,7 @@ async fn measure(
             extra,
             cpu_end,
             expect_rows: Some(i64::try_from(messages)?),
+            wal: WalScope::ProducerOnly,
         })
         .await
 }

@@ -13,8 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::buses::Target;
 use crate::db::{self, Body, Db, QUEUE};
-use crate::drain::{Knobs, Progress, timeout_for};
-use crate::point::{Finished, Measured, Window, percentiles_ms};
+use crate::drain::{Knobs, Progress, claim_mode_name, timeout_for};
+use crate::point::{Finished, Measured, WalScope, Window, percentiles_ms};
 use crate::sys::round;
 use crate::timed::{CREATED_HEADER, Confirms, Timed};
 
@@ -40,6 +40,9 @@ pub(crate) struct RelayParams {
     /// Distinct ordering keys of the backlog (see `drain`); 0: no key. The
     /// key is the Kafka record key.
     pub(crate) keys: u64,
+    /// The broker's own ingest ceiling measured in the same run with the
+    /// same producer settings (`relay --ceiling`), msg/s.
+    pub(crate) ceiling_msg_s: Option<f64>,
 }
 
 impl RelayParams {
@@ -64,18 +67,27 @@ impl RelayParams {
         }
         if self.readme_defaults {
             let d = outbox_core::RELAY_DEFAULTS;
-            let o = SubscriberOptions::default().relay_defaults(true);
+            let mut o = SubscriberOptions::default().relay_defaults(true);
+            if let Some(mode) = self.knobs.claim {
+                o = o.claim_mode(mode);
+            }
             for (k, v) in [
                 ("readme_defaults", json!(true)),
                 ("workers", json!(d.max_workers)),
                 ("fetch_batch_size", json!(d.fetch_batch_size)),
                 ("ack_batch", json!(o.get_terminal_flush_batch_size())),
                 ("fetch_concurrency", json!(o.get_fetch_concurrency())),
+                ("claim_mode", json!(claim_mode_name(o.get_claim_mode()))),
+                ("claim_mode_set", json!(self.knobs.claim.is_some())),
+                (
+                    "max_hold_ms",
+                    json!(o.get_max_hold().as_secs_f64() * 1000.0),
+                ),
             ] {
                 params.insert(k.to_owned(), v);
             }
         } else {
-            self.knobs.add_json(&mut params);
+            self.knobs.add_json(&mut params, true);
         }
         params.into()
     }
@@ -92,6 +104,9 @@ fn app(
     let mut route = Route::builder([QUEUE]);
     if p.readme_defaults {
         route = route.ordered(p.knobs.ordered);
+        if let Some(mode) = p.knobs.claim {
+            route = route.claim_mode(mode);
+        }
     } else {
         route = route.options(p.knobs.options());
     }
@@ -124,10 +139,27 @@ pub(crate) async fn run(db: &Db, p: &RelayParams) -> anyhow::Result<Finished> {
             let prefill = db::prefill_keyed(db, table, p.backlog, p.payload_bytes, p.keys).await?;
             match p.rate {
                 None => backlog(db, table, p, &topic, prefill).await,
-                Some(rate) => steady(db, table, p, &topic, rate).await,
+                Some(rate) => steady(db, table, p, &topic, rate, prefill).await,
             }
         }
-        .await;
+        .await
+        .map(|mut f| {
+            if let (Some(ceiling), Value::Object(o)) = (p.ceiling_msg_s, &mut f.json) {
+                // Steady points relay at the producer's rate: their ratio is
+                // the relay's rate in the window.
+                let rate = o
+                    .get("relay_rate_in_window_msg_s")
+                    .or_else(|| o.get("throughput_msg_s"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                o.insert("broker_ceiling_msg_s".into(), json!(round(ceiling, 1)));
+                o.insert(
+                    "ratio_to_ceiling".into(),
+                    json!(round(rate / ceiling.max(1e-9), 3)),
+                );
+            }
+            f
+        });
         if !p.keep_topic {
             p.target.cleanup(&topic).await;
         }
@@ -141,7 +173,7 @@ async fn backlog(
     table: &OutboxTable,
     p: &RelayParams,
     topic: &str,
-    prefill: Duration,
+    prefill: db::Prefilled,
 ) -> anyhow::Result<Finished> {
     let inner = p.target.connect_warm(topic, p.readme_defaults).await?;
     let progress = Progress::new(p.backlog);
@@ -203,7 +235,7 @@ async fn backlog(
     );
     extra.insert(
         "prefill_seconds".into(),
-        json!(round(prefill.as_secs_f64(), 2)),
+        json!(round(prefill.took.as_secs_f64(), 2)),
     );
     extra.insert("topic".into(), json!(topic));
     window
@@ -216,6 +248,7 @@ async fn backlog(
             extra,
             cpu_end,
             expect_rows: Some(0),
+            wal: WalScope::Prefilled(prefill),
         })
         .await
 }
@@ -226,6 +259,7 @@ async fn steady(
     p: &RelayParams,
     topic: &str,
     rate: u64,
+    prefill: db::Prefilled,
 ) -> anyhow::Result<Finished> {
     if rate == 0 {
         bail!("--rate must be > 0");
@@ -377,6 +411,9 @@ async fn steady(
             extra,
             cpu_end,
             expect_rows: Some(0),
+            // The steady producer is inside the window; a --backlog given
+            // with --rate was prefilled before it (added to the total).
+            wal: WalScope::ProducerInWindow((prefill.rows > 0).then_some(prefill)),
         })
         .await
 }

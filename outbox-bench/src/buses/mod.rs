@@ -95,6 +95,10 @@ pub(crate) trait Bus: Send + Sync {
 
     /// Deletes `destination`, best effort.
     fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()>;
+
+    /// The client settings the ceiling ran with, for its result (`null`:
+    /// the crate's defaults, nothing to add).
+    fn settings(&self) -> Value;
 }
 
 /// What each bus file writes: its transport crate's builder and its plain
@@ -130,6 +134,11 @@ pub(crate) trait PlainClient: Send + Sync {
 
     /// As [`Bus::cleanup`].
     fn delete(&self, destination: &str) -> impl Future<Output = ()> + Send;
+
+    /// As [`Bus::settings`].
+    fn settings(&self) -> Value {
+        Value::Null
+    }
 }
 
 impl<T: PlainClient> Bus for T {
@@ -172,6 +181,10 @@ impl<T: PlainClient> Bus for T {
     fn cleanup(&self, destination: &str) -> BoxFuture<'_, ()> {
         let destination = destination.to_owned();
         Box::pin(async move { self.delete(&destination).await })
+    }
+
+    fn settings(&self) -> Value {
+        PlainClient::settings(self)
     }
 }
 
@@ -289,12 +302,15 @@ impl Target {
             partitions, linger, ..
         } = self
         {
+            let overridden = linger.is_some() && !defaults;
             let linger = match linger {
                 Some(l) if !defaults => *l,
                 _ => outbox_kafka::DEFAULT_LINGER,
             };
             m.insert("partitions".into(), json!(partitions));
             m.insert("linger_ms".into(), json!(linger.as_secs_f64() * 1000.0));
+            // false: outbox-kafka's producer defaults (librdkafka's linger).
+            m.insert("linger_overridden".into(), json!(overridden));
         }
         m
     }
