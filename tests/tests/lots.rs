@@ -356,3 +356,41 @@ async fn an_untuned_autovacuum_is_reported_at_start() -> R {
     assert_eq!(captured(mine).len(), before, "tuned: no warning");
     Ok(())
 }
+
+/// A dead-letter move the dead-letter table refuses (a drifted table,
+/// permissions) does not roll the lot back: the acks commit, the refused
+/// row keeps a lease and is delivered again after it expires, as a leased
+/// row's failed dead-letter write.
+#[tokio::test]
+async fn a_refused_dead_letter_move_leases_its_row_and_the_acks_commit() -> R {
+    let db = TestDb::new().await?;
+    db.exec(format!(
+        "ALTER TABLE {} ADD CONSTRAINT no_rejects CHECK (failure_reason <> 'rejected')",
+        db.d()
+    ))
+    .await?;
+    publish(&db, "q", 4).await?;
+    let sub = lots("q").build(|m: Message| async move {
+        if m.decode::<i64>()? == 2 {
+            m.reject();
+        }
+        Ok::<_, BoxError>(())
+    })?;
+    let e = engine(&db, "lots", sub);
+    e.start().await?;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            db.count().await.unwrap() == 1
+        })
+        .await,
+        "the three acks committed"
+    );
+    e.stop().await;
+    assert_eq!(leased(&db).await?, 1, "the refused row is leased");
+    assert_eq!(db.dlq_count().await?, 0);
+    assert!(
+        !captured(|c| c.message.contains("the dead-letter table refused it")).is_empty(),
+        "logged"
+    );
+    Ok(())
+}

@@ -269,22 +269,18 @@ async fn settle(
         texts.push(text);
     }
     let ended = store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes)).await;
-    if let Err(e) = &ended {
-        tracing::error!(
-            subscriber = %shared.sub.name(),
-            "outbox lot could not commit ({e}); it was rolled back: its {} rows are claimable \
-             again (those already handled are delivered again)",
-            done.len() + unstarted.len() + writes.lease.len()
-        );
-        for h in &done {
-            shared.metrics.abandoned(&h.delivery.row.queue);
-            shared.finished(h.delivery.row.id, Step::Abandoned);
+    let refused = match ended {
+        Ok(refused) => refused,
+        Err(e) => {
+            return Err(rolled_back(
+                shared,
+                e,
+                &done,
+                &unstarted,
+                writes.lease.len(),
+            ));
         }
-        for d in &unstarted {
-            shared.finished(d.row.id, Step::Released);
-        }
-        return ended;
-    }
+    };
     for (h, text) in done.into_iter().zip(texts) {
         let row = &h.delivery.row;
         let kind = crate::instrument::error_kind(h.error.as_ref());
@@ -298,10 +294,20 @@ async fn settle(
                 Step::Retried { delay }
             }
             Outcome::Terminal { reason } if dlq => {
-                shared.dead_lettered(row, reason, kind, h.duration, text.as_deref());
-                Step::DeadLettered {
-                    reason,
-                    last_exception: text,
+                if let Some(e) = &refused {
+                    tracing::error!(
+                        queue = %row.queue, row_id = row.id, reason = reason.as_str(),
+                        "outbox row failed for good but the dead-letter table refused it ({e}); \
+                         it stays leased and is delivered again after its lease expires"
+                    );
+                    shared.metrics.abandoned(&row.queue);
+                    Step::Abandoned
+                } else {
+                    shared.dead_lettered(row, reason, kind, h.duration, text.as_deref());
+                    Step::DeadLettered {
+                        reason,
+                        last_exception: text,
+                    }
                 }
             }
             Outcome::Terminal { reason } => {
@@ -322,4 +328,29 @@ async fn settle(
         shared.finished(d.row.id, Step::Released);
     }
     Ok(())
+}
+
+/// A lot that could not commit (rolled back): reports its rows; returns the
+/// error.
+fn rolled_back(
+    shared: &SubShared,
+    e: sqlx::Error,
+    done: &[Handled],
+    unstarted: &[Arc<Delivery>],
+    leased: usize,
+) -> sqlx::Error {
+    tracing::error!(
+        subscriber = %shared.sub.name(),
+        "outbox lot could not commit ({e}); it was rolled back: its {} rows are claimable \
+         again (those already handled are delivered again)",
+        done.len() + unstarted.len() + leased
+    );
+    for h in done {
+        shared.metrics.abandoned(&h.delivery.row.queue);
+        shared.finished(h.delivery.row.id, Step::Abandoned);
+    }
+    for d in unstarted {
+        shared.finished(d.row.id, Step::Released);
+    }
+    e
 }

@@ -152,13 +152,17 @@ async fn lot_claim_pg(
 
 /// Ends a lot: with `Some(writes)`, writes them and commits; with `None`,
 /// rolls back. A failed write rolls everything back (when the connection
-/// still works; a broken one is rolled back by the server).
+/// still works; a broken one is rolled back by the server), except a
+/// refused dead-letter move (a drifted dead-letter table, permissions): then
+/// those rows get the lot's lease instead, as a failed dead-letter write
+/// leaves a leased row, the rest commits, and the refusal is returned in
+/// `Ok(Some(..))`.
 pub(crate) async fn lot_end(
     stmts: &Statements,
     conn: &mut Conn,
     lot: u64,
     writes: Option<&LotWrites>,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<sqlx::Error>, sqlx::Error> {
     let pg = match conn {
         Conn::Local(store) => {
             if let Some(w) = writes
@@ -169,15 +173,21 @@ pub(crate) async fn lot_end(
                 return Err(no_dead_letter_table());
             }
             store.end_lot(lot, writes);
-            return Ok(());
+            return Ok(None);
         }
         Conn::Pg(pg) => pg,
     };
     let Some(writes) = writes else {
-        return sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await.map(drop);
+        return sqlx::raw_sql("ROLLBACK")
+            .execute(&mut *pg)
+            .await
+            .map(|_| None);
     };
     match lot_write_pg(stmts, pg, writes).await {
-        Ok(()) => sqlx::raw_sql("COMMIT").execute(&mut *pg).await.map(drop),
+        Ok(refused) => sqlx::raw_sql("COMMIT")
+            .execute(&mut *pg)
+            .await
+            .map(|_| refused),
         Err(e) => {
             if !is_connection_error(&e) {
                 let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
@@ -191,7 +201,8 @@ async fn lot_write_pg(
     stmts: &Statements,
     pg: &mut PgConnection,
     w: &LotWrites,
-) -> Result<(), sqlx::Error> {
+) -> Result<Option<sqlx::Error>, sqlx::Error> {
+    let mut refused = None;
     let lot = &stmts.lot;
     if !w.delete.is_empty() {
         sql::q(&lot.delete)
@@ -215,12 +226,30 @@ async fn lot_write_pg(
         let ids: Vec<i64> = w.dead_letter.iter().map(|(id, _, _)| *id).collect();
         let reasons: Vec<&str> = w.dead_letter.iter().map(|(_, r, _)| *r).collect();
         let texts: Vec<Option<&str>> = w.dead_letter.iter().map(|(_, _, t)| t.as_deref()).collect();
-        sql::q(dl)
-            .bind(ids)
+        sqlx::raw_sql("SAVEPOINT outbox_dead_letters")
+            .execute(&mut *pg)
+            .await?;
+        let moved = sql::q(dl)
+            .bind(&ids)
             .bind(reasons)
             .bind(texts)
             .execute(&mut *pg)
-            .await?;
+            .await;
+        match moved {
+            Ok(_) => {}
+            Err(e) if is_connection_error(&e) => return Err(e),
+            Err(e) => {
+                sqlx::raw_sql("ROLLBACK TO SAVEPOINT outbox_dead_letters")
+                    .execute(&mut *pg)
+                    .await?;
+                sql::q(&lot.lease)
+                    .bind(&ids)
+                    .bind(w.token)
+                    .execute(&mut *pg)
+                    .await?;
+                refused = Some(e);
+            }
+        }
     }
     if !w.lease.is_empty() {
         sql::q(&lot.lease)
@@ -229,7 +258,7 @@ async fn lot_write_pg(
             .execute(&mut *pg)
             .await?;
     }
-    Ok(())
+    Ok(refused)
 }
 
 /// What one claim asks for.
