@@ -222,7 +222,7 @@ async fn handle_lot(
     }
     // The rest finish under their lease, like leased rows.
     let sh = shared.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         while let Some(next) = running.next().await {
             match next {
                 Done::Handled(h) => worker::record_leased(sh.clone(), h).await,
@@ -230,6 +230,13 @@ async fn handle_lot(
             }
         }
     });
+    let mut overdue = shared
+        .overdue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    overdue.retain(|t| !t.is_finished());
+    overdue.push(task);
+    drop(overdue);
     result
 }
 

@@ -170,6 +170,9 @@ pub(crate) struct SubShared {
     /// [`ClaimMode::Transaction`]: rows of lots that were never started
     /// (the subscriber was stopping), released by their lot's commit.
     pub(crate) released: AtomicUsize,
+    /// [`ClaimMode::Transaction`]: the tasks finishing the rows that
+    /// outlived `max_hold` under their lease (a stop waits for them).
+    pub(crate) overdue: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl SubShared {
@@ -205,6 +208,7 @@ impl SubShared {
             refill_at: (cap / 2).max(1),
             write_pool: worker::WritePool::new(workers),
             released: AtomicUsize::new(0),
+            overdue: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -718,7 +722,20 @@ impl Engine {
         running.detach();
         let mut tasks = Vec::new();
         for s in running.subs {
-            for w in s.fetch.into_iter().chain(s.workers).chain(s.acker) {
+            let overdue = std::mem::take(
+                &mut *s
+                    .shared
+                    .overdue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for w in s
+                .fetch
+                .into_iter()
+                .chain(s.workers)
+                .chain(s.acker)
+                .chain(overdue)
+            {
                 w.abort();
                 tasks.push(w);
             }
@@ -743,11 +760,19 @@ async fn drain_lots(
 ) -> (usize, Option<String>) {
     let name = s.shared.sub.name().to_owned();
     let mut timed_out = false;
-    for mut lot in s.fetch {
+    let overdue = std::mem::take(
+        &mut *s
+            .shared
+            .overdue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    // The lots, then the rows that outlived `max_hold` (under their lease).
+    for mut task in s.fetch.into_iter().chain(overdue) {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(remaining, &mut lot).await.is_err() {
-            lot.abort();
-            let _ = lot.await;
+        if tokio::time::timeout(remaining, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
             timed_out = true;
         }
     }
