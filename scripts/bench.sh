@@ -9,10 +9,17 @@
 #   bash scripts/bench.sh ordering        # ordered vs unordered drains, relays, latency, the
 #                                         # key's insert cost, a long transaction, a poisoned
 #                                         # key (bench/ordering.sh; not part of the default set)
+#   bash scripts/bench.sh throughput      # issue 16: lease vs transaction claim in one run
+#                                         # (drains at 100 / 1,000 rows per claim, vs
+#                                         # faststream-outbox 0.19, Kafka relay vs the broker's
+#                                         # ceiling, WAL and dead tuples per message, idle
+#                                         # latency, RSS at 1M rows), then the tables with
+#                                         # ratios and targets (bench/throughput.sh, ~13 min;
+#                                         # not part of the default set)
 #
 # Environment:
 #   BENCH_BIN       use this prebuilt outbox-bench instead of building one
-#   BENCH_REPEATS   repeats per point (default 3)
+#   BENCH_REPEATS   repeats per point (default 3; for ordering / throughput: rounds)
 #   BENCH_OUT       JSON-lines output (default bench/results/bench-<UTC time>.jsonl)
 #   KAFKA_BOOTSTRAP Kafka for relay / latency-kafka (default: the local broker,
 #                   started with scripts/kafka.sh if it is down; never stopped)
@@ -44,7 +51,7 @@ export BENCH_DATABASE_URL=$URL
 BIN=$(bench_binary "$OUT")
 trap 'rm -f "$BIN"' EXIT
 
-if want relay || want latency || want ordering; then
+if want relay || want latency || want ordering || want throughput; then
   if [ -z "${KAFKA_BOOTSTRAP:-}" ]; then
     bash scripts/kafka.sh start >&2 || die "could not start the local Kafka broker (scripts/kafka.sh start)"
     export KAFKA_BOOTSTRAP=127.0.0.1:9092
@@ -102,6 +109,17 @@ if want ordering; then
   # Its own rounds (ordered and unordered in each invocation, interleaved).
   BIN=$BIN OUT=$OUT REPEATS=$REPEATS bash bench/ordering.sh
   python3 bench/ordering.py "$OUT"
+fi
+if want throughput; then
+  # faststream-outbox 0.19 for the side-by-side drain (its venv; skipped if it
+  # cannot be made).
+  PY=$(bash scripts/python-env.sh | tail -n 1) || PY=
+  [ -x "$PY" ] || { log "no faststream-outbox venv (scripts/python-env.sh): its points are skipped"; PY=; }
+  BIN=$BIN OUT=$OUT REPEATS=$REPEATS PY=$PY bash bench/throughput.sh
+  python3 bench/throughput.py "$OUT" --markdown-out "${OUT%.jsonl}.md"
+  log "tables: ${OUT%.jsonl}.md"
+  # Only the claim-mode tables for this group (summarize.py reads every scenario).
+  [ ${#GROUPS_WANTED[@]} -eq 1 ] && { log "raw results: $OUT"; exit 0; }
 fi
 python3 bench/summarize.py "$OUT"
 log "raw results: $OUT"

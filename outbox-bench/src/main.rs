@@ -8,6 +8,25 @@
 //! this process, and the machine's load. `check` is the CI gate on the
 //! machine-independent figures. See `docs/performance.md`.
 //!
+//! WAL per message (`pg_current_wal_lsn()` differences; the private cluster
+//! has no other writer): `wal_bytes_per_msg` is the measured window's, as
+//! always. Beside it, `wal_bytes_per_msg_produce` (the producer's INSERTs: for
+//! a prefilled backlog, measured around the prefill's `INSERT`s, `VACUUM`
+//! excluded), `wal_bytes_per_msg_drain` (the window: claims and outcomes) and
+//! `wal_bytes_per_msg_total` (their sum; where the producer runs inside the
+//! window, as in `latency` and the steady `relay --rate`, the window is the
+//! total and there is no split); `wal_scope` says which applies. Each window
+//! starts with a `CHECKPOINT`, so a drained backlog pays one full-page image
+//! per page it touches: `wal_fpi_bytes_per_msg_window` /
+//! `_produce` (from `pg_walinspect`) and `wal_bytes_per_msg_total_without_fpi`
+//! give that share, `wal_by_rmgr_per_msg` the WAL by resource manager
+//! (records, record bytes, FPI bytes per message). `dead_tuples_per_msg`:
+//! `n_dead_tup` afterwards / messages (autovacuum is off on the table).
+//!
+//! `--claim lease,transaction` (drain, relay, latency) runs each point in
+//! both claim modes back to back; every point names its effective
+//! `claim_mode`.
+//!
 //! ```text
 //! bash scripts/bench-pg.sh start          # private PostgreSQL with pg_stat_statements
 //! cargo run --release -p outbox-bench -- drain --backlog 100000 --workers 1,4 --ack-batch 1,1000
