@@ -158,6 +158,7 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
         ("lease_ttl", &args.lease_ttl),
         ("min_fetch_interval", &args.min_fetch_interval),
         ("max_fetch_interval", &args.max_fetch_interval),
+        ("max_hold", &args.max_hold),
     ];
     for (setter, d) in durations {
         let Some(d) = d else { continue };
@@ -173,6 +174,7 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
     let variants = [
         ("ack_policy", "AckPolicy", &args.ack_policy),
         ("poison_policy", "PoisonPolicy", &args.poison_policy),
+        ("claim_mode", "ClaimMode", &args.claim_mode),
     ];
     for (setter, ty, value) in variants {
         match value {

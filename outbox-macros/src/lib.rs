@@ -71,6 +71,8 @@ use proc_macro::TokenStream;
 ///             | 'propagate_headers' '=' BOOL
 ///             | 'ordered' ('=' BOOL)?
 ///             | 'poison_policy' '=' ('Block' | 'DeadLetterAndContinue')
+///             | 'claim_mode' '=' ('Lease' | 'Transaction')
+///             | 'max_hold' '=' DURATION
 ///             | 'crate' '=' STRING
 /// DURATION   := STRING of one or more parts NUMBER UNIT, added up:
 ///               "10s", "500ms", "1m", "1h", "2m30s", "1.5s"
@@ -99,6 +101,8 @@ use proc_macro::TokenStream;
 /// | `propagate_headers` | `true` / `false` | `true`: the row's own headers go along (opt out with `propagate_headers = false`) | `.propagate_headers(b)` |
 /// | `ordered` | none (a flag), or `true` / `false` | off: rows are claimed in parallel regardless of their key | `.ordered(true)` |
 /// | `poison_policy` | `Block` or `DeadLetterAndContinue`; only with `ordered` | `Block` | `.poison_policy(PoisonPolicy::..)` |
+/// | `claim_mode` | `Lease` or `Transaction` | `Transaction` with a `#[publish_to]` target (a relay), else `Lease` | `.claim_mode(ClaimMode::..)` |
+/// | `max_hold` | duration; not with `claim_mode = Lease` | `"5s"` | `.max_hold(Duration)` |
 /// | `crate` | a path, as a string | `"::outbox_core"` | (where generated code finds `outbox_core`) |
 ///
 /// The macro checks the *kind* of each value (an integer where an integer is
@@ -109,9 +113,10 @@ use proc_macro::TokenStream;
 /// subscriber and where it was declared. The `retry` expression is evaluated
 /// in the scope of the fn, each time the route is built.
 ///
-/// `ack_policy` and `poison_policy` take the variant's name (`Manual`), or a
-/// path to it through its enum (`AckPolicy::Manual`,
-/// `outbox_core::PoisonPolicy::Block`), used as written.
+/// `ack_policy`, `poison_policy` and `claim_mode` take the variant's name
+/// (`Manual`), or a path to it through its enum (`AckPolicy::Manual`,
+/// `outbox_core::PoisonPolicy::Block`, `ClaimMode::Transaction`), used as
+/// written.
 ///
 /// **Ordered subscribers.** `ordered` (the same as `ordered = true`) makes
 /// the subscriber deliver the rows of each ordering key
@@ -121,6 +126,16 @@ use proc_macro::TokenStream;
 /// the default) or dead-letter it and go on (`DeadLetterAndContinue`).
 /// It means nothing to an unordered subscriber, so `poison_policy` without
 /// `ordered` (or with `ordered = false`) is a compile error at the option.
+///
+/// **Claim modes.** `claim_mode` chooses how rows are claimed and their
+/// outcomes recorded (see `outbox_core::ClaimMode`): `Lease` writes a lease
+/// per claim and each outcome later; `Transaction` locks the claimed rows in
+/// a transaction held open while their handlers run, and commits the
+/// outcomes in it. `max_hold` bounds how long that transaction stays open
+/// (`SubscriberOptions::max_hold`). Without `claim_mode` the runtime chooses
+/// (`Transaction` for a route with a `#[publish_to]` target, `Lease`
+/// otherwise), so `max_hold` may be given alone; with `claim_mode = Lease`
+/// it means nothing, and is a compile error at the option.
 ///
 /// **Deprecated spellings.** `lease_ttl_secs = 30` (seconds, integer or
 /// float), `min_fetch_interval_ms = 500` and `max_fetch_interval_ms = 5000`
@@ -235,6 +250,19 @@ use proc_macro::TokenStream;
 /// # fn main() {}
 /// ```
 ///
+/// A relay whose claims hold their transaction at most two seconds:
+///
+/// ```no_run
+/// use outbox_core::{publish_to, subscriber};
+///
+/// #[publish_to(kafka, "orders.kafka")]
+/// #[subscriber("orders", claim_mode = Transaction, max_hold = "2s", max_workers = 64)]
+/// async fn relay(order: serde_json::Value) -> serde_json::Value {
+///     order
+/// }
+/// # fn main() {}
+/// ```
+///
 /// Registering explicitly and running the application:
 ///
 /// ```no_run
@@ -277,6 +305,14 @@ use proc_macro::TokenStream;
 /// use outbox_core::subscriber;
 ///
 /// #[subscriber("orders", poison_policy = Block)] // only applies to `ordered` subscribers
+/// async fn handle(order_id: i64) {}
+/// # fn main() {}
+/// ```
+///
+/// ```compile_fail
+/// use outbox_core::subscriber;
+///
+/// #[subscriber("orders", claim_mode = Lease, max_hold = "5s")] // only applies to `Transaction`
 /// async fn handle(order_id: i64) {}
 /// # fn main() {}
 /// ```

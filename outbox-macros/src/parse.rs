@@ -92,6 +92,11 @@ pub(crate) struct SubscriberArgs {
     /// The whole `poison_policy = ..` argument, if written (even with a
     /// wrong value): where "it needs `ordered`" is reported.
     pub(crate) poison_policy_seen: Option<TokenStream>,
+    pub(crate) claim_mode: Option<VariantArg>,
+    pub(crate) max_hold: Option<DurationArg>,
+    /// The whole `max_hold = ..` argument, if written (even with a wrong
+    /// value): where "it needs `claim_mode = Transaction`" is reported.
+    pub(crate) max_hold_seen: Option<TokenStream>,
     pub(crate) krate: Option<syn::Path>,
     /// Targets handed over by `#[publish_to]`, top-down.
     pub(crate) targets: Vec<PublishToArgs>,
@@ -100,7 +105,7 @@ pub(crate) struct SubscriberArgs {
 }
 
 /// The value of an option naming an enum variant of the runtime
-/// (`ack_policy = Manual`, `poison_policy = Block`).
+/// (`ack_policy = Manual`, `poison_policy = Block`, `claim_mode = Lease`).
 pub(crate) enum VariantArg {
     /// `Manual`: a variant of the enum (`outbox_core::AckPolicy`), which the
     /// expansion qualifies.
@@ -108,6 +113,16 @@ pub(crate) enum VariantArg {
     /// `AckPolicy::Manual`, `outbox_core::AckPolicy::Manual`: used as written
     /// (so the user's import is used).
     Path(syn::Path),
+}
+
+impl VariantArg {
+    /// The variant's name: the ident, or the path's last segment.
+    pub(crate) fn name(&self) -> Option<&Ident> {
+        match self {
+            VariantArg::Variant(ident) => Some(ident),
+            VariantArg::Path(path) => path.segments.last().map(|s| &s.ident),
+        }
+    }
 }
 
 /// One `#[publish_to]` target: a transport name and a destination.
@@ -386,14 +401,16 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         return;
     }
     seen.push((option, k.clone()));
+    let whole = || {
+        let mut whole = key.to_token_stream();
+        whole.extend(quote!(=));
+        value.to_tokens(&mut whole);
+        whole
+    };
     match option {
         ORDERED => out.ordered_seen = true,
-        POISON_POLICY => {
-            let mut whole = key.to_token_stream();
-            whole.extend(quote!(=));
-            value.to_tokens(&mut whole);
-            out.poison_policy_seen = Some(whole);
-        }
+        POISON_POLICY => out.poison_policy_seen = Some(whole()),
+        MAX_HOLD => out.max_hold_seen = Some(whole()),
         _ => {}
     }
     if option != k {
@@ -418,6 +435,8 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         POISON_POLICY => {
             out.poison_policy = variant(k, "PoisonPolicy", POISON_POLICIES, value, cx);
         }
+        CLAIM_MODE => out.claim_mode = variant(k, "ClaimMode", CLAIM_MODES, value, cx),
+        MAX_HOLD => out.max_hold = duration_value(k, value, cx),
         CRATE => out.krate = krate(value, cx),
         _ => unknown_option(key, cx),
     }

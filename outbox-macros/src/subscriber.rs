@@ -233,6 +233,127 @@ mod tests {
     }
 
     #[test]
+    fn claim_mode_and_max_hold_reach_the_builder() {
+        let out = expand(
+            quote!("orders", claim_mode = Transaction, max_hold = "2s"),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(
+            out.matches(". claim_mode (:: outbox_core :: ClaimMode :: Transaction)")
+                .count(),
+            1,
+            "{out}"
+        );
+        assert_eq!(
+            out.matches(". max_hold (:: core :: time :: Duration :: new (2u64 , 0u32))")
+                .count(),
+            1,
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+
+        // A path is used as written; `max_hold` alone is the runtime's
+        // business (a relay defaults to `Transaction`).
+        let out = expand(
+            quote!("orders", claim_mode = outbox_core::ClaimMode::Lease),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert!(
+            out.contains(". claim_mode (outbox_core :: ClaimMode :: Lease)"),
+            "{out}"
+        );
+        assert!(!out.contains("max_hold"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+
+        let out = expand(
+            quote!("orders", max_hold = "250ms", crate = "my_app::outbox"),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert!(
+            out.contains(". max_hold (:: core :: time :: Duration :: new (0u64 , 250000000u32))"),
+            "{out}"
+        );
+        assert!(!out.contains("claim_mode"), "{out}");
+        assert!(!out.contains("compile_error"), "{out}");
+
+        let out = expand(
+            quote!("orders", claim_mode = Lease),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert!(
+            out.contains(". claim_mode (:: outbox_core :: ClaimMode :: Lease)"),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+    }
+
+    #[test]
+    fn claim_mode_and_max_hold_errors() {
+        let out = expand(
+            quote!("orders", claim_mode = Leased, max_hold = "2"),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 2, "{out}");
+        assert!(
+            out.contains("unknown `claim_mode` `Leased`; expected one of: `Lease`, `Transaction`"),
+            "{out}"
+        );
+        assert!(out.contains("invalid duration"), "{out}");
+        assert!(out.contains("for `max_hold`"), "{out}");
+        assert!(!out.contains("submit"), "{out}");
+
+        // With `Lease`, written either way (and in either order), `max_hold`
+        // is an error, even when its own value is wrong.
+        for args in [
+            quote!("orders", claim_mode = Lease, max_hold = "5s"),
+            quote!("orders", max_hold = "5s", claim_mode = ClaimMode::Lease),
+        ] {
+            let out = expand(
+                args,
+                quote!(
+                    async fn handle() {}
+                ),
+            );
+            assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+            assert!(
+                out.contains("`max_hold` only applies to `claim_mode = Transaction`"),
+                "{out}"
+            );
+        }
+        let out = expand(
+            quote!("orders", claim_mode = Lease, max_hold = 5),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 2, "{out}");
+        assert!(out.contains("only applies to `claim_mode"), "{out}");
+
+        // A wrong `claim_mode` is the only error: the combination is unknown.
+        let out = expand(
+            quote!("orders", claim_mode = "Lease", max_hold = "5s"),
+            quote!(
+                async fn handle() {}
+            ),
+        );
+        assert_eq!(out.matches("compile_error").count(), 1, "{out}");
+        assert!(
+            out.contains("remove the quotes, `claim_mode = Lease`"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn the_crate_override_replaces_the_root() {
         let out = expand(
             quote!("orders", crate = "my_app::outbox"),

@@ -21,6 +21,8 @@ pub(crate) const RETRY: &str = "retry";
 pub(crate) const PROPAGATE_HEADERS: &str = "propagate_headers";
 pub(crate) const ORDERED: &str = "ordered";
 pub(crate) const POISON_POLICY: &str = "poison_policy";
+pub(crate) const CLAIM_MODE: &str = "claim_mode";
+pub(crate) const MAX_HOLD: &str = "max_hold";
 pub(crate) const CRATE: &str = "crate";
 
 /// Every named `#[subscriber]` option, in documentation order.
@@ -39,6 +41,8 @@ pub(crate) const OPTIONS: &[&str] = &[
     PROPAGATE_HEADERS,
     ORDERED,
     POISON_POLICY,
+    CLAIM_MODE,
+    MAX_HOLD,
     CRATE,
 ];
 
@@ -91,6 +95,8 @@ pub(crate) fn example(option: &str) -> &'static str {
         PROPAGATE_HEADERS => "propagate_headers = false",
         ORDERED => "ordered = true",
         POISON_POLICY => "poison_policy = DeadLetterAndContinue",
+        CLAIM_MODE => "claim_mode = Transaction",
+        MAX_HOLD => "max_hold = \"5s\"",
         CRATE => "crate = \"my_app::outbox\"",
         _ => "",
     }
@@ -131,6 +137,12 @@ pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
         "propagate" | "forward_headers" => PROPAGATE_HEADERS,
         "fifo" | "ordering" | "in_order" | "sequential" | "keyed" | "per_key" => ORDERED,
         "poison" | "on_poison" | "poison_pill" => POISON_POLICY,
+        "claim" | "claim_strategy" | "claiming" | "lock_mode" => CLAIM_MODE,
+        "hold"
+        | "max_hold_time"
+        | "hold_timeout"
+        | "max_transaction_time"
+        | "transaction_timeout" => MAX_HOLD,
         "krate" | "outbox_crate" => CRATE,
         _ => return None,
     })
@@ -141,6 +153,9 @@ pub(crate) const ACK_POLICIES: &[&str] = &["NackOnError", "RejectOnError", "Manu
 
 /// The two `PoisonPolicy` variants.
 pub(crate) const POISON_POLICIES: &[&str] = &["Block", "DeadLetterAndContinue"];
+
+/// The two `ClaimMode` variants.
+pub(crate) const CLAIM_MODES: &[&str] = &["Lease", "Transaction"];
 
 /// Longest queue name the runtime accepts (`outbox_core::MAX_NAME_CHARS`).
 pub(crate) const MAX_QUEUE_CHARS: usize = 255;

@@ -100,8 +100,16 @@ pub(crate) fn signature(func: &ItemFn, cx: &Ctxt) {
 /// Option combinations the runtime would accept but ignore: a
 /// `poison_policy` on a subscriber that is not `ordered` (the policy is what
 /// an ordered subscriber does with a failing head of a key; an unordered
-/// one retries each row on its own, by its `retry` strategy).
+/// one retries each row on its own, by its `retry` strategy), and a
+/// `max_hold` on a `claim_mode = Lease` subscriber (it bounds how long a
+/// `Transaction` claim holds its transaction open: a lease claim holds
+/// none).
 pub(crate) fn options(args: &SubscriberArgs, cx: &Ctxt) {
+    poison_policy(args, cx);
+    max_hold(args, cx);
+}
+
+fn poison_policy(args: &SubscriberArgs, cx: &Ctxt) {
     let Some(poison) = &args.poison_policy_seen else {
         return;
     };
@@ -118,6 +126,26 @@ pub(crate) fn options(args: &SubscriberArgs, cx: &Ctxt) {
              `ordered = false`: write `ordered` (or `ordered = true`), or remove `poison_policy`",
         ),
         _ => {}
+    }
+}
+
+/// `max_hold` with an explicit `claim_mode = Lease`. Without `claim_mode`
+/// the mode is the runtime's choice (`Transaction` for a relay), so
+/// `max_hold` may apply; with a wrong `claim_mode` that error says it all.
+fn max_hold(args: &SubscriberArgs, cx: &Ctxt) {
+    let Some(hold) = &args.max_hold_seen else {
+        return;
+    };
+    let Some(mode) = args.claim_mode.as_ref().and_then(|m| m.name()) else {
+        return;
+    };
+    if mode == "Lease" {
+        cx.error_spanned_by(
+            hold,
+            "`max_hold` only applies to `claim_mode = Transaction` (the longest a claim's \
+             transaction stays open), and this subscriber is `claim_mode = Lease`, which holds \
+             no transaction: remove `max_hold`, or write `claim_mode = Transaction`",
+        );
     }
 }
 

@@ -20,6 +20,8 @@ use outbox_core::{AckPolicy, subscriber};
     propagate_headers = true,
     ordered = true,
     poison_policy = DeadLetterAndContinue,
+    claim_mode = Transaction,
+    max_hold = "2s",
     crate = "::outbox_core",
 )]
 async fn handle(order_id: i64) {
