@@ -192,7 +192,8 @@ def items(a: argparse.Namespace) -> list[Item]:
         Item(
             "drain, batched acks",
             f"{batched:,}-row backlog; Python tfbs=100 (w1/w4 × fetch 100, its best); ours ack_batch=1000 "
-            "× fetch 1000 (w1/w4, and w4 with 2 claims in flight) and Python's own w4/b100/ack100",
+            "× fetch 1000 (w1/w4, and w4 with 2 claims in flight), Python's own w4/b100/ack100, and w4/b1000 "
+            "with the transaction-held claim (--claim transaction)",
             "throughput",
             rust=[
                 Side(f"w{w}/b1000/ack1000", R + ["drain", "--backlog", str(batched), "--workers", str(w),
@@ -205,6 +206,11 @@ def items(a: argparse.Namespace) -> list[Item]:
                                                   "--fetch-concurrency", "2"]),
                 Side("w4/b100/ack100", R + ["drain", "--backlog", str(batched), "--workers", "4",
                                             "--fetch-batch-size", "100", "--ack-batch", "100"]),
+                # The transaction-held claim (issue 16): rows locked in the
+                # claim's transaction and deleted in it, no lease write.
+                Side("w4/b1000/ack1000/transaction", R + ["drain", "--backlog", str(batched), "--workers", "4",
+                                                          "--fetch-batch-size", "1000", "--ack-batch", "1000",
+                                                          "--claim", "transaction"]),
             ],
             python=[
                 Side(f"w{w}/b100/tfbs100", P + ["drain", "--backlog", str(batched), "--workers", str(w),

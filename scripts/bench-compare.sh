@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # faststream-outbox 0.19 (Python) vs outbox (Rust) on the SAME PostgreSQL server
 # (the private benchmark cluster) with the same workloads, in one run; prints both
-# figures and the ratio for: drain with per-row acks, drain with batched acks,
-# produce (single and batch), idle latency.
+# figures and the ratio for: drain with per-row acks, drain with batched acks
+# (ours with the lease claim and with the transaction-held claim, --claim
+# transaction), produce (single and batch), idle latency. The lease vs
+# transaction comparison with the relay, WAL and the broker ceiling:
+# `bash scripts/bench.sh throughput`.
 #
 #   bash scripts/bench-compare.sh           # 3 repeats per point (~10-25 min)
 #   bash scripts/bench-compare.sh --quick   # smaller workloads, a smoke test
