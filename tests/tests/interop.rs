@@ -420,3 +420,202 @@ async fn python_bodies_reach_kafka_byte_for_byte_through_a_passthrough_relay() -
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// faststream-outbox peers and a transaction-mode Rust relay on one queue.
+
+/// Sessions that LISTEN on `db`'s NOTIFY channel (sqlx and asyncpg both send
+/// `LISTEN "<channel>"`, which `pg_stat_activity` shows as the session's last
+/// statement).
+async fn listeners(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE query = $1")
+        .bind(format!("LISTEN \"{}\"", db.table.channel()))
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+/// One handler call of a Python peer (`py_share.py`).
+#[derive(Debug, serde::Deserialize)]
+struct PyCall {
+    id: i64,
+    start: f64,
+    end: f64,
+    deliveries_count: i64,
+}
+
+/// Seconds since the Unix epoch (the Python peers' `time.time()`).
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Two faststream-outbox 0.19 consumers (leases, 50 ms handlers) and a Rust
+/// relay in `ClaimMode::Transaction` (lots of 10 rows locked while their
+/// 40 ms handlers run and Kafka confirms) share one table and queue while
+/// rows keep coming, handling rows at the same time: the Python side skips
+/// the rows our lots lock, our lots skip the rows Python leased, so every
+/// row is handled exactly once, by one side, and nothing is lost (a relay
+/// whose claim ignored Python's leases would handle rows a Python handler
+/// holds; a Python claim that waited for our locks would find them gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_peers_and_a_transaction_mode_relay_share_a_queue_without_handling_a_row_twice() -> R
+{
+    let _lock = kafka_support::broker_lock(false).await?;
+    let boot = kafka_support::bootstrap();
+    let db = TestDb::new().await?;
+    let queue = "shared";
+    let topic = kafka_support::unique_topic("interop.shared");
+    kafka_support::create_topic(&boot, &topic, 2).await?;
+
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        peers.push(
+            py(&db, "py_share.py", queue)?
+                .args(["--delay", "0.05", "--max-workers", "4", "--timeout", "90"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?,
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            listeners(&db).await >= 2
+        })
+        .await,
+        "the Python peers did not start"
+    );
+
+    // (row id, start, end) of every Rust handler call.
+    let calls: Arc<Mutex<Vec<(i64, f64, f64)>>> = Arc::default();
+    let c = calls.clone();
+    let route = Route::builder([queue])
+        .claim_mode(outbox_core::ClaimMode::Transaction)
+        .max_workers(4)
+        .fetch_batch_size(10)
+        .min_fetch_interval(Duration::from_millis(20))
+        .max_fetch_interval(Duration::from_millis(200))
+        .publish_to("kafka", topic.clone())
+        .handler(move |msg: Message, _ctx| {
+            let c = c.clone();
+            async move {
+                let start = epoch_now();
+                let v: i64 = msg.decode()?;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                c.lock().unwrap().push((msg.id(), start, epoch_now()));
+                Ok::<_, BoxError>(Response::new(v))
+            }
+        });
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .subscriber(route)
+        .on_startup(kafka_support::test_kafka(&boot).connect());
+    let relay = tests::RunningApp::start(app);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            listeners(&db).await >= 3
+        })
+        .await,
+        "the Rust relay did not start"
+    );
+
+    // 300 rows, 10 per transaction every 30 ms.
+    let mut ids = std::collections::BTreeSet::new();
+    for chunk in 0..30_i64 {
+        let mut tx = db.pool.begin().await?;
+        for v in chunk * 10..chunk * 10 + 10 {
+            ids.insert(db.broker.publish(&v, queue, &mut *tx).await?);
+        }
+        tx.commit().await?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        db.drained(Duration::from_secs(60)).await,
+        "rows left: {}",
+        db.count().await?
+    );
+
+    // Closing their stdin stops the peers (gracefully).
+    let mut py_calls: Vec<PyCall> = Vec::new();
+    for mut peer in peers {
+        drop(peer.stdin.take());
+        let out = peer.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "py_share failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        py_calls.extend(serde_json::from_slice::<Vec<PyCall>>(&out.stdout)?);
+    }
+    relay.stop().await?;
+    let rust_calls = calls.lock().unwrap().clone();
+
+    // Every row handled once, by one side.
+    let mut by_id: BTreeMap<i64, Vec<(&str, f64, f64)>> = BTreeMap::new();
+    for c in &py_calls {
+        assert_eq!(c.deliveries_count, 1, "row {} delivered before", c.id);
+        by_id
+            .entry(c.id)
+            .or_default()
+            .push(("python", c.start, c.end));
+    }
+    for (id, start, end) in &rust_calls {
+        by_id.entry(*id).or_default().push(("rust", *start, *end));
+    }
+    let twice: Vec<_> = by_id.iter().filter(|(_, calls)| calls.len() > 1).collect();
+    assert!(twice.is_empty(), "rows handled more than once: {twice:?}");
+    let handled: std::collections::BTreeSet<i64> = by_id.keys().copied().collect();
+    assert_eq!(handled, ids, "every row handled");
+    println!(
+        "{} rows: {} handled by the Python peers, {} by the Rust relay",
+        ids.len(),
+        py_calls.len(),
+        rust_calls.len()
+    );
+    assert!(
+        !py_calls.is_empty() && !rust_calls.is_empty(),
+        "one side handled nothing: the queue was not shared"
+    );
+    // Both sides held rows at the same time (not one after the other).
+    let concurrent = py_calls
+        .iter()
+        .filter(|p| {
+            rust_calls
+                .iter()
+                .any(|(_, start, end)| p.start < *end && *start < p.end)
+        })
+        .count();
+    println!("{concurrent} Python handler calls overlapped a Rust one");
+    assert!(concurrent > 0, "the two sides never handled rows at once");
+
+    // What the Rust relay handled reached Kafka, once each.
+    let rust_ids: std::collections::BTreeSet<i64> =
+        rust_calls.iter().map(|(id, _, _)| *id).collect();
+    let records = kafka_support::read_ids(
+        &boot,
+        &topic,
+        &rust_ids,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await?;
+    let mut per_id: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in &records {
+        *per_id.entry(r.outbox_id()).or_default() += 1;
+    }
+    assert_eq!(
+        per_id
+            .keys()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        rust_ids,
+        "records of rows Python handled, or missing ones"
+    );
+    assert!(per_id.values().all(|n| *n == 1), "duplicate records");
+    Ok(())
+}
