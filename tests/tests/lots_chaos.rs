@@ -858,7 +858,8 @@ async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
     let queue = "retry";
     support::publish(&db, queue, 0..1).await?;
     // (start, end) of each handler call.
-    let calls: Arc<Mutex<Vec<(Instant, Option<Instant>)>>> = Arc::default();
+    type Calls = Vec<(Instant, Option<Instant>)>;
+    let calls: Arc<Mutex<Calls>> = Arc::default();
     let c = calls.clone();
     let knobs = Knobs {
         batch: 10,
