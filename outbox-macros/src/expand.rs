@@ -217,7 +217,30 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
         let ty = param.ty;
         chain.extend(quote_spanned!(at(ty.span())=> .requires::<#ty>()));
     }
+    // The AsyncAPI payload schemas: the body (the first parameter that is
+    // one) and the forwarded value.
+    for param in model.params.iter().filter(|p| !p.headers) {
+        let probe = schema_probe(param.ty, paths);
+        chain.extend(quote!(.payload_schema(#probe)));
+    }
+    if let Some(ty) = model.reply_ty {
+        let probe = schema_probe(ty, paths);
+        chain.extend(quote!(.reply_schema(#probe)));
+    }
     chain
+}
+
+/// `Option<PayloadSchema>` of `ty`, by autoref specialisation
+/// (`outbox_core::asyncapi::SchemaProbe`): `None` for parameters that are
+/// not a body, the JSON Schema for `schemars::JsonSchema` types (feature
+/// `schemars`), else a placeholder naming the type.
+fn schema_probe(ty: &syn::Type, paths: &Paths) -> TokenStream {
+    let private = paths.private();
+    quote! {{
+        #[allow(unused_imports)]
+        use #private::{ProbeJsonSchema as _, ProbeNotBody as _, ProbePlaceholder as _};
+        (&&&#private::SchemaProbe::<#ty>::new()).outbox_schema()
+    }}
 }
 
 /// `.to::<_, (T1, ..)>(|arg0: T1, ..| async move { .. })`: the parameters

@@ -33,6 +33,10 @@ pub(crate) struct Subscriber<'a> {
     pub(crate) params: Vec<Param<'a>>,
     /// What happens to the return value.
     pub(crate) output: Output,
+    /// The type of the forwarded value (`T` of `T`, `Result<T, _>`,
+    /// `Option<T>`, `Response<T>`), for its AsyncAPI schema; `None` when
+    /// nothing is forwarded or the shape hides it (an alias).
+    pub(crate) reply_ty: Option<&'a Type>,
 }
 
 /// A handler parameter, extracted with `FromDelivery`.
@@ -101,6 +105,10 @@ impl<'a> Subscriber<'a> {
             ReturnType::Default => Output::Discard,
             ReturnType::Type(_, ty) => output(ty, forwards),
         };
+        let reply_ty = match &sig.output {
+            ReturnType::Type(_, ty) if forwards => payload_type(ty),
+            _ => None,
+        };
         let queues = args.queues.take().map(|q| q.names).unwrap_or_default();
         Subscriber {
             ident: &sig.ident,
@@ -111,6 +119,7 @@ impl<'a> Subscriber<'a> {
             args,
             params,
             output,
+            reply_ty,
         }
     }
 
@@ -175,6 +184,40 @@ fn shape(ty: &Type) -> Shape<'_> {
         }
         _ => Shape::Other,
     }
+}
+
+/// The type of the value a return type forwards (see
+/// [`Subscriber::reply_ty`]).
+fn payload_type(ty: &Type) -> Option<&Type> {
+    match shape(ty) {
+        Shape::Unit | Shape::Result(None) | Shape::Option(None) => None,
+        Shape::Result(Some(inner)) | Shape::Option(Some(inner)) => payload_type(inner),
+        Shape::Response => match strip(ty) {
+            Type::Path(p) => p
+                .path
+                .segments
+                .last()
+                .and_then(|last| first_type_arg(&last.arguments))
+                .and_then(payload_type),
+            _ => None,
+        },
+        // `impl Trait` cannot be named elsewhere: no schema.
+        Shape::Other if has_impl_trait(ty) => None,
+        Shape::Other => Some(ty),
+    }
+}
+
+/// Whether `impl` appears anywhere in the type (`impl Serialize`,
+/// `Vec<impl Serialize>`).
+fn has_impl_trait(ty: &Type) -> bool {
+    fn walk(tokens: proc_macro2::TokenStream) -> bool {
+        tokens.into_iter().any(|t| match t {
+            proc_macro2::TokenTree::Ident(i) => i == "impl",
+            proc_macro2::TokenTree::Group(g) => walk(g.stream()),
+            _ => false,
+        })
+    }
+    walk(quote::ToTokens::to_token_stream(ty))
 }
 
 /// `Headers`, `outbox_core::Headers`, `envelope::Headers`…: the type the
