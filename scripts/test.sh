@@ -10,6 +10,9 @@
 #     is already set; stopped again at exit only if this script started it;
 #   * Python venv with faststream-outbox 0.19 (scripts/python-env.sh) for the
 #     interop tests.
+#   * the official AsyncAPI parser (npm ci in tools/asyncapi, Node.js) and
+#     Debian's chromium (installed with apt-get when missing and root) for
+#     tests/tests/asyncapi.rs.
 #   * RabbitMQ, NATS (with JetStream) and Redis: the machine's servers, checked to
 #     answer (RABBITMQ_URL, NATS_URL, REDIS_URL; defaults below); the tests never
 #     stop them (outages go through an in-test TCP proxy). Fails loudly if one is down.
@@ -69,6 +72,27 @@ py_out=$(bash "$REPO/scripts/python-env.sh") || die "scripts/python-env.sh faile
 OUTBOX_PYTHON=$(tail -n 1 <<<"$py_out")
 [ -x "$OUTBOX_PYTHON" ] || die "scripts/python-env.sh printed no usable python ($OUTBOX_PYTHON)"
 export OUTBOX_PYTHON
+
+# --- AsyncAPI checks (tests/tests/asyncapi.rs) -------------------------------
+# The official parser, @asyncapi/parser, pinned in tools/asyncapi/package-lock.json
+# (npm ci only when node_modules is missing or older than the lock: ~10 s cold),
+# and Debian's chromium for the headless-browser test of `outbox docs serve`.
+need node npm
+asyncapi_dir=$REPO/tools/asyncapi
+if [ ! "$asyncapi_dir/node_modules/.package-lock.json" -nt "$asyncapi_dir/package-lock.json" ]; then
+  log "npm ci in tools/asyncapi (the official AsyncAPI parser)"
+  (cd "$asyncapi_dir" && npm ci --no-audit --no-fund --loglevel=error) ||
+    die "npm ci in tools/asyncapi failed (is the npm registry reachable?)"
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] ||
+    die "chromium not found: install it (Debian: apt-get install -y chromium) for the browser test"
+  log "installing chromium (Debian package) for the headless-browser test of outbox docs serve"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium >/dev/null ||
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ||
+    die "apt-get install chromium failed"
+fi
 
 # --- RabbitMQ, NATS, Redis (the machine's shared servers) --------------------
 export RABBITMQ_URL=${RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
