@@ -65,6 +65,20 @@ fn anchor_of(reference: &str) -> Option<String> {
     }
 }
 
+/// A CommonMark description as the page shows it: escaped, with `code`
+/// spans (the only markup the generated documents use) rendered.
+fn md(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in s.split('`').enumerate() {
+        if i % 2 == 1 {
+            let _ = write!(out, "<code>{}</code>", esc(part));
+        } else {
+            out.push_str(&esc(part));
+        }
+    }
+    out
+}
+
 /// A link to a `$ref`, labelled with its last segment.
 fn ref_link(reference: &str) -> String {
     let label = reference.rsplit('/').next().unwrap_or(reference);
@@ -194,7 +208,7 @@ pub(crate) fn page(doc: &Value) -> String {
         esc(text(&info, "version")),
         esc(text(doc, "asyncapi")),
         esc(text(doc, "defaultContentType")),
-        esc(text(&info, "description")),
+        md(text(&info, "description")),
     );
     s.push_str(
         "<nav><a href=\"#servers\">Servers</a><a href=\"#channels\">Channels</a>\
@@ -231,7 +245,7 @@ fn servers(doc: &Value, s: &mut String) {
             esc(text(v, "protocol")),
             esc(text(v, "host")),
             esc(text(v, "pathname")),
-            esc(text(v, "description")),
+            md(text(v, "description")),
         );
     }
     s.push_str("</tbody></table>");
@@ -255,7 +269,7 @@ fn channels(doc: &Value, s: &mut String) {
             esc(key),
             esc(address),
             esc(key),
-            esc(text(ch, "description")),
+            md(text(ch, "description")),
         );
         if let Some(list) = ch.get("servers").and_then(Value::as_array) {
             let links: Vec<String> = list.iter().filter_map(reference).map(ref_link).collect();
@@ -316,7 +330,7 @@ fn operations(doc: &Value, s: &mut String) {
             esc(action),
             esc(text(op, "title")),
             esc(id),
-            esc(text(op, "summary")),
+            md(text(op, "summary")),
             ref_link(channel),
             esc(address),
         );
@@ -381,7 +395,7 @@ fn messages(doc: &Value, s: &mut String) {
                         } else {
                             "no"
                         },
-                        esc(text(p, "description")),
+                        md(text(p, "description")),
                     );
                 }
                 s.push_str("</tbody></table>");
@@ -437,5 +451,9 @@ mod tests {
         assert!(p.contains("href=\"#schema-Order\""));
         assert!(p.contains("href=\"#message-m\""));
         assert!(p.contains("<th>ordered</th><td>false</td>"));
+        assert_eq!(
+            md("queue `a<b>` of `t`"),
+            "queue <code>a&lt;b&gt;</code> of <code>t</code>"
+        );
     }
 }

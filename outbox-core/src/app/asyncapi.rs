@@ -5,7 +5,7 @@
 //!
 //! - **servers**: the outbox (`outbox`, protocol `postgresql`: host, port and
 //!   database of the pool, never the user or password) and every registered
-//!   transport that describes its bus ([`Transport::server`],
+//!   transport that describes its bus ([`Transport::server`](crate::transport::Transport::server),
 //!   [`TransportBroker::server`](crate::transport::TransportBroker::server)),
 //!   under the transport's name;
 //! - **channels**: one per outbox queue consumed (`outbox.<queue>`) and one
