@@ -94,8 +94,8 @@ pub use engine::message::{AckPolicy, FailureReason, Message, Outcome};
 pub use engine::retry;
 pub use engine::retry::RetryStrategy;
 pub use engine::subscriber::{
-    ClaimMode, DEFAULT_MAX_HOLD, KnobDefaults, PoisonPolicy, RELAY_DEFAULTS, SUBSCRIBER_DEFAULTS,
-    Subscriber, SubscriberBuilder, SubscriberOptions,
+    ClaimMode, DEFAULT_LOTS, DEFAULT_MAX_HOLD, KnobDefaults, PoisonPolicy, RELAY_DEFAULTS,
+    SUBSCRIBER_DEFAULTS, Subscriber, SubscriberBuilder, SubscriberOptions,
 };
 pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopReport};
 pub use envelope::{Headers, Passthrough, Raw};

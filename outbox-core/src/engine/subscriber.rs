@@ -44,7 +44,7 @@ pub const RELAY_DEFAULTS: KnobDefaults = KnobDefaults {
 /// |---|---|---|---|
 /// | `max_workers` | 1 | 256 | handlers running at once |
 /// | `fetch_batch_size` | 10 | 512 | in-memory buffer size and most rows per claim |
-/// | `fetch_concurrency` | 1 | 1 | claim statements in flight at once (each on its own connection) |
+/// | `fetch_concurrency` | 1 (`Transaction`: 4) | same | claim statements in flight at once (each on its own connection); in `Transaction` mode, transactions open at once |
 /// | `min_fetch_interval` | 1 s | 1 s | idle backoff base |
 /// | `max_fetch_interval` | 10 s | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
 /// | `lease_ttl` | 60 s | 60 s | a claimed row is reclaimable after this |
@@ -65,7 +65,7 @@ pub const RELAY_DEFAULTS: KnobDefaults = KnobDefaults {
 pub struct SubscriberOptions {
     max_workers: Option<usize>,
     fetch_batch_size: Option<usize>,
-    fetch_concurrency: usize,
+    fetch_concurrency: Option<usize>,
     min_fetch_interval: Duration,
     max_fetch_interval: Duration,
     lease_ttl: Duration,
@@ -161,7 +161,7 @@ impl Default for SubscriberOptions {
         Self {
             max_workers: None,
             fetch_batch_size: None,
-            fetch_concurrency: 1,
+            fetch_concurrency: None,
             min_fetch_interval: Duration::from_secs(1),
             max_fetch_interval: Duration::from_secs(10),
             lease_ttl: Duration::from_secs(60),
@@ -178,6 +178,12 @@ impl Default for SubscriberOptions {
     }
 }
 
+/// Default [`SubscriberOptions::fetch_concurrency`] in
+/// [`ClaimMode::Transaction`]: claims' transactions open at once. Chosen
+/// from the Kafka relay benchmark (docs/performance.md, "claim modes"): one
+/// lot leaves the bus idle while it claims and commits, four keep it busy.
+pub const DEFAULT_LOTS: usize = 4;
+
 /// Default [`SubscriberOptions::max_hold`].
 pub const DEFAULT_MAX_HOLD: Duration = Duration::from_secs(5);
 
@@ -186,7 +192,7 @@ impl fmt::Debug for SubscriberOptions {
         f.debug_struct("SubscriberOptions")
             .field("max_workers", &self.get_max_workers())
             .field("fetch_batch_size", &self.get_fetch_batch_size())
-            .field("fetch_concurrency", &self.fetch_concurrency)
+            .field("fetch_concurrency", &self.get_fetch_concurrency())
             .field("min_fetch_interval", &self.min_fetch_interval)
             .field("max_fetch_interval", &self.max_fetch_interval)
             .field("lease_ttl", &self.lease_ttl)
@@ -267,15 +273,30 @@ impl SubscriberOptions {
         /// Size of the in-memory buffer and most rows claimed per fetch (>= 1).
         fetch_batch_size, get_fetch_batch_size: usize
     );
-    knob!(
-        /// Claim statements in flight at once, each on its own connection
-        /// (>= 1, at most `fetch_batch_size`). With large batches the claim
-        /// (a row lock, a non-HOT update and two index inserts per row) is
-        /// what bounds a drain; two concurrent claims use a second database
-        /// core. Rows are still claimed in `(next_attempt_at, id)` order per
-        /// claim, but two claims interleave.
-        fetch_concurrency, get_fetch_concurrency: usize
-    );
+    /// Claim statements in flight at once, each on its own connection
+    /// (>= 1; in [`ClaimMode::Lease`] at most `fetch_batch_size`). With
+    /// large batches the claim (a row lock, a non-HOT update and two index
+    /// inserts per row) is what bounds a drain; two concurrent claims use a
+    /// second database core. Rows are still claimed in `(next_attempt_at,
+    /// id)` order per claim, but two claims interleave. In
+    /// [`ClaimMode::Transaction`], the claims' transactions open at once
+    /// (default [`DEFAULT_LOTS`]): while one waits for its bus
+    /// confirmations, the others claim and commit.
+    pub fn fetch_concurrency(mut self, value: usize) -> Self {
+        self.fetch_concurrency = Some(value);
+        self
+    }
+
+    /// The effective `fetch_concurrency`: the value set, else 1 in
+    /// [`ClaimMode::Lease`] and [`DEFAULT_LOTS`] in
+    /// [`ClaimMode::Transaction`].
+    pub fn get_fetch_concurrency(&self) -> usize {
+        self.fetch_concurrency
+            .unwrap_or(match self.get_claim_mode() {
+                ClaimMode::Transaction => DEFAULT_LOTS,
+                _ => 1,
+            })
+    }
     knob!(
         /// First idle wait (randomized ×0.5–1.5) and the doubling base (> 0).
         min_fetch_interval, get_min_fetch_interval: Duration
@@ -408,7 +429,7 @@ impl SubscriberOptions {
         for (name, v) in [
             ("max_workers", self.get_max_workers()),
             ("fetch_batch_size", self.get_fetch_batch_size()),
-            ("fetch_concurrency", self.fetch_concurrency),
+            ("fetch_concurrency", self.get_fetch_concurrency()),
             ("terminal_flush_batch_size", self.terminal_flush_batch_size),
         ] {
             if v < 1 {
@@ -425,10 +446,12 @@ impl SubscriberOptions {
                 return err(format!("{name} must be > 0"));
             }
         }
-        if self.fetch_concurrency > self.get_fetch_batch_size() {
+        if self.get_claim_mode() == ClaimMode::Lease
+            && self.get_fetch_concurrency() > self.get_fetch_batch_size()
+        {
             return err(format!(
                 "fetch_concurrency ({}) must be <= fetch_batch_size ({}): each claim needs room in the buffer",
-                self.fetch_concurrency,
+                self.get_fetch_concurrency(),
                 self.get_fetch_batch_size()
             ));
         }
