@@ -135,16 +135,14 @@ fn cases(payload_bytes: usize) -> Vec<(&'static str, Case)> {
         // FOR UPDATE SKIP LOCKED, deleted in the claim's transaction. No
         // lease UPDATE: zero tuples updated and one DELETE per row, exactly;
         // one BEGIN / COMMIT per claim (timing-dependent, as the claims).
+        // A claim's handlers all run at once (max_workers does not apply).
         (
-            "drain/transaction/w4/b1000/ack1000",
+            "drain/transaction/b1000",
             drain_tx(5_000, 4, 1_000, 1_000, 0),
         ),
+        ("drain/transaction/b100", drain_tx(2_000, 4, 100, 100, 0)),
         (
-            "drain/transaction/w1/b100/ack100",
-            drain_tx(2_000, 1, 100, 100, 0),
-        ),
-        (
-            "drain/transaction/ordered/k100/w4/b1000/ack100",
+            "drain/transaction/ordered/k100/b1000",
             drain_tx(5_000, 4, 1_000, 100, 100),
         ),
         (
