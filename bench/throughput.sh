@@ -15,13 +15,14 @@
 #            message with the producer's INSERTs inside the window (no split,
 #            few full-page images: rows die within a checkpoint cycle)
 #   latency  idle commit -> handler and commit -> Kafka delivery report
-#            (500 single publishes 20 ms apart, default subscriber / route)
+#            (1,000 single publishes 20 ms apart, default subscriber / route)
 #   rss      peak RSS of the relay with a 1M-row backlog (first round only;
 #            RSS_CLAIMS, default "transaction", the relay default)
 #
 # Every point reports WAL bytes per message split into the producer's INSERTs
 # and the drain (wal_bytes_per_msg_produce / _drain / _total, wal_scope),
-# full-page-image bytes, and dead tuples per message. About 12-14 min here.
+# full-page-image bytes, and dead tuples per message. About 11-12 min here
+# (3 rounds; a round is about 3 min, the 1M-row relay about 1 min).
 #
 #   bash scripts/bench-pg.sh start; bash scripts/kafka.sh start
 #   cargo build --release -p outbox-bench
@@ -33,7 +34,7 @@
 # groups: drain python relay steady latency rss (default: all; python is
 # skipped without PY). Sizes (for smoke tests; the tables name what ran):
 # DRAIN_BACKLOG 100000, PY_BACKLOG 50000, RELAY_BACKLOG 100000,
-# RSS_BACKLOG 1000000, STEADY_RATE 5000, STEADY_SECS 8, SAMPLES 500;
+# RSS_BACKLOG 1000000, STEADY_RATE 5000, STEADY_SECS 8, SAMPLES 1000;
 # WAIT_QUIET (s, default 1200), BENCH_ARGS (extra outbox-bench flags).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -48,7 +49,7 @@ RELAY_BACKLOG=${RELAY_BACKLOG:-100000}
 RSS_BACKLOG=${RSS_BACKLOG:-1000000}
 STEADY_RATE=${STEADY_RATE:-5000}
 STEADY_SECS=${STEADY_SECS:-8}
-SAMPLES=${SAMPLES:-500}
+SAMPLES=${SAMPLES:-1000}
 URL=${BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5433/outbox_bench}
 export BENCH_DATABASE_URL=$URL
 export KAFKA_BOOTSTRAP=${KAFKA_BOOTSTRAP:-127.0.0.1:9092}

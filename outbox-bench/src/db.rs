@@ -338,6 +338,20 @@ pub(crate) async fn wal_stats(conn: &mut PgConnection, from: u64, to: u64) -> Op
     if to <= from {
         return Some(WalStats::default());
     }
+    // pg_walinspect reads flushed WAL only; asynchronous commits (the
+    // engine's acks) leave it to the WAL writer (wal_writer_delay, 200 ms).
+    let flush_sql = format!("SELECT {PROBE} pg_current_wal_flush_lsn()::text");
+    for _ in 0..40 {
+        let flushed: Option<String> = sqlx::query_scalar(AssertSqlSafe(flush_sql.clone()))
+            .fetch_one(&mut *conn)
+            .await
+            .ok();
+        match flushed.as_deref().map(parse_lsn) {
+            Some(Ok(f)) if f >= to => break,
+            Some(Ok(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => break,
+        }
+    }
     let rows = sqlx::query_as::<_, (String, i64, i64, i64)>(AssertSqlSafe(format!(
         "SELECT {PROBE} \"resource_manager/record_type\", count, record_size::int8, \
          fpi_size::int8 FROM pg_get_wal_stats($1::pg_lsn, $2::pg_lsn) WHERE count > 0"
