@@ -14,7 +14,7 @@
 #                                         # faststream-outbox 0.19, Kafka relay vs the broker's
 #                                         # ceiling, WAL and dead tuples per message, idle
 #                                         # latency, RSS at 1M rows), then the tables with
-#                                         # ratios and targets (bench/throughput.sh, ~13 min;
+#                                         # ratios and targets (bench/throughput.sh, ~12 min;
 #                                         # not part of the default set)
 #
 # Environment:
