@@ -119,7 +119,7 @@ if want throughput; then
   python3 bench/throughput.py "$OUT" --markdown-out "${OUT%.jsonl}.md"
   log "tables: ${OUT%.jsonl}.md"
   # Only the claim-mode tables for this group (summarize.py reads every scenario).
-  [ ${#GROUPS_WANTED[@]} -eq 1 ] && { log "raw results: $OUT"; exit 0; }
+  if [ ${#GROUPS_WANTED[@]} -eq 1 ]; then log "raw results: $OUT"; exit 0; fi
 fi
 python3 bench/summarize.py "$OUT"
 log "raw results: $OUT"
