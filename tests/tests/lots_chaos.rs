@@ -106,17 +106,22 @@ fn duplicated(arrivals: &Arrivals) -> BTreeSet<i64> {
 /// Samples, every 25 ms until [`finish`](Self::finish), the age of the
 /// oldest open transaction of the sessions whose `application_name` starts
 /// with `<prefix>-` (an engine names its connections `<prefix>-fetch`,
-/// `-worker`, `-listen`).
+/// `-worker`, `-listen`). Sessions in state `idle` are left out: an idle
+/// LISTEN session reading an incoming NOTIFY runs a brief internal
+/// transaction whose `xact_start` is the start of its last statement (the
+/// LISTEN, maybe minutes ago), which would read as a long transaction.
 struct XactWatch {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<anyhow::Result<XactSeen>>,
 }
 
 /// What an [`XactWatch`] saw.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct XactSeen {
     /// The oldest transaction age sampled.
     max: Duration,
+    /// That transaction's session: application name, state, last statement.
+    oldest: Option<(String, String, String)>,
     /// Samples taken.
     samples: u64,
     /// Samples that saw at least one open transaction.
@@ -131,17 +136,24 @@ impl XactWatch {
         let task = tokio::spawn(async move {
             let mut seen = XactSeen::default();
             while !s.load(SeqCst) {
-                let age: Option<f64> = sqlx::query_scalar(
-                    "SELECT max(extract(epoch FROM clock_timestamp() - xact_start))::float8 \
-                     FROM pg_stat_activity WHERE application_name LIKE $1 AND xact_start IS NOT NULL",
+                let oldest: Option<(f64, String, String, String)> = sqlx::query_as(
+                    "SELECT extract(epoch FROM clock_timestamp() - xact_start)::float8, \
+                     application_name, coalesce(state, ''), left(query, 200) \
+                     FROM pg_stat_activity WHERE application_name LIKE $1 \
+                     AND xact_start IS NOT NULL AND state <> 'idle' \
+                     ORDER BY xact_start LIMIT 1",
                 )
                 .bind(&like)
-                .fetch_one(&pool)
+                .fetch_optional(&pool)
                 .await?;
                 seen.samples += 1;
-                if let Some(age) = age {
+                if let Some((age, app, state, query)) = oldest {
                     seen.open += 1;
-                    seen.max = seen.max.max(Duration::from_secs_f64(age.max(0.0)));
+                    let age = Duration::from_secs_f64(age.max(0.0));
+                    if age > seen.max {
+                        seen.max = age;
+                        seen.oldest = Some((app, state, query));
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
@@ -279,18 +291,30 @@ async fn kill_one_of_two_relays(db: &TestDb, mode: &str, wait: Duration) -> anyh
     let first_lots = open_lots(db).await?;
     // The second relay takes everything the first one does not hold.
     let second = relay("0")?;
-    // Until the count holds still for 300 ms.
+    // Until only the first relay's rows are left: its lot's batch
+    // (transaction), or its leases once the count holds still for 300 ms
+    // with every row left leased (lease).
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = db.count().await?;
     loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(if mode == "transaction" {
+            20
+        } else {
+            300
+        }))
+        .await;
         let now = db.count().await?;
-        if now == last && now < N {
+        let settled = if mode == "transaction" {
+            now <= KILL_BATCH
+        } else {
+            now == last && now < N && leased(db).await? == now
+        };
+        if settled {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the second relay did not drain the rest"
+            "the second relay did not drain the rest ({now} rows left)"
         );
         last = now;
     }
@@ -733,8 +757,9 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
     );
     assert!(
         seen.max <= max_hold + Duration::from_secs(1),
-        "a transaction stayed open {:?} (max_hold {max_hold:?})",
-        seen.max
+        "a transaction stayed open {:?} (max_hold {max_hold:?}): {:?}",
+        seen.max,
+        seen.oldest
     );
     Ok(())
 }
@@ -1062,9 +1087,11 @@ async fn a_kafka_pause_leaves_no_transaction_open_past_max_hold_and_loses_nothin
     let bound = max_hold + Duration::from_secs(1);
     assert!(
         during.max <= bound && after.max <= bound,
-        "a transaction stayed open {:?} / {:?} (max_hold {max_hold:?})",
+        "a transaction stayed open {:?} / {:?} (max_hold {max_hold:?}): {:?} / {:?}",
         during.max,
-        after.max
+        after.max,
+        during.oldest,
+        after.oldest
     );
     assert_eq!(arrivals.duplicates(), 0, "{:?}", duplicated(&arrivals));
     Ok(())
