@@ -42,7 +42,7 @@ mkdir -p "$(dirname "$OUT")"
 GROUPS_WANTED=("$@")
 [ ${#GROUPS_WANTED[@]} -gt 0 ] || GROUPS_WANTED=(produce drain latency relay)
 for g in "${GROUPS_WANTED[@]}"; do
-  case "$g" in produce | drain | relay | latency | buses | ordering) ;; *) die "unknown group '$g' (produce drain relay latency buses ordering)" ;; esac
+  case "$g" in produce | drain | relay | latency | buses | ordering | throughput) ;; *) die "unknown group '$g' (produce drain relay latency buses ordering throughput)" ;; esac
 done
 want() { local g; for g in "${GROUPS_WANTED[@]}"; do [ "$g" = "$1" ] && return 0; done; return 1; }
 
