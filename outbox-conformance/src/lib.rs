@@ -279,9 +279,11 @@ struct RelayOptions {
     lease_ttl: Duration,
     retry: bool,
     handler_delay: Duration,
-    /// `fetch_batch_size`: small, so that a relay's progress (rows leaving
-    /// the outbox as each claim's transaction commits) shows mid-stream.
+    /// `fetch_batch_size` and `fetch_concurrency`: small, so that a relay's
+    /// progress (rows leaving the outbox as each claim's transaction
+    /// commits) shows mid-stream.
     batch: usize,
+    lots: usize,
 }
 
 const RELAY: RelayOptions = RelayOptions {
@@ -289,6 +291,7 @@ const RELAY: RelayOptions = RelayOptions {
     retry: true,
     handler_delay: Duration::ZERO,
     batch: 10,
+    lots: 1,
 };
 
 fn relay_app<P: BusProbe>(
@@ -303,6 +306,7 @@ fn relay_app<P: BusProbe>(
     let mut b = Route::builder([queue])
         .max_workers(4)
         .fetch_batch_size(o.batch)
+        .fetch_concurrency(o.lots)
         .lease_ttl(o.lease_ttl)
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(200))

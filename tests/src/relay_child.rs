@@ -16,6 +16,7 @@
 //! | `RELAY_WORKERS` | `max_workers` (default 4) |
 //! | `RELAY_LEASE_MS` | `lease_ttl` (default 3000) |
 //! | `RELAY_BATCH` | `fetch_batch_size` (default 10) |
+//! | `RELAY_LOTS` | `fetch_concurrency` (default 1: at most one claim's rows in flight, which bounds the duplicates of a kill) |
 //! | `RELAY_CLAIM` | `lease` or `transaction` (default: the relay default, `transaction`) |
 //! | `RELAY_MAX_HOLD_MS` | `max_hold` (default: the default, 5 s) |
 //! | `RUST_LOG` | the stderr log filter (default `warn`) |
@@ -129,6 +130,7 @@ where
         .name(bin)
         .max_workers(workers)
         .fetch_batch_size(batch)
+        .fetch_concurrency(usize::try_from(env.num("RELAY_LOTS", 1)?)?)
         .lease_ttl(env.lease);
     if let Some(mode) = env.claim_mode()? {
         route = route.claim_mode(mode);
