@@ -474,11 +474,12 @@ async fn kill_and_restart_in_both_claim_modes() -> R {
 // ---------------------------------------------------------------------------
 // 2. pg_terminate_backend.
 
-/// The relay's lot connection is terminated twice while its lot is open,
+/// The relay's lot connections are terminated twice while a lot is open,
 /// then every connection of the relay once: each lot rolls back (its rows,
-/// some already published, are handled again), the relay reconnects and
-/// empties the outbox, nothing is lost, and only redelivered rows arrive
-/// twice.
+/// already published, are handled again: a row whose handler succeeded is
+/// handled again only if its outcome was not committed), the relay
+/// reconnects and empties the outbox, nothing is lost, and only redelivered
+/// rows arrive twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
     let boot = bootstrap();
@@ -536,24 +537,20 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
         // before the kill.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let left = db.count().await?;
-        // Only a lot still open (idle in its transaction) is terminated;
-        // the last time, every connection of the relay goes with it.
+        // Every lot connection of the relay (it may have several lots open:
+        // fetch_concurrency), whatever it is doing; the last time, every
+        // connection of the relay. The targets are chosen first
+        // (materialized), and only they reach pg_terminate_backend: in a
+        // WHERE clause the planner may call it before the other conditions.
         let everything = (terminated.len() == 2).then(|| format!("{name}-%"));
-        // The targets are chosen first (materialized), and only they reach
-        // pg_terminate_backend: in a WHERE clause the planner may call it
-        // before the other conditions, on every session of the server.
         let killed: Vec<(i32, String, Option<String>, bool)> = sqlx::query_as(
             "WITH targets AS MATERIALIZED ( \
                SELECT a.pid, a.application_name, a.state FROM pg_stat_activity a \
                WHERE a.pid <> pg_backend_pid() \
-                 AND ((a.application_name = $1 AND a.state = 'idle in transaction' \
-                       AND a.pid IN (SELECT pid FROM pg_locks WHERE locktype = 'relation' \
-                                     AND relation = $2::text::regclass)) \
-                      OR a.application_name LIKE $3)) \
+                 AND (a.application_name = $1 OR a.application_name LIKE $2)) \
              SELECT pid, application_name, state, pg_terminate_backend(pid) FROM targets",
         )
         .bind(&fetch)
-        .bind(db.t())
         .bind(&everything)
         .fetch_all(&db.pool)
         .await?;
@@ -561,11 +558,8 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
             *a == fetch && state.as_deref() == Some("idle in transaction") && *done
         });
         if !lot_killed {
-            continue; // the lot committed meanwhile: the next one
+            continue; // no lot was open at that moment: again
         }
-        // Nothing of the lot was committed (the relay reconnects after
-        // its backoff, ~1 s: nobody else writes meanwhile).
-        assert_eq!(db.count().await?, left, "rows went with the terminated lot");
         terminated.push((killed, left));
     }
     println!("terminated (sessions, rows left then): {terminated:?}");
@@ -599,9 +593,15 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
         !handled_again.is_empty(),
         "no row of the terminated lots was handled again"
     );
+    // Each terminated lot connection held at most a batch (a relay may have
+    // several lots open: fetch_concurrency).
+    let lots_killed: usize = terminated
+        .iter()
+        .map(|(killed, _)| killed.iter().filter(|(_, a, _, _)| *a == fetch).count())
+        .sum();
     assert!(
-        handled_again.len() <= 3 * BATCH,
-        "{} rows handled twice: more than the 3 terminated lots held",
+        handled_again.len() <= lots_killed * BATCH,
+        "{} rows handled twice: more than the {lots_killed} terminated lots held",
         handled_again.len()
     );
     let dups = duplicated(&arrivals);
