@@ -37,6 +37,29 @@ async fn publish(db: &TestDb, queue: &str, n: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A handler that waits for a permit of `gate` (kept) on the rows whose
+/// JSON body `blocks` accepts, and counts every call in `calls`.
+fn gated(
+    gate: &Arc<Semaphore>,
+    calls: &Arc<AtomicUsize>,
+    blocks: fn(i64) -> bool,
+) -> impl Fn(Message) -> std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>
++ Send
++ Sync
++ 'static {
+    let (gate, calls) = (gate.clone(), calls.clone());
+    move |m: Message| {
+        let (gate, calls) = (gate.clone(), calls.clone());
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            if blocks(m.decode::<i64>()?) {
+                gate.acquire().await?.forget();
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Rows another transaction could lock now (what a second relay could claim).
 async fn lockable(db: &TestDb) -> anyhow::Result<i64> {
     let mut tx = db.pool.begin().await?;
@@ -177,19 +200,11 @@ async fn max_hold_leases_the_rows_still_running_and_commits_the_rest() -> R {
     let db = TestDb::new().await?;
     publish(&db, "q", 5).await?;
     let gate = Arc::new(Semaphore::new(0));
-    let g = gate.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
     let sub = lots("q")
         .max_hold(Duration::from_millis(300))
         .lease_ttl(Duration::from_secs(60))
-        .build(move |m: Message| {
-            let g = g.clone();
-            async move {
-                if m.decode::<i64>()? == 3 {
-                    g.acquire().await?.forget();
-                }
-                Ok::<_, BoxError>(())
-            }
-        })?;
+        .build(gated(&gate, &calls, |v| v == 3))?;
     let e = engine(&db, "lots", sub);
     e.start().await?;
     assert!(
@@ -265,16 +280,11 @@ async fn a_killed_backend_hands_the_lot_to_another_engine_at_once() -> R {
     let db = TestDb::new().await?;
     publish(&db, "q", 8).await?;
     let gate = Arc::new(Semaphore::new(0));
-    let g = gate.clone();
-    let first = lots("q")
-        .lease_ttl(Duration::from_secs(600))
-        .build(move |_m: Message| {
-            let g = g.clone();
-            async move {
-                g.acquire().await?.forget();
-                Ok::<_, BoxError>(())
-            }
-        })?;
+    let first_calls = Arc::new(AtomicUsize::new(0));
+    let first =
+        lots("q")
+            .lease_ttl(Duration::from_secs(600))
+            .build(gated(&gate, &first_calls, |_| true))?;
     let a = engine(&db, "first", first);
     a.start().await?;
     assert!(
@@ -285,16 +295,10 @@ async fn a_killed_backend_hands_the_lot_to_another_engine_at_once() -> R {
         "the first engine's lot holds the rows"
     );
     let handled = Arc::new(AtomicUsize::new(0));
-    let h = handled.clone();
-    let second = lots("q")
-        .lease_ttl(Duration::from_secs(600))
-        .build(move |_m: Message| {
-            let h = h.clone();
-            async move {
-                h.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, BoxError>(())
-            }
-        })?;
+    let second =
+        lots("q")
+            .lease_ttl(Duration::from_secs(600))
+            .build(gated(&gate, &handled, |_| false))?;
     let b = engine(&db, "second", second);
     b.start().await?;
     let killed = db

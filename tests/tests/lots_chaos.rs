@@ -769,7 +769,6 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
 /// is already `max_hold` old when it commits: born expired here, and the
 /// next claim hands the row to a second handler right away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine bug: a lease written at max_hold >= lease_ttl is born expired (acquired_at = the lot's start)"]
 async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
     let _lock = broker_lock(false).await?;
     let db = TestDb::new().await?;
@@ -868,7 +867,6 @@ async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
 /// before its handler even failed, and runs again at once. (The same
 /// `now()` dates `last_attempt_at` and `first_attempt_at` to the claim.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "engine bug: a lot's retry delay counts from the lot's start (now()), not from the failure"]
 async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
     let _lock = broker_lock(false).await?;
     let db = TestDb::new().await?;

@@ -225,6 +225,17 @@ impl SubShared {
         }
     }
 
+    /// The tasks finishing rows that outlived `max_hold` (what a stop waits
+    /// for, or an abort aborts).
+    fn take_overdue(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(
+            &mut *self
+                .overdue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     /// Whether this subscriber claims in lots ([`ClaimMode::Transaction`]).
     pub(crate) fn in_lots(&self) -> bool {
         self.opts().get_claim_mode() == ClaimMode::Transaction
@@ -722,13 +733,7 @@ impl Engine {
         running.detach();
         let mut tasks = Vec::new();
         for s in running.subs {
-            let overdue = std::mem::take(
-                &mut *s
-                    .shared
-                    .overdue
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner),
-            );
+            let overdue = s.shared.take_overdue();
             for w in s
                 .fetch
                 .into_iter()
@@ -760,13 +765,7 @@ async fn drain_lots(
 ) -> (usize, Option<String>) {
     let name = s.shared.sub.name().to_owned();
     let mut timed_out = false;
-    let overdue = std::mem::take(
-        &mut *s
-            .shared
-            .overdue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    let overdue = s.shared.take_overdue();
     // The lots, then the rows that outlived `max_hold` (under their lease).
     for mut task in s.fetch.into_iter().chain(overdue) {
         let remaining = deadline.saturating_duration_since(Instant::now());

@@ -116,38 +116,8 @@ async fn lot_claim_pg(
     conn: &mut PgConnection,
     args: &ClaimArgs<'_>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
-    let ttl = args.lease_ttl.as_secs_f64();
     let sql = stmts.claim_locked(args.with_expired, args.ordered.is_some());
-    let mut out = if let Some(cursor) = args.ordered {
-        let mut out: Vec<OutboxRow> = Vec::new();
-        for queue in args.queues {
-            let room = limit - i64::try_from(out.len()).unwrap_or(i64::MAX);
-            if room <= 0 {
-                break;
-            }
-            let rows = sql::q_as::<OutboxRow>(sql)
-                .bind(queue)
-                .bind(room)
-                .bind(ttl)
-                .bind(args.token)
-                .bind(cursor)
-                .fetch_all(&mut *conn)
-                .await?;
-            out.extend(rows);
-        }
-        out
-    } else {
-        sql::q_as::<OutboxRow>(sql)
-            .bind(args.queues)
-            .bind(limit)
-            .bind(ttl)
-            .bind(args.token)
-            .fetch_all(&mut *conn)
-            .await?
-    };
-    out.sort_by_key(|r| (r.next_attempt_at, r.id));
-    Ok(out)
+    run_claim(sql, conn, args).await
 }
 
 /// Ends a lot: with `Some(writes)`, writes them and commits; with `None`,
@@ -423,12 +393,26 @@ async fn claim_pg(
     conn: &mut PgConnection,
     args: &ClaimArgs<'_>,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let sql = match (args.ordered, args.with_expired) {
+        (Some(_), with_expired) => stmts.claim_ordered(with_expired),
+        (None, true) => &stmts.claim,
+        (None, false) => &stmts.claim_pending,
+    };
+    run_claim(sql, conn, args).await
+}
+
+/// Runs a claim statement (a lease claim or a lot's) with `args`' bind
+/// parameters; returns the rows in claim order.
+async fn run_claim(
+    sql: &sql::Sql,
+    conn: &mut PgConnection,
+    args: &ClaimArgs<'_>,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let limit = i64::try_from(args.limit).unwrap_or(i64::MAX);
     let ttl = args.lease_ttl.as_secs_f64();
     let mut out = if let Some(cursor) = args.ordered {
         // One statement per queue (the key walk is per queue), sharing the
         // limit; the token is the same, so the acks do not care.
-        let sql = stmts.claim_ordered(args.with_expired);
         let mut out: Vec<OutboxRow> = Vec::new();
         for queue in args.queues {
             let room = limit - i64::try_from(out.len()).unwrap_or(i64::MAX);
@@ -447,11 +431,6 @@ async fn claim_pg(
         }
         out
     } else {
-        let sql = if args.with_expired {
-            &stmts.claim
-        } else {
-            &stmts.claim_pending
-        };
         sql::q_as::<OutboxRow>(sql)
             .bind(args.queues)
             .bind(limit)

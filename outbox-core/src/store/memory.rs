@@ -328,9 +328,7 @@ impl MemoryStore {
     pub(crate) fn claim(&self, args: &ClaimArgs<'_>) -> Vec<OutboxRow> {
         let (limit, token) = (args.limit, args.token);
         let now = self.now();
-        let expired_before = args
-            .with_expired
-            .then(|| now - interval_secs(args.lease_ttl.as_secs_f64()));
+        let expired_before = Self::expired_before(args, now);
         let mut s = self.lock();
         let ready = Self::claimable(&s, args, now, expired_before);
         ready
@@ -486,13 +484,17 @@ impl MemoryStore {
         }
     }
 
+    /// Leases taken before this are expired, if the claim looks for them.
+    fn expired_before(args: &ClaimArgs<'_>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        args.with_expired
+            .then(|| now - interval_secs(args.lease_ttl.as_secs_f64()))
+    }
+
     /// A lot's claim: what [`claim`](Self::claim) would take, locked by
     /// `lot` instead of leased (nothing on the rows changes).
     pub(crate) fn claim_locked(&self, args: &ClaimArgs<'_>, lot: u64) -> Vec<OutboxRow> {
         let now = self.now();
-        let expired_before = args
-            .with_expired
-            .then(|| now - interval_secs(args.lease_ttl.as_secs_f64()));
+        let expired_before = Self::expired_before(args, now);
         let mut s = self.lock();
         let ready = Self::claimable(&s, args, now, expired_before);
         let rows: Vec<OutboxRow> = ready

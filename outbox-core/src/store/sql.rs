@@ -267,7 +267,10 @@ impl Statements {
 /// locked by the claim (`FOR UPDATE SKIP LOCKED`), so the writes need no
 /// token guard; each takes every row of one kind at once, and the
 /// transaction commits after them. `deliveries_count` rises with the
-/// outcome (the claim wrote nothing).
+/// outcome (the claim wrote nothing). Their times are `clock_timestamp()`,
+/// when the outcome is written: `now()` would be the transaction's start,
+/// the claim, up to `max_hold` earlier (a retry would come due early, a
+/// lease would start old).
 #[derive(Debug)]
 pub(crate) struct Lot {
     /// Acks (and terminal failures without a dead-letter table): `$1` ids.
@@ -288,15 +291,16 @@ impl Lot {
             retry: format!(
                 "UPDATE {t} o SET attempts_count = o.attempts_count + 1, \
                  deliveries_count = o.deliveries_count + 1, \
-                 next_attempt_at = now() + make_interval(secs => w.delay), \
-                 first_attempt_at = COALESCE(o.first_attempt_at, now()), last_attempt_at = now(), \
-                 acquired_at = NULL, acquired_token = NULL \
-                 FROM unnest($1::int8[], $2::float8[]) AS w(id, delay) WHERE o.id = w.id{g}"
+                 next_attempt_at = c.at + make_interval(secs => w.delay), \
+                 first_attempt_at = COALESCE(o.first_attempt_at, c.at), \
+                 last_attempt_at = c.at, acquired_at = NULL, acquired_token = NULL \
+                 FROM unnest($1::int8[], $2::float8[]) AS w(id, delay) \
+                 CROSS JOIN (SELECT clock_timestamp() AS at) c WHERE o.id = w.id{g}"
             )
             .into(),
             lease: format!(
-                "UPDATE {t} SET deliveries_count = deliveries_count + 1, acquired_at = now(), \
-                 acquired_token = $2 WHERE id = ANY($1::int8[]){g}"
+                "UPDATE {t} SET deliveries_count = deliveries_count + 1, \
+                 acquired_at = clock_timestamp(), acquired_token = $2 WHERE id = ANY($1::int8[]){g}"
             )
             .into(),
             dead_letter: dlq.map(|d| {
@@ -306,9 +310,9 @@ impl Lot {
                      RETURNING o.id, o.queue, o.payload, o.headers, o.deliveries_count, o.created_at, \
                      o.timer_id, o.ordering_key, w.reason, w.exc) \
                      INSERT INTO {d} (original_id, queue, payload, headers, deliveries_count, \
-                     created_at, timer_id, ordering_key, failure_reason, last_exception) \
+                     created_at, timer_id, ordering_key, failure_reason, last_exception, failed_at) \
                      SELECT id, queue, payload, headers, deliveries_count + 1, created_at, timer_id, \
-                     ordering_key, reason, exc FROM deleted",
+                     ordering_key, reason, exc, clock_timestamp() FROM deleted",
                     d = d.qualified_name()
                 )
                 .into()
