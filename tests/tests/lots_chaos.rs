@@ -24,7 +24,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::future::Future;
+use std::ops::Range;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -98,6 +101,80 @@ fn duplicated(arrivals: &Arrivals) -> BTreeSet<i64> {
         .filter(|(_, n)| **n > 1)
         .map(|(id, _)| *id)
         .collect()
+}
+
+/// Where a test runs: the broker lock, a fresh outbox and a new topic.
+struct Scene {
+    _lock: File,
+    boot: String,
+    db: TestDb,
+    topic: String,
+}
+
+impl Scene {
+    /// A new outbox and topic (`prefix` and a unique suffix, `partitions`
+    /// partitions) under the shared broker lock.
+    async fn new(prefix: &str, partitions: i32) -> anyhow::Result<Self> {
+        Self::open(false, prefix, partitions).await
+    }
+
+    /// [`Scene::new`] under the exclusive broker lock (for a test that
+    /// pauses the broker).
+    async fn exclusive(prefix: &str, partitions: i32) -> anyhow::Result<Self> {
+        Self::open(true, prefix, partitions).await
+    }
+
+    async fn open(exclusive: bool, prefix: &str, partitions: i32) -> anyhow::Result<Self> {
+        let boot = bootstrap();
+        let _lock = broker_lock(exclusive).await?;
+        let db = TestDb::new().await?;
+        let topic = support::unique_topic(prefix);
+        create_topic(&boot, &topic, partitions).await?;
+        Ok(Self {
+            _lock,
+            boot,
+            db,
+            topic,
+        })
+    }
+
+    /// Publishes `values` to `queue`: the ids of their rows.
+    async fn publish(&self, queue: &str, values: Range<i64>) -> anyhow::Result<BTreeSet<i64>> {
+        Ok(support::publish(&self.db, queue, values)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// The topic's records, read until every row of `ids` arrived (30 s at
+    /// most) and then for `quiet` more (late duplicates), with their tally.
+    async fn read(
+        &self,
+        ids: &BTreeSet<i64>,
+        quiet: Duration,
+    ) -> anyhow::Result<(Vec<Record>, Arrivals)> {
+        let records =
+            read_ids(&self.boot, &self.topic, ids, Duration::from_secs(30), quiet).await?;
+        let arrivals = tally(ids, &records);
+        Ok((records, arrivals))
+    }
+
+    /// The `kafka_relay` process's command for this outbox and topic, in
+    /// claim mode `mode`.
+    fn relay_command(&self, mode: &str) -> Command {
+        let mut cmd = RelayChild::command(env!("CARGO_BIN_EXE_kafka_relay"), &self.db);
+        cmd.env("RELAY_TOPIC", &self.topic)
+            .env("KAFKA_BOOTSTRAP", &self.boot)
+            .env("RELAY_CLAIM", mode);
+        cmd
+    }
+}
+
+/// Records a handler call: the number of calls so far, this one included.
+fn record_call(calls: &Mutex<Vec<Instant>>) -> usize {
+    let mut calls = calls.lock().unwrap();
+    calls.push(Instant::now());
+    calls.len()
 }
 
 // ---------------------------------------------------------------------------
@@ -249,24 +326,18 @@ struct Killed {
     emptied_after: Option<Duration>,
     survivor: RelayChild,
     ids: BTreeSet<i64>,
-    topic: String,
 }
 
 const KILL_LEASE_MS: &str = "30000";
 const KILL_BATCH: i64 = 10;
 
-async fn kill_one_of_two_relays(db: &TestDb, mode: &str, wait: Duration) -> anyhow::Result<Killed> {
-    let boot = bootstrap();
-    let topic = support::unique_topic("lots.kill");
-    create_topic(&boot, &topic, 4).await?;
+async fn kill_one_of_two_relays(s: &Scene, mode: &str, wait: Duration) -> anyhow::Result<Killed> {
+    let db = &s.db;
     const N: i64 = 100;
     let ids = crash::publish_rows(db, N).await?;
     let relay = |delay_ms: &str| {
-        let mut cmd = RelayChild::command(env!("CARGO_BIN_EXE_kafka_relay"), db);
-        cmd.env("RELAY_TOPIC", &topic)
-            .env("KAFKA_BOOTSTRAP", &boot)
-            .env("RELAY_CLAIM", mode)
-            .env("RELAY_BATCH", KILL_BATCH.to_string())
+        let mut cmd = s.relay_command(mode);
+        cmd.env("RELAY_BATCH", KILL_BATCH.to_string())
             .env("RELAY_WORKERS", "4")
             .env("RELAY_LEASE_MS", KILL_LEASE_MS)
             // Below the lease; above the 20 s handlers: the lot stays open.
@@ -339,7 +410,6 @@ async fn kill_one_of_two_relays(db: &TestDb, mode: &str, wait: Duration) -> anyh
         emptied_after,
         survivor: second,
         ids,
-        topic,
     })
 }
 
@@ -349,10 +419,9 @@ async fn kill_one_of_two_relays(db: &TestDb, mode: &str, wait: Duration) -> anyh
 /// not pass). Every row arrives; only the lot's rows may arrive twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_killed_with_its_lot_open_is_taken_over_without_waiting_for_a_lease() -> R {
-    let boot = bootstrap();
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let k = kill_one_of_two_relays(&db, "transaction", Duration::from_secs(20)).await?;
+    let s = Scene::new("lots.kill", 4).await?;
+    let db = &s.db;
+    let k = kill_one_of_two_relays(&s, "transaction", Duration::from_secs(20)).await?;
     let took = k.emptied_after.unwrap_or_else(|| {
         panic!(
             "the killed relay's rows were not delivered within 20 s ({} left)",
@@ -370,15 +439,7 @@ async fn a_relay_killed_with_its_lot_open_is_taken_over_without_waiting_for_a_le
     assert!(status.success(), "the second relay exited with {status}");
     assert_eq!(db.dlq_count().await?, 0);
 
-    let records = read_ids(
-        &boot,
-        &k.topic,
-        &k.ids,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let arrivals = tally(&k.ids, &records);
+    let (records, arrivals) = s.read(&k.ids, Duration::from_millis(500)).await?;
     let dups = duplicated(&arrivals);
     assert!(
         dups.is_subset(&k.held),
@@ -400,9 +461,9 @@ async fn a_relay_killed_with_its_lot_open_is_taken_over_without_waiting_for_a_le
 /// lease on its claim.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_killed_lease_mode_relay_holds_its_rows_until_the_lease_expires() -> R {
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let k = kill_one_of_two_relays(&db, "lease", Duration::from_secs(5)).await?;
+    let s = Scene::new("lots.kill", 4).await?;
+    let db = &s.db;
+    let k = kill_one_of_two_relays(&s, "lease", Duration::from_secs(5)).await?;
     let left = db.count().await?;
     println!(
         "lease mode: {left} of the killed relay's {} rows still leased 5 s after the kill",
@@ -413,8 +474,8 @@ async fn control_a_killed_lease_mode_relay_holds_its_rows_until_the_lease_expire
         "a lease-mode relay's rows were free {:?} after the kill",
         k.emptied_after
     );
-    assert_eq!(ids_left(&db).await?, k.held);
-    assert_eq!(leased(&db).await?, left, "they wait for their lease");
+    assert_eq!(ids_left(db).await?, k.held);
+    assert_eq!(leased(db).await?, left, "they wait for their lease");
     Ok(())
 }
 
@@ -423,36 +484,19 @@ async fn control_a_killed_lease_mode_relay_holds_its_rows_until_the_lease_expire
 /// modes: every row arrives, duplicates only for rows in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_and_restart_in_both_claim_modes() -> R {
-    let boot = bootstrap();
-    let _lock = broker_lock(false).await?;
     for mode in ["lease", "transaction"] {
         let t0 = Instant::now();
-        let db = TestDb::new().await?;
-        let topic = support::unique_topic("lots.crash");
-        create_topic(&boot, &topic, 4).await?;
+        let s = Scene::new("lots.crash", 4).await?;
         const N: i64 = 400;
-        let ids = crash::publish_rows(&db, N).await?;
-        let killed = crash::kill_and_restart(&db, N - 80, |_run| {
-            RelayChild::spawn(
-                RelayChild::command(env!("CARGO_BIN_EXE_kafka_relay"), &db)
-                    .env("RELAY_TOPIC", &topic)
-                    .env("KAFKA_BOOTSTRAP", &boot)
-                    .env("RELAY_CLAIM", mode),
-            )
+        let ids = crash::publish_rows(&s.db, N).await?;
+        let killed = crash::kill_and_restart(&s.db, N - 80, |_run| {
+            RelayChild::spawn(&mut s.relay_command(mode))
         })
         .await?;
         if mode == "transaction" {
             assert_eq!(killed.leased, 0, "a lot writes no lease");
         }
-        let records = read_ids(
-            &boot,
-            &topic,
-            &ids,
-            Duration::from_secs(30),
-            Duration::from_secs(1),
-        )
-        .await?;
-        let arrivals = tally(&ids, &records);
+        let (records, arrivals) = s.read(&ids, Duration::from_secs(1)).await?;
         arrivals.assert_duplicates_within(&killed);
         println!(
             "{mode}: {} records for {N} rows ({} duplicates), {} left at the kill, {:?}",
@@ -476,19 +520,13 @@ async fn kill_and_restart_in_both_claim_modes() -> R {
 /// rows arrive twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
-    let boot = bootstrap();
-    let _lock = broker_lock(false).await?;
+    let s = Scene::new("lots.terminate", 4).await?;
     let t0 = Instant::now();
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.terminate");
-    create_topic(&boot, &topic, 4).await?;
+    let (db, topic) = (&s.db, &s.topic);
     let queue = "terminate";
     const N: i64 = 200;
     const BATCH: usize = 20;
-    let ids: BTreeSet<i64> = support::publish(&db, queue, 0..N)
-        .await?
-        .into_iter()
-        .collect();
+    let ids = s.publish(queue, 0..N).await?;
 
     let name = app_name();
     let calls: Arc<Mutex<BTreeMap<i64, usize>>> = Arc::default();
@@ -500,7 +538,7 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
     };
     // A lot's even rows take 50 ms, its odd ones 600 ms: 200 ms into a lot,
     // some of its records are published and the lot is still open.
-    let relay = start_relay(&db, queue, &topic, &name, knobs, move |v| {
+    let relay = start_relay(db, queue, topic, &name, knobs, move |v| {
         *c.lock().unwrap().entry(v).or_default() += 1;
         async move {
             let ms = if v % 2 == 0 { 50 } else { 600 };
@@ -519,7 +557,7 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
             terminated.len()
         );
         let lot = wait_until(Duration::from_secs(30), || async {
-            open_lots(&db)
+            open_lots(db)
                 .await
                 .unwrap()
                 .iter()
@@ -567,15 +605,7 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
     assert_eq!(db.dlq_count().await?, 0);
     relay.stop().await?;
 
-    let records = read_ids(
-        &boot,
-        &topic,
-        &ids,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let arrivals = tally(&ids, &records);
+    let (records, arrivals) = s.read(&ids, Duration::from_millis(500)).await?;
     let calls = calls.lock().unwrap().clone();
     let values: BTreeMap<i64, i64> = records.iter().map(|r| (r.outbox_id(), r.value())).collect();
     let handled_again: BTreeSet<i64> = calls
@@ -624,24 +654,18 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
 /// much past `max_hold`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the_lease() -> R {
-    let boot = bootstrap();
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.wedged");
-    create_topic(&boot, &topic, 4).await?;
+    let s = Scene::new("lots.wedged", 4).await?;
+    let (db, topic) = (&s.db, &s.topic);
     let queue = "wedged";
     const N: i64 = 30;
     const WEDGED: i64 = 0; // the first row: in the first lot
     let max_hold = Duration::from_millis(500);
     let lease = Duration::from_secs(2);
-    let ids: BTreeSet<i64> = support::publish(&db, queue, 0..N)
-        .await?
-        .into_iter()
-        .collect();
+    let ids = s.publish(queue, 0..N).await?;
     let wedged_id = *ids.first().unwrap();
 
     let name = app_name();
-    let watch = XactWatch::start(&db, &name);
+    let watch = XactWatch::start(db, &name);
     let release = Arc::new(tokio::sync::Notify::new());
     let wedged_calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let (r, w) = (release.clone(), wedged_calls.clone());
@@ -650,12 +674,8 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
         max_hold,
         lease,
     };
-    let relay = start_relay(&db, queue, &topic, &name, knobs, move |v| {
-        let first = v == WEDGED && {
-            let mut calls = w.lock().unwrap();
-            calls.push(Instant::now());
-            calls.len() == 1
-        };
+    let relay = start_relay(db, queue, topic, &name, knobs, move |v| {
+        let first = v == WEDGED && record_call(&w) == 1;
         let r = r.clone();
         async move {
             if first {
@@ -674,8 +694,8 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
         db.count().await.unwrap() == 1
     })
     .await;
-    let left = ids_left(&db).await?;
-    let leased_then = leased(&db).await?;
+    let left = ids_left(db).await?;
+    let leased_then = leased(db).await?;
     let calls_then = wedged_calls.lock().unwrap().len();
     // How old the lease already is (on the database clock).
     let lease_age: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -711,9 +731,9 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
         calls.len()
     );
     let again_after = calls[1] - calls[0];
-    // The lease runs from the claim (`acquired_at` is the lot's start,
-    // just before the first call): not reclaimable before about `lease`
-    // after the first call (100 ms for the claim and the two clocks).
+    // The lease is dated when the lot writes it, at `max_hold` after the
+    // first call: the row is not reclaimable before `lease` after the first
+    // call (100 ms to spare for the claim and the two clocks).
     // Without a lease, it would be handled again right after `max_hold`.
     assert!(
         again_after >= lease - Duration::from_millis(100),
@@ -730,15 +750,7 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
     relay.stop().await?;
     let seen = watch.finish().await?;
 
-    let records = read_ids(
-        &boot,
-        &topic,
-        &ids,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let arrivals = tally(&ids, &records);
+    let (_, arrivals) = s.read(&ids, Duration::from_millis(500)).await?;
     assert_eq!(arrivals.duplicates(), 0, "{:?}", duplicated(&arrivals));
     println!(
         "wedged row handled again {again_after:?} after its first call (max_hold {max_hold:?}, \
@@ -764,19 +776,17 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
 /// still runs. With `max_hold` (1 s) longer than `lease_ttl` (800 ms), the
 /// engine must refuse the options or write a lease that is still live.
 ///
-/// Fails today (ignored until the engine is fixed): the lot's lease writes
-/// `acquired_at = now()`, the start of the lot's transaction, so the lease
-/// is already `max_hold` old when it commits: born expired here, and the
-/// next claim hands the row to a second handler right away.
+/// It guards the date of that lease: the lease is dated when the lot writes
+/// it, at `max_hold`, not at the lot's start (`now()` in its transaction),
+/// which would make it `max_hold` old when it commits: born expired here,
+/// and the next claim would hand the row to a second handler right away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.hold");
-    create_topic(&bootstrap(), &topic, 1).await?;
+    let s = Scene::new("lots.hold", 1).await?;
+    let db = &s.db;
     let queue = "hold";
     let (max_hold, lease) = (Duration::from_secs(1), Duration::from_millis(800));
-    let id = support::publish(&db, queue, 0..1).await?[0];
+    let id = *s.publish(queue, 0..1).await?.first().unwrap();
     let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let c = calls.clone();
     let knobs = Knobs {
@@ -784,12 +794,8 @@ async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
         max_hold,
         lease,
     };
-    let app = relay_app(&db, queue, &topic, &app_name(), knobs, move |_| {
-        let first = {
-            let mut calls = c.lock().unwrap();
-            calls.push(Instant::now());
-            calls.len() == 1
-        };
+    let app = relay_app(db, queue, &s.topic, &app_name(), knobs, move |_| {
+        let first = record_call(&c) == 1;
         async move {
             if first {
                 tokio::time::sleep(Duration::from_secs(3)).await;
@@ -825,7 +831,7 @@ async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let seen = loop {
-        if let Some(age) = age(&db).await {
+        if let Some(age) = age(db).await {
             break Some(age);
         }
         if calls.lock().unwrap().len() > 1 || Instant::now() > deadline {
@@ -861,19 +867,16 @@ async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
 /// handler that fails after 600 ms with a 200 ms `ConstantRetry` runs again
 /// no sooner than 200 ms after it failed.
 ///
-/// Fails today (ignored until the engine is fixed): the lot's retry writes
-/// `next_attempt_at = now() + delay`, and `now()` is the start of the lot's
-/// transaction, so the delay counts from the claim: here the row is due
-/// before its handler even failed, and runs again at once. (The same
-/// `now()` dates `last_attempt_at` and `first_attempt_at` to the claim.)
+/// It guards the date of the retry: the lot writes `next_attempt_at` as the
+/// time of the failure plus the delay, not as the lot's start (`now()` in
+/// its transaction) plus the delay, with which the row would be due before
+/// its handler even failed and run again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.retry");
-    create_topic(&bootstrap(), &topic, 1).await?;
+    let s = Scene::new("lots.retry", 1).await?;
+    let db = &s.db;
     let queue = "retry";
-    support::publish(&db, queue, 0..1).await?;
+    s.publish(queue, 0..1).await?;
     // (start, end) of each handler call.
     type Calls = Vec<(Instant, Option<Instant>)>;
     let calls: Arc<Mutex<Calls>> = Arc::default();
@@ -885,7 +888,7 @@ async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
     };
     // relay_app retries after 200 ms (ConstantRetry).
     let delay = Duration::from_millis(200);
-    let relay = start_relay(&db, queue, &topic, &app_name(), knobs, move |_| {
+    let relay = start_relay(db, queue, &s.topic, &app_name(), knobs, move |_| {
         let c = c.clone();
         let n = {
             let mut calls = c.lock().unwrap();
@@ -928,27 +931,21 @@ async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
 /// once and leave it leased).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_waits_for_rows_leased_at_max_hold() -> R {
-    let boot = bootstrap();
-    let _lock = broker_lock(false).await?;
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.stop");
-    create_topic(&boot, &topic, 1).await?;
+    let s = Scene::new("lots.stop", 1).await?;
+    let db = &s.db;
     let queue = "stop";
-    let ids: BTreeSet<i64> = support::publish(&db, queue, 0..1)
-        .await?
-        .into_iter()
-        .collect();
+    let ids = s.publish(queue, 0..1).await?;
     let knobs = Knobs {
         batch: 10,
         max_hold: Duration::from_millis(300),
         lease: Duration::from_secs(30),
     };
-    let relay = start_relay(&db, queue, &topic, &app_name(), knobs, |_| async {
+    let relay = start_relay(db, queue, &s.topic, &app_name(), knobs, |_| async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         Ok(())
     });
     let leased_now = wait_until(Duration::from_secs(10), || async {
-        leased(&db).await.unwrap() == 1
+        leased(db).await.unwrap() == 1
     })
     .await;
     assert!(leased_now, "the row was not leased at max_hold");
@@ -962,8 +959,8 @@ async fn a_graceful_stop_waits_for_rows_leased_at_max_hold() -> R {
         "the stop ({took:?}) left the leased row unfinished"
     );
     read_ids(
-        &boot,
-        &topic,
+        &s.boot,
+        &s.topic,
         &ids,
         Duration::from_secs(10),
         Duration::from_millis(100),
@@ -981,21 +978,18 @@ async fn a_graceful_stop_waits_for_rows_leased_at_max_hold() -> R {
 /// stays open past the bound; after the resume every row arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kafka_pause_leaves_no_transaction_open_past_max_hold_and_loses_nothing() -> R {
-    let boot = bootstrap();
     kafka_sh();
-    let _lock = broker_lock(true).await?;
+    let s = Scene::exclusive("lots.pause", 4).await?;
     let t0 = Instant::now();
-    let db = TestDb::new().await?;
-    let topic = support::unique_topic("lots.pause");
-    create_topic(&boot, &topic, 4).await?;
+    let db = &s.db;
     let queue = "pause";
     let max_hold = Duration::from_secs(2);
 
     let name = app_name();
     let relay = start_relay(
-        &db,
+        db,
         queue,
-        &topic,
+        &s.topic,
         &name,
         Knobs {
             batch: 20,
@@ -1027,19 +1021,19 @@ async fn a_kafka_pause_leaves_no_transaction_open_past_max_hold_and_loses_nothin
     .await;
     assert!(going, "the relay did not get going before the pause");
 
-    let watch = XactWatch::start(&db, &name);
+    let watch = XactWatch::start(db, &name);
     let paused = Paused::pause()?;
     let paused_at = Instant::now();
     let mut most_leased = 0;
     while paused_at.elapsed() < Duration::from_secs(10) {
-        most_leased = most_leased.max(leased(&db).await?);
+        most_leased = most_leased.max(leased(db).await?);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let left_during = db.count().await?;
     let during = watch.finish().await?;
     paused.resume()?;
     let outage = paused_at.elapsed();
-    let watch = XactWatch::start(&db, &name);
+    let watch = XactWatch::start(db, &name);
 
     let ids = stream.await?;
     assert!(
@@ -1050,15 +1044,7 @@ async fn a_kafka_pause_leaves_no_transaction_open_past_max_hold_and_loses_nothin
     let after = watch.finish().await?;
     assert_eq!(db.dlq_count().await?, 0);
     relay.stop().await?;
-    let records = read_ids(
-        &boot,
-        &topic,
-        &ids,
-        Duration::from_secs(30),
-        Duration::from_millis(500),
-    )
-    .await?;
-    let arrivals = tally(&ids, &records);
+    let (records, arrivals) = s.read(&ids, Duration::from_millis(500)).await?;
     println!(
         "pause of {outage:?}: {left_during} rows waiting, up to {most_leased} leased at \
          max_hold {max_hold:?}; oldest open transaction of the relay {:?} during the pause \
