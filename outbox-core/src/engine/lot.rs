@@ -3,9 +3,9 @@
 //! A lot is one claim's transaction. Its loop (`fetch_concurrency` of them
 //! per subscriber, each on its own connection) opens a transaction, claims
 //! up to `fetch_batch_size` rows locked `FOR UPDATE SKIP LOCKED` without
-//! writing a lease, runs all their handlers at once, and writes every outcome (one
-//! statement per kind: deletes, retries, dead-letter moves) in the same
-//! transaction before committing. Nothing is written before the commit, so
+//! writing a lease, runs all their handlers at once, and writes every
+//! outcome (one statement per kind: deletes, retries, dead-letter moves) in
+//! the same transaction before committing. Nothing is written before the commit, so
 //! a crash, a killed backend or a lost connection rolls the lot back and its
 //! rows are claimable again at once.
 //!
@@ -15,12 +15,11 @@
 //! under the lease token, as in [`ClaimMode::Lease`](crate::ClaimMode::Lease)).
 
 use std::collections::HashSet;
-
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use uuid::Uuid;
 
 use super::SubShared;

@@ -344,6 +344,7 @@ impl Handled {
 /// What the handlers' outcomes mean once their writes landed: logs and
 /// metrics, the same for leased deliveries and lots.
 impl SubShared {
+    /// A retry landed: wake-up at its due time, metrics, the WARN.
     pub(super) fn retried(
         &self,
         row: &OutboxRow,
@@ -363,6 +364,7 @@ impl SubShared {
         );
     }
 
+    /// A dead-letter move landed: metrics, the ERROR.
     pub(super) fn dead_lettered(
         &self,
         row: &OutboxRow,
@@ -396,6 +398,9 @@ impl SubShared {
         );
     }
 
+    /// Runs the handler (unless `max_deliveries` is exceeded) inside the
+    /// per-delivery layers of [`deliver`](super::deliver), and decides the
+    /// outcome. Never panics: a panicking handler or strategy is an error.
     pub(super) async fn dispatch(
         &self,
         delivery: &Arc<Delivery>,
