@@ -765,16 +765,22 @@ async fn drain_lots(
 ) -> (usize, Option<String>) {
     let name = s.shared.sub.name().to_owned();
     let mut timed_out = false;
-    let overdue = s.shared.take_overdue();
-    // The lots, then the rows that outlived `max_hold` (under their lease).
-    for mut task in s.fetch.into_iter().chain(overdue) {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if tokio::time::timeout(remaining, &mut task).await.is_err() {
-            task.abort();
-            let _ = task.await;
-            timed_out = true;
+    // The lots first (one may still reach `max_hold` and hand rows over to
+    // their lease), then the rows that outlived `max_hold`.
+    let wait_for = |tasks: Vec<JoinHandle<()>>| async move {
+        let mut late = false;
+        for mut task in tasks {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(remaining, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+                late = true;
+            }
         }
-    }
+        late
+    };
+    timed_out |= wait_for(s.fetch).await;
+    timed_out |= wait_for(s.shared.take_overdue()).await;
     s.shared.stop_workers.cancel();
     if timed_out {
         s.shared.metrics.drain_timeout();
