@@ -218,10 +218,11 @@ async fn max_hold_leases_the_rows_still_running_and_commits_the_rest() -> R {
     let open: i64 = db
         .scalar(format!(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'lots-{}-fetch' \
-             AND xact_start IS NOT NULL",
+             AND now() - xact_start > interval '1 second'",
             db.schema
         ))
         .await?;
+    // (Idle lot loops poll: a claim's transaction lives for a millisecond.)
     assert_eq!(open, 0, "no transaction held past max_hold");
     assert!(
         !captured(|c| c.message.contains("reached max_hold")).is_empty(),
