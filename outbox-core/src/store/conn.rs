@@ -1,12 +1,16 @@
-//! The engine's storage operations, each one statement guarded by the lease
-//! token: the seam between the engine and its storage.
+//! The engine's storage operations: the seam between the engine and its
+//! storage. In [`ClaimMode::Lease`](crate::ClaimMode::Lease) each is one
+//! statement guarded by the lease token; in
+//! [`ClaimMode::Transaction`](crate::ClaimMode::Transaction) a lot's claim
+//! and writes run in one transaction that holds the rows' locks
+//! ([`lot_claim`], [`lot_end`]).
 //!
 //! Every operation takes a [`Conn`]: a PostgreSQL connection (the product),
 //! or a [`LocalStore`], a backend that lives in the process (the in-memory
 //! store of the test harness, `MemoryStore`, which implements the same
 //! contract, checked by the workspace's contract suite against real
-//! PostgreSQL). The fetch loop, the workers and the acker have one code path
-//! for both; the broker's backend value (`broker::Backend`) opens the
+//! PostgreSQL). The fetch loop, the workers, the acker and the lot loops
+//! have one code path for both; the broker's backend value (`broker::Backend`) opens the
 //! connection.
 
 use std::fmt;
