@@ -152,7 +152,8 @@ pub enum PoisonPolicy {
     /// The first failure moves the row to the dead-letter table at once
     /// (reason `retry_terminal`, retry strategy not consulted) and the key's
     /// next row is delivered: the key never waits, at the price of a gap
-    /// in its sequence that [`replay`](crate::ops::replay) can fill later.
+    /// in its sequence that a replay can fill later
+    /// ([`ops::ReplayOptions`](crate::ops::ReplayOptions), `outbox dlq replay`).
     DeadLetterAndContinue,
 }
 
