@@ -5,45 +5,10 @@ median [min-max] over the runs, and ratios of medians (same run).
 
     python3 bench/ordering.py bench/results/2026-12-06-ordering.jsonl [--include-disturbed]
 """
-import json
-import statistics
 import sys
 from collections import defaultdict
 
-
-def load(path, include_disturbed):
-    out = []
-    for line in open(path):
-        line = line.strip()
-        if not line:
-            continue
-        d = json.loads(line)
-        if "error" in d:
-            print(f"note: error point skipped: {d.get('scenario')} {d.get('error')}", file=sys.stderr)
-            continue
-        if d.get("disturbed") and not include_disturbed:
-            continue
-        out.append(d)
-    return out
-
-
-def med(xs):
-    return statistics.median(xs) if xs else None
-
-
-def fmt(xs, digits=0):
-    if not xs:
-        return "–"
-    f = (lambda v: f"{v:,.{digits}f}")
-    if len(xs) == 1:
-        return f"{f(xs[0])} (1 run)"
-    return f"{f(med(xs))} [{f(min(xs))}–{f(max(xs))}]"
-
-
-def ratio(a, b):
-    if not a or not b:
-        return "–"
-    return f"{med(a) / med(b):.2f}"
+from points import fmt, load, med, ratio
 
 
 def main_knobs(d):

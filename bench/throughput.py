@@ -13,59 +13,21 @@ quiet-machine wait and disturbed re-runs around bench/python/py_bench.py):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from points import fmt, load, med, ratio  # noqa: E402
+
 MODES = ("lease", "transaction")
-
-
-def load(path, include_disturbed):
-    out = []
-    for line in open(path, encoding="utf-8"):
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        d = json.loads(line)
-        if "error" in d:
-            print(f"note: error point skipped: {d.get('scenario')} {d.get('error')}", file=sys.stderr)
-            continue
-        if d.get("disturbed") and not include_disturbed:
-            continue
-        out.append(d)
-    return out
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def fmt(xs, digits=0):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    f = lambda v: f"{v:,.{digits}f}"  # noqa: E731
-    if len(xs) == 1:
-        return f"{f(xs[0])} (1 run)"
-    return f"{f(med(xs))} [{f(min(xs))}–{f(max(xs))}]"
 
 
 def one(xs, digits=0):
     m = med(xs)
     return "–" if m is None else f"{m:,.{digits}f}"
-
-
-def ratio(a, b, digits=2):
-    ma, mb = med(a), med(b)
-    if not ma or not mb:
-        return "–"
-    return f"{ma / mb:.{digits}f}"
 
 
 def mode(d):
