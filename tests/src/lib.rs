@@ -329,6 +329,24 @@ pub fn captured(pred: impl Fn(&Captured) -> bool) -> Vec<Captured> {
         .collect()
 }
 
+/// The values of the fields `names` in `value`'s `Debug` output, space
+/// separated (`"Transaction 2s"`): how a test reads options that a type
+/// shows only through `Debug` (a `Route`'s). Panics naming a missing field.
+pub fn debug_fields(value: &impl std::fmt::Debug, names: &[&str]) -> String {
+    let debug = format!("{value:?}");
+    let field = |name: &str| {
+        let rest = debug
+            .split(&format!("{name}: "))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name} in {debug}"));
+        rest.split([',', ' ', '}'])
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    names.iter().map(|n| field(n)).collect::<Vec<_>>().join(" ")
+}
+
 /// Polls `check` until it returns true or `timeout` passes.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

@@ -40,15 +40,7 @@ async fn defaults(body: String) {
 /// `claim_mode: .., max_hold: ..` from the route's options, as
 /// `"Transaction 2s"` (the `Route` shows its options only through `Debug`).
 fn options(route: &Route) -> String {
-    let debug = format!("{route:?}");
-    let field = |name: &str| {
-        let rest = debug
-            .split(&format!("{name}: "))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {name} in {debug}"));
-        rest.split([',', ' ', '}']).next().unwrap().to_owned()
-    };
-    format!("{} {}", field("claim_mode"), field("max_hold"))
+    tests::debug_fields(route, &["claim_mode", "max_hold"])
 }
 
 #[test]

@@ -105,15 +105,7 @@ async fn unordered(body: String) {
 /// `"true DeadLetterAndContinue"` (the `Route` shows its options only through
 /// `Debug`).
 fn options(route: &Route) -> String {
-    let debug = format!("{route:?}");
-    let field = |name: &str| {
-        let rest = debug
-            .split(&format!("{name}: "))
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {name} in {debug}"));
-        rest.split([',', ' ', '}']).next().unwrap().to_owned()
-    };
-    format!("{} {}", field("ordered"), field("poison_policy"))
+    tests::debug_fields(route, &["ordered", "poison_policy"])
 }
 
 fn run(db: &TestDb, route: impl IntoRoute) -> RunningApp {
