@@ -326,6 +326,9 @@ impl Inner {
 
 /// Dropping the last handle of a producer joins its polling thread and
 /// flushes: keep that off the async workers.
+/// How long [`Transport::health`] waits for the cluster's metadata.
+pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn drop_off_runtime(producer: KafkaProducer) {
     match tokio::runtime::Handle::try_current() {
         Ok(h) => {
@@ -385,6 +388,36 @@ impl Transport for KafkaTransport {
     /// instead of every publish.
     fn check_destination(&self, destination: &str) -> Result<(), String> {
         crate::topic::check_topic_name(destination)
+    }
+
+    /// Asks the cluster for its metadata (brokers only, no topic) with the
+    /// current producer, within 5 s; also reports a fatal
+    /// producer error (the next publish replaces that producer).
+    fn health(&self) -> BoxFuture<'static, std::result::Result<(), String>> {
+        let current = self.inner.current();
+        let bootstrap = self.inner.bootstrap.clone();
+        Box::pin(async move {
+            let probe = tokio::task::spawn_blocking(move || {
+                let client = current.producer.client();
+                if let Some((code, reason)) = client.fatal_error() {
+                    return Err(format!(
+                        "the producer hit a fatal error ({code}: {reason}); the next publish replaces it"
+                    ));
+                }
+                match client.fetch_metadata(None, HEALTH_TIMEOUT) {
+                    Ok(md) if md.brokers().is_empty() => {
+                        Err(format!("no broker listed by `{bootstrap}`"))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(format!(
+                        "cannot read the cluster metadata from `{bootstrap}` within {HEALTH_TIMEOUT:?}: {e}"
+                    )),
+                }
+            });
+            probe
+                .await
+                .unwrap_or_else(|e| Err(format!("the metadata probe failed: {e}")))
+        })
     }
 
     /// Flushes queued records (bounded by the flush timeout).

@@ -542,6 +542,22 @@ impl Transport for NatsTransport {
         check_subject(destination)
     }
 
+    /// The client's connection state: `Connected`, else the state
+    /// (`Disconnected`, `Pending`) while the client reconnects by itself.
+    fn health(&self) -> BoxFuture<'static, std::result::Result<(), String>> {
+        let state = self.inner.client.connection_state();
+        let url = self.inner.url.clone();
+        Box::pin(async move {
+            match state {
+                async_nats::connection::State::Connected => Ok(()),
+                other => Err(format!(
+                    "not connected to NATS ({other:?}); the client reconnects by itself ({})",
+                    server_info(&url).host
+                )),
+            }
+        })
+    }
+
     /// [`NatsTransport::verify_subject`]: with JetStream, `App::run` fails
     /// at startup, before anything is consumed, when no stream captures the
     /// subject (the reason names the subject and the `ensure_stream` call

@@ -666,6 +666,24 @@ impl Transport for RabbitTransport {
         Box::pin(async move { inner.verify(&destination).await })
     }
 
+    /// The publishing connection and its confirm channel are open, or can
+    /// be opened again within the connect timeout (a probe after an outage
+    /// reconnects, as the next publish would).
+    fn health(&self) -> BoxFuture<'static, std::result::Result<(), String>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let deadline = Instant::now() + inner.settings.connect_timeout;
+            match inner.link(deadline, "(health check)").await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!(
+                    "not connected to `{}`: {}",
+                    inner.settings.redacted_url(),
+                    outbox_core::render_error_chain(&e)
+                )),
+            }
+        })
+    }
+
     /// Closes the connection (bounded by the close timeout).
     fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
         let this = self.clone();

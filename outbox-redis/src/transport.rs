@@ -462,6 +462,30 @@ impl Transport for RedisTransport {
         Some(server_info(&self.inner.url))
     }
 
+    /// `PING` on the publishing connection, within the publish timeout
+    /// (the connection manager reconnects after a failure, as for a
+    /// publish).
+    fn health(&self) -> BoxFuture<'static, std::result::Result<(), String>> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let mut conn = inner.current().manager;
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut conn);
+            match tokio::time::timeout(inner.publish_timeout, ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!(
+                    "`PING` to {} failed: {e}",
+                    server_info(&inner.url).host
+                )),
+                Err(_) => Err(format!(
+                    "no answer to `PING` from {} within {:?} (publish_timeout)",
+                    server_info(&inner.url).host,
+                    inner.publish_timeout
+                )),
+            }
+        })
+    }
+
     /// Resolves `Ok` once Redis replied to the command: the `XADD` entry
     /// id, the `RPUSH` length, or a `PUBLISH` count of at least one
     /// subscriber (or any count with `allow_no_subscribers`). A permanent

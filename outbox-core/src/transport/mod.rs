@@ -32,6 +32,15 @@ pub use futures_util::future::BoxFuture;
 pub use memory::{InjectedFailure, MemoryTransport};
 pub use server::ServerInfo;
 
+/// The argument of [`Transport::takes_follow_on`]: a type other crates
+/// cannot name, so only this crate's transports can say yes.
+mod sealed {
+    /// See the module.
+    #[derive(Debug)]
+    pub struct Sealed;
+}
+pub(crate) use sealed::Sealed;
+
 /// The header names the runtime sets on every [`Outgoing`] message besides
 /// the envelope's (`content-type`, `correlation_id`). Their public path is
 /// the crate root (`outbox_core::OUTBOX_ID`).
@@ -74,6 +83,10 @@ pub struct Outgoing {
     /// deleted. One line of text (control characters are percent-encoded).
     /// It is not sent as a header by the runtime.
     pub source: Option<Arc<str>>,
+    /// The outbox-only options of the result (`Response::activate_in`, …):
+    /// only an [`OutboxTransport`](crate::OutboxTransport) takes them; the
+    /// App refuses to send a message that has any to another transport.
+    pub(crate) follow_on: outbox::FollowOn,
 }
 
 impl Outgoing {
@@ -85,6 +98,7 @@ impl Outgoing {
             payload,
             headers: Headers::new(),
             source: None,
+            follow_on: outbox::FollowOn::default(),
         }
     }
 
@@ -226,6 +240,27 @@ pub trait Transport: Send + Sync + 'static {
     /// `servers` of the AsyncAPI document (`App::asyncapi`). Default: none.
     fn server(&self) -> Option<ServerInfo> {
         None
+    }
+
+    /// Whether the transport can reach its bus now, for health probes
+    /// (`AppHandle::health`, the `/readyz` endpoint of
+    /// `App::health_endpoint`): `Err(reason)` says what is wrong in words
+    /// (it is shown in the probe's JSON body). Probes call it every few
+    /// seconds: it must be cheap and bounded in time (a few seconds; the
+    /// caller also cuts it off). The default answers `Ok` (a transport that
+    /// cannot tell).
+    fn health(&self) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Whether the transport takes the outbox-only options of a result
+    /// (`Response::activate_in`, `activate_at`, `timer_id`,
+    /// `timer_conflict`): only [`OutboxTransport`](crate::OutboxTransport)
+    /// does. Not for other implementations (its argument cannot be named
+    /// outside this crate).
+    #[doc(hidden)]
+    fn takes_follow_on(&self, _: Sealed) -> bool {
+        false
     }
 
     /// Flushes and closes; called once at shutdown, after the subscribers
