@@ -50,6 +50,8 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
         let Some(conn) = c.conn.as_mut() else {
             continue;
         };
+        // The leases start at the claim's `now()`, no earlier than this.
+        let asked = Instant::now();
         let claimed = store::claim(shared.broker.stmts(), conn, &args).await;
         shared.claim_ends(claimed.as_deref().unwrap_or_default());
         match claimed {
@@ -59,7 +61,9 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
                 // `rows.len() <= free`: a permit for each; unused ones
                 // return to the buffer when dropped.
                 for (row, permit) in rows.into_iter().zip(permits) {
-                    permit.send(Arc::new(Delivery::new(row, token)));
+                    let d = Arc::new(Delivery::new(row, token));
+                    shared.leases.track(&d, asked);
+                    permit.send(d);
                 }
                 if n > 0 {
                     tracing::debug!(subscriber = %shared.sub.name(), count = n, "claimed");

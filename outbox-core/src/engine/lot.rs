@@ -158,10 +158,14 @@ async fn handle_lot(
     // Every handler of the lot runs at once, as a future of this task,
     // started in claim order: a relay's publishes are all in flight
     // together, queued on the bus client in that order.
-    let mut running: FuturesUnordered<_> = rows
+    let deliveries: Vec<Arc<Delivery>> = rows
         .into_iter()
-        .map(|row| {
-            let delivery = Arc::new(Delivery::new(row, token));
+        .map(|row| Arc::new(Delivery::new(row, token)))
+        .collect();
+    let mut running: FuturesUnordered<_> = deliveries
+        .iter()
+        .cloned()
+        .map(|delivery| {
             let sh = shared.clone();
             async move {
                 if sh.stop_fetch.is_cancelled() {
@@ -206,6 +210,8 @@ async fn handle_lot(
             shared.opts().get_lease_ttl(),
         );
     }
+    // The leases are written at the lot's end, no earlier than this.
+    let lease_start = std::time::Instant::now();
     let result = settle(shared, conn, lot, done, unstarted, leased.clone(), token).await;
     if leased.is_empty() {
         return result;
@@ -219,7 +225,13 @@ async fn handle_lot(
         }
         return result;
     }
-    // The rest finish under their lease, like leased rows.
+    // The rest finish under their lease, like leased rows, which the
+    // heartbeat extends until they are finished.
+    let leased: HashSet<i64> = leased.into_iter().collect();
+    for d in deliveries.iter().filter(|d| leased.contains(&d.row.id)) {
+        shared.leases.track(d, lease_start);
+    }
+    drop(deliveries);
     let sh = shared.clone();
     let task = tokio::spawn(async move {
         while let Some(next) = running.next().await {

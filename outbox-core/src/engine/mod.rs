@@ -23,6 +23,7 @@ mod deliver;
 mod fetch;
 pub(crate) mod gauges;
 pub(crate) mod handler;
+mod heartbeat;
 mod listen;
 mod lot;
 pub(crate) mod message;
@@ -132,6 +133,9 @@ struct SubRuntime {
     workers: Vec<JoinHandle<()>>,
     /// `None` under synchronous dispatch (no loops run).
     acker: Option<JoinHandle<()>>,
+    /// The lease heartbeat (`None`: off, or synchronous dispatch); stopped
+    /// after the drain.
+    heartbeat: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 /// State shared by one subscriber's fetch loop and workers.
@@ -173,6 +177,9 @@ pub(crate) struct SubShared {
     /// [`ClaimMode::Transaction`]: the tasks finishing the rows that
     /// outlived `max_hold` under their lease (a stop waits for them).
     pub(crate) overdue: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The leases the heartbeat extends: every row this subscriber holds a
+    /// lease on, until its delivery is [finished](Self::finished).
+    pub(crate) leases: heartbeat::Leases,
 }
 
 impl SubShared {
@@ -185,6 +192,9 @@ impl SubShared {
         let cap = sub.options().get_fetch_batch_size();
         let workers = sub.options().get_max_workers();
         let (tx, rx) = mpsc::channel(cap);
+        // Synchronous dispatch runs no loop, so no heartbeat either.
+        let heartbeat =
+            !broker.observer().synchronous() && sub.options().get_lease_heartbeat().is_some();
         Self {
             metrics: crate::instrument::SubMetrics::new(sub.name(), sub.queues()),
             observer: broker.observer().clone(),
@@ -209,6 +219,7 @@ impl SubShared {
             write_pool: worker::WritePool::new(workers),
             released: AtomicUsize::new(0),
             overdue: std::sync::Mutex::new(Vec::new()),
+            leases: heartbeat::Leases::new(heartbeat),
         }
     }
 
@@ -373,6 +384,7 @@ impl SubShared {
     /// The delivery of `row_id` ended with `step` (its write landed, lost
     /// its lease, or could not be made).
     pub(crate) fn finished(&self, row_id: i64, step: Step) {
+        self.leases.untrack(row_id);
         self.inflight.fetch_sub(1, SeqCst);
         if self.key_cursor.is_some() {
             // The key's next row may be its head now: claim again (an
@@ -530,6 +542,7 @@ impl Engine {
                     fetch: Vec::new(),
                     workers: Vec::new(),
                     acker: None,
+                    heartbeat: None,
                 });
                 continue;
             }
@@ -545,11 +558,13 @@ impl Engine {
                     batch = sub.options().get_fetch_batch_size(),
                     "outbox subscriber started (claim mode: transaction)"
                 );
+                let heartbeat = heartbeat::spawn(&shared);
                 subs.push(SubRuntime {
                     shared,
                     fetch: lots,
                     workers: Vec::new(),
                     acker: None,
+                    heartbeat,
                 });
                 continue;
             }
@@ -567,11 +582,13 @@ impl Engine {
                 workers = sub.options().get_max_workers(),
                 "outbox subscriber started"
             );
+            let heartbeat = heartbeat::spawn(&shared);
             subs.push(SubRuntime {
                 shared,
                 fetch,
                 workers,
                 acker: Some(acker),
+                heartbeat,
             });
         }
         // The in-memory backend wakes the fetch loops on publish itself (no
@@ -740,6 +757,7 @@ impl Engine {
                 .chain(s.workers)
                 .chain(s.acker)
                 .chain(overdue)
+                .chain(s.heartbeat.map(|(_, task)| task))
             {
                 w.abort();
                 tasks.push(w);
@@ -792,6 +810,7 @@ async fn drain_lots(
             broker.get_graceful_timeout()
         );
     }
+    heartbeat::stop(s.heartbeat).await;
     let released = s.shared.released.load(SeqCst);
     (released, timed_out.then_some(name))
 }
@@ -882,5 +901,7 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
             broker.get_graceful_timeout()
         );
     }
+    // 4. The last outcomes are written (or abandoned): no lease to extend.
+    heartbeat::stop(s.heartbeat).await;
     (released, timed_out.then_some(name))
 }

@@ -48,6 +48,7 @@ pub const RELAY_DEFAULTS: KnobDefaults = KnobDefaults {
 /// | `min_fetch_interval` | 1 s | 1 s | idle backoff base |
 /// | `max_fetch_interval` | 10 s | 10 s | idle backoff ceiling (polling floor without NOTIFY) |
 /// | `lease_ttl` | 60 s | 60 s | a claimed row is reclaimable after this |
+/// | `lease_heartbeat` | `lease_ttl / 3` | same | how often the leases of rows in flight are extended; off: a lease lasts `lease_ttl` from the claim |
 /// | `claim_mode` | [`ClaimMode::Lease`] | [`ClaimMode::Transaction`] | lease write per claim, or rows locked in a transaction held until their outcomes commit |
 /// | `max_hold` | 5 s | 5 s | `Transaction` mode: longest a claim's transaction stays open |
 /// | `max_deliveries` | none | none | claims allowed before a row goes terminal unhandled |
@@ -78,6 +79,8 @@ pub struct SubscriberOptions {
     poison_policy: PoisonPolicy,
     claim_mode: Option<ClaimMode>,
     max_hold: Duration,
+    /// `None`: the default (`lease_ttl / 3`); `Some(None)`: off.
+    lease_heartbeat: Option<Option<Duration>>,
 }
 
 /// How a subscriber claims rows and records their outcomes.
@@ -175,6 +178,7 @@ impl Default for SubscriberOptions {
             poison_policy: PoisonPolicy::Block,
             claim_mode: None,
             max_hold: DEFAULT_MAX_HOLD,
+            lease_heartbeat: None,
         }
     }
 }
@@ -206,6 +210,7 @@ impl fmt::Debug for SubscriberOptions {
             .field("poison_policy", &self.poison_policy)
             .field("claim_mode", &self.get_claim_mode())
             .field("max_hold", &self.max_hold)
+            .field("lease_heartbeat", &self.get_lease_heartbeat())
             .finish()
     }
 }
@@ -374,6 +379,57 @@ impl SubscriberOptions {
         max_hold, get_max_hold: Duration
     );
 
+    /// How often the engine extends the leases of the rows it holds
+    /// (default `lease_ttl / 3`; `None` turns the heartbeat off). Every
+    /// interval, one batched `UPDATE` per subscriber sets `acquired_at`
+    /// again on every row it has claimed and not yet finished (buffered,
+    /// running, or waiting for its outcome's write), guarded by the lease
+    /// token; with nothing in flight, nothing is written. So a handler (or a
+    /// bus confirmation) may outlast `lease_ttl`: the lease expires only
+    /// `lease_ttl` after the last extension, when the process died or lost
+    /// the database. A row whose extension finds its lease taken is
+    /// reported as `lease_lost` with phase `heartbeat` and no longer
+    /// extended (its outcome's write is then refused too). In
+    /// [`ClaimMode::Transaction`] it extends the leases of the rows that
+    /// outlived [`max_hold`](Self::max_hold).
+    ///
+    /// Must be shorter than [`lease_ttl`](Self::lease_ttl) (checked by
+    /// [`validate`](Self::validate)); more than half of it is allowed but
+    /// warned about (one failed extension would then lose the lease).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use outbox_core::SubscriberOptions;
+    ///
+    /// let opts = SubscriberOptions::new().lease_ttl(Duration::from_secs(30));
+    /// assert_eq!(opts.get_lease_heartbeat(), Some(Duration::from_secs(10)));
+    /// let opts = opts.lease_heartbeat(Some(Duration::from_secs(5)));
+    /// assert_eq!(opts.get_lease_heartbeat(), Some(Duration::from_secs(5)));
+    /// assert_eq!(opts.without_lease_heartbeat().get_lease_heartbeat(), None);
+    /// assert!(SubscriberOptions::new()
+    ///     .lease_ttl(Duration::from_secs(5))
+    ///     .lease_heartbeat(Some(Duration::from_secs(5)))
+    ///     .validate()
+    ///     .is_err());
+    /// ```
+    pub fn lease_heartbeat(mut self, every: Option<Duration>) -> Self {
+        self.lease_heartbeat = Some(every);
+        self
+    }
+
+    /// Turns the lease heartbeat off: a lease lasts `lease_ttl` from its
+    /// claim, however long the handler runs (faststream-outbox's behaviour).
+    pub fn without_lease_heartbeat(self) -> Self {
+        self.lease_heartbeat(None)
+    }
+
+    /// The effective heartbeat interval (`None`: off); the default is
+    /// `lease_ttl / 3`.
+    pub fn get_lease_heartbeat(&self) -> Option<Duration> {
+        self.lease_heartbeat
+            .unwrap_or_else(|| Some((self.lease_ttl / 3).max(Duration::from_millis(1))))
+    }
+
     /// Claims allowed per row (>= 1). A row claimed more often (crashes, lease
     /// expiries) goes terminal with reason `max_deliveries` without running the
     /// handler. Default: unlimited.
@@ -456,6 +512,21 @@ impl SubscriberOptions {
                 self.get_fetch_batch_size()
             ));
         }
+        if let Some(Some(every)) = self.lease_heartbeat {
+            if every.is_zero() {
+                return err(
+                    "lease_heartbeat must be > 0 (use without_lease_heartbeat to turn it off)"
+                        .into(),
+                );
+            }
+            if every >= self.lease_ttl {
+                return err(format!(
+                    "lease_heartbeat ({every:?}) must be shorter than lease_ttl ({:?}): a lease \
+                     extended less often than it lasts expires between two extensions",
+                    self.lease_ttl
+                ));
+            }
+        }
         if self.min_fetch_interval > self.max_fetch_interval {
             return err(format!(
                 "min_fetch_interval ({:?}) must be <= max_fetch_interval ({:?})",
@@ -470,6 +541,15 @@ impl SubscriberOptions {
             return err(format!("invalid retry strategy {retry:?}: {e}"));
         }
         let mut warnings = Vec::new();
+        if let Some(Some(every)) = self.lease_heartbeat
+            && every > self.lease_ttl / 2
+        {
+            warnings.push(format!(
+                "lease_heartbeat ({every:?}) is more than half of lease_ttl ({:?}): a single \
+                 failed extension loses the lease; the default is a third",
+                self.lease_ttl
+            ));
+        }
         if self.max_workers.is_some() && self.get_claim_mode() == ClaimMode::Transaction {
             warnings.push(
                 "max_workers has no effect with claim_mode Transaction: every handler of a claimed \
@@ -707,6 +787,18 @@ impl SubscriberBuilder {
         self
     }
 
+    /// See [`SubscriberOptions::lease_heartbeat`].
+    pub fn lease_heartbeat(mut self, every: Option<Duration>) -> Self {
+        self.options = self.options.lease_heartbeat(every);
+        self
+    }
+
+    /// See [`SubscriberOptions::without_lease_heartbeat`].
+    pub fn without_lease_heartbeat(mut self) -> Self {
+        self.options = self.options.without_lease_heartbeat();
+        self
+    }
+
     // Not in `option_setters!`: a bound error on `strategy` would then point
     // into the macro instead of only at the caller's expression.
     /// See [`SubscriberOptions::retry`].
@@ -783,6 +875,7 @@ mod tests {
         assert_eq!(o.get_max_deliveries(), None);
         assert_eq!(o.get_terminal_flush_batch_size(), 1);
         assert_eq!(o.get_ack_policy(), AckPolicy::NackOnError);
+        assert_eq!(o.get_lease_heartbeat(), Some(Duration::from_secs(20)));
         assert!(s.warnings().is_empty(), "{:?}", s.warnings());
         assert_eq!(s.name(), "q");
         assert!(format!("{:?}", o.get_retry()).contains("ExponentialRetry"));
@@ -834,6 +927,19 @@ mod tests {
                 "invalid retry strategy",
             ),
         ];
+        let ttl = Duration::from_secs(3);
+        let cases = cases.into_iter().chain([
+            (
+                Subscriber::builder(["q"])
+                    .lease_ttl(ttl)
+                    .lease_heartbeat(Some(ttl)),
+                "lease_heartbeat (3s) must be shorter than lease_ttl (3s)",
+            ),
+            (
+                Subscriber::builder(["q"]).lease_heartbeat(Some(Duration::ZERO)),
+                "lease_heartbeat must be > 0",
+            ),
+        ]);
         for (b, needle) in cases {
             let err = build(b).expect_err(needle).to_string();
             assert!(err.contains(needle), "{err:?} should contain {needle:?}");
@@ -879,6 +985,14 @@ mod tests {
         );
         // A short lease is sane (fast redelivery after a crash): no warning.
         assert!(warns(Subscriber::builder(["q"]).lease_ttl(Duration::from_secs(5))).is_empty());
+        assert!(
+            warns(
+                Subscriber::builder(["q"])
+                    .lease_ttl(Duration::from_secs(10))
+                    .lease_heartbeat(Some(Duration::from_secs(6)))
+            )
+            .contains("more than half of lease_ttl")
+        );
         assert!(
             warns(
                 Subscriber::builder(["q"])

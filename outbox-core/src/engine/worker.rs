@@ -236,10 +236,12 @@ impl Worker {
     }
 
     async fn process(&mut self, delivery: Arc<Delivery>) {
-        if delivery.claimed_at.elapsed() >= self.shared.opts().get_lease_ttl() {
+        let lease_ttl = self.shared.opts().get_lease_ttl();
+        if self.shared.leases.expired(&delivery, lease_ttl) {
             // The row waited in the buffer past its lease (the workers were
-            // all busy, e.g. waiting on a slow bus): another relay may hold
-            // it now. Handling it would publish it twice; it is claimed
+            // all busy, e.g. waiting on a slow bus, and no heartbeat
+            // extended it, or an extension found it taken): another relay
+            // may hold it now. Handling it would publish it twice; it is claimed
             // again instead.
             self.writer.lease_lost(&delivery, "buffered");
             self.shared
@@ -588,7 +590,8 @@ impl Writer {
         w: &Write,
         phase: &'static str,
     ) -> Landed {
-        match self.write(delivery.claimed_at, w).await {
+        let since = self.shared.leases.since(delivery);
+        match self.write(since, w).await {
             Some(Written::Rows(0)) => {
                 self.lease_lost(delivery, phase);
                 Landed::LeaseLost
@@ -758,7 +761,7 @@ impl Writer {
         }
         let oldest = batch
             .iter()
-            .map(|p| p.delivery.claimed_at)
+            .map(|p| self.shared.leases.since(&p.delivery))
             .min()
             .unwrap_or_else(Instant::now);
         let done: Option<std::collections::HashSet<i64>> = if let [p] = &batch[..] {

@@ -298,6 +298,9 @@ pub(crate) enum Write {
     },
     /// Batched `DELETE`; returns the ids that were deleted.
     DeleteBatch { ids: Vec<i64>, tokens: Vec<Uuid> },
+    /// The lease heartbeat: `acquired_at = now` on the rows that still hold
+    /// their token; returns the ids extended.
+    Extend { ids: Vec<i64>, tokens: Vec<Uuid> },
 }
 
 #[derive(Debug)]
@@ -367,6 +370,17 @@ async fn execute_pg(
         }
         Write::DeleteBatch { ids, tokens } => {
             let rows = sql::q(&stmts.ack_batch)
+                .bind(ids)
+                .bind(tokens)
+                .fetch_all(&mut *conn)
+                .await?;
+            rows.iter()
+                .map(|r| r.try_get::<i64, _>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Written::Ids)
+        }
+        Write::Extend { ids, tokens } => {
+            let rows = sql::q(&stmts.extend)
                 .bind(ids)
                 .bind(tokens)
                 .fetch_all(&mut *conn)

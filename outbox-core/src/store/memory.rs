@@ -31,7 +31,8 @@ use crate::envelope::Headers;
 ///   release) touch a row only if it holds that token (an unleased row never
 ///   matches); a retry sets `next_attempt_at = now + delay`,
 ///   `attempts_count + 1`, the first/last attempt times, and clears the
-///   lease; a release gives the claim back (`deliveries_count - 1`);
+///   lease; a release gives the claim back (`deliveries_count - 1`); a
+///   lease extension (the heartbeat) sets `acquired_at = now`;
 /// - **dead letters** copy `id` (as `original_id`), queue, payload, headers,
 ///   `deliveries_count`, `created_at` and `timer_id`, and add
 ///   `failure_reason`, `last_exception` and `failed_at = now`;
@@ -450,6 +451,18 @@ impl MemoryStore {
                     }
                 }
                 Written::Ids(done)
+            }
+            Write::Extend { ids, tokens } => {
+                let mut kept = Vec::new();
+                for (id, token) in ids.iter().zip(tokens) {
+                    if Self::holds(&s, *id, *token)
+                        && let Some(r) = s.rows.get_mut(id)
+                    {
+                        r.acquired_at = Some(now);
+                        kept.push(*id);
+                    }
+                }
+                Written::Ids(kept)
             }
             Write::Retry { id, token, delay } => {
                 if !Self::holds(&s, *id, *token) {

@@ -79,6 +79,11 @@ pub(crate) struct Statements {
     pub(crate) ack_batch: Sql,
     pub(crate) retry: Sql,
     pub(crate) release: Sql,
+    /// The lease heartbeat: `acquired_at = now()` (the claim's clock) on
+    /// every `(id, token)` pair of `$1`, `$2` that still holds its token;
+    /// returns the ids extended. Commits synchronously (an extension lost
+    /// in a server crash could let another claim take a running row).
+    pub(crate) extend: Sql,
     /// Seconds until the earliest future-dated unleased row of `$1` (the
     /// queues) is due, on the database clock; NULL when there is none.
     pub(crate) next_due: Sql,
@@ -195,6 +200,12 @@ impl Statements {
                    SELECT c.next_attempt_at FROM {t} c \
                    WHERE c.queue = q.name AND c.acquired_token IS NULL AND c.next_attempt_at > now() \
                    ORDER BY c.next_attempt_at LIMIT 1) n"
+            )
+            .into(),
+            extend: format!(
+                "UPDATE {t} o SET acquired_at = now() \
+                 FROM unnest($1::int8[], $2::uuid[]) AS w(id, token) \
+                 WHERE o.id = w.id AND o.acquired_token IS NOT DISTINCT FROM w.token RETURNING o.id"
             )
             .into(),
             release: format!(
