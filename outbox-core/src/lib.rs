@@ -24,6 +24,7 @@
 //! | `store/` | the storage layer: [`OutboxTable`] / [`DlqTable`], identifiers, statements, schema checks, row decoding ([`OutboxRow`]), the engine's connection seam, the in-memory backend | error, envelope |
 //! | `publish` | validating and encoding publishes ([`PublishOptions`]) into the rows the store inserts | store, otel |
 //! | `broker` | [`OutboxBroker`]: the handle producers publish through and the engine and `ops` run on | publish, store, instrument |
+//! | `publisher` | [`OutboxPublisher`]: a publish handle bound to one queue with default options ([`OutboxBroker::publisher`]) | broker, publish |
 //! | [`transport`] | [`Transport`], where handler results go, and [`TransportBroker`], the one way a transport registers (`kafka.connect()`); [`MemoryTransport`]; [`OutboxTransport`] | broker, publish |
 //! | `engine/` | [`Engine`]: the relay (fetch loop, workers, acker, LISTEN, gauges) and the subscriber API it runs ([`Subscriber`], [`Message`], [`Handler`], [`retry`]) | transport, broker, publish, store, instrument, otel |
 //! | [`ops`] | statistics, dead letters, replay, autovacuum DDL (what the CLI runs) | broker, publish, store |
@@ -76,6 +77,7 @@ pub mod ops;
 pub mod otel;
 mod publish;
 mod store;
+mod publisher;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -102,6 +104,7 @@ pub use envelope::{Headers, Passthrough, Raw};
 pub use error::{BoxError, DecodeError, Error, Result, SchemaDrift, render_error_chain};
 pub use publish::{MAX_NAME_CHARS, PublishOptions};
 pub use store::producer::TimerConflict;
+pub use publisher::OutboxPublisher;
 pub use store::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks};
 pub use transport::headers::OUTBOX_ID;
 pub use transport::outbox::{OUTBOX_TRANSPORT, OutboxTransport};

@@ -135,6 +135,33 @@ impl PublishOptions {
         &self.headers
     }
 
+    /// These options over `defaults` (an [`OutboxPublisher`](crate::OutboxPublisher)'s):
+    /// the headers of both, these winning on a shared name; the schedule
+    /// (`activate_in` / `activate_at`), the key and the correlation id from
+    /// these where set, else from `defaults`; the timer only from these.
+    pub(crate) fn over(&self, defaults: &PublishOptions) -> PublishOptions {
+        let mut headers = defaults.headers.clone();
+        headers.extend(self.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let own_schedule = self.activate_in.is_some() || self.activate_at.is_some();
+        let (activate_in, activate_at) = if own_schedule {
+            (self.activate_in, self.activate_at)
+        } else {
+            (defaults.activate_in, defaults.activate_at)
+        };
+        PublishOptions {
+            headers,
+            correlation_id: self
+                .correlation_id
+                .clone()
+                .or_else(|| defaults.correlation_id.clone()),
+            activate_in,
+            activate_at,
+            timer_id: self.timer_id.clone(),
+            timer_conflict: self.timer_conflict,
+            key: self.key.clone().or_else(|| defaults.key.clone()),
+        }
+    }
+
     fn schedule(&self) -> Result<Schedule> {
         match (self.activate_in, self.activate_at) {
             (Some(_), Some(_)) => Err(Error::arg(

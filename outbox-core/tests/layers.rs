@@ -23,6 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "broker",
         &["publish", "store", "instrument", "envelope", "error"],
     ),
+    ("publisher", &["broker", "publish", "envelope", "error"]),
     (
         "transport",
         &["broker", "publish", "store", "envelope", "error"],
@@ -47,6 +48,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine",
             "ops",
             "transport",
+            "publisher",
             "broker",
             "publish",
             "store",
@@ -63,6 +65,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "engine",
             "ops",
             "transport",
+            "publisher",
             "broker",
             "publish",
             "store",

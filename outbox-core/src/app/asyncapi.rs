@@ -14,7 +14,10 @@
 //!   `address`;
 //! - **operations**: each route `receive`s from its queues
 //!   (`<route>.receive`) and `send`s its result to each target
-//!   (`<route>.send.<n>`);
+//!   (`<route>.send.<n>`); each registered
+//!   [`OutboxPublisher`](crate::OutboxPublisher)
+//!   ([`App::publisher`](super::App::publisher)) `send`s to its queue's
+//!   channel (`<title>.send`, the title defaulting to `<queue>:Publisher`);
 //! - **messages**: per route, the consumed row and the relayed result, with
 //!   the envelope headers (`content-type`, `correlation_id`, and `outbox-id`
 //!   on relayed messages), `correlationId` pointing at the header, and the
@@ -38,6 +41,7 @@ use super::route::Route;
 use crate::broker::OutboxBroker;
 use crate::envelope::{CONTENT_TYPE, CORRELATION_ID, JSON, TEXT};
 use crate::error::{Error, Result};
+use crate::publisher::OutboxPublisher;
 use crate::transport::ServerInfo;
 use crate::transport::headers::OUTBOX_ID;
 use crate::transport::outbox::OUTBOX_TRANSPORT;
@@ -342,6 +346,8 @@ pub(crate) struct Source<'a> {
     pub(crate) title: &'a str,
     pub(crate) version: &'a str,
     pub(crate) description: Option<&'a str>,
+    /// Publishers registered for the document ([`App::publisher`](super::App::publisher)).
+    pub(crate) publishers: &'a [OutboxPublisher],
 }
 
 /// A key usable in `channels`, `operations` and `components` (AsyncAPI
@@ -637,6 +643,54 @@ pub(crate) fn build(src: &Source<'_>) -> Result<AsyncApi> {
                 }),
             );
         }
+    }
+    // Registered publishers: rows producers insert into a queue.
+    for p in src.publishers {
+        let queue = p.queue();
+        let title = p.get_title();
+        let ch = queue_channel(queue);
+        b.channels.entry(ch.clone()).or_insert_with(|| {
+            json!({
+                "address": queue,
+                "title": format!("outbox queue {queue}"),
+                "description": format!("Rows of queue `{queue}` in the outbox table {table_name}"),
+                "servers": [{"$ref": "#/servers/outbox"}],
+                "x-outbox": {"table": table_name, "queue": queue},
+            })
+        });
+        let mut pkey = key(&title);
+        let mut n = 1;
+        while b.operations.contains_key(&format!("{pkey}.send")) {
+            n += 1;
+            pkey = key(&format!("{title}.{n}"));
+        }
+        let msg = b.message(
+            &format!("{pkey}.published"),
+            format!("Row published by `{title}`"),
+            None,
+            false,
+        );
+        if let Some(m) = b.messages.get_mut(&msg) {
+            m["payload"] = json!({"description": format!("The body given to `{title}` (any serializable value)")});
+        }
+        let msg_ref = b.attach(&ch, &msg);
+        let mut op = json!({
+            "action": "send",
+            "title": title,
+            "summary": format!("Inserts a row into queue {queue} in the producer's transaction"),
+            "channel": {"$ref": format!("#/channels/{ch}")},
+            "messages": [msg_ref],
+            "x-outbox": {
+                "publisher": title,
+                "queue": queue,
+                "table": table_name,
+                "headers": p.defaults().get_headers(),
+            },
+        });
+        if let Some(d) = p.get_description() {
+            op["description"] = json!(d);
+        }
+        b.operations.insert(format!("{pkey}.send"), op);
     }
     for (ch, msgs) in std::mem::take(&mut b.channel_messages) {
         if let Some(c) = b.channels.get_mut(&ch) {

@@ -28,6 +28,7 @@ pub use route::{
 };
 
 use crate::broker::OutboxBroker;
+use crate::publisher::OutboxPublisher;
 use crate::engine::Engine;
 use crate::engine::message::Message;
 use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
@@ -111,6 +112,8 @@ pub struct App {
     hook_transports: Vec<(String, Option<crate::transport::ServerInfo>)>,
     /// The AsyncAPI `info`: title, version, description.
     doc_info: (String, String, Option<String>),
+    /// Publishers registered for the AsyncAPI document ([`App::publisher`]).
+    publishers: Vec<OutboxPublisher>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
 }
@@ -161,6 +164,7 @@ impl App {
             validate_schema: None,
             hook_transports: Vec::new(),
             doc_info: (default_title(), "unversioned".to_owned(), None),
+            publishers: Vec::new(),
             #[cfg(feature = "prometheus")]
             prometheus: None,
         }
@@ -170,6 +174,22 @@ impl App {
     /// `#[subscriber]` fn's marker (`handle {}`).
     pub fn subscriber(mut self, route: impl IntoRoute) -> Self {
         self.routes.push(route.into_route());
+        self
+    }
+
+    /// Lists `publisher` in the [AsyncAPI document](Self::asyncapi): a
+    /// `send` operation on its queue's channel, named by its title (default
+    /// `"<queue>:Publisher"`). For documentation only: the App does not
+    /// publish through it.
+    ///
+    /// ```
+    /// # fn demo(outbox: outbox_core::OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// let orders = outbox.publisher("orders")?.description("Orders placed at checkout");
+    /// let app = outbox_core::App::new(outbox).publisher(&orders);
+    /// # let _ = app; Ok(()) }
+    /// ```
+    pub fn publisher(mut self, publisher: &OutboxPublisher) -> Self {
+        self.publishers.push(publisher.clone());
         self
     }
 
@@ -402,6 +422,7 @@ impl App {
             title: &self.doc_info.0,
             version: &self.doc_info.1,
             description: self.doc_info.2.as_deref(),
+            publishers: &self.publishers,
         })
     }
 
@@ -422,6 +443,7 @@ impl App {
             validate_schema: None,
             hook_transports: Vec::new(),
             doc_info: self.doc_info.clone(),
+            publishers: Vec::new(),
             #[cfg(feature = "prometheus")]
             prometheus: None,
         };
