@@ -867,6 +867,28 @@ impl RouteHandler {
             .key
             .clone()
             .or_else(|| msg.ordering_key().map(|k| k.as_bytes().to_vec()));
+        // Delays and timers are the outbox's: a bus target would drop them.
+        let outbox_only = reply.follow_on.set_names();
+        if !outbox_only.is_empty()
+            && let Some((t, dest, _)) = self
+                .targets
+                .iter()
+                .find(|(t, _, _)| !t.takes_follow_on(crate::transport::Sealed))
+        {
+            return Err(Box::new(Error::Transport {
+                transport: t.name().to_owned(),
+                destination: dest.clone(),
+                source: format!(
+                    "the response sets {} (Response::{}), which only an OutboxTransport \
+                     target can honour; transport `{}` is not one, so nothing was sent. \
+                     Publish such responses to an outbox queue only",
+                    outbox_only.join(", "),
+                    outbox_only[0],
+                    t.name()
+                )
+                .into(),
+            }));
+        }
         let sends = self.targets.iter().map(|(t, dest, watch)| {
             let out = Outgoing {
                 destination: dest.clone(),
@@ -874,6 +896,7 @@ impl RouteHandler {
                 payload: reply.payload.clone(),
                 headers: headers.clone(),
                 source: source.clone(),
+                follow_on: reply.follow_on.clone(),
             };
             let name = t.name().to_owned();
             let dest = dest.clone();

@@ -1,14 +1,28 @@
 //! What handlers return: [`Response`] and the [`IntoReply`] conversions.
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::envelope::{self, CONTENT_TYPE, Headers, Passthrough};
 use crate::error::{BoxError, Error};
+use crate::store::producer::TimerConflict;
+use crate::transport::outbox::FollowOn;
 
 /// A handler result with a key and headers for the transport.
 ///
 /// A plain value returned by a `#[publish_to]` handler is the same as
 /// `Response::new(value)`.
+///
+/// For an [`OutboxTransport`](crate::OutboxTransport) target (queue
+/// chaining, faststream-outbox's `OutboxResponse`), the response can also
+/// delay the follow-on row ([`activate_in`](Self::activate_in),
+/// [`activate_at`](Self::activate_at)) or make it a timer
+/// ([`timer_id`](Self::timer_id), [`timer_conflict`](Self::timer_conflict)).
+/// Those options mean nothing to a bus: a response that sets any of them and
+/// is published to another transport fails (the handler's error, naming the
+/// option and the transport), before anything is sent.
 ///
 /// ```
 /// use outbox_core::Response;
@@ -24,6 +38,7 @@ pub struct Response<T> {
     key: Option<Vec<u8>>,
     headers: Headers,
     correlation_id: Option<String>,
+    follow_on: FollowOn,
 }
 
 impl<T> Response<T> {
@@ -34,6 +49,7 @@ impl<T> Response<T> {
             key: None,
             headers: Headers::new(),
             correlation_id: None,
+            follow_on: FollowOn::default(),
         }
     }
 
@@ -55,6 +71,76 @@ impl<T> Response<T> {
         self
     }
 
+    /// Makes the follow-on row due `delay` after it is written, measured on
+    /// the database clock (`now() + delay`, `now()` being the start of the
+    /// transaction that writes it: the ack's, or the lot's in
+    /// [`ClaimMode::Transaction`](crate::ClaimMode::Transaction)), as
+    /// [`PublishOptions::activate_in`](crate::PublishOptions::activate_in).
+    /// [`OutboxTransport`](crate::OutboxTransport) targets only; at most one
+    /// of `activate_in` / `activate_at`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use outbox_core::Response;
+    ///
+    /// // The invoice's reminder, due in one hour.
+    /// let r = Response::new(7_i64).activate_in(Duration::from_secs(3600));
+    /// # let _ = r;
+    /// ```
+    pub fn activate_in(mut self, delay: Duration) -> Self {
+        self.follow_on.activate_in = Some(delay);
+        self
+    }
+
+    /// Makes the follow-on row due at `at` (stored as given), as
+    /// [`PublishOptions::activate_at`](crate::PublishOptions::activate_at).
+    /// [`OutboxTransport`](crate::OutboxTransport) targets only; at most one
+    /// of `activate_in` / `activate_at`.
+    ///
+    /// ```
+    /// use outbox_core::Response;
+    ///
+    /// let at = chrono::Utc::now() + chrono::Duration::days(1);
+    /// let r = Response::new("close the ticket").activate_at(at);
+    /// # let _ = r;
+    /// ```
+    pub fn activate_at(mut self, at: DateTime<Utc>) -> Self {
+        self.follow_on.activate_at = Some(at);
+        self
+    }
+
+    /// Makes the follow-on row a timer: at most one live row per
+    /// `(queue, timer_id)`. When one exists, [`timer_conflict`](Self::timer_conflict)
+    /// says what happens (default [`TimerConflict::Ignore`]: the existing
+    /// row stays and no follow-on row is written; the inbound row is acked
+    /// all the same). [`OutboxTransport`](crate::OutboxTransport) targets
+    /// only; a timer can be cancelled with
+    /// [`OutboxBroker::cancel_timer`](crate::OutboxBroker::cancel_timer).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use outbox_core::{Response, TimerConflict};
+    ///
+    /// // One reminder per cart, pushed back by each new activity.
+    /// let r = Response::new(42_i64)
+    ///     .activate_in(Duration::from_secs(1800))
+    ///     .timer_id("cart-42-reminder")
+    ///     .timer_conflict(TimerConflict::Extend);
+    /// # let _ = r;
+    /// ```
+    pub fn timer_id(mut self, id: impl Into<String>) -> Self {
+        self.follow_on.timer_id = Some(id.into());
+        self
+    }
+
+    /// What a [`timer_id`](Self::timer_id) does when the timer already
+    /// exists (see [`TimerConflict`]); needs a `timer_id`.
+    /// [`OutboxTransport`](crate::OutboxTransport) targets only.
+    pub fn timer_conflict(mut self, mode: TimerConflict) -> Self {
+        self.follow_on.timer_conflict = mode;
+        self
+    }
+
     /// The body.
     pub fn body(&self) -> &T {
         &self.body
@@ -73,6 +159,8 @@ pub struct Reply {
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) headers: Headers,
     pub(crate) correlation_id: Option<String>,
+    /// The outbox-only options ([`Response::activate_in`], …), checked.
+    pub(crate) follow_on: FollowOn,
 }
 
 /// What a handler may return: `()`, [`Response<T>`] with `T: Serialize`,
@@ -98,6 +186,7 @@ impl IntoReply for () {
 
 impl<T: Serialize> IntoReply for Response<T> {
     fn into_reply(self) -> Result<Option<Reply>, BoxError> {
+        self.follow_on.validate()?;
         let (payload, content_type) = envelope::encode_body(&self.body)?;
         Ok(Some(Reply {
             payload,
@@ -105,6 +194,7 @@ impl<T: Serialize> IntoReply for Response<T> {
             key: self.key,
             headers: self.headers,
             correlation_id: self.correlation_id,
+            follow_on: self.follow_on,
         }))
     }
 }
@@ -129,7 +219,9 @@ impl IntoReply for Response<Passthrough> {
             key,
             mut headers,
             correlation_id,
+            follow_on,
         } = self;
+        follow_on.validate()?;
         let (payload, content_type) = body.into_parts();
         if let Some(ct) = content_type {
             match headers.get(CONTENT_TYPE) {
@@ -151,6 +243,7 @@ impl IntoReply for Response<Passthrough> {
             key,
             headers,
             correlation_id,
+            follow_on,
         }))
     }
 }
@@ -230,6 +323,41 @@ mod tests {
         assert!(err.to_string().contains("conflicts"), "{err}");
         let labelled = Response::new(Passthrough::new("<a/>")).header(CONTENT_TYPE, "text/xml");
         assert_eq!(reply(labelled).headers[CONTENT_TYPE], "text/xml");
+    }
+
+    #[test]
+    fn follow_on_options_are_carried_and_checked() {
+        let r = reply(
+            Response::new(1_i64)
+                .activate_in(Duration::from_secs(5))
+                .timer_id("t-1")
+                .timer_conflict(TimerConflict::Extend),
+        );
+        assert_eq!(r.follow_on.activate_in, Some(Duration::from_secs(5)));
+        assert_eq!(r.follow_on.timer_id.as_deref(), Some("t-1"));
+        assert_eq!(
+            r.follow_on.set_names(),
+            ["activate_in", "timer_id", "timer_conflict"]
+        );
+        assert!(reply(Response::new(1_i64)).follow_on.set_names().is_empty());
+        let both = Response::new(1_i64)
+            .activate_in(Duration::from_secs(5))
+            .activate_at(Utc::now())
+            .into_reply()
+            .expect_err("both activations");
+        assert!(
+            both.to_string()
+                .contains("at most one of activate_in / activate_at"),
+            "{both}"
+        );
+        let extend = Response::new(Passthrough::new("x"))
+            .timer_conflict(TimerConflict::Extend)
+            .into_reply()
+            .expect_err("extend without a timer");
+        assert!(
+            extend.to_string().contains("requires a timer_id"),
+            "{extend}"
+        );
     }
 
     #[test]

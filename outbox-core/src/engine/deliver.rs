@@ -27,6 +27,7 @@ use super::SubShared;
 use crate::engine::message::{Delivery, Message};
 use crate::error::{BoxError, HandlerPanic};
 use crate::store::OutboxRow;
+use crate::transport::outbox;
 
 /// What a handler run gave: its result (a panic is an error) and how long it
 /// took.
@@ -35,16 +36,24 @@ pub(super) struct Ran {
     pub(super) elapsed: Duration,
 }
 
-/// Runs the subscriber's handler for `delivery` inside every layer.
+/// Runs the subscriber's handler for `delivery` inside every layer; keeps
+/// the follow-on rows its result staged on the delivery (queue chaining:
+/// an [`OutboxTransport`](crate::OutboxTransport) on the same database
+/// stages them, see `engine::chain`).
 pub(super) async fn run(shared: &SubShared, delivery: &Arc<Delivery>) -> Ran {
     let row = &delivery.row;
     let span = span(shared, row);
     otel(&span, row);
     let msg = Message::new(delivery.clone());
     announce(shared, row);
-    let (result, elapsed) = timed(|| catch_panic(shared.sub.handler().call(msg)))
-        .instrument(span)
-        .await;
+    let chain = outbox::Chain::new(shared.broker.clone());
+    let (result, elapsed) = outbox::scope(
+        chain.clone(),
+        timed(|| catch_panic(shared.sub.handler().call(msg))),
+    )
+    .instrument(span)
+    .await;
+    delivery.set_chained(chain.take());
     Ran { result, elapsed }
 }
 

@@ -270,6 +270,9 @@ async fn settle(
     };
     // The rendered error of each terminal row (its dead letter's text).
     let mut texts: Vec<Option<String>> = Vec::with_capacity(done.len());
+    // The follow-on rows of the acked ones (queue chaining): inserted in
+    // the lot's transaction, which deletes their inbound rows.
+    let mut chained = Vec::new();
     for h in &done {
         let id = h.delivery.row.id;
         let text = match h.outcome {
@@ -277,7 +280,10 @@ async fn settle(
             _ => None,
         };
         match h.outcome {
-            Outcome::Ack => writes.delete.push(id),
+            Outcome::Ack => {
+                writes.delete.push(id);
+                chained.extend(h.delivery.take_chained());
+            }
             Outcome::Retry { delay } => writes.retry.push((id, delay)),
             Outcome::Terminal { reason } if dlq => {
                 writes.dead_letter.push((id, reason.as_str(), text.clone()));
@@ -286,8 +292,26 @@ async fn settle(
         }
         texts.push(text);
     }
-    let ended = store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes)).await;
+    let ended = match super::chain::insert_in_lot(conn, &chained).await {
+        Ok(inserted) => store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes))
+            .await
+            .map(|refused| (refused, inserted)),
+        Err(e) => {
+            if !store::is_connection_error(&e) {
+                let _ = store::lot_end(shared.broker.stmts(), conn, lot, None).await;
+            }
+            Err(e)
+        }
+    };
     let refused = match ended {
+        Ok((refused, mut inserted)) => {
+            inserted.extend(super::chain::after_lot(conn, &chained));
+            super::chain::landed(&inserted);
+            Ok(refused)
+        }
+        Err(e) => Err(e),
+    };
+    let refused = match refused {
         Ok(refused) => refused,
         Err(e) => {
             return Err(rolled_back(

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::envelope::{Headers, Passthrough};
 use crate::error::DecodeError;
 use crate::store::OutboxRow;
+use crate::transport::outbox::Staged;
 
 pub use crate::store::FailureReason;
 
@@ -67,6 +68,9 @@ pub(crate) struct Delivery {
     pub(crate) token: Uuid,
     pub(crate) claimed_at: Instant,
     decision: Mutex<Option<Decision>>,
+    /// The follow-on rows its handler's result staged (queue chaining):
+    /// written with the ack, dropped with any other outcome.
+    chained: Mutex<Vec<Staged>>,
 }
 
 impl Delivery {
@@ -76,7 +80,18 @@ impl Delivery {
             token,
             claimed_at: Instant::now(),
             decision: Mutex::new(None),
+            chained: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps the follow-on rows the handler's result staged.
+    pub(crate) fn set_chained(&self, rows: Vec<Staged>) {
+        *self.chained.lock().unwrap_or_else(|p| p.into_inner()) = rows;
+    }
+
+    /// The staged follow-on rows (leaves none).
+    pub(crate) fn take_chained(&self) -> Vec<Staged> {
+        std::mem::take(&mut *self.chained.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub(crate) fn decision(&self) -> Option<Decision> {

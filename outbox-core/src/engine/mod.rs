@@ -19,6 +19,7 @@
 //! ([`EngineHandle::dispatch_round`]) when the observer asks for it.
 
 mod backoff;
+mod chain;
 mod deliver;
 mod fetch;
 pub(crate) mod gauges;

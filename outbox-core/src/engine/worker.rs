@@ -21,6 +21,32 @@ use crate::engine::subscriber::PoisonPolicy;
 use crate::error::BoxError;
 use crate::store::OutboxRow;
 use crate::store::conn::{self as store, Conn, Write, Written};
+use crate::transport::outbox::Staged;
+
+use super::chain::{self, ChainedAck};
+
+/// What a [`Writer`] writes: one guarded statement, or a chained ack's
+/// transaction (see [`chain`]).
+#[derive(Clone, Copy)]
+enum Op<'a> {
+    Write(&'a Write),
+    Chained(&'a ChainedAck),
+}
+
+impl std::fmt::Debug for Op<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Write(w) => w.fmt(f),
+            Op::Chained(a) => write!(
+                f,
+                "Delete {{ id: {}, token: {} }} with {} follow-on row(s)",
+                a.id,
+                a.token,
+                a.rows.len()
+            ),
+        }
+    }
+}
 
 /// Longest `last_exception` text kept, in characters.
 pub const LAST_EXCEPTION_MAX_CHARS: usize = 8192;
@@ -252,6 +278,40 @@ impl Worker {
         self.record(handled).await;
     }
 
+    /// Acks a delivery whose result staged follow-on rows: the guarded
+    /// delete and their inserts in one transaction ([`chain::ack`]); a lost
+    /// lease writes neither.
+    async fn ack_chained(
+        &mut self,
+        delivery: &Arc<Delivery>,
+        rows: Vec<Staged>,
+        duration: Option<Duration>,
+    ) {
+        let row = &delivery.row;
+        let a = ChainedAck {
+            id: row.id,
+            token: delivery.token,
+            rows,
+        };
+        let since = self.shared.leases.since(delivery);
+        let step = match self.writer.write_op(since, Op::Chained(&a)).await {
+            Some((Written::Rows(0), _)) => {
+                self.writer.lease_lost(delivery, "ack");
+                Step::LeaseLost { phase: "ack" }
+            }
+            Some((_, inserted)) => {
+                chain::landed(&inserted);
+                self.shared.metrics.acked(&row.queue, duration);
+                Step::Acked
+            }
+            None => {
+                self.shared.metrics.abandoned(&row.queue);
+                Step::Abandoned
+            }
+        };
+        self.shared.finished(row.id, step);
+    }
+
     /// Writes the outcome of a leased delivery (guarded by its token).
     pub(super) async fn record(&mut self, handled: Handled) {
         let Handled {
@@ -264,6 +324,13 @@ impl Worker {
         let kind = crate::instrument::error_kind(error.as_ref());
         match outcome {
             Outcome::Ack => {
+                let chained = delivery.take_chained();
+                if !chained.is_empty() {
+                    // Follow-on rows: written with the delete, in one
+                    // transaction of this worker (not the acker's batch).
+                    self.ack_chained(&delivery, chained, duration).await;
+                    return;
+                }
                 let p = Pending {
                     delivery: delivery.clone(),
                     kind: PendingKind::Ack,
@@ -626,6 +693,18 @@ impl Writer {
     /// be valid. Statement errors that are not connection problems are logged
     /// and give up: the row stays leased, nothing is deleted.
     async fn write(&mut self, claimed_at: Instant, w: &Write) -> Option<Written> {
+        self.write_op(claimed_at, Op::Write(w))
+            .await
+            .map(|(done, _)| done)
+    }
+
+    /// [`write`](Self::write) of a plain write or of a chained ack (which
+    /// also says which follow-on rows it inserted).
+    async fn write_op(
+        &mut self,
+        claimed_at: Instant,
+        w: Op<'_>,
+    ) -> Option<(Written, chain::Inserted)> {
         if !self.pooled {
             return self.write_on_own(claimed_at, w).await;
         }
@@ -641,7 +720,11 @@ impl Writer {
         written
     }
 
-    async fn write_on_own(&mut self, claimed_at: Instant, w: &Write) -> Option<Written> {
+    async fn write_on_own(
+        &mut self,
+        claimed_at: Instant,
+        w: Op<'_>,
+    ) -> Option<(Written, chain::Inserted)> {
         let lease = self.shared.opts().get_lease_ttl();
         loop {
             if self.conn.is_none() {
@@ -664,7 +747,14 @@ impl Writer {
                 }
             }
             let conn = self.conn.as_mut()?;
-            match store::execute(self.shared.broker.stmts(), conn, w).await {
+            let stmts = self.shared.broker.stmts();
+            let written = match w {
+                Op::Write(w) => store::execute(stmts, conn, w)
+                    .await
+                    .map(|d| (d, Vec::new())),
+                Op::Chained(a) => chain::ack(stmts, conn, a).await,
+            };
+            match written {
                 Ok(done) => {
                     self.reconnect.worked();
                     return Some(done);
