@@ -85,6 +85,7 @@ pub mod transport;
 
 pub use app::asyncapi;
 pub use app::asyncapi::AsyncApi;
+pub use app::health;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, HandlerFn, Hook, IntoHook, IntoReply, IntoRoute,
     Location, MessageHeaders, PublishTarget, Reply, Requirement, Response, Route, RouteBuilder,

@@ -39,3 +39,4 @@ pub use crate::engine::gauges::sample_gauges;
 #[cfg(feature = "prometheus")]
 pub use crate::instrument::install_prometheus;
 pub use crate::instrument::names;
+pub use crate::instrument::{MetricsNaming, set_metrics_naming};

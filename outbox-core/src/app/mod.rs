@@ -5,6 +5,7 @@ pub mod asyncapi;
 mod context;
 mod extract;
 mod handler;
+pub mod health;
 mod hooks;
 mod reply;
 mod route;
@@ -116,6 +117,9 @@ pub struct App {
     publishers: Vec<OutboxPublisher>,
     #[cfg(feature = "prometheus")]
     prometheus: Option<std::net::SocketAddr>,
+    /// The running engine (for [`AppHandle::health`]), the health
+    /// endpoint's address, the metrics naming.
+    ops: health::Ops,
 }
 
 impl fmt::Debug for App {
@@ -128,10 +132,12 @@ impl fmt::Debug for App {
     }
 }
 
-/// Stops a running [`App`] from elsewhere (tests, embedding).
+/// Stops a running [`App`] from elsewhere (tests, embedding), and reports
+/// its [`health`](Self::health).
 #[derive(Debug, Clone)]
 pub struct AppHandle {
     ctx: AppContext,
+    engine: health::EngineSlot,
 }
 
 impl AppHandle {
@@ -167,6 +173,7 @@ impl App {
             publishers: Vec::new(),
             #[cfg(feature = "prometheus")]
             prometheus: None,
+            ops: health::Ops::default(),
         }
     }
 
@@ -298,6 +305,37 @@ impl App {
         self
     }
 
+    /// Serves `GET /healthz` (liveness) and `GET /readyz` (readiness) on
+    /// `addr` for Kubernetes probes: 200 or 503 with a small JSON body
+    /// ([`AppHandle::health`]; see [`health`](crate::health) for what each
+    /// checks and a probe configuration). Bound first thing in
+    /// [`run`](Self::run) (a port in use fails it), served until `run`
+    /// returns; `/readyz` answers 503 from the moment shutdown begins.
+    ///
+    /// ```no_run
+    /// # async fn demo(outbox: outbox_core::OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// outbox_core::App::new(outbox)
+    ///     .health_endpoint(([0, 0, 0, 0], 8081).into())
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn health_endpoint(mut self, addr: std::net::SocketAddr) -> Self {
+        self.ops.addr = Some(addr);
+        self
+    }
+
+    /// Exports the metrics under other names: with
+    /// [`MetricsNaming::FastStream`](crate::telemetry::MetricsNaming), the
+    /// `faststream_*` families and labels of the Python package, so that
+    /// its Grafana dashboards and alerts keep working. Process-wide (the
+    /// metrics recorder is): set when [`run`](Self::run) starts, before the
+    /// Prometheus exporter; see [`telemetry::set_metrics_naming`](crate::telemetry::set_metrics_naming).
+    pub fn metrics_naming(mut self, naming: crate::telemetry::MetricsNaming) -> Self {
+        self.ops.naming = Some(naming);
+        self
+    }
+
     /// Runs before the subscribers start; an error aborts startup.
     pub fn on_startup(mut self, hook: impl IntoHook) -> Self {
         let hook = hook.into_hook();
@@ -326,11 +364,9 @@ impl App {
         self
     }
 
-    /// A handle that stops the app once it runs.
+    /// A handle that stops the app once it runs, and reports its health.
     pub fn handle(&self) -> AppHandle {
-        AppHandle {
-            ctx: self.ctx.clone(),
-        }
+        health::handle(&self.ctx, &self.ops.slot)
     }
 
     /// The context (broker, transports, state).
@@ -446,6 +482,7 @@ impl App {
             publishers: Vec::new(),
             #[cfg(feature = "prometheus")]
             prometheus: None,
+            ops: health::Ops::default(),
         };
         copy.collect_routes()
     }
@@ -492,10 +529,18 @@ impl App {
             return Err(self.pending.swap_remove(0));
         }
         self.asyncapi_from_env()?;
+        if let Some(naming) = self.ops.naming.take() {
+            crate::instrument::set_metrics_naming(naming)?;
+        }
         #[cfg(feature = "prometheus")]
         if let Some(addr) = self.prometheus {
             crate::instrument::install_prometheus(addr)?;
         }
+        // Served until `run` returns (dropped: aborted).
+        let _health = match self.ops.addr {
+            Some(addr) => Some(health::Server::start(addr, self.handle()).await?),
+            None => None,
+        };
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
         if let Some(checks) = self.validate_schema {
@@ -524,6 +569,7 @@ impl App {
         );
         ctx.set_source(source);
         engine.start().await?;
+        self.ops.slot.set(Some(engine.clone()));
         // Stops when dropped: at shutdown below, or on an early return.
         let watching = self.watch.start();
         for hook in std::mem::take(&mut self.after_startup) {
@@ -544,6 +590,7 @@ impl App {
             }
         }
         let report = engine.stop().await;
+        self.ops.slot.set(None);
         drop(watching);
         tracing::info!(?report, "subscribers drained");
         close_transports(&ctx).await;

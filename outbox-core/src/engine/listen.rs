@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SubShared;
 use super::backoff::Reconnect;
+use super::health::ListenStatus;
 
 const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -19,6 +20,7 @@ pub(crate) async fn run(
     channel: String,
     subs: Vec<Arc<SubShared>>,
     stop: CancellationToken,
+    status: Arc<ListenStatus>,
 ) {
     let mut reconnect = Reconnect::default();
     let mut warned = false;
@@ -28,9 +30,10 @@ pub(crate) async fn run(
             return;
         }
         match open(&opts, &channel).await {
-            Ok(mut listener) => {
+            Ok((mut listener, pid)) => {
                 // LISTEN works on it: a later incident starts over.
                 reconnect.worked();
+                status.connected(pid);
                 if std::mem::take(&mut warned) {
                     tracing::info!(channel = %channel, "LISTEN restored");
                 }
@@ -51,10 +54,23 @@ pub(crate) async fn run(
                                 }
                             }
                         }
-                        // Connection lost and re-established: catch up.
-                        Ok(Ok(None)) => wake_all(),
+                        // Connection lost: the listener reconnects on its
+                        // next use (the pid probe); catch up.
+                        Ok(Ok(None)) => {
+                            status.down("the LISTEN connection was lost; reconnecting".to_owned());
+                            wake_all();
+                            match backend_pid(&mut listener, &channel).await {
+                                Some(pid) => status.connected(Some(pid)),
+                                None => {
+                                    tracing::warn!(channel = %channel, "LISTEN connection lost; polling until it is back");
+                                    warned = true;
+                                    break;
+                                }
+                            }
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(channel = %channel, "LISTEN connection failed: {e}; polling until it is back");
+                            status.down(format!("the LISTEN connection failed: {e}"));
                             warned = true;
                             break;
                         }
@@ -65,6 +81,9 @@ pub(crate) async fn run(
                                 Ok(Ok(_))
                             ) {
                                 tracing::warn!(channel = %channel, "LISTEN connection unresponsive; reconnecting (polling meanwhile)");
+                                status.down(
+                                    "the LISTEN connection did not answer a probe".to_owned(),
+                                );
                                 warned = true;
                                 break;
                             }
@@ -73,6 +92,7 @@ pub(crate) async fn run(
                 }
             }
             Err(e) => {
+                status.down(format!("cannot LISTEN: {e}"));
                 if warned {
                     tracing::debug!(channel = %channel, "LISTEN setup failed again: {e}");
                 } else {
@@ -89,7 +109,28 @@ pub(crate) async fn run(
     }
 }
 
-async fn open(opts: &PgConnectOptions, channel: &str) -> Result<PgListener, sqlx::Error> {
+/// The server process of the listener's connection (connecting it again,
+/// and LISTENing again, if it was lost); `None` if it fails. LISTENs once
+/// more after the probe: a session's last statement stays its LISTEN (what
+/// `pg_stat_activity.query` shows; LISTEN twice is a no-op).
+async fn backend_pid(listener: &mut PgListener, channel: &str) -> Option<i32> {
+    let probe = async {
+        let pid = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+            .fetch_one(&mut *listener)
+            .await?;
+        listener.listen(channel).await?;
+        Ok::<_, sqlx::Error>(pid)
+    };
+    match tokio::time::timeout(HEALTH_TIMEOUT, probe).await {
+        Ok(Ok(pid)) => Some(pid),
+        _ => None,
+    }
+}
+
+async fn open(
+    opts: &PgConnectOptions,
+    channel: &str,
+) -> Result<(PgListener, Option<i32>), sqlx::Error> {
     // A private one-connection pool: the listener never takes a connection
     // from the application's pool, and reconnects through it.
     let pool = PgPoolOptions::new()
@@ -101,6 +142,12 @@ async fn open(opts: &PgConnectOptions, channel: &str) -> Result<PgListener, sqlx
         .connect_lazy_with(opts.clone());
     let mut listener = PgListener::connect_with(&pool).await?;
     listener.ignore_pool_close_event(true);
+    // The server process, for health reports (before LISTEN: a session's
+    // last statement stays its LISTEN, what `pg_stat_activity` shows).
+    let pid = sqlx::query_scalar::<_, i32>("SELECT pg_backend_pid()")
+        .fetch_one(&mut listener)
+        .await
+        .ok();
     listener.listen(channel).await?;
-    Ok(listener)
+    Ok((listener, pid))
 }

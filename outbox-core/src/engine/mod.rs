@@ -19,11 +19,13 @@
 //! ([`EngineHandle::dispatch_round`]) when the observer asks for it.
 
 mod backoff;
+pub(crate) mod budget;
 mod chain;
 mod deliver;
 mod fetch;
 pub(crate) mod gauges;
 pub(crate) mod handler;
+pub(crate) mod health;
 mod heartbeat;
 mod listen;
 mod lot;
@@ -113,6 +115,8 @@ pub struct Engine {
 struct Running {
     subs: Vec<SubRuntime>,
     listener: Option<(CancellationToken, JoinHandle<()>)>,
+    /// What the LISTEN loop reports ([`Engine::health`]).
+    listen_status: Option<Arc<health::ListenStatus>>,
     sampler: Option<(CancellationToken, JoinHandle<()>)>,
     /// This engine as its broker's observer sees it, and its registration
     /// there.
@@ -594,6 +598,11 @@ impl Engine {
         }
         // The in-memory backend wakes the fetch loops on publish itself (no
         // LISTEN), and has no tables to sample.
+        let listen_status = match &self.listen {
+            _ if memory || sync => None,
+            ListenMode::Off => None,
+            _ => Some(health::ListenStatus::new()),
+        };
         let listener = match &self.listen {
             _ if memory || sync => None,
             ListenMode::Off => None,
@@ -609,6 +618,9 @@ impl Engine {
                     self.broker.table().channel(),
                     shared,
                     token.clone(),
+                    listen_status
+                        .clone()
+                        .unwrap_or_else(health::ListenStatus::new),
                 ));
                 Some((token, task))
             }
@@ -631,6 +643,10 @@ impl Engine {
             (token, task)
         });
         if !memory && !sync {
+            // More connections than the server has left: say so once
+            // (Engine::connection_budget), without delaying the start.
+            let engine = self.clone();
+            tokio::spawn(async move { engine.log_connection_budget().await });
             // A table without autovacuum tuning works, slower and slower as
             // dead tuples pile up: say so once, without delaying the start.
             let broker = self.broker.clone();
@@ -657,6 +673,7 @@ impl Engine {
         *state = Some(Running {
             subs,
             listener,
+            listen_status,
             sampler,
             attached: (engine, id),
         });
