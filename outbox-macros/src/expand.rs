@@ -16,7 +16,7 @@ use syn::spanned::Spanned;
 use syn::{Attribute, Visibility};
 
 use crate::model::{Conv, Output, Subscriber};
-use crate::parse::VariantArg;
+use crate::parse::{HeartbeatArg, VariantArg};
 use crate::paths::Paths;
 
 /// Call-site hygiene (generated names resolve among themselves) at `span`'s
@@ -170,6 +170,23 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
         chain.extend(quote_spanned!(at(d.span)=>
             .#setter(::core::time::Duration::new(#secs, #nanos))
         ));
+    }
+    match &args.lease_heartbeat {
+        Some(HeartbeatArg::Every(d)) => {
+            let setter = name("lease_heartbeat", d.span);
+            let mut secs = Literal::u64_suffixed(d.secs);
+            secs.set_span(d.span);
+            let mut nanos = Literal::u32_suffixed(d.nanos);
+            nanos.set_span(d.span);
+            chain.extend(quote_spanned!(at(d.span)=>
+                .#setter(::core::option::Option::Some(::core::time::Duration::new(#secs, #nanos)))
+            ));
+        }
+        Some(HeartbeatArg::Off(b)) => {
+            let setter = name("lease_heartbeat", b.span());
+            chain.extend(quote_spanned!(at(b.span())=> .#setter(::core::option::Option::None)));
+        }
+        None => {}
     }
     let variants = [
         ("ack_policy", "AckPolicy", &args.ack_policy),

@@ -62,6 +62,7 @@ use proc_macro::TokenStream;
 ///             | 'fetch_batch_size' '=' INT
 ///             | 'fetch_concurrency' '=' INT
 ///             | 'lease_ttl' '=' DURATION
+///             | 'lease_heartbeat' '=' (DURATION | 'false')
 ///             | 'min_fetch_interval' '=' DURATION
 ///             | 'max_fetch_interval' '=' DURATION
 ///             | 'max_deliveries' '=' INT
@@ -92,6 +93,7 @@ use proc_macro::TokenStream;
 /// | `fetch_batch_size` | integer | `10` | `.fetch_batch_size(n)` |
 /// | `fetch_concurrency` | integer | `1` | `.fetch_concurrency(n)` |
 /// | `lease_ttl` | duration | `"60s"` | `.lease_ttl(Duration)` |
+/// | `lease_heartbeat` | duration shorter than `lease_ttl` (checked at compile time), or `false` (off) | a third of `lease_ttl` | `.lease_heartbeat(Some(Duration))` / `.lease_heartbeat(None)` |
 /// | `min_fetch_interval` | duration | `"1s"` | `.min_fetch_interval(Duration)` |
 /// | `max_fetch_interval` | duration | `"10s"` | `.max_fetch_interval(Duration)` |
 /// | `max_deliveries` | integer | none (unlimited) | `.max_deliveries(n)` |

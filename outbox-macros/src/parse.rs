@@ -76,6 +76,7 @@ pub(crate) struct SubscriberArgs {
     pub(crate) fetch_batch_size: Option<LitInt>,
     pub(crate) fetch_concurrency: Option<LitInt>,
     pub(crate) lease_ttl: Option<DurationArg>,
+    pub(crate) lease_heartbeat: Option<HeartbeatArg>,
     pub(crate) min_fetch_interval: Option<DurationArg>,
     pub(crate) max_fetch_interval: Option<DurationArg>,
     pub(crate) max_deliveries: Option<LitInt>,
@@ -102,6 +103,12 @@ pub(crate) struct SubscriberArgs {
     pub(crate) targets: Vec<PublishToArgs>,
     /// Deprecated spellings used (each option at most once).
     pub(crate) deprecated: Vec<Deprecated>,
+}
+
+/// The value of `lease_heartbeat`: an interval, or `false` (off).
+pub(crate) enum HeartbeatArg {
+    Every(DurationArg),
+    Off(LitBool),
 }
 
 /// The value of an option naming an enum variant of the runtime
@@ -424,6 +431,7 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         FETCH_BATCH_SIZE => out.fetch_batch_size = int(k, value, cx),
         FETCH_CONCURRENCY => out.fetch_concurrency = int(k, value, cx),
         LEASE_TTL => out.lease_ttl = duration_value(k, value, cx),
+        LEASE_HEARTBEAT => out.lease_heartbeat = heartbeat(k, value, cx),
         MIN_FETCH_INTERVAL => out.min_fetch_interval = duration_value(k, value, cx),
         MAX_FETCH_INTERVAL => out.max_fetch_interval = duration_value(k, value, cx),
         MAX_DELIVERIES => out.max_deliveries = int(k, value, cx),
@@ -675,6 +683,28 @@ fn deprecated_value(old: &str, new: &str, value: &Expr, cx: &Ctxt) -> Option<Dur
         ),
     );
     None
+}
+
+/// `lease_heartbeat`: a duration, or `false` to turn it off.
+fn heartbeat(key: &str, value: &Expr, cx: &Ctxt) -> Option<HeartbeatArg> {
+    if let Expr::Lit(syn::ExprLit {
+        lit: Lit::Bool(b), ..
+    }) = unwrap_groups(value)
+    {
+        if b.value {
+            cx.error_spanned_by(
+                b,
+                format!(
+                    "`{key} = true` is the default; write an interval, `{}`, or `{key} = false` \
+                     to turn the heartbeat off",
+                    example(key)
+                ),
+            );
+            return None;
+        }
+        return Some(HeartbeatArg::Off(b.clone()));
+    }
+    duration_value(key, value, cx).map(HeartbeatArg::Every)
 }
 
 fn boolean(key: &str, value: &Expr, cx: &Ctxt) -> Option<LitBool> {

@@ -233,6 +233,38 @@ mod tests {
     }
 
     #[test]
+    fn lease_heartbeat_reaches_the_builder() {
+        let handle = || {
+            quote!(
+                async fn handle() {}
+            )
+        };
+        let out = expand(quote!("orders", lease_heartbeat = "250ms"), handle());
+        assert!(
+            out.contains(
+                ". lease_heartbeat (:: core :: option :: Option :: Some (:: core :: time :: \
+                 Duration :: new (0u64 , 250000000u32)))"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("compile_error"), "{out}");
+        let out = expand(quote!("orders", lease_heartbeat = false), handle());
+        assert!(
+            out.contains(". lease_heartbeat (:: core :: option :: Option :: None)"),
+            "{out}"
+        );
+        // Not shorter than the lease given.
+        let out = expand(
+            quote!("orders", lease_ttl = "1s", lease_heartbeat = "1s"),
+            handle(),
+        );
+        assert!(
+            out.contains("must be shorter than `lease_ttl` (1s)"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn claim_mode_and_max_hold_reach_the_builder() {
         let out = expand(
             quote!("orders", claim_mode = Transaction, max_hold = "2s"),

@@ -12,6 +12,7 @@ pub(crate) const MAX_WORKERS: &str = "max_workers";
 pub(crate) const FETCH_BATCH_SIZE: &str = "fetch_batch_size";
 pub(crate) const FETCH_CONCURRENCY: &str = "fetch_concurrency";
 pub(crate) const LEASE_TTL: &str = "lease_ttl";
+pub(crate) const LEASE_HEARTBEAT: &str = "lease_heartbeat";
 pub(crate) const MIN_FETCH_INTERVAL: &str = "min_fetch_interval";
 pub(crate) const MAX_FETCH_INTERVAL: &str = "max_fetch_interval";
 pub(crate) const MAX_DELIVERIES: &str = "max_deliveries";
@@ -32,6 +33,7 @@ pub(crate) const OPTIONS: &[&str] = &[
     FETCH_BATCH_SIZE,
     FETCH_CONCURRENCY,
     LEASE_TTL,
+    LEASE_HEARTBEAT,
     MIN_FETCH_INTERVAL,
     MAX_FETCH_INTERVAL,
     MAX_DELIVERIES,
@@ -86,6 +88,7 @@ pub(crate) fn example(option: &str) -> &'static str {
         FETCH_BATCH_SIZE => "fetch_batch_size = 100",
         FETCH_CONCURRENCY => "fetch_concurrency = 2",
         LEASE_TTL => "lease_ttl = \"30s\"",
+        LEASE_HEARTBEAT => "lease_heartbeat = \"10s\"",
         MIN_FETCH_INTERVAL => "min_fetch_interval = \"500ms\"",
         MAX_FETCH_INTERVAL => "max_fetch_interval = \"5s\"",
         MAX_DELIVERIES => "max_deliveries = 20",
@@ -143,6 +146,13 @@ pub(crate) fn alias(unknown: &str) -> Option<&'static str> {
         | "hold_timeout"
         | "max_transaction_time"
         | "transaction_timeout" => MAX_HOLD,
+        "heartbeat"
+        | "lease_heartbeat_interval"
+        | "lease_renewal"
+        | "lease_extension"
+        | "renew_lease"
+        | "keep_alive"
+        | "keepalive" => LEASE_HEARTBEAT,
         "krate" | "outbox_crate" => CRATE,
         _ => return None,
     })

@@ -107,7 +107,37 @@ pub(crate) fn signature(func: &ItemFn, cx: &Ctxt) {
 pub(crate) fn options(args: &SubscriberArgs, cx: &Ctxt) {
     poison_policy(args, cx);
     max_hold(args, cx);
+    lease_heartbeat(args, cx);
 }
+
+/// A `lease_heartbeat` interval not shorter than the lease (the one given,
+/// else the runtime's default, 60 s): the lease would expire between two
+/// extensions, and the runtime refuses it when the route is built.
+fn lease_heartbeat(args: &SubscriberArgs, cx: &Ctxt) {
+    let Some(crate::parse::HeartbeatArg::Every(every)) = &args.lease_heartbeat else {
+        return;
+    };
+    let as_duration = |d: &crate::parse::DurationArg| std::time::Duration::new(d.secs, d.nanos);
+    let (lease, which) = match &args.lease_ttl {
+        Some(l) => (as_duration(l), "`lease_ttl`"),
+        None => (DEFAULT_LEASE_TTL, "the default `lease_ttl`"),
+    };
+    let every = (as_duration(every), every.span);
+    if every.0 >= lease {
+        cx.error_at(
+            every.1,
+            format!(
+                "`lease_heartbeat` ({:?}) must be shorter than {which} ({lease:?}): a lease \
+                 extended less often than it lasts expires between two extensions; the \
+                 default is a third of the lease",
+                every.0
+            ),
+        );
+    }
+}
+
+/// The runtime's default `lease_ttl` (`SubscriberOptions`).
+const DEFAULT_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn poison_policy(args: &SubscriberArgs, cx: &Ctxt) {
     let Some(poison) = &args.poison_policy_seen else {

@@ -712,6 +712,8 @@ macro_rules! option_setters {
             max_fetch_interval: ::std::time::Duration,
             /// See [`SubscriberOptions::lease_ttl`](crate::SubscriberOptions::lease_ttl).
             lease_ttl: ::std::time::Duration,
+            /// See [`SubscriberOptions::lease_heartbeat`](crate::SubscriberOptions::lease_heartbeat).
+            lease_heartbeat: ::core::option::Option<::std::time::Duration>,
             /// See [`SubscriberOptions::max_deliveries`](crate::SubscriberOptions::max_deliveries).
             max_deliveries: u64,
             /// See [`SubscriberOptions::terminal_flush_batch_size`](crate::SubscriberOptions::terminal_flush_batch_size).
@@ -784,12 +786,6 @@ impl SubscriberBuilder {
     /// See [`SubscriberOptions::relay_defaults`].
     pub fn relay_defaults(mut self, on: bool) -> Self {
         self.options = self.options.relay_defaults(on);
-        self
-    }
-
-    /// See [`SubscriberOptions::lease_heartbeat`].
-    pub fn lease_heartbeat(mut self, every: Option<Duration>) -> Self {
-        self.options = self.options.lease_heartbeat(every);
         self
     }
 
