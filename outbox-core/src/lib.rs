@@ -155,6 +155,7 @@ pub mod __private {
             "ack_batch" => &s.ack_batch,
             "retry" => &s.retry,
             "release" => &s.release,
+            "extend" => &s.extend,
             "claim_ordered" => s.claim_ordered(true),
             "claim_ordered_pending" => s.claim_ordered(false),
             _ => return None,

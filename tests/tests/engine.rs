@@ -588,6 +588,8 @@ async fn lease_expiry_hands_the_row_to_another_engine_and_the_late_ack_is_a_no_o
     let slow = fast(Subscriber::builder(["q"]))
         .name("slow")
         .lease_ttl(Duration::from_secs(2))
+        // No heartbeat: the lease expires under the running handler.
+        .without_lease_heartbeat()
         .build(move |_m: Message| {
             started.notify_one();
             // A handler that outlives its 2 s lease (the behaviour under test).

@@ -13,7 +13,8 @@
 //!   connections: the lot rolls back, its rows are redelivered, the relay
 //!   reconnects;
 //! - a wedged handler: `max_hold` commits the rest of its lot and leases the
-//!   wedged row, which is delivered again after `lease_ttl`;
+//!   wedged row, which (lease heartbeat off) is delivered again after
+//!   `lease_ttl`;
 //! - Kafka paused for 10 s: nothing lost, and no transaction of the relay
 //!   open past `max_hold` meanwhile.
 //!
@@ -253,6 +254,9 @@ struct Knobs {
     batch: usize,
     max_hold: Duration,
     lease: Duration,
+    /// Whether the leases (of rows that outlive `max_hold`) are extended
+    /// while their handlers run (`lease_heartbeat`, on by default).
+    heartbeat: bool,
 }
 
 /// [`relay_app`], running.
@@ -286,6 +290,7 @@ where
         .fetch_batch_size(k.batch)
         .max_hold(k.max_hold)
         .lease_ttl(k.lease)
+        .lease_heartbeat(k.heartbeat.then_some(k.lease / 3))
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(200))
         .retry(ConstantRetry::new(Duration::from_millis(200)))
@@ -535,6 +540,7 @@ async fn terminated_lot_connections_roll_back_and_the_relay_goes_on() -> R {
         batch: BATCH,
         max_hold: Duration::from_secs(5),
         lease: Duration::from_secs(30),
+        heartbeat: true,
     };
     // A lot's even rows take 50 ms, its odd ones 600 ms: 200 ms into a lot,
     // some of its records are published and the lot is still open.
@@ -669,10 +675,13 @@ async fn a_wedged_handler_is_bounded_by_max_hold_and_its_row_delivered_after_the
     let release = Arc::new(tokio::sync::Notify::new());
     let wedged_calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let (r, w) = (release.clone(), wedged_calls.clone());
+    // No heartbeat: the wedged row's lease must run out while the relay
+    // lives (with one, a wedged handler keeps its row: tests/heartbeat.rs).
     let knobs = Knobs {
         batch: 10,
         max_hold,
         lease,
+        heartbeat: false,
     };
     let relay = start_relay(db, queue, topic, &name, knobs, move |v| {
         let first = v == WEDGED && record_call(&w) == 1;
@@ -793,6 +802,7 @@ async fn a_lease_written_at_max_hold_is_live_when_its_lot_commits() -> R {
         batch: 10,
         max_hold,
         lease,
+        heartbeat: true,
     };
     let app = relay_app(db, queue, &s.topic, &app_name(), knobs, move |_| {
         let first = record_call(&c) == 1;
@@ -885,6 +895,7 @@ async fn a_retry_written_by_a_lot_waits_its_delay_after_the_failure() -> R {
         batch: 10,
         max_hold: Duration::from_secs(5),
         lease: Duration::from_secs(30),
+        heartbeat: true,
     };
     // relay_app retries after 200 ms (ConstantRetry).
     let delay = Duration::from_millis(200);
@@ -939,6 +950,7 @@ async fn a_graceful_stop_waits_for_rows_leased_at_max_hold() -> R {
         batch: 10,
         max_hold: Duration::from_millis(300),
         lease: Duration::from_secs(30),
+        heartbeat: true,
     };
     let relay = start_relay(db, queue, &s.topic, &app_name(), knobs, |_| async {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -995,6 +1007,7 @@ async fn a_kafka_pause_leaves_no_transaction_open_past_max_hold_and_loses_nothin
             batch: 20,
             max_hold,
             lease: Duration::from_secs(30),
+            heartbeat: true,
         },
         |_| async { Ok(()) },
     );

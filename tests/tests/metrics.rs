@@ -165,6 +165,8 @@ async fn a_lost_lease_counts_as_lease_lost_not_as_acked() -> R {
     let slow = fast(Subscriber::builder([q.clone()]))
         .name(format!("{q}-slow"))
         .lease_ttl(Duration::from_millis(500))
+        // No heartbeat: the lease expires under the running handler.
+        .without_lease_heartbeat()
         .build(move |_m: Message| {
             st.notify_one();
             // Outlives its 500 ms lease (the behaviour under test).

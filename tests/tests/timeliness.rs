@@ -270,6 +270,8 @@ async fn a_row_that_waited_past_its_lease_in_the_buffer_is_not_handled_with_it()
         .max_workers(1)
         .fetch_batch_size(2)
         .lease_ttl(Duration::from_secs(1))
+        // No heartbeat: a buffered row's lease runs out while it waits.
+        .without_lease_heartbeat()
         .min_fetch_interval(Duration::from_millis(20))
         .max_fetch_interval(Duration::from_millis(200))
         .build(move |m: Message| {
