@@ -13,6 +13,7 @@
 //!
 //! ```json
 //! {"status":"unavailable","live":true,"ready":false,"stopping":false,
+//!  "problems":["database: PostgreSQL does not answer: ..."],
 //!  "database":{"ok":false,"error":"PostgreSQL does not answer: ..."},
 //!  "listen":{"state":"connected","backend_pid":4242,"reconnects":0},
 //!  "subscribers":[{"name":"orders","queues":["orders"],"claim_mode":"lease",
@@ -21,8 +22,8 @@
 //! ```
 //!
 //! `/healthz` runs no query (a probe must not fail because the database is
-//! slow, and a database outage is no reason to restart): its body has no
-//! `database` nor `transports`.
+//! slow, and a database outage is no reason to restart): its body has only
+//! `status`, `live`, `stopping` and `subscribers`.
 //!
 //! A Kubernetes probe configuration:
 //!
