@@ -506,3 +506,62 @@ async fn outbox_only_options_sent_to_another_transport_fail_clearly() -> R {
     assert_eq!(rows(&db, "out").await?, 0, "nor to the outbox");
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Follow-on rows the database refuses
+
+/// A follow-on table that does not exist (same database, so the rows are
+/// staged): the insert is refused, rolled back with the ack, and the
+/// delivery fails as a refused publish would (here dead-lettered at once,
+/// `NoRetry`, naming the transport and the queue); in a lot, the rows
+/// without follow-on rows commit all the same.
+async fn refused(mode: ClaimMode) -> R {
+    let db = TestDb::new().await?;
+    publish(&db, 10).await?;
+    let missing = OutboxBroker::new(
+        db.pool.clone(),
+        outbox_core::OutboxTable::new("missing")?.schema(&db.schema)?,
+    );
+    let route =
+        route(mode)
+            .fetch_batch_size(10)
+            .retry(NoRetry)
+            .handler(|m: Message, _ctx| async move {
+                let v: i64 = m.decode()?;
+                Ok::<_, BoxError>((v % 2 == 1).then(|| Response::new(v)))
+            });
+    let running = RunningApp::start(app(&db, missing, route));
+    let settled = wait_until(WAIT, || async {
+        db.count().await.unwrap() == 0 && db.dlq_count().await.unwrap() == 5
+    })
+    .await;
+    running.stop().await?;
+    assert!(
+        settled,
+        "{mode:?}: the odd rows dead-lettered, the even ones acked"
+    );
+    let texts: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT convert_from(payload, 'UTF8'), last_exception FROM {} ORDER BY 1",
+        db.d()
+    )))
+    .fetch_all(&db.pool)
+    .await?;
+    let bodies: Vec<&str> = texts.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(bodies, ["1", "3", "5", "7", "9"], "{mode:?}");
+    for (_, text) in &texts {
+        for needle in ["transport `outbox`", "\"out\"", "missing"] {
+            assert!(text.contains(needle), "{mode:?}: {needle:?} in {text:?}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn lease_mode_refused_follow_on_rows_fail_the_delivery() -> R {
+    refused(ClaimMode::Lease).await
+}
+
+#[tokio::test]
+async fn transaction_mode_refused_follow_on_rows_fail_only_their_delivery() -> R {
+    refused(ClaimMode::Transaction).await
+}

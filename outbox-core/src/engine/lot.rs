@@ -270,9 +270,45 @@ async fn settle(
     };
     // The rendered error of each terminal row (its dead letter's text).
     let mut texts: Vec<Option<String>> = Vec::with_capacity(done.len());
-    // The follow-on rows of the acked ones (queue chaining): inserted in
-    // the lot's transaction, which deletes their inbound rows.
-    let mut chained = Vec::new();
+    // Queue chaining: the follow-on rows of the acked deliveries go into
+    // the lot's transaction first (it deletes their inbound rows); a
+    // delivery whose rows the database refuses fails instead, as a refused
+    // publish would.
+    let mut done = done;
+    let (mut groups, mut owners) = (Vec::new(), Vec::new());
+    for (i, h) in done.iter().enumerate() {
+        if matches!(h.outcome, Outcome::Ack) {
+            let rows = h.delivery.take_chained();
+            if !rows.is_empty() {
+                groups.push(rows);
+                owners.push(i);
+            }
+        }
+    }
+    let mut inserted = match super::chain::insert_in_lot(conn, &groups).await {
+        Ok((inserted, refused)) => {
+            for (i, e) in owners.into_iter().zip(refused) {
+                if let Some(e) = e {
+                    let h = &mut done[i];
+                    h.outcome = shared.follow_on_refused(&h.delivery.row, &*e);
+                    h.error = Some(e);
+                }
+            }
+            inserted
+        }
+        Err(e) => {
+            if !store::is_connection_error(&e) {
+                let _ = store::lot_end(shared.broker.stmts(), conn, lot, None).await;
+            }
+            return Err(rolled_back(
+                shared,
+                e,
+                &done,
+                &unstarted,
+                writes.lease.len(),
+            ));
+        }
+    };
     for h in &done {
         let id = h.delivery.row.id;
         let text = match h.outcome {
@@ -280,10 +316,7 @@ async fn settle(
             _ => None,
         };
         match h.outcome {
-            Outcome::Ack => {
-                writes.delete.push(id);
-                chained.extend(h.delivery.take_chained());
-            }
+            Outcome::Ack => writes.delete.push(id),
             Outcome::Retry { delay } => writes.retry.push((id, delay)),
             Outcome::Terminal { reason } if dlq => {
                 writes.dead_letter.push((id, reason.as_str(), text.clone()));
@@ -292,26 +325,12 @@ async fn settle(
         }
         texts.push(text);
     }
-    let ended = match super::chain::insert_in_lot(conn, &chained).await {
-        Ok(inserted) => store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes))
-            .await
-            .map(|refused| (refused, inserted)),
-        Err(e) => {
-            if !store::is_connection_error(&e) {
-                let _ = store::lot_end(shared.broker.stmts(), conn, lot, None).await;
-            }
-            Err(e)
-        }
-    };
+    let ended = store::lot_end(shared.broker.stmts(), conn, lot, Some(&writes)).await;
+    if ended.is_ok() {
+        inserted.extend(super::chain::after_lot(conn, &groups));
+        super::chain::landed(&inserted);
+    }
     let refused = match ended {
-        Ok((refused, mut inserted)) => {
-            inserted.extend(super::chain::after_lot(conn, &chained));
-            super::chain::landed(&inserted);
-            Ok(refused)
-        }
-        Err(e) => Err(e),
-    };
-    let refused = match refused {
         Ok(refused) => refused,
         Err(e) => {
             return Err(rolled_back(

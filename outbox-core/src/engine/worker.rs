@@ -104,7 +104,8 @@ pub(crate) const MAX_WORKER_CONNECTIONS: usize = 4;
 /// The connections the workers of one subscriber share for their writes.
 #[derive(Debug)]
 pub(crate) struct WritePool {
-    permits: tokio::sync::Semaphore,
+    /// Also taken by the lease heartbeat for its statement.
+    pub(super) permits: tokio::sync::Semaphore,
     idle: std::sync::Mutex<Vec<Conn>>,
 }
 
@@ -116,7 +117,7 @@ impl WritePool {
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+    pub(super) fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
         self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -299,10 +300,23 @@ impl Worker {
                 self.writer.lease_lost(delivery, "ack");
                 Step::LeaseLost { phase: "ack" }
             }
-            Some((_, inserted)) => {
+            Some((_, Ok(inserted))) => {
                 chain::landed(&inserted);
                 self.shared.metrics.acked(&row.queue, duration);
                 Step::Acked
+            }
+            Some((_, Err(error))) => {
+                // The database refused the follow-on rows (rolled back with
+                // the delete): the delivery failed, as a refused publish.
+                let outcome = self.shared.follow_on_refused(row, &*error);
+                let failed = Handled {
+                    delivery: delivery.clone(),
+                    outcome,
+                    error: Some(error),
+                    duration,
+                };
+                Box::pin(self.record(failed)).await;
+                return;
             }
             None => {
                 self.shared.metrics.abandoned(&row.queue);
@@ -450,6 +464,23 @@ impl SubShared {
             "outbox row failed for good; moved to the dead-letter table: {}",
             text.unwrap_or("-")
         );
+    }
+
+    /// The outcome of a delivery whose follow-on rows the database refused
+    /// (queue chaining; see [`chain`]): what the handler's error would give
+    /// for a refused publish (terminal under
+    /// [`AckPolicy::RejectOnError`], else the retry strategy's).
+    pub(super) fn follow_on_refused(
+        &self,
+        row: &OutboxRow,
+        error: &(dyn std::error::Error + Send + Sync + 'static),
+    ) -> Outcome {
+        if self.opts().get_ack_policy() == AckPolicy::RejectOnError {
+            return Outcome::Terminal {
+                reason: FailureReason::Rejected,
+            };
+        }
+        self.retry_outcome(row, Some(error))
     }
 
     /// A terminal row is about to be deleted (no dead-letter table).
@@ -704,7 +735,7 @@ impl Writer {
         &mut self,
         claimed_at: Instant,
         w: Op<'_>,
-    ) -> Option<(Written, chain::Inserted)> {
+    ) -> Option<(Written, chain::Chained)> {
         if !self.pooled {
             return self.write_on_own(claimed_at, w).await;
         }
@@ -724,7 +755,7 @@ impl Writer {
         &mut self,
         claimed_at: Instant,
         w: Op<'_>,
-    ) -> Option<(Written, chain::Inserted)> {
+    ) -> Option<(Written, chain::Chained)> {
         let lease = self.shared.opts().get_lease_ttl();
         loop {
             if self.conn.is_none() {
@@ -751,7 +782,7 @@ impl Writer {
             let written = match w {
                 Op::Write(w) => store::execute(stmts, conn, w)
                     .await
-                    .map(|d| (d, Vec::new())),
+                    .map(|d| (d, Ok(Vec::new()))),
                 Op::Chained(a) => chain::ack(stmts, conn, a).await,
             };
             match written {

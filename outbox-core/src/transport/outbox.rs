@@ -50,6 +50,11 @@ pub const OUTBOX_TRANSPORT: &str = "outbox";
 /// writes or neither: the follow-on row exists exactly once per handled
 /// inbound row. A retry or dead-letter outcome writes no follow-on row.
 /// Such follow-on rows wake the relays with a NOTIFY, as a publish does.
+/// Rows the database refuses (a missing table, a permission) are rolled
+/// back with the ack and the delivery fails as a refused publish would
+/// ([`Error::Transport`](crate::Error::Transport) naming this transport and
+/// the queue; the retry strategy, then the dead-letter table); in a
+/// transaction-mode lot, only that delivery fails.
 ///
 /// A table in **another database** (a pool to another server or database,
 /// or with other credentials) cannot share that transaction: the row is
@@ -133,6 +138,7 @@ impl Transport for OutboxTransport {
 
     fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
         let broker = self.broker.clone();
+        let name = self.name.clone();
         // The delivery this result belongs to, if its table shares our
         // database: then the row is staged, not written.
         let chain = CHAIN
@@ -162,7 +168,11 @@ impl Transport for OutboxTransport {
             }
             if let Some(chain) = chain {
                 let insert = publish::prepare(&Raw(payload), &destination, &opts)?;
-                chain.stage(Staged { broker, insert });
+                chain.stage(Staged {
+                    transport: name,
+                    broker,
+                    insert,
+                });
                 return Ok(());
             }
             broker
@@ -244,6 +254,8 @@ impl FollowOn {
 /// delivery, for the engine to insert with the inbound row's ack.
 #[derive(Debug, Clone)]
 pub(crate) struct Staged {
+    /// The transport's name (for the error when the row is refused).
+    pub(crate) transport: String,
     /// The transport's broker (its table, statements and NOTIFY channel).
     pub(crate) broker: OutboxBroker,
     /// The validated, encoded row.
