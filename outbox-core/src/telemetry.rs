@@ -30,6 +30,15 @@
 //! `error_kind` is `decode` (the payload did not decode), `panic`, `transport`
 //! (a `#[publish_to]` publish failed), `handler` (any other error) or `none`
 //! (a `nack()`/`reject()` without an error).
+//!
+//! With [`MetricsNaming::FastStream`] ([`App::metrics_naming`](crate::App::metrics_naming)
+//! or [`set_metrics_naming`]) the same events are exported under the names
+//! and labels of the Python package's Prometheus recorder
+//! (`faststream_received_processed_messages_total{app_name, broker="outbox",
+//! handler, status}`, `faststream_outbox_dlq_written_total{…, reason}`, …), so
+//! that its dashboards keep working; the families it has no equivalent for
+//! keep the names above. The mapping is in docs/operations.md, "Metrics for
+//! FastStream dashboards".
 
 // The public façade: the names and recording helpers live in the leaf
 // module `instrument` (every layer records metrics), the one-shot gauge
