@@ -10,7 +10,9 @@
 //! [`lease_heartbeat`](crate::SubscriberOptions::lease_heartbeat) interval,
 //! [`run`] writes one statement for all of them (`acquired_at = now()`,
 //! the claim's clock, on each `(id, token)` that still holds its token;
-//! nothing when none is tracked), on its own connection.
+//! nothing when none is tracked), on a connection of the workers' write
+//! pool (no connection of its own: the subscriber's connection count is
+//! unchanged).
 //!
 //! A row missing from the statement's result either lost its lease
 //! (another claim took it after an expiry, or an operator cleared it) or
@@ -37,7 +39,7 @@ use uuid::Uuid;
 use super::SubShared;
 use super::message::Delivery;
 use crate::broker::Step;
-use crate::store::conn::{self as store, Conn, Write, Written};
+use crate::store::conn::{self as store, Write, Written};
 
 /// The leases one subscriber holds, by row id. Inert (tracks nothing) when
 /// the heartbeat is off.
@@ -195,7 +197,6 @@ impl Leases {
 /// One subscriber's heartbeat: every `every`, extends the leases it holds,
 /// until `stop`.
 pub(crate) async fn run(shared: Arc<SubShared>, every: Duration, stop: CancellationToken) {
-    let mut conn: Option<Conn> = None;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -207,14 +208,14 @@ pub(crate) async fn run(shared: Arc<SubShared>, every: Duration, stop: Cancellat
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            () = beat(&shared, &mut conn, every) => {}
+            () = beat(&shared, every) => {}
         }
     }
 }
 
 /// One beat: reports the leases found lost, extends the others (one
 /// statement; none when nothing is tracked).
-async fn beat(shared: &SubShared, conn: &mut Option<Conn>, every: Duration) {
+async fn beat(shared: &SubShared, every: Duration) {
     let (asked, lost) = shared.leases.begin();
     for l in lost {
         report(shared, &l);
@@ -222,9 +223,15 @@ async fn beat(shared: &SubShared, conn: &mut Option<Conn>, every: Duration) {
     if asked.is_empty() {
         return;
     }
-    if conn.is_none() {
-        match shared.broker.store_conn(&shared.conn_opts).await {
-            Ok(c) => *conn = Some(c),
+    let pool = &shared.write_pool;
+    let Ok(_permit) = pool.permits.acquire().await else {
+        return; // never closed
+    };
+    let idle = pool.idle().pop();
+    let mut conn = match idle {
+        Some(c) => c,
+        None => match shared.broker.store_conn(&shared.conn_opts).await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!(
                     subscriber = %shared.sub.name(),
@@ -234,13 +241,16 @@ async fn beat(shared: &SubShared, conn: &mut Option<Conn>, every: Duration) {
                 );
                 return;
             }
-        }
-    }
-    let Some(c) = conn.as_mut() else { return };
+        },
+    };
     let (ids, tokens): (Vec<i64>, Vec<Uuid>) = asked.iter().copied().unzip();
     let sent = Instant::now();
     let w = Write::Extend { ids, tokens };
-    match store::execute(shared.broker.stmts(), c, &w).await {
+    let result = store::execute(shared.broker.stmts(), &mut conn, &w).await;
+    if !matches!(&result, Err(e) if store::is_connection_error(e)) {
+        pool.idle().push(conn);
+    }
+    match result {
         Ok(Written::Ids(kept)) => {
             tracing::trace!(
                 subscriber = %shared.sub.name(),
@@ -251,17 +261,12 @@ async fn beat(shared: &SubShared, conn: &mut Option<Conn>, every: Duration) {
             shared.leases.end(&asked, &kept.into_iter().collect(), sent);
         }
         Ok(Written::Rows(_)) => {}
-        Err(e) => {
-            if store::is_connection_error(&e) {
-                *conn = None;
-            }
-            tracing::warn!(
-                subscriber = %shared.sub.name(),
-                "outbox lease heartbeat failed ({e}); {} leases not extended, retrying in \
-                 {every:.1?} (a lease expires lease_ttl after its last extension)",
-                asked.len()
-            );
-        }
+        Err(e) => tracing::warn!(
+            subscriber = %shared.sub.name(),
+            "outbox lease heartbeat failed ({e}); {} leases not extended, retrying in \
+             {every:.1?} (a lease expires lease_ttl after its last extension)",
+            asked.len()
+        ),
     }
 }
 
