@@ -655,8 +655,12 @@ impl App {
                     )));
                 };
                 let lease = route.builder.options_ref().get_lease_ttl();
+                // With the lease heartbeat on (the default), the lease is
+                // extended while the publish waits: nothing to warn about.
+                let heartbeat = route.builder.options_ref().get_lease_heartbeat();
                 if let Some(max) = transport.max_publish_time()
                     && lease <= max
+                    && heartbeat.is_none()
                 {
                     let name = route.effective_name();
                     let who = match &route.location {
@@ -667,12 +671,13 @@ impl App {
                         subscriber = %name,
                         transport = %t.transport,
                         "subscriber {who}: lease_ttl ({lease:?}) is not longer than the {max:?} a \
-                         publish to transport `{}` may take. The lease clock starts when the row \
-                         is claimed: the row may wait in the subscriber's buffer, then the handler \
+                         publish to transport `{}` may take, and its lease heartbeat is off. The \
+                         lease clock starts when the row is claimed: the row may wait in the subscriber's buffer, then the handler \
                          runs, then the publish waits up to {max:?} for the bus; once the lease \
                          has run out, another relay may claim the row and publish it again (a \
-                         duplicate). Make lease_ttl longer than {max:?} plus the handler's worst \
-                         case, or shorten the transport's timeout (Kafka: message_timeout)",
+                         duplicate). Turn the lease heartbeat on, make lease_ttl longer than \
+                         {max:?} plus the handler's worst case, or shorten the transport's timeout \
+                         (Kafka: message_timeout)",
                         t.transport
                     );
                 }
