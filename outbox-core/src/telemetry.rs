@@ -39,12 +39,24 @@
 //! that its dashboards keep working; the families it has no equivalent for
 //! keep the names above. The mapping is in docs/operations.md, "Metrics for
 //! FastStream dashboards".
+//!
+//! Besides the metrics, every subscriber logs an **activity summary** at
+//! INFO (target [`SUMMARY_TARGET`]), every [`DEFAULT_SUMMARY_INTERVAL`] in
+//! which it finished rows and once more at stop: the rows acked (handled,
+//! and relayed to every target), retried, dead-lettered and deleted as
+//! failed since the previous line. [`set_activity_summary_interval`] changes
+//! the interval or turns it off. Transports log one DEBUG line per relayed
+//! message (`outbox-kafka`: topic, partition, offset, outbox id).
 
 // The public façade: the names and recording helpers live in the leaf
 // module `instrument` (every layer records metrics), the one-shot gauge
 // sampler in the engine (it runs a query). This module only gathers them
 // under one public path, so no layer below depends on one above.
 pub use crate::engine::gauges::sample_gauges;
+pub use crate::engine::summary::{
+    DEFAULT_SUMMARY_INTERVAL, SUMMARY_TARGET, activity_summary_interval,
+    set_activity_summary_interval,
+};
 #[cfg(feature = "prometheus")]
 pub use crate::instrument::install_prometheus;
 pub use crate::instrument::names;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use outbox_core::transport::ServerInfo;
-use outbox_core::{BoxError, BusRejection, Outgoing, Transport};
+use outbox_core::{BoxError, BusRejection, OUTBOX_ID, Outgoing, Transport};
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -215,7 +215,20 @@ impl Inner {
             }
         };
         match tokio::time::timeout_at(deadline + DELIVERY_REPORT_MARGIN, delivery).await {
-            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Ok(d))) => {
+                // One line per relayed record (FastStream's "Processed"): the
+                // enclosing `outbox.deliver` span adds the queue, subscriber
+                // and row; the engine's activity summary is the INFO view.
+                tracing::debug!(
+                    transport = %self.name,
+                    topic = %topic,
+                    partition = d.partition,
+                    offset = d.offset,
+                    outbox_id = %headers.get(OUTBOX_ID).map_or("", String::as_str),
+                    "relayed to Kafka"
+                );
+                Ok(())
+            }
             Ok(Ok(Err((e, _)))) => {
                 Err(self.failed(generation, producer, &topic, e, Stage::Delivery))
             }

@@ -39,6 +39,7 @@ pub(crate) mod message;
 mod observe;
 pub mod retry;
 pub(crate) mod subscriber;
+pub(crate) mod summary;
 mod worker;
 
 use std::sync::Arc;
@@ -167,6 +168,8 @@ pub(crate) struct SubShared {
     /// The connections the workers share for their own writes.
     pub(crate) write_pool: worker::WritePool,
     pub(crate) metrics: crate::instrument::SubMetrics,
+    /// The periodic activity summary (INFO), counted from finished rows.
+    summary: summary::Summary,
     /// The broker's observer (a no-op unless a test harness watches).
     observer: Arc<dyn Observer>,
     /// Claims running now.
@@ -202,6 +205,7 @@ impl SubShared {
             !broker.observer().synchronous() && sub.options().get_lease_heartbeat().is_some();
         Self {
             metrics: crate::instrument::SubMetrics::new(sub.name(), sub.queues()),
+            summary: summary::Summary::new(sub.name(), sub.queues()),
             observer: broker.observer().clone(),
             claiming: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
@@ -397,6 +401,7 @@ impl SubShared {
             // has one in flight, and must not wait for the idle poll).
             self.wake.notify_one();
         }
+        self.summary.finished(&step);
         self.observer.step(row_id, step);
         self.observer.changed();
     }
