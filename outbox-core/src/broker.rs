@@ -161,6 +161,10 @@ pub enum Step {
     },
     /// The outcome's write found the lease taken by another claim (`phase`:
     /// `retry` or `terminal`, which also covers acks): nothing was written.
+    /// Also reported with `buffered` (the row waited past its lease and was
+    /// not handled), and with `heartbeat` while the handler still runs (an
+    /// extension found the lease taken; the outcome's write reports its own
+    /// step later).
     LeaseLost {
         /// Which write.
         phase: &'static str,

@@ -103,9 +103,10 @@ pub struct SubscriberOptions {
 pub enum ClaimMode {
     /// faststream-outbox's design: a claim writes a lease (token, time,
     /// `deliveries_count + 1`) and commits; each outcome is a later write
-    /// guarded by the token. Handlers may run for as long as the lease
-    /// (`lease_ttl`) lasts; a crashed relay's rows wait for the lease to
-    /// expire. Two writes (two dead tuples) per row.
+    /// guarded by the token. The [lease
+    /// heartbeat](SubscriberOptions::lease_heartbeat) extends the lease while
+    /// the handler runs; a crashed relay's rows wait for the lease to expire
+    /// (`lease_ttl` after its last extension). Two writes (two dead tuples) per row.
     Lease,
     /// A claim locks its rows (`FOR UPDATE SKIP LOCKED`) in a transaction
     /// that stays open while their handlers run and the bus confirms; the
@@ -312,8 +313,11 @@ impl SubscriberOptions {
         max_fetch_interval, get_max_fetch_interval: Duration
     );
     knob!(
-        /// Time after which a claimed row may be claimed again (> 0). Must
-        /// exceed the handler's worst case plus its wait in the buffer.
+        /// Time after which a claimed row may be claimed again (> 0): how
+        /// long the rows of a crashed process wait for another claim. The
+        /// [lease heartbeat](Self::lease_heartbeat) extends the leases of
+        /// rows in flight; with it off, the lease must exceed the handler's
+        /// worst case plus its wait in the buffer.
         lease_ttl, get_lease_ttl: Duration
     );
     knob!(
@@ -392,6 +396,11 @@ impl SubscriberOptions {
     /// extended (its outcome's write is then refused too). In
     /// [`ClaimMode::Transaction`] it extends the leases of the rows that
     /// outlived [`max_hold`](Self::max_hold).
+    ///
+    /// A handler that never returns keeps its row for as long as its
+    /// process lives (the lease no longer bounds it): bound slow work with a
+    /// timeout of its own. A graceful stop ends the extensions after its
+    /// drain, so rows abandoned there expire `lease_ttl` later.
     ///
     /// Must be shorter than [`lease_ttl`](Self::lease_ttl) (checked by
     /// [`validate`](Self::validate)); more than half of it is allowed but
