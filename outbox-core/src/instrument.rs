@@ -12,41 +12,41 @@ use crate::error::{BoxError, DecodeError, Error, HandlerPanic};
 
 /// Metric names (stable; part of the public contract).
 pub mod names {
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const PUBLISHED: &str = "outbox_published_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const FETCHED: &str = "outbox_fetched_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const FETCH_BATCHES: &str = "outbox_fetch_batches_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const DISPATCHED: &str = "outbox_dispatched_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const ACKED: &str = "outbox_acked_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const NACKED_RETRIED: &str = "outbox_nacked_retried_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const NACKED_TERMINAL: &str = "outbox_nacked_terminal_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const DLQ_WRITTEN: &str = "outbox_dlq_written_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const LEASE_LOST: &str = "outbox_lease_lost_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const DISPATCH_ABANDONED: &str = "outbox_dispatch_abandoned_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const DRAIN_TIMEOUT: &str = "outbox_drain_timeout_total";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const HANDLER_DURATION: &str = "outbox_handler_duration_seconds";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const TRANSPORT_DURATION: &str = "outbox_transport_publish_duration_seconds";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const READY_ROWS: &str = "outbox_ready_rows";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const SCHEDULED_ROWS: &str = "outbox_scheduled_rows";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const LEASED_ROWS: &str = "outbox_leased_rows";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const OLDEST_READY_AGE: &str = "outbox_oldest_ready_age_seconds";
-    /// See the [module docs](super).
+    /// See the [module docs](crate::telemetry).
     pub const DEAD_LETTER_ROWS: &str = "outbox_dead_letter_rows";
 
     /// FastStream's names ([`MetricsNaming::FastStream`](crate::telemetry::MetricsNaming::FastStream)),

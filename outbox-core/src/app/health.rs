@@ -38,6 +38,25 @@
 //!   timeoutSeconds: 6     # the database and transport probes take up to 5 s
 //! ```
 
+//!
+//! # Connection budget
+//!
+//! The engine's loops do not take their connections from the broker's
+//! pool: each opens its own, with the pool's connect options.
+//! [`Engine::connection_budget`] counts them ([`subscriber_connections`]
+//! per subscriber):
+//!
+//! | claim mode | connections per subscriber |
+//! |---|---|
+//! | [`Lease`](crate::ClaimMode::Lease) | `fetch_concurrency` (claims) + `min(max_workers, 4)` (the workers' retry and dead-letter writes) + 1 (the acker's deletes) |
+//! | [`Transaction`](crate::ClaimMode::Transaction) | `fetch_concurrency` (one per lot) + `min(max_workers, 4)` (rows that outlive `max_hold` finish under a lease) |
+//!
+//! plus one LISTEN connection per engine (none with
+//! [`Engine::without_listen`]). The broker's pool comes on top, up to its
+//! `max_connections`. [`Engine::start`] compares them with the server's
+//! `max_connections` minus its reserved and in-use connections and logs
+//! each of [`ConnectionBudget::problems`] at WARN.
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -21,7 +21,7 @@ use super::worker::MAX_WORKER_CONNECTIONS;
 use crate::engine::subscriber::{ClaimMode, Subscriber};
 use crate::error::{Error, Result};
 
-/// The connections of one subscriber (see the [module docs](self)).
+/// The connections of one subscriber: see [`Engine::connection_budget`].
 pub fn subscriber_connections(sub: &Subscriber) -> usize {
     let o = sub.options();
     let writers = o.get_max_workers().clamp(1, MAX_WORKER_CONNECTIONS);
@@ -144,7 +144,7 @@ impl ConnectionBudget {
 
 impl Engine {
     /// Counts the PostgreSQL connections this engine opens (see the
-    /// [`budget`](crate::health) table: per subscriber `fetch_concurrency` +
+    /// [table](crate::health#connection-budget): per subscriber `fetch_concurrency` +
     /// `min(max_workers, 4)` + 1 acker in lease mode, no acker in
     /// transaction mode; one LISTEN per engine) and reads the server's
     /// `max_connections`, its reserved connections and the client
