@@ -108,6 +108,14 @@ log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP"
 log "OUTBOX_PYTHON=$OUTBOX_PYTHON"
 
 # --- Tests ------------------------------------------------------------------
+# The examples and the `outbox` binary, built here with the very command
+# tests/tests/asyncapi.rs runs (it runs them): its own build is then a no-op.
+# Built inside the test, they compiled every dependency again (examples
+# resolve other features than the test targets) while the suite ran, and a
+# failure there was hard to read; here it fails loudly, before the tests.
+log "cargo build --workspace --all-features --examples --bin outbox"
+cargo build --workspace --all-features --examples --bin outbox ||
+  die "cargo build of the examples and the outbox binary failed (see above)"
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
   log "cargo nextest run --workspace --all-features --no-fail-fast $*"

@@ -382,6 +382,56 @@ pub fn interop_python() -> anyhow::Result<std::path::PathBuf> {
     )
 }
 
+/// Builds the workspace's examples and the `outbox` binary and returns their
+/// paths by target name (`kafka_relay`, `outbox`, ...). scripts/test.sh runs
+/// the same `cargo build` before the tests, so under it this is a no-op that
+/// only reads the paths. Panics with the compiler's messages when the build
+/// fails.
+pub fn example_binaries() -> std::collections::BTreeMap<String, std::path::PathBuf> {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = std::process::Command::new(cargo)
+        .current_dir(repo)
+        .args([
+            "build",
+            "--workspace",
+            "--all-features",
+            "--examples",
+            "--bin",
+            "outbox",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running cargo build");
+    let messages: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    // With --message-format=json the compiler's diagnostics go to stdout as
+    // JSON, not to stderr: show them, or a failed build says nothing of why.
+    assert!(
+        out.status.success(),
+        "cargo build of the examples failed ({}):\n{}",
+        out.status,
+        messages
+            .iter()
+            .filter(|m| m["reason"] == "compiler-message")
+            .filter_map(|m| m["message"]["rendered"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    messages
+        .iter()
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter_map(|m| {
+            let exe = m["executable"].as_str()?;
+            let name = m["target"]["name"].as_str()?;
+            Some((name.to_owned(), std::path::PathBuf::from(exe)))
+        })
+        .collect()
+}
+
 /// Decodes standard base64 (with or without padding).
 pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine as _;

@@ -157,48 +157,6 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
-}
-
-/// Builds the workspace's examples and the `outbox` binary (with the
-/// feature set of `cargo nextest run --workspace --all-features`, so a run
-/// of scripts/test.sh finds them built) and returns their paths by name.
-fn build_binaries() -> std::collections::BTreeMap<String, PathBuf> {
-    let out = Command::new(cargo())
-        .current_dir(REPO)
-        .args([
-            "build",
-            "--workspace",
-            "--all-features",
-            "--examples",
-            "--bin",
-            "outbox",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cargo build of the examples failed");
-    let mut found = std::collections::BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if msg["reason"] != "compiler-artifact" {
-            continue;
-        }
-        if let Some(exe) = msg["executable"].as_str() {
-            let name = msg["target"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
-            found.insert(name, PathBuf::from(exe));
-        }
-    }
-    found
-}
-
 /// The examples that run an `App` (standalone_outbox does not).
 const APP_EXAMPLES: &[&str] = &[
     "first_outbox_app",
@@ -469,7 +427,7 @@ async fn the_official_parser_accepts_the_documents_of_these_apps() {
 /// create their topics, queues, streams) before `App::run`, as in CI.
 #[tokio::test]
 async fn the_examples_documents_are_valid_asyncapi() {
-    let bins = build_binaries();
+    let bins = tests::example_binaries();
     let outbox = bins.get("outbox").expect("the outbox binary was built");
     let dir = temp_dir("examples");
     let mut files = Vec::new();
@@ -577,7 +535,7 @@ fn serve(outbox: &Path, spec: &Path) -> (Reaped, String) {
 #[tokio::test]
 async fn the_served_page_renders_in_headless_chromium() {
     let browser = chromium();
-    let bins = build_binaries();
+    let bins = tests::example_binaries();
     let outbox = bins.get("outbox").expect("the outbox binary was built");
     let dir = temp_dir("serve");
     let spec = dir.join("spec.yaml");
