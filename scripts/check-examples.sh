@@ -36,6 +36,14 @@ expect kafka_relay \
   'rolled back order 99' \
   'key=\(none\) value=1 headers: content-type=application/json correlation_id=order-1-[0-9a-f]+ outbox-id=[0-9]+' \
   'relayed 3 of 3 orders to orders.kafka' '^0 rows left in the outbox'
+# The consuming service of what kafka_relay relayed: new messages once, then
+# (rewound, as a reset consumer group would) every one of them skipped.
+INBOX_IDLE_EXIT_SECS=2 expect inbox_consumer \
+  'consumed [0-9]+ records: [0-9]+ new, [0-9]+ already processed' \
+  '^[0-9]+ invoices for orders.kafka, 0 duplicates$'
+INBOX_IDLE_EXIT_SECS=2 INBOX_REWIND=1 expect inbox_consumer \
+  'from the beginning' 'consumed [1-9][0-9]* records: 0 new, [1-9][0-9]* already processed' \
+  '^[0-9]+ invoices for orders.kafka, 0 duplicates$'
 expect ordered_relay \
   'publishing order-1 created \(outbox row [0-9]+\), its transaction open 300 ms' \
   'committed order-1 created' 'published order-1 paid \(outbox row [0-9]+\)' \

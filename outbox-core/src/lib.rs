@@ -71,13 +71,14 @@ mod broker;
 mod engine;
 pub mod envelope;
 mod error;
+pub mod inbox;
 mod instrument;
 pub mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod publish;
-mod store;
 mod publisher;
+mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -104,8 +105,8 @@ pub use engine::{DEFAULT_GAUGE_INTERVAL, Engine, LAST_EXCEPTION_MAX_CHARS, StopR
 pub use envelope::{Headers, Passthrough, Raw};
 pub use error::{BoxError, DecodeError, Error, Result, SchemaDrift, render_error_chain};
 pub use publish::{MAX_NAME_CHARS, PublishOptions};
-pub use store::producer::TimerConflict;
 pub use publisher::OutboxPublisher;
+pub use store::producer::TimerConflict;
 pub use store::{DLQ_COLUMNS, DlqTable, OUTBOX_COLUMNS, OutboxRow, OutboxTable, SchemaChecks};
 pub use transport::headers::OUTBOX_ID;
 pub use transport::outbox::{OUTBOX_TRANSPORT, OutboxTransport};

@@ -56,13 +56,13 @@ pub const DLQ_COLUMNS: [&str; 12] = [
 
 /// A validated, possibly schema-qualified table name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct TableName {
-    schema: Option<String>,
-    name: String,
+pub(crate) struct TableName {
+    pub(crate) schema: Option<String>,
+    pub(crate) name: String,
 }
 
 impl TableName {
-    fn qualified(&self) -> String {
+    pub(crate) fn qualified(&self) -> String {
         match &self.schema {
             Some(s) => format!("{}.{}", ident::quote(s), ident::quote(&self.name)),
             None => ident::quote(&self.name),
@@ -70,7 +70,7 @@ impl TableName {
     }
 
     /// The schema statement (if any) and `stmts`, each `;`-terminated.
-    fn script(&self, stmts: Vec<String>) -> String {
+    pub(crate) fn script(&self, stmts: Vec<String>) -> String {
         self.schema_ddl()
             .into_iter()
             .chain(stmts)
@@ -78,7 +78,7 @@ impl TableName {
             .collect()
     }
 
-    fn schema_ddl(&self) -> Option<String> {
+    pub(crate) fn schema_ddl(&self) -> Option<String> {
         self.schema
             .as_ref()
             .map(|s| format!("CREATE SCHEMA IF NOT EXISTS {}", ident::quote(s)))
@@ -103,7 +103,7 @@ impl TableName {
     }
 }
 
-fn validate_schema(schema: &str) -> Result<()> {
+pub(crate) fn validate_schema(schema: &str) -> Result<()> {
     ident::validate("schema", schema, &[], &[])
 }
 
@@ -354,7 +354,7 @@ impl DlqTable {
     }
 }
 
-async fn run_migration(pool: &PgPool, lock_key: &str, stmts: Vec<String>) -> Result<()> {
+pub(crate) async fn run_migration(pool: &PgPool, lock_key: &str, stmts: Vec<String>) -> Result<()> {
     let mut tx = pool.begin().await?;
     // Concurrent `CREATE TABLE IF NOT EXISTS` can still collide in pg_type;
     // serialize migrations of the same table.
