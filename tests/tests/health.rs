@@ -125,7 +125,7 @@ async fn a_healthy_app_is_live_and_ready_with_its_subscribers_listed() -> R {
             .iter()
             .all(|s| s.state == LoopState::Running
                 && s.loops_running == s.loops_total
-                && s.loops_total == 3)
+                && s.loops_total == 4) // fetch, worker, acker, lease heartbeat
     );
     // LISTEN is up once the engine listens on the table's channel.
     assert!(db.listening(Duration::from_secs(10)).await);

@@ -10,7 +10,8 @@ use crate::engine::subscriber::ClaimMode;
 /// The longest [`Engine::health`] waits for the database (`SELECT 1`).
 pub const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The state of one subscriber's loops (fetch or lot loops, workers, acker).
+/// The state of one subscriber's loops (fetch or lot loops, workers, acker,
+/// lease heartbeat).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LoopState {
@@ -47,7 +48,7 @@ pub struct SubscriberHealth {
     pub claim_mode: ClaimMode,
     /// Its loops, as a whole.
     pub state: LoopState,
-    /// Loops alive (fetch or lot loops, workers, acker).
+    /// Loops alive (fetch or lot loops, workers, acker, lease heartbeat).
     pub loops_running: usize,
     /// Loops started.
     pub loops_total: usize,
@@ -200,6 +201,7 @@ impl SubRuntime {
             .iter()
             .chain(&self.workers)
             .chain(&self.acker)
+            .chain(self.heartbeat.as_ref().map(|(_, t)| t))
             .map(|t| !t.is_finished())
             .collect();
         let alive = loops.iter().filter(|a| **a).count();
