@@ -22,6 +22,7 @@
 //! | `otel` | W3C trace context in the headers (feature `otel`) | envelope |
 //! | `instrument` | metric names and their recording (what every layer calls) | error |
 //! | `store/` | the storage layer: [`OutboxTable`] / [`DlqTable`], identifiers, statements, schema checks, row decoding ([`OutboxRow`]), the engine's connection seam, the in-memory backend | error, envelope |
+//! | [`inbox`] | [`Inbox`](inbox::Inbox): consumer-side deduplication in the consumer's own transaction | store |
 //! | `publish` | validating and encoding publishes ([`PublishOptions`]) into the rows the store inserts | store, otel |
 //! | `broker` | [`OutboxBroker`]: the handle producers publish through and the engine and `ops` run on | publish, store, instrument |
 //! | `publisher` | [`OutboxPublisher`]: a publish handle bound to one queue with default options ([`OutboxBroker::publisher`]) | broker, publish |

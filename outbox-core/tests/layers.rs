@@ -18,6 +18,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("otel", &["envelope", "error"]),
     ("instrument", &["error"]),
     ("store", &["envelope", "error"]),
+    ("inbox", &["store", "error"]),
     ("publish", &["store", "otel", "envelope", "error"]),
     (
         "broker",
