@@ -508,3 +508,31 @@ async fn a_pool_smaller_than_the_subscribers_need_is_warned_about_at_start() -> 
     engine.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_the_server_cannot_hold_is_reported_with_the_numbers() -> R {
+    let db = TestDb::new().await?;
+    let max: i32 = sqlx::query_scalar("SELECT current_setting('max_connections')::int")
+        .fetch_one(&db.pool)
+        .await?;
+    let claims = usize::try_from(max)? + 1;
+    let sub = outbox_core::Subscriber::builder(["h_budget_big"])
+        .name("big-sub")
+        .fetch_batch_size(claims)
+        .fetch_concurrency(claims)
+        .build(|_m: Message| async { Ok::<_, BoxError>(()) })?;
+    // Never started: it would take every connection of the shared server.
+    let engine = outbox_core::Engine::new(db.broker.clone()).subscriber(sub);
+    let budget = engine.connection_budget().await?;
+    assert_eq!(budget.engine(), claims + 1 + 1 + 1, "{budget:?}");
+    assert_eq!(budget.max_connections, u32::try_from(max)?);
+    let problems = budget.problems();
+    let all = problems
+        .iter()
+        .find(|p| p.contains("in all"))
+        .unwrap_or_else(|| panic!("{problems:?}"));
+    assert!(all.contains(&format!("max_connections {max}")), "{all}");
+    assert!(all.contains(&format!("big-sub: {}", claims + 2)), "{all}");
+    assert!(all.contains("fetch_concurrency"), "{all}");
+    Ok(())
+}
