@@ -19,13 +19,14 @@
 //! | `RELAY_LOTS` | `fetch_concurrency` (default 1: at most one claim's rows in flight, which bounds the duplicates of a kill) |
 //! | `RELAY_CLAIM` | `lease` or `transaction` (default: the relay default, `transaction`) |
 //! | `RELAY_MAX_HOLD_MS` | `max_hold` (default: the default, 5 s) |
+//! | `RELAY_STALL_AFTER_PUBLISH_MS` | after each publish the bus confirmed, wait this long before the row's outcome is recorded (default 0): a kill then lands between the publish and the ack |
 //! | `RUST_LOG` | the stderr log filter (default `warn`) |
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use outbox_core::retry::ConstantRetry;
-use outbox_core::transport::TransportBroker;
+use outbox_core::transport::{BoxFuture, Outgoing, ServerInfo, Transport, TransportBroker};
 use outbox_core::{
     App, BoxError, ClaimMode, DlqTable, Message, OutboxBroker, OutboxTable, Response, Route,
 };
@@ -123,7 +124,10 @@ where
     let destination = env.var(destination_var)?;
     let delay = Duration::from_millis(env.num("RELAY_DELAY_MS", 0)?);
     let workers = usize::try_from(env.num("RELAY_WORKERS", 4)?)?;
-    let broker = broker(&env)?;
+    let broker = Stall {
+        inner: broker(&env)?,
+        after_publish: Duration::from_millis(env.num("RELAY_STALL_AFTER_PUBLISH_MS", 0)?),
+    };
 
     let batch = usize::try_from(env.num("RELAY_BATCH", 10)?)?;
     let mut route = Route::builder([queue])
@@ -157,4 +161,82 @@ where
         .run()
         .await?;
     Ok(())
+}
+
+/// A transport broker whose transports wait `after_publish` after every
+/// publish the bus confirmed (`RELAY_STALL_AFTER_PUBLISH_MS`): the row is
+/// on the bus and not yet acked for that long. Everything else is the
+/// inner broker's.
+#[derive(Clone)]
+struct Stall<B> {
+    inner: B,
+    after_publish: Duration,
+}
+
+struct Stalled<T> {
+    inner: T,
+    after_publish: Duration,
+}
+
+impl<B: TransportBroker> TransportBroker for Stall<B> {
+    type Transport = Stalled<B::Transport>;
+
+    fn transport_name(&self) -> &str {
+        self.inner.transport_name()
+    }
+
+    fn connect_transport(&self) -> BoxFuture<'static, Result<Self::Transport, BoxError>> {
+        let connect = self.inner.connect_transport();
+        let after_publish = self.after_publish;
+        Box::pin(async move {
+            Ok(Stalled {
+                inner: connect.await?,
+                after_publish,
+            })
+        })
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        self.inner.server()
+    }
+}
+
+impl<T: Transport> Transport for Stalled<T> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn publish(&self, msg: Outgoing) -> BoxFuture<'static, Result<(), BoxError>> {
+        let publish = self.inner.publish(msg);
+        let after_publish = self.after_publish;
+        Box::pin(async move {
+            publish.await?;
+            tokio::time::sleep(after_publish).await;
+            Ok(())
+        })
+    }
+
+    fn max_publish_time(&self) -> Option<Duration> {
+        self.inner.max_publish_time()
+    }
+
+    fn check_destination(&self, destination: &str) -> Result<(), String> {
+        self.inner.check_destination(destination)
+    }
+
+    fn verify_destination(&self, destination: &str) -> BoxFuture<'static, Result<(), String>> {
+        self.inner.verify_destination(destination)
+    }
+
+    fn server(&self) -> Option<ServerInfo> {
+        self.inner.server()
+    }
+
+    fn health(&self) -> BoxFuture<'static, Result<(), String>> {
+        self.inner.health()
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<(), BoxError>> {
+        self.inner.close()
+    }
 }

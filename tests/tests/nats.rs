@@ -186,6 +186,89 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_the_stream_keeps_no_duplica
     Ok(())
 }
 
+/// The relay SIGKILLed in the window at-least-once cannot close: after the
+/// JetStream PubAck and before the row's ack (the relay child waits there,
+/// `RELAY_STALL_AFTER_PUBLISH_MS`). Every row is still in the outbox, so the
+/// restarted relay publishes the stored messages again with the same
+/// `Nats-Msg-Id`, and the server drops those copies: the stream holds each
+/// row once. In both claim modes (a transaction-held claim rolls back at the
+/// kill; a lease expires after `lease_ttl`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_between_publish_and_ack_leaves_no_duplicate_on_the_stream() -> R {
+    let streams = Streams::default();
+    for claim in ["transaction", "lease"] {
+        let (name, subject) = stream(&streams, &format!("stall-{claim}")).await?;
+        let db = TestDb::new().await?;
+        const N: i64 = 60;
+        let ids = crash::publish_rows(&db, N).await?;
+        let relay = |stall_ms: &str, log: &std::path::Path| -> anyhow::Result<RelayChild> {
+            RelayChild::spawn(
+                RelayChild::command(env!("CARGO_BIN_EXE_nats_relay"), &db)
+                    .env("RELAY_CLAIM", claim)
+                    .env("RELAY_BATCH", "10")
+                    .env("RELAY_DELAY_MS", "0")
+                    .env("RELAY_STALL_AFTER_PUBLISH_MS", stall_ms)
+                    .env("RUST_LOG", "warn,outbox_nats=debug")
+                    .stderr(std::fs::File::create(log)?)
+                    .env("RELAY_SUBJECT", &subject)
+                    .env("NATS_URL", support::url()),
+            )
+        };
+        let dir = std::env::temp_dir().join(format!("nats_stall_{}", tests::suffix()));
+        std::fs::create_dir_all(&dir)?;
+        let stalled = relay("600000", &dir.join("first.log"))?;
+        // Published and confirmed, then stalled: wait until the stream stops
+        // growing.
+        assert!(
+            wait_until(Duration::from_secs(30), || async {
+                support::stream_len(&name).await.unwrap() > 0
+            })
+            .await,
+            "{claim}: nothing reached the stream"
+        );
+        let mut on_stream = 0;
+        while support::stream_len(&name).await? != on_stream {
+            on_stream = support::stream_len(&name).await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(
+            db.count().await?,
+            N,
+            "{claim}: a row was acked before the kill"
+        );
+        stalled.sigkill()?;
+
+        let second = relay("0", &dir.join("second.log"))?;
+        assert!(
+            db.drained(Duration::from_secs(60)).await,
+            "{claim}: rows left after the restart"
+        );
+        second.sigterm()?;
+        let msgs = support::read_stream(&name, Duration::from_secs(30), |m| {
+            ids.is_subset(&m.iter().filter_map(|m| m.outbox_id()).collect())
+        })
+        .await?;
+        let got: Vec<i64> = msgs.iter().filter_map(|m| m.outbox_id()).collect();
+        let distinct: BTreeSet<i64> = got.iter().copied().collect();
+        assert_eq!(distinct, ids, "{claim}: every row arrived");
+        assert_eq!(got.len(), distinct.len(), "{claim}: a duplicate was stored");
+        assert_eq!(support::stream_len(&name).await?, u64::try_from(N)?);
+        let log = std::fs::read_to_string(dir.join("second.log"))?;
+        let dropped = log.matches("the redelivered copy was dropped").count();
+        let _ = std::fs::remove_dir_all(&dir);
+        println!(
+            "{claim}: {on_stream} messages on the stream at the kill, all {N} rows in the outbox; \
+             the restarted relay's copies of {dropped} were dropped by the server"
+        );
+        assert_eq!(
+            u64::try_from(dropped)?,
+            on_stream,
+            "{claim}: each message stored before the kill was published again and dropped"
+        );
+    }
+    Ok(())
+}
+
 /// No stream captures the subject at publish time (here: the stream was
 /// deleted after the App started; startup itself refuses such a subject,
 /// see below): the server answers "no responders", a transient error (not
