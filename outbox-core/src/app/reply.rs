@@ -134,8 +134,18 @@ impl<T> Response<T> {
     }
 
     /// What a [`timer_id`](Self::timer_id) does when the timer already
-    /// exists (see [`TimerConflict`]); needs a `timer_id`.
+    /// exists (see [`TimerConflict`]); needs a `timer_id` (else the handler
+    /// fails when it returns the response).
     /// [`OutboxTransport`](crate::OutboxTransport) targets only.
+    ///
+    /// ```
+    /// use outbox_core::{IntoReply, Response, TimerConflict};
+    ///
+    /// let ok = Response::new(1_i64).timer_id("t").timer_conflict(TimerConflict::Extend);
+    /// assert!(ok.into_reply().is_ok());
+    /// let no_timer = Response::new(1_i64).timer_conflict(TimerConflict::Extend);
+    /// assert!(no_timer.into_reply().is_err());
+    /// ```
     pub fn timer_conflict(mut self, mode: TimerConflict) -> Self {
         self.follow_on.timer_conflict = mode;
         self
