@@ -8,9 +8,11 @@
 //! delivery is [finished](super::SubShared::finished): buffered rows,
 //! running handlers, outcomes waiting for their write. Every
 //! [`lease_heartbeat`](crate::SubscriberOptions::lease_heartbeat) interval,
-//! [`run`] writes one statement for all of them (`acquired_at = now()`,
-//! the claim's clock, on each `(id, token)` that still holds its token;
-//! nothing when none is tracked), on a connection of the workers' write
+//! [`run`] writes one statement for those whose lease is at least half an
+//! interval old (`acquired_at = now()`, the claim's clock, on each `(id,
+//! token)` that still holds its token; nothing when none is due: a row
+//! finished within half an interval is never extended, and a lease is at
+//! most 1.5 intervals old when extended, half of `lease_ttl` by default), on a connection of the workers' write
 //! pool (no connection of its own: the subscriber's connection count is
 //! unchanged).
 //!
@@ -154,13 +156,15 @@ impl Leases {
 
     /// Starts a beat: the leases missed by the previous beat and still
     /// tracked are lost (returned to be reported, never extended again);
-    /// returns them and the `(id, token)` pairs to extend now.
-    fn begin(&self) -> (Vec<(i64, Uuid)>, Vec<Lost>) {
+    /// returns them and the `(id, token)` pairs to extend now: the live
+    /// leases at least `min_age` old.
+    fn begin(&self, min_age: Duration) -> (Vec<(i64, Uuid)>, Vec<Lost>) {
         let mut extend = Vec::new();
         let mut lost = Vec::new();
         for (id, h) in self.held().iter_mut() {
             match h.state {
-                State::Live => extend.push((*id, h.token)),
+                State::Live if h.renewed.elapsed() >= min_age => extend.push((*id, h.token)),
+                State::Live => {}
                 State::Missed => {
                     h.state = State::Lost;
                     lost.push(Lost {
@@ -216,7 +220,7 @@ pub(crate) async fn run(shared: Arc<SubShared>, every: Duration, stop: Cancellat
 /// One beat: reports the leases found lost, extends the others (one
 /// statement; none when nothing is tracked).
 async fn beat(shared: &SubShared, every: Duration) {
-    let (asked, lost) = shared.leases.begin();
+    let (asked, lost) = shared.leases.begin(every / 2);
     for l in lost {
         report(shared, &l);
     }
@@ -338,7 +342,7 @@ mod tests {
         let leases = Leases::new(false);
         leases.track(&delivery(1, Uuid::new_v4()), Instant::now());
         assert_eq!(leases.len(), 0);
-        assert!(leases.begin().0.is_empty());
+        assert!(leases.begin(Duration::ZERO).0.is_empty());
     }
 
     #[test]
@@ -354,7 +358,7 @@ mod tests {
             leases.track(d, claim);
         }
         assert!(leases.expired(&a, Duration::from_secs(5)));
-        let (mut asked, lost) = leases.begin();
+        let (mut asked, lost) = leases.begin(Duration::from_secs(5));
         asked.sort();
         assert_eq!(asked, [(1, a.token), (2, b.token), (3, c.token)]);
         assert!(lost.is_empty());
@@ -366,12 +370,14 @@ mod tests {
         assert!(!leases.expired(&a, Duration::from_secs(5)));
         assert!(leases.expired(&c, Duration::from_secs(60)), "suspect");
         leases.untrack(2);
-        let (asked, lost) = leases.begin();
-        assert_eq!(asked, [(1, a.token)], "a lost lease is not extended");
+        // Row 1 was just extended: not due yet.
+        let (asked, lost) = leases.begin(Duration::from_secs(5));
+        assert!(asked.is_empty(), "{asked:?}");
         assert_eq!(lost.len(), 1);
         assert_eq!(lost[0].id, 3);
-        // Reported once.
-        let (_, lost) = leases.begin();
+        // Reported once; row 1 is due once its lease is old enough.
+        let (asked, lost) = leases.begin(Duration::ZERO);
+        assert_eq!(asked, [(1, a.token)], "a lost lease is not extended");
         assert!(lost.is_empty());
         leases.untrack(1);
         leases.untrack(3);
@@ -384,11 +390,11 @@ mod tests {
         let old = delivery(7, Uuid::new_v4());
         let new = delivery(7, Uuid::new_v4());
         leases.track(&old, Instant::now());
-        let (asked, _) = leases.begin();
+        let (asked, _) = leases.begin(Duration::ZERO);
         leases.track(&new, Instant::now());
         // The old token's miss does not mark the new lease.
         leases.end(&asked, &HashSet::new(), Instant::now());
-        assert_eq!(leases.begin().0, [(7, new.token)]);
+        assert_eq!(leases.begin(Duration::ZERO).0, [(7, new.token)]);
         // The old delivery's lease is not the tracked one.
         assert_eq!(leases.since(&old), old.claimed_at);
     }

@@ -387,8 +387,10 @@ impl SubscriberOptions {
     /// (default `lease_ttl / 3`; `None` turns the heartbeat off). Every
     /// interval, one batched `UPDATE` per subscriber sets `acquired_at`
     /// again on every row it has claimed and not yet finished (buffered,
-    /// running, or waiting for its outcome's write), guarded by the lease
-    /// token; with nothing in flight, nothing is written. So a handler (or a
+    /// running, or waiting for its outcome's write) whose lease is at least
+    /// half an interval old, guarded by the lease token; with nothing due,
+    /// nothing is written (rows finished within half an interval are never
+    /// extended). So a handler (or a
     /// bus confirmation) may outlast `lease_ttl`: the lease expires only
     /// `lease_ttl` after the last extension, when the process died or lost
     /// the database. A row whose extension finds its lease taken is
