@@ -109,19 +109,22 @@ impl ListenHealth {
     }
 }
 
-/// Shared between the LISTEN loop (writer) and [`Engine::health`].
+/// Shared between the LISTEN loop (writer) and [`Engine::health`]: the
+/// report, and whether a connection ever worked (a reconnect is counted
+/// only after one did).
 #[derive(Debug)]
-pub(crate) struct ListenStatus(std::sync::Mutex<ListenHealth>);
+pub(crate) struct ListenStatus(std::sync::Mutex<(ListenHealth, bool)>);
 
 impl ListenStatus {
     pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Self(std::sync::Mutex::new(ListenHealth {
+        let h = ListenHealth {
             state: ListenState::Connecting,
             ..ListenHealth::off()
-        })))
+        };
+        Arc::new(Self(std::sync::Mutex::new((h, false))))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ListenHealth> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (ListenHealth, bool)> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -129,31 +132,28 @@ impl ListenStatus {
 
     /// Listening on the server process `pid`.
     pub(crate) fn connected(&self, pid: Option<i32>) {
-        let mut h = self.lock();
-        if h.state == ListenState::Polling || h.backend_pid.is_some_and(|p| Some(p) != pid) {
+        let (h, worked) = &mut *self.lock();
+        let replaced =
+            h.state == ListenState::Polling || h.backend_pid.is_some_and(|p| Some(p) != pid);
+        if *worked && replaced {
             h.reconnects += 1;
         }
+        *worked = true;
         h.state = ListenState::Connected;
         h.backend_pid = pid;
         h.error = None;
     }
 
-    /// Not listening: `error` says why.
+    /// Not listening (never connected, or lost): `error` says why.
     pub(crate) fn down(&self, error: String) {
-        let mut h = self.lock();
-        if h.state == ListenState::Connecting {
-            // Never connected: a failure to connect, not a lost connection.
-            h.state = ListenState::Polling;
-            h.error = Some(error);
-            return;
-        }
+        let (h, _) = &mut *self.lock();
         h.state = ListenState::Polling;
         h.backend_pid = None;
         h.error = Some(error);
     }
 
     pub(crate) fn get(&self) -> ListenHealth {
-        self.lock().clone()
+        self.lock().0.clone()
     }
 }
 
@@ -310,5 +310,35 @@ impl Engine {
                 "PostgreSQL did not answer `SELECT 1` within {timeout:?}"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_count_only_replacements_of_a_connection_that_worked() {
+        let s = ListenStatus::new();
+        assert_eq!(s.get().state, ListenState::Connecting);
+        s.down("refused".into());
+        assert_eq!(s.get().state, ListenState::Polling);
+        assert_eq!(s.get().error.as_deref(), Some("refused"));
+        s.connected(Some(10));
+        let h = s.get();
+        assert_eq!(
+            (h.state, h.backend_pid, h.reconnects),
+            (ListenState::Connected, Some(10), 0)
+        );
+        assert_eq!(h.error, None);
+        s.down("lost".into());
+        assert_eq!(s.get().backend_pid, None);
+        s.connected(Some(11));
+        assert_eq!(s.get().reconnects, 1);
+        // Replaced without a reported gap (sqlx reconnected by itself).
+        s.connected(Some(12));
+        assert_eq!(s.get().reconnects, 2);
+        s.connected(Some(12));
+        assert_eq!(s.get().reconnects, 2);
     }
 }
