@@ -129,7 +129,8 @@ async fn the_default_delay_applies_unless_the_call_sets_one() -> R {
 #[tokio::test]
 async fn a_subscriber_receives_what_the_publisher_sends() -> R {
     let db = TestDb::new().await?;
-    let seen: Arc<Mutex<Vec<(Value, Option<String>)>>> = Arc::default();
+    type Seen = Arc<Mutex<Vec<(Value, Option<String>)>>>;
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     let sub = Subscriber::builder(["events"])
         .min_fetch_interval(Duration::from_millis(20))
