@@ -390,7 +390,31 @@ pub fn interop_python() -> anyhow::Result<std::path::PathBuf> {
 pub fn example_binaries() -> std::collections::BTreeMap<String, std::path::PathBuf> {
     let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let out = std::process::Command::new(cargo)
+    let mut cmd = std::process::Command::new(cargo);
+    // The variables cargo sets for this test process (the `tests` package's
+    // CARGO_MANIFEST_DIR, CARGO_PKG_*, OUT_DIR, ...) are ones that build
+    // scripts watch (ring's: `rerun-if-env-changed=CARGO_PKG_NAME`, ...):
+    // passed on, they make this cargo rebuild those crates and everything
+    // above them (rustls, lapin, async-nats, redis) in the middle of the
+    // test run, instead of finding scripts/test.sh's build fresh.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        let set_by_cargo = ["CARGO_PKG_", "CARGO_BIN_", "CARGO_MANIFEST_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref());
+        if set_by_cargo {
+            cmd.env_remove(name.as_ref());
+        }
+    }
+    let out = cmd
         .current_dir(repo)
         .args([
             "build",
