@@ -24,7 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "broker",
         &["publish", "store", "instrument", "envelope", "error"],
     ),
-    ("publisher", &["broker", "publish", "envelope", "error"]),
+    ("publisher", &["broker", "publish", "store", "envelope", "error"]),
     (
         "transport",
         &["broker", "publish", "store", "envelope", "error"],

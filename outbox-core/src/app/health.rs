@@ -304,7 +304,7 @@ impl AppHandle {
 pub(crate) struct Ops {
     pub(crate) slot: EngineSlot,
     pub(crate) addr: Option<SocketAddr>,
-    pub(crate) naming: Option<crate::telemetry::MetricsNaming>,
+    pub(crate) naming: Option<crate::instrument::MetricsNaming>,
 }
 
 /// The health endpoint's task; stops serving when dropped.

@@ -331,7 +331,7 @@ impl App {
     /// its Grafana dashboards and alerts keep working. Process-wide (the
     /// metrics recorder is): set when [`run`](Self::run) starts, before the
     /// Prometheus exporter; see [`telemetry::set_metrics_naming`](crate::telemetry::set_metrics_naming).
-    pub fn metrics_naming(mut self, naming: crate::telemetry::MetricsNaming) -> Self {
+    pub fn metrics_naming(mut self, naming: crate::instrument::MetricsNaming) -> Self {
         self.ops.naming = Some(naming);
         self
     }

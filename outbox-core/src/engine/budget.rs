@@ -302,8 +302,9 @@ mod tests {
 
     #[test]
     fn subscriber_connections_follow_the_claim_mode() {
-        use crate::{Message, Subscriber};
-        let h = |_m: Message| async { Ok::<_, crate::BoxError>(()) };
+        use crate::engine::message::Message;
+        use crate::engine::subscriber::Subscriber;
+        let h = |_m: Message| async { Ok::<_, crate::error::BoxError>(()) };
         let lease = Subscriber::builder(["q"])
             .max_workers(16)
             .fetch_concurrency(2)

@@ -405,8 +405,12 @@ mod tests {
     #[cfg(feature = "testing")]
     #[tokio::test]
     async fn a_long_handler_keeps_its_lease_and_nothing_stays_tracked() {
+        use crate::broker::OutboxBroker;
+        use crate::engine::Engine;
+        use crate::engine::message::Message;
+        use crate::engine::subscriber::Subscriber;
+        use crate::store::OutboxTable;
         use crate::store::memory::MemoryStore;
-        use crate::{Engine, Message, OutboxBroker, OutboxTable, Subscriber};
         use std::sync::atomic::{AtomicUsize, Ordering};
 
         let store = Arc::new(MemoryStore::new());
