@@ -24,7 +24,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "broker",
         &["publish", "store", "instrument", "envelope", "error"],
     ),
-    ("publisher", &["broker", "publish", "store", "envelope", "error"]),
+    (
+        "publisher",
+        &["broker", "publish", "store", "envelope", "error"],
+    ),
     (
         "transport",
         &["broker", "publish", "store", "envelope", "error"],

@@ -29,11 +29,11 @@ pub use route::{
 };
 
 use crate::broker::OutboxBroker;
-use crate::publisher::OutboxPublisher;
 use crate::engine::Engine;
 use crate::engine::message::Message;
 use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
 use crate::error::{BoxError, Error, Result};
+use crate::publisher::OutboxPublisher;
 use crate::transport::headers::OUTBOX_ID;
 use crate::transport::outbox::OutboxTransport;
 use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
