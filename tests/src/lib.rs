@@ -456,6 +456,21 @@ pub fn example_binaries() -> std::collections::BTreeMap<String, std::path::PathB
         .collect()
 }
 
+/// `GET path` over a fresh HTTP/1.1 connection to `addr` (the Prometheus and
+/// health endpoints of the tests): the whole response, status line and
+/// headers included.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
 /// Decodes standard base64 (with or without padding).
 pub fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {
     use base64::Engine as _;

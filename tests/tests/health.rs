@@ -15,7 +15,6 @@ use outbox_core::{App, AppContext, BoxError, Message, OutboxBroker, Outgoing, Ro
 use serde_json::Value;
 use tests::proxy::TcpProxy;
 use tests::{RunningApp, TestDb, captured, database_url, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type R = anyhow::Result<()>;
 
@@ -26,13 +25,7 @@ fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
 
 /// `GET path` on the health endpoint: the status code and the JSON body.
 async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
+    let out = tests::http_get(addr, path).await?;
     let code: u16 = out
         .split_whitespace()
         .nth(1)
@@ -382,26 +375,42 @@ async fn a_port_in_use_fails_run() -> R {
     Ok(())
 }
 
-/// `Transport::health` of each real transport: `Ok` while connected, the
-/// reason once its bus is cut off (through a proxy).
+/// `Transport::health` of a real transport behind `proxy`: `Ok` while
+/// connected; once the proxy cuts the bus off, an error containing `reason`
+/// (within 20 s: some clients notice a dead connection only when they next
+/// use it); `Ok` again within `recover` after the proxy is restored.
+async fn health_follows(
+    t: &impl Transport,
+    proxy: &TcpProxy,
+    reason: &str,
+    recover: Duration,
+) -> R {
+    t.health().await.map_err(anyhow::Error::msg)?;
+    proxy.cut();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            t.health().await.is_err()
+        })
+        .await,
+        "healthy while cut off"
+    );
+    let err = t.health().await.unwrap_err();
+    assert!(err.contains(reason), "{err}");
+    proxy.restore();
+    assert!(
+        wait_until(recover, || async { t.health().await.is_ok() }).await,
+        "not healthy again after the proxy was restored"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_health_follows_its_connection() -> R {
     let proxy = TcpProxy::start(&tests::redis::addr()).await?;
     let t = tests::redis::test_redis(&tests::redis::url_via(&proxy.addr().to_string()))
         .connect_transport()
         .await?;
-    t.health().await.map_err(anyhow::Error::msg)?;
-    proxy.cut();
-    let err = t.health().await.expect_err("healthy while cut off");
-    assert!(err.contains("PING"), "{err}");
-    proxy.restore();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            t.health().await.is_ok()
-        })
-        .await
-    );
-    Ok(())
+    health_follows(&t, &proxy, "PING", Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,25 +419,7 @@ async fn rabbitmq_health_follows_its_connection() -> R {
     let t = tests::rabbitmq::test_rabbit(&url)
         .connect_transport()
         .await?;
-    t.health().await.map_err(anyhow::Error::msg)?;
-    proxy.cut();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            t.health().await.is_err()
-        })
-        .await,
-        "healthy while cut off"
-    );
-    let err = t.health().await.unwrap_err();
-    assert!(err.contains("not connected"), "{err}");
-    proxy.restore();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            t.health().await.is_ok()
-        })
-        .await
-    );
-    Ok(())
+    health_follows(&t, &proxy, "not connected", Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,25 +428,7 @@ async fn nats_health_follows_its_connection() -> R {
     let t = outbox_nats::NatsBroker::new(format!("nats://{}", proxy.addr()))
         .connect_transport()
         .await?;
-    t.health().await.map_err(anyhow::Error::msg)?;
-    proxy.cut();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            t.health().await.is_err()
-        })
-        .await,
-        "healthy while cut off"
-    );
-    let err = t.health().await.unwrap_err();
-    assert!(err.contains("not connected to NATS"), "{err}");
-    proxy.restore();
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            t.health().await.is_ok()
-        })
-        .await
-    );
-    Ok(())
+    health_follows(&t, &proxy, "not connected to NATS", Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

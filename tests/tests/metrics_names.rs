@@ -14,15 +14,9 @@ use outbox_core::telemetry::MetricsNaming;
 use outbox_core::{BoxError, Message};
 use outbox_core::{Route, sqlx};
 use tests::{TestDb, wait_until};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    tests::http_get(addr, "/metrics").await
 }
 
 /// One sample: the metric name, its labels, its value.

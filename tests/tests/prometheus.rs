@@ -8,15 +8,9 @@ use std::time::Duration;
 
 use outbox_core::{App, Message, Route};
 use tests::TestDb;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
+    tests::http_get(addr, "/metrics").await
 }
 
 #[tokio::test]

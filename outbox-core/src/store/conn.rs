@@ -369,28 +369,25 @@ async fn execute_pg(
                 .map(|r| Written::Rows(r.rows_affected()))
         }
         Write::DeleteBatch { ids, tokens } => {
-            let rows = sql::q(&stmts.ack_batch)
-                .bind(ids)
-                .bind(tokens)
-                .fetch_all(&mut *conn)
-                .await?;
-            rows.iter()
-                .map(|r| r.try_get::<i64, _>(0))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Written::Ids)
+            guarded_ids(&stmts.ack_batch, ids, tokens, conn).await
         }
-        Write::Extend { ids, tokens } => {
-            let rows = sql::q(&stmts.extend)
-                .bind(ids)
-                .bind(tokens)
-                .fetch_all(&mut *conn)
-                .await?;
-            rows.iter()
-                .map(|r| r.try_get::<i64, _>(0))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Written::Ids)
-        }
+        Write::Extend { ids, tokens } => guarded_ids(&stmts.extend, ids, tokens, conn).await,
     }
+}
+
+/// Runs a batched statement guarded by `(id, token)` pairs and returns the
+/// ids it touched (`RETURNING id`): those whose lease still held.
+async fn guarded_ids(
+    stmt: &sql::Sql,
+    ids: &[i64],
+    tokens: &[Uuid],
+    conn: &mut PgConnection,
+) -> Result<Written, sqlx::Error> {
+    let rows = sql::q(stmt).bind(ids).bind(tokens).fetch_all(conn).await?;
+    rows.iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Written::Ids)
 }
 
 /// Claims up to `limit` rows of `queues` with a fresh token; expired leases
