@@ -14,9 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outbox_core::retry::ConstantRetry;
-use outbox_core::{App, BoxError, Message, Response, Route};
+use outbox_core::{BoxError, Message, Response, Route};
 use tests::kafka::{self as support, TopicReader, bootstrap, broker_lock, create_topic};
-use tests::{TestDb, wait_until};
+use tests::{RunningApp, TestDb, wait_until};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -107,13 +107,11 @@ async fn a_relay_logs_each_record_at_debug_and_a_summary_at_info() -> R {
             }
             Ok(Response::new(v))
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(route)
-        .on_startup(support::test_kafka(&boot).connect());
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let running = RunningApp::start(
+        db.app()
+            .subscriber(route)
+            .on_startup(support::test_kafka(&boot).connect()),
+    );
 
     let mut ids = Vec::new();
     let mut tx = db.pool.begin().await?;
@@ -150,8 +148,7 @@ async fn a_relay_logs_each_record_at_debug_and_a_summary_at_info() -> R {
         "no periodic summary:\n{}",
         logs.lines().join("\n")
     );
-    stop.shutdown();
-    run.await??;
+    running.stop().await?;
 
     let lines = logs.lines();
     let all = lines.join("\n");
@@ -229,16 +226,10 @@ async fn an_idle_relay_logs_no_summary_and_none_when_turned_off() -> R {
             *s.lock().unwrap() += 1;
             async { Ok::<_, BoxError>(()) }
         });
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(idle);
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let running = RunningApp::start(db.app().subscriber(idle));
     // Several intervals without a row.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    stop.shutdown();
-    run.await??;
+    running.stop().await?;
     let lines = logs.lines();
     assert!(
         !lines.iter().any(|l| l.contains("outbox activity")),
@@ -248,22 +239,18 @@ async fn an_idle_relay_logs_no_summary_and_none_when_turned_off() -> R {
 
     // Turned off: rows handled, no summary either (not even at stop).
     outbox_core::telemetry::set_activity_summary_interval(None);
-    let app = App::new(db.broker.clone())
-        .without_discovery()
-        .without_signals()
-        .subscriber(
+    let running = RunningApp::start(
+        db.app().subscriber(
             Route::builder(["off"])
                 .name("off_sub")
                 .min_fetch_interval(Duration::from_millis(20))
                 .handler(|_m: Message, _ctx| async { Ok::<_, BoxError>(()) }),
-        );
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+        ),
+    );
     let mut conn = db.pool.acquire().await?;
     db.broker.publish(&1, "off", &mut conn).await?;
     assert!(db.drained(Duration::from_secs(10)).await);
-    stop.shutdown();
-    run.await??;
+    running.stop().await?;
     let lines = logs.lines();
     assert!(
         !lines.iter().any(|l| l.contains("outbox activity")),

@@ -13,7 +13,7 @@ use outbox_core::retry::ConstantRetry;
 use outbox_core::telemetry::MetricsNaming;
 use outbox_core::{BoxError, Message};
 use outbox_core::{Route, sqlx};
-use tests::{TestDb, wait_until};
+use tests::{RunningApp, TestDb, wait_until};
 
 async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     tests::http_get(addr, "/metrics").await
@@ -136,8 +136,7 @@ async fn the_faststream_naming_exports_the_spec_families_and_labels() -> anyhow:
         .metrics_naming(MetricsNaming::faststream(APP))
         .prometheus(addr)
         .subscriber(route);
-    let stop = app.handle();
-    let run = tokio::spawn(app.run());
+    let app = RunningApp::start(app);
     assert!(
         wait_until(Duration::from_secs(10), || async {
             scrape(addr).await.is_ok()
@@ -176,8 +175,7 @@ async fn the_faststream_naming_exports_the_spec_families_and_labels() -> anyhow:
             .any(|s| s.name == "faststream_received_messages_in_process" && s.value >= 1.0)
     };
     assert!(wait_until(Duration::from_secs(10), running).await);
-    stop.shutdown();
-    run.await??;
+    app.stop().await?;
     // The exporter outlives the app (the recorder is process-wide).
     let body = scrape(addr).await?;
     let s = parse(&body);
