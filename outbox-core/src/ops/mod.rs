@@ -1,5 +1,6 @@
-//! Operations: queue statistics, dead-letter inspection, replay and purge,
-//! autovacuum tuning. The `outbox` command-line tool is built on these.
+//! Operations: queue statistics, the dashboard's overview (capped counts,
+//! table activity, relay connections, row lookup), dead-letter inspection,
+//! replay and purge, autovacuum tuning. The `outbox` command-line tool is built on these.
 //!
 //! Everything here runs on the broker's pool (never on a caller's
 //! transaction), reads only through the validated table definitions, and binds
@@ -25,13 +26,15 @@
 //! # Ok(()) }
 //! ```
 
-// The files: `stats` (`OutboxBroker::stats`), `dlq` (the `DlqFilter` and
+// The files: `stats` (`OutboxBroker::stats`), `overview` (the dashboard's
+// `OutboxBroker::overview`, `table_activity`, `connections`, `find_rows`), `dlq` (the `DlqFilter` and
 // listing, counting and purging dead letters), `replay` (moving dead letters
 // back into the outbox); the SQL they share (the filter's `WHERE` clause and
 // its parameters) is here. The row types and the autovacuum DDL come from the
 // storage layer. Nothing here depends on the engine or the App.
 
 mod dlq;
+mod overview;
 mod replay;
 mod stats;
 
@@ -43,6 +46,10 @@ use crate::error::{Error, Result};
 use crate::store::DlqTable;
 pub use crate::store::{AutovacuumOptions, DeadLetter, QueueStats, autovacuum_sql};
 pub use dlq::DlqFilter;
+pub use overview::{
+    Count, DEFAULT_OVERVIEW_CAP, FIND_ROWS_LIMIT, OverviewOptions, QueueOverview, ROW_PAYLOAD_LIMIT,
+    RelayConnection, RowLookup, RowState, RowView, TableActivity,
+};
 pub use replay::{
     DEFAULT_REPLAY_BATCH_SIZE, REPLAYED_FROM_HEADER, ReplayOptions, ReplayProgress, ReplayReport,
     ReplayTimers, ReplayedRow, SkipReason, SkippedRow,

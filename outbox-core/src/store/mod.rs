@@ -15,7 +15,8 @@
 //!   statements on PostgreSQL;
 //! - [`conn`]: the engine's seam, a connection ([`conn::Conn`]: PostgreSQL,
 //!   or the in-memory store) and the lease-guarded statements;
-//! - [`stats`]: per-queue counts ([`QueueStats`]);
+//! - [`stats`]: per-queue counts ([`QueueStats`]); [`overview`]: the capped
+//!   counts, activity, connection and row-lookup statements of the overview;
 //! - [`source`]: the table's source identity (cluster, database, schema,
 //!   table), read once at startup for bus-side deduplication ids;
 //! - `memory` and `clock` (feature `testing`): the in-memory backend
@@ -29,6 +30,7 @@ pub(crate) mod dead_letter;
 pub(crate) mod ident;
 #[cfg(feature = "testing")]
 pub(crate) mod memory;
+pub(crate) mod overview;
 pub(crate) mod producer;
 pub(crate) mod row;
 pub(crate) mod schema;

@@ -9,8 +9,9 @@ use sqlx::{Executor, PgPool};
 use super::ident;
 use crate::error::Result;
 
-const OUTBOX_SUFFIXES: [&str; 7] = [
+const OUTBOX_SUFFIXES: [&str; 8] = [
     "_pending_idx",
+    "_retry_idx",
     "_key_idx",
     "_leased_idx",
     "_timer_id_uq",
@@ -117,8 +118,12 @@ pub(crate) fn validate_schema(schema: &str) -> Result<()> {
 /// `<t>_key_idx` (on `(queue, ordering_key, id)`, the key in byte order: the
 /// head of each key, for
 /// [ordered](crate::SubscriberOptions::ordered) subscribers),
-/// `<t>_timer_id_uq` (partial unique, the `timer_id` conflict arbiter) and the CHECK
-/// `<t>_lease_ck` that makes a half-set lease unrepresentable.
+/// `<t>_timer_id_uq` (partial unique, the `timer_id` conflict arbiter), the CHECK
+/// `<t>_lease_ck` that makes a half-set lease unrepresentable, and the optional
+/// `<t>_retry_idx` (partial, on `(queue, next_attempt_at)` of unleased rows with
+/// `attempts_count > 0`: what the [overview](crate::OutboxBroker::overview) counts
+/// retrying rows with; [validation](crate::OutboxBroker::validate_schema) does
+/// not require it, so tables created by faststream-outbox stay valid).
 ///
 /// ```
 /// use outbox_core::OutboxTable;
@@ -234,6 +239,9 @@ impl OutboxTable {
                 "CREATE INDEX {ine}{} ON {t} (queue, ordering_key COLLATE \"C\", id)",
                 self.index("_key_idx")
             ),
+            // Optional (validation does not require it): what the overview
+            // counts retrying rows with (`QueueOverview::retrying`).
+            super::overview::retry_index_ddl(self, if_not_exists),
         ]
     }
 
@@ -242,6 +250,12 @@ impl OutboxTable {
     /// the lease CHECK) and leaves what exists alone. Safe to run at every
     /// start and from several processes at once (serialized by an advisory
     /// lock).
+    ///
+    /// On an existing table without `<t>_retry_idx` this builds it, which
+    /// blocks writes to the table while it reads the table once (about a
+    /// second per million rows); on a large live table, create it first with
+    /// `CREATE INDEX CONCURRENTLY` (the statement is in
+    /// [`QueueOverview::retrying`](crate::ops::QueueOverview::retrying)).
     pub async fn migrate(&self, pool: &PgPool) -> Result<()> {
         let mut stmts = self.name.migration(self.statements(true));
         // A table created before the CHECK existed gets it added.
