@@ -11,8 +11,9 @@
 #   * Python venv with faststream-outbox 0.19 (scripts/python-env.sh) for the
 #     interop tests.
 #   * the official AsyncAPI parser (npm ci in tools/asyncapi, Node.js) and
-#     Debian's chromium (installed with apt-get when missing and root) for
-#     tests/tests/asyncapi.rs.
+#     Debian's chromium and chromedriver (packages chromium, chromium-driver;
+#     installed with apt-get when missing and root) for tests/tests/asyncapi.rs
+#     and the dashboard's browser tests.
 #   * RabbitMQ, NATS (with JetStream) and Redis: the machine's servers, checked to
 #     answer (RABBITMQ_URL, NATS_URL, REDIS_URL; defaults below); the tests never
 #     stop them (outages go through an in-test TCP proxy). Fails loudly if one is down.
@@ -84,14 +85,18 @@ if [ ! "$asyncapi_dir/node_modules/.package-lock.json" -nt "$asyncapi_dir/packag
   (cd "$asyncapi_dir" && npm ci --no-audit --no-fund --loglevel=error) ||
     die "npm ci in tools/asyncapi failed (is the npm registry reachable?)"
 fi
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's chromedriver (package chromium-driver, /usr/bin/chromedriver) drives
+# it over WebDriver for the dashboard's browser tests (tests/tests/dashboard_browser.rs).
+if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromedriver ]; then
   command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] ||
-    die "chromium not found: install it (Debian: apt-get install -y chromium) for the browser test"
-  log "installing chromium (Debian package) for the headless-browser test of outbox docs serve"
+    die "chromium or chromedriver not found: install them (Debian: apt-get install -y chromium chromium-driver) for the browser tests"
+  log "installing chromium and chromium-driver (Debian packages) for the headless-browser tests"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q chromium >/dev/null ||
-    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ||
-    die "apt-get install chromium failed"
+  apt-get install -y -q chromium chromium-driver >/dev/null ||
+    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; } ||
+    die "apt-get install chromium chromium-driver failed"
+  command -v chromium >/dev/null 2>&1 && [ -x /usr/bin/chromedriver ] ||
+    die "apt-get installed chromium chromium-driver, yet chromium or /usr/bin/chromedriver is missing"
 fi
 
 # --- RabbitMQ, NATS, Redis (the machine's shared servers) --------------------
