@@ -114,18 +114,20 @@ impl Leases {
         self.held().insert(d.row.id, held);
     }
 
-    /// Stops tracking row `id`: its delivery is finished (its final write
+    /// Stops tracking `d`'s lease: its delivery is finished (its final write
     /// landed, or it was released, abandoned or found lost).
     ///
-    /// By id: in the rare case of a row claimed again by this subscriber
-    /// while its older delivery still runs (the older lease was lost), the
-    /// older delivery's end stops the newer one's extensions too, which then
-    /// lasts `lease_ttl` from its last extension, as without a heartbeat.
-    pub(crate) fn untrack(&self, id: i64) {
+    /// By id and token: when this subscriber claimed the row again while
+    /// an older delivery of it still ran (the older lease was lost), the
+    /// older delivery's end leaves the newer lease tracked.
+    pub(crate) fn untrack(&self, d: &Delivery) {
         if !self.on {
             return;
         }
-        self.held().remove(&id);
+        let mut held = self.held();
+        if held.get(&d.row.id).is_some_and(|h| h.token == d.token) {
+            held.remove(&d.row.id);
+        }
     }
 
     /// How many leases are tracked.
@@ -369,7 +371,7 @@ mod tests {
         assert_eq!(leases.since(&a), sent);
         assert!(!leases.expired(&a, Duration::from_secs(5)));
         assert!(leases.expired(&c, Duration::from_secs(60)), "suspect");
-        leases.untrack(2);
+        leases.untrack(&b);
         // Row 1 was just extended: not due yet.
         let (asked, lost) = leases.begin(Duration::from_secs(5));
         assert!(asked.is_empty(), "{asked:?}");
@@ -379,8 +381,8 @@ mod tests {
         let (asked, lost) = leases.begin(Duration::ZERO);
         assert_eq!(asked, [(1, a.token)], "a lost lease is not extended");
         assert!(lost.is_empty());
-        leases.untrack(1);
-        leases.untrack(3);
+        leases.untrack(&a);
+        leases.untrack(&c);
         assert_eq!(leases.len(), 0);
     }
 
@@ -397,6 +399,12 @@ mod tests {
         assert_eq!(leases.begin(Duration::ZERO).0, [(7, new.token)]);
         // The old delivery's lease is not the tracked one.
         assert_eq!(leases.since(&old), old.claimed_at);
+        // The old delivery ends: the new lease stays tracked (extended).
+        leases.untrack(&old);
+        assert_eq!(leases.len(), 1);
+        assert_eq!(leases.begin(Duration::ZERO).0, [(7, new.token)]);
+        leases.untrack(&new);
+        assert_eq!(leases.len(), 0);
     }
 
     /// An engine on the in-memory store extends the lease of a row whose

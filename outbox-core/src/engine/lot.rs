@@ -220,8 +220,8 @@ async fn handle_lot(
         // Rolled back: the rows are claimable again without a lease, so
         // their late outcomes must not be written. Stop the handlers.
         drop(running);
-        for id in leased {
-            shared.finished(id, Step::Abandoned);
+        for d in deliveries.iter().filter(|d| leased.contains(&d.row.id)) {
+            shared.finished(d, Step::Abandoned);
         }
         return result;
     }
@@ -379,14 +379,14 @@ async fn settle(
                 Step::Deleted { reason }
             }
         };
-        shared.finished(row.id, step);
+        shared.finished(&h.delivery, step);
     }
     if !unstarted.is_empty() {
         shared.released.fetch_add(unstarted.len(), SeqCst);
         tracing::info!(subscriber = %shared.sub.name(), released = unstarted.len(), "released unstarted rows");
     }
     for d in &unstarted {
-        shared.finished(d.row.id, Step::Released);
+        shared.finished(d, Step::Released);
     }
     Ok(())
 }
@@ -408,10 +408,10 @@ fn rolled_back(
     );
     for h in done {
         shared.metrics.abandoned(&h.delivery.row.queue);
-        shared.finished(h.delivery.row.id, Step::Abandoned);
+        shared.finished(&h.delivery, Step::Abandoned);
     }
     for d in unstarted {
-        shared.finished(d.row.id, Step::Released);
+        shared.finished(d, Step::Released);
     }
     e
 }

@@ -390,10 +390,11 @@ impl SubShared {
         self.observer.handler_called(self.sub.name(), row);
     }
 
-    /// The delivery of `row_id` ended with `step` (its write landed, lost
-    /// its lease, or could not be made).
-    pub(crate) fn finished(&self, row_id: i64, step: Step) {
-        self.leases.untrack(row_id);
+    /// Delivery `d` ended with `step` (its write landed, lost its lease, or
+    /// could not be made).
+    pub(crate) fn finished(&self, d: &Delivery, step: Step) {
+        let row_id = d.row.id;
+        self.leases.untrack(d);
         self.inflight.fetch_sub(1, SeqCst);
         if self.key_cursor.is_some() {
             // The key's next row may be its head now: claim again (an
@@ -875,7 +876,7 @@ async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize
         let ok = matches!(result, Ok(Ok(_)));
         for d in &unstarted {
             s.shared
-                .finished(d.row.id, if ok { Step::Released } else { Step::Abandoned });
+                .finished(d, if ok { Step::Released } else { Step::Abandoned });
         }
         match result {
             Ok(Ok(n)) => {

@@ -215,7 +215,7 @@ pub(crate) async fn release_leased(shared: &SubShared, d: &Delivery) {
             Step::Abandoned
         }
     };
-    shared.finished(d.row.id, step);
+    shared.finished(d, step);
 }
 
 impl Worker {
@@ -253,12 +253,12 @@ impl Worker {
             return;
         };
         let q = p.delivery.row.queue.clone();
-        let id = p.delivery.row.id;
+        let delivery = Arc::clone(&p.delivery);
         if acks.send(p).await.is_err() {
             // The acker is gone (only while the engine is aborted): the row
             // stays leased and is redelivered after the lease expires.
             self.shared.metrics.abandoned(&q);
-            self.shared.finished(id, Step::Abandoned);
+            self.shared.finished(&delivery, Step::Abandoned);
         }
     }
 
@@ -272,7 +272,7 @@ impl Worker {
             // again instead.
             self.writer.lease_lost(&delivery, "buffered");
             self.shared
-                .finished(delivery.row.id, Step::LeaseLost { phase: "buffered" });
+                .finished(&delivery, Step::LeaseLost { phase: "buffered" });
             return;
         }
         let handled = Handled::run(&self.shared, delivery).await;
@@ -323,7 +323,7 @@ impl Worker {
                 Step::Abandoned
             }
         };
-        self.shared.finished(row.id, step);
+        self.shared.finished(delivery, step);
     }
 
     /// Writes the outcome of a leased delivery (guarded by its token).
@@ -360,7 +360,7 @@ impl Worker {
                 };
                 let landed = self.writer.write_single(&delivery, &w, "retry").await;
                 self.shared
-                    .finished(row.id, landed.step("retry", || Step::Retried { delay }));
+                    .finished(&delivery, landed.step("retry", || Step::Retried { delay }));
                 if let Landed::Yes = landed {
                     self.shared
                         .retried(row, delay, kind, duration, error.as_deref());
@@ -377,7 +377,7 @@ impl Worker {
                     };
                     let landed = self.writer.write_single(&delivery, &w, "terminal").await;
                     self.shared.finished(
-                        row.id,
+                        &delivery,
                         landed.step("terminal", || Step::DeadLettered {
                             reason,
                             last_exception: text.clone(),
@@ -913,7 +913,7 @@ impl Writer {
                 if !done.contains(&p.delivery.row.id) {
                     self.lease_lost(&p.delivery, "terminal");
                     self.shared
-                        .finished(p.delivery.row.id, Step::LeaseLost { phase: "terminal" });
+                        .finished(&p.delivery, Step::LeaseLost { phase: "terminal" });
                     continue;
                 }
                 let m = &self.shared.metrics;
@@ -927,13 +927,13 @@ impl Writer {
                     PendingKind::Ack => Step::Acked,
                     PendingKind::Terminal(reason, _) => Step::Deleted { reason },
                 };
-                self.shared.finished(p.delivery.row.id, step);
+                self.shared.finished(&p.delivery, step);
             }
             tracing::debug!(count = batch.len(), "flushed batched deletes");
         } else {
             for p in &batch {
                 self.shared.metrics.abandoned(&p.delivery.row.queue);
-                self.shared.finished(p.delivery.row.id, Step::Abandoned);
+                self.shared.finished(&p.delivery, Step::Abandoned);
             }
         }
     }
