@@ -262,6 +262,15 @@ mod memory_backend {
     }
 
     #[tokio::test]
+    async fn the_overview_queries_are_unsupported() {
+        use crate::ops::{OverviewOptions, RowLookup};
+        unsupported(broker().overview(&OverviewOptions::new()).await, "overview");
+        unsupported(broker().table_activity().await, "table_activity");
+        unsupported(broker().connections().await, "connections");
+        unsupported(broker().find_rows(&RowLookup::Id(1)).await, "find_rows");
+    }
+
+    #[tokio::test]
     async fn dlq_list_is_unsupported() {
         unsupported(broker().dlq_list(&DlqFilter::all()).await, "dlq_list");
     }
