@@ -91,7 +91,7 @@ pub use app::health;
 pub use app::{
     App, AppContext, AppHandle, FromDelivery, HandlerFn, Hook, IntoHook, IntoReply, IntoRoute,
     Location, MessageHeaders, PublishTarget, Reply, Requirement, Response, Route, RouteBuilder,
-    RouteCall, State,
+    RouteCall, ServiceStop, State,
 };
 pub use broker::{DEFAULT_GRACEFUL_TIMEOUT, ErrorRenderer, OutboxBroker};
 pub use engine::handler::{Handler, IntoHandlerResult};

@@ -60,12 +60,13 @@ use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 ///    explicit [`OutboxBroker::source_id`]), stamped on every [`Outgoing`]
 ///    for bus-side deduplication ids (while PostgreSQL cannot be reached it
 ///    retries, with a WARN, until it answers or shutdown is requested);
-/// 4. starts the engine (all subscribers);
+/// 4. starts the engine (all subscribers), then the [services](App::service);
 /// 5. runs the `after_startup` hooks (an error stops the engine and aborts);
 /// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
 /// 7. runs the `on_shutdown` hooks, drains every subscriber concurrently
-///    (in-flight rows finish, unstarted ones are released), closes the
-///    transports (Kafka flushes), runs the `after_shutdown` hooks.
+///    (in-flight rows finish, unstarted ones are released), stops the
+///    services, closes the transports (Kafka flushes), runs the
+///    `after_shutdown` hooks.
 ///
 /// Shutdown-hook errors are logged, shutdown goes on, and the first one is
 /// returned at the end. Mistakes made while building the App (a transport
@@ -120,6 +121,34 @@ pub struct App {
     /// The running engine (for [`AppHandle::health`]), the health
     /// endpoint's address, the metrics naming.
     ops: health::Ops,
+    /// Background services ([`App::service`]), by name.
+    services: Vec<(String, ServiceFn)>,
+}
+
+/// A service's start function, boxed ([`App::service`]).
+type ServiceFn = Box<
+    dyn FnOnce(
+            AppHandle,
+            ServiceStop,
+        ) -> futures_util::future::BoxFuture<'static, Result<(), BoxError>>
+        + Send,
+>;
+
+/// Tells a [service](App::service) when to stop: [`stopped`](Self::stopped)
+/// resolves once the App has drained its subscribers at shutdown.
+#[derive(Debug, Clone)]
+pub struct ServiceStop(tokio_util::sync::CancellationToken);
+
+impl ServiceStop {
+    /// Resolves when the service should stop (at once if it already should).
+    pub async fn stopped(&self) {
+        self.0.cancelled().await;
+    }
+
+    /// Whether the service should stop.
+    pub fn is_stopped(&self) -> bool {
+        self.0.is_cancelled()
+    }
 }
 
 impl fmt::Debug for App {
@@ -174,6 +203,7 @@ impl App {
             #[cfg(feature = "prometheus")]
             prometheus: None,
             ops: health::Ops::default(),
+            services: Vec::new(),
         }
     }
 
@@ -336,6 +366,60 @@ impl App {
         self
     }
 
+    /// How long [`run`](Self::run) waits at shutdown for a
+    /// [service](Self::service) to end after telling it to stop, before
+    /// aborting it: 5 s.
+    pub const SERVICE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Runs `start` as a background service of the app (an HTTP server such
+    /// as the [operator dashboard], a sampler, ...): spawned by
+    /// [`run`](Self::run) once the engine has started, given the app's
+    /// [`AppHandle`] (health, context, shutdown) and a [`ServiceStop`].
+    ///
+    /// At shutdown, once the subscribers have drained (so a service can show
+    /// the drain), `ServiceStop::stopped` resolves; the service then has
+    /// [`SERVICE_STOP_TIMEOUT`](Self::SERVICE_STOP_TIMEOUT) to return before
+    /// it is aborted; then the transports close. A service that returns an
+    /// error (or panics) is logged at ERROR when it ends, the app keeps
+    /// running, and `run` returns the first such error at the end, as it
+    /// does for shutdown hooks (`Error::Hook` with stage `service`). If
+    /// startup fails after the engine started, the services are aborted.
+    /// To fail startup on a service's setup error (a port in use), do that
+    /// setup in an [`on_startup`](Self::on_startup) hook.
+    ///
+    /// [operator dashboard]: https://docs.rs/outbox-dashboard
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// # async fn demo(outbox: outbox_core::OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// outbox_core::App::new(outbox)
+    ///     .service("health-logger", |handle, stop| async move {
+    ///         while !stop.is_stopped() {
+    ///             let report = handle.health().await;
+    ///             tracing::info!(ready = report.ready, "health");
+    ///             tokio::select! {
+    ///                 () = stop.stopped() => {}
+    ///                 () = tokio::time::sleep(Duration::from_secs(60)) => {}
+    ///             }
+    ///         }
+    ///         Ok::<_, outbox_core::BoxError>(())
+    ///     })
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn service<F, Fut>(mut self, name: impl Into<String>, start: F) -> Self
+    where
+        F: FnOnce(AppHandle, ServiceStop) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), BoxError>> + Send + 'static,
+    {
+        self.services.push((
+            name.into(),
+            Box::new(move |handle, stop| Box::pin(start(handle, stop))),
+        ));
+        self
+    }
+
     /// Runs before the subscribers start; an error aborts startup.
     pub fn on_startup(mut self, hook: impl IntoHook) -> Self {
         let hook = hook.into_hook();
@@ -483,6 +567,7 @@ impl App {
             #[cfg(feature = "prometheus")]
             prometheus: None,
             ops: health::Ops::default(),
+            services: Vec::new(),
         };
         copy.collect_routes()
     }
@@ -570,6 +655,8 @@ impl App {
         ctx.set_source(source);
         engine.start().await?;
         self.ops.slot.set(Some(engine.clone()));
+        // Aborted when dropped (an early return); stopped below.
+        let services = Services::start(std::mem::take(&mut self.services), self.handle());
         // Stops when dropped: at shutdown below, or on an early return.
         let watching = self.watch.start();
         for hook in std::mem::take(&mut self.after_startup) {
@@ -593,6 +680,9 @@ impl App {
         self.ops.slot.set(None);
         drop(watching);
         tracing::info!(?report, "subscribers drained");
+        if let Some(e) = services.stop().await {
+            first_err.get_or_insert(e);
+        }
         close_transports(&ctx).await;
         for hook in std::mem::take(&mut self.after_shutdown) {
             if let Err(e) = run_hook("after_shutdown", hook, &ctx).await {
@@ -849,6 +939,77 @@ async fn wait_for_shutdown(token: &tokio_util::sync::CancellationToken, signals:
         _ = token.cancelled() => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The running [services](App::service) of an App: aborted when dropped.
+struct Services {
+    stop: tokio_util::sync::CancellationToken,
+    tasks: Vec<(String, tokio::task::JoinHandle<Result<(), BoxError>>)>,
+}
+
+impl Services {
+    fn start(services: Vec<(String, ServiceFn)>, handle: AppHandle) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let tasks = services
+            .into_iter()
+            .map(|(name, start)| {
+                tracing::debug!(service = %name, "starting service");
+                let fut = start(handle.clone(), ServiceStop(stop.clone()));
+                let label = name.clone();
+                let task = tokio::spawn(async move {
+                    let res = fut.await;
+                    if let Err(e) = &res {
+                        tracing::error!(service = %label, "service `{label}` failed: {e}");
+                    }
+                    res
+                });
+                (name, task)
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Tells every service to stop and waits for each (up to
+    /// [`App::SERVICE_STOP_TIMEOUT`], then aborts it); the first failure.
+    async fn stop(mut self) -> Option<Error> {
+        self.stop.cancel();
+        let mut first = None;
+        for (name, mut task) in std::mem::take(&mut self.tasks) {
+            let source: BoxError = match tokio::time::timeout(App::SERVICE_STOP_TIMEOUT, &mut task)
+                .await
+            {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(join)) => {
+                    tracing::error!(service = %name, "service `{name}` panicked: {join}");
+                    format!("the service panicked: {join}").into()
+                }
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(
+                        service = %name,
+                        "service `{name}` did not stop within {:?} of being asked to; aborted it",
+                        App::SERVICE_STOP_TIMEOUT
+                    );
+                    continue;
+                }
+            };
+            first.get_or_insert(Error::Hook {
+                stage: "service",
+                name,
+                source,
+            });
+        }
+        first
+    }
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for (_, task) in &self.tasks {
+            task.abort();
+        }
     }
 }
 
