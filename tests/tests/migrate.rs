@@ -54,8 +54,8 @@ async fn migrate_matches_create_sql_and_is_idempotent() -> R {
     assert_eq!(migrated.iter().filter(|l| l.starts_with("col")).count(), 14);
     assert_eq!(
         migrated.iter().filter(|l| l.starts_with("idx")).count(),
-        5,
-        "pkey + 3 partial indexes + the key index: {migrated:#?}"
+        6,
+        "pkey + 4 partial indexes (pending, leased, timer id, retry) + the key index: {migrated:#?}"
     );
     let dlq_migrated = catalog(&db.pool, &db.schema, &dlq_name).await?;
 
@@ -90,9 +90,10 @@ async fn migrate_adds_the_ordering_key_to_a_faststream_outbox_table() -> R {
     let want = catalog(&db.pool, &db.schema, &name).await?;
     let want_dlq = catalog(&db.pool, &db.schema, &dlq_name).await?;
     // The tables as faststream-outbox 0.19 creates them: no ordering_key,
-    // no key index; one of its rows.
+    // no key index, no retry index; one of its rows.
     for stmt in [
         format!("DROP INDEX \"{}\".\"{name}_key_idx\"", db.schema),
+        format!("DROP INDEX \"{}\".\"{name}_retry_idx\"", db.schema),
         format!("ALTER TABLE {} DROP COLUMN ordering_key", db.t()),
         format!("ALTER TABLE {} DROP COLUMN ordering_key", db.d()),
         format!(
