@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, PgPool};
 use tracing_subscriber::Layer as _;
 
+pub mod browser;
 pub mod crash;
 pub mod kafka;
 pub mod nats;
