@@ -1,6 +1,7 @@
 //! `outbox-bench`: the benchmark harness of the outbox workspace.
 //!
-//! Runs one scenario (`produce`, `drain`, `relay`, `latency`, `ceiling`) against its own
+//! Runs one scenario (`produce`, `drain`, `relay`, `latency`, `ceiling`,
+//! `explain`, `overview`) against its own
 //! database and prints ONE JSON object per measured point on stdout:
 //! throughput, latency percentiles, and what PostgreSQL did per message
 //! (statements and round trips from `pg_stat_statements`, WAL bytes, tuples,
@@ -40,6 +41,7 @@ mod drain;
 mod explain;
 mod kafka;
 mod latency;
+mod overview;
 mod point;
 mod produce;
 mod relay;
@@ -125,6 +127,27 @@ enum Cmd {
     Check(CheckArgs),
     /// EXPLAIN (ANALYZE, BUFFERS) of the claim and the batched delete at several sizes.
     Explain(ExplainArgs),
+    /// The dashboard's capped `overview()` vs the exact `stats()` on one table (not gated).
+    Overview(OverviewArgs),
+}
+
+#[derive(Debug, Args)]
+struct OverviewArgs {
+    /// Rows prefilled (spread over --queues queues).
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// Queues of the backlog and of the dead letters.
+    #[arg(long, default_value_t = 4)]
+    queues: u64,
+    /// Rows of the dead-letter table.
+    #[arg(long, default_value_t = 1_000)]
+    dead_letters: u64,
+    /// Timed calls of each (interleaved).
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// `OverviewOptions::cap`.
+    #[arg(long, default_value_t = outbox_core::ops::DEFAULT_OVERVIEW_CAP)]
+    cap: u64,
 }
 
 #[derive(Debug, Args)]
@@ -930,6 +953,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             for doc in explain::run(&db, &p).await? {
                 println!("{doc}");
             }
+        }
+        Cmd::Overview(a) => {
+            let p = overview::OverviewParams {
+                backlog: a.backlog,
+                queues: a.queues,
+                dead_letters: a.dead_letters,
+                runs: a.runs,
+                cap: a.cap,
+                payload_bytes: pb,
+            };
+            let doc = overview::run(&db, &p).await?;
+            eprintln!(
+                "outbox-bench: overview p50 {} ms vs stats p50 {} ms",
+                doc["overview_ms"]["p50"], doc["stats_ms"]["p50"]
+            );
+            println!("{doc}");
         }
         Cmd::Check(a) => {
             ok = check::run(&db, &a.baseline, a.write_baseline, a.baseline_runs, pb).await?;
