@@ -528,6 +528,32 @@ async fn the_overview_reads_no_table_sequentially_on_a_million_rows() -> R {
     ] {
         assert!(all.contains(&idx), "{idx} not used:\n{all}");
     }
+    // The same statements as generic plans: what PostgreSQL may switch a
+    // prepared statement to after five runs (sqlx prepares and caches them).
+    let mut conn = db.connect().await?;
+    sqlx::raw_sql("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut conn)
+        .await?;
+    for (i, (sql, _)) in plans.iter().enumerate() {
+        let (types, args) = if sql.contains("unnest($1::varchar[])") {
+            ("varchar[], int8", "'{q1,configured}', 10001")
+        } else {
+            ("text", "'x'")
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE overview_{i}({types}) AS {sql}"
+        )))
+        .execute(&mut conn)
+        .await?;
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN EXECUTE overview_{i}({args})"
+        )))
+        .fetch_all(&mut conn)
+        .await?;
+        let plan = lines.join("\n");
+        assert!(!plan.contains("Seq Scan"), "generic plan of {sql}\n{plan}");
+        assert!(plan.contains("Index"), "{plan}");
+    }
 
     let overview = db.broker.overview(&opts).await?;
     let names: Vec<&str> = overview.iter().map(|q| q.queue.as_str()).collect();
