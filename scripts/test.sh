@@ -8,6 +8,9 @@
 #     (default postgres://postgres@127.0.0.1:5432/outbox_test) created if missing;
 #   * Kafka-protocol broker (Tansu, scripts/kafka.sh) started unless KAFKA_BOOTSTRAP
 #     is already set; stopped again at exit only if this script started it;
+#   * a second Kafka-protocol broker that implements transactions (noida-db,
+#     scripts/noida.sh) for tests/tests/kafka_transactions.rs, started unless
+#     NOIDA_KAFKA_BOOTSTRAP is already set; stopped at exit likewise;
 #   * Python venv with faststream-outbox 0.19 (scripts/python-env.sh) for the
 #     interop tests.
 #   * the official AsyncAPI parser (npm ci in tools/asyncapi, Node.js) and
@@ -17,7 +20,7 @@
 #   * RabbitMQ, NATS (with JetStream) and Redis: the machine's servers, checked to
 #     answer (RABBITMQ_URL, NATS_URL, REDIS_URL; defaults below); the tests never
 #     stop them (outages go through an in-test TCP proxy). Fails loudly if one is down.
-# Exported for the tests: OUTBOX_TEST_DATABASE_URL, KAFKA_BOOTSTRAP, OUTBOX_PYTHON,
+# Exported for the tests: OUTBOX_TEST_DATABASE_URL, KAFKA_BOOTSTRAP, NOIDA_KAFKA_BOOTSTRAP, OUTBOX_PYTHON,
 # RABBITMQ_URL, NATS_URL, REDIS_URL
 # (plus OUTBOX_KAFKA_SH = path of scripts/kafka.sh, for pause/resume fault tests).
 #   * a private PostgreSQL with pg_stat_statements (scripts/bench-pg.sh, port 5433)
@@ -44,10 +47,12 @@ ensure_postgres_db "$OUTBOX_TEST_DATABASE_URL"
 KAFKA_SH=$REPO/scripts/kafka.sh
 export OUTBOX_KAFKA_SH=$KAFKA_SH
 started_kafka=0
+started_noida=0
 started_bench_pg=0
 cleanup() {
   local rc=$?
   if [ "$started_kafka" = 1 ]; then bash "$KAFKA_SH" stop || log "kafka.sh stop failed"; fi
+  if [ "$started_noida" = 1 ]; then bash "$REPO/scripts/noida.sh" stop || log "noida.sh stop failed"; fi
   if [ "$started_bench_pg" = 1 ]; then bash "$REPO/scripts/bench-pg.sh" stop || log "bench-pg.sh stop failed"; fi
   exit "$rc"
 }
@@ -66,6 +71,22 @@ else
   fi
   kafka_env=$(bash "$KAFKA_SH" env)
   export KAFKA_BOOTSTRAP=${kafka_env#KAFKA_BOOTSTRAP=}
+fi
+
+# --- noida-db: Kafka transactions (tests/tests/kafka_transactions.rs) --------
+# Tansu does not fence zombie producers nor hide aborted records; noida-db does.
+NOIDA_SH=$REPO/scripts/noida.sh
+if [ -n "${NOIDA_KAFKA_BOOTSTRAP:-}" ]; then
+  log "using the transactional Kafka broker at NOIDA_KAFKA_BOOTSTRAP=$NOIDA_KAFKA_BOOTSTRAP"
+else
+  if bash "$NOIDA_SH" status >/dev/null 2>&1; then
+    log "noida-db already running (left running at exit)"
+  else
+    started_noida=1
+    bash "$NOIDA_SH" start || die "could not start noida-db, the transactional Kafka broker (scripts/noida.sh start)"
+  fi
+  noida_env=$(bash "$NOIDA_SH" env)
+  export NOIDA_KAFKA_BOOTSTRAP=${noida_env#NOIDA_KAFKA_BOOTSTRAP=}
 fi
 
 # --- Python (interop tests) --------------------------------------------------
@@ -109,7 +130,7 @@ need_server Redis "$REDIS_URL" "Start it (Debian: service redis-server start) or
 
 log "OUTBOX_TEST_DATABASE_URL=$OUTBOX_TEST_DATABASE_URL"
 log "RABBITMQ_URL=$RABBITMQ_URL NATS_URL=$NATS_URL REDIS_URL=$REDIS_URL"
-log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP"
+log "KAFKA_BOOTSTRAP=$KAFKA_BOOTSTRAP NOIDA_KAFKA_BOOTSTRAP=$NOIDA_KAFKA_BOOTSTRAP"
 log "OUTBOX_PYTHON=$OUTBOX_PYTHON"
 
 # --- Tests ------------------------------------------------------------------
