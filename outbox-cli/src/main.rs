@@ -4,11 +4,13 @@
 //! next rows, and lists, shows, replays and purges dead letters. Built on
 //! [`outbox_core::ops`]; see `docs/operations.md` and `outbox --help`.
 //! `outbox docs gen|serve` writes and serves an application's AsyncAPI
-//! document (`docs.rs`, `html.rs`).
+//! document (`docs.rs`, `html.rs`); `outbox serve` the operator dashboard
+//! (`serve.rs`).
 
 mod docs;
 mod html;
 mod output;
+mod serve;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -119,6 +121,10 @@ enum Command {
     /// it as JSON or YAML, or serve it as an HTML page (no database needed).
     #[command(subcommand)]
     Docs(docs::DocsCommand),
+    /// Serve the operator dashboard (queues, relay rate, dead letters,
+    /// relays, rows) over HTTP until interrupted; read-only unless
+    /// --allow-writes.
+    Serve(serve::ServeArgs),
 }
 
 // The settings `outbox autovacuum` prints (the variant documents the command).
@@ -471,6 +477,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Validate { autovacuum } => validate(&cli, &t, *autovacuum).await,
         Command::Stats { queues, watch } => stats_command(&cli, &t, queues, *watch).await,
         Command::Peek { queue, limit } => peek(&cli, &t, queue, *limit).await,
+        Command::Serve(args) => {
+            let pool = connect(&cli).await?;
+            let has_dlq = check_tables(&pool, &t, false).await?;
+            if let Some(d) = t.dlq.as_ref().filter(|_| !has_dlq) {
+                eprintln!(
+                    "note: dead-letter table {} not found; the dashboard shows no dead letters",
+                    d.qualified_name()
+                );
+            }
+            serve::run(broker(pool, &t, has_dlq), args).await
+        }
         Command::Dlq(cmd) => {
             let pool = connect(&cli).await?;
             check_tables(&pool, &t, true).await?;

@@ -6,6 +6,7 @@ use std::io::Write as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use outbox_core::ops::{DeadLetter, QueueStats, ReplayReport};
 use outbox_core::{DlqTable, OutboxBroker, OutboxRow, OutboxTable};
+use outbox_dashboard::render::{age, base64, body_text, body_value};
 use serde_json::{Value, json};
 
 /// Runtime error: the database is unreachable or failed, a row was not found,
@@ -163,17 +164,6 @@ fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// `1.2s`, `3m04s`, `2h03m`, `4d02h`.
-fn age(d: std::time::Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{:.1}s", d.as_secs_f64()),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
 /// Prints rows as aligned columns (the last column is not padded).
 fn table(out: &mut String, header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -278,41 +268,6 @@ pub(crate) fn print_stats(s: &mut String, b: &OutboxBroker, stats: &[QueueStats]
 }
 
 // --- bodies ------------------------------------------------------------------
-
-/// Standard base64 with padding.
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// The body as JSON: a JSON value for JSON payloads, a string for text,
-/// `null` for binary payloads (see `payload_base64`).
-fn body_value(payload: &[u8], content_type: Option<&str>) -> Value {
-    let is_json = content_type.is_some_and(|c| c.starts_with("application/json"));
-    if is_json && let Ok(v) = serde_json::from_slice::<Value>(payload) {
-        return v;
-    }
-    match std::str::from_utf8(payload) {
-        Ok(s) => Value::String(s.to_owned()),
-        Err(_) => Value::Null,
-    }
-}
-
-/// The body for a human: pretty JSON, text, or a base64 dump.
-fn body_text(payload: &[u8], content_type: Option<&str>) -> String {
-    if payload.is_empty() {
-        return "(empty)".to_owned();
-    }
-    match body_value(payload, content_type) {
-        Value::String(s) => s,
-        Value::Null => format!(
-            "({} bytes, not UTF-8) base64:{}",
-            payload.len(),
-            base64(payload)
-        ),
-        v => serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()),
-    }
-}
 
 /// First line, at most `max` characters.
 fn one_line(s: &str, max: usize) -> String {
@@ -623,39 +578,5 @@ pub(crate) fn print_replay(s: &mut String, b: &OutboxBroker, r: &ReplayReport) {
                 r.skipped.len() - MAX_LISTED
             );
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_the_standard_alphabet() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(&[0, 159, 255]), "AJ//");
-    }
-
-    #[test]
-    fn ages_are_compact() {
-        use std::time::Duration;
-        assert_eq!(age(Duration::from_millis(1500)), "1.5s");
-        assert_eq!(age(Duration::from_secs(184)), "3m04s");
-        assert_eq!(age(Duration::from_secs(7380)), "2h03m");
-        assert_eq!(age(Duration::from_secs(86400 * 4 + 7200)), "4d02h");
-    }
-
-    #[test]
-    fn bodies_render_by_content_type() {
-        assert_eq!(
-            body_value(br#"{"a":1}"#, Some("application/json")),
-            json!({"a": 1})
-        );
-        assert_eq!(body_value(b"hi", Some("text/plain")), json!("hi"));
-        assert_eq!(body_value(&[0xff], None), Value::Null);
-        assert!(body_text(&[0xff], None).contains("base64:/w=="));
     }
 }
