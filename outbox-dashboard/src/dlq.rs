@@ -277,7 +277,7 @@ async fn list_page(s: &Shared, f: &FilterForm) -> PageResult {
                             td.time { (layout::time(d.failed_at)) }
                             td.num { (d.deliveries_count) }
                             td.mono { (d.correlation_id()) }
-                            td.mono.payload { (payload::truncate(&payload::body_text(&d.payload, d.content_type()), CELL_CHARS)) }
+                            td.mono.payload { (payload::truncate(&payload::body_line(&d.payload, d.content_type()), CELL_CHARS)) }
                             td.exception { (d.last_exception.as_deref().map_or_else(|| "-".to_owned(), |e| payload::truncate(e, CELL_CHARS))) }
                             td.row-actions {
                                 a href={ "/dead-letters/" (d.id) "/replay" } data-action="replay" { "replay" }

@@ -61,7 +61,7 @@ async fn render(s: &Shared) -> PageResult {
     let body = html! {
         p.refresh {
             "Updated " span #updated { (layout::time(chrono::Utc::now())) }
-            " · refreshes every " (layout::age(s.config.refresh)) " · "
+            " · refreshes every " (s.config.refresh.as_secs()) " s · "
             a href="/" data-action="refresh" { "Refresh" }
         }
         (table(&lines))

@@ -59,6 +59,21 @@ pub fn body_text(payload: &[u8], content_type: Option<&str>) -> String {
     }
 }
 
+/// The payload on one line (for a table cell): JSON compact, text as is,
+/// binary as [`body_text`] shows it.
+///
+/// ```
+/// use outbox_dashboard::render::body_line;
+/// assert_eq!(body_line(br#"{ "a": 1 }"#, Some("application/json")), r#"{"a":1}"#);
+/// ```
+pub fn body_line(payload: &[u8], content_type: Option<&str>) -> String {
+    match body_value(payload, content_type) {
+        Value::String(s) if !s.is_empty() => s,
+        Value::String(_) | Value::Null => body_text(payload, content_type),
+        v => v.to_string(),
+    }
+}
+
 /// `text` cut to its first `max` characters, with `…` when anything was
 /// cut; line breaks become spaces (for one table cell).
 ///

@@ -344,8 +344,7 @@ impl PageError {
 
     pub(crate) fn render(&self, s: &Shared) -> Response {
         let body: Markup = html! {
-            (layout::flash(false, &self.title))
-            p.problem { (self.problem) }
+            (layout::flash(false, &self.problem))
             p.fix { strong { "What to do: " } (self.fix) }
         };
         (self.status, layout::page(s, Nav::None, &self.title, body)).into_response()
