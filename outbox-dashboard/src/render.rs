@@ -17,7 +17,7 @@ pub fn base64(bytes: &[u8]) -> String {
 
 /// The payload as a JSON value: the parsed document when the content type
 /// is `application/json` and it parses, a string when it is UTF-8 text,
-/// `null` for binary payloads (show [`base64`] then).
+/// `null` for binary payloads (show [`base64()`] then).
 ///
 /// ```
 /// use outbox_dashboard::render::body_value;

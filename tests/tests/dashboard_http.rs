@@ -799,3 +799,41 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The rate in the chart's legend after `label`, e.g. `relayed (deleted)`.
+fn legend_rate(body: &str, label: &str) -> Option<f64> {
+    let rest = body.split(&format!("</span> {label} <strong>")).nth(1)?;
+    rest[..rest.find("/s</strong>")?].parse().ok()
+}
+
+#[tokio::test]
+async fn the_rate_chart_follows_the_table_statistics() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let addr = serve(Dashboard::new(db.broker.clone())).await;
+    let first = get(addr, "/").await;
+    assert!(first.body.contains("collecting samples"), "{}", first.body);
+    // Rows come and go until two samples (5 s apart) see them relayed.
+    let seen = wait_until(Duration::from_secs(40), || async {
+        db.exec(format!(
+            "INSERT INTO {} (queue, payload) SELECT 'q', '\\x00' FROM generate_series(1, 20)",
+            db.t()
+        ))
+        .await
+        .unwrap();
+        db.exec(format!("DELETE FROM {}", db.t())).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let body = get(addr, "/").await.body;
+        legend_rate(&body, "relayed (deleted)").is_some_and(|r| r > 0.0)
+            && legend_rate(&body, "inserted").is_some_and(|r| r > 0.0)
+    })
+    .await;
+    let body = get(addr, "/").await.body;
+    assert!(seen, "{body}");
+    assert!(!body.contains("collecting samples"), "{body}");
+    let points = body
+        .split(r#"<polyline class="deleted" points=""#)
+        .nth(1)
+        .unwrap();
+    assert!(points.starts_with(|c: char| c.is_ascii_digit()), "{points}");
+    Ok(())
+}
