@@ -2,10 +2,11 @@
 //! relies on (design: docs/exactly-once.md), checked against a broker that
 //! implements them: noida-db at `NOIDA_KAFKA_BOOTSTRAP` (scripts/noida.sh;
 //! scripts/test.sh starts it next to Tansu). Tansu, the broker of the other
-//! Kafka tests, does not fence a zombie producer, and rdkafka's `MockCluster`
-//! neither fences (a second `init_transactions` gets a new producer id) nor
-//! hides aborted records (its Fetch reports no aborted transactions), so
-//! these tests need noida. No PostgreSQL: broker semantics only.
+//! Kafka tests, neither fences a zombie producer nor hides records aborted
+//! after their acknowledgement (the four semantics tests below fail there),
+//! and rdkafka's `MockCluster` neither fences (a second `init_transactions`
+//! gets a new producer id) nor hides aborted records (its Fetch reports no
+//! aborted transactions), so these tests need noida. No PostgreSQL: broker semantics only.
 //!
 //! A "zombie" here is a transactional producer that is alive but idle with
 //! an open transaction: from the broker's side that is exactly a relay
@@ -19,8 +20,9 @@
 //! ends with a commit marker (never delivered), and it is reported at the
 //! first open transaction's first record while one is open (what comes
 //! after it, committed or not, is not delivered until that transaction
-//! ends). The high watermark is NOT the end for a read_committed reader:
-//! it counts control markers and open transactions' records. See
+//! ends). The log's high watermark is not that end (it counts control
+//! markers and open transactions' records), but `fetch_watermarks` asked by
+//! a read_committed consumer returns the LSO as its high mark. See
 //! `read_committed_ends_at_the_last_stable_offset`.
 
 #![allow(clippy::unwrap_used)]
