@@ -115,6 +115,9 @@ pub struct Dashboard {
     bearer: Option<String>,
     refresh: Duration,
     app: Option<AppHandle>,
+    /// Served on a loopback address: only loopback `Host` headers are
+    /// answered (set by `serve_listener`).
+    loopback: bool,
 }
 
 impl Dashboard {
@@ -128,6 +131,7 @@ impl Dashboard {
             bearer: None,
             refresh: DEFAULT_REFRESH,
             app: None,
+            loopback: false,
         }
     }
 
@@ -189,6 +193,11 @@ impl Dashboard {
     /// in-flight requests finish. Fails with [`Error::Bind`] when the
     /// address cannot be bound. Logs a WARN when `addr` is not a loopback
     /// address and no authentication is configured.
+    ///
+    /// On a loopback address, only requests whose `Host` header names a
+    /// loopback host (`localhost`, `127.0.0.1`, `[::1]`, any port) are
+    /// answered, others get 403: a web page cannot reach the dashboard
+    /// through DNS rebinding (a name of its own resolving to 127.0.0.1).
     // Not an `async fn`: the signature promises a `Send` future (spawnable).
     #[allow(clippy::manual_async_fn)]
     pub fn serve_with_shutdown(
@@ -225,7 +234,12 @@ impl Dashboard {
             );
         }
         tracing::info!(%addr, writes = self.allow_writes, "outbox dashboard serving on http://{addr}/");
-        axum::serve(listener, self.router())
+        let router = Self {
+            loopback: addr.ip().is_loopback(),
+            ..self
+        }
+        .router();
+        axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(Error::Serve)

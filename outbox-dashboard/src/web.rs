@@ -124,6 +124,11 @@ async fn not_found(State(s): State<AppState>, req: Request) -> Response {
 /// Authentication, then (for POST) the write switch and the Origin check;
 /// then the security headers on every answer.
 async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if s.config.loopback
+        && let Err(e) = check_loopback_host(req.headers())
+    {
+        return e.render(&s);
+    }
     if let Err(r) = authenticate(&s, req.headers()) {
         return r;
     }
@@ -222,6 +227,45 @@ fn authenticate(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         );
     }
     Err(res)
+}
+
+/// The host part of a `Host` header (`[::1]:8090` -> `[::1]`).
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |i| &host[..=i]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// On a loopback address, the `Host` header must name a loopback host.
+fn check_loopback_host(headers: &HeaderMap) -> Result<(), PageError> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = host_name(host).to_ascii_lowercase();
+    let loopback = name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    Err(PageError::new(
+        StatusCode::FORBIDDEN,
+        "Refused: this dashboard answers loopback host names only",
+        &format!(
+            "The request names the host {host:?}, but this dashboard listens on a loopback \
+             address, where only localhost, 127.0.0.1 and [::1] are answered (so that no web \
+             page can reach it through a host name of its own that resolves to 127.0.0.1)."
+        ),
+        "Open it as http://127.0.0.1:PORT/ or http://localhost:PORT/; behind a reverse proxy, \
+         have the proxy send a loopback Host header, or listen on another address with \
+         authentication.",
+    ))
 }
 
 /// When the browser names the page's origin, it must be this host.
@@ -359,5 +403,58 @@ pub(crate) fn respond(s: &Shared, r: PageResult) -> Response {
     match r {
         Ok(m) => m.into_response(),
         Err(e) => e.render(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(h: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::HOST, HeaderValue::from_str(h).expect("header"));
+        m
+    }
+
+    #[test]
+    fn only_loopback_host_names_pass_the_loopback_check() {
+        for ok in [
+            "127.0.0.1:8090",
+            "localhost",
+            "LOCALHOST:1",
+            "[::1]:8090",
+            "127.1.2.3",
+            "a.localhost:80",
+        ] {
+            assert!(check_loopback_host(&host(ok)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "evil.example:8090",
+            "10.0.0.1",
+            "[::2]:80",
+            "localhost.evil.example",
+            "",
+        ] {
+            let e = check_loopback_host(&host(bad)).expect_err(bad);
+            assert_eq!(e.status, StatusCode::FORBIDDEN);
+        }
+    }
+
+    #[test]
+    fn origins_must_name_this_host() {
+        let mut h = host("127.0.0.1:8090");
+        assert!(check_origin(&h).is_ok(), "no Origin header");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:8090"),
+        );
+        assert!(check_origin(&h).is_ok());
+        h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(check_origin(&h).is_err());
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:9999"),
+        );
+        assert!(check_origin(&h).is_err());
     }
 }

@@ -78,7 +78,8 @@ fn form(fields: &[(&str, &str)]) -> String {
         .join("&")
 }
 
-/// One request over a fresh HTTP/1.1 connection.
+/// One request over a fresh HTTP/1.1 connection (`Host: <addr>` unless
+/// `headers` name another).
 async fn request(
     addr: SocketAddr,
     method: &str,
@@ -87,7 +88,10 @@ async fn request(
     body: &str,
 ) -> Answer {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -835,5 +839,22 @@ async fn the_rate_chart_follows_the_table_statistics() -> anyhow::Result<()> {
         .nth(1)
         .unwrap();
     assert!(points.starts_with(|c: char| c.is_ascii_digit()), "{points}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_loopback_dashboard_answers_loopback_host_names_only() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let addr = serve(Dashboard::new(db.broker.clone())).await;
+    let port = addr.port();
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let a = request(addr, "GET", "/", &[("Host", &host)], "").await;
+        assert_eq!(a.status, 200, "{host}");
+    }
+    // A page of another site whose name resolves to 127.0.0.1 (DNS rebinding).
+    let rebound = format!("evil.example:{port}");
+    let a = request(addr, "GET", "/dead-letters", &[("Host", &rebound)], "").await;
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(a.body.contains("loopback host names only"), "{}", a.body);
     Ok(())
 }
