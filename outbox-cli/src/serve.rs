@@ -23,7 +23,8 @@ pub(crate) struct ServeArgs {
     /// it the dashboard is read-only and refuses every POST.
     #[arg(long)]
     allow_writes: bool,
-    /// Require HTTP basic authentication with these credentials.
+    /// Require HTTP basic authentication with these credentials (prefer the
+    /// environment variable: a command line is visible to other users).
     #[arg(
         long,
         value_name = "USER:PASS",
@@ -31,7 +32,8 @@ pub(crate) struct ServeArgs {
         hide_env_values = true
     )]
     basic_auth: Option<String>,
-    /// Require `Authorization: Bearer TOKEN` (with --basic-auth, either is accepted).
+    /// Require `Authorization: Bearer TOKEN` (with --basic-auth, either is
+    /// accepted; prefer the environment variable).
     #[arg(
         long,
         value_name = "TOKEN",

@@ -858,3 +858,47 @@ async fn a_loopback_dashboard_answers_loopback_host_names_only() -> anyhow::Resu
     assert!(a.body.contains("loopback host names only"), "{}", a.body);
     Ok(())
 }
+
+#[tokio::test]
+async fn serving_beyond_loopback_without_authentication_warns() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let warned = |addr: SocketAddr| {
+        let port = addr.port().to_string();
+        !tests::captured(|c| {
+            c.level == tracing::Level::WARN
+                && c.message
+                    .contains("not a loopback address, without authentication")
+                && c.fields.get("addr").is_some_and(|a| a.ends_with(&port))
+        })
+        .is_empty()
+    };
+    let open = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let open_addr = open.local_addr()?;
+    let d = Dashboard::new(db.broker.clone()).allow_writes(true);
+    tokio::spawn(d.serve_listener(open, std::future::pending()));
+    let guarded = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
+    let guarded_addr = guarded.local_addr()?;
+    let d = Dashboard::new(db.broker.clone()).bearer_token("t");
+    tokio::spawn(d.serve_listener(guarded, std::future::pending()));
+    let local = serve(Dashboard::new(db.broker.clone())).await;
+    // Each logs (or not) before it answers its first request.
+    for addr in [open_addr, guarded_addr] {
+        let port = addr.port();
+        let a = request(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "GET",
+            "/assets/dashboard.css",
+            &[("Authorization", "Bearer t")],
+            "",
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    assert!(warned(open_addr), "no WARN for {open_addr}");
+    assert!(
+        !warned(guarded_addr),
+        "a WARN for {guarded_addr} despite the token"
+    );
+    assert!(!warned(local), "a WARN for the loopback {local}");
+    Ok(())
+}
