@@ -349,6 +349,7 @@ impl PageError {
             )
         });
         if unreachable {
+            tracing::warn!("outbox dashboard: PostgreSQL cannot be reached: {e}");
             return Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 title: "The database cannot be reached".to_owned(),
