@@ -17,6 +17,8 @@ use crate::web::{AppState, PageError, PageResult, Shared, respond};
 const LIST_LIMIT: u64 = 100;
 /// Characters of a payload or exception shown in the list.
 const CELL_CHARS: usize = 80;
+/// The most payload bytes the detail page shows.
+const DETAIL_BYTES: usize = 256 * 1024;
 /// The reasons the engine writes (suggestions for the filter).
 const REASONS: [&str; 3] = ["max_deliveries", "retry_terminal", "rejected"];
 
@@ -351,7 +353,15 @@ async fn show_page(s: &Shared, id: &str) -> PageResult {
             }
         }
         h2 { "Payload" }
-        pre.payload { (payload::body_text(&d.payload, d.content_type())) }
+        @if d.payload.len() > DETAIL_BYTES {
+            p.note {
+                "The payload has " (d.payload.len()) " bytes; the first " (DETAIL_BYTES)
+                " are shown. All of it: " code { "outbox dlq show " (d.id) " --json" } "."
+            }
+            pre.payload { (payload::head_text(&d.payload, DETAIL_BYTES)) }
+        } @else {
+            pre.payload { (payload::body_text(&d.payload, d.content_type())) }
+        }
         h2 { "Last exception" }
         pre.exception { (d.last_exception.as_deref().unwrap_or("(none recorded)")) }
         p.actions {

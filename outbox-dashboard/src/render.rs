@@ -59,18 +59,68 @@ pub fn body_text(payload: &[u8], content_type: Option<&str>) -> String {
     }
 }
 
+/// Payloads longer than this are not decoded for one line ([`body_line`]):
+/// their first bytes are shown as text.
+pub const LINE_DECODE_LIMIT: usize = 4096;
+
 /// The payload on one line (for a table cell): JSON compact, text as is,
-/// binary as [`body_text`] shows it.
+/// binary as [`body_text`] shows it. A payload longer than
+/// [`LINE_DECODE_LIMIT`] is not parsed: its first bytes are shown as text
+/// (up to the last whole UTF-8 character), then `…`.
 ///
 /// ```
 /// use outbox_dashboard::render::body_line;
 /// assert_eq!(body_line(br#"{ "a": 1 }"#, Some("application/json")), r#"{"a":1}"#);
+/// let big = "é".repeat(5000);
+/// assert!(body_line(big.as_bytes(), None).ends_with("é…"));
 /// ```
 pub fn body_line(payload: &[u8], content_type: Option<&str>) -> String {
+    if payload.len() > LINE_DECODE_LIMIT {
+        return head_text(payload, LINE_DECODE_LIMIT);
+    }
     match body_value(payload, content_type) {
         Value::String(s) if !s.is_empty() => s,
         Value::String(_) | Value::Null => body_text(payload, content_type),
         v => v.to_string(),
+    }
+}
+
+/// The first `max` bytes of `payload` as text (up to the last whole UTF-8
+/// character), then `…` when anything was cut; a payload that is not UTF-8
+/// shows its length and the base64 of its first bytes (at most `max`).
+///
+/// ```
+/// use outbox_dashboard::render::head_text;
+/// assert_eq!(head_text("héllo".as_bytes(), 2), "h…");
+/// assert_eq!(head_text(b"hi", 10), "hi");
+/// ```
+pub fn head_text(payload: &[u8], max: usize) -> String {
+    let cut = payload.len() > max;
+    let head = &payload[..payload.len().min(max)];
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        // Cut inside a character: keep what is whole.
+        Err(e) if cut && e.error_len().is_none() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default()
+        }
+        Err(_) => {
+            let shown = &head[..head.len().min(48)];
+            let more = if shown.len() < payload.len() {
+                "…"
+            } else {
+                ""
+            };
+            return format!(
+                "({} bytes, not UTF-8) base64:{}{more}",
+                payload.len(),
+                base64(shown)
+            );
+        }
+    };
+    if cut {
+        format!("{text}…")
+    } else {
+        text.to_owned()
     }
 }
 
@@ -128,6 +178,19 @@ mod tests {
         assert_eq!(age(Duration::from_secs(184)), "3m04s");
         assert_eq!(age(Duration::from_secs(7380)), "2h03m");
         assert_eq!(age(Duration::from_secs(86400 * 4 + 7200)), "4d02h");
+    }
+
+    #[test]
+    fn long_payloads_are_cut_before_decoding() {
+        let mut bin = vec![0xff_u8; LINE_DECODE_LIMIT + 1];
+        bin[0] = 0;
+        assert!(body_line(&bin, None).starts_with("(4097 bytes, not UTF-8) base64:AP//"));
+        let json = format!(r#"{{"a": "{}"}}"#, "x".repeat(LINE_DECODE_LIMIT));
+        let line = body_line(json.as_bytes(), Some("application/json"));
+        assert!(
+            line.starts_with(r#"{"a": "xxx"#) && line.ends_with("x…"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -902,3 +902,36 @@ async fn serving_beyond_loopback_without_authentication_warns() -> anyhow::Resul
     assert!(!warned(local), "a WARN for the loopback {local}");
     Ok(())
 }
+
+#[tokio::test]
+async fn large_payloads_are_cut_in_the_list_and_capped_on_the_detail_page() -> anyhow::Result<()> {
+    let db = TestDb::new().await?;
+    let big = format!(r#"{{"blob": "{}"}}"#, "y".repeat(400 * 1024));
+    let dl = dead_letter(&db, "orders", &big, "rejected").await;
+    let addr = serve(Dashboard::new(db.broker.clone())).await;
+    let list = get(addr, "/dead-letters").await;
+    assert_eq!(list.status, 200);
+    let cell = list
+        .body
+        .split(r#"<td class="mono payload">"#)
+        .nth(1)
+        .unwrap();
+    let cell = cell[..cell.find("</td>").unwrap()].replace("&quot;", "\"");
+    assert!(cell.ends_with('…') && cell.chars().count() <= 81, "{cell}");
+    assert!(
+        list.body.len() < 20_000,
+        "the list page has {} bytes",
+        list.body.len()
+    );
+    let one = get(addr, &format!("/dead-letters/{dl}")).await;
+    assert_eq!(one.status, 200);
+    assert!(
+        one.body
+            .contains(&format!("The payload has {} bytes", big.len())),
+        "{}",
+        &one.body[..2000]
+    );
+    assert!(one.body.contains(&format!("outbox dlq show {dl} --json")));
+    assert!(one.body.len() < 300 * 1024, "{} bytes", one.body.len());
+    Ok(())
+}
