@@ -16,6 +16,9 @@
 #                                         # latency, RSS at 1M rows), then the tables with
 #                                         # ratios and targets (bench/throughput.sh, ~12 min;
 #                                         # not part of the default set)
+#   bash scripts/bench.sh overview        # the dashboard's capped overview() vs the exact stats()
+#                                         # on 1M rows (outbox-bench overview; not part of the
+#                                         # default set)
 #
 # Environment:
 #   BENCH_BIN       use this prebuilt outbox-bench instead of building one
@@ -42,7 +45,7 @@ mkdir -p "$(dirname "$OUT")"
 GROUPS_WANTED=("$@")
 [ ${#GROUPS_WANTED[@]} -gt 0 ] || GROUPS_WANTED=(produce drain latency relay)
 for g in "${GROUPS_WANTED[@]}"; do
-  case "$g" in produce | drain | relay | latency | buses | ordering | throughput) ;; *) die "unknown group '$g' (produce drain relay latency buses ordering throughput)" ;; esac
+  case "$g" in produce | drain | relay | latency | buses | ordering | throughput | overview) ;; *) die "unknown group '$g' (produce drain relay latency buses ordering throughput overview)" ;; esac
 done
 want() { local g; for g in "${GROUPS_WANTED[@]}"; do [ "$g" = "$1" ] && return 0; done; return 1; }
 
@@ -109,6 +112,10 @@ if want ordering; then
   # Its own rounds (ordered and unordered in each invocation, interleaved).
   BIN=$BIN OUT=$OUT REPEATS=$REPEATS bash bench/ordering.sh
   python3 bench/ordering.py "$OUT"
+fi
+if want overview; then
+  # One JSON object: p50/p95/p99 of each and their ratio (docs/performance.md).
+  run overview --backlog 1000000 --runs 100
 fi
 if want throughput; then
   # faststream-outbox 0.19 for the side-by-side drain (its venv; skipped if it
