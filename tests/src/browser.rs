@@ -281,11 +281,38 @@ impl Browser {
         Ok(!self.client.find_all(Locator::Css(css)).await?.is_empty())
     }
 
-    /// Clicks the first element matching `css` (a link or a submit button:
-    /// WebDriver waits for the navigation it starts).
+    /// Clicks the first element matching `css`, a link or a submit button,
+    /// and waits (at most [`START_TIMEOUT`]) until the page it leads to has
+    /// loaded. WebDriver's click may return while the old document is still
+    /// there, so the old one is marked first and the wait is for a document
+    /// without the mark.
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
         let el = self.find(css).await?;
-        el.click().await.with_context(|| format!("clicking {css}"))
+        self.client
+            .execute("window.outboxTestOldPage = true; return null", vec![])
+            .await?;
+        el.click()
+            .await
+            .with_context(|| format!("clicking {css}"))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // Mid-navigation the script may fail: not loaded yet.
+            let loaded = self
+                .client
+                .execute(
+                    "return window.outboxTestOldPage === undefined \
+                     && document.readyState === 'complete'",
+                    vec![],
+                )
+                .await;
+            if matches!(loaded, Ok(serde_json::Value::Bool(true))) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("clicking {css} led to no new page within {START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Polls the text of the first element matching `css` every 100 ms until
