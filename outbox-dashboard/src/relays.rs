@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::response::Response;
 use maud::{Markup, html};
 use outbox_core::health::{ListenState, LoopState};
+use outbox_core::ops::RelayConnection;
 
 use crate::layout::{self, Nav};
 use crate::web::{AppState, PageError, PageResult, Shared, respond};
@@ -19,42 +20,58 @@ async fn render(s: &Shared) -> PageResult {
         None => None,
     };
     let conns = s.broker().connections().await.map_err(PageError::core)?;
+    let (engines, others): (Vec<_>, Vec<_>) = conns.into_iter().partition(|c| c.role.is_some());
     let body = html! {
         @if let Some(app) = app { (app) }
-        h2 { "Connections of relays (this database)" }
+        h2 { "Engine connections (this database)" }
         p.note {
-            "Sessions whose application_name marks an outbox engine (…-fetch, …-worker, …-listen, …-acker) or a faststream-outbox relay, from pg_stat_activity."
+            "Sessions whose application_name marks an outbox engine's loop (…-fetch, …-worker, …-listen, …-acker), from pg_stat_activity."
         }
-        @if conns.is_empty() {
-            p { "No relay is connected to this database." }
+        @if engines.is_empty() {
+            p { "No outbox engine is connected to this database." }
         } @else {
-            table #connections {
-                thead { tr {
-                    th { "pid" } th { "application" } th { "role" } th { "client" } th { "connected since" }
-                    th { "state" } th { "wait event" } th { "LISTEN" } th { "last statement" }
-                } }
-                tbody {
-                    @for c in &conns {
-                        tr data-pid=(c.pid) {
-                            td.num { (c.pid) }
-                            td.mono { (c.application_name) }
-                            td { (c.role.as_deref().unwrap_or("-")) }
-                            td.mono { (c.client_addr.as_deref().unwrap_or("local")) }
-                            td.time { (c.backend_start.map(layout::time).unwrap_or_default()) }
-                            td { (c.state.as_deref().unwrap_or("-")) }
-                            td {
-                                (c.wait_event_type.as_deref().unwrap_or("-"))
-                                @if let Some(w) = &c.wait_event { " / " (w) }
-                            }
-                            td { @if c.is_listen { "yes" @if let Some(ch) = &c.listen_channel { " (" code { (ch) } ")" } } }
-                            td.mono { (crate::render::truncate(&c.query, 120)) }
+            (connections("connections", &engines))
+        }
+        h2 { "Other sessions on the outbox table" }
+        p.note {
+            "Sessions without an engine's name whose current or last statement names the outbox table: faststream-outbox relays (their LISTEN), producers, operators, this dashboard's own queries."
+        }
+        @if others.is_empty() {
+            p { "None." }
+        } @else {
+            (connections("other-sessions", &others))
+        }
+    };
+    Ok(layout::page(s, Nav::Relays, "Relays", body))
+}
+
+fn connections(id: &str, conns: &[RelayConnection]) -> Markup {
+    html! {
+        table id=(id) {
+            thead { tr {
+                th { "pid" } th { "application" } th { "role" } th { "client" } th { "connected since" }
+                th { "state" } th { "wait event" } th { "LISTEN" } th { "last statement" }
+            } }
+            tbody {
+                @for c in conns {
+                    tr data-pid=(c.pid) {
+                        td.num { (c.pid) }
+                        td.mono { (c.application_name) }
+                        td { (c.role.as_deref().unwrap_or("-")) }
+                        td.mono { (c.client_addr.as_deref().unwrap_or("local")) }
+                        td.time { (c.backend_start.map(layout::time).unwrap_or_default()) }
+                        td { (c.state.as_deref().unwrap_or("-")) }
+                        td {
+                            (c.wait_event_type.as_deref().unwrap_or("-"))
+                            @if let Some(w) = &c.wait_event { " / " (w) }
                         }
+                        td { @if c.is_listen { "yes" @if let Some(ch) = &c.listen_channel { " (" code { (ch) } ")" } } }
+                        td.mono { (crate::render::truncate(&c.query, 120)) }
                     }
                 }
             }
         }
-    };
-    Ok(layout::page(s, Nav::Relays, "Relays", body))
+    }
 }
 
 /// The App's own engine: subscribers, LISTEN, database.
