@@ -163,6 +163,8 @@ impl Browser {
 
         let profile = driver.dir.join("profile");
         let caps = json!({
+            // The page's console, for console_errors.
+            "goog:loggingPrefs": { "browser": "ALL" },
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": [
@@ -371,6 +373,37 @@ impl Browser {
         Ok(())
     }
 
+    /// The browser console's errors (level SEVERE: script errors, failed
+    /// loads, Content-Security-Policy refusals) since the last call, as
+    /// `source: message`. Read through chromedriver's log endpoint.
+    pub async fn console_errors(&self) -> anyhow::Result<Vec<String>> {
+        let sid = self
+            .client
+            .session_id()
+            .await?
+            .context("the WebDriver session has no id")?;
+        let v = driver_post(
+            self.driver.port,
+            &format!("/session/{sid}/se/log"),
+            &json!({ "type": "browser" }),
+        )
+        .await?;
+        let entries = v["value"]
+            .as_array()
+            .with_context(|| format!("chromedriver's log answer has no entries: {v}"))?;
+        Ok(entries
+            .iter()
+            .filter(|e| e["level"] == "SEVERE")
+            .map(|e| {
+                format!(
+                    "{}: {}",
+                    e["source"].as_str().unwrap_or("?"),
+                    e["message"].as_str().unwrap_or("?")
+                )
+            })
+            .collect())
+    }
+
     /// The page's HTML as the browser has it now.
     pub async fn source(&self) -> anyhow::Result<String> {
         Ok(self.client.source().await?)
@@ -445,4 +478,54 @@ async fn driver_ready(driver: &mut Driver) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `POST path` with a JSON body to chromedriver; its JSON answer. (For the
+/// endpoints fantoccini has no call for; chromedriver keeps connections
+/// open, so the body is read by its Content-Length.)
+async fn driver_post(
+    port: u16,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut r = tokio::io::BufReader::new(s);
+    let (mut status, mut length) = (String::new(), None);
+    r.read_line(&mut status).await?;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = Some(v.trim().parse::<usize>()?);
+        }
+    }
+    let length =
+        length.with_context(|| format!("chromedriver answered {path} without a length"))?;
+    let mut buf = vec![0; length];
+    tokio::time::timeout(Duration::from_secs(20), r.read_exact(&mut buf))
+        .await
+        .context("chromedriver's answer did not arrive")??;
+    if !status.contains(" 200 ") {
+        bail!(
+            "chromedriver answered {path}: {} {}",
+            status.trim(),
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    Ok(serde_json::from_slice(&buf)?)
 }

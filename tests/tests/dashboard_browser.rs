@@ -606,3 +606,78 @@ async fn a_dashboard_with_basic_auth_loads_with_credentials_and_refuses_without(
         .await?;
     browser.close().await
 }
+
+/// A page's console errors, less the browser's own request for a favicon
+/// (the dashboard has none: 404).
+async fn console_errors(browser: &Browser) -> anyhow::Result<Vec<String>> {
+    let mut errors = browser.console_errors().await?;
+    errors.retain(|e| !e.contains("/favicon.ico "));
+    Ok(errors)
+}
+
+/// What only a browser sees: script errors, assets that fail to load, and
+/// what the pages' Content-Security-Policy refuses (an inline style or
+/// script, a request to another origin) on every page and during the queues
+/// page's refresh.
+#[tokio::test]
+async fn no_page_logs_an_error_in_the_browser_console() -> R {
+    let db = TestDb::new().await?;
+    row(&db, "orders", -1.0, 0, false).await?;
+    let id = dead_letter(&db, "orders", &json!({"order": 1}), "corr-1").await?;
+    let served = Served::start(
+        Dashboard::new(db.broker.clone())
+            .allow_writes(true)
+            .refresh(Duration::from_secs(1)),
+    )
+    .await?;
+    let browser = Browser::start().await?;
+    let pages = [
+        "/".to_owned(),
+        "/dead-letters".to_owned(),
+        format!("/dead-letters/{id}"),
+        format!("/dead-letters/{id}/replay"),
+        format!("/dead-letters/{id}/purge"),
+        "/dead-letters/purge?queue=orders".to_owned(),
+        "/relays".to_owned(),
+        "/rows?correlation_id=corr-1".to_owned(),
+        format!("/rows?id={id}"),
+    ];
+    for page in &pages {
+        browser.goto(&served.url(page)).await?;
+        // The stylesheet applied (a refused or missing one leaves the
+        // header unstyled).
+        let header_bg = browser
+            .client()
+            .execute(
+                "return getComputedStyle(document.querySelector('header')).backgroundColor",
+                vec![],
+            )
+            .await?;
+        assert_ne!(
+            header_bg,
+            json!("rgba(0, 0, 0, 0)"),
+            "{page}: dashboard.css not applied"
+        );
+        assert_eq!(
+            console_errors(&browser).await?,
+            Vec::<String>::new(),
+            "console errors on {page}"
+        );
+    }
+    // Two refreshes of the queues page (its fetch and DOM swap) log nothing.
+    browser.goto(&served.url("/")).await?;
+    let first = browser.text("#updated").await?;
+    browser
+        .wait_text("#updated", PATIENCE, |t| t != first)
+        .await?;
+    let second = browser.text("#updated").await?;
+    browser
+        .wait_text("#updated", PATIENCE, |t| t != second)
+        .await?;
+    assert_eq!(
+        console_errors(&browser).await?,
+        Vec::<String>::new(),
+        "console errors while refreshing"
+    );
+    browser.close().await
+}
