@@ -568,5 +568,28 @@ async fn the_overview_reads_no_table_sequentially_on_a_million_rows() -> R {
     assert!(matches!(q1.leased, Count::Exact(n) if n > 0), "{q1:#?}");
     assert_eq!(q1.dead_letters, Count::Exact(2000));
     assert!(q1.oldest_ready_age.is_some() && q1.oldest_lease_age.is_some());
+
+    // A cap of 1,000: ready, scheduled and retrying of each queue are over
+    // it (12 counts, estimated by one EXPLAIN), each with its own estimate,
+    // of its own magnitude (about 245,000, 4,900 and 2,500 rows).
+    let small_cap = db
+        .broker
+        .overview(&OverviewOptions::new().cap(1000))
+        .await?;
+    let est = |c: Count| match c {
+        Count::AtLeast {
+            cap: 1000,
+            estimate: Some(e),
+        } => e,
+        other => panic!("expected AtLeast with an estimate, got {other:?}"),
+    };
+    for q in ["q0", "q1", "q2", "q3"] {
+        let o = by_name(&small_cap, q);
+        let (r, s, t) = (est(o.ready), est(o.scheduled), est(o.retrying));
+        assert!((100_000..=500_000).contains(&r), "{q} ready ≈{r}");
+        assert!((1_500..=15_000).contains(&s), "{q} scheduled ≈{s}");
+        assert!((1_001..=8_000).contains(&t), "{q} retrying ≈{t}");
+        assert_eq!(o.leased, Count::Exact(1000), "{q}: exactly the cap is exact");
+    }
     Ok(())
 }

@@ -235,6 +235,16 @@ pub struct QueueOverview {
 }
 
 impl QueueOverview {
+    fn count_mut(&mut self, cat: Category) -> &mut Count {
+        match cat {
+            Category::Ready => &mut self.ready,
+            Category::Scheduled => &mut self.scheduled,
+            Category::Leased => &mut self.leased,
+            Category::Retrying => &mut self.retrying,
+            Category::DeadLetters => &mut self.dead_letters,
+        }
+    }
+
     fn empty(queue: String) -> Self {
         Self {
             queue,
@@ -428,9 +438,24 @@ fn age(secs: Option<f64>) -> Option<Duration> {
     secs.and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
 }
 
-/// The planner's row estimate out of `EXPLAIN (FORMAT JSON)` output.
-fn plan_rows(plan: &serde_json::Value) -> Option<f64> {
-    plan.get(0)?.get("Plan")?.get("Plan Rows")?.as_f64()
+/// The planner's row estimates of the `n` branches of an `EXPLAIN (FORMAT
+/// JSON)` of a `UNION ALL` (see `store::overview::estimates_sql`): the
+/// `Append`'s children in order, or the plan itself for one branch. `None`
+/// when the plan does not have that shape.
+fn branch_rows(plan: &serde_json::Value, n: usize) -> Option<Vec<f64>> {
+    let top = plan.get(0)?.get("Plan")?;
+    let rows = |node: &serde_json::Value| node.get("Plan Rows")?.as_f64();
+    if n == 1 {
+        return Some(vec![rows(top)?]);
+    }
+    if top.get("Node Type")?.as_str()? != "Append" {
+        return None;
+    }
+    let children = top.get("Plans")?.as_array()?;
+    if children.len() != n {
+        return None;
+    }
+    children.iter().map(rows).collect()
 }
 
 /// What statement 1 of the overview found.
@@ -452,14 +477,14 @@ impl OutboxBroker {
     /// each count reads at most `cap + 1` entries of a partial index
     /// (index-only scans of `<table>_pending_idx`, `<table>_leased_idx`,
     /// `<table>_retry_idx`); above the cap, a count is
-    /// [`Count::AtLeast`] with the planner's estimate (`EXPLAIN`, nothing
-    /// executed). With 1,000,000 rows and the default cap it answers in
+    /// [`Count::AtLeast`] with the planner's estimate (one `EXPLAIN` of
+    /// all the counts over the cap, nothing executed). With 1,000,000 rows and the default cap it answers in
     /// a few milliseconds where exact counts take hundreds (see
     /// docs/performance.md); no statement of it uses a sequential scan.
     ///
     /// One read transaction, two statements (list the queues and check the
     /// optional retry index; count per queue, one row each), plus one
-    /// `EXPLAIN` per count over the cap. JIT is turned off inside the
+    /// `EXPLAIN` when any count is over the cap. JIT is turned off inside the
     /// transaction: its compile time would exceed the query's.
     ///
     /// See [`QueueOverview::retrying`] for the optional index it needs
@@ -487,6 +512,8 @@ impl OutboxBroker {
             .fetch_all(&mut *tx)
             .await?;
         let mut out = Vec::with_capacity(rows.len());
+        // The counts over the cap: (queue index, category), estimated at once.
+        let mut over: Vec<(usize, Category)> = Vec::new();
         for row in rows {
             let mut q = QueueOverview::empty(row.try_get(0)?);
             let cats = [
@@ -501,23 +528,31 @@ impl OutboxBroker {
                 let count = match n {
                     None if cat == Category::Retrying => Count::Unknown,
                     None => Count::Exact(0),
-                    Some(n) if to_u64(n) > opts.cap => Count::AtLeast {
-                        cap: opts.cap,
-                        estimate: self.estimate(&mut tx, cat, &q.queue, opts.cap).await?,
-                    },
+                    Some(n) if to_u64(n) > opts.cap => {
+                        over.push((out.len(), cat));
+                        Count::AtLeast {
+                            cap: opts.cap,
+                            estimate: None,
+                        }
+                    }
                     Some(n) => Count::Exact(to_u64(n)),
                 };
-                match cat {
-                    Category::Ready => q.ready = count,
-                    Category::Scheduled => q.scheduled = count,
-                    Category::Leased => q.leased = count,
-                    Category::Retrying => q.retrying = count,
-                    Category::DeadLetters => q.dead_letters = count,
-                }
+                *q.count_mut(cat) = count;
             }
             q.oldest_ready_age = age(row.try_get(6)?);
             q.oldest_lease_age = age(row.try_get(7)?);
             out.push(q);
+        }
+        if !over.is_empty() {
+            let estimates = self.estimates(&mut tx, &out, &over).await?;
+            for (&(i, cat), e) in over.iter().zip(estimates) {
+                if let Some(q) = out.get_mut(i) {
+                    *q.count_mut(cat) = Count::AtLeast {
+                        cap: opts.cap,
+                        estimate: e.filter(|r| *r > opts.cap),
+                    };
+                }
+            }
         }
         tx.commit().await?;
         out.sort_by(|a, b| a.queue.cmp(&b.queue));
@@ -548,29 +583,36 @@ impl OutboxBroker {
         })
     }
 
-    /// The planner's estimate of `cat` in `queue`, when above `cap`.
-    async fn estimate(
+    /// The planner's estimates of the counts `over` (indexes into `queues`
+    /// and categories), in order: one `EXPLAIN` of them all. `None` for
+    /// each when the plan has an unexpected shape.
+    async fn estimates(
         &self,
         tx: &mut Transaction<'static, Postgres>,
-        cat: Category,
-        queue: &str,
-        cap: u64,
-    ) -> Result<Option<u64>> {
-        let stmt = sql::estimate_sql(self.table(), self.dlq(), cat);
-        let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(stmt))
-            .bind(queue)
-            .fetch_one(&mut **tx)
-            .await?;
-        Ok(plan_rows(&plan)
-            .filter(|r| r.is_finite() && *r > cap as f64)
-            .map(|r| r.round() as u64))
+        queues: &[QueueOverview],
+        over: &[(usize, Category)],
+    ) -> Result<Vec<Option<u64>>> {
+        let cats: Vec<Category> = over.iter().map(|&(_, c)| c).collect();
+        let stmt = sql::estimates_sql(self.table(), self.dlq(), &cats);
+        let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(stmt));
+        for &(i, _) in over {
+            q = q.bind(queues.get(i).map_or("", |q| q.queue.as_str()));
+        }
+        let plan: serde_json::Value = q.fetch_one(&mut **tx).await?;
+        Ok(match branch_rows(&plan, over.len()) {
+            Some(rows) => rows
+                .into_iter()
+                .map(|r| (r.is_finite() && r >= 0.0).then(|| r.round() as u64))
+                .collect(),
+            None => vec![None; over.len()],
+        })
     }
 
     /// The plans of the statements [`overview`](Self::overview) runs, for
     /// the tests that check they use no sequential scan: `(sql, EXPLAIN
     /// output)` of statement 1 and statement 2 with the parameters the
-    /// overview binds. The estimate `EXPLAIN`s are not included (they
-    /// execute nothing). Not a stable API.
+    /// overview binds. The estimates' `EXPLAIN` is not included (it
+    /// executes nothing). Not a stable API.
     #[doc(hidden)]
     pub async fn overview_plans(&self, opts: &OverviewOptions) -> Result<Vec<(String, String)>> {
         let cap1 = opts.validate()?;
@@ -873,10 +915,18 @@ mod tests {
     }
 
     #[test]
-    fn plan_rows_are_read_from_explain_json() {
-        let v =
+    fn branch_estimates_are_read_from_explain_json() {
+        let one =
             serde_json::json!([{"Plan": {"Node Type": "Index Only Scan", "Plan Rows": 171000}}]);
-        assert_eq!(plan_rows(&v), Some(171_000.0));
-        assert_eq!(plan_rows(&serde_json::json!([])), None);
+        assert_eq!(branch_rows(&one, 1), Some(vec![171_000.0]));
+        let two = serde_json::json!([{"Plan": {"Node Type": "Append", "Plan Rows": 5, "Plans": [
+            {"Node Type": "Index Only Scan", "Plan Rows": 3},
+            {"Node Type": "Index Scan", "Plan Rows": 2.0}
+        ]}}]);
+        assert_eq!(branch_rows(&two, 2), Some(vec![3.0, 2.0]));
+        // Another shape than one child per branch: no estimates.
+        assert_eq!(branch_rows(&two, 3), None);
+        assert_eq!(branch_rows(&one, 2), None);
+        assert_eq!(branch_rows(&serde_json::json!([]), 1), None);
     }
 }

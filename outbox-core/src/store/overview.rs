@@ -183,17 +183,33 @@ pub(crate) fn counts_sql(table: &OutboxTable, dlq: Option<&DlqTable>, retry_inde
     )
 }
 
-/// The planner's row estimate for one category of one queue: `EXPLAIN
-/// (FORMAT JSON)` of the uncapped predicate (`$1`: the queue). Nothing is
-/// executed.
-pub(crate) fn estimate_sql(table: &OutboxTable, dlq: Option<&DlqTable>, c: Category) -> String {
-    let (pred, _) = c.predicate();
-    let a = c.alias();
-    let name = match (c, dlq) {
-        (Category::DeadLetters, Some(d)) => d.qualified_name(),
-        _ => table.qualified_name(),
-    };
-    format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {name} {a} WHERE {a}.queue = $1 AND {pred}")
+/// The planner's row estimates for several (category, queue) counts at
+/// once: `EXPLAIN (FORMAT JSON)` of the `UNION ALL` of their uncapped
+/// predicates, branch `i` with its queue in `$i` (text). Nothing is
+/// executed; the plan is an `Append` with one child per branch, in order
+/// (one branch: the scan itself).
+pub(crate) fn estimates_sql(
+    table: &OutboxTable,
+    dlq: Option<&DlqTable>,
+    cats: &[Category],
+) -> String {
+    let branches: Vec<String> = cats
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            let (pred, _) = c.predicate();
+            let a = c.alias();
+            let name = match (c, dlq) {
+                (Category::DeadLetters, Some(d)) => d.qualified_name(),
+                _ => table.qualified_name(),
+            };
+            format!(
+                "SELECT 1 FROM {name} {a} WHERE {a}.queue = ${}::varchar AND {pred}",
+                i + 1
+            )
+        })
+        .collect();
+    format!("EXPLAIN (FORMAT JSON) {}", branches.join(" UNION ALL "))
 }
 
 /// The cumulative statistics of one table (`$1`: its qualified name), read
