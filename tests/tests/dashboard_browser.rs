@@ -192,7 +192,7 @@ fn group_alive(pgid: u32) -> Vec<u32> {
 }
 
 #[tokio::test]
-async fn the_harness_runs_javascript_and_shuts_chromium_down() {
+async fn the_harness_runs_javascript_and_shuts_chromium_down_on_close_and_on_drop() {
     let url = static_page(
         "<!doctype html><html><body><p id=\"js\">static</p>\
          <script>setTimeout(() => document.getElementById('js').textContent = 'ran', 300)</script>\
@@ -225,6 +225,21 @@ async fn the_harness_runs_javascript_and_shuts_chromium_down() {
         })
         .await,
         "processes of the browser left after close: {:?}",
+        group_alive(pgid)
+    );
+    // A browser dropped without close (a test that failed) takes its
+    // Chromium along too.
+    let dropped = Browser::start().await.unwrap();
+    dropped.goto(&url).await.unwrap();
+    let pgid = dropped.driver_pid();
+    assert!(group_alive(pgid).len() >= 2);
+    drop(dropped);
+    assert!(
+        tests::wait_until(Duration::from_secs(10), || async {
+            group_alive(pgid).is_empty()
+        })
+        .await,
+        "processes of the browser left after drop: {:?}",
         group_alive(pgid)
     );
 }
