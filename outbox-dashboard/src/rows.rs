@@ -17,6 +17,8 @@ pub(crate) struct RowsQuery {
     id: Option<String>,
     #[serde(default)]
     correlation_id: Option<String>,
+    #[serde(default)]
+    dead_letter_id: Option<String>,
 }
 
 pub(crate) async fn page(State(s): State<AppState>, Query(q): Query<RowsQuery>) -> Response {
@@ -24,24 +26,36 @@ pub(crate) async fn page(State(s): State<AppState>, Query(q): Query<RowsQuery>) 
 }
 
 fn lookup(q: &RowsQuery) -> Result<Option<RowLookup>, PageError> {
-    let id = q.id.as_deref().map(str::trim).filter(|s| !s.is_empty());
-    let cid = q
-        .correlation_id
-        .as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty());
-    match (id, cid) {
-        (Some(_), Some(_)) => Err(PageError::bad_input(
-            "give either an id or a correlation id, not both",
-        )),
-        (Some(id), None) => id.parse().map(|n| Some(RowLookup::Id(n))).map_err(|_| {
+    let given = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let (id, dl, cid) = (
+        given(&q.id),
+        given(&q.dead_letter_id),
+        given(&q.correlation_id),
+    );
+    let number = |field: &str, v: &str| {
+        v.parse::<i64>().map_err(|_| {
             PageError::bad_input(format!(
-                "id {id:?} is not a row id: ids are whole numbers (search by correlation id \
-                 for anything else)"
+                "{field} {v:?} is not a row id: ids are whole numbers (search by correlation \
+                 id for anything else)"
             ))
-        }),
-        (None, Some(c)) => Ok(Some(RowLookup::CorrelationId(c.to_owned()))),
-        (None, None) => Ok(None),
+        })
+    };
+    match (id, dl, cid) {
+        (None, None, None) => Ok(None),
+        (Some(id), None, None) => Ok(Some(RowLookup::Id(number("id", &id)?))),
+        (None, Some(dl), None) => Ok(Some(RowLookup::DeadLetterId(number(
+            "dead_letter_id",
+            &dl,
+        )?))),
+        (None, None, Some(c)) => Ok(Some(RowLookup::CorrelationId(c))),
+        _ => Err(PageError::bad_input(
+            "give one of id, dead_letter_id or correlation_id, not several",
+        )),
     }
 }
 
@@ -53,7 +67,9 @@ async fn render(s: &Shared, q: &RowsQuery) -> PageResult {
     };
     let body = html! {
         form.filter method="get" action="/rows" {
-            label { "Id " input type="text" name="id" inputmode="numeric" value=[q.id.as_deref()]; }
+            label { "Outbox row id " input type="text" name="id" inputmode="numeric" value=[q.id.as_deref()]; }
+            " or "
+            label { "Dead-letter id " input type="text" name="dead_letter_id" inputmode="numeric" value=[q.dead_letter_id.as_deref()]; }
             " or "
             label { "Correlation id " input type="text" name="correlation_id" size="40" value=[q.correlation_id.as_deref()]; }
             button type="submit" { "Find" }

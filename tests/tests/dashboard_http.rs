@@ -306,8 +306,14 @@ async fn every_page_renders_the_known_data() -> anyhow::Result<()> {
         "{}",
         by_corr.body
     );
+    let by_dl = get(addr, &format!("/rows?dead_letter_id={dl}")).await;
+    assert!(by_dl.body.contains("1 found."), "{}", by_dl.body);
+    assert!(by_dl.body.contains("4242"), "{}", by_dl.body);
     let none = get(addr, "/rows?id=abc").await;
     assert_eq!(none.status, 400);
+    let both = get(addr, "/rows?id=1&correlation_id=x").await;
+    assert_eq!(both.status, 400);
+    assert!(both.body.contains("not several"), "{}", both.body);
 
     let css = get(addr, "/assets/dashboard.css").await;
     assert_eq!(css.status, 200);
@@ -699,6 +705,18 @@ async fn app_services_start_with_the_engine_and_stop_at_shutdown() -> anyhow::Re
         err.contains("service hook `broken` failed: it broke"),
         "{err}"
     );
+
+    // One that ignores the request to stop is aborted after
+    // App::SERVICE_STOP_TIMEOUT, with a WARN, and the app still stops.
+    let app = db.app().subscriber(consumer()).service("deaf", |_, _| {
+        std::future::pending::<Result<(), BoxError>>()
+    });
+    RunningApp::start(app).stop().await?;
+    let warned = tests::captured(|c| {
+        c.level == tracing::Level::WARN
+            && c.message.contains("service `deaf` did not stop within 5s")
+    });
+    assert_eq!(warned.len(), 1, "{warned:?}");
     Ok(())
 }
 
