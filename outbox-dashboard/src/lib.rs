@@ -6,7 +6,7 @@
 //! | `/` | every queue (ready, scheduled, leased, retrying, dead letters, oldest ready and leased ages; refreshed every few seconds without reloading) and a chart of the relay rate (rows inserted and deleted per second, the last 15 minutes) |
 //! | `/dead-letters` | dead letters filtered by queue, reason and time (`?queue=&reason=&since=&until=`), each with its payload, headers and last exception; replay or purge one, or the filtered set through a confirmation page |
 //! | `/relays` | the engines' PostgreSQL connections (fetch, worker, acker, LISTEN); embedded in an [`App`](outbox_core::App), also its subscribers and LISTEN state |
-//! | `/rows` | an outbox row or dead letter by id or correlation id |
+//! | `/rows` | an outbox row (and its dead letters) by id, a dead letter by its id, or both by correlation id |
 //!
 //! Server-rendered HTML (maud escapes every value), a little vanilla
 //! JavaScript, CSS and JS embedded in the binary: nothing is fetched from

@@ -1,4 +1,5 @@
-//! The rows page: an outbox row or dead letter by id or correlation id.
+//! The rows page: an outbox row (and its dead letters) by id, a dead letter
+//! by its id, or both by correlation id.
 
 use axum::extract::{Query, State};
 use axum::response::Response;
