@@ -1,6 +1,7 @@
 //! The dead-letter pages: the filtered list, one dead letter, and replay
 //! and purge (of one, or of the filtered set) through a confirmation page.
 
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
@@ -449,27 +450,36 @@ pub(crate) struct TokenForm {
     csrf: Option<String>,
 }
 
+/// A form body, or the page saying why it could not be read.
+type FormBody<T> = Result<Form<T>, FormRejection>;
+
+fn read_form<T>(form: FormBody<T>) -> Result<T, PageError> {
+    form.map(|Form(f)| f).map_err(|e| {
+        PageError::bad_input(format!(
+            "the form could not be read ({e}); submit it from the dashboard's own page"
+        ))
+    })
+}
+
 pub(crate) async fn replay_one(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    Form(f): Form<TokenForm>,
+    form: FormBody<TokenForm>,
 ) -> Response {
-    respond(
-        &s,
-        act_one(&s, &id, f.csrf.as_deref(), Action::Replay).await,
-    )
+    respond(&s, act_one(&s, &id, form, Action::Replay).await)
 }
 
 pub(crate) async fn purge_one(
     State(s): State<AppState>,
     Path(id): Path<String>,
-    Form(f): Form<TokenForm>,
+    form: FormBody<TokenForm>,
 ) -> Response {
-    respond(&s, act_one(&s, &id, f.csrf.as_deref(), Action::Purge).await)
+    respond(&s, act_one(&s, &id, form, Action::Purge).await)
 }
 
-async fn act_one(s: &Shared, id: &str, csrf: Option<&str>, action: Action) -> PageResult {
-    s.check_csrf(csrf)?;
+async fn act_one(s: &Shared, id: &str, form: FormBody<TokenForm>, action: Action) -> PageResult {
+    let form = read_form(form)?;
+    s.check_csrf(form.csrf.as_deref())?;
     let id = parse_id(id)?;
     require_dlq(s)?;
     let filter = DlqFilter::new().ids([id]);
@@ -605,15 +615,17 @@ async fn confirm_set(s: &Shared, f: &FilterForm, action: Action) -> PageResult {
     Ok(layout::page(s, Nav::DeadLetters, title, body))
 }
 
-pub(crate) async fn replay_set(State(s): State<AppState>, Form(f): Form<FilterForm>) -> Response {
-    respond(&s, act_set(&s, &f, Action::Replay).await)
+pub(crate) async fn replay_set(State(s): State<AppState>, form: FormBody<FilterForm>) -> Response {
+    respond(&s, act_set(&s, form, Action::Replay).await)
 }
 
-pub(crate) async fn purge_set(State(s): State<AppState>, Form(f): Form<FilterForm>) -> Response {
-    respond(&s, act_set(&s, &f, Action::Purge).await)
+pub(crate) async fn purge_set(State(s): State<AppState>, form: FormBody<FilterForm>) -> Response {
+    respond(&s, act_set(&s, form, Action::Purge).await)
 }
 
-async fn act_set(s: &Shared, f: &FilterForm, action: Action) -> PageResult {
+async fn act_set(s: &Shared, form: FormBody<FilterForm>, action: Action) -> PageResult {
+    let form = read_form(form)?;
+    let f = &form;
     s.check_csrf(f.csrf.as_deref())?;
     require_dlq(s)?;
     let sel = f.selection()?;

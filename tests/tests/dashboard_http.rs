@@ -96,10 +96,13 @@ async fn request(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     if method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -378,6 +381,21 @@ async fn posts_need_this_process_csrf_token_and_origin() -> anyhow::Result<()> {
     .await;
     assert_eq!(foreign.status, 403);
     assert!(foreign.body.contains("another origin"), "{}", foreign.body);
+    // Not a form at all.
+    let json = request(
+        addr,
+        "POST",
+        &path,
+        &[("Content-Type", "application/json")],
+        &format!(r#"{{"csrf": "{csrf}"}}"#),
+    )
+    .await;
+    assert_eq!(json.status, 400, "{}", json.body);
+    assert!(
+        json.body.contains("the form could not be read"),
+        "{}",
+        json.body
+    );
     assert_eq!(db.dlq_count().await?, 1, "nothing was purged");
 
     // Same origin and the right token: done.
