@@ -589,7 +589,11 @@ async fn the_overview_reads_no_table_sequentially_on_a_million_rows() -> R {
         assert!((100_000..=500_000).contains(&r), "{q} ready ≈{r}");
         assert!((1_500..=15_000).contains(&s), "{q} scheduled ≈{s}");
         assert!((1_001..=8_000).contains(&t), "{q} retrying ≈{t}");
-        assert_eq!(o.leased, Count::Exact(1000), "{q}: exactly the cap is exact");
+        assert_eq!(
+            o.leased,
+            Count::Exact(1000),
+            "{q}: exactly the cap is exact"
+        );
     }
     Ok(())
 }
