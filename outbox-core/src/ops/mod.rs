@@ -47,8 +47,8 @@ use crate::store::DlqTable;
 pub use crate::store::{AutovacuumOptions, DeadLetter, QueueStats, autovacuum_sql};
 pub use dlq::DlqFilter;
 pub use overview::{
-    Count, DEFAULT_OVERVIEW_CAP, FIND_ROWS_LIMIT, OverviewOptions, QueueOverview, ROW_PAYLOAD_LIMIT,
-    RelayConnection, RowLookup, RowState, RowView, TableActivity,
+    Count, DEFAULT_OVERVIEW_CAP, FIND_ROWS_LIMIT, OverviewOptions, QueueOverview,
+    ROW_PAYLOAD_LIMIT, RelayConnection, RowLookup, RowState, RowView, TableActivity,
 };
 pub use replay::{
     DEFAULT_REPLAY_BATCH_SIZE, REPLAYED_FROM_HEADER, ReplayOptions, ReplayProgress, ReplayReport,
