@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use outbox_core::inbox::Inbox;
 use outbox_core::ops::{
     AutovacuumOptions, DlqFilter, ReplayOptions, ReplayProgress, ReplayTimers, autovacuum_sql,
 };
@@ -77,9 +78,15 @@ struct Cli {
 enum Command {
     /// Create the outbox and dead-letter tables, their indexes and the lease
     /// CHECK where missing (idempotent).
-    Migrate,
+    Migrate {
+        #[command(flatten)]
+        inbox: InboxArg,
+    },
     /// Print the DDL of both tables (no database needed).
-    Sql,
+    Sql {
+        #[command(flatten)]
+        inbox: InboxArg,
+    },
     /// Compare the live tables with what the engine needs; on drift, print
     /// every problem and the DDL that fixes it, and exit with 3.
     Validate {
@@ -125,6 +132,30 @@ enum Command {
     /// relays, rows) over HTTP until interrupted; read-only unless
     /// --allow-writes.
     Serve(serve::ServeArgs),
+}
+
+/// The inbox table of a consuming service (`outbox_core::inbox`).
+#[derive(Debug, Args)]
+struct InboxArg {
+    /// Also the inbox table TABLE of consuming services (`outbox_core::inbox`;
+    /// one table serves every consumer; in --schema when given).
+    #[arg(long, value_name = "TABLE")]
+    inbox: Option<String>,
+}
+
+impl InboxArg {
+    /// The inbox table's definition (the consumer name does not matter to
+    /// its DDL).
+    fn table(&self, cli: &Cli) -> Result<Option<Inbox>, Failure> {
+        let Some(name) = &self.inbox else {
+            return Ok(None);
+        };
+        let mut inbox = Inbox::new(name, "outbox-cli").map_err(Failure::from_core)?;
+        if let Some(s) = &cli.schema {
+            inbox = inbox.schema(s).map_err(Failure::from_core)?;
+        }
+        Ok(Some(inbox))
+    }
 }
 
 // The settings `outbox autovacuum` prints (the variant documents the command).
@@ -471,9 +502,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     let t = tables(&cli)?;
     match &cli.command {
         Command::Docs(cmd) => docs::run(cmd).await,
-        Command::Sql => sql(&cli, &t),
+        Command::Sql { inbox } => sql(&cli, &t, inbox.table(&cli)?),
         Command::Autovacuum(args) => autovacuum(&cli, &t, args),
-        Command::Migrate => migrate(&cli, &t).await,
+        Command::Migrate { inbox } => migrate(&cli, &t, inbox.table(&cli)?).await,
         Command::Validate { autovacuum } => validate(&cli, &t, *autovacuum).await,
         Command::Stats { queues, watch } => stats_command(&cli, &t, queues, *watch).await,
         Command::Peek { queue, limit } => peek(&cli, &t, queue, *limit).await,
@@ -498,13 +529,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 }
 
 /// `outbox sql`: the DDL of both tables.
-fn sql(cli: &Cli, t: &Tables) -> Result<ExitCode, Failure> {
+fn sql(cli: &Cli, t: &Tables, inbox: Option<Inbox>) -> Result<ExitCode, Failure> {
     let outbox = t.table.create_sql();
     let dlq = t.dlq.as_ref().map(DlqTable::create_sql);
+    let inbox = inbox.as_ref().map(Inbox::create_sql);
     if cli.json {
-        output::print_json(&json!({"outbox": outbox, "dlq": dlq}))?;
+        output::print_json(&json!({"outbox": outbox, "dlq": dlq, "inbox": inbox}))?;
     } else {
-        output::emit(&format!("{outbox}{}", dlq.unwrap_or_default()))?;
+        output::emit(&format!(
+            "{outbox}{}{}",
+            dlq.unwrap_or_default(),
+            inbox.unwrap_or_default()
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -539,21 +575,29 @@ fn autovacuum(cli: &Cli, t: &Tables, args: &AutovacuumArgs) -> Result<ExitCode, 
 }
 
 /// `outbox migrate`: creates what is missing.
-async fn migrate(cli: &Cli, t: &Tables) -> Result<ExitCode, Failure> {
+async fn migrate(cli: &Cli, t: &Tables, inbox: Option<Inbox>) -> Result<ExitCode, Failure> {
     let pool = connect(cli).await?;
-    let b = broker(pool, t, true);
+    let b = broker(pool.clone(), t, true);
     b.migrate().await.map_err(Failure::from_core)?;
+    if let Some(i) = &inbox {
+        i.migrate(&pool).await.map_err(Failure::from_core)?;
+    }
     let dlq = t.dlq.as_ref().map(DlqTable::qualified_name);
+    let inbox = inbox.as_ref().map(Inbox::qualified_name);
     if cli.json {
         output::print_json(&json!({
             "ok": true,
             "table": t.table.qualified_name(),
             "dlq_table": dlq,
+            "inbox_table": inbox,
         }))?;
     } else {
         let mut text = format!("outbox table {} is in place\n", t.table.qualified_name());
         if let Some(d) = dlq {
             text.push_str(&format!("dead-letter table {d} is in place\n"));
+        }
+        if let Some(i) = inbox {
+            text.push_str(&format!("inbox table {i} is in place\n"));
         }
         output::emit(&text)?;
     }

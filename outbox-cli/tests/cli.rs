@@ -94,6 +94,43 @@ async fn dead_letter(
     Ok(id)
 }
 
+/// `migrate --inbox` creates the consumers' inbox table in --schema (usable
+/// by `outbox_core::inbox::Inbox` at once); `sql --inbox` prints its DDL.
+#[tokio::test]
+async fn migrate_creates_the_inbox_table_when_asked() -> R {
+    let db = TestDb::new().await?;
+    let o = run_on(&db, "ibx_outbox", &["sql", "--inbox", "ibx_inbox"]).await?;
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let ddl = format!(r#"CREATE TABLE "{}"."ibx_inbox" ("#, db.schema);
+    assert!(stdout(&o).contains(&ddl), "{}", stdout(&o));
+    let o = run_on(
+        &db,
+        "ibx_outbox",
+        &["--json", "migrate", "--inbox", "ibx_inbox"],
+    )
+    .await?;
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(
+        v["inbox_table"],
+        json!(format!(r#""{}"."ibx_inbox""#, db.schema)),
+        "{v}"
+    );
+    let inbox = outbox_core::inbox::Inbox::new("ibx_inbox", "billing")?.schema(&db.schema)?;
+    let mut tx = db.pool.begin().await?;
+    assert!(inbox.accept(&mut *tx, "m-1").await?);
+    assert!(!inbox.accept(&mut *tx, "m-1").await?);
+    tx.commit().await?;
+    // Without the flag, no inbox table; a bad name is a usage error.
+    let o = run_on(&db, "ibx_outbox", &["migrate"]).await?;
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(!stdout(&o).contains("inbox"), "{}", stdout(&o));
+    let o = run_on(&db, "ibx_outbox", &["migrate", "--inbox", ""]).await?;
+    assert_ne!(code(&o), 0, "{}", stdout(&o));
+    assert!(stderr(&o).contains("inbox table"), "{}", stderr(&o));
+    Ok(())
+}
+
 #[tokio::test]
 async fn migrate_then_validate_and_drift_exits_3() -> R {
     let db = TestDb::new().await?;
