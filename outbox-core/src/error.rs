@@ -71,7 +71,8 @@ pub enum Error {
     /// A lifecycle hook of an application failed.
     #[error("{stage} hook `{name}` failed: {source}")]
     Hook {
-        /// `on_startup`, `after_startup`, `on_shutdown` or `after_shutdown`.
+        /// `on_startup`, `after_startup`, `on_shutdown`, `after_shutdown`,
+        /// or `service` (an [`App::service`](crate::App::service)).
         stage: &'static str,
         /// The hook's name.
         name: String,

@@ -41,6 +41,7 @@ pub(crate) fn page(s: &Shared, nav: Nav, title: &str, body: Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · outbox" }
                 link rel="stylesheet" href="/assets/dashboard.css";
+                link rel="icon" type="image/svg+xml" href="/assets/favicon.svg";
                 script src="/assets/dashboard.js" defer {}
             }
             body data-refresh-ms=(s.config.refresh.as_millis()) {

@@ -72,6 +72,8 @@ pub(crate) fn router(shared: AppState) -> Router {
         .route("/", get(crate::queues::page))
         .route("/assets/dashboard.css", get(css))
         .route("/assets/dashboard.js", get(js))
+        .route("/favicon.ico", get(favicon))
+        .route("/assets/favicon.svg", get(favicon))
         .route("/dead-letters", get(crate::dlq::list))
         .route(
             "/dead-letters/replay",
@@ -101,6 +103,14 @@ async fn css() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         include_str!("../assets/dashboard.css"),
+    )
+}
+
+/// The tab icon (browsers ask for `/favicon.ico` on their own).
+async fn favicon() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        include_str!("../assets/favicon.svg"),
     )
 }
 

@@ -622,12 +622,9 @@ async fn a_dashboard_with_basic_auth_loads_with_credentials_and_refuses_without(
     browser.close().await
 }
 
-/// A page's console errors, less the browser's own request for a favicon
-/// (the dashboard has none: 404).
+/// A page's console errors.
 async fn console_errors(browser: &Browser) -> anyhow::Result<Vec<String>> {
-    let mut errors = browser.console_errors().await?;
-    errors.retain(|e| !e.contains("/favicon.ico "));
-    Ok(errors)
+    browser.console_errors().await
 }
 
 /// What only a browser sees: script errors, assets that fail to load, and
