@@ -3,9 +3,12 @@
 //! [`OutboxBroker::stats`] on the same table in the same run. Prefills a
 //! backlog spread over several queues (with scheduled, retrying and leased
 //! rows) and a dead-letter table, `VACUUM ANALYZE`s both, then times `runs`
-//! calls of each, interleaved so that both see the same machine. Prints one
-//! JSON object: the percentiles of each and their ratio. Timings are not
-//! gated (`check` does not run it).
+//! calls of each, interleaved so that both see the same machine, and as
+//! many loads of the dashboard's queues page (`GET /` of an
+//! `outbox_dashboard::Dashboard` served on loopback, over HTTP, whole body
+//! read: what an operator's browser waits for). Prints one JSON object: the
+//! percentiles of each and their ratios. Timings are not gated (`check` does
+//! not run it).
 
 use std::time::Instant;
 
@@ -106,8 +109,21 @@ async fn measure(
         broker.overview(&opts).await?;
         broker.stats().await?;
     }
+    // The queues page, served as `outbox serve` serves it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        outbox_dashboard::Dashboard::new(broker.clone()).serve_listener(listener, async {
+            let _ = stopped.await;
+        }),
+    );
+    for _ in 0..3 {
+        get_page(addr).await?;
+    }
     let mut overview_ms = Vec::with_capacity(p.runs);
     let mut stats_ms = Vec::with_capacity(p.runs);
+    let mut page_ms = Vec::with_capacity(p.runs);
     let mut last = Vec::new();
     for _ in 0..p.runs.max(1) {
         let s = Instant::now();
@@ -116,7 +132,12 @@ async fn measure(
         let s = Instant::now();
         broker.stats().await?;
         stats_ms.push(s.elapsed().as_secs_f64() * 1000.0);
+        let s = Instant::now();
+        get_page(addr).await?;
+        page_ms.push(s.elapsed().as_secs_f64() * 1000.0);
     }
+    let _ = stop.send(());
+    server.await?.context("the dashboard server")?;
     let plans = broker.overview_plans(&opts).await?;
     let seq_scans = plans
         .iter()
@@ -125,14 +146,20 @@ async fn measure(
     pool.close().await;
     let ov = percentiles_ms(&mut overview_ms);
     let st = percentiles_ms(&mut stats_ms);
-    let ratio = |k: &str| {
-        let (a, b) = (st[k].as_f64().unwrap_or(0.0), ov[k].as_f64().unwrap_or(0.0));
+    let pg = percentiles_ms(&mut page_ms);
+    let ratio_of = |num: &Value, den: &Value, k: &str| {
+        let (a, b) = (
+            num[k].as_f64().unwrap_or(0.0),
+            den[k].as_f64().unwrap_or(0.0),
+        );
         if b > 0.0 {
             json!(crate::sys::round(a / b, 1))
         } else {
             Value::Null
         }
     };
+    let ratio = |k: &str| ratio_of(&st, &ov, k);
+    let page_ratio = |k: &str| ratio_of(&st, &pg, k);
     let queues_json: Vec<Value> = last
         .iter()
         .map(|q| {
@@ -157,8 +184,27 @@ async fn measure(
         "overview_ms": ov,
         "stats_ms": st,
         "stats_over_overview": {"p50": ratio("p50"), "p95": ratio("p95"), "p99": ratio("p99")},
+        "queues_page_ms": pg,
+        "stats_over_queues_page": {"p50": page_ratio("p50"), "p95": page_ratio("p95"), "p99": page_ratio("p99")},
         "overview_statements_with_seq_scan": seq_scans,
         "overview": queues_json,
         "build": crate::build_info(),
     }))
+}
+
+/// `GET /` of the dashboard, read to the end; fails unless it is the queues
+/// page answered with 200.
+async fn get_page(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    anyhow::ensure!(
+        body.starts_with("HTTP/1.1 200") && body.contains(r#"id="queues""#),
+        "the dashboard's queues page did not answer 200 with its table: {}",
+        body.lines().next().unwrap_or_default()
+    );
+    Ok(())
 }
