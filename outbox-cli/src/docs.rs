@@ -237,7 +237,7 @@ async fn serve(listen: SocketAddr, doc: &Value) -> Result<ExitCode, Failure> {
         "serving the AsyncAPI document on http://{addr}/ (JSON: /asyncapi.json, YAML: /asyncapi.yaml); Ctrl-C stops"
     );
     let pages = std::sync::Arc::new((page, json, yaml));
-    let stop = shutdown_signal();
+    let stop = crate::stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -256,28 +256,6 @@ async fn serve(listen: SocketAddr, doc: &Value) -> Result<ExitCode, Failure> {
                 });
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -100,31 +100,8 @@ pub(crate) async fn run(broker: OutboxBroker, args: &ServeArgs) -> Result<ExitCo
         let _ = out.flush();
     }
     dashboard
-        .serve_listener(listener, stop_signal())
+        .serve_listener(listener, crate::stop_signal())
         .await
         .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// Ctrl-C, or SIGTERM on Unix.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = term => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
