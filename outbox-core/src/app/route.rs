@@ -104,6 +104,8 @@ pub struct Route {
     pub(crate) requirements: Vec<Requirement>,
     pub(crate) location: Option<Location>,
     pub(crate) schemas: RouteSchemas,
+    /// `exactly_once(lanes)`: the number of lanes.
+    pub(crate) exactly_once: Option<u32>,
 }
 
 /// The payload types a route documents in its AsyncAPI messages.
@@ -123,6 +125,7 @@ impl fmt::Debug for Route {
             .field("targets", &self.targets)
             .field("propagate_headers", &self.propagate_headers)
             .field("location", &self.location)
+            .field("exactly_once", &self.exactly_once)
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +146,7 @@ impl Route {
             requirements: Vec::new(),
             location: None,
             schemas: RouteSchemas::default(),
+            exactly_once: None,
         }
     }
 
@@ -193,6 +197,7 @@ pub struct RouteBuilder {
     requirements: Vec<Requirement>,
     location: Option<Location>,
     schemas: RouteSchemas,
+    exactly_once: Option<u32>,
 }
 
 impl RouteBuilder {
@@ -228,6 +233,35 @@ impl RouteBuilder {
             transport: transport.into(),
             destination: destination.into(),
         });
+        self
+    }
+
+    /// Publishes this route's results **exactly once** for `read_committed`
+    /// consumers, through `lanes` lanes (1 to 1024): the route must publish
+    /// to exactly one transport that has lanes (Kafka:
+    /// `KafkaBroker::transactional(app_id)`), which `App::run` checks. Each
+    /// lane's lots commit with their progress in one bus transaction; a
+    /// relay owns a lane through a PostgreSQL session advisory lock, and
+    /// relays share the lanes (design and guarantees: `docs/exactly-once.md`).
+    ///
+    /// A row's lane is `hash(ordering_key) mod lanes` (else `id mod lanes`),
+    /// so a key's rows stay in one lane, in id order. The lot size is
+    /// `fetch_batch_size`. Changing `lanes` needs the outbox drained first.
+    ///
+    /// ```
+    /// use outbox_core::{BoxError, Message, Response, Route};
+    ///
+    /// let route = Route::builder(["orders"])
+    ///     .publish_to("kafka", "orders.kafka")
+    ///     .exactly_once(4)
+    ///     .fetch_batch_size(500)
+    ///     .handler(|msg: Message, _ctx| async move {
+    ///         Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+    ///     });
+    /// assert!(format!("{route:?}").contains("exactly_once: Some(4)"));
+    /// ```
+    pub fn exactly_once(mut self, lanes: u32) -> Self {
+        self.exactly_once = Some(lanes);
         self
     }
 
@@ -351,6 +385,7 @@ impl RouteBuilder {
             requirements: self.requirements,
             location: self.location,
             schemas: self.schemas,
+            exactly_once: self.exactly_once,
         }
     }
 }

@@ -17,6 +17,7 @@
 // neither.
 
 mod connect;
+pub(crate) mod lane;
 mod memory;
 pub(crate) mod outbox;
 mod server;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use crate::envelope::Headers;
 use crate::error::BoxError;
 pub use connect::{Connect, ConnectError, TransportBroker};
+pub use lane::{Lane, LaneId, Lanes, LotOutcome};
 /// The boxed future [`Transport`] and [`TransportBroker`] methods return.
 pub use futures_util::future::BoxFuture;
 pub use memory::{InjectedFailure, MemoryTransport};
@@ -261,6 +263,15 @@ pub trait Transport: Send + Sync + 'static {
     #[doc(hidden)]
     fn takes_follow_on(&self, _: Sealed) -> bool {
         false
+    }
+
+    /// The transport's exactly-once lanes, if it has them (Kafka with
+    /// `KafkaBroker::transactional`): what a route with
+    /// `exactly_once(lanes)` publishes through (see [`Lanes`] and
+    /// `docs/exactly-once.md`). The default has none; `App::run` then
+    /// refuses such a route.
+    fn lanes(&self) -> Option<Arc<dyn Lanes>> {
+        None
     }
 
     /// Flushes and closes; called once at shutdown, after the subscribers
