@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -48,7 +49,7 @@ const LANE_POLL: Duration = Duration::from_secs(1);
 const LANE_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The longest an idle lane waits before it claims again (a NOTIFY wakes
-/// only one of the lanes).
+/// every idle lane at once; a retry that comes due does not).
 const LANE_IDLE: Duration = Duration::from_millis(250);
 
 /// An exactly-once subscriber's lanes: how many, and the transport that
@@ -83,11 +84,24 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
     let mut owned: HashMap<tokio::task::Id, u32> = HashMap::new();
     let mut not_before: HashMap<u32, Instant> = HashMap::new();
     let mut spare: Option<Conn> = None;
+    // A NOTIFY wakes one waiter of `shared.wake`: this loop, which wakes
+    // every idle lane.
+    let wake = Arc::new(Notify::new());
+    let mut next_scan = Instant::now();
     loop {
         if shared.stop_fetch.is_cancelled() {
             break;
         }
         let now = Instant::now();
+        if now < next_scan {
+            tokio::select! {
+                () = shared.stop_fetch.cancelled() => {}
+                () = shared.wake.notified() => wake.notify_waiters(),
+                () = tokio::time::sleep_until(next_scan) => {}
+            }
+            continue;
+        }
+        next_scan = now + LANE_POLL;
         let mine: HashSet<u32> = owned.values().copied().collect();
         for lane in 0..spec.lanes {
             if mine.contains(&lane) || not_before.get(&lane).is_some_and(|t| *t > now) {
@@ -106,7 +120,8 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
             match store::try_lock(conn, &unit, lane).await {
                 Ok(true) => {
                     let Some(conn) = spare.take() else { break };
-                    let handle = tasks.spawn(own(shared.clone(), spec.clone(), conn, lane));
+                    let handle =
+                        tasks.spawn(own(shared.clone(), spec.clone(), conn, lane, wake.clone()));
                     owned.insert(handle.id(), lane);
                 }
                 Ok(false) => {}
@@ -119,7 +134,8 @@ pub(crate) async fn run(shared: Arc<SubShared>) {
         }
         tokio::select! {
             () = shared.stop_fetch.cancelled() => {}
-            () = tokio::time::sleep(LANE_POLL) => {}
+            () = shared.wake.notified() => wake.notify_waiters(),
+            () = tokio::time::sleep_until(next_scan) => {}
             Some(ended) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 let id = match &ended {
                     Ok((id, ())) => *id,
@@ -148,9 +164,9 @@ fn table_label(shared: &SubShared) -> String {
 /// Owns lane `lane` while its lock's connection `conn` lives: drives it
 /// until the subscriber stops or the lane is lost, then drops the
 /// connection (the server releases the lock).
-async fn own(shared: Arc<SubShared>, spec: LaneSpec, mut conn: Conn, lane: u32) {
+async fn own(shared: Arc<SubShared>, spec: LaneSpec, mut conn: Conn, lane: u32, wake: Arc<Notify>) {
     let name = shared.sub.name().to_owned();
-    match drive(&shared, &spec, &mut conn, lane).await {
+    match drive(&shared, &spec, &mut conn, lane, &wake).await {
         Ok(()) => tracing::info!(subscriber = %name, lane, "outbox lane released (stopping)"),
         Err(e) => tracing::warn!(
             subscriber = %name, lane,
@@ -169,6 +185,7 @@ async fn drive(
     spec: &LaneSpec,
     conn: &mut Conn,
     lane: u32,
+    wake: &Notify,
 ) -> Result<(), BoxError> {
     let stmts = &shared.broker.stmts().lane;
     let id = LaneId::new(table_label(shared), shared.sub.name(), lane, spec.lanes);
@@ -207,15 +224,14 @@ async fn drive(
         super::lot::counted(&mut rows);
         shared.claim_ends(&rows);
         if rows.is_empty() {
-            if shared.wait_idle(idle).await {
-                return Ok(());
+            tokio::select! {
+                () = shared.stop_fetch.cancelled() => return Ok(()),
+                () = wake.notified() => {}
+                () = tokio::time::sleep(idle) => {}
             }
             continue;
         }
         shared.metrics.fetched(rows.len());
-        if rows.len() >= limit {
-            shared.wake.notify_one();
-        }
         handle_lot(shared, spec, conn, &mut *bus, rows).await?;
     }
 }

@@ -28,9 +28,11 @@ pub(crate) fn lane_expr(c: &str) -> String {
 pub(crate) struct LaneSql {
     /// `$1` queues, `$2` limit, `$3` lease TTL (seconds: rows leased by
     /// another subscriber mode and expired are taken), `$4` lanes, `$5`
-    /// the lane. Id order. A keyed row waits while an earlier row of its
-    /// key waits for a retry (`<t>_key_idx`), so a key's records stay in
-    /// id order across retries.
+    /// the lane. Id order. A keyed row waits while a row of its key waits
+    /// for a retry (`blocked`: the retrying rows, on `<t>_retry_idx` or
+    /// `<t>_pending_idx`, a handful), so a key's records stay in id order
+    /// across retries (a key's retrying row is its oldest: the later ones
+    /// were held back).
     claim: Sql,
     /// `$1` ids.
     delete: Sql,
@@ -43,14 +45,17 @@ impl LaneSql {
         let lane = lane_expr("c");
         Self {
             claim: format!(
-                "SELECT {cols} FROM {t} c \
+                "WITH blocked AS MATERIALIZED (SELECT DISTINCT b.ordering_key FROM {t} b \
+                   WHERE b.queue = ANY($1::varchar[]) AND b.attempts_count > 0 \
+                   AND b.acquired_token IS NULL AND b.next_attempt_at > now() \
+                   AND b.ordering_key IS NOT NULL) \
+                 SELECT {cols} FROM {t} c \
                  WHERE c.queue = ANY($1::varchar[]) AND c.next_attempt_at <= now() \
                  AND (c.acquired_token IS NULL OR c.acquired_at < now() - make_interval(secs => $3)) \
                  AND {lane} = $5::int8 \
-                 AND (c.ordering_key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} h \
-                   WHERE h.queue = c.queue AND h.ordering_key COLLATE \"C\" = c.ordering_key COLLATE \"C\" \
-                   AND h.id < c.id AND h.next_attempt_at > now())) \
-                 ORDER BY c.id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                 AND (c.ordering_key IS NULL \
+                   OR NOT EXISTS (SELECT 1 FROM blocked WHERE blocked.ordering_key = c.ordering_key)) \
+                 ORDER BY c.id LIMIT $2 FOR UPDATE OF c SKIP LOCKED"
             )
             .into(),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1::int8[])").into(),
@@ -95,7 +100,13 @@ pub(crate) async fn claim(
     lane: u32,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     let pg = pg(conn)?;
-    sqlx::raw_sql("BEGIN").execute(&mut *pg).await?;
+    // The planner's estimate of the id-ordered scan with its filters puts
+    // the claim above `jit_above_cost`: JIT compiling it cost 0.3 to 0.5 s,
+    // the claim itself well under 1 ms (EXPLAIN ANALYZE, 25 of 50,000
+    // rows). Off for the lot's transaction only.
+    sqlx::raw_sql("BEGIN; SET LOCAL jit = off")
+        .execute(&mut *pg)
+        .await?;
     let claimed = sql::q_as::<OutboxRow>(&stmts.claim)
         .bind(queues)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
