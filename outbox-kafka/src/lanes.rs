@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use outbox_core::transport::{Lane, LaneId, Lanes, LotOutcome};
+use outbox_core::transport::{Lane, LaneId, Lanes, LotOutcome, Opened};
 use outbox_core::{BoxError, BusRejection, Outgoing};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -93,10 +93,7 @@ pub(crate) fn names(app: &str, id: &LaneId) -> (String, String) {
 }
 
 impl Lanes for KafkaLanes {
-    fn open(
-        &self,
-        id: LaneId,
-    ) -> BoxFuture<'static, std::result::Result<(Box<dyn Lane>, Vec<i64>), BoxError>> {
+    fn open(&self, id: LaneId) -> BoxFuture<'static, std::result::Result<Opened, BoxError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             match inner.open(id).await {

@@ -86,13 +86,17 @@ pub enum LotOutcome {
     Aborted(BoxError),
 }
 
+/// What [`Lanes::open`] gives: the opened lane, and the ids of the lane's
+/// last committed lot (empty when there is none).
+pub type Opened = (Box<dyn Lane>, Vec<i64>);
+
 /// A transport that can open lanes (see the [module](self) docs).
 pub trait Lanes: Send + Sync + 'static {
     /// Opens `id` for this process: fences every older owner of the lane
     /// (its open transaction is aborted for good) and returns the lane with
     /// the ids of the lane's last committed lot (empty when there is none).
     /// Called only while the caller holds the lane's lock.
-    fn open(&self, id: LaneId) -> BoxFuture<'static, Result<(Box<dyn Lane>, Vec<i64>), BoxError>>;
+    fn open(&self, id: LaneId) -> BoxFuture<'static, Result<Opened, BoxError>>;
 }
 
 /// One opened lane: one transaction at a time.
