@@ -90,7 +90,21 @@ pub enum LotOutcome {
 /// last committed lot (empty when there is none).
 pub type Opened = (Box<dyn Lane>, Vec<i64>);
 
-/// A transport that can open lanes (see the [module](self) docs).
+/// A transport that can open **exactly-once lanes**: what a route with
+/// [`exactly_once(lanes)`](crate::RouteBuilder::exactly_once) publishes
+/// through (`outbox-kafka`: `KafkaBroker::transactional`).
+///
+/// A subscriber with `U` lanes splits its rows into lanes (a key's rows
+/// into one); a relay owns a lane while it holds a PostgreSQL session
+/// advisory lock on it, and then calls [`open`](Self::open): the transport
+/// fences every older owner of the lane (aborting its open transaction for
+/// good) and returns the ids of the lane's last committed lot, which the
+/// relay deletes before it claims. Each lot then goes through
+/// [`Lane::commit`]: the records of its successful rows, in row-id order,
+/// and its ids as the lane's progress, in one bus transaction; the rows are
+/// deleted after it. While a lane's handlers run, a route's results are not
+/// given to [`Transport::publish`](super::Transport::publish): they are
+/// staged and handed to `commit`. Design and proofs: `docs/exactly-once.md`.
 pub trait Lanes: Send + Sync + 'static {
     /// Opens `id` for this process: fences every older owner of the lane
     /// (its open transaction is aborted for good) and returns the lane with
