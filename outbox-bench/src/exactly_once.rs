@@ -62,7 +62,10 @@ impl Mode {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// The relay App of `mode` on `table`, to `topic`.
@@ -205,7 +208,9 @@ async fn point(db: &Db, p: &EoParams, mode: Mode, round_no: u32) -> anyhow::Resu
         drop(broker);
         reader.abort();
         handle.shutdown();
-        run.await.context("relay task")?.context("the relay App failed")?;
+        run.await
+            .context("relay task")?
+            .context("the relay App failed")?;
         pool.close().await;
         crate::kafka::delete_topic(&p.bootstrap, &topic).await;
         if (lat.len() as u64) < p.latency_rows {

@@ -28,9 +28,9 @@ use std::sync::Arc;
 use crate::envelope::Headers;
 use crate::error::BoxError;
 pub use connect::{Connect, ConnectError, TransportBroker};
-pub use lane::{Lane, LaneId, Lanes, LotOutcome, Opened};
 /// The boxed future [`Transport`] and [`TransportBroker`] methods return.
 pub use futures_util::future::BoxFuture;
+pub use lane::{Lane, LaneId, Lanes, LotOutcome, Opened};
 pub use memory::{InjectedFailure, MemoryTransport};
 pub use server::ServerInfo;
 
