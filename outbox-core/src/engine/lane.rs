@@ -300,16 +300,19 @@ async fn handle_lot(
         }
         done.push(h);
     }
+    let mut aborted = false;
     if !records.is_empty() {
         match bus.commit(records, ids).await {
             Ok(LotOutcome::Committed) => {}
             Ok(LotOutcome::Refused { index, error }) => {
+                aborted = true;
                 let culprit = owners.get(index).copied();
                 let (kept, released) = refused(shared, done, culprit, error);
                 done = kept;
                 held.extend(released);
             }
             Ok(LotOutcome::Aborted(e)) => {
+                aborted = true;
                 tracing::warn!(
                     subscriber = %shared.sub.name(),
                     "outbox lane: the bus aborted the lot's transaction ({e}); its rows are \
@@ -326,6 +329,12 @@ async fn handle_lot(
         }
     }
     super::lot::settle(shared, conn, 0, done, held, Vec::new(), token).await?;
+    if aborted {
+        // The producer went through an aborted transaction: reopen the lane
+        // with a fresh one (fenced, progress read) rather than trust it (on
+        // MockCluster its next transaction timed out).
+        return Err("the lot's transaction was aborted; the lane is reopened".into());
+    }
     Ok(())
 }
 
