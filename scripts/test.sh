@@ -9,7 +9,8 @@
 #   * Kafka-protocol broker (Tansu, scripts/kafka.sh) started unless KAFKA_BOOTSTRAP
 #     is already set; stopped again at exit only if this script started it;
 #   * a second Kafka-protocol broker that implements transactions (noida-db,
-#     scripts/noida.sh) for tests/tests/kafka_transactions.rs, started unless
+#     scripts/noida.sh) for tests/tests/kafka_transactions.rs and
+#     tests/tests/exactly_once.rs (the transactional relay), started unless
 #     NOIDA_KAFKA_BOOTSTRAP is already set; stopped at exit likewise;
 #   * Python venv with faststream-outbox 0.19 (scripts/python-env.sh) for the
 #     interop tests.
@@ -73,7 +74,7 @@ else
   export KAFKA_BOOTSTRAP=${kafka_env#KAFKA_BOOTSTRAP=}
 fi
 
-# --- noida-db: Kafka transactions (tests/tests/kafka_transactions.rs) --------
+# --- noida-db: Kafka transactions (kafka_transactions.rs, exactly_once.rs) ----
 # Tansu does not fence zombie producers nor hide aborted records; noida-db does.
 NOIDA_SH=$REPO/scripts/noida.sh
 if [ -n "${NOIDA_KAFKA_BOOTSTRAP:-}" ]; then

@@ -38,6 +38,7 @@ mod ceiling;
 mod check;
 mod db;
 mod drain;
+mod exactly_once;
 mod explain;
 mod kafka;
 mod latency;
@@ -129,6 +130,38 @@ enum Cmd {
     Explain(ExplainArgs),
     /// The dashboard's capped `overview()` vs the exact `stats()` on one table (not gated).
     Overview(OverviewArgs),
+    /// Issue 17: the transactional (exactly-once) Kafka relay vs the idempotent one, same
+    /// run, on a broker with transactions (noida-db): throughput ratio, commit->visible.
+    ExactlyOnce(ExactlyOnceArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExactlyOnceArgs {
+    /// Kafka bootstrap of a broker with transactions (scripts/noida.sh).
+    #[arg(long, env = "NOIDA_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9392")]
+    bootstrap: String,
+    /// Backlog rows per throughput point.
+    #[arg(long, default_value_t = 50_000)]
+    rows: u64,
+    /// Rows per lot (`fetch_batch_size`, both modes).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Lanes of the transactional mode (the idempotent mode runs as many
+    /// concurrent lots: `fetch_concurrency`).
+    #[arg(long, default_value_t = 4)]
+    lanes: u32,
+    /// Partitions of the data topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// Rounds (each runs both modes, idempotent first).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Single-row transactions of the commit->visible measurement.
+    #[arg(long, default_value_t = 500)]
+    latency_rows: u64,
+    /// Their rate, per second.
+    #[arg(long, default_value_t = 100)]
+    latency_rate: u64,
 }
 
 #[derive(Debug, Args)]
@@ -969,6 +1002,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 doc["overview_ms"]["p50"], doc["stats_ms"]["p50"]
             );
             println!("{doc}");
+        }
+        Cmd::ExactlyOnce(a) => {
+            let p = exactly_once::EoParams {
+                bootstrap: a.bootstrap,
+                rows: a.rows,
+                batch: a.batch,
+                lanes: a.lanes,
+                partitions: a.partitions,
+                rounds: a.rounds,
+                payload_bytes: pb,
+                latency_rows: a.latency_rows,
+                latency_rate: a.latency_rate,
+            };
+            exactly_once::run(&db, &p).await?;
         }
         Cmd::Check(a) => {
             ok = check::run(&db, &a.baseline, a.write_baseline, a.baseline_runs, pb).await?;

@@ -77,6 +77,7 @@ impl fmt::Debug for KafkaBroker {
             .field("connect_timeout", &s.connect_timeout)
             .field("flush_timeout", &s.flush_timeout)
             .field("extra", &Redacted(&s.extra))
+            .field("transactional", &s.transactional)
             .finish()
     }
 }
@@ -166,6 +167,47 @@ impl KafkaBroker {
     /// setters. Unknown keys and bad values fail at connect time.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.settings.extra.insert(key.into(), value.into());
+        self
+    }
+
+    /// Turns on **exactly-once lanes** for routes with
+    /// [`exactly_once`](outbox_core::RouteBuilder::exactly_once): each lane
+    /// gets a transactional producer, `transactional.id` =
+    /// `<app_id>.<table>.<subscriber>.<lane>`, and each lot's records commit
+    /// with the lane's progress (topic `<app_id>.<table>.<subscriber>.progress`,
+    /// one partition per lane, compacted, created when missing) in one Kafka
+    /// transaction. A `read_committed` consumer then sees every row exactly
+    /// once, through crashes, restarts and takeovers (`docs/exactly-once.md`).
+    /// `app_id` must be the same on every replica of the application and
+    /// unique among applications on the cluster. Routes without
+    /// `exactly_once` keep publishing at least once, through the
+    /// transport's idempotent producer.
+    ///
+    /// Needs a broker with Kafka transactions (Kafka, Redpanda, noida-db;
+    /// not Tansu 0.6) and idempotence (the default).
+    ///
+    /// ```no_run
+    /// use outbox_core::{App, BoxError, Message, OutboxBroker, Response, Route};
+    /// use outbox_kafka::KafkaBroker;
+    ///
+    /// # async fn demo(outbox: OutboxBroker) -> Result<(), outbox_core::Error> {
+    /// let kafka = KafkaBroker::new("localhost:9092").transactional("billing");
+    /// let relay = Route::builder(["orders"])
+    ///     .publish_to("kafka", "orders.kafka")
+    ///     .exactly_once(4)
+    ///     .fetch_batch_size(500)
+    ///     .handler(|msg: Message, _| async move {
+    ///         Ok::<_, BoxError>(Response::new(msg.decode::<i64>()?))
+    ///     });
+    /// App::new(outbox)
+    ///     .subscriber(relay)
+    ///     .on_startup(kafka.connect())
+    ///     .run()
+    ///     .await
+    /// # }
+    /// ```
+    pub fn transactional(mut self, app_id: impl Into<String>) -> Self {
+        self.settings.transactional = Some(app_id.into());
         self
     }
 
@@ -300,14 +342,22 @@ impl KafkaBroker {
             topics,
             "connected to Kafka"
         );
-        Ok(KafkaTransport::new(
+        let transport = KafkaTransport::new(
             s.name.clone(),
             s.bootstrap.clone(),
-            config,
+            config.clone(),
             producer,
             s.effective_message_timeout(),
             s.flush_timeout,
-        ))
+        );
+        Ok(match &s.transactional {
+            Some(app) => transport.with_lanes(crate::lanes::KafkaLanes::new(
+                app.clone(),
+                s.clone(),
+                config,
+            )),
+            None => transport,
+        })
     }
 
     /// Creates `topic` with `partitions` partitions, each on `replication`

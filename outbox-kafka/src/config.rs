@@ -113,6 +113,8 @@ pub(crate) struct Settings {
     pub(crate) connect_timeout: Duration,
     pub(crate) flush_timeout: Duration,
     pub(crate) extra: BTreeMap<String, String>,
+    /// The application id of exactly-once lanes, if on.
+    pub(crate) transactional: Option<String>,
 }
 
 /// True for librdkafka properties whose values must never be printed.
@@ -166,6 +168,7 @@ impl Settings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             extra: BTreeMap::new(),
+            transactional: None,
         }
     }
 

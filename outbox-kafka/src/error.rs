@@ -180,6 +180,23 @@ pub enum Error {
         #[source]
         source: Option<Box<KafkaError>>,
     },
+
+    /// A step of an exactly-once lane failed (`KafkaBroker::transactional`):
+    /// `init_transactions`, reading the lane's progress, committing or
+    /// aborting a lot. The lane is given up and taken again, which fences
+    /// this producer and resumes after the last committed lot.
+    #[error("exactly-once lane `{transactional_id}`: {step} failed: {reason}")]
+    Transaction {
+        /// The lane's `transactional.id`.
+        transactional_id: String,
+        /// The step (`init_transactions`, `read progress`, `commit_transaction`…).
+        step: &'static str,
+        /// What went wrong.
+        reason: String,
+        /// The librdkafka error, if any.
+        #[source]
+        source: Option<Box<KafkaError>>,
+    },
 }
 
 impl Error {
@@ -195,7 +212,8 @@ impl Error {
             | Error::DeliveryTimeout { .. }
             | Error::Fatal { .. }
             | Error::Canceled { .. }
-            | Error::Flush { .. } => true,
+            | Error::Flush { .. }
+            | Error::Transaction { .. } => true,
             Error::Produce { source, .. } | Error::Delivery { source, .. } => {
                 source.rdkafka_error_code().is_none_or(code_is_retryable)
             }
@@ -215,16 +233,19 @@ impl Error {
             | Error::Fatal { topic, .. }
             | Error::Canceled { topic }
             | Error::CreateTopic { topic, .. } => Some(topic),
-            Error::InvalidConfig { .. } | Error::Unreachable { .. } | Error::Flush { .. } => None,
+            Error::InvalidConfig { .. }
+            | Error::Unreachable { .. }
+            | Error::Flush { .. }
+            | Error::Transaction { .. } => None,
         }
     }
 
     /// The librdkafka error code, if any.
     pub fn rdkafka_error_code(&self) -> Option<RDKafkaErrorCode> {
         match self {
-            Error::InvalidConfig { source, .. } | Error::CreateTopic { source, .. } => {
-                source.as_deref().and_then(code_of)
-            }
+            Error::InvalidConfig { source, .. }
+            | Error::CreateTopic { source, .. }
+            | Error::Transaction { source, .. } => source.as_deref().and_then(code_of),
             Error::Unreachable { source, .. }
             | Error::Produce { source, .. }
             | Error::DeliveryTimeout { source, .. }

@@ -10,12 +10,15 @@
 //                 ClientConfig; secret redaction [uses error]
 //   topic.rs      topic-name rules; topic creation with an admin client
 //                 [uses config, error]
+//   lanes.rs      exactly-once lanes (KafkaBroker::transactional): a transactional
+//                 producer per lane, a lot plus its progress per transaction
+//                 [uses config, context, error]
 //   transport.rs  KafkaTransport, the outbox_core::Transport impl: publish, the
-//                 one deadline, BusRejection, close [uses config, context, error, topic]
+//                 one deadline, BusRejection, close; its lanes [uses config, context, error, lanes, topic]
 //   broker.rs     KafkaBroker: the typed builder, its TransportBroker impl
 //                 (connect_transport creates the producer; connect() is outbox-core's
 //                 shared registration step), ensure_topic()
-//                 [uses config, context, error, topic, transport]
+//                 [uses config, context, error, lanes, topic, transport]
 //   testing.rs    (feature testing) test_kafka(), a capturing stand-in [uses config]
 //   lib.rs        these docs and the re-exports: the public API
 //
@@ -251,6 +254,7 @@ mod broker;
 mod config;
 mod context;
 mod error;
+mod lanes;
 mod topic;
 mod transport;
 

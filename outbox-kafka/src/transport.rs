@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::context::KafkaContext;
 use crate::error::{Error, Result};
+use crate::lanes::KafkaLanes;
 
 /// Wait between two enqueue attempts while the producer's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(20);
@@ -42,6 +43,8 @@ type KafkaProducer = FutureProducer<KafkaContext>;
 #[derive(Clone)]
 pub struct KafkaTransport {
     inner: Arc<Inner>,
+    /// Exactly-once lanes (`KafkaBroker::transactional`).
+    lanes: Option<KafkaLanes>,
 }
 
 struct Inner {
@@ -99,7 +102,14 @@ impl KafkaTransport {
                     producer,
                 }),
             }),
+            lanes: None,
         }
+    }
+
+    /// This transport with exactly-once lanes.
+    pub(crate) fn with_lanes(mut self, lanes: KafkaLanes) -> Self {
+        self.lanes = Some(lanes);
+        self
     }
 
     /// The cluster's bootstrap servers.
@@ -364,6 +374,12 @@ pub(crate) fn server_info(bootstrap: &str, security_protocol: Option<&str>) -> S
 impl Transport for KafkaTransport {
     fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn lanes(&self) -> Option<Arc<dyn outbox_core::transport::Lanes>> {
+        self.lanes
+            .clone()
+            .map(|l| Arc::new(l) as Arc<dyn outbox_core::transport::Lanes>)
     }
 
     fn server(&self) -> Option<ServerInfo> {

@@ -219,6 +219,11 @@ fn builder(model: &Subscriber<'_>, paths: &Paths) -> TokenStream {
             .publish_to(#transport, #destination)
         ));
     }
+    if let Some(lit) = &args.exactly_once {
+        let span = lit.span();
+        let setter = name("exactly_once", span);
+        chain.extend(quote_spanned!(at(span)=> .#setter(#lit)));
+    }
     let bools = [
         ("propagate_headers", &args.propagate_headers),
         ("ordered", &args.ordered),

@@ -74,6 +74,7 @@ use proc_macro::TokenStream;
 ///             | 'poison_policy' '=' ('Block' | 'DeadLetterAndContinue')
 ///             | 'claim_mode' '=' ('Lease' | 'Transaction')
 ///             | 'max_hold' '=' DURATION
+///             | 'exactly_once' '=' INT
 ///             | 'crate' '=' STRING
 /// DURATION   := STRING of one or more parts NUMBER UNIT, added up:
 ///               "10s", "500ms", "1m", "1h", "2m30s", "1.5s"
@@ -105,6 +106,7 @@ use proc_macro::TokenStream;
 /// | `poison_policy` | `Block` or `DeadLetterAndContinue`; only with `ordered` | `Block` | `.poison_policy(PoisonPolicy::..)` |
 /// | `claim_mode` | `Lease` or `Transaction` | `Transaction` with a `#[publish_to]` target (a relay), else `Lease` | `.claim_mode(ClaimMode::..)` |
 /// | `max_hold` | duration; not with `claim_mode = Lease` | `"5s"` | `.max_hold(Duration)` |
+/// | `exactly_once` | integer, the lanes: 1 to 1024 (checked at compile time); one `#[publish_to]` on a transport with lanes (`KafkaBroker::transactional`; checked by `App::run`) | off | `.exactly_once(n)` |
 /// | `crate` | a path, as a string | `"::outbox_core"` | (where generated code finds `outbox_core`) |
 ///
 /// The macro checks the *kind* of each value (an integer where an integer is

@@ -98,6 +98,8 @@ pub(crate) struct SubscriberArgs {
     /// The whole `max_hold = ..` argument, if written (even with a wrong
     /// value): where "it needs `claim_mode = Transaction`" is reported.
     pub(crate) max_hold_seen: Option<TokenStream>,
+    /// `exactly_once = N`: the lanes (1 to 1024, checked here).
+    pub(crate) exactly_once: Option<LitInt>,
     pub(crate) krate: Option<syn::Path>,
     /// Targets handed over by `#[publish_to]`, top-down.
     pub(crate) targets: Vec<PublishToArgs>,
@@ -445,6 +447,7 @@ fn option(key: &Ident, value: &Expr, out: &mut SubscriberArgs, seen: &mut Seen, 
         }
         CLAIM_MODE => out.claim_mode = variant(k, "ClaimMode", CLAIM_MODES, value, cx),
         MAX_HOLD => out.max_hold = duration_value(k, value, cx),
+        EXACTLY_ONCE => out.exactly_once = lanes(k, value, cx),
         CRATE => out.krate = krate(value, cx),
         _ => unknown_option(key, cx),
     }
@@ -498,6 +501,24 @@ fn name(value: &Expr, cx: &Ctxt) -> Option<LitStr> {
         return None;
     }
     Some(s.clone())
+}
+
+/// `exactly_once = N`: an integer from 1 to 1024 (the lanes).
+fn lanes(key: &str, value: &Expr, cx: &Ctxt) -> Option<LitInt> {
+    let lit = int(key, value, cx)?;
+    match lit.base10_parse::<u64>() {
+        Ok(n) if (1..=1024).contains(&n) => Some(lit),
+        _ => {
+            cx.error_spanned_by(
+                &lit,
+                format!(
+                    "`{key}` is the number of lanes, from 1 to 1024, e.g. `{}`",
+                    example(key)
+                ),
+            );
+            None
+        }
+    }
 }
 
 fn int(key: &str, value: &Expr, cx: &Ctxt) -> Option<LitInt> {

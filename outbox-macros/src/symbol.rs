@@ -24,6 +24,7 @@ pub(crate) const ORDERED: &str = "ordered";
 pub(crate) const POISON_POLICY: &str = "poison_policy";
 pub(crate) const CLAIM_MODE: &str = "claim_mode";
 pub(crate) const MAX_HOLD: &str = "max_hold";
+pub(crate) const EXACTLY_ONCE: &str = "exactly_once";
 pub(crate) const CRATE: &str = "crate";
 
 /// Every named `#[subscriber]` option, in documentation order.
@@ -45,6 +46,7 @@ pub(crate) const OPTIONS: &[&str] = &[
     POISON_POLICY,
     CLAIM_MODE,
     MAX_HOLD,
+    EXACTLY_ONCE,
     CRATE,
 ];
 
@@ -100,6 +102,7 @@ pub(crate) fn example(option: &str) -> &'static str {
         POISON_POLICY => "poison_policy = DeadLetterAndContinue",
         CLAIM_MODE => "claim_mode = Transaction",
         MAX_HOLD => "max_hold = \"5s\"",
+        EXACTLY_ONCE => "exactly_once = 4",
         CRATE => "crate = \"my_app::outbox\"",
         _ => "",
     }

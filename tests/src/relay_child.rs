@@ -20,6 +20,7 @@
 //! | `RELAY_CLAIM` | `lease` or `transaction` (default: the relay default, `transaction`) |
 //! | `RELAY_MAX_HOLD_MS` | `max_hold` (default: the default, 5 s) |
 //! | `RELAY_STALL_AFTER_PUBLISH_MS` | after each publish the bus confirmed, wait this long before the row's outcome is recorded (default 0): a kill then lands between the publish and the ack |
+//! | `RELAY_EXACTLY_ONCE` | the route's `exactly_once(lanes)` (default: off); the transport must have lanes (`kafka_relay` with `RELAY_TRANSACTIONAL`) |
 //! | `RUST_LOG` | the stderr log filter (default `warn`) |
 
 use std::time::Duration;
@@ -139,6 +140,9 @@ where
     if let Some(mode) = env.claim_mode()? {
         route = route.claim_mode(mode);
     }
+    if let Ok(lanes) = std::env::var("RELAY_EXACTLY_ONCE") {
+        route = route.exactly_once(lanes.parse()?);
+    }
     if let Ok(ms) = std::env::var("RELAY_MAX_HOLD_MS") {
         route = route.max_hold(Duration::from_millis(ms.parse()?));
     }
@@ -218,6 +222,10 @@ impl<T: Transport> Transport for Stalled<T> {
 
     fn max_publish_time(&self) -> Option<Duration> {
         self.inner.max_publish_time()
+    }
+
+    fn lanes(&self) -> Option<std::sync::Arc<dyn outbox_core::transport::Lanes>> {
+        self.inner.lanes()
     }
 
     fn check_destination(&self, destination: &str) -> Result<(), String> {

@@ -30,6 +30,7 @@ pub use route::{
 
 use crate::broker::OutboxBroker;
 use crate::engine::Engine;
+use crate::engine::lane::LaneSpec;
 use crate::engine::message::Message;
 use crate::envelope::{self, CONTENT_TYPE, CORRELATION_ID, Headers};
 use crate::error::{BoxError, Error, Result};
@@ -816,6 +817,10 @@ impl App {
                 propagate: route.propagate_headers,
             };
             let describe = route.describe();
+            let lanes = match route.exactly_once {
+                None => None,
+                Some(n) => Some(lane_spec(&route, n, &handler.targets)?),
+            };
             // A relay's workers mostly wait for the bus: the knobs it does
             // not set get the relay defaults.
             let relays = !route.targets.is_empty();
@@ -823,6 +828,10 @@ impl App {
             let sub = route
                 .into_subscriber(Arc::new(move |msg: Message| handler.clone().handle(msg)))
                 .map_err(|e| Error::config(format!("subscriber {describe}: {e}")))?;
+            let sub = match lanes {
+                Some(spec) => sub.with_lanes(spec),
+                None => sub,
+            };
             engine = engine.subscriber(sub);
         }
         if let Some(f) = self.engine.take() {
@@ -1054,6 +1063,37 @@ async fn verify_destinations(destinations: Vec<Destination>) -> Result<()> {
     Ok(())
 }
 
+/// The lanes of a route with `exactly_once(lanes)`: valid only with 1 to
+/// 1024 lanes and exactly one target, on a transport that has lanes.
+fn lane_spec(route: &Route, lanes: u32, targets: &[Target]) -> Result<LaneSpec> {
+    let who = route.describe();
+    if !(1..=1024).contains(&lanes) {
+        return Err(Error::config(format!(
+            "subscriber {who}: exactly_once({lanes}) is out of range; give 1 to 1024 lanes"
+        )));
+    }
+    let [(transport, _, _)] = targets else {
+        return Err(Error::config(format!(
+            "subscriber {who} is exactly-once but publishes to {} targets; an exactly-once \
+             route publishes to exactly one transport (one transaction per lot), so give it \
+             one publish_to",
+            targets.len()
+        )));
+    };
+    let Some(bus) = transport.lanes() else {
+        return Err(Error::config(format!(
+            "subscriber {who} is exactly-once but transport `{}` has no exactly-once lanes; \
+             for Kafka, configure the transport with KafkaBroker::transactional(app_id)",
+            transport.name()
+        )));
+    };
+    Ok(LaneSpec {
+        lanes,
+        transport: transport.name().to_owned(),
+        bus,
+    })
+}
+
 /// A transport, a destination on it, and the destination's outage tracker.
 type Target = (Arc<dyn Transport>, String, Option<Arc<watch::Tracker>>);
 
@@ -1101,6 +1141,24 @@ impl RouteHandler {
                 )
                 .into(),
             }));
+        }
+        // In an exactly-once lane, the result is staged: the lane commits it
+        // with the lot (crate::transport::lane).
+        if let Some(stage) = crate::transport::lane::current() {
+            for (t, dest, _) in self.targets.iter() {
+                stage.push(
+                    t.name(),
+                    Outgoing {
+                        destination: dest.clone(),
+                        key: key.clone(),
+                        payload: reply.payload.clone(),
+                        headers: headers.clone(),
+                        source: source.clone(),
+                        follow_on: reply.follow_on.clone(),
+                    },
+                );
+            }
+            return Ok(());
         }
         let sends = self.targets.iter().map(|(t, dest, watch)| {
             let out = Outgoing {

@@ -253,7 +253,7 @@ async fn handle_lot(
 
 /// Writes a lot's outcomes and commits (or, with nothing to write, ends the
 /// transaction), then reports each row: its step, metrics and logs.
-async fn settle(
+pub(super) async fn settle(
     shared: &SubShared,
     conn: &mut Conn,
     lot: u64,

@@ -27,6 +27,7 @@ pub(crate) mod gauges;
 pub(crate) mod handler;
 pub(crate) mod health;
 mod heartbeat;
+pub(crate) mod lane;
 mod listen;
 mod lot;
 pub(crate) mod message;
@@ -557,6 +558,33 @@ impl Engine {
                 });
                 continue;
             }
+            if sub.lanes().is_some() {
+                if memory {
+                    return Err(Error::config(format!(
+                        "subscriber `{}` is exactly-once (lanes), which needs PostgreSQL \
+                         (session advisory locks); the in-memory store cannot run it",
+                        sub.name()
+                    )));
+                }
+                // One lane manager: it takes free lanes and runs a task per
+                // owned lane (docs/exactly-once.md).
+                let manager = tokio::spawn(lane::run(shared.clone()));
+                tracing::info!(
+                    subscriber = %sub.name(),
+                    queues = ?sub.queues(),
+                    lanes = sub.lanes().map(|l| l.lanes),
+                    batch = sub.options().get_fetch_batch_size(),
+                    "outbox subscriber started (exactly-once lanes)"
+                );
+                subs.push(SubRuntime {
+                    shared,
+                    fetch: vec![manager],
+                    workers: Vec::new(),
+                    acker: None,
+                    heartbeat: None,
+                });
+                continue;
+            }
             if shared.in_lots() {
                 // Each lot loop claims, handles and commits its own lots.
                 let lots = (0..sub.options().get_fetch_concurrency())
@@ -843,7 +871,7 @@ async fn drain_lots(
 async fn drain(s: SubRuntime, deadline: Instant, broker: OutboxBroker) -> (usize, Option<String>) {
     let name = s.shared.sub.name().to_owned();
     let remaining = || deadline.saturating_duration_since(Instant::now());
-    if s.shared.in_lots() {
+    if s.shared.in_lots() || s.shared.sub.lanes().is_some() {
         return drain_lots(s, deadline, &broker).await;
     }
     // 1. The fetch loop finishes an in-progress claim (its rows land in the

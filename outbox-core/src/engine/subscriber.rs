@@ -632,6 +632,9 @@ pub struct Subscriber {
     retry: Arc<dyn RetryStrategy>,
     handler: Arc<dyn Handler>,
     warnings: Vec<String>,
+    /// Exactly-once lanes (set by the App for a route with
+    /// `exactly_once`): the subscriber runs lane loops.
+    lanes: Option<super::lane::LaneSpec>,
 }
 
 impl fmt::Debug for Subscriber {
@@ -852,7 +855,21 @@ impl SubscriberBuilder {
             options: self.options,
             handler,
             warnings,
+            lanes: None,
         })
+    }
+}
+
+impl Subscriber {
+    /// This subscriber with exactly-once lanes (`docs/exactly-once.md`).
+    pub(crate) fn with_lanes(mut self, spec: super::lane::LaneSpec) -> Self {
+        self.lanes = Some(spec);
+        self
+    }
+
+    /// The exactly-once lanes, if any.
+    pub(crate) fn lanes(&self) -> Option<&super::lane::LaneSpec> {
+        self.lanes.as_ref()
     }
 }
 

@@ -574,7 +574,7 @@ impl SubShared {
     /// A bus refused the row for good and the subscriber keeps the default
     /// retry strategy: retrying cannot help, so the row goes terminal now
     /// (reason `rejected`; a custom strategy decides for itself).
-    fn bus_rejected(
+    pub(super) fn bus_rejected(
         &self,
         row: &OutboxRow,
         error: Option<&(dyn std::error::Error + Send + Sync + 'static)>,

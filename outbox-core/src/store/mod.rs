@@ -28,6 +28,7 @@ pub(crate) mod clock;
 pub(crate) mod conn;
 pub(crate) mod dead_letter;
 pub(crate) mod ident;
+pub(crate) mod lane;
 #[cfg(feature = "testing")]
 pub(crate) mod memory;
 pub(crate) mod overview;

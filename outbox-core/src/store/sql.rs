@@ -88,6 +88,8 @@ pub(crate) struct Statements {
     /// queues) is due, on the database clock; NULL when there is none.
     pub(crate) next_due: Sql,
     pub(crate) dead_letter: Option<Sql>,
+    /// Exactly-once lanes: their claim and delete.
+    pub(crate) lane: super::lane::LaneSql,
 }
 
 const SCHEDULES: [ScheduleKind; 3] = [ScheduleKind::Now, ScheduleKind::In, ScheduleKind::At];
@@ -161,6 +163,7 @@ impl Statements {
                 claim_ordered_sql(&t, true, g, Hold::Transaction).into(),
             ],
             lot: Lot::new(&t, dlq, g),
+            lane: super::lane::LaneSql::new(&t),
             cancel_timer: format!(
                 "DELETE FROM {t} WHERE queue = $1 AND timer_id = $2 AND acquired_token IS NULL"
             )

@@ -17,6 +17,7 @@
 // neither.
 
 mod connect;
+pub(crate) mod lane;
 mod memory;
 pub(crate) mod outbox;
 mod server;
@@ -29,6 +30,7 @@ use crate::error::BoxError;
 pub use connect::{Connect, ConnectError, TransportBroker};
 /// The boxed future [`Transport`] and [`TransportBroker`] methods return.
 pub use futures_util::future::BoxFuture;
+pub use lane::{Lane, LaneId, Lanes, LotOutcome, Opened};
 pub use memory::{InjectedFailure, MemoryTransport};
 pub use server::ServerInfo;
 
@@ -261,6 +263,15 @@ pub trait Transport: Send + Sync + 'static {
     #[doc(hidden)]
     fn takes_follow_on(&self, _: Sealed) -> bool {
         false
+    }
+
+    /// The transport's exactly-once lanes, if it has them (Kafka with
+    /// `KafkaBroker::transactional`): what a route with
+    /// `exactly_once(lanes)` publishes through (see [`Lanes`] and
+    /// `docs/exactly-once.md`). The default has none; `App::run` then
+    /// refuses such a route.
+    fn lanes(&self) -> Option<Arc<dyn Lanes>> {
+        None
     }
 
     /// Flushes and closes; called once at shutdown, after the subscribers

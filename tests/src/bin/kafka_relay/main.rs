@@ -11,16 +11,21 @@
 //! |---|---|
 //! | `RELAY_TOPIC` | the topic to relay to |
 //! | `KAFKA_BOOTSTRAP` | the Kafka bootstrap servers |
+//! | `RELAY_TRANSACTIONAL` | the application id of `KafkaBroker::transactional` (exactly-once lanes; default off) |
 
 use outbox_kafka::KafkaBroker;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tests::relay_child::run("kafka_relay", "RELAY_TOPIC", |env| {
-        Ok(KafkaBroker::new(env.var("KAFKA_BOOTSTRAP")?)
+        let kafka = KafkaBroker::new(env.var("KAFKA_BOOTSTRAP")?)
             .client_id("outbox-tests-relay")
             .message_timeout(env.lease / 2)
-            .set("reconnect.backoff.max.ms", "1000"))
+            .set("reconnect.backoff.max.ms", "1000");
+        Ok(match std::env::var("RELAY_TRANSACTIONAL") {
+            Ok(app) => kafka.transactional(app),
+            Err(_) => kafka,
+        })
     })
     .await
 }

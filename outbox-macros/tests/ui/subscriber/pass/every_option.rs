@@ -23,6 +23,7 @@ use outbox_core::{AckPolicy, subscriber};
     poison_policy = DeadLetterAndContinue,
     claim_mode = Transaction,
     max_hold = "2s",
+    exactly_once = 4,
     crate = "::outbox_core",
 )]
 async fn handle(order_id: i64) {
