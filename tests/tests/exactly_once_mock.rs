@@ -9,24 +9,22 @@
 #![allow(clippy::unwrap_used)]
 
 use outbox_core::Outgoing;
-use outbox_core::transport::{LaneId, LotOutcome, Transport as _};
+use outbox_core::transport::{LaneId, LotOutcome, Opened, Transport as _};
 use outbox_kafka::KafkaBroker;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 type R = anyhow::Result<()>;
 
-fn records(n: i64) -> Vec<Outgoing> {
-    (0..n)
-        .map(|i| Outgoing::new("mock.eo", i.to_string().into_bytes()))
-        .collect()
-}
-
-/// A lot commits; a retriable EndTxn error (concurrent transactions) is
-/// retried by librdkafka and the lot commits; a fenced EndTxn loses the
-/// lane (`Err`: the caller drops it and gives up the lock).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn end_txn_errors_keep_or_lose_the_lane() -> R {
+/// A MockCluster with the data topic and the progress topic (2 partitions
+/// each), a transactional transport on it, and its lane `lane` of 2 opened.
+async fn open_lane(
+    lane: u32,
+) -> anyhow::Result<(
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    outbox_kafka::KafkaTransport,
+    Opened,
+)> {
     let mock = MockCluster::new(1)?;
     let bootstrap = mock.bootstrap_servers();
     mock.create_topic("mock.eo", 2, 1)?;
@@ -41,10 +39,25 @@ async fn end_txn_errors_keep_or_lose_the_lane() -> R {
     let lanes = transport
         .lanes()
         .expect("a transactional transport has lanes");
-    let (mut lane, last) = lanes
-        .open(LaneId::new("outbox", "relay", 1, 2))
+    let opened = lanes
+        .open(LaneId::new("outbox", "relay", lane, 2))
         .await
         .map_err(|e| anyhow::anyhow!("open: {e}"))?;
+    Ok((mock, transport, opened))
+}
+
+fn records(n: i64) -> Vec<Outgoing> {
+    (0..n)
+        .map(|i| Outgoing::new("mock.eo", i.to_string().into_bytes()))
+        .collect()
+}
+
+/// A lot commits; a retriable EndTxn error (concurrent transactions) is
+/// retried by librdkafka and the lot commits; a fenced EndTxn loses the
+/// lane (`Err`: the caller drops it and gives up the lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_txn_errors_keep_or_lose_the_lane() -> R {
+    let (mock, _transport, (mut lane, last)) = open_lane(1).await?;
     assert!(last.is_empty(), "a new lane has no progress: {last:?}");
 
     let first = lane
@@ -86,24 +99,7 @@ async fn end_txn_errors_keep_or_lose_the_lane() -> R {
 /// lane with a fresh producer after such a lot instead of going on with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_record_aborts_the_lot_and_is_named() -> R {
-    let mock = MockCluster::new(1)?;
-    let bootstrap = mock.bootstrap_servers();
-    mock.create_topic("mock.eo", 2, 1)?;
-    mock.create_topic("mock-app.outbox.relay.progress", 2, 1)?;
-    let kafka = KafkaBroker::new(&bootstrap)
-        .set("reconnect.backoff.max.ms", "200")
-        // MockCluster does not answer CreateTopics (the progress topic is
-        // created above): do not wait the default 10 s for it.
-        .connect_timeout(std::time::Duration::from_secs(2))
-        .transactional("mock-app");
-    let transport = kafka.connect_transport().await?;
-    let lanes = transport
-        .lanes()
-        .expect("a transactional transport has lanes");
-    let (mut lane, _last) = lanes
-        .open(LaneId::new("outbox", "relay", 0, 2))
-        .await
-        .map_err(|e| anyhow::anyhow!("open: {e}"))?;
+    let (mock, _transport, (mut lane, _last)) = open_lane(0).await?;
     // The error answers one Produce request: the record's and the progress
     // record's may travel in one or in two, so both are refused.
     mock.request_errors(
