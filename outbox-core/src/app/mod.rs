@@ -1144,31 +1144,22 @@ impl RouteHandler {
         }
         // In an exactly-once lane, the result is staged: the lane commits it
         // with the lot (crate::transport::lane).
+        let outgoing = |dest: &String| Outgoing {
+            destination: dest.clone(),
+            key: key.clone(),
+            payload: reply.payload.clone(),
+            headers: headers.clone(),
+            source: source.clone(),
+            follow_on: reply.follow_on.clone(),
+        };
         if let Some(stage) = crate::transport::lane::current() {
             for (t, dest, _) in self.targets.iter() {
-                stage.push(
-                    t.name(),
-                    Outgoing {
-                        destination: dest.clone(),
-                        key: key.clone(),
-                        payload: reply.payload.clone(),
-                        headers: headers.clone(),
-                        source: source.clone(),
-                        follow_on: reply.follow_on.clone(),
-                    },
-                );
+                stage.push(t.name(), outgoing(dest));
             }
             return Ok(());
         }
         let sends = self.targets.iter().map(|(t, dest, watch)| {
-            let out = Outgoing {
-                destination: dest.clone(),
-                key: key.clone(),
-                payload: reply.payload.clone(),
-                headers: headers.clone(),
-                source: source.clone(),
-                follow_on: reply.follow_on.clone(),
-            };
+            let out = outgoing(dest);
             let name = t.name().to_owned();
             let dest = dest.clone();
             // Counted as waiting for the bus until it resolves (outage WARN).

@@ -100,12 +100,7 @@ pub(crate) async fn lot_claim(
             sqlx::raw_sql("BEGIN").execute(&mut *pg).await?;
             match lot_claim_pg(stmts, pg, args).await {
                 Ok(rows) => rows,
-                Err(e) => {
-                    if !is_connection_error(&e) {
-                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(rollback_after(pg, e).await),
             }
         }
     };
@@ -162,12 +157,7 @@ pub(crate) async fn lot_end(
             .execute(&mut *pg)
             .await
             .map(|_| refused),
-        Err(e) => {
-            if !is_connection_error(&e) {
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
-            }
-            Err(e)
-        }
+        Err(e) => Err(rollback_after(pg, e).await),
     }
 }
 
@@ -510,6 +500,16 @@ async fn release_pg(
 /// A new PostgreSQL connection for the engine's statements, made with `opts`.
 pub(crate) async fn connect(opts: &PgConnectOptions) -> Result<Conn, sqlx::Error> {
     opts.connect().await.map(Conn::Pg)
+}
+
+/// A statement of an open transaction on `pg` failed with `e`: rolls the
+/// transaction back (best effort; a broken connection is left to be
+/// replaced) and gives `e` back.
+pub(crate) async fn rollback_after(pg: &mut PgConnection, e: sqlx::Error) -> sqlx::Error {
+    if !is_connection_error(&e) {
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
+    }
+    e
 }
 
 /// Whether an error means the connection is unusable (reconnect and retry)

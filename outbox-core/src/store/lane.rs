@@ -9,7 +9,7 @@
 
 use sqlx::{PgConnection, Row};
 
-use super::conn::{Conn, is_connection_error};
+use super::conn::{Conn, rollback_after};
 use super::row::OutboxRow;
 use super::sql::{self, ROW_COLUMNS, Sql};
 
@@ -117,12 +117,7 @@ pub(crate) async fn claim(
         .await;
     let rows = match claimed {
         Ok(rows) => rows,
-        Err(e) => {
-            if !is_connection_error(&e) {
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await;
-            }
-            return Err(e);
-        }
+        Err(e) => return Err(rollback_after(pg, e).await),
     };
     if rows.is_empty() {
         sqlx::raw_sql("ROLLBACK").execute(&mut *pg).await?;
