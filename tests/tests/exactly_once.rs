@@ -58,11 +58,13 @@ fn unique(prefix: &str) -> String {
 /// read from the beginning to its end (the partition-EOF event, at the last
 /// stable offset) by a consumer of its own.
 ///
-/// Not `tests::kafka::TopicReader`: one `StreamConsumer` assigned all four
+/// Not `tests::kafka::TopicReader` (read_uncommitted, no end: it reads
+/// until the expected records came). One `StreamConsumer` assigned all four
 /// partitions stopped delivering some partitions of noida-db's topics after
 /// a few thousand records (their last stable offset was their high
 /// watermark: nothing was pinned), while a `BaseConsumer` per partition reads
-/// each to its end in half a second (`diagnose_topic`).
+/// each to its end in half a second (`diagnose_topic`); `TopicReader` now
+/// also reads each partition with a consumer of its own.
 fn read_partitions(boot: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
