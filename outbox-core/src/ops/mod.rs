@@ -125,6 +125,31 @@ impl OutboxBroker {
         self.backend().pool_for(op)
     }
 
+    /// For the tests that check the plan of an exactly-once lane's claim:
+    /// its `EXPLAIN (ANALYZE, BUFFERS)` lines for a lot of `limit` rows of
+    /// `queues` in lane `lane` of `lanes`, run as a lot runs it and rolled
+    /// back. Not a stable API.
+    #[doc(hidden)]
+    pub async fn lane_claim_plan(
+        &self,
+        queues: &[String],
+        limit: usize,
+        lanes: u32,
+        lane: u32,
+    ) -> Result<Vec<String>> {
+        let mut conn = self.ops_pool("lane_claim_plan")?.acquire().await?;
+        let lines = crate::store::lane::explain_claim(
+            &self.stmts().lane,
+            &mut conn,
+            queues,
+            limit,
+            lanes,
+            lane,
+        )
+        .await?;
+        Ok(lines)
+    }
+
     fn require_dlq(&self, op: &str) -> Result<&DlqTable> {
         self.dlq().ok_or_else(|| {
             Error::config(format!(
