@@ -462,6 +462,7 @@ impl KafkaLane {
         let Some(producer) = self.producer.clone() else {
             return Err("the lane's producer is closed".into());
         };
+        let began = tokio::time::Instant::now();
         producer
             .begin_transaction()
             .map_err(|e| self.lost("begin_transaction", e))?;
@@ -557,8 +558,18 @@ impl KafkaLane {
             });
         }
         let budget = self.budget;
+        let reported = tokio::time::Instant::now();
         match self.blocking(move |p| p.commit_transaction(budget)).await {
-            Ok(()) => Ok(LotOutcome::Committed),
+            Ok(()) => {
+                tracing::debug!(
+                    transactional_id = %self.txid,
+                    records = records.len(),
+                    produce_ms = (reported - began).as_secs_f64() * 1000.0,
+                    commit_ms = reported.elapsed().as_secs_f64() * 1000.0,
+                    "Kafka lane lot committed"
+                );
+                Ok(LotOutcome::Committed)
+            }
             Err(e) if requires_abort(&e) => {
                 self.abort().await?;
                 Ok(LotOutcome::Aborted(self.lost("commit_transaction", e)))

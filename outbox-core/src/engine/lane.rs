@@ -203,7 +203,15 @@ async fn drive(
         if shared.stop_fetch.is_cancelled() {
             return Ok(());
         }
+        // Listening before the claim: a NOTIFY of a row committed after the
+        // claim's snapshot but before the lane waits must still wake it
+        // (`notify_waiters` keeps no permit; missed, the row would wait the
+        // idle interval).
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         shared.claim_begins();
+        let t0 = Instant::now();
         let claimed = store::claim(
             stmts,
             conn,
@@ -226,14 +234,36 @@ async fn drive(
         if rows.is_empty() {
             tokio::select! {
                 () = shared.stop_fetch.cancelled() => return Ok(()),
-                () = wake.notified() => {}
+                () = &mut woken => {}
                 () = tokio::time::sleep(idle) => {}
             }
             continue;
         }
         shared.metrics.fetched(rows.len());
-        handle_lot(shared, spec, conn, &mut *bus, rows).await?;
+        let n = rows.len();
+        let claimed_at = Instant::now();
+        let t = handle_lot(shared, spec, conn, &mut *bus, rows).await?;
+        tracing::debug!(
+            subscriber = %shared.sub.name(), lane, rows = n,
+            claim_ms = ms(claimed_at - t0),
+            handlers_ms = ms(t.handled - claimed_at),
+            bus_ms = ms(t.committed - t.handled),
+            settle_ms = ms(t.settled - t.committed),
+            "outbox lane lot"
+        );
     }
+}
+
+/// Milliseconds, for the lot's debug line.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// When a lot's steps ended.
+struct LotTimes {
+    handled: Instant,
+    committed: Instant,
+    settled: Instant,
 }
 
 /// Runs a claimed lot's handlers, commits the records of its successful
@@ -245,7 +275,7 @@ async fn handle_lot(
     conn: &mut Conn,
     bus: &mut dyn Lane,
     rows: Vec<OutboxRow>,
-) -> Result<(), BoxError> {
+) -> Result<LotTimes, BoxError> {
     let token = Uuid::nil();
     let deliveries: Vec<Arc<Delivery>> = rows
         .into_iter()
@@ -300,6 +330,7 @@ async fn handle_lot(
         }
         done.push(h);
     }
+    let handled_at = Instant::now();
     let mut aborted = false;
     if !records.is_empty() {
         match bus.commit(records, ids).await {
@@ -328,6 +359,7 @@ async fn handle_lot(
             }
         }
     }
+    let committed = Instant::now();
     super::lot::settle(shared, conn, 0, done, held, Vec::new(), token).await?;
     if aborted {
         // The producer went through an aborted transaction: reopen the lane
@@ -335,7 +367,11 @@ async fn handle_lot(
         // MockCluster its next transaction timed out).
         return Err("the lot's transaction was aborted; the lane is reopened".into());
     }
-    Ok(())
+    Ok(LotTimes {
+        handled: handled_at,
+        committed,
+        settled: Instant::now(),
+    })
 }
 
 /// After an aborted lot: the row `culprit` (the owner of the refused
