@@ -114,19 +114,26 @@ impl Inner {
                 reason,
                 source: source.map(Box::new),
             };
+        let t0 = Instant::now();
         let partitions = i32::try_from(id.lanes).unwrap_or(i32::MAX);
         let partition = i32::try_from(id.lane).unwrap_or(i32::MAX);
         self.ensure_progress(&progress, partitions)
             .await
             .map_err(|(reason, e)| fail("creating the progress topic", reason, e))?;
         let mut config = self.config.clone();
-        config.set("transactional.id", &txid).set(
-            "transaction.timeout.ms",
-            TRANSACTION_TIMEOUT.as_millis().to_string(),
-        );
+        config
+            .set("transactional.id", &txid)
+            .set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
+            // A lane enqueues its whole lot, then waits for it: lingering
+            // would only hold the lot back (5 ms of every lot by default).
+            .set("linger.ms", "0");
         let producer: KafkaProducer = config
             .create_with_context(KafkaContext::new(&self.settings.name))
             .map_err(|e| self.settings.config_error(e))?;
+        let ensured = t0.elapsed();
         let budget = self.settings.connect_timeout;
         let p = producer.clone();
         match tokio::task::spawn_blocking(move || p.init_transactions(budget)).await {
@@ -140,6 +147,7 @@ impl Inner {
                 return Err(fail("init_transactions", e.to_string(), None));
             }
         }
+        let inited = t0.elapsed();
         let ids = match self.read_last(&txid, &progress, partition).await {
             Ok(ids) => ids,
             Err((reason, e)) => {
@@ -147,7 +155,13 @@ impl Inner {
                 return Err(fail("reading the lane's progress", reason, e));
             }
         };
-        tracing::debug!(transactional_id = %txid, last_lot = ids.len(), "Kafka lane opened");
+        tracing::debug!(
+            transactional_id = %txid, last_lot = ids.len(),
+            progress_topic_ms = ensured.as_secs_f64() * 1000.0,
+            init_transactions_ms = (inited - ensured).as_secs_f64() * 1000.0,
+            progress_read_ms = (t0.elapsed() - inited).as_secs_f64() * 1000.0,
+            "Kafka lane opened"
+        );
         Ok((
             KafkaLane {
                 producer: Some(producer),
@@ -238,7 +252,12 @@ impl Inner {
         c.set("group.id", format!("{txid}.progress-reader"))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            // The end of an empty partition is known from a Fetch answer,
+            // which the broker holds for up to `fetch.wait.max.ms` (500 ms
+            // by default) waiting for data: a lane took that much longer
+            // to open than its neighbours.
+            .set("fetch.wait.max.ms", "20");
         let consumer: BaseConsumer<ProgressReader> = c
             .create_with_context(ProgressReader)
             .map_err(|e| (e.to_string(), Some(e)))?;
