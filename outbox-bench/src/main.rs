@@ -162,6 +162,12 @@ struct ExactlyOnceArgs {
     /// Their rate, per second.
     #[arg(long, default_value_t = 100)]
     latency_rate: u64,
+    /// A shell command run before every point, e.g. `bash scripts/noida.sh
+    /// restart`: noida-db keeps every topic it had (deleted ones too) and
+    /// snapshots all of it to one JSON file every few seconds, a cost that
+    /// grows through a run and lands on whichever point runs then.
+    #[arg(long)]
+    before_point: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -1014,6 +1020,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 payload_bytes: pb,
                 latency_rows: a.latency_rows,
                 latency_rate: a.latency_rate,
+                before_point: a.before_point,
             };
             exactly_once::run(&db, &p).await?;
         }
