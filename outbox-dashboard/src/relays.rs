@@ -23,26 +23,36 @@ async fn render(s: &Shared) -> PageResult {
     let (engines, others): (Vec<_>, Vec<_>) = conns.into_iter().partition(|c| c.role.is_some());
     let body = html! {
         @if let Some(app) = app { (app) }
-        h2 { "Engine connections (this database)" }
-        p.note {
-            "Sessions whose application_name marks an outbox engine's loop (…-fetch, …-worker, …-listen, …-acker), from pg_stat_activity."
-        }
-        @if engines.is_empty() {
-            p { "No outbox engine is connected to this database." }
-        } @else {
-            (connections("connections", &engines))
-        }
-        h2 { "Other sessions on the outbox table" }
-        p.note {
-            "Sessions without an engine's name whose current or last statement names the outbox table: faststream-outbox relays (their LISTEN), producers, operators, this dashboard's own queries."
-        }
-        @if others.is_empty() {
-            p { "None." }
-        } @else {
-            (connections("other-sessions", &others))
-        }
+        (section(
+            "Engine connections (this database)",
+            "Sessions whose application_name marks an outbox engine's loop (…-fetch, …-worker, …-listen, …-acker), from pg_stat_activity.",
+            "connections",
+            &engines,
+            "No outbox engine is connected to this database.",
+        ))
+        (section(
+            "Other sessions on the outbox table",
+            "Sessions without an engine's name whose current or last statement names the outbox table: faststream-outbox relays (their LISTEN), producers, operators, this dashboard's own queries.",
+            "other-sessions",
+            &others,
+            "None.",
+        ))
     };
     Ok(layout::page(s, Nav::Relays, "Relays", body))
+}
+
+/// A heading, its note, and the table `id` of `conns` (or `empty` when
+/// there are none).
+fn section(title: &str, note: &str, id: &str, conns: &[RelayConnection], empty: &str) -> Markup {
+    html! {
+        h2 { (title) }
+        p.note { (note) }
+        @if conns.is_empty() {
+            p { (empty) }
+        } @else {
+            (connections(id, conns))
+        }
+    }
 }
 
 fn connections(id: &str, conns: &[RelayConnection]) -> Markup {

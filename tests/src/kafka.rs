@@ -206,7 +206,7 @@ impl TopicReader {
 }
 
 /// A consumed message as a [`Record`]; `Err` when a header appears twice.
-fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Record, String> {
+pub fn to_record(m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Record, String> {
     let mut headers = BTreeMap::new();
     if let Some(h) = m.headers() {
         for hd in h.iter() {

@@ -170,6 +170,19 @@ async fn static_page(html: String) -> String {
 }
 
 /// The live (not zombie) processes of process group `pgid`, from /proc.
+/// Fails unless every process of the group `pgid` is gone within 10 s
+/// (`after`: what ended the browser).
+async fn assert_group_ends(pgid: u32, after: &str) {
+    assert!(
+        tests::wait_until(Duration::from_secs(10), || async {
+            group_alive(pgid).is_empty()
+        })
+        .await,
+        "processes of the browser left after {after}: {:?}",
+        group_alive(pgid)
+    );
+}
+
 fn group_alive(pgid: u32) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -219,14 +232,7 @@ async fn the_harness_runs_javascript_and_shuts_chromium_down_on_close_and_on_dro
         "chromedriver and chromium run in the group {pgid}"
     );
     browser.close().await.unwrap();
-    assert!(
-        tests::wait_until(Duration::from_secs(10), || async {
-            group_alive(pgid).is_empty()
-        })
-        .await,
-        "processes of the browser left after close: {:?}",
-        group_alive(pgid)
-    );
+    assert_group_ends(pgid, "close").await;
     // A browser dropped without close (a test that failed) takes its
     // Chromium along too.
     let dropped = Browser::start().await.unwrap();
@@ -234,14 +240,7 @@ async fn the_harness_runs_javascript_and_shuts_chromium_down_on_close_and_on_dro
     let pgid = dropped.driver_pid();
     assert!(group_alive(pgid).len() >= 2);
     drop(dropped);
-    assert!(
-        tests::wait_until(Duration::from_secs(10), || async {
-            group_alive(pgid).is_empty()
-        })
-        .await,
-        "processes of the browser left after drop: {:?}",
-        group_alive(pgid)
-    );
+    assert_group_ends(pgid, "drop").await;
 }
 
 // ---------------------------------------------------------------------------

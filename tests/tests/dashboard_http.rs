@@ -25,6 +25,16 @@ struct Answer {
 }
 
 impl Answer {
+    /// Fails the test, showing the page, unless its body contains `text`.
+    #[track_caller]
+    fn assert_shows(&self, text: &str) {
+        assert!(
+            self.body.contains(text),
+            "{text:?} is not on the page:\n{}",
+            self.body
+        );
+    }
+
     fn header(&self, name: &str) -> Vec<&str> {
         self.headers
             .iter()
@@ -208,8 +218,8 @@ async fn every_page_renders_the_known_data() -> anyhow::Result<()> {
 
     let home = get(addr, "/").await;
     assert_eq!(home.status, 200, "{}", home.body);
-    assert!(home.body.contains(r#"<table id="queues">"#));
-    assert!(home.body.contains(r#"id="rate-chart""#));
+    home.assert_shows(r#"<table id="queues">"#);
+    home.assert_shows(r#"id="rate-chart""#);
     assert_eq!(cell(&home.body, "orders", "ready"), "2");
     assert_eq!(cell(&home.body, "orders", "scheduled"), "1");
     assert_eq!(cell(&home.body, "orders", "leased"), "0");
@@ -222,7 +232,7 @@ async fn every_page_renders_the_known_data() -> anyhow::Result<()> {
         r#"<a href="/relays">Relays</a>"#,
         r#"<a href="/rows">Rows</a>"#,
     ] {
-        assert!(home.body.contains(nav), "{nav}");
+        home.assert_shows(nav);
     }
     assert_eq!(
         home.header("content-security-policy").len(),
@@ -233,23 +243,11 @@ async fn every_page_renders_the_known_data() -> anyhow::Result<()> {
 
     let list = get(addr, "/dead-letters?queue=orders").await;
     assert_eq!(list.status, 200, "{}", list.body);
-    assert!(list.body.contains(&format!(r#"<tr data-dlq-id="{dl}">"#)));
-    assert!(
-        list.body.contains(r#"{&quot;order&quot;:17}"#),
-        "{}",
-        list.body
-    );
-    assert!(
-        list.body.contains("1 matching dead letter."),
-        "{}",
-        list.body
-    );
+    list.assert_shows(&format!(r#"<tr data-dlq-id="{dl}">"#));
+    list.assert_shows(r#"{&quot;order&quot;:17}"#);
+    list.assert_shows("1 matching dead letter.");
     let other = get(addr, "/dead-letters?queue=payments").await;
-    assert!(
-        other.body.contains("No dead letter matches."),
-        "{}",
-        other.body
-    );
+    other.assert_shows("No dead letter matches.");
 
     let one = get(addr, &format!("/dead-letters/{dl}")).await;
     assert_eq!(one.status, 200, "{}", one.body);
@@ -260,69 +258,49 @@ async fn every_page_renders_the_known_data() -> anyhow::Result<()> {
         "4242",
         "&quot;order&quot;: 17",
     ] {
-        assert!(one.body.contains(text), "{text} in {}", one.body);
+        one.assert_shows(text);
     }
-    assert!(one.body.contains(r#"data-action="replay""#));
-    assert!(one.body.contains(r#"data-action="purge""#));
+    one.assert_shows(r#"data-action="replay""#);
+    one.assert_shows(r#"data-action="purge""#);
 
     let missing = get(addr, "/dead-letters/999999").await;
     assert_eq!(missing.status, 404);
-    assert!(missing.body.contains(r#"data-flash="error""#));
+    missing.assert_shows(r#"data-flash="error""#);
     let bad = get(addr, "/dead-letters/abc").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.body.contains("not a dead-letter id"), "{}", bad.body);
+    bad.assert_shows("not a dead-letter id");
     let bad_time = get(addr, "/dead-letters?since=yesterday").await;
     assert_eq!(bad_time.status, 400);
-    assert!(
-        bad_time.body.contains("since is &quot;yesterday&quot;"),
-        "{}",
-        bad_time.body
-    );
+    bad_time.assert_shows("since is &quot;yesterday&quot;");
 
     let relays = get(addr, "/relays").await;
     assert_eq!(relays.status, 200, "{}", relays.body);
     // Engines of other tests may be connected to this database: only the
     // headings are known.
-    assert!(
-        relays.body.contains("Engine connections (this database)"),
-        "{}",
-        relays.body
-    );
-    assert!(
-        relays.body.contains("Other sessions on the outbox table"),
-        "{}",
-        relays.body
-    );
+    relays.assert_shows("Engine connections (this database)");
+    relays.assert_shows("Other sessions on the outbox table");
 
     let rows = get(addr, &format!("/rows?id={second}")).await;
     assert_eq!(rows.status, 200, "{}", rows.body);
-    assert!(
-        rows.body.contains(&format!("Outbox row {second}")),
-        "{}",
-        rows.body
-    );
-    assert!(rows.body.contains(r#"data-state="ready""#), "{}", rows.body);
-    assert!(rows.body.contains("second"));
+    rows.assert_shows(&format!("Outbox row {second}"));
+    rows.assert_shows(r#"data-state="ready""#);
+    rows.assert_shows("second");
     let by_corr = get(addr, "/rows?correlation_id=corr-7").await;
-    assert!(
-        by_corr.body.contains(&format!("Dead letter {dl}")),
-        "{}",
-        by_corr.body
-    );
+    by_corr.assert_shows(&format!("Dead letter {dl}"));
     let by_dl = get(addr, &format!("/rows?dead_letter_id={dl}")).await;
-    assert!(by_dl.body.contains("1 found."), "{}", by_dl.body);
-    assert!(by_dl.body.contains("4242"), "{}", by_dl.body);
+    by_dl.assert_shows("1 found.");
+    by_dl.assert_shows("4242");
     let none = get(addr, "/rows?id=abc").await;
     assert_eq!(none.status, 400);
     let both = get(addr, "/rows?id=1&correlation_id=x").await;
     assert_eq!(both.status, 400);
-    assert!(both.body.contains("not several"), "{}", both.body);
+    both.assert_shows("not several");
 
     let css = get(addr, "/assets/dashboard.css").await;
     assert_eq!(css.status, 200);
     assert!(css.header("content-type")[0].starts_with("text/css"));
     let js = get(addr, "/assets/dashboard.js").await;
-    assert!(js.body.contains("getElementById(\"queues\")"));
+    js.assert_shows("getElementById(\"queues\")");
     assert_eq!(get(addr, "/nope").await.status, 404);
     Ok(())
 }
@@ -335,7 +313,7 @@ async fn a_read_only_dashboard_refuses_every_post_naming_the_flag() -> anyhow::R
     // The confirmation page still renders, with a note and the form.
     let page = get(addr, &format!("/dead-letters/{dl}/replay")).await;
     assert_eq!(page.status, 200);
-    assert!(page.body.contains("read-only"), "{}", page.body);
+    page.assert_shows("read-only");
     let csrf = page.csrf();
     for path in [
         format!("/dead-letters/{dl}/replay"),
@@ -344,8 +322,8 @@ async fn a_read_only_dashboard_refuses_every_post_naming_the_flag() -> anyhow::R
     ] {
         let a = post(addr, &path, &form(&[("csrf", &csrf), ("all", "yes")])).await;
         assert_eq!(a.status, 403, "{path}: {}", a.body);
-        assert!(a.body.contains("--allow-writes"), "{}", a.body);
-        assert!(a.body.contains(r#"data-flash="error""#));
+        a.assert_shows("--allow-writes");
+        a.assert_shows(r#"data-flash="error""#);
     }
     assert_eq!(db.dlq_count().await?, 1);
     assert_eq!(db.count().await?, 0);
@@ -363,10 +341,10 @@ async fn posts_need_this_process_csrf_token_and_origin() -> anyhow::Result<()> {
 
     let missing = post(addr, &path, "").await;
     assert_eq!(missing.status, 403, "{}", missing.body);
-    assert!(missing.body.contains("CSRF"), "{}", missing.body);
+    missing.assert_shows("CSRF");
     let wrong = post(addr, &path, &form(&[("csrf", &"0".repeat(64))])).await;
     assert_eq!(wrong.status, 403);
-    assert!(wrong.body.contains("CSRF"));
+    wrong.assert_shows("CSRF");
     // Another dashboard process has another token.
     let other = serve(Dashboard::new(db.broker.clone()).allow_writes(true)).await;
     assert_ne!(get(other, &path).await.csrf(), csrf);
@@ -380,7 +358,7 @@ async fn posts_need_this_process_csrf_token_and_origin() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(foreign.status, 403);
-    assert!(foreign.body.contains("another origin"), "{}", foreign.body);
+    foreign.assert_shows("another origin");
     // Not a form at all.
     let json = request(
         addr,
@@ -391,11 +369,7 @@ async fn posts_need_this_process_csrf_token_and_origin() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(json.status, 400, "{}", json.body);
-    assert!(
-        json.body.contains("the form could not be read"),
-        "{}",
-        json.body
-    );
+    json.assert_shows("the form could not be read");
     assert_eq!(db.dlq_count().await?, 1, "nothing was purged");
 
     // Same origin and the right token: done.
@@ -409,7 +383,7 @@ async fn posts_need_this_process_csrf_token_and_origin() -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(ok.status, 200, "{}", ok.body);
-    assert!(ok.body.contains(r#"data-flash="ok""#), "{}", ok.body);
+    ok.assert_shows(r#"data-flash="ok""#);
     assert_eq!(db.dlq_count().await?, 0);
     Ok(())
 }
@@ -451,7 +425,7 @@ async fn basic_and_bearer_authentication() -> anyhow::Result<()> {
     );
     let wrong = request(bearer, "GET", "/", &[("Authorization", "Bearer t0kem")], "").await;
     assert_eq!(wrong.status, 401);
-    assert!(wrong.body.contains("wrong"), "{}", wrong.body);
+    wrong.assert_shows("wrong");
     let ok = request(bearer, "GET", "/", &[("Authorization", "Bearer t0ken")], "").await;
     assert_eq!(ok.status, 200);
 
@@ -477,7 +451,7 @@ async fn replaying_one_dead_letter_moves_it_back_into_the_outbox() -> anyhow::Re
     let addr = serve(Dashboard::new(db.broker.clone()).allow_writes(true)).await;
     let confirm = get(addr, &format!("/dead-letters/{dl}/replay")).await;
     assert_eq!(confirm.status, 200);
-    assert!(confirm.body.contains(r#"data-action="confirm""#));
+    confirm.assert_shows(r#"data-action="confirm""#);
     assert!(
         !confirm.body.contains("read-only: the buttons"),
         "{}",
@@ -490,7 +464,7 @@ async fn replaying_one_dead_letter_moves_it_back_into_the_outbox() -> anyhow::Re
     )
     .await;
     assert_eq!(done.status, 200, "{}", done.body);
-    assert!(done.body.contains(r#"data-flash="ok""#), "{}", done.body);
+    done.assert_shows(r#"data-flash="ok""#);
     assert!(
         done.body
             .contains(&format!("Dead letter {dl} was replayed"))
@@ -527,12 +501,8 @@ async fn a_filtered_purge_shows_filter_and_count_then_deletes_only_those() -> an
 
     let confirm = get(addr, "/dead-letters/purge?queue=a&reason=rejected").await;
     assert_eq!(confirm.status, 200, "{}", confirm.body);
-    assert!(
-        confirm.body.contains("queue = <code>a</code>"),
-        "{}",
-        confirm.body
-    );
-    assert!(confirm.body.contains("reason = <code>rejected</code>"));
+    confirm.assert_shows("queue = <code>a</code>");
+    confirm.assert_shows("reason = <code>rejected</code>");
     assert!(
         confirm
             .body
@@ -556,11 +526,7 @@ async fn a_filtered_purge_shows_filter_and_count_then_deletes_only_those() -> an
         .collect();
     let done = post(addr, "/dead-letters/purge", &form(&body)).await;
     assert_eq!(done.status, 200, "{}", done.body);
-    assert!(
-        done.body.contains("2 dead letter(s) were purged."),
-        "{}",
-        done.body
-    );
+    done.assert_shows("2 dead letter(s) were purged.");
     let left: Vec<(String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT queue, failure_reason FROM {} ORDER BY id",
         db.d()
@@ -577,26 +543,22 @@ async fn a_filtered_purge_shows_filter_and_count_then_deletes_only_those() -> an
 
     // No filter: the confirmation page asks for all=yes, the POST refuses.
     let page = get(addr, "/dead-letters/purge").await;
-    assert!(page.body.contains("No filter given"), "{}", page.body);
-    assert!(page.body.contains("/dead-letters/purge?all=yes"));
+    page.assert_shows("No filter given");
+    page.assert_shows("/dead-letters/purge?all=yes");
     let refused = post(addr, "/dead-letters/purge", &form(&[("csrf", &csrf)])).await;
     assert_eq!(refused.status, 400, "{}", refused.body);
-    assert!(refused.body.contains("all=yes"), "{}", refused.body);
+    refused.assert_shows("all=yes");
     assert_eq!(db.dlq_count().await?, 2);
     let all = get(addr, "/dead-letters/purge?all=yes").await;
-    assert!(all.body.contains("every dead letter"), "{}", all.body);
-    assert!(all.body.contains("<strong>2</strong>"), "{}", all.body);
+    all.assert_shows("every dead letter");
+    all.assert_shows("<strong>2</strong>");
     let done = post(
         addr,
         "/dead-letters/purge",
         &form(&[("csrf", &csrf), ("all", "yes")]),
     )
     .await;
-    assert!(
-        done.body.contains("2 dead letter(s) were purged."),
-        "{}",
-        done.body
-    );
+    done.assert_shows("2 dead letter(s) were purged.");
     assert_eq!(db.dlq_count().await?, 0);
     Ok(())
 }
@@ -658,16 +620,8 @@ async fn an_unreachable_database_answers_503_with_what_to_do() -> anyhow::Result
     ] {
         let a = get(addr, path).await;
         assert_eq!(a.status, 503, "{path}: {}", a.body);
-        assert!(
-            a.body.contains("The database cannot be reached"),
-            "{}",
-            a.body
-        );
-        assert!(
-            a.body.contains("Check that PostgreSQL is running"),
-            "{}",
-            a.body
-        );
+        a.assert_shows("The database cannot be reached");
+        a.assert_shows("Check that PostgreSQL is running");
     }
     Ok(())
 }
@@ -752,13 +706,13 @@ async fn app_dashboard_serves_while_the_app_runs_and_stops_with_it() -> anyhow::
         .await
     );
     let relays = get(addr, "/relays").await;
-    assert!(relays.body.contains("This application"), "{}", relays.body);
+    relays.assert_shows("This application");
     assert!(
         relays
             .body
             .contains(r#"<tr data-subscriber="orders_consumer">"#)
     );
-    assert!(relays.body.contains("LISTEN connection"), "{}", relays.body);
+    relays.assert_shows("LISTEN connection");
     // The App's own engine connections are listed.
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -866,7 +820,7 @@ async fn the_rate_chart_follows_the_table_statistics() -> anyhow::Result<()> {
     let db = TestDb::new().await?;
     let addr = serve(Dashboard::new(db.broker.clone())).await;
     let first = get(addr, "/").await;
-    assert!(first.body.contains("collecting samples"), "{}", first.body);
+    first.assert_shows("collecting samples");
     // Rows come and go until two samples (5 s apart) see them relayed.
     let seen = wait_until(Duration::from_secs(40), || async {
         db.exec(format!(
@@ -906,7 +860,7 @@ async fn a_loopback_dashboard_answers_loopback_host_names_only() -> anyhow::Resu
     let rebound = format!("evil.example:{port}");
     let a = request(addr, "GET", "/dead-letters", &[("Host", &rebound)], "").await;
     assert_eq!(a.status, 403, "{}", a.body);
-    assert!(a.body.contains("loopback host names only"), "{}", a.body);
+    a.assert_shows("loopback host names only");
     Ok(())
 }
 
@@ -982,7 +936,7 @@ async fn large_payloads_are_cut_in_the_list_and_capped_on_the_detail_page() -> a
         "{}",
         &one.body[..2000]
     );
-    assert!(one.body.contains(&format!("outbox dlq show {dl} --json")));
+    one.assert_shows(&format!("outbox dlq show {dl} --json"));
     assert!(one.body.len() < 300 * 1024, "{} bytes", one.body.len());
     Ok(())
 }
