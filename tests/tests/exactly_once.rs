@@ -30,7 +30,7 @@ use outbox_kafka::KafkaBroker;
 use rand::Rng as _;
 use tests::TestDb;
 use tests::crash::{QUEUE, RelayChild};
-use tests::kafka::{Record, create_topic};
+use tests::kafka::{Record, create_topic, to_record};
 
 type R = anyhow::Result<()>;
 
@@ -66,9 +66,7 @@ fn unique(prefix: &str) -> String {
 /// each to its end in half a second (`diagnose_topic`); `TopicReader` now
 /// also reads each partition with a consumer of its own.
 fn read_partitions(boot: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
-    use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    use rdkafka::message::Headers as _;
     let mut out = Vec::new();
     for part in 0..PARTITIONS {
         let c: BaseConsumer = rdkafka::ClientConfig::new()
@@ -91,22 +89,7 @@ fn read_partitions(boot: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
                 None => {}
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => eprintln!("{topic}[{part}]: {e}"),
-                Some(Ok(m)) => {
-                    let mut headers = BTreeMap::new();
-                    if let Some(h) = m.headers() {
-                        for hd in h.iter() {
-                            let v = hd.value.map(|v| String::from_utf8_lossy(v).into_owned());
-                            headers.insert(hd.key.to_owned(), v.unwrap_or_default());
-                        }
-                    }
-                    out.push(Record {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                        headers,
-                    });
-                }
+                Some(Ok(m)) => out.push(to_record(&m).map_err(anyhow::Error::msg)?),
             }
         }
     }
@@ -427,6 +410,20 @@ async fn sigkill_storm() -> R {
          left for the last relay"
     );
     let relay = RelayChild::spawn(&mut eo_relay(&db, &boot, &topic, &app, LANES, 25))?;
+    // Its lanes taken, its App runs (and listens for SIGTERM): when the
+    // storm left no row, the drain below is immediate, and a SIGTERM during
+    // the start would end the process before it installed its handler.
+    let running = tests::wait_until(Duration::from_secs(60), || async {
+        lane_locks(&db)
+            .await
+            .is_ok_and(|l| l.len() == LANES as usize)
+    })
+    .await;
+    assert!(
+        running,
+        "the last relay took its lanes: {:?}",
+        lane_locks(&db).await?
+    );
     assert!(
         db.drained(Duration::from_secs(300)).await,
         "rows left after the last relay: {}",
