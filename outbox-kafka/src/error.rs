@@ -137,6 +137,27 @@ pub enum Error {
         source: Box<KafkaError>,
     },
 
+    /// librdkafka reported the record delivered without an offset: the
+    /// request that carried it failed, and a later batch of the same
+    /// partition succeeded, from which librdkafka infers ("implicitly
+    /// acks") that this record was written too. The inference holds only on
+    /// brokers that check the idempotent producer's sequence numbers, so the
+    /// transport does not count the record as confirmed and the row is
+    /// retried: a possible duplicate (deduplicate on `outbox-id`), never a
+    /// loss.
+    #[error(
+        "Kafka did not confirm the record for topic {topic:?} (partition {partition}): librdkafka \
+         reported it delivered without an offset, inferred from a later batch after this \
+         record's request failed; publishing it again (a possible duplicate, deduplicated by \
+         outbox-id)"
+    )]
+    Unconfirmed {
+        /// The destination topic.
+        topic: String,
+        /// The partition librdkafka reported.
+        partition: i32,
+    },
+
     /// The producer was shut down before it reported on the record.
     #[error("the Kafka producer was closed before confirming the record for topic {topic:?}")]
     Canceled {
@@ -211,6 +232,7 @@ impl Error {
             Error::Unreachable { .. }
             | Error::DeliveryTimeout { .. }
             | Error::Fatal { .. }
+            | Error::Unconfirmed { .. }
             | Error::Canceled { .. }
             | Error::Flush { .. }
             | Error::Transaction { .. } => true,
@@ -231,6 +253,7 @@ impl Error {
             | Error::DeliveryTimeout { topic, .. }
             | Error::Delivery { topic, .. }
             | Error::Fatal { topic, .. }
+            | Error::Unconfirmed { topic, .. }
             | Error::Canceled { topic }
             | Error::CreateTopic { topic, .. } => Some(topic),
             Error::InvalidConfig { .. }
@@ -252,7 +275,7 @@ impl Error {
             | Error::Delivery { source, .. }
             | Error::Fatal { source, .. }
             | Error::Flush { source, .. } => source.rdkafka_error_code(),
-            Error::Canceled { .. } => None,
+            Error::Unconfirmed { .. } | Error::Canceled { .. } => None,
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct TopicReader {
     rx: tokio::sync::mpsc::UnboundedReceiver<rdkafka::error::KafkaResult<Result<Record, String>>>,
     _readers: Readers,
     pub records: Vec<Record>,
+    config: ClientConfig,
+    topic: String,
+    partitions: Vec<i32>,
 }
 
 /// The partition readers' tasks, aborted when the reader is dropped.
@@ -145,7 +148,7 @@ impl TopicReader {
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let mut readers = Vec::with_capacity(partitions.len());
-        for p in partitions {
+        for &p in &partitions {
             let consumer: StreamConsumer = config.create().context("creating the test consumer")?;
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -168,7 +171,42 @@ impl TopicReader {
             rx,
             _readers: Readers(readers),
             records: Vec::new(),
+            config,
+            topic: topic.to_owned(),
+            partitions,
         })
+    }
+
+    /// What a failed read saw: per partition, the records read and the
+    /// broker's watermarks (so a record the broker lacks is told apart from
+    /// one the reader missed).
+    pub async fn report(&self) -> String {
+        let probe: StreamConsumer = match self.config.create() {
+            Ok(c) => c,
+            Err(e) => return format!("(no watermarks: {e})"),
+        };
+        let (topic, partitions) = (self.topic.clone(), self.partitions.clone());
+        let marks = tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .map(|&p| (p, probe.fetch_watermarks(&topic, p, Duration::from_secs(5))))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        let mut out = Vec::new();
+        for (p, mark) in marks {
+            let read: Vec<i64> = self
+                .records
+                .iter()
+                .filter(|r| r.partition == p)
+                .map(|r| r.offset)
+                .collect();
+            out.push(format!(
+                "partition {p}: read offsets {read:?}, watermarks {mark:?}"
+            ));
+        }
+        out.join("; ")
     }
 
     /// Reads until `done(records so far)` or `timeout`; returns whether
@@ -382,12 +420,16 @@ pub async fn read_ids(
     quiet: Duration,
 ) -> anyhow::Result<Vec<Record>> {
     let mut reader = TopicReader::new(bootstrap, topic).await?;
-    assert!(
-        reader.read_until(timeout, has_all_ids(ids)).await?,
-        "records missing: got {} for {} rows",
-        reader.records.len(),
-        ids.len()
-    );
+    if !reader.read_until(timeout, has_all_ids(ids)).await? {
+        let seen: BTreeSet<i64> = reader.records.iter().map(Record::outbox_id).collect();
+        panic!(
+            "records missing: got {} for {} rows; ids missing {:?}; {}",
+            reader.records.len(),
+            ids.len(),
+            ids.difference(&seen).collect::<Vec<_>>(),
+            reader.report().await
+        );
+    }
     reader.read_for(quiet).await?;
     Ok(reader.records)
 }

@@ -101,7 +101,13 @@ async fn brokers_down_longer_than_the_message_timeout_are_ridden_out_by_retries(
 }
 
 /// Produce requests answered with retriable errors are retried by the
-/// producer itself: every row is delivered once, no nack.
+/// producer itself: every row is delivered once. The only nack allowed is
+/// for a record librdkafka reported without an offset (see
+/// `a_record_confirmed_without_an_offset_is_not_counted_as_delivered`): the
+/// mock does not check sequence numbers, so when a later batch of the
+/// partition succeeds while a failed one is retried, it never has the
+/// failed batch's records. Counting those as delivered lost 1 to 4 rows in
+/// about one run in 25 on a loaded machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retriable_produce_errors_are_retried_by_the_producer() -> R {
     let t0 = Instant::now();
@@ -134,9 +140,79 @@ async fn retriable_produce_errors_are_retried_by_the_producer() -> R {
         per_id.values().all(|n| *n == 1),
         "the idempotent producer's retries must not duplicate: {per_id:?}"
     );
-    assert_eq!(retries_of(queue), Vec::<String>::new(), "no row was nacked");
+    let retries = retries_of(queue);
+    assert!(
+        retries.iter().all(|r| r.contains("without an offset")),
+        "no row was nacked for another reason: {retries:#?}"
+    );
     relay.stop().await?;
     println!("40 rows through 6 injected errors in {:?}", t0.elapsed());
+    Ok(())
+}
+
+/// librdkafka "implicitly acks" a record whose request failed once a later
+/// batch of the same partition succeeds: right on brokers that check the
+/// idempotent producer's sequence numbers, wrong on those that do not
+/// (librdkafka's mock cluster, which then never has the record). The
+/// transport does not count such a report as a confirmation: the publish
+/// fails with `Error::Unconfirmed` (retryable), so the row is published
+/// again instead of being deleted for a record the topic never got.
+///
+/// Set-up: every answer takes 300 ms, the first Produce request fails with
+/// NOT_LEADER_FOR_PARTITION, and a second record of the same key (so the
+/// same partition) is sent while the first request is still in flight.
+#[tokio::test]
+async fn a_record_confirmed_without_an_offset_is_not_counted_as_delivered() -> R {
+    let mock = MockCluster::new(1)?;
+    let bootstrap = mock.bootstrap_servers();
+    let topic = "mock.implicit";
+    mock.create_topic(topic, 1, 1)?;
+    let kafka = test_kafka(&bootstrap).connect_transport().await?;
+    let record = |v: &str| {
+        let mut m = outbox_core::Outgoing::new(topic, v.as_bytes().to_vec());
+        m.key = Some(b"k".to_vec());
+        m
+    };
+    // The producer id is acquired before any fault.
+    kafka.send(record("warm-up")).await?;
+
+    mock.broker_round_trip_time(1, Duration::from_millis(300))?;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION],
+    );
+    let first = {
+        let k = kafka.clone();
+        let r = record("first");
+        tokio::spawn(async move { k.send(r).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = kafka.send(record("second")).await;
+    let first = first.await?;
+    mock.broker_round_trip_time(1, Duration::ZERO)?;
+
+    assert!(second.is_ok(), "{second:?}");
+    let err = first.expect_err("a report without an offset is not a confirmation");
+    assert!(
+        matches!(&err, outbox_kafka::Error::Unconfirmed { topic: t, partition: 0 } if t == topic),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("without an offset"), "{err}");
+
+    // Why it matters: the mock never wrote the first record.
+    let mut reader = support::TopicReader::new(&bootstrap, topic).await?;
+    reader
+        .read_until(Duration::from_secs(10), |r| r.len() >= 2)
+        .await?;
+    reader.read_for(Duration::from_millis(500)).await?;
+    let values: Vec<String> = reader
+        .records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(values, ["warm-up", "second"]);
+    outbox_core::Transport::close(&kafka).await.unwrap();
     Ok(())
 }
 
