@@ -200,8 +200,19 @@ impl RunningApp {
         }
     }
 
-    /// Shuts the app down and waits for `App::run`; its error, if any.
+    /// Shuts the app down once it has started (its engine runs, or `run`
+    /// ended) and waits for `App::run`; its error, if any. A shutdown
+    /// requested earlier would stop it while starting, before its services
+    /// and shutdown hooks run.
     pub async fn stop(self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.run.is_finished() && self.handle.health().await.engine.is_none() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the app did not start within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.handle.shutdown();
         self.run.await??;
         Ok(())

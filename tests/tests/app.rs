@@ -530,6 +530,72 @@ async fn a_lease_shorter_than_the_transport_timeout_is_warned_about() -> R {
     Ok(())
 }
 
+/// A shutdown requested while the App is still starting (here: a startup
+/// hook that never finishes, as a broker being retried) stops it there:
+/// `run` returns `Ok`, the later steps and every other hook are skipped,
+/// the transports registered so far are closed, and nothing is consumed.
+#[tokio::test]
+async fn a_shutdown_while_starting_stops_before_anything_is_consumed() -> R {
+    tests::init_tracing();
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish_batch(0..3, "early", &mut conn).await?;
+    let kafka = MemoryTransport::new("kafka");
+    let (entered, mut hook_entered) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let later: Arc<Mutex<Vec<&str>>> = Arc::default();
+    let hook = |name: &'static str| {
+        let later = later.clone();
+        move |_ctx: AppContext| {
+            later.lock().unwrap().push(name);
+            async { Ok::<(), BoxError>(()) }
+        }
+    };
+    let app = App::new(db.broker.clone())
+        .without_discovery()
+        .without_signals()
+        .transport(kafka.clone())
+        .subscriber(
+            fast(Route::builder(["early"]))
+                .publish_to("kafka", "early.kafka")
+                .handler(|m: Message, _| async move {
+                    Ok::<_, BoxError>(Response::new(m.decode::<i64>()?))
+                }),
+        )
+        .on_startup(move |_ctx: AppContext| {
+            let entered = entered.clone();
+            async move {
+                let _ = entered.send(());
+                std::future::pending::<()>().await;
+                Ok::<(), BoxError>(())
+            }
+        })
+        .on_startup(hook("on_startup"))
+        .after_startup(hook("after_startup"))
+        .on_shutdown(hook("on_shutdown"))
+        .after_shutdown(hook("after_shutdown"));
+    let handle = app.handle();
+    let run = tokio::spawn(app.run());
+    tokio::time::timeout(Duration::from_secs(10), hook_entered.recv()).await?;
+    handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(10), run).await???;
+    assert_eq!(*later.lock().unwrap(), Vec::<&str>::new());
+    assert!(kafka.is_closed());
+    assert!(kafka.messages().is_empty());
+    assert_eq!(db.count().await?, 3);
+    let claimed = db
+        .scalar(format!(
+            "SELECT coalesce(max(deliveries_count), 0) FROM {}",
+            db.t()
+        ))
+        .await?;
+    assert_eq!(claimed, 0, "nothing was claimed");
+    assert!(
+        !tests::captured(|c| c.message.contains("stopped while starting")).is_empty(),
+        "the stop is logged"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
     use std::io::{BufRead, BufReader};
@@ -592,6 +658,54 @@ async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
         ))
         .await?;
     assert_eq!(claimed, 0);
+    Ok(())
+}
+
+/// SIGTERM while the App is still starting (its startup never finishes
+/// here, as when a broker is being retried) stops it gracefully: exit
+/// status 0, no hook after the one in progress, nothing consumed. Before,
+/// the signal handlers were installed only once startup was done, and the
+/// signal's default action killed the process.
+#[tokio::test]
+async fn sigterm_while_starting_stops_gracefully() -> R {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let db = TestDb::new().await?;
+    let mut conn = db.pool.acquire().await?;
+    db.broker.publish_batch(0..5, "term", &mut conn).await?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_app_child"))
+        .env("OUTBOX_CHILD_TABLE", db.table.name())
+        .env("OUTBOX_CHILD_SCHEMA", &db.schema)
+        .env("OUTBOX_CHILD_QUEUE", "term")
+        .env("OUTBOX_CHILD_HOLD_STARTUP", "1")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::task::spawn_blocking(move || {
+        let first = lines.next();
+        (first, lines)
+    });
+    let (first, lines) = tokio::time::timeout(Duration::from_secs(20), first).await??;
+    assert_eq!(first.transpose()?.as_deref(), Some("starting"));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+    );
+    let (status, rest) = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (status, lines.map_while(Result::ok).collect::<Vec<_>>())
+        }),
+    )
+    .await??;
+    let status = status?;
+    assert!(status.success(), "exit status {status}: {rest:?}");
+    assert_eq!(rest, Vec::<String>::new(), "no hook ran after the stop");
+    assert_eq!(db.count().await?, 5);
     Ok(())
 }
 
@@ -719,15 +833,22 @@ async fn run_reports_the_first_error_not_the_last() -> R {
             Err::<(), BoxError>(format!("{name} broke").into())
         })
     };
+    let (started, mut is_started) = tokio::sync::mpsc::unbounded_channel::<()>();
     let app = App::new(db.broker.clone())
         .without_discovery()
         .without_signals()
         .subscriber(route())
+        .after_startup(move |_ctx: AppContext| {
+            let _ = started.send(());
+            async { Ok::<(), BoxError>(()) }
+        })
         .on_shutdown(failing("first"))
         .on_shutdown(failing("second"))
         .after_shutdown(failing("third"));
     let stop = app.handle();
     let run = tokio::spawn(app.run());
+    // Once started: a stop during startup runs no shutdown hook.
+    tokio::time::timeout(Duration::from_secs(10), is_started.recv()).await?;
     stop.shutdown();
     let err = run.await?.unwrap_err().to_string();
     assert_eq!(err, "on_shutdown hook `first` failed: first broke");

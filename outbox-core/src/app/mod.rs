@@ -63,7 +63,10 @@ use crate::transport::{Connect, Outgoing, Transport, TransportBroker};
 ///    retries, with a WARN, until it answers or shutdown is requested);
 /// 4. starts the engine (all subscribers), then the [services](App::service);
 /// 5. runs the `after_startup` hooks (an error stops the engine and aborts);
-/// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`];
+/// 6. waits for SIGINT / SIGTERM or [`AppHandle::shutdown`] (listened to
+///    from the start: one that arrives during steps 1-3 stops the App
+///    there, before anything is consumed, closing the transports connected
+///    so far and running no shutdown hook; `run` then returns `Ok`);
 /// 7. runs the `on_shutdown` hooks, drains every subscriber concurrently
 ///    (in-flight rows finish, unstarted ones are released), stops the
 ///    services, closes the transports (Kafka flushes), runs the
@@ -615,6 +618,12 @@ impl App {
             return Err(self.pending.swap_remove(0));
         }
         self.asyncapi_from_env()?;
+        // Listening from the very start: a SIGTERM while the App starts (a
+        // broker still being retried, a slow hook) stops it gracefully too,
+        // instead of killing the process with the signal's default action.
+        let _signals = self
+            .signals
+            .then(|| SignalListener::start(self.ctx.stop_token().clone()));
         if let Some(naming) = self.ops.naming.take() {
             crate::instrument::set_metrics_naming(naming)?;
         }
@@ -629,25 +638,44 @@ impl App {
         };
         let ctx = self.ctx.clone();
         let routes = self.collect_routes()?;
-        if let Some(checks) = self.validate_schema {
-            ctx.broker().validate_schema_with(checks).await?;
-        }
-        for hook in std::mem::take(&mut self.on_startup) {
-            run_hook("on_startup", hook, &ctx).await?;
-        }
-        let (engine, destinations) = self.build_engine(routes)?;
-        if let Err(e) = verify_destinations(destinations).await {
-            close_transports(&ctx).await;
-            return Err(e);
-        }
-        // Once, before anything is consumed: what transports combine with
-        // the outbox id into bus-side deduplication ids.
-        let source = match resolve_source(&ctx).await {
-            Ok(source) => source,
-            Err(e) => {
+        let validate_schema = self.validate_schema.take();
+        let on_startup = std::mem::take(&mut self.on_startup);
+        let starting = async {
+            if let Some(checks) = validate_schema {
+                ctx.broker().validate_schema_with(checks).await?;
+            }
+            for hook in on_startup {
+                run_hook("on_startup", hook, &ctx).await?;
+            }
+            let (engine, destinations) = self.build_engine(routes)?;
+            if let Err(e) = verify_destinations(destinations).await {
                 close_transports(&ctx).await;
                 return Err(e);
             }
+            // Once, before anything is consumed: what transports combine
+            // with the outbox id into bus-side deduplication ids.
+            match resolve_source(&ctx).await {
+                Ok(source) => Ok((engine, source)),
+                Err(e) => {
+                    close_transports(&ctx).await;
+                    Err(e)
+                }
+            }
+        };
+        // A shutdown requested before anything is consumed drops the step
+        // in progress (a hook, a connection being retried): no later step,
+        // no shutdown hook runs (they may rely on a finished startup).
+        let (engine, source) = tokio::select! {
+            biased;
+            () = ctx.stop_token().cancelled() => {
+                tracing::info!(
+                    "outbox app stopped while starting: nothing was consumed; closing the \
+                     transports connected so far"
+                );
+                close_transports(&ctx).await;
+                return Ok(());
+            }
+            started = starting => started?,
         };
         tracing::info!(
             source = %source,
@@ -668,7 +696,7 @@ impl App {
             }
         }
         tracing::info!("outbox app started");
-        wait_for_shutdown(ctx.stop_token(), self.signals).await;
+        ctx.stop_token().cancelled().await;
         tracing::info!("outbox app shutting down");
         let mut first_err = None;
         for hook in std::mem::take(&mut self.on_shutdown) {
@@ -864,9 +892,10 @@ fn default_title() -> String {
 /// The broker's source identity ([`OutboxBroker::resolve_source`]). While
 /// PostgreSQL cannot be reached (a connection failure, not an answer), it
 /// retries with a backoff (1 s doubling to 30 s), a WARN per attempt, as
-/// the engine's loops would: a relay may start before its database. A
-/// shutdown request meanwhile returns the last error; anything else (an
-/// invalid explicit id, a refused statement) fails at once.
+/// the engine's loops would: a relay may start before its database (a
+/// shutdown request meanwhile stops `App::run`, which races its startup
+/// against the stop token). Anything else (an invalid explicit id, a
+/// refused statement) fails at once.
 async fn resolve_source(ctx: &AppContext) -> Result<Arc<str>> {
     const FIRST: Duration = Duration::from_secs(1);
     const CAP: Duration = Duration::from_secs(30);
@@ -883,10 +912,7 @@ async fn resolve_source(ctx: &AppContext) -> Result<Arc<str>> {
              consumed until it is read. Retrying in {wait:?}. Check that the database is \
              reachable, or set the identity with OutboxBroker::source_id(..)"
         );
-        tokio::select! {
-            () = ctx.stop_token().cancelled() => return Err(Error::SourceIdentity(e)),
-            () = tokio::time::sleep(wait) => {}
-        }
+        tokio::time::sleep(wait).await;
         wait = (wait * 2).min(CAP);
     }
 }
@@ -925,29 +951,62 @@ async fn close_transports(ctx: &AppContext) {
     }
 }
 
-async fn wait_for_shutdown(token: &tokio_util::sync::CancellationToken, signals: bool) {
-    if !signals {
-        token.cancelled().await;
-        return;
+/// Cancels the App's stop token on SIGTERM or SIGINT, from the moment it
+/// starts until it is dropped (the task is then aborted). The handlers are
+/// installed at once, so a signal that arrives before the task first runs
+/// is not missed.
+struct SignalListener(tokio::task::JoinHandle<()>);
+
+impl SignalListener {
+    fn start(token: tokio_util::sync::CancellationToken) -> Self {
+        #[cfg(unix)]
+        let signals = {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!("cannot listen for {name}: {e}");
+                    None
+                }
+            };
+            (
+                listen(SignalKind::terminate(), "SIGTERM"),
+                listen(SignalKind::interrupt(), "SIGINT"),
+            )
+        };
+        Self(tokio::spawn(async move {
+            #[cfg(unix)]
+            {
+                async fn recv(s: Option<tokio::signal::unix::Signal>) {
+                    match s {
+                        Some(mut s) => {
+                            s.recv().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                }
+                let (term, int) = signals;
+                tokio::select! {
+                    () = recv(term) => tracing::info!("SIGTERM received"),
+                    () = recv(int) => tracing::info!("SIGINT received"),
+                }
+            }
+            #[cfg(not(unix))]
+            match tokio::signal::ctrl_c().await {
+                Ok(()) => tracing::info!("Ctrl-C received"),
+                Err(e) => {
+                    tracing::warn!("cannot listen for Ctrl-C: {e}");
+                    std::future::pending::<()>().await;
+                }
+            }
+            token.cancel();
+        }))
     }
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = token.cancelled() => {}
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+}
+
+impl Drop for SignalListener {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -1,6 +1,9 @@
 //! A child process running an `App` (for the SIGTERM drain test): relays the
 //! queue given in `OUTBOX_CHILD_QUEUE` of the table `OUTBOX_CHILD_SCHEMA`.
-//! `OUTBOX_CHILD_TABLE`, handling each row in 300 ms, until SIGTERM.
+//! `OUTBOX_CHILD_TABLE`, handling each row in 300 ms, until SIGTERM. With
+//! `OUTBOX_CHILD_HOLD_STARTUP` set, its startup never finishes instead (an
+//! `on_startup` hook prints `starting` and waits forever, as a connection
+//! being retried would): for the SIGTERM-while-starting test.
 
 #![allow(missing_docs)]
 
@@ -23,17 +26,22 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
             println!("handled {}", m.id());
         });
-    App::new(broker)
-        .without_discovery()
-        .subscriber(route)
-        .after_startup(|_ctx: AppContext| async {
-            println!("ready");
+    let mut app = App::new(broker).without_discovery().subscriber(route);
+    if std::env::var_os("OUTBOX_CHILD_HOLD_STARTUP").is_some() {
+        app = app.on_startup(|_ctx: AppContext| async {
+            println!("starting");
+            std::future::pending::<()>().await;
             Ok::<(), BoxError>(())
-        })
-        .after_shutdown(|_ctx: AppContext| async {
-            println!("stopped");
-        })
-        .run()
-        .await?;
+        });
+    }
+    app.after_startup(|_ctx: AppContext| async {
+        println!("ready");
+        Ok::<(), BoxError>(())
+    })
+    .after_shutdown(|_ctx: AppContext| async {
+        println!("stopped");
+    })
+    .run()
+    .await?;
     Ok(())
 }
