@@ -194,16 +194,19 @@ impl EngineHealth {
 }
 
 impl SubRuntime {
-    fn health(&self, running: bool) -> SubscriberHealth {
-        let sub = &self.shared.sub;
-        let loops: Vec<bool> = self
-            .fetch
+    /// Every task of this subscriber that must run while the engine runs:
+    /// fetch loops, workers, the acker and the lease heartbeat.
+    pub(super) fn loops(&self) -> impl Iterator<Item = &tokio::task::JoinHandle<()>> {
+        self.fetch
             .iter()
             .chain(&self.workers)
             .chain(&self.acker)
             .chain(self.heartbeat.as_ref().map(|(_, t)| t))
-            .map(|t| !t.is_finished())
-            .collect();
+    }
+
+    fn health(&self, running: bool) -> SubscriberHealth {
+        let sub = &self.shared.sub;
+        let loops: Vec<bool> = self.loops().map(|t| !t.is_finished()).collect();
         let alive = loops.iter().filter(|a| **a).count();
         SubscriberHealth {
             name: sub.name().to_owned(),

@@ -720,18 +720,19 @@ impl Engine {
     }
 
     /// Readiness: the database answers `SELECT 1` within `timeout` (at most
-    /// 5 s) and every loop of every subscriber is alive.
+    /// 5 s) and every loop of every subscriber (fetch loops, workers, acker,
+    /// lease heartbeat) and the LISTEN loop are alive.
     pub async fn ping(&self, timeout: Duration) -> bool {
         let alive = {
             let state = self.state.lock().await;
             match &*state {
                 None => false,
                 Some(r) => {
-                    r.subs.iter().all(|s| {
-                        s.fetch.iter().all(|f| !f.is_finished())
-                            && s.acker.as_ref().is_none_or(|a| !a.is_finished())
-                            && s.workers.iter().all(|w| !w.is_finished())
-                    }) && r.listener.as_ref().is_none_or(|(_, t)| !t.is_finished())
+                    r.subs
+                        .iter()
+                        .flat_map(SubRuntime::loops)
+                        .all(|t| !t.is_finished())
+                        && r.listener.as_ref().is_none_or(|(_, t)| !t.is_finished())
                 }
             }
         };
