@@ -146,10 +146,10 @@ pub enum Error {
     /// retried: a possible duplicate (deduplicate on `outbox-id`), never a
     /// loss.
     #[error(
-        "Kafka did not confirm the record for topic {topic:?} (partition {partition}): librdkafka \
-         reported it delivered without an offset, inferred from a later batch after this \
-         record's request failed; publishing it again (a possible duplicate, deduplicated by \
-         outbox-id)"
+        "the record for topic {topic:?} (partition {partition}) counts as unconfirmed: \
+         librdkafka reported it delivered without an offset, inferred from a later batch after \
+         this record's request failed; publishing it again (a possible duplicate, deduplicated \
+         by outbox-id)"
     )]
     Unconfirmed {
         /// The destination topic.
