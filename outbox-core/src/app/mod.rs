@@ -992,12 +992,12 @@ impl SignalListener {
                 }
             }
             #[cfg(not(unix))]
-            match tokio::signal::ctrl_c().await {
-                Ok(()) => tracing::info!("Ctrl-C received"),
-                Err(e) => {
+            {
+                if let Err(e) = tokio::signal::ctrl_c().await {
                     tracing::warn!("cannot listen for Ctrl-C: {e}");
                     std::future::pending::<()>().await;
                 }
+                tracing::info!("Ctrl-C received");
             }
             token.cancel();
         }))
