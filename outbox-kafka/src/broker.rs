@@ -247,6 +247,28 @@ impl KafkaBroker {
         self.settings.producer_config()
     }
 
+    /// What opening an exactly-once lane reads from its progress: the ids of
+    /// the last committed record of `partition` of the progress topic
+    /// `topic` (empty when there is none), and how many records were read
+    /// to find them (only the partition's tail is read). For tests.
+    #[doc(hidden)]
+    pub async fn read_lane_progress(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<(Vec<i64>, usize)> {
+        let group = format!("{topic}.{partition}.progress-check");
+        crate::lanes::read_last(&self.settings, &group, topic, partition)
+            .await
+            .map(|found| (found.ids, found.records_read))
+            .map_err(|(reason, source)| Error::Transaction {
+                transactional_id: group,
+                step: "reading the lane's progress",
+                reason,
+                source: source.map(Box::new),
+            })
+    }
+
     /// A startup hook that connects (see
     /// [`connect_transport`](Self::connect_transport)) and registers the
     /// transport in the application.

@@ -10,9 +10,9 @@
 //!   transaction of any producer of a partition), `cleanup.policy=compact`,
 //!   record key = the lane, value = the lot's ids (`1,2,3`), and is created
 //!   when missing;
-//! - opening a lane reads its partition to the end with `read_committed`
-//!   after `init_transactions`: the last record's ids are the lane's last
-//!   committed lot.
+//! - opening a lane reads its partition's tail to the end with
+//!   `read_committed` after `init_transactions` ([`read_last`]): the last
+//!   record's ids are the lane's last committed lot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,15 +148,16 @@ impl Inner {
             }
         }
         let inited = t0.elapsed();
-        let ids = match self.read_last(&txid, &progress, partition).await {
-            Ok(ids) => ids,
-            Err((reason, e)) => {
-                drop_off_runtime(producer);
-                return Err(fail("reading the lane's progress", reason, e));
-            }
-        };
+        let LastProgress { ids, records_read } =
+            match self.read_last(&txid, &progress, partition).await {
+                Ok(found) => found,
+                Err((reason, e)) => {
+                    drop_off_runtime(producer);
+                    return Err(fail("reading the lane's progress", reason, e));
+                }
+            };
         tracing::debug!(
-            transactional_id = %txid, last_lot = ids.len(),
+            transactional_id = %txid, last_lot = ids.len(), progress_records_read = records_read,
             progress_topic_ms = ensured.as_secs_f64() * 1000.0,
             init_transactions_ms = (inited - ensured).as_secs_f64() * 1000.0,
             progress_read_ms = (t0.elapsed() - inited).as_secs_f64() * 1000.0,
@@ -236,38 +237,92 @@ impl Inner {
         }
     }
 
-    /// The ids of the last record of `partition` of `topic` read with
-    /// `read_committed` to the end (the partition-EOF event, at the last
-    /// stable offset); empty when there is none.
+    /// The ids of the lane's last committed lot: [`read_last`] of its
+    /// progress partition, with the consumer group named after the lane.
     async fn read_last(
         &self,
         txid: &str,
         topic: &str,
         partition: i32,
-    ) -> std::result::Result<Vec<i64>, (String, Option<KafkaError>)> {
-        let mut c = self
-            .settings
-            .admin_config()
-            .map_err(|e| (e.to_string(), None))?;
-        c.set("group.id", format!("{txid}.progress-reader"))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            // The end of an empty partition is known from a Fetch answer,
-            // which the broker holds for up to `fetch.wait.max.ms` (500 ms
-            // by default) waiting for data: a lane took that much longer
-            // to open than its neighbours.
-            .set("fetch.wait.max.ms", "20");
-        let consumer: BaseConsumer<ProgressReader> = c
-            .create_with_context(ProgressReader)
-            .map_err(|e| (e.to_string(), Some(e)))?;
-        let topic = topic.to_owned();
-        let budget = self.settings.connect_timeout * 3;
-        let read = tokio::task::spawn_blocking(move || -> KafkaResult<Option<Vec<u8>>> {
+    ) -> std::result::Result<LastProgress, (String, Option<KafkaError>)> {
+        read_last(
+            &self.settings,
+            &format!("{txid}.progress-reader"),
+            topic,
+            partition,
+        )
+        .await
+    }
+}
+
+/// What [`read_last`] found: the ids of the last committed progress record
+/// (empty when there is none) and how many records it read to find them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LastProgress {
+    pub(crate) ids: Vec<i64>,
+    pub(crate) records_read: usize,
+}
+
+/// The first window [`read_last`] reads at the end of a progress partition,
+/// in offsets; each further window is 8 times larger. A committed lot takes
+/// two offsets (its progress record and the commit marker).
+const TAIL_WINDOW: i64 = 64;
+
+/// The ids of the last record of `partition` of `topic` read with
+/// `read_committed`, reading only the partition's tail: from `TAIL_WINDOW`
+/// offsets before the end (the high watermark; the last stable offset with
+/// `read_committed`) to the end itself (the partition-EOF event), then from
+/// further back while that window held no committed record (only aborted
+/// lots, or nothing), down to the start. The window's start comes from the
+/// watermarks, the end from the read: a broker whose watermark is wrong
+/// (Tansu's lags behind its last batch) only makes the window larger, and
+/// without watermarks the read starts at the beginning. A busy lane writes
+/// one record per lot, and compaction only cleans closed segments: reading
+/// from the beginning made opening a lane slower the longer it had run.
+pub(crate) async fn read_last(
+    settings: &Settings,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> std::result::Result<LastProgress, (String, Option<KafkaError>)> {
+    let mut c = settings.admin_config().map_err(|e| (e.to_string(), None))?;
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        // The end of an empty partition is known from a Fetch answer,
+        // which the broker holds for up to `fetch.wait.max.ms` (500 ms by
+        // default) waiting for data: a lane took that much longer to open
+        // than its neighbours.
+        .set("fetch.wait.max.ms", "20");
+    let consumer: BaseConsumer<ProgressReader> = c
+        .create_with_context(ProgressReader)
+        .map_err(|e| (e.to_string(), Some(e)))?;
+    let topic = topic.to_owned();
+    let budget = settings.connect_timeout * 3;
+    let read = tokio::task::spawn_blocking(move || -> KafkaResult<(Option<Vec<u8>>, usize)> {
+        let deadline = Instant::now() + budget;
+        let marks = match consumer.fetch_watermarks(&topic, partition, budget) {
+            Ok(marks) => Some(marks),
+            Err(e) => {
+                tracing::debug!(
+                    "progress reader of {topic}: no watermarks ({e}); reading from the start"
+                );
+                None
+            }
+        };
+        let mut window = TAIL_WINDOW;
+        let mut records_read = 0;
+        loop {
+            let start = match marks {
+                Some((low, high)) if high.saturating_sub(window) > low => {
+                    Offset::Offset(high.saturating_sub(window))
+                }
+                _ => Offset::Beginning,
+            };
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
+            tpl.add_partition_offset(&topic, partition, start)?;
             consumer.assign(&tpl)?;
-            let deadline = Instant::now() + budget;
             let mut last = None;
             loop {
                 if Instant::now() > deadline {
@@ -283,33 +338,41 @@ impl Inner {
                         tracing::debug!("progress reader of {topic}: {e}");
                     }
                     Some(Ok(m)) if m.partition() == partition => {
+                        records_read += 1;
                         last = m.payload().map(<[u8]>::to_vec);
                     }
                     Some(Ok(_)) => {}
                 }
             }
-            drop(consumer);
-            Ok(last)
-        })
-        .await;
-        let last = match read {
-            Ok(Ok(last)) => last,
-            Ok(Err(e)) => return Err((format!("no end within {budget:?}: {e}"), Some(e))),
-            Err(e) => return Err((e.to_string(), None)),
-        };
-        let Some(bytes) = last else {
-            return Ok(Vec::new());
-        };
-        parse_ids(&bytes).ok_or_else(|| {
-            (
-                format!(
-                    "the last progress record is not a list of ids: {:?}",
-                    String::from_utf8_lossy(&bytes)
-                ),
-                None,
-            )
-        })
-    }
+            if last.is_some() || start == Offset::Beginning {
+                drop(consumer);
+                return Ok((last, records_read));
+            }
+            window = window.saturating_mul(8);
+        }
+    })
+    .await;
+    let (last, records_read) = match read {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err((format!("no end within {budget:?}: {e}"), Some(e))),
+        Err(e) => return Err((e.to_string(), None)),
+    };
+    let Some(bytes) = last else {
+        return Ok(LastProgress {
+            ids: Vec::new(),
+            records_read,
+        });
+    };
+    let ids = parse_ids(&bytes).ok_or_else(|| {
+        (
+            format!(
+                "the last progress record is not a list of ids: {:?}",
+                String::from_utf8_lossy(&bytes)
+            ),
+            None,
+        )
+    })?;
+    Ok(LastProgress { ids, records_read })
 }
 
 type Admin = Arc<AdminClient<DefaultClientContext>>;

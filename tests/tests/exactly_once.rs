@@ -385,12 +385,14 @@ async fn sigkill_storm() -> R {
         let relay = RelayChild::spawn(&mut eo_relay(&db, &boot, &topic, &app, LANES, 25))?;
         // A random point in the relay's life: one kill in four while it
         // starts (takes its lanes: fencing, reading the progress), the
-        // others once it relayed a random number of rows (1 to twice a
-        // wave), plus 0-20 ms.
+        // others once it relayed a random number of rows (at least one, and
+        // at most all but a quarter of a wave, so that the kill, 0-20 ms
+        // later, lands mid-stream), plus 0-20 ms.
         if k % 4 == 0 {
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..800))).await;
         } else {
-            let target = before - rng.random_range(1..=2 * per_wave).min(before);
+            let most = before.saturating_sub((per_wave / 4).max(1)).max(1);
+            let target = before - rng.random_range(1..=most).min(before);
             let relaying = tests::wait_until(Duration::from_secs(30), || async {
                 db.count().await.unwrap() <= target
             })

@@ -674,3 +674,52 @@ async fn cost_of_a_transaction_of_1000_records_against_the_idempotent_producer()
     );
     Ok(())
 }
+
+/// (f) Opening a lane reads only the tail of its progress partition
+/// (`outbox_kafka`'s `read_last`, through `KafkaBroker::read_lane_progress`):
+/// a busy lane writes one record per lot, and reading from the beginning
+/// made a lane slower to open the longer it had run. The window starts 64
+/// offsets before the last stable offset; when it holds no committed record
+/// (here: 100 aborted lots after the last committed one), it grows 8 times
+/// until it does, or reaches the start. The aborted records are not ids, so
+/// taking one for the last lot would fail the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lanes_progress_is_read_from_its_tail() -> R {
+    let boot = bootstrap();
+    let prog = unique("tx.tail");
+    create_topic(&boot, &prog, 1).await?;
+    let kafka = outbox_kafka::KafkaBroker::new(&boot);
+    assert_eq!(kafka.read_lane_progress(&prog, 0).await?, (vec![], 0));
+
+    let a = Tx::init(&boot, &unique("app.tail.0")).await?;
+    let lots = 200;
+    for i in 1..=lots {
+        a.begin().await?;
+        send_acked(&a.p, &prog, Some(0), &[i.to_string()]).await?;
+        a.commit().await?;
+    }
+    let (ids, read) = kafka.read_lane_progress(&prog, 0).await?;
+    assert_eq!(ids, [lots]);
+    assert!(
+        (1..=32).contains(&read),
+        "{read} records read: the first window holds 32 lots"
+    );
+
+    for _ in 0..100 {
+        a.begin().await?;
+        send_acked(&a.p, &prog, Some(0), &["aborted".to_owned()]).await?;
+        a.abort().await?;
+    }
+    let (ids, read) = kafka.read_lane_progress(&prog, 0).await?;
+    assert_eq!(
+        ids,
+        [lots],
+        "the last committed lot, behind 100 aborted ones"
+    );
+    assert!(
+        read < usize::try_from(lots)?,
+        "{read} records read: not the whole partition"
+    );
+    println!("{read} of {lots} committed records read behind 100 aborted lots");
+    Ok(())
+}
