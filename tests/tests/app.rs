@@ -530,6 +530,74 @@ async fn a_lease_shorter_than_the_transport_timeout_is_warned_about() -> R {
     Ok(())
 }
 
+/// The `app_child` binary relaying `queue` of `db`'s table (after `rows`
+/// rows were published to it), its output read line by line on a thread.
+struct AppChild {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl AppChild {
+    async fn spawn(
+        db: &TestDb,
+        queue: &str,
+        rows: i64,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader};
+        let mut conn = db.pool.acquire().await?;
+        db.broker.publish_batch(0..rows, queue, &mut conn).await?;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_app_child"))
+            .env("OUTBOX_CHILD_TABLE", db.table.name())
+            .env("OUTBOX_CHILD_SCHEMA", &db.schema)
+            .env("OUTBOX_CHILD_QUEUE", queue)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Ok(Self { child, lines })
+    }
+
+    /// Its lines until one starts with `prefix` (that one included).
+    fn lines_until(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        while !lines.iter().any(|l: &String| l.starts_with(prefix)) {
+            lines.push(self.lines.recv_timeout(Duration::from_secs(20))?);
+        }
+        Ok(lines)
+    }
+
+    /// SIGTERM, then its exit status and the lines it printed until it
+    /// ended (the reader thread drops its sender at EOF, which ends the
+    /// read at once; the timeout only bounds a hang).
+    fn sigterm(mut self) -> anyhow::Result<(std::process::ExitStatus, Vec<String>)> {
+        let pid = self.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?;
+        anyhow::ensure!(killed.success(), "kill -TERM {pid}: {killed}");
+        let status = self.child.wait()?;
+        let rest = std::iter::from_fn(|| self.lines.recv_timeout(Duration::from_secs(10)).ok());
+        Ok((status, rest.collect()))
+    }
+}
+
+/// The highest `deliveries_count` of `db`'s table: 0 when no row was
+/// ever claimed.
+async fn max_deliveries(db: &TestDb) -> anyhow::Result<i64> {
+    db.scalar(format!(
+        "SELECT coalesce(max(deliveries_count), 0) FROM {}",
+        db.t()
+    ))
+    .await
+}
+
 /// A shutdown requested while the App is still starting (here: a startup
 /// hook that never finishes, as a broker being retried) stops it there:
 /// `run` returns `Ok`, the later steps and every other hook are skipped,
@@ -582,13 +650,7 @@ async fn a_shutdown_while_starting_stops_before_anything_is_consumed() -> R {
     assert!(kafka.is_closed());
     assert!(kafka.messages().is_empty());
     assert_eq!(db.count().await?, 3);
-    let claimed = db
-        .scalar(format!(
-            "SELECT coalesce(max(deliveries_count), 0) FROM {}",
-            db.t()
-        ))
-        .await?;
-    assert_eq!(claimed, 0, "nothing was claimed");
+    assert_eq!(max_deliveries(&db).await?, 0, "nothing was claimed");
     assert!(
         !tests::captured(|c| c.message.contains("stopped while starting")).is_empty(),
         "the stop is logged"
@@ -598,42 +660,12 @@ async fn a_shutdown_while_starting_stops_before_anything_is_consumed() -> R {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let db = TestDb::new().await?;
-    let mut conn = db.pool.acquire().await?;
-    db.broker.publish_batch(0..20, "term", &mut conn).await?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_app_child"))
-        .env("OUTBOX_CHILD_TABLE", db.table.name())
-        .env("OUTBOX_CHILD_SCHEMA", &db.schema)
-        .env("OUTBOX_CHILD_QUEUE", "term")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
+    let child = AppChild::spawn(&db, "term", 20, &[]).await?;
     // Wait until the first row was handled: the rest are claimed and waiting.
-    while !lines.iter().any(|l: &String| l.starts_with("handled")) {
-        lines.push(rx.recv_timeout(Duration::from_secs(20))?);
-    }
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?
-            .success()
-    );
-    let status = child.wait()?;
-    // The rest of its output: the reader thread drops its sender at EOF,
-    // which ends this loop at once (the timeout only bounds a hang).
-    while let Ok(l) = rx.recv_timeout(Duration::from_secs(10)) {
-        lines.push(l);
-    }
+    let mut lines = child.lines_until("handled")?;
+    let (status, rest) = child.sigterm()?;
+    lines.extend(rest);
     assert!(status.success(), "exit status {status}: {lines:?}");
     assert_eq!(
         lines.last().map(String::as_str),
@@ -651,13 +683,7 @@ async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
         ))
         .await?;
     assert_eq!(leased, 0, "nothing left to lease expiry");
-    let claimed = db
-        .scalar(format!(
-            "SELECT coalesce(max(deliveries_count), 0) FROM {}",
-            db.t()
-        ))
-        .await?;
-    assert_eq!(claimed, 0);
+    assert_eq!(max_deliveries(&db).await?, 0);
     Ok(())
 }
 
@@ -668,41 +694,10 @@ async fn sigterm_drains_in_flight_rows_and_releases_the_rest() -> R {
 /// signal's default action killed the process.
 #[tokio::test]
 async fn sigterm_while_starting_stops_gracefully() -> R {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     let db = TestDb::new().await?;
-    let mut conn = db.pool.acquire().await?;
-    db.broker.publish_batch(0..5, "term", &mut conn).await?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_app_child"))
-        .env("OUTBOX_CHILD_TABLE", db.table.name())
-        .env("OUTBOX_CHILD_SCHEMA", &db.schema)
-        .env("OUTBOX_CHILD_QUEUE", "term")
-        .env("OUTBOX_CHILD_HOLD_STARTUP", "1")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::task::spawn_blocking(move || {
-        let first = lines.next();
-        (first, lines)
-    });
-    let (first, lines) = tokio::time::timeout(Duration::from_secs(20), first).await??;
-    assert_eq!(first.transpose()?.as_deref(), Some("starting"));
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()?
-            .success()
-    );
-    let (status, rest) = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || {
-            let status = child.wait();
-            (status, lines.map_while(Result::ok).collect::<Vec<_>>())
-        }),
-    )
-    .await??;
-    let status = status?;
+    let child = AppChild::spawn(&db, "term", 5, &[("OUTBOX_CHILD_HOLD_STARTUP", "1")]).await?;
+    assert_eq!(child.lines_until("starting")?, ["starting"]);
+    let (status, rest) = child.sigterm()?;
     assert!(status.success(), "exit status {status}: {rest:?}");
     assert_eq!(rest, Vec::<String>::new(), "no hook ran after the stop");
     assert_eq!(db.count().await?, 5);
