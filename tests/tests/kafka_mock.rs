@@ -216,6 +216,25 @@ async fn a_record_confirmed_without_an_offset_is_not_counted_as_delivered() -> R
     Ok(())
 }
 
+/// With `acks=0` no delivery report has an offset (the producer waits for
+/// no answer), so such a report is the confirmation, not `Unconfirmed`.
+#[tokio::test]
+async fn with_acks_0_a_report_without_an_offset_is_not_unconfirmed() -> R {
+    let mock = MockCluster::new(1)?;
+    let topic = "mock.acks0";
+    mock.create_topic(topic, 1, 1)?;
+    let kafka = test_kafka(&mock.bootstrap_servers())
+        .acks(outbox_kafka::Acks::None)
+        .idempotence(false)
+        .connect_transport()
+        .await?;
+    kafka
+        .send(outbox_core::Outgoing::new(topic, b"1".to_vec()))
+        .await?;
+    outbox_core::Transport::close(&kafka).await.unwrap();
+    Ok(())
+}
+
 /// Produce requests refused with a permanent error fail the publish: the
 /// row is nacked with the Kafka error and retried by the subscriber's
 /// strategy, then delivered.
