@@ -324,6 +324,7 @@ pub(crate) async fn read_last(
             tpl.add_partition_offset(&topic, partition, start)?;
             consumer.assign(&tpl)?;
             let mut last = None;
+            let read_before = records_read;
             loop {
                 if Instant::now() > deadline {
                     return Err(KafkaError::MessageConsumption(
@@ -344,7 +345,7 @@ pub(crate) async fn read_last(
                     Some(Ok(_)) => {}
                 }
             }
-            if last.is_some() || start == Offset::Beginning {
+            if records_read > read_before || start == Offset::Beginning {
                 drop(consumer);
                 return Ok((last, records_read));
             }
