@@ -87,7 +87,8 @@
 //! acks") that the earlier record was written too. That inference holds only
 //! on brokers that check the idempotent producer's sequence numbers (Apache
 //! Kafka does); librdkafka's own mock cluster does not, and in our tests it
-//! lost 1 to 4 records of 40 this way in about one run in 25. The publish
+//! lost 1 to 4 records of 40 this way in one run in 25 to 100 under load.
+//! The publish
 //! fails with [`Error::Unconfirmed`] (retryable) and the row is published
 //! again: on a broker that had the record, a duplicate with the same
 //! `outbox-id`; on one that did not, the record that would have been lost.
