@@ -148,14 +148,20 @@ impl Inner {
             }
         }
         let inited = t0.elapsed();
-        let LastProgress { ids, records_read } =
-            match self.read_last(&txid, &progress, partition).await {
-                Ok(found) => found,
-                Err((reason, e)) => {
-                    drop_off_runtime(producer);
-                    return Err(fail("reading the lane's progress", reason, e));
-                }
-            };
+        let LastProgress { ids, records_read } = match read_last(
+            &self.settings,
+            &format!("{txid}.progress-reader"),
+            &progress,
+            partition,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err((reason, e)) => {
+                drop_off_runtime(producer);
+                return Err(fail("reading the lane's progress", reason, e));
+            }
+        };
         tracing::debug!(
             transactional_id = %txid, last_lot = ids.len(), progress_records_read = records_read,
             progress_topic_ms = ensured.as_secs_f64() * 1000.0,
@@ -235,23 +241,6 @@ impl Inner {
             )),
             Err(e) => Err((e.to_string(), Some(e))),
         }
-    }
-
-    /// The ids of the lane's last committed lot: [`read_last`] of its
-    /// progress partition, with the consumer group named after the lane.
-    async fn read_last(
-        &self,
-        txid: &str,
-        topic: &str,
-        partition: i32,
-    ) -> std::result::Result<LastProgress, (String, Option<KafkaError>)> {
-        read_last(
-            &self.settings,
-            &format!("{txid}.progress-reader"),
-            topic,
-            partition,
-        )
-        .await
     }
 }
 

@@ -205,14 +205,11 @@ impl RunningApp {
     /// requested earlier would stop it while starting, before its services
     /// and shutdown hooks run.
     pub async fn stop(self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !self.run.is_finished() && self.handle.health().await.engine.is_none() {
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the app did not start within 30 s"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let started = wait_until(Duration::from_secs(30), || async {
+            self.run.is_finished() || self.handle.health().await.engine.is_some()
+        })
+        .await;
+        anyhow::ensure!(started, "the app did not start within 30 s");
         self.handle.shutdown();
         self.run.await??;
         Ok(())

@@ -169,7 +169,6 @@ async fn static_page(html: String) -> String {
     format!("http://{addr}/")
 }
 
-/// The live (not zombie) processes of process group `pgid`, from /proc.
 /// Fails unless every process of the group `pgid` is gone within 10 s
 /// (`after`: what ended the browser).
 async fn assert_group_ends(pgid: u32, after: &str) {
@@ -183,6 +182,7 @@ async fn assert_group_ends(pgid: u32, after: &str) {
     );
 }
 
+/// The live (not zombie) processes of process group `pgid`, from /proc.
 fn group_alive(pgid: u32) -> Vec<u32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
